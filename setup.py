@@ -1,0 +1,12 @@
+"""Build of the C atomics helper; everything else is in pyproject.toml."""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "shmmmu._atomics",
+            sources=["shmmmu/_atomics.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+        )
+    ]
+)
