@@ -52,8 +52,11 @@ def segment_name(name: str) -> str:
     return "/" + PREFIX + validate_name(name)
 
 
+SEM_SEP = "."        # not allowed in VM names: VM "a" can never claim a semaphore of VM "a-b"
+
+
 def semaphore_name(name: str, purpose: str) -> str:
-    return "/" + PREFIX + validate_name(name) + "-" + purpose
+    return "/" + PREFIX + validate_name(name) + SEM_SEP + purpose
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class Region:
                 doc = json.loads(bytes(mm[H_JSON_OFFSET:H_JSON_OFFSET + n]))
             except ValueError:
                 raise RegionError(f"the region of VM {name!r} has a damaged header") from None
+            if not isinstance(doc, dict) or not {"config", "sections", "semaphores"} <= doc.keys():
+                raise RegionError(f"the region of VM {name!r} has a damaged header")
         except RegionError:
             del header
             mm.close()
@@ -289,7 +294,7 @@ def unlink_all(name: str, purposes: list[str] | None = None) -> list[str]:
         except RegionError:
             pass
         # also catch semaphores of a half-made region whose header was never written
-        prefix = "sem." + PREFIX + name + "-"
+        prefix = "sem." + PREFIX + name + SEM_SEP
         try:
             for f in os.listdir("/dev/shm"):
                 if f.startswith(prefix) and f[len(prefix):] not in purposes:
