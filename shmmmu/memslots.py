@@ -1,0 +1,181 @@
+"""Memslots: guest-physical ranges backed by host pages of 4 KiB, 2 MiB or 1 GiB, their dirty bitmaps, and guest memory.
+
+A memslot maps GFNs [base, base + npages) to host pages through the slot's
+host map (the host's own page table: gfn -> host page), so the host can
+migrate a range to fresh pages (`migrate`) as an MMU-notifier unmap does; each
+slot owns two banks of host pages for that, and the bank a range leaves is
+poisoned, so a write through a stale translation lands in a poisoned page and
+is caught.  The largest level a fault may map at is bounded by the backing
+page size, the slot's alignment and dirty logging (kvm_mmu_hugepage_adjust).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shmmmu.layout import (C_SLOTS_GEN, MAX_MEMSLOTS, MS_BACKING_LEVEL, MS_BASE_GFN, MS_DATA_OFF, MS_DIRTY_OFF,
+                           MS_FLAGS, MS_GEN, MS_HOST_OFF, MS_NPAGES, MS_WORDS, MSF_ACTIVE, MSF_LOG_DIRTY,
+                           memslot_areas)
+
+DATA_POISON = 0xBADBADBADBADBAD0      # the contents of a host page no guest mapping may reach
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A process-local snapshot of one memslot row."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    backing_level: int
+    flags: int
+    host_off: int
+    dirty_off: int
+    data_off: int
+    gen: int
+    huge_level: int          # the largest level alignment and backing allow (before dirty logging)
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flags & MSF_ACTIVE)
+
+    @property
+    def logging(self) -> bool:
+        return bool(self.flags & MSF_LOG_DIRTY)
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+
+def init_memslots(vm) -> None:
+    """Write the memslot rows, point each GFN at bank 0, and poison bank 1 (the creator, once)."""
+    c = vm.config
+    rows = vm.region.array("memslots")
+    host_map = vm.region.array("host_map")
+    data = vm.region.array("data")
+    data[:] = DATA_POISON
+    g = c.geometry
+    for k, (m, (host, dirty, doff)) in enumerate(zip(c.memslots, memslot_areas(c))):
+        if k >= MAX_MEMSLOTS:
+            raise ValueError(f"at most {MAX_MEMSLOTS} memslots")
+        rows[k, MS_BASE_GFN] = m.base_gfn
+        rows[k, MS_NPAGES] = m.npages
+        rows[k, MS_BACKING_LEVEL] = m.backing_level
+        rows[k, MS_HOST_OFF] = host
+        rows[k, MS_DIRTY_OFF] = dirty
+        rows[k, MS_DATA_OFF] = doff
+        rows[k, MS_GEN] = 1
+        rows[k, MS_FLAGS] = MSF_ACTIVE
+        host_map[host: host + m.npages] = np.arange(doff, doff + m.npages, dtype=np.uint64)
+        data[doff: doff + m.npages] = 0
+        del g
+
+
+def bank_size(slot: Slot, bits: int) -> int:
+    align = 1 << (bits * (slot.backing_level - 1))
+    return -(-slot.npages // align) * align
+
+
+class Memslots:
+    """One process's view: lookup by GFN (cached until the slot generation moves), levels, dirty bits."""
+
+    def __init__(self, vm):
+        self.region = vm.region
+        self.bits = vm.config.bits
+        self.ctl = vm.region.words("ctl")
+        self.rows = vm.region.words("memslots")
+        self.host_map = vm.region.words("host_map")
+        self.dirty = vm.region.words("dirty")
+        self.data = vm.region.words("data")
+        self.max_level = min(3, vm.config.geometry.root_level - 1)
+        self._gen = -1
+        self._slots: list[Slot] = []
+
+    def slots(self) -> list[Slot]:
+        gen = self.ctl.load(C_SLOTS_GEN)
+        if gen != self._gen:
+            self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
+            self._gen = gen
+        return self._slots
+
+    def read(self, k: int) -> Slot:
+        r = [self.rows.load(k * MS_WORDS + i) for i in range(8)]
+        base, npages, backing = r[MS_BASE_GFN], r[MS_NPAGES], r[MS_BACKING_LEVEL]
+        huge = 1
+        for level in range(2, min(backing, self.max_level) + 1):
+            if base % (1 << (self.bits * (level - 1))) == 0:
+                huge = level
+        return Slot(k, base, npages, backing, r[MS_FLAGS], r[MS_HOST_OFF], r[MS_DIRTY_OFF], r[MS_DATA_OFF],
+                    r[MS_GEN], huge)
+
+    def lookup(self, gfn: int) -> Slot | None:
+        """gfn_to_memslot(): the active slot holding gfn, or None (an MMIO/emulated access)."""
+        for s in self.slots():
+            if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                return s if s.flags & MSF_ACTIVE else None
+        return None
+
+    def max_mapping_level(self, slot: Slot, gfn: int) -> int:
+        """kvm_mmu_hugepage_adjust() without NX: 4K while logging, else the largest huge page inside the slot."""
+        if slot.flags & MSF_LOG_DIRTY:
+            return 1
+        bits = self.bits
+        for level in range(slot.huge_level, 1, -1):
+            n = 1 << (bits * (level - 1))
+            start = gfn & ~(n - 1)
+            if start >= slot.base_gfn and start + n <= slot.base_gfn + slot.npages:
+                return level
+        return 1
+
+    def gfn_to_pfn(self, slot: Slot, gfn: int) -> int:
+        """The host page backing gfn now (the GUP of the fault path)."""
+        return self.host_map.load(slot.host_off + gfn - slot.base_gfn)
+
+    def mark_dirty(self, slot: Slot, gfn: int) -> None:
+        """mark_page_dirty_in_slot(): an atomic set_bit in the slot's dirty bitmap."""
+        rel = gfn - slot.base_gfn
+        self.dirty.fetch_or(slot.dirty_off + (rel >> 6), 1 << (rel & 63))
+
+    def set_flags(self, k: int, set_mask: int = 0, clear_mask: int = 0) -> None:
+        """Change a slot's flags and bump its generation and the global slots generation (the host, under the lock)."""
+        w = k * MS_WORDS
+        f = self.rows.load(w + MS_FLAGS)
+        self.rows.store(w + MS_FLAGS, (f | set_mask) & ~clear_mask)
+        self.rows.fetch_add(w + MS_GEN, 1)
+        self.ctl.fetch_add(C_SLOTS_GEN, 1)
+
+    def dirty_words(self, slot: Slot) -> int:
+        return -(-slot.npages // 64)
+
+    def migrate(self, slot: Slot, gfn_start: int, gfn_end: int) -> list[tuple[int, int]]:
+        """Move the host pages backing [gfn_start, gfn_end) to the other bank, copy, poison the old pages.
+
+        Whole backing pages move (a 2 MiB host page moves as one).  Returns the
+        (old, new) host page of each moved block's first page.  The caller has
+        already zapped the range and flushed (the MMU notifier's invalidate_range_start).
+        """
+        bits = self.bits
+        blk = 1 << (bits * (slot.backing_level - 1))
+        bank = bank_size(slot, bits)
+        lo = max(slot.base_gfn, gfn_start)
+        hi = min(slot.end_gfn, gfn_end)
+        start = slot.base_gfn + ((lo - slot.base_gfn) // blk) * blk
+        moved = []
+        data_np = self.region.array("data")
+        hm_np = self.region.array("host_map")
+        for b in range(start, hi, blk):
+            n = min(blk, slot.end_gfn - b)
+            rel = b - slot.base_gfn
+            old = int(hm_np[slot.host_off + rel])
+            in_bank0 = old < slot.data_off + bank
+            new = old + bank if in_bank0 else old - bank
+            data_np[new: new + n] = data_np[old: old + n]
+            hm_np[slot.host_off + rel: slot.host_off + rel + n] = np.arange(new, new + n, dtype=np.uint64)
+            data_np[old: old + n] = DATA_POISON
+            moved.append((old, new))
+        return moved

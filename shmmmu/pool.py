@@ -1,0 +1,172 @@
+"""Pool: the VM's page-table pages: a global free stack, per-vCPU memory caches, accounting and poisoning.
+
+Tables are handed out already zeroed: whoever frees a table clears it in bulk
+(the reclaimer, after a grace period), so the fault path never clears one (the
+series' "don't redundantly clear TDP MMU pt memory").  Each vCPU tops its own
+cache up *before* it takes the MMU lock (mmu_topup_memory_caches), so a fault
+allocates up to `cache_min` tables without touching the global pool.
+
+In debug mode a freed table is filled with POISON instead of zeros, so a walker
+that reads a freed table sees it; the poison is cleared when the table moves
+into a vCPU cache (still outside the MMU lock).  Every free bumps the table's
+generation, so a reader holding a stale reference can tell.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from shmmmu.layout import (C_POOL_TOP, NIL, POOL_LOCK, ROOT_TABLE, TMETA_WORDS, T_GEN, T_GFN, T_LEVEL,
+                           T_NEXT, T_NX, T_OWNER, T_PARENT, T_PREV, T_STATE, TS_CACHED, TS_FREE, TS_LIVE,
+                           W_CACHE_COUNT, WSTATE_WORDS, VMConfig)
+from shmmmu.region import Region
+from shmmmu.rwlock import Mutex
+
+POISON = 0xDEADBEEFDEADB000      # not present (bit 11 clear, RWX clear): reads as "empty" unless checked
+
+
+class PoolExhausted(RuntimeError):
+    """No free page table is left, even after waiting for reclamation."""
+
+
+class Pool:
+    """One process's handle on the table pool and its own memory cache."""
+
+    def __init__(self, region: Region, worker: int, config: VMConfig):
+        self.worker = worker
+        self.config = config
+        self.debug = config.debug
+        self.tables = region.array("tables")
+        self.tw = region.words("tables")
+        self.tmeta = region.array("tmeta")
+        self.tm = region.words("tmeta")
+        self.stack = region.array("pool")
+        self.ctl = region.words("ctl")
+        self.ws = region.words("wstate")
+        self.caches = region.array("caches")
+        self.cache = self.caches[worker]
+        self.count_word = worker * WSTATE_WORDS + W_CACHE_COUNT
+        self.count = self.ws.load(self.count_word)
+        self.capacity = config.cache_capacity
+        self.min = config.cache_min
+        self.lock = Mutex(region, POOL_LOCK, worker)
+        self.entries = self.tables.shape[1]
+        self.refills = 0
+
+    # ---- set-up (the creator, before any other process runs)
+
+    def init_all_free(self) -> None:
+        n = self.tables.shape[0]
+        self.tables[:] = POISON if self.debug else 0
+        self.tables[ROOT_TABLE] = 0
+        self.tmeta[:] = 0
+        self.tmeta[:, T_PARENT] = NIL
+        self.tmeta[:, T_PREV] = NIL
+        self.tmeta[:, T_NEXT] = NIL
+        self.tmeta[:, T_OWNER] = NIL
+        self.tmeta[:, T_GEN] = 1
+        free = np.arange(n - 1, 0, -1, dtype=np.uint64)       # table 0 is the root
+        self.stack[: n - 1] = free
+        self.ctl.store(C_POOL_TOP, n - 1)
+        self.tmeta[ROOT_TABLE, T_STATE] = TS_LIVE
+        self.tmeta[ROOT_TABLE, T_LEVEL] = config_root_level(self.config)
+
+    # ---- the vCPU cache
+
+    def topup(self, wait: float = 5.0, on_wait=None) -> None:
+        """mmu_topup_memory_caches(): if below `cache_min`, fill the cache to capacity (outside the MMU lock)."""
+        if self.count >= self.min:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            got = self._take(self.capacity - self.count)
+            if self.count >= self.min:
+                return
+            if time.monotonic() > deadline:
+                raise PoolExhausted(f"out of page tables: {self.tables.shape[0]} in the pool, none free after "
+                                    f"waiting {wait:.0f}s for reclamation (give the VM more tables)")
+            if on_wait is not None:
+                on_wait()
+            time.sleep(0.0005 if got == 0 else 0)
+
+    def _take(self, want: int) -> int:
+        with self.lock:
+            top = self.ctl.load(C_POOL_TOP)
+            n = min(want, top)
+            if n:
+                got = self.stack[top - n: top][::-1].copy()
+                self.ctl.store(C_POOL_TOP, top - n)
+        if not n:
+            return 0
+        if self.debug:
+            self.tables[got.astype(np.intp)] = 0          # clear the poison, still outside the MMU lock
+        idx = got.astype(np.intp)
+        self.tmeta[idx, T_STATE] = TS_CACHED
+        self.tmeta[idx, T_OWNER] = self.worker
+        self.cache[self.count: self.count + n] = got
+        self.count += n
+        self.ws.store(self.count_word, self.count)
+        self.refills += 1
+        return n
+
+    def alloc(self, level: int, gfn: int) -> int:
+        """Take a zeroed table from this worker's cache (never sleeps: the cache was topped up)."""
+        if self.count == 0:
+            raise PoolExhausted(f"worker {self.worker}'s memory cache is empty: topup() was not called "
+                                f"before taking the MMU lock")
+        self.count -= 1
+        table = int(self.cache[self.count])
+        self.ws.store(self.count_word, self.count)
+        t = table * TMETA_WORDS
+        tm = self.tm
+        tm.store(t + T_LEVEL, level)
+        tm.store(t + T_GFN, gfn)
+        tm.store(t + T_NX, 0)
+        tm.store(t + T_OWNER, self.worker)    # cleared once linked (tdp_mmu_link_page)
+        tm.store(t + T_STATE, TS_LIVE)
+        return table
+
+    def unalloc(self, table: int) -> None:
+        """Give back a table that was never made visible (a lost link race): it is still zeroed."""
+        t = table * TMETA_WORDS
+        self.tm.store(t + T_STATE, TS_CACHED)
+        self.tm.store(t + T_OWNER, self.worker)
+        self.cache[self.count] = table
+        self.count += 1
+        self.ws.store(self.count_word, self.count)
+
+    # ---- freeing (the reclaimer after a grace period; exclusive mode at once)
+
+    def free(self, tables: list[int]) -> None:
+        """Clear (or poison) tables in bulk, bump their generation, and push them on the free stack."""
+        if not tables:
+            return
+        idx = np.asarray(tables, dtype=np.intp)
+        self.tables[idx] = POISON if self.debug else 0
+        for table in tables:
+            t = table * TMETA_WORDS
+            self.tm.fetch_add(t + T_GEN, 1)
+            self.tm.store(t + T_STATE, TS_FREE)
+            self.tm.store(t + T_PARENT, NIL)
+        with self.lock:
+            top = self.ctl.load(C_POOL_TOP)
+            self.stack[top: top + len(tables)] = idx
+            self.ctl.store(C_POOL_TOP, top + len(tables))
+
+    def recover(self, dead: int) -> int:
+        """Return a dead worker's cached tables to the pool; returns how many."""
+        base = dead * WSTATE_WORDS + W_CACHE_COUNT
+        n = self.ws.load(base)
+        if n:
+            cached = [int(x) for x in self.caches[dead, :n]]
+            self.ws.store(base, 0)
+            self.free(cached)
+        return n
+
+    def free_count(self) -> int:
+        return self.ctl.load(C_POOL_TOP)
+
+
+def config_root_level(config: VMConfig) -> int:
+    return config.geometry.root_level

@@ -1,0 +1,197 @@
+"""RCU: epoch-based read-side sections for processes, retire queues, and grace-period detection.
+
+A worker's read-side section publishes the global epoch it entered in (a single
+store into its slot; 0 means quiescent).  `call_rcu(table)` tags the table with
+the current epoch and appends it to the worker's own retire ring (one producer,
+one consumer: no lock).  The reclaimer ends a grace period by advancing the
+epoch and waiting until every slot is quiescent or newer than the epoch it
+advanced from; only then are the tables retired up to that epoch freed.
+
+Ordering argument (all operations sequentially consistent): a table is retired
+after it was unlinked; a reader that publishes its slot after the reclaimer
+scanned it started its walk after the unlink, so it cannot reach the table.
+
+A worker that dies inside a section would hold back reclamation forever, so the
+supervisor clears its slot (`recover`).  Grace-period latency, the retire
+backlog and each table's age (grace periods lived through since retirement, for
+the Reader-Pipe histogram) are recorded in the region.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from shmmmu.layout import (C_EPOCH, C_GP_COUNT, C_GP_MAX_NS, C_GP_TOTAL_NS, C_RCU_BACKLOG_MAX, TMETA_WORDS,
+                           T_RETIRE_EPOCH, T_RETIRE_GP, T_STATE, TS_LIVE, TS_RETIRED, W_RCU, W_RETIRE_HEAD,
+                           W_RETIRE_TAIL, WSTATE_WORDS)
+from shmmmu.region import Region
+
+
+class RcuError(RuntimeError):
+    pass
+
+
+class Rcu:
+    """One process's view of the VM's RCU state."""
+
+    def __init__(self, region: Region, worker: int):
+        self.worker = worker
+        self.ctl = region.words("ctl")
+        self.ws = region.words("wstate")
+        self.tm = region.words("tmeta")
+        self.ring = region.words("retire")
+        self.ring_len = region.array("retire").shape[1]
+        self.n_workers = region.array("wstate").shape[0]
+        self.slot = worker * WSTATE_WORDS + W_RCU
+        self.nesting = 0
+        if self.ctl.load(C_EPOCH) == 0:
+            self.ctl.cas(C_EPOCH, 0, 1)
+
+    # ---- read side
+
+    def read_lock(self) -> None:
+        """rcu_read_lock(): one load and one store at the outermost level."""
+        if self.nesting == 0:
+            self.ws.store(self.slot, self.ctl.load(C_EPOCH))
+        self.nesting += 1
+
+    def read_unlock(self) -> None:
+        self.nesting -= 1
+        if self.nesting == 0:
+            self.ws.store(self.slot, 0)
+        elif self.nesting < 0:
+            raise RcuError("rcu_read_unlock without rcu_read_lock")
+
+    def in_read_section(self) -> bool:
+        return self.nesting > 0
+
+    # ---- update side
+
+    def call_rcu(self, table: int) -> None:
+        """Retire a table: it is freed after a grace period (tdp_mmu_free_sp_rcu_callback)."""
+        base = self.worker * WSTATE_WORDS
+        tail = self.ws.load(base + W_RETIRE_TAIL)
+        head = self.ws.load(base + W_RETIRE_HEAD)
+        if tail - head >= self.ring_len:
+            raise RcuError(f"worker {self.worker}'s retire ring is full ({self.ring_len} tables)")
+        t = table * TMETA_WORDS
+        self.tm.store(t + T_RETIRE_EPOCH, self.ctl.load(C_EPOCH))
+        self.tm.store(t + T_RETIRE_GP, self.ctl.load(C_GP_COUNT))
+        self.tm.store(t + T_STATE, TS_RETIRED)
+        self.ring.store(self.worker * self.ring_len + tail % self.ring_len, table)
+        self.ws.store(base + W_RETIRE_TAIL, tail + 1)
+
+    def backlog(self) -> int:
+        n = 0
+        for k in range(self.n_workers):
+            base = k * WSTATE_WORDS
+            n += self.ws.load(base + W_RETIRE_TAIL) - self.ws.load(base + W_RETIRE_HEAD)
+        return n
+
+    def wait_for_readers(self, epoch: int, timeout: float | None = None,
+                         alive: Callable[[], bool] | None = None) -> bool:
+        """Wait until every slot is quiescent or entered after `epoch` (advanced past already)."""
+        t_end = None if timeout is None else time.monotonic() + timeout
+        ws, n = self.ws, self.n_workers
+        for k in range(n):
+            if k == self.worker:
+                continue
+            word = k * WSTATE_WORDS + W_RCU
+            spins = 0
+            while True:
+                v = ws.load(word)
+                if v == 0 or v > epoch:
+                    break
+                spins += 1
+                if spins < 32:
+                    continue
+                if t_end is not None and time.monotonic() > t_end:
+                    return False
+                if alive is not None and not alive():
+                    return False
+                time.sleep(0.00002 if spins < 256 else 0.0005)
+        return True
+
+    def synchronize(self, timeout: float | None = None) -> bool:
+        """synchronize_rcu(): returns once every read section that began before the call has ended."""
+        if self.nesting:
+            raise RcuError("synchronize_rcu inside a read-side section would wait for itself")
+        t0 = time.monotonic_ns()
+        epoch = self.ctl.fetch_add(C_EPOCH, 1)
+        ok = self.wait_for_readers(epoch, timeout)
+        if ok:
+            self._gp_done(time.monotonic_ns() - t0)
+        return ok
+
+    def _gp_done(self, ns: int) -> None:
+        self.ctl.fetch_add(C_GP_COUNT, 1)
+        self.ctl.fetch_add(C_GP_TOTAL_NS, ns)
+        while True:
+            cur = self.ctl.load(C_GP_MAX_NS)
+            if ns <= cur or self.ctl.cas(C_GP_MAX_NS, cur, ns) == cur:
+                break
+
+    def reclaim_pass(self, free: Callable[[list[int]], None], timeout: float | None = None,
+                     alive: Callable[[], bool] | None = None, wait_for_gp: bool = True) -> int:
+        """The reclaimer's step: one grace period, then free every table retired before it.
+
+        `wait_for_gp=False` is bug K7: free without waiting for readers.
+        Returns the number of tables freed.
+        """
+        pending = self.backlog()
+        if pending == 0:
+            return 0
+        while True:
+            cur = self.ctl.load(C_RCU_BACKLOG_MAX)
+            if pending <= cur or self.ctl.cas(C_RCU_BACKLOG_MAX, cur, pending) == cur:
+                break
+        t0 = time.monotonic_ns()
+        epoch = self.ctl.fetch_add(C_EPOCH, 1)
+        if wait_for_gp:
+            if not self.wait_for_readers(epoch, timeout, alive):
+                return 0
+        self._gp_done(time.monotonic_ns() - t0)
+        freed: list[int] = []
+        for k in range(self.n_workers):
+            base = k * WSTATE_WORDS
+            head = self.ws.load(base + W_RETIRE_HEAD)
+            tail = self.ws.load(base + W_RETIRE_TAIL)
+            while head < tail:
+                table = self.ring.load(k * self.ring_len + head % self.ring_len)
+                if self.tm.load(table * TMETA_WORDS + T_RETIRE_EPOCH) > epoch:
+                    break
+                freed.append(table)
+                head += 1
+            self.ws.store(base + W_RETIRE_HEAD, head)
+        if freed:
+            free(freed)
+        return len(freed)
+
+    def recover(self, dead: int) -> list[str]:
+        """Clear a dead worker's read-side slot so grace periods can end."""
+        word = dead * WSTATE_WORDS + W_RCU
+        if self.ws.load(word):
+            self.ws.store(word, 0)
+            return [f"rcu: cleared the read-side section of dead worker {dead}"]
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {"epoch": self.ctl.load(C_EPOCH), "grace_periods": self.ctl.load(C_GP_COUNT),
+                "gp_max_ns": self.ctl.load(C_GP_MAX_NS), "gp_total_ns": self.ctl.load(C_GP_TOTAL_NS),
+                "backlog": self.backlog(), "backlog_max": self.ctl.load(C_RCU_BACKLOG_MAX)}
+
+
+def pipe_age(state: int, retire_epoch: int, reader_epoch: int, now_epoch: int) -> int:
+    """The Reader-Pipe age of a table as one reader saw it (rcutorture's rtort_pipe_count).
+
+    0: live.  1: retired while this reader could still hold it (retired at or after
+    the epoch the reader entered in).  2 and more: the table was retired before the
+    reader entered, or already freed: a use after free, one bucket per epoch since.
+    """
+    if state == TS_LIVE:
+        return 0
+    if state == TS_RETIRED:
+        return 1 + max(0, reader_epoch - retire_epoch)
+    return max(2, 1 + now_epoch - retire_epoch)

@@ -1,0 +1,390 @@
+"""RWLock: the MMU reader/writer lock for processes, shaped like the kernel's qrwlock, sleeping on POSIX semaphores.
+
+Word layout of a lock block (layout.LOCK_WORDS words in the region's `locks` section):
+
+  CNTS     qrwlock's counter: writer byte (0xff = write-locked), WAITING (0x100: a
+           writer waits for readers to drain), readers counted in units of 0x200.
+  WAIT     the wait-queue mutex (0 free, 1 held, 2 held with sleepers).  Every
+           slow path goes through it, so "someone holds WAIT" is exactly the
+           kernel's queued_rwlock_is_contended(): `needbreak()`.
+  owners   which worker holds WAIT / the write side; how many sleep on each gate.
+
+Fast paths are one atomic operation (a reader's fetch_add, a writer's cas).  A
+reader that finds a writer (or a waiting writer) backs out and queues on WAIT,
+so a waiting writer blocks new readers: writers are not starved (qrwlock
+fairness).  Waits spin briefly (a semaphore round trip between processes costs
+about 57 µs here, a spin on a shared word about 1 µs), then sleep on a
+semaphore: never an unbounded spin.
+
+Each process keeps a record of what it holds, for `assert_held` (the kernel's
+lockdep_assert_held_read/write), and publishes it in its worker row so a dead
+holder can be found (`held_by`) and released (`recover`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import posix_ipc
+
+from shmmmu.layout import LOCK_NAMES, LOCK_WORDS, W_HELD, WSTATE_WORDS, W_PID
+from shmmmu.region import Region
+
+# CNTS bits (include/asm-generic/qrwlock_types.h)
+QW_LOCKED = 0xFF
+QW_WAITING = 0x100
+QW_WMASK = 0x1FF
+QR_BIAS = 0x200
+_NEG_BIAS = (1 << 64) - QR_BIAS
+_NEG_LOCKED = (1 << 64) - QW_LOCKED
+
+# word offsets inside a lock block
+L_CNTS = 0
+L_WAIT = 8               # its own cache line
+L_WAIT_OWNER = 9
+L_WRITER = 10
+L_RSLEEP = 11
+L_WSLEEP = 12
+L_CONTENDED = 13
+
+HELD_NONE, HELD_READ, HELD_WRITE = 0, 1, 2
+SPIN = 48                # loads before sleeping
+SLEEP_TIMEOUT = 0.2      # a sleeper re-checks this often (a dead holder, a lost wake-up)
+
+
+class LockError(AssertionError):
+    """A lock was used against its rules (not held, held in the wrong mode): a bug."""
+
+
+@dataclass
+class LockStats:
+    """Acquisitions and contention counted by this process (lock_stat style)."""
+
+    read_acquired: int = 0
+    write_acquired: int = 0
+    contended: int = 0
+    wait_ns: int = 0
+    wait_max_ns: int = 0
+    needbreak_seen: int = 0
+    yields: int = 0
+
+
+class _WaitQueue:
+    """A sleeping mutex on one word (Drepper's three-state mutex with a semaphore for the futex)."""
+
+    def __init__(self, words, base: int, sem: posix_ipc.Semaphore, me: int):
+        self.w = words
+        self.word = base + L_WAIT
+        self.owner = base + L_WAIT_OWNER
+        self.sem = sem
+        self.me = me + 1
+
+    def acquire(self) -> None:
+        w, word = self.w, self.word
+        if w.cas(word, 0, 1) != 0:
+            for _ in range(SPIN):
+                if w.load(word) == 0 and w.cas(word, 0, 1) == 0:
+                    break
+            else:
+                while w.xchg(word, 2) != 0:
+                    try:
+                        self.sem.acquire(SLEEP_TIMEOUT)
+                    except posix_ipc.BusyError:
+                        pass
+        w.store(self.owner, self.me)
+
+    def release(self) -> None:
+        w = self.w
+        w.store(self.owner, 0)
+        if w.xchg(self.word, 0) == 2:
+            self.sem.release()
+
+    def held(self) -> bool:
+        return self.w.load(self.word) != 0
+
+
+class RWLock:
+    """One process's handle on a reader/writer lock that lives in a region.
+
+    `worker` is this process's worker slot (for holder records).  `busted=True`
+    gives locktorture's lock_busted: a writer that does not wait for readers,
+    the negative control the torture test must catch.
+    """
+
+    def __init__(self, region: Region, index: int, worker: int, *, busted: bool = False):
+        self.name = LOCK_NAMES[index]
+        self.index = index
+        self.worker = worker
+        self.busted = busted
+        self.w = region.words("locks")
+        self.base = index * LOCK_WORDS
+        self.cnts = self.base + L_CNTS
+        self.ws = region.words("wstate")
+        self.held_word = worker * WSTATE_WORDS + W_HELD + index
+        self.n_workers = region.array("wstate").shape[0]
+        self.sem_r = region.semaphore(f"{self.name}.r")
+        self.sem_w = region.semaphore(f"{self.name}.w")
+        self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker)
+        self.mode = HELD_NONE            # this process's record, for assert_held
+        self.stats = LockStats()
+
+    # ---- read side
+
+    def read_lock(self) -> None:
+        w, cnts = self.w, self.cnts
+        if w.fetch_add(cnts, QR_BIAS) & QW_WMASK:
+            # back out; if a writer is waiting for readers to drain, our bias may have
+            # been what it saw last before sleeping
+            if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
+                if w.load(self.base + L_WSLEEP):
+                    self.sem_w.release()
+            self._read_slowpath()
+        self.mode = HELD_READ
+        self.ws.store(self.held_word, HELD_READ)
+        self.stats.read_acquired += 1
+
+    def _read_slowpath(self) -> None:
+        """queued_read_lock_slowpath(): queue behind earlier waiters, then wait out the writer."""
+        w, cnts = self.w, self.cnts
+        t0 = time.monotonic_ns()
+        self.stats.contended += 1
+        w.fetch_add(self.base + L_CONTENDED, 1)
+        self.queue.acquire()
+        w.fetch_add(cnts, QR_BIAS)
+        if w.load(cnts) & QW_LOCKED:
+            for _ in range(SPIN):
+                if not w.load(cnts) & QW_LOCKED:
+                    break
+            else:
+                while True:
+                    w.store(self.base + L_RSLEEP, 1)
+                    if not w.load(cnts) & QW_LOCKED:
+                        break
+                    try:
+                        self.sem_r.acquire(SLEEP_TIMEOUT)
+                    except posix_ipc.BusyError:
+                        pass
+                w.store(self.base + L_RSLEEP, 0)
+        self.queue.release()
+        self._waited(t0)
+
+    def read_unlock(self) -> None:
+        if self.mode != HELD_READ:
+            raise LockError(f"{self.name}: read_unlock without the read lock")
+        self.mode = HELD_NONE
+        self.ws.store(self.held_word, HELD_NONE)
+        w = self.w
+        if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
+            if w.load(self.base + L_WSLEEP):
+                self.sem_w.release()
+
+    # ---- write side
+
+    def write_lock(self) -> None:
+        if self.w.cas(self.cnts, 0, QW_LOCKED) != 0:
+            self._write_slowpath()
+        self.mode = HELD_WRITE
+        self.w.store(self.base + L_WRITER, self.worker + 1)
+        self.ws.store(self.held_word, HELD_WRITE)
+        self.stats.write_acquired += 1
+
+    def _write_slowpath(self) -> None:
+        """queued_write_lock_slowpath(): take the queue, announce WAITING, wait for readers to drain."""
+        w, cnts = self.w, self.cnts
+        t0 = time.monotonic_ns()
+        self.stats.contended += 1
+        w.fetch_add(self.base + L_CONTENDED, 1)
+        self.queue.acquire()
+        if w.cas(cnts, 0, QW_LOCKED) != 0:
+            if self.busted:
+                w.fetch_or(cnts, QW_LOCKED)      # lock_busted: barge in beside the readers
+            else:
+                w.fetch_or(cnts, QW_WAITING)
+                spins = 0
+                while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:
+                    spins += 1
+                    if spins < SPIN:
+                        continue
+                    w.store(self.base + L_WSLEEP, 1)
+                    if w.load(cnts) == QW_WAITING:
+                        continue
+                    try:
+                        self.sem_w.acquire(SLEEP_TIMEOUT)
+                    except posix_ipc.BusyError:
+                        pass
+                w.store(self.base + L_WSLEEP, 0)
+        self.queue.release()
+        self._waited(t0)
+
+    def write_unlock(self) -> None:
+        if self.mode != HELD_WRITE:
+            raise LockError(f"{self.name}: write_unlock without the write lock")
+        self.mode = HELD_NONE
+        self.ws.store(self.held_word, HELD_NONE)
+        w = self.w
+        w.store(self.base + L_WRITER, 0)
+        if self.busted:
+            w.fetch_and(self.cnts, ~QW_LOCKED)
+        else:
+            w.fetch_add(self.cnts, _NEG_LOCKED)
+        if w.load(self.base + L_RSLEEP):
+            self.sem_r.release()
+
+    def _waited(self, t0: int) -> None:
+        dt = time.monotonic_ns() - t0
+        self.stats.wait_ns += dt
+        if dt > self.stats.wait_max_ns:
+            self.stats.wait_max_ns = dt
+
+    # ---- context managers
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.read_lock()
+        try:
+            yield
+        finally:
+            self.read_unlock()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        self.write_lock()
+        try:
+            yield
+        finally:
+            self.write_unlock()
+
+    # ---- contention and yielding
+
+    def needbreak(self) -> bool:
+        """rwlock_needbreak(): is another process queued behind the holders?"""
+        if self.queue.held():
+            self.stats.needbreak_seen += 1
+            return True
+        return False
+
+    def cond_resched_read(self) -> bool:
+        """cond_resched_rwlock_read(): if contended, drop the read lock, let the waiter in, retake it."""
+        self.assert_held(HELD_READ)
+        if not self.needbreak():
+            return False
+        self.read_unlock()
+        os.sched_yield()
+        self.read_lock()
+        self.stats.yields += 1
+        return True
+
+    def cond_resched_write(self) -> bool:
+        """cond_resched_rwlock_write()."""
+        self.assert_held(HELD_WRITE)
+        if not self.needbreak():
+            return False
+        self.write_unlock()
+        os.sched_yield()
+        self.write_lock()
+        self.stats.yields += 1
+        return True
+
+    # ---- holder records and recovery
+
+    def assert_held(self, mode: int | None = None) -> None:
+        """lockdep_assert_held(): mode None accepts either side."""
+        if self.mode == HELD_NONE or (mode is not None and self.mode != mode):
+            want = {None: "held", HELD_READ: "held for read", HELD_WRITE: "held for write"}[mode]
+            have = {HELD_NONE: "not held", HELD_READ: "held for read", HELD_WRITE: "held for write"}[self.mode]
+            raise LockError(f"{self.name} must be {want} here, but it is {have} by this process")
+
+    def held_by(self) -> list[tuple[int, int, int]]:
+        """(worker, pid, mode) for every worker whose record says it holds this lock."""
+        out = []
+        for k in range(self.n_workers):
+            mode = self.ws.load(k * WSTATE_WORDS + W_HELD + self.index)
+            if mode:
+                out.append((k, self.ws.load(k * WSTATE_WORDS + W_PID), mode))
+        return out
+
+    def state(self) -> dict[str, int]:
+        c = self.w.load(self.cnts)
+        return {"readers": c // QR_BIAS, "write_locked": int(c & QW_LOCKED == QW_LOCKED),
+                "writer_waiting": int(bool(c & QW_WAITING)), "queue": self.w.load(self.base + L_WAIT),
+                "writer": self.w.load(self.base + L_WRITER) - 1, "contended": self.w.load(self.base + L_CONTENDED)}
+
+    def recover(self, dead: int) -> list[str]:
+        """Release whatever the dead worker `dead` held (the supervisor calls this); returns what it did."""
+        done = []
+        w, ws = self.w, self.ws
+        mode = ws.load(dead * WSTATE_WORDS + W_HELD + self.index)
+        if mode == HELD_READ:
+            if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
+                self.sem_w.release()
+            done.append(f"{self.name}: dropped the read hold of worker {dead}")
+        elif mode == HELD_WRITE or w.load(self.base + L_WRITER) == dead + 1:
+            w.store(self.base + L_WRITER, 0)
+            w.fetch_and(self.cnts, ~QW_LOCKED)
+            self.sem_r.release()
+            done.append(f"{self.name}: dropped the write hold of worker {dead}")
+        ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
+        if w.load(self.base + L_WAIT_OWNER) == dead + 1:
+            # it died in a slow path: take back a WAITING it announced, and its queue slot
+            w.fetch_and(self.cnts, ~QW_WAITING)
+            w.store(self.base + L_WAIT_OWNER, 0)
+            if w.xchg(self.base + L_WAIT, 0) == 2:
+                self.queue.sem.release()
+            done.append(f"{self.name}: released the wait queue held by worker {dead}")
+        return done
+
+
+class Mutex:
+    """An exclusive sleeping lock in a region (the page-list lock, the pool lock): the wait-queue mutex alone."""
+
+    def __init__(self, region: Region, index: int, worker: int):
+        self.name = LOCK_NAMES[index]
+        self.index = index
+        self.worker = worker
+        w = region.words("locks")
+        self.base = index * LOCK_WORDS
+        self.queue = _WaitQueue(w, self.base, region.semaphore(f"{self.name}.q"), worker)
+        self.ws = region.words("wstate")
+        self.held_word = worker * WSTATE_WORDS + W_HELD + index
+        self.is_held = False
+
+    def acquire(self) -> None:
+        self.queue.acquire()
+        self.is_held = True
+        self.ws.store(self.held_word, HELD_WRITE)
+
+    def release(self) -> None:
+        if not self.is_held:
+            raise LockError(f"{self.name}: release without holding it")
+        self.is_held = False
+        self.ws.store(self.held_word, HELD_NONE)
+        self.queue.release()
+
+    def __enter__(self) -> "Mutex":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def assert_held(self) -> None:
+        if not self.is_held:
+            raise LockError(f"{self.name} must be held here")
+
+    def recover(self, dead: int) -> list[str]:
+        if self.queue.w.load(self.base + L_WAIT_OWNER) == dead + 1:
+            self.queue.w.store(self.base + L_WAIT_OWNER, 0)
+            if self.queue.w.xchg(self.base + L_WAIT, 0) == 2:
+                self.queue.sem.release()
+            self.ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
+            return [f"{self.name}: released the hold of worker {dead}"]
+        self.ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
+        return []
+
+
+def assert_held(lock: RWLock, mode: int | None = None) -> None:
+    """lockdep_assert_held_read/write as a function, for MMU code."""
+    lock.assert_held(mode)

@@ -1,0 +1,141 @@
+"""TDP iterator: the pre-order walk over a GFN range of the page tables that every MMU operation is written on.
+
+Mirrors arch/x86/kvm/mmu/tdp_iter.c: a walk keeps the path of tables from the
+root (`pt_path`), the entry it stands on (`table`, `index`, its last-read value
+`old_spte`), and `next_last_level_gfn`, the lowest GFN it will map next at the
+last level.  It steps down into a present non-leaf (re-reading the entry first,
+so a concurrently zapped entry is not followed), sideways, and up.
+
+Yielding: after the lock was dropped, every table pointer is dead, so the walk
+restarts from the root at `next_last_level_gfn` (`restart`).  `yielded_gfn`
+records where the last (re)start was; a walk may only yield again after it has
+stepped sideways (`next_last_level_gfn != yielded_gfn`): forward progress
+(ed5e484b79e8).  Since 5.16 a yield sets `yielded` and the next `next()`
+restarts *instead of* advancing; advancing after the restart skips the entry at
+`next_last_level_gfn` (CVE-2021-47094, bug K9, `advance_after_restart=True`).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from shmmmu.atomics import Words
+from shmmmu.spte import LARGE, MMU_PRESENT, PFN_MASK, PFN_SHIFT, Geometry
+
+
+class TdpIter:
+    """struct tdp_iter.  Read the fields in a loop body; write through `tdp_mmu` setters."""
+
+    __slots__ = ("tables", "bits", "entries", "emask", "root_level", "min_level", "pt_path", "level", "gfn",
+                 "table", "index", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
+                 "advance_after_restart", "reads")
+
+    def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
+                 goal_gfn: int, *, advance_after_restart: bool = False):
+        """tdp_iter_start()."""
+        self.tables = tables
+        self.bits = geometry.bits
+        self.entries = geometry.entries
+        self.emask = geometry.entries - 1
+        self.root_level = root_level
+        self.min_level = min_level
+        self.pt_path = [0] * (root_level + 1)        # pt_path[level] = table index at that level
+        self.pt_path[root_level] = root
+        self.next_last_level_gfn = goal_gfn
+        self.advance_after_restart = advance_after_restart
+        self.yielded = False
+        self.reads = 0
+        self.restart()
+
+    # a table's entry as a flat word index
+    @property
+    def sptep(self) -> int:
+        return self.table * self.entries + self.index
+
+    def _refresh(self) -> None:
+        self.table = self.pt_path[self.level]
+        self.index = (self.gfn >> (self.bits * (self.level - 1))) & self.emask
+        self.old_spte = self.tables.load(self.table * self.entries + self.index)
+
+    def restart(self) -> None:
+        """tdp_iter_restart(): back to the root, aimed at next_last_level_gfn."""
+        self.yielded = False
+        self.yielded_gfn = self.next_last_level_gfn
+        self.level = self.root_level
+        self.gfn = self.next_last_level_gfn & ~((1 << (self.bits * (self.level - 1))) - 1)
+        self._refresh()
+        self.valid = True
+
+    def _step_down(self) -> bool:
+        """try_step_down(): into the child table of a present non-leaf, re-reading the entry first."""
+        if self.level == self.min_level:
+            return False
+        spte = self.tables.load(self.table * self.entries + self.index)
+        self.old_spte = spte
+        if not spte & MMU_PRESENT or self.level == 1 or spte & LARGE:
+            return False
+        self.level -= 1
+        self.pt_path[self.level] = (spte & PFN_MASK) >> PFN_SHIFT
+        self.gfn = self.next_last_level_gfn & ~((1 << (self.bits * (self.level - 1))) - 1)
+        self._refresh()
+        return True
+
+    def _step_side(self) -> bool:
+        """try_step_side(): to the next entry of the same table; the walk's goal moves with it."""
+        if self.index == self.emask:
+            return False
+        self.gfn += 1 << (self.bits * (self.level - 1))
+        self.next_last_level_gfn = self.gfn
+        self.index += 1
+        self.old_spte = self.tables.load(self.table * self.entries + self.index)
+        return True
+
+    def _step_up(self) -> bool:
+        """try_step_up()."""
+        if self.level == self.root_level:
+            return False
+        self.level += 1
+        self.gfn &= ~((1 << (self.bits * (self.level - 1))) - 1)
+        self._refresh()
+        return True
+
+    def next(self) -> None:
+        """tdp_iter_next(): the next entry in pre-order."""
+        if self.yielded:
+            self.restart()
+            if not self.advance_after_restart:
+                return
+        if self._step_down():
+            return
+        while True:
+            if self._step_side():
+                return
+            if not self._step_up():
+                break
+        self.valid = False
+
+    def mark_yielded(self) -> None:
+        """After dropping the lock: the next `next()` restarts from the root (5.16+ `iter->yielded`)."""
+        self.yielded = True
+
+    def can_yield(self) -> bool:
+        """The forward-progress rule: only after stepping sideways since the last (re)start."""
+        return self.next_last_level_gfn != self.yielded_gfn
+
+
+def for_each_pte(it: TdpIter, end: int) -> Iterator[TdpIter]:
+    """for_each_tdp_pte(): every entry covering [goal, end) in pre-order, down to min_level.
+
+    A body that writes an entry it stands on and wants to look at the new value
+    re-reads `old_spte`; a body that yielded calls `it.mark_yielded()` and continues.
+    """
+    while it.valid and it.gfn < end:
+        yield it
+        it.next()
+
+
+def for_each_leaf(it: TdpIter, end: int) -> Iterator[TdpIter]:
+    """tdp_root_for_each_leaf_pte(): only present leaves."""
+    for _ in for_each_pte(it, end):
+        s = it.old_spte
+        if s & MMU_PRESENT and (it.level == 1 or s & LARGE):
+            yield it

@@ -1,0 +1,128 @@
+"""TLB: each vCPU's private translation cache, and remote flushes with vCPU modes and acknowledgements.
+
+A vCPU is *in guest mode* while it performs guest accesses (TLB lookups and,
+on a miss, the hardware walk of the tables), and *outside* while it handles a
+fault, waits on a lock, or idles (the kernel's vcpu->mode).  A flush bumps the
+flush generation and waits only for vCPUs that are in guest mode and have not
+acknowledged it.  A vCPU publishes "in guest mode" before it reads the
+generation (then flushes and acknowledges), so none can slip past; it checks
+the generation before every access, as a request is checked on VM entry after
+a kick.  Waiting for vCPUs outside guest mode would deadlock (one may wait on
+the lock the flusher holds); not waiting for those inside would leave stale
+translations, or a hardware walk standing in a table about to be freed.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from shmmmu.layout import C_FLUSH_DONE, C_FLUSH_GEN, TLB_IN_GUEST, TLB_OUTSIDE, W_PID, W_TLB_ACK, W_TLB_MODE, WSTATE_WORDS
+
+
+class FlushStuck(RuntimeError):
+    """A vCPU in guest mode never acknowledged a flush (it died, or the protocol is broken)."""
+
+
+class Tlb:
+    """A vCPU's private translations: per level, (gfn >> shift) -> (host pfn of the page, writable)."""
+
+    def __init__(self, bits: int, capacity: int):
+        self.bits = bits
+        self.capacity = capacity
+        self.maps: list[dict[int, tuple[int, bool]]] = [{}, {}, {}, {}]   # index level-1
+        self.size = 0
+        self.flushes = 0
+
+    def lookup(self, gfn: int) -> tuple[int, bool, int] | None:
+        """(host pfn of gfn, writable, level) or None."""
+        e = self.maps[0].get(gfn)
+        if e is not None:
+            return e[0], e[1], 1
+        bits = self.bits
+        for level in (2, 3):
+            m = self.maps[level - 1]
+            if m:
+                e = m.get(gfn >> (bits * (level - 1)))
+                if e is not None:
+                    return e[0] + (gfn & ((1 << (bits * (level - 1))) - 1)), e[1], level
+        return None
+
+    def insert(self, gfn: int, level: int, pfn_base: int, writable: bool) -> None:
+        if self.size >= self.capacity:
+            self.flush_local()
+        self.maps[level - 1][gfn >> (self.bits * (level - 1))] = (pfn_base, writable)
+        self.size += 1
+
+    def invalidate(self, gfn: int) -> None:
+        for level in (1, 2, 3):
+            self.maps[level - 1].pop(gfn >> (self.bits * (level - 1)), None)
+
+    def flush_local(self) -> None:
+        for m in self.maps:
+            m.clear()
+        self.size = 0
+        self.flushes += 1
+
+
+class TlbControl:
+    """The shared side: one process's handle on the flush generation and the vCPU modes."""
+
+    def __init__(self, vm, worker: int, tlb: Tlb | None = None):
+        self.ctl = vm.region.words("ctl")
+        self.ws = vm.region.words("wstate")
+        self.n_vcpus = vm.config.n_vcpus
+        self.worker = worker
+        self.tlb = tlb
+        self.mode_word = worker * WSTATE_WORDS + W_TLB_MODE
+        self.ack_word = worker * WSTATE_WORDS + W_TLB_ACK
+        self.acked = self.ws.load(self.ack_word)
+        self.flushes = 0
+        self.wait_ns = 0
+
+    # ---- the vCPU side
+    def enter_guest(self) -> None:
+        """Publish IN_GUEST_MODE, then honour any flush requested before it (vcpu_enter_guest)."""
+        self.ws.store(self.mode_word, TLB_IN_GUEST)
+        self.check_request()
+
+    def exit_guest(self) -> None:
+        self.ws.store(self.mode_word, TLB_OUTSIDE)
+
+    def check_request(self) -> None:
+        """KVM_REQ_TLB_FLUSH: flush the private TLB if the generation moved, and acknowledge."""
+        g = self.ctl.load(C_FLUSH_GEN)
+        if g != self.acked:
+            if self.tlb is not None:
+                self.tlb.flush_local()
+            self.acked = g
+            self.ws.store(self.ack_word, g)
+
+    # ---- the flusher side
+    def flush_remote_tlbs(self, timeout: float = 30.0) -> None:
+        """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before the call."""
+        t0 = time.monotonic_ns()
+        gen = self.ctl.fetch_add(C_FLUSH_GEN, 1) + 1
+        if self.tlb is not None:                       # our own TLB, if we are a vCPU
+            self.tlb.flush_local()
+            self.acked = gen
+            self.ws.store(self.ack_word, gen)
+        ws = self.ws
+        for k in range(self.n_vcpus):
+            if k == self.worker:
+                continue
+            base = k * WSTATE_WORDS
+            spins = 0
+            while ws.load(base + W_TLB_MODE) == TLB_IN_GUEST and ws.load(base + W_TLB_ACK) < gen:
+                spins += 1
+                if spins > 64:
+                    os.sched_yield()
+                if spins & 0xFFF == 0 and time.monotonic_ns() - t0 > timeout * 1e9:
+                    raise FlushStuck(f"vCPU {k} (pid {ws.load(base + W_PID)}) has not acknowledged "
+                                     f"TLB flush {gen} after {timeout:.0f}s in guest mode")
+        self.ctl.fetch_add(C_FLUSH_DONE, 1)
+        self.flushes += 1
+        self.wait_ns += time.monotonic_ns() - t0
+
+    def recover(self, dead: int) -> None:
+        """A dead vCPU is outside guest mode for good."""
+        self.ws.store(dead * WSTATE_WORDS + W_TLB_MODE, TLB_OUTSIDE)

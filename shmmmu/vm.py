@@ -1,0 +1,105 @@
+"""VM: create, attach and tear down one VM's region, and hand each process its handles on the shared mechanisms.
+
+`create_vm(config)` builds the region from `layout.section_shapes`, fills the
+table pool, the memslots and guest memory, and returns a `VM` owned by the
+creator.  Workers and the inspector call `attach_vm(name)`.  A `VM` gives one
+process its handles (`lock`, `rcu`, `pool`, ...) made for its worker slot.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from shmmmu.layout import (MMU_LOCK, NX_LOCK, PAGES_LOCK, W_PID, W_ROLE, WSTATE_WORDS, VMConfig,
+                           section_shapes, semaphore_purposes)
+from shmmmu.region import Region, RegionError
+from shmmmu.rwlock import Mutex, RWLock
+
+
+class VM:
+    """One process's attachment to a VM region, as worker slot `worker`."""
+
+    def __init__(self, region: Region, worker: int | None = None):
+        self.region = region
+        self.config = VMConfig.from_json(region.config)
+        self.name = region.name
+        self.worker = worker
+
+    # per-process handles, made on first use
+    @cached_property
+    def mmu_lock(self) -> RWLock:
+        return RWLock(self.region, MMU_LOCK, self._me())
+
+    @cached_property
+    def pages_lock(self) -> Mutex:
+        return Mutex(self.region, PAGES_LOCK, self._me())
+
+    @cached_property
+    def nx_lock(self) -> Mutex:
+        return Mutex(self.region, NX_LOCK, self._me())
+
+    @cached_property
+    def rcu(self):
+        from shmmmu.rcu import Rcu
+        return Rcu(self.region, self._me())
+
+    @cached_property
+    def pool(self):
+        from shmmmu.pool import Pool
+        return Pool(self.region, self._me(), self.config)
+
+    def _me(self) -> int:
+        if self.worker is None:
+            raise RegionError("this attachment has no worker slot (read-only inspection)")
+        return self.worker
+
+    def register(self, worker: int, role: int) -> None:
+        """Claim a worker slot: record pid and role so the supervisor and `held_by` can name us."""
+        self.worker = worker
+        ws = self.region.words("wstate")
+        ws.store(worker * WSTATE_WORDS + W_PID, os.getpid())
+        ws.store(worker * WSTATE_WORDS + W_ROLE, role)
+
+    def close(self) -> None:
+        for k in ("mmu_lock", "pages_lock", "nx_lock", "rcu", "pool"):
+            self.__dict__.pop(k, None)
+        self.region.close()
+
+    def unlink(self) -> None:
+        self.region.unlink()
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.region.owner
+        self.close()
+        if owner:
+            self.unlink()
+
+
+def create_region(config: VMConfig, replace: bool = False) -> Region:
+    """The bare region of a VM (sections and semaphores), nothing initialised beyond zeros."""
+    config = config.derived()
+    return Region.create(config.name, section_shapes(config), config.to_json(), semaphore_purposes(config),
+                         replace=replace)
+
+
+def create_vm(config: VMConfig, worker: int | None = None, replace: bool = False) -> VM:
+    """Create and initialise a VM region; the caller owns it (context exit unlinks it)."""
+    region = create_region(config, replace=replace)
+    try:
+        vm = VM(region, worker)
+        from shmmmu.pool import Pool
+        Pool(region, vm.config.host_worker, vm.config).init_all_free()
+        from shmmmu.memslots import init_memslots
+        init_memslots(vm)
+    except BaseException:
+        region.close()
+        region.unlink()
+        raise
+    return vm
+
+
+def attach_vm(name: str, worker: int | None = None, readonly: bool = False) -> VM:
+    return VM(Region.attach(name, readonly=readonly), worker)
