@@ -220,17 +220,23 @@ def test_close_with_a_view_still_held(vm_name: str) -> None:
 def test_unlink_all_reports_and_removes(vm_name: str) -> None:
     r = Region.create(vm_name, SHAPES, CONFIG, SEMS)
     r.close()
-    gone = R.unlink_all(vm_name)                    # purposes read from the header
-    assert set(gone) == {R.segment_name(vm_name)} | {R.semaphore_name(vm_name, p) for p in SEMS}
-    assert vm_name not in R.list_names()
-    assert R.unlink_all(vm_name) == []
+    try:
+        gone = R.unlink_all(vm_name)                # purposes read from the header
+        assert set(gone) == {R.segment_name(vm_name)} | {R.semaphore_name(vm_name, p) for p in SEMS}
+        assert vm_name not in R.list_names()
+        assert R.unlink_all(vm_name) == []
+    finally:
+        R.unlink_all(vm_name, SEMS)
 
 
 def test_unlink_all_catches_semaphores_without_a_segment(vm_name: str) -> None:
     s = posix_ipc.Semaphore(R.semaphore_name(vm_name, "orphan"), posix_ipc.O_CREX, mode=0o600)
     s.close()
-    assert R.unlink_all(vm_name) == [R.semaphore_name(vm_name, "orphan")]
-    assert not sem_path(vm_name, "orphan").exists()
+    try:
+        assert R.unlink_all(vm_name) == [R.semaphore_name(vm_name, "orphan")]
+        assert not sem_path(vm_name, "orphan").exists()
+    finally:
+        R.unlink_all(vm_name, ["orphan"])
 
 
 def test_unlink_all_spares_a_vm_whose_name_extends_this_one(vm_name: str) -> None:
@@ -238,11 +244,14 @@ def test_unlink_all_spares_a_vm_whose_name_extends_this_one(vm_name: str) -> Non
     with Region.create(longer, SHAPES, CONFIG, SEMS):
         s = posix_ipc.Semaphore(R.semaphore_name(vm_name, "orphan"), posix_ipc.O_CREX, mode=0o600)
         s.close()
-        R.unlink_all(vm_name)
-        for p in SEMS:
-            assert sem_path(longer, p).exists()
-        assert seg_path(longer).exists()
-        assert not sem_path(vm_name, "orphan").exists()
+        try:
+            R.unlink_all(vm_name)
+            for p in SEMS:
+                assert sem_path(longer, p).exists()
+            assert seg_path(longer).exists()
+            assert not sem_path(vm_name, "orphan").exists()
+        finally:
+            R.unlink_all(vm_name, ["orphan"])
 
 
 def test_semaphore_lookup(region: Region) -> None:
