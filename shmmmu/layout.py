@@ -67,6 +67,11 @@ STAT_NAMES = [
 STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 N_STATS = 48
 
+# ---- violations found by checkers while running (shmmmu.violations names the kinds)
+MAX_VIOLATIONS = 256
+V_WORDS = 8
+V_KIND, V_WORKER, V_GFN, V_A, V_B, V_TIME_NS = range(6)
+
 # ---- the Reader-Pipe histogram of table ages seen by walkers (rcutorture's, A.1)
 PIPE_LEN = 11
 
@@ -122,6 +127,17 @@ class VMConfig:
         """Fill the sizes left at 0 from the memory size."""
         c = dataclasses.replace(self, memslots=[dataclasses.replace(m) for m in self.memslots])
         g = c.geometry
+        end = max((m.base_gfn + m.npages for m in c.memslots), default=0)
+        if end > g.max_gfn:
+            raise ValueError(f"memory up to GFN {end:#x} does not fit the {g.root_level}-level tables of "
+                             f"{g.entries} entries (at most {g.max_gfn} pages)")
+        for m in c.memslots:
+            if not 1 <= m.backing_level <= 3 or m.npages <= 0 or m.base_gfn < 0:
+                raise ValueError(f"bad memslot {m}")
+        if c.n_vcpus < 1:
+            raise ValueError("a VM needs at least one vCPU")
+        if c.lock_mode not in ("shared", "exclusive"):
+            raise ValueError(f"lock mode must be shared or exclusive, not {c.lock_mode!r}")
         if c.n_tables == 0:
             # leaf tables for 4 KiB mappings of all memory, their parents, and headroom for
             # tables that are retired but not yet freed, and for vCPU caches
@@ -189,6 +205,7 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         "host_map": (max(1, c.guest_pages),),
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),
+        "violations": (MAX_VIOLATIONS, V_WORDS),
     }
 
 

@@ -31,20 +31,23 @@ class TdpIter:
 
     def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
                  goal_gfn: int, *, advance_after_restart: bool = False):
-        """tdp_iter_start()."""
         self.tables = tables
         self.bits = geometry.bits
         self.entries = geometry.entries
         self.emask = geometry.entries - 1
         self.root_level = root_level
-        self.min_level = min_level
         self.pt_path = [0] * (root_level + 1)        # pt_path[level] = table index at that level
-        self.pt_path[root_level] = root
-        self.next_last_level_gfn = goal_gfn
         self.advance_after_restart = advance_after_restart
-        self.yielded = False
         self.reads = 0
+        self.start(root, min_level, goal_gfn)
+
+    def start(self, root: int, min_level: int, goal_gfn: int) -> "TdpIter":
+        """tdp_iter_start(): aim a (possibly reused) iterator at goal_gfn from the root."""
+        self.min_level = min_level
+        self.pt_path[self.root_level] = root
+        self.next_last_level_gfn = goal_gfn
         self.restart()
+        return self
 
     # a table's entry as a flat word index
     @property

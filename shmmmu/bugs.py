@@ -1,0 +1,65 @@
+"""Bugs: the registry of switches that re-inject a bug the series (or a later kernel fix) removed.
+
+Each switch names the kernel change it reverts and what goes wrong without it;
+`shmmmu stress --list-bugs` prints this table, and `--bug NAME` turns one on in
+every process of a VM (the names live in the VM's configuration).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    ref: str           # KVM_TDP_MMU.md §12 label, if any
+    reverts: str       # the kernel change
+    effect: str        # what goes wrong, and which checker sees it
+
+
+BUGS: dict[str, Bug] = {b.name: b for b in [
+    Bug("rcu-free-immediately", "K7", "7cca2d0b7e7d KVM: x86/mmu: Protect TDP MMU page table memory with RCU",
+        "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
+        "recycled table (Reader Pipe age >= 2, poison read)"),
+    Bug("zero-removed-children", "K6", "e25f0e0cd51b KVM: x86/mmu: Mark SPTEs in disconnected pages as removed",
+        "entries of a disconnected table are cleared to 0 instead of REMOVED; a fault holding a pointer into "
+        "it installs into a dead table (install into a retired table, leaked tables)"),
+    Bug("fault-zap-no-flush", "K5", "08f07c800e9d KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler",
+        "the fault path zaps a huge page to 0 with no freeze and no flush; other vCPUs keep using the "
+        "zapped translation (stale translation used after its zap completed)"),
+    Bug("fault-plain-store", "K4", "9a77daacc87d KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map",
+        "the fault path installs entries with plain stores under the read lock; racing vCPUs overwrite each "
+        "other's tables (leaked tables, lost mappings)"),
+    Bug("cas-over-removed", "K8", "the REMOVED check in tdp_mmu_set_spte_atomic (08f07c800e9d)",
+        "the atomic setter accepts a frozen entry as its old value and overwrites it (frozen entry "
+        "overwritten, leaked tables)"),
+    Bug("no-forward-progress", "K1", "ed5e484b79e8 KVM: x86/mmu: Ensure forward progress when yielding in TDP MMU iter",
+        "a range walk yields again at the same GFN whenever the lock is contended and livelocks "
+        "(forward-progress bound exceeded)"),
+    Bug("advance-after-restart", "K9", "3a0f64de479c KVM: x86/mmu: Don't advance iterator after restart due to yielding "
+        "(CVE-2021-47094)", "after yielding, the walk restarts and then advances, skipping the root-level entry "
+        "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)"),
+    Bug("drop-flush-on-yield", "K11", "a835429cda91 KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap",
+        "a range walk drops the lock with changes not yet flushed and forgets the flush; vCPUs keep stale "
+        "translations (stale translation used, missed dirty pages)"),
+    Bug("dirty-mask-late-clear", "K3", "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
+        "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "
+        "(wasted walk past the mask: a work bound, not a correctness bug)"),
+    Bug("no-notifier-recheck", "", "mmu_notifier_retry in the fault path (mmu_seq recheck)",
+        "a fault that resolved the host page before a host unmap installs the old page afterwards "
+        "(write through a stale mapping lands in a poisoned host page)"),
+    Bug("no-wrprot-on-enable", "", "kvm_mmu_slot_remove_write_access when dirty logging is enabled",
+        "enabling dirty logging leaves writable mappings; writes through them are never logged "
+        "(dirty-log false negative)"),
+    Bug("pages-lock-in-read-fault", "K15", "CVE-2022-45869: make_mmu_pages_available under the read lock",
+        "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
+        "for write)"),
+]}
+
+
+def check_names(names: list[str]) -> list[str]:
+    """Validate bug names; raises ValueError naming the unknown one and the known ones."""
+    for n in names:
+        if n not in BUGS:
+            raise ValueError(f"unknown bug {n!r}; known: {', '.join(BUGS)}")
+    return list(names)

@@ -1,0 +1,164 @@
+"""Guest: a vCPU's guest accesses as the hardware performs them: TLB lookup, page walk, A/D bits, EPT violations.
+
+A vCPU is in guest mode while it accesses memory.  On a TLB miss it walks the
+tables without any lock (the hardware does), sets A (and D on a write) with a
+compare-exchange on the leaf (the hardware's locked update: never over an entry
+that changed), and caches the translation.  An entry that is not present or
+not writable for a write is an EPT violation: the vCPU leaves guest mode and
+takes the page fault (tdp_mmu.Mmu.page_fault), then retries the access.
+
+The data word of the host page the translation names is where a write lands;
+that is what makes a misdirected access visible.
+"""
+from __future__ import annotations
+
+from shmmmu import spte as S
+from shmmmu.layout import C_FLUSH_GEN, C_UNFLUSHED, STAT
+from shmmmu.memslots import DATA_POISON
+from shmmmu.tdp_mmu import RET_PF_EMULATE, Mmu
+from shmmmu.tlb import Tlb
+
+_P = S.MMU_PRESENT
+_L = S.LARGE
+_W = S.WRITABLE
+_A = S.ACCESSED
+_D = S.DIRTY
+_PFN_MASK = S.PFN_MASK
+
+_ST_ACCESSES = STAT["accesses"]
+_ST_READS = STAT["reads"]
+_ST_WRITES = STAT["writes"]
+_ST_HITS = STAT["tlb_hits"]
+_ST_MISSES = STAT["tlb_misses"]
+_ST_WALKS = STAT["hw_walks"]
+
+
+class GuestFault(RuntimeError):
+    """An access could not complete (no memslot, or faults never made progress)."""
+
+
+class Vcpu:
+    """A vCPU's guest side on top of one process's Mmu."""
+
+    MAX_FAULTS_PER_ACCESS = 10000
+
+    def __init__(self, vm, index: int):
+        self.index = index
+        self.tlb = Tlb(vm.config.bits, vm.config.tlb_entries)
+        self.mmu = Mmu(vm, index, self.tlb)
+        self.tlbctl = self.mmu.tlbctl
+        self.tables = self.mmu.tables
+        self.data = self.mmu.slots.data
+        self.E = self.mmu.E
+        self.bits = self.mmu.bits
+        self.root_level = self.mmu.root_level
+        self.st = self.mmu.st
+        self.debug = vm.config.debug
+        # translation sources, for the stale-translation check (debug): (level, gfn>>shift) -> (sptep, spte)
+        self.sources: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def enter(self) -> None:
+        self.tlbctl.enter_guest()
+
+    def exit(self) -> None:
+        self.tlbctl.exit_guest()
+
+    def translate(self, gfn: int, write: bool, exec_: bool = False) -> int:
+        """The host page of gfn for this access, faulting as needed (call in guest mode)."""
+        st = self.st
+        self.tlbctl.check_request()
+        e = self.tlb.lookup(gfn)
+        if e is not None and (e[1] or not write):
+            st[_ST_HITS] += 1
+            if self.debug:
+                self._check_fresh(gfn, e[2], write)
+            return e[0]
+        st[_ST_MISSES] += 1
+        for _ in range(self.MAX_FAULTS_PER_ACCESS):
+            hpfn = self._hw_walk(gfn, write)
+            if hpfn >= 0:
+                return hpfn
+            # EPT violation: leave guest mode, fault, come back in
+            self.tlbctl.exit_guest()
+            try:
+                r = self.mmu.page_fault(gfn, write, exec_)
+            finally:
+                self.tlbctl.enter_guest()
+            if r == RET_PF_EMULATE:
+                raise GuestFault(f"gfn {gfn:#x} is in no memslot")
+        raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {self.MAX_FAULTS_PER_ACCESS} tries")
+
+    def _hw_walk(self, gfn: int, write: bool) -> int:
+        """The hardware page walk: returns the host page, or -1 for an EPT violation."""
+        self.st[_ST_WALKS] += 1
+        tables, E, bits = self.tables, self.E, self.bits
+        table = 0
+        level = self.root_level
+        while True:
+            idx = (gfn >> (bits * (level - 1))) & (E - 1)
+            sptep = table * E + idx
+            spte = tables.load(sptep)
+            if not spte & _P:
+                return -1
+            if level == 1 or spte & _L:
+                break
+            table = (spte & _PFN_MASK) >> S.PFN_SHIFT
+            level -= 1
+        if write and not spte & _W:
+            return -1
+        want = spte | _A | (_D if write else 0)
+        if want != spte:
+            # the hardware's locked A/D update: only over the entry it read
+            if tables.cas(sptep, spte, want) != spte:
+                return -1                   # changed under us: walk again (as a retried access)
+            spte = want
+        base = (spte & _PFN_MASK) >> S.PFN_SHIFT
+        shift = bits * (level - 1)
+        self.tlb.insert(gfn, level, base, bool(spte & _W))
+        if self.debug:
+            self.sources[(level, gfn >> shift)] = (sptep, spte)
+        return base + (gfn & ((1 << shift) - 1))
+
+    def _check_fresh(self, gfn: int, level: int, write: bool) -> None:
+        """Debug, on a TLB hit: if the source entry no longer grants this access, a flush must be pending.
+
+        Pending means: a change not yet flushed (the region's unflushed count), or a flush
+        issued that this vCPU has not yet acknowledged.  Otherwise a zap completed without
+        a flush and this vCPU uses a stale translation.
+        """
+        src = self.sources.get((level, gfn >> (self.bits * (level - 1))))
+        if src is None:
+            return
+        sptep, cached = src
+        now = self.tables.load(sptep)
+        if now == cached or (now & _P and (now & _PFN_MASK) == (cached & _PFN_MASK)
+                             and (now & _W or not write)):
+            return
+        ctl = self.mmu.ctl
+        if ctl.load(C_UNFLUSHED):
+            return
+        if ctl.load(C_FLUSH_GEN) != self.tlbctl.acked:
+            return
+        self.mmu.violation("stale-translation", gfn, cached, now)
+
+    # ---- guest memory
+
+    def write(self, gfn: int, value: int) -> None:
+        hpfn = self.translate(gfn, True)
+        self.st[_ST_ACCESSES] += 1
+        self.st[_ST_WRITES] += 1
+        if self.debug:
+            old = self.data.xchg(hpfn, value)
+            if old == DATA_POISON:
+                self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, value)
+        else:
+            self.data.store(hpfn, value)
+
+    def read(self, gfn: int) -> int:
+        hpfn = self.translate(gfn, False)
+        self.st[_ST_ACCESSES] += 1
+        self.st[_ST_READS] += 1
+        v = self.data.load(hpfn)
+        if self.debug and v == DATA_POISON:
+            self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)
+        return v
