@@ -29,11 +29,12 @@ N_LOCKS = 4
 LOCK_NAMES = ["mmu_lock", "tdp_mmu_pages_lock", "pool_lock", "nx_lock"]
 
 # ---- per-worker state row (wstate section), one row per process slot
-WSTATE_WORDS = 4 * LINE
+WSTATE_WORDS = 6 * LINE
 (W_PID, W_ROLE, W_RCU, W_TLB_MODE, W_TLB_ACK, W_HEARTBEAT, W_RETIRE_HEAD, W_RETIRE_TAIL,
  W_CACHE_COUNT, W_STATUS, W_CMD, W_ACK_PHASE, W_ITERATION, W_PROGRESS_NS, W_WAIT_SINCE_NS) = [
     k * 2 for k in range(15)]
-W_HELD = 3 * LINE              # W_HELD + lock: 0 free, 1 read, 2 write held by this worker
+assert 30 < 4 * LINE
+W_HELD = 4 * LINE              # W_HELD + lock: 0 free, 1 read, 2 write held by this worker
 ROLE_VCPU, ROLE_HOST, ROLE_RECLAIMER = 1, 2, 3
 TLB_OUTSIDE, TLB_IN_GUEST = 0, 1
 
@@ -102,6 +103,7 @@ class VMConfig:
     retire_ring: int = 0                 # 0: derived
     nx_huge_pages: bool = False
     seed: int = 0
+    workload: dict[str, Any] = field(default_factory=dict)   # what the vCPUs run (shmmmu.workloads)
 
     @property
     def geometry(self) -> Geometry:

@@ -1,0 +1,96 @@
+"""Workloads: what each vCPU accesses in each iteration, derived from the seed so a run can be replayed.
+
+A workload is a small dict in the VM configuration:
+  kind         populate | random | dirty-log | trace | stress
+  pages        guest pages per vCPU (the selftest's -b)
+  overlap      all vCPUs share one range (-o) instead of a range each
+  write_every  write 1 page of every N, read the rest (the selftest's -f)
+  accesses     accesses per iteration (random, stress)
+  trace        a list of (gfn offset, is_write) for the trace kind
+Every written value names the GFN, the vCPU and the iteration, as the
+kernel's dirty_log_test does, so a write that lands elsewhere is caught.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ITER_SHIFT = 40
+VCPU_SHIFT = 32
+GFN_MASK = (1 << 32) - 1
+
+
+def make_value(gfn: int, vcpu: int, iteration: int) -> int:
+    """The value a vCPU writes: iteration, vCPU and GFN in one word (never 0, never poison)."""
+    return ((iteration & 0xFFFFFF) << ITER_SHIFT) | ((vcpu & 0xFF) << VCPU_SHIFT) | (gfn & GFN_MASK) | (1 << 63)
+
+
+def value_gfn(value: int) -> int:
+    return value & GFN_MASK
+
+
+def value_iteration(value: int) -> int:
+    return (value >> ITER_SHIFT) & 0xFFFFFF
+
+
+def value_vcpu(value: int) -> int:
+    return (value >> VCPU_SHIFT) & 0xFF
+
+
+def vcpu_range(workload: dict[str, Any], base_gfn: int, vcpu: int) -> tuple[int, int]:
+    """(first gfn, pages) a vCPU works on: its own slice, or the whole shared range with overlap."""
+    pages = int(workload["pages"])
+    if workload.get("overlap"):
+        return base_gfn, pages * int(workload.get("n_vcpus", 1))
+    return base_gfn + vcpu * pages, pages
+
+
+def accesses(workload: dict[str, Any], base_gfn: int, vcpu: int, iteration: int,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gfns, is_write) for one vCPU's iteration."""
+    kind = workload["kind"]
+    start, n = vcpu_range(workload, base_gfn, vcpu)
+    every = max(1, int(workload.get("write_every", 1)))
+    if kind in ("populate", "dirty-log"):
+        gfns = np.arange(start, start + n, dtype=np.int64)
+        if workload.get("overlap"):
+            # each vCPU starts at its own offset so they meet, as in the selftest with -o
+            gfns = np.roll(gfns, -(vcpu * n // max(1, int(workload.get("n_vcpus", 1)))))
+        writes = (np.arange(n) % every) == 0
+        return gfns, writes
+    rng = np.random.default_rng([seed, vcpu, iteration])
+    if kind in ("random", "stress"):
+        k = int(workload.get("accesses", n))
+        gfns = start + rng.integers(0, n, size=k, dtype=np.int64)
+        writes = rng.random(k) < float(workload.get("write_fraction", 0.5))
+        return gfns, writes
+    if kind == "trace":
+        tr = workload["trace"]
+        offs = np.asarray([t[0] for t in tr], dtype=np.int64) % n
+        writes = np.asarray([bool(t[1]) for t in tr])
+        return start + offs, writes
+    raise ValueError(f"unknown workload kind {kind!r}")
+
+
+def parse_trace(text: str, page_shift: int = 12) -> list[tuple[int, int]]:
+    """A trace file: one access per line, 'R ADDR' or 'W ADDR' (hex or decimal guest-physical address).
+
+    Lines starting with '#' and blank lines are skipped.  Returns (page offset, is_write).
+    """
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[0].upper() not in ("R", "W"):
+            raise ValueError(f"trace line {lineno}: expected 'R ADDR' or 'W ADDR', got {line!r}")
+        try:
+            addr = int(parts[1], 0)
+        except ValueError:
+            raise ValueError(f"trace line {lineno}: bad address {parts[1]!r}") from None
+        out.append((addr >> page_shift, int(parts[0].upper() == "W")))
+    if not out:
+        raise ValueError("the trace has no accesses")
+    return out

@@ -1,0 +1,217 @@
+"""Supervisor: starts a VM's worker processes, drives their iterations, notices deaths, stops and recovers them.
+
+The supervisor lives in the CLI process.  Workers are separate programs
+(`python -m workers.vcpu`, `python -m workers.reclaimer`) that attach to the
+region by name; they run in their own session so Ctrl-C reaches only the
+supervisor, which stops them.  A worker that exits or is killed stops the run
+with a message naming it and its exit status (`WorkerDied`), unless the caller
+asked to recover and restart it (crash injection).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+
+from shmmmu.layout import (C_ITERATION, C_STOP, N_STATS, ROLE_RECLAIMER, ROLE_VCPU, STAT, W_ITERATION, W_STATUS,
+                           WSTATE_WORDS)
+from shmmmu.tdp_mmu import Mmu
+from shmmmu.vm import VM
+from workers.common import STATUS_READY
+
+
+class WorkerDied(RuntimeError):
+    """A worker exited while the run needed it; the message names it and how it ended."""
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Supervisor:
+    def __init__(self, vm: VM, start_timeout: float = 60.0):
+        self.vm = vm
+        self.config = vm.config
+        self.region = vm.region
+        self.ctl = vm.region.words("ctl")
+        self.ws = vm.region.words("wstate")
+        self.host = self.config.host_worker
+        vm.register(self.host, 2)
+        self.mmu = Mmu(vm, self.host)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, str] = {}
+        self.start_timeout = start_timeout
+        self.logdir = tempfile.mkdtemp(prefix=f"shmmmu-{vm.name}-")
+        self.stopping = False
+        self.iteration = 0
+
+    # ---- processes
+
+    def role_name(self, worker: int) -> str:
+        if worker < self.config.n_vcpus:
+            return f"vCPU {worker}"
+        return "reclaimer" if worker == self.config.reclaimer_worker else f"host worker {worker}"
+
+    def spawn(self, worker: int) -> None:
+        module = "workers.vcpu" if worker < self.config.n_vcpus else "workers.reclaimer"
+        log = os.path.join(self.logdir, f"worker{worker}.log")
+        self.logs[worker] = log
+        self.ws.store(worker * WSTATE_WORDS + W_STATUS, 0)
+        with open(log, "ab") as f:
+            self.procs[worker] = subprocess.Popen(
+                [sys.executable, "-m", module, "--vm", self.vm.name, "--id", str(worker),
+                 "--parent", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+
+    def start(self) -> None:
+        self.spawn(self.config.reclaimer_worker)
+        for i in range(self.config.n_vcpus):
+            self.spawn(i)
+        self.wait_ready(list(self.procs))
+
+    def wait_ready(self, workers: list[int]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        for w in workers:
+            while self.ws.load(w * WSTATE_WORDS + W_STATUS) != STATUS_READY:
+                self.check()
+                if time.monotonic() > deadline:
+                    raise WorkerDied(f"{self.role_name(w)} did not start within {self.start_timeout:.0f}s"
+                                     f"{self._tail(w)}")
+                time.sleep(0.005)
+
+    def _tail(self, worker: int) -> str:
+        try:
+            with open(self.logs[worker], "rb") as f:
+                text = f.read()[-2000:].decode(errors="replace").strip()
+        except (OSError, KeyError):
+            return ""
+        return ("\n" + text) if text else ""
+
+    def check(self) -> None:
+        """Raise WorkerDied if a worker ended while it should be running."""
+        for w, p in self.procs.items():
+            code = p.poll()
+            if code is not None and not self.stopping:
+                lines = self._tail(w)
+                raise WorkerDied(f"{self.role_name(w)} (pid {p.pid}) {describe_exit(code)}"
+                                 + (f"; its last output:{lines}" if lines else ""))
+
+    def dead_workers(self) -> list[tuple[int, int]]:
+        return [(w, p.returncode) for w, p in self.procs.items() if p.poll() is not None]
+
+    # ---- iterations
+
+    def run_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
+        """Publish iteration k and wait until every vCPU has acknowledged it."""
+        self.iteration = k
+        self.ctl.store(C_ITERATION, k)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i in range(self.config.n_vcpus):
+            word = i * WSTATE_WORDS + W_ITERATION
+            spins = 0
+            while self.ws.load(word) != k:
+                spins += 1
+                if spins % 64 == 0:
+                    self.check()
+                    if on_wait is not None:
+                        on_wait()
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise WorkerDied(f"vCPU {i} did not finish iteration {k} within {timeout:.0f}s")
+                time.sleep(0.0002 if spins < 1000 else 0.002)
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over every worker's row."""
+        self.mmu.publish_stats()
+        rows = self.region.array("stats").astype(np.int64)
+        tot = rows.sum(axis=0)
+        return {name: int(tot[i]) for name, i in STAT.items()}
+
+    def vcpu_stats(self) -> list[dict[str, int]]:
+        rows = self.region.array("stats").astype(np.int64)
+        return [{name: int(rows[v, i]) for name, i in STAT.items()} for v in range(self.config.n_vcpus)]
+
+    # ---- crash recovery
+
+    def recover(self, worker: int) -> list[str]:
+        """Release what a dead worker held: locks, its RCU slot, its guest mode, its cached tables."""
+        vm = self.vm
+        done = []
+        done += vm.mmu_lock.recover(worker)
+        done += vm.pages_lock.recover(worker)
+        done += vm.pool.lock.recover(worker)
+        done += vm.rcu.recover(worker)
+        self.mmu.tlbctl.recover(worker)
+        n = vm.pool.recover(worker)
+        if n:
+            done.append(f"pool: returned {n} cached tables of worker {worker}")
+        return done
+
+    def restart(self, worker: int) -> None:
+        self.spawn(worker)
+        self.wait_ready([worker])
+
+    # ---- stopping
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Tell every worker to stop, wait for them, kill stragglers."""
+        self.stopping = True
+        self.ctl.store(C_STOP, 1)
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                p.wait(left)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+    def kill_all(self) -> None:
+        self.stopping = True
+        self.ctl.store(C_STOP, 1)
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            p.wait()
+
+    def drain(self) -> int:
+        """After the workers are gone: end the last grace periods and free what is still retired."""
+        from shmmmu.rcu import Rcu
+        rcu = Rcu(self.region, self.config.reclaimer_worker)
+        freed = 0
+        for _ in range(10):
+            if not rcu.backlog():
+                break
+            freed += rcu.reclaim_pass(self.vm.pool.free, timeout=1.0)
+        return freed
+
+    def cleanup_logs(self) -> None:
+        for log in self.logs.values():
+            try:
+                os.unlink(log)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.logdir)
+        except OSError:
+            pass

@@ -1,0 +1,98 @@
+"""vCPU worker: one process running a vCPU's guest accesses, faulting into the shared tables.
+
+Started by the supervisor as `python -m workers.vcpu --vm NAME --id I`.  It
+waits for the supervisor to publish an iteration, runs that iteration's
+accesses (shmmmu.workloads) in guest mode, publishes its counters and
+acknowledges; `stress` iterations run until the supervisor says stop.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+from shmmmu.guest import Vcpu
+from shmmmu.layout import (C_ITERATION, C_PAUSE, C_STOP, ROLE_VCPU, W_HEARTBEAT, W_ITERATION, W_PROGRESS_NS,
+                           WSTATE_WORDS)
+from shmmmu.memslots import Memslots
+from shmmmu.workloads import GFN_MASK, accesses, make_value
+from workers.common import STATUS_DONE, STATUS_FAILED, STATUS_READY, set_status, start_worker
+
+CHUNK = 256
+
+
+def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> None:
+    ctl = vm.region.words("ctl")
+    ws = vm.region.words("wstate")
+    row = me * WSTATE_WORDS
+    w = vm.config.workload
+    seed = vm.config.seed
+    continuous = w["kind"] == "stress"
+    sub = 0
+    while True:
+        gfns, writes = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
+        gl, wl = gfns.tolist(), writes.tolist()
+        vcpu.enter()
+        try:
+            for k in range(0, len(gl), CHUNK):
+                for g, is_w in zip(gl[k:k + CHUNK], wl[k:k + CHUNK]):
+                    if is_w:
+                        vcpu.write(g, make_value(g, me, iteration))
+                    else:
+                        v = vcpu.read(g)
+                        if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
+                            vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
+                ws.store(row + W_HEARTBEAT, ws.load(row + W_HEARTBEAT) + 1)
+                ws.store(row + W_PROGRESS_NS, time.monotonic_ns())
+                if ctl.load(C_STOP):
+                    return
+                if ctl.load(C_PAUSE):
+                    vcpu.exit()
+                    while ctl.load(C_PAUSE) and not ctl.load(C_STOP):
+                        time.sleep(0.001)
+                    vcpu.enter()
+        finally:
+            vcpu.exit()
+        vcpu.mmu.publish_stats()
+        if not continuous:
+            return
+        sub += 1
+
+
+def main() -> None:
+    vm, args = start_worker("a vCPU of a shmmmu VM", ROLE_VCPU)
+    me = args.id
+    ctl = vm.region.words("ctl")
+    ws = vm.region.words("wstate")
+    try:
+        vcpu = Vcpu(vm, me)
+        slots = Memslots(vm).slots()
+        base_gfn = slots[0].base_gfn if slots else 0
+        set_status(vm, me, STATUS_READY)
+        done = ws.load(me * WSTATE_WORDS + W_ITERATION)
+        while True:
+            spins = 0
+            while ctl.load(C_ITERATION) == done and not ctl.load(C_STOP):
+                spins += 1
+                time.sleep(0 if spins < 100 else 0.0005)
+            if ctl.load(C_STOP):
+                break
+            target = ctl.load(C_ITERATION)
+            run_iteration(vm, vcpu, me, target, base_gfn)
+            vcpu.mmu.publish_stats()
+            done = target
+            ws.store(me * WSTATE_WORDS + W_ITERATION, done)
+        vcpu.mmu.publish_stats()
+        set_status(vm, me, STATUS_DONE)
+    except Exception:
+        traceback.print_exc()
+        try:
+            from shmmmu import violations
+            violations.record(vm.region, "worker-crashed", me)
+            set_status(vm, me, STATUS_FAILED)
+        finally:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
