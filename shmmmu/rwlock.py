@@ -154,6 +154,8 @@ class RWLock:
         w.fetch_add(self.base + L_CONTENDED, 1)
         self.queue.acquire()
         w.fetch_add(cnts, QR_BIAS)
+        # our bias is in: record it now, so that `recover` takes it back if we die while we wait
+        self.ws.store(self.held_word, HELD_READ)
         if w.load(cnts) & QW_LOCKED:
             for _ in range(SPIN):
                 if not w.load(cnts) & QW_LOCKED:
@@ -227,11 +229,15 @@ class RWLock:
         w = self.w
         w.store(self.base + L_WRITER, 0)
         if self.busted:
-            w.fetch_and(self.cnts, ~QW_LOCKED)
+            old = w.fetch_and(self.cnts, ~QW_LOCKED)
         else:
-            w.fetch_add(self.cnts, _NEG_LOCKED)
+            old = w.fetch_add(self.cnts, _NEG_LOCKED)
         if w.load(self.base + L_RSLEEP):
             self.sem_r.release()
+        # a writer queued behind us set WAITING and may sleep on the writer gate: wake it
+        # (without this it only woke on its SLEEP_TIMEOUT: write-after-write waits of 0.15-0.2 s)
+        if old & QW_WAITING and w.load(self.base + L_WSLEEP):
+            self.sem_w.release()
 
     def _waited(self, t0: int) -> None:
         dt = time.monotonic_ns() - t0
@@ -323,7 +329,8 @@ class RWLock:
             done.append(f"{self.name}: dropped the read hold of worker {dead}")
         elif mode == HELD_WRITE or w.load(self.base + L_WRITER) == dead + 1:
             w.store(self.base + L_WRITER, 0)
-            w.fetch_and(self.cnts, ~QW_LOCKED)
+            if w.fetch_and(self.cnts, ~QW_LOCKED) & QW_WAITING:
+                self.sem_w.release()         # a writer queued behind the dead one
             self.sem_r.release()
             done.append(f"{self.name}: dropped the write hold of worker {dead}")
         ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
