@@ -64,7 +64,7 @@ class Vcpu:
         self.tlbctl.exit_guest()
 
     def translate(self, gfn: int, write: bool, exec_: bool = False) -> int:
-        """The host page of gfn for this access, faulting as needed (call in guest mode)."""
+        """The host page of gfn for this access, faulting as needed (call in guest mode); -1 if no memslot."""
         st = self.st
         self.tlbctl.check_request()
         e = self.tlb.lookup(gfn)
@@ -85,7 +85,7 @@ class Vcpu:
             finally:
                 self.tlbctl.enter_guest()
             if r == RET_PF_EMULATE:
-                raise GuestFault(f"gfn {gfn:#x} is in no memslot")
+                return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
         raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {self.MAX_FAULTS_PER_ACCESS} tries")
 
     def _hw_walk(self, gfn: int, write: bool) -> int:
@@ -145,6 +145,8 @@ class Vcpu:
 
     def write(self, gfn: int, value: int) -> None:
         hpfn = self.translate(gfn, True)
+        if hpfn < 0:
+            return
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_WRITES] += 1
         if self.debug:
@@ -156,6 +158,8 @@ class Vcpu:
 
     def read(self, gfn: int) -> int:
         hpfn = self.translate(gfn, False)
+        if hpfn < 0:
+            return 0
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_READS] += 1
         v = self.data.load(hpfn)

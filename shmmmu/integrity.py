@@ -51,3 +51,70 @@ def dirty_log_missed(before: np.ndarray, after: np.ndarray, bitmap: np.ndarray, 
     bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: before.size].astype(bool)
     changed = before != after
     return [base_gfn + int(i) for i in np.flatnonzero(changed & ~bits)]
+
+
+def table_problems(vm) -> list[str]:
+    """At a quiet point (no worker running): reachability and accounting of the table pool.
+
+    Every table reachable from the root is live and reached once, holds no REMOVED
+    entry, and every live table is reachable (else it leaked); states add up:
+    live + free + cached + retired == pool size, free == the free stack, retired == the
+    retire backlog.
+    """
+    from shmmmu import spte as S
+    from shmmmu.layout import (C_POOL_TOP, T_STATE, TS_CACHED, TS_FREE, TS_LIVE, TS_RETIRED, W_CACHE_COUNT,
+                               W_RETIRE_HEAD, W_RETIRE_TAIL, WSTATE_WORDS)
+    problems = []
+    tables = vm.region.array("tables").copy()
+    state = vm.region.array("tmeta")[:, T_STATE].copy()
+    n = tables.shape[0]
+    seen = np.zeros(n, dtype=np.int64)
+    frontier = np.array([0], dtype=np.int64)
+    level = vm.config.geometry.root_level
+    seen[0] = 1
+    while frontier.size and level > 1:
+        ent = tables[frontier]
+        removed = int((ent == np.uint64(S.REMOVED)).sum())
+        if removed:
+            problems.append(f"invariant: {removed} REMOVED entries in reachable level-{level} tables")
+        nonleaf = S.nonleaf_mask(ent, level)
+        children = S.pfn_array(ent[nonleaf]).astype(np.int64)
+        bad = children[(children <= 0) | (children >= n)]
+        if bad.size:
+            problems.append(f"invariant: a level-{level} entry points at table {int(bad[0])}, out of the pool")
+        children = children[(children > 0) & (children < n)]
+        np.add.at(seen, children, 1)
+        frontier = children
+        level -= 1
+    if frontier.size:
+        ent = tables[frontier]
+        removed = int((ent == np.uint64(S.REMOVED)).sum())
+        if removed:
+            problems.append(f"invariant: {removed} REMOVED entries in reachable 4K tables")
+    twice = np.flatnonzero(seen > 1)
+    if twice.size:
+        problems.append(f"invariant: table {int(twice[0])} is reachable {int(seen[twice[0]])} times")
+    reach = seen > 0
+    not_live = np.flatnonzero(reach & (state != TS_LIVE))
+    if not_live.size:
+        problems.append(f"use-after-free: reachable table {int(not_live[0])} is in state {int(state[not_live[0]])}")
+    leaked = np.flatnonzero(~reach & (state == TS_LIVE))
+    if leaked.size:
+        problems.append(f"table-leak: {leaked.size} live tables are unreachable (first: {int(leaked[0])})")
+    ws = vm.region.array("wstate")
+    n_free, n_cached = int((state == TS_FREE).sum()), int((state == TS_CACHED).sum())
+    n_retired = int((state == TS_RETIRED).sum())
+    top = int(vm.region.array("ctl")[C_POOL_TOP])
+    cached = int(ws[:, W_CACHE_COUNT].sum())
+    backlog = int((ws[:, W_RETIRE_TAIL] - ws[:, W_RETIRE_HEAD]).sum())
+    if n_free != top:
+        problems.append(f"table-leak: {n_free} tables are free but the free stack holds {top}")
+    if n_cached != cached:
+        problems.append(f"table-leak: {n_cached} tables are cached but the vCPU caches hold {cached}")
+    if n_retired != backlog:
+        problems.append(f"table-leak: {n_retired} tables are retired but the retire rings hold {backlog}")
+    live = int(reach.sum())
+    leak = n - (live + n_free + n_cached + n_retired) - int((~reach & (state == TS_LIVE)).sum())
+    if leak:
+        problems.append(f"table-leak: allocated - freed - reachable - pending = {leak}")
+    return problems

@@ -113,7 +113,8 @@ class RunResult:
         s = self.stats
         populate = next((t for n, t in self.phases if n.startswith("populate")), self.wall_s)
         return {"options": self.options, "phases": [{"name": n, "seconds": t} for n, t in self.phases],
-                "faults": s["faults"], "faults_per_s": s["faults"] / populate if populate else 0.0,
+                "faults": s["faults"],
+                "faults_per_s": s.get("populate_faults", s["faults"]) / populate if populate else 0.0,
                 "stats": s, "rcu": self.rcu, "tables": self.tables, "problems": self.problems,
                 "violations": self.violations, "wall_s": self.wall_s,
                 "result": "SUCCESS" if self.ok else "FAILURE"}
@@ -134,6 +135,7 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
     t_start = time.monotonic()
     phases: list[tuple[str, float]] = []
     problems: list[str] = []
+    populate_faults = 0
     with create_vm(config) as vm:
         sup = Supervisor(vm)
         try:
@@ -151,6 +153,8 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
                 sup.run_iteration(k, on_wait=tick)
                 name = "populate" if k == 1 else f"iteration {k}"
                 phases.append((name, time.monotonic() - t0))
+                if k == 1:
+                    populate_faults = sup.stats()["faults"]
                 if progress:
                     progress("iteration", k, n_iter)
                 if opts.workload == "dirty-log" and k >= 2:
@@ -182,6 +186,7 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
             raise
         finally:
             sup.cleanup_logs()
+    stats["populate_faults"] = populate_faults
     return RunResult(options={k: v for k, v in vars(opts).items() if k != "trace"}, phases=phases, stats=stats,
                      rcu=rcu, tables=tables, problems=problems, violations=found,
                      wall_s=time.monotonic() - t_start)

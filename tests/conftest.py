@@ -31,6 +31,43 @@ def remove_shm_entry(entry: str) -> None:
         pass
 
 
+def owned_by_other_live_process(entry: str) -> bool:
+    """True for the objects of a VM whose creator is another process that is still running.
+
+    Those belong to a concurrent test run or a user's VM, not to this test: this
+    test's own VMs are created by this process or by a child that has exited.
+    """
+    from shmmmu.region import PREFIX, Region, RegionError
+    name = entry[len("sem."):] if entry.startswith("sem.") else entry
+    if not name.startswith(PREFIX):
+        return False
+    vm = name[len(PREFIX):].split(".")[0]
+    try:
+        r = Region.attach(vm, readonly=True)
+    except RegionError:
+        return False
+    try:
+        pid = r.creator_pid
+    finally:
+        r.close()
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        state = stat.rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return True
+    return not (ppid == os.getpid() or state == "Z")
+
+
 @pytest.fixture(autouse=True)
 def no_shm_leftovers() -> Iterator[None]:
     """Fail a test that leaves new shmmmu segments or semaphores behind, and remove them.
@@ -40,7 +77,7 @@ def no_shm_leftovers() -> Iterator[None]:
     """
     before = shm_entries()
     yield
-    leftovers = sorted(shm_entries() - before)
+    leftovers = sorted(e for e in shm_entries() - before if not owned_by_other_live_process(e))
     for entry in leftovers:
         remove_shm_entry(entry)
     if leftovers:
