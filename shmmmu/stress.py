@@ -1,0 +1,253 @@
+"""Stress: rcutorture-style stress of the whole MMU from a seed, with every checker on, and the bug switches.
+
+N vCPU processes read and write random pages of one shared range (faults,
+splits, retries, hardware A/D updates) while the supervisor runs host
+operations drawn from the seed: zaps of random ranges, host unmaps that
+migrate pages, dirty-log enable / harvest / disable (collapsible zaps),
+memslot delete and re-add, zap-all; the reclaimer ends grace periods.
+Checkers run all along (in the workers, in debug mode: Reader-Pipe ages,
+installs into dead tables, stale translations, frozen entries overwritten,
+lockdep assertions) and at the end (guest memory, table reachability and
+accounting, the leak equation).  The dirty-log oracle follows dirty_log_test:
+a page whose contents changed between two collections must be reported by
+one of them or the next.
+
+The same seed, vCPU count and duration give the same operation streams.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from shmmmu import violations
+from shmmmu.bugs import check_names
+from shmmmu.integrity import check_guest_memory, guest_values, table_problems
+from shmmmu.layout import C_ITERATION, W_PROGRESS_NS, WSTATE_WORDS, MemslotSpec, VMConfig
+from shmmmu.vm import create_vm
+
+OPS = ["zap-range", "host-unmap", "dirty-log", "zap-all", "memslot", "flush"]
+
+
+@dataclass
+class StressOptions:
+    duration: float = 10.0
+    vcpus: int = 4
+    seed: int = 1
+    bits: int = 3                       # 8-entry tables: deep trees from small memory (radix-tree tests' SHIFT=3)
+    pages: int = 0                      # guest pages (0: derived from bits)
+    backing: int = 2
+    lock_mode: str = "shared"
+    bugs: list[str] = field(default_factory=list)
+    kill_every: float = 0.0
+    progress_bound: float = 30.0
+    gp_bound: float = 10.0
+    name: str = ""
+    ops: list[str] = field(default_factory=lambda: list(OPS))
+
+    def config(self) -> VMConfig:
+        check_names(self.bugs)
+        if self.duration <= 0:
+            raise ValueError("--duration must be positive")
+        if not 1 <= self.vcpus <= 64:
+            raise ValueError("--vcpus must be between 1 and 64")
+        if self.bits not in (3, 9):
+            raise ValueError("--bits must be 3 (test tables of 8 entries) or 9 (512)")
+        pages = self.pages or (2048 if self.bits == 3 else 1 << 14)
+        for op in self.ops:
+            if op not in OPS:
+                raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+        name = self.name or f"stress-{os.getpid()}"
+        wl = {"kind": "stress", "pages": pages, "overlap": True, "n_vcpus": 1, "accesses": 512,
+              "write_fraction": 0.5, "gp_stall_s": self.gp_bound}
+        return VMConfig(name=name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
+                        memslots=[MemslotSpec(0, pages, self.backing)], debug=True, bugs=list(self.bugs),
+                        seed=self.seed, workload=wl, tlb_entries=256)
+
+    def replay_command(self) -> str:
+        cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "
+               f"--bits {self.bits} --lock-mode {self.lock_mode}")
+        for b in self.bugs:
+            cmd += f" --bug {b}"
+        if self.kill_every:
+            cmd += f" --kill-every {self.kill_every:g}"
+        return cmd
+
+
+@dataclass
+class StressResult:
+    options: dict[str, Any]
+    ops: dict[str, int]
+    stats: dict[str, int]
+    rcu: dict[str, int]
+    pipe: list[int]
+    problems: list[str]
+    kills: int
+    duration_s: float
+    replay: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def violated(self) -> list[str]:
+        """The kinds of invariant violated (the text before the first colon of each problem)."""
+        return sorted({p.split(":")[0].strip("! ") for p in self.problems})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"options": self.options, "ops": self.ops, "stats": self.stats, "rcu": self.rcu,
+                "reader_pipe": self.pipe, "problems": self.problems, "violated": self.violated(),
+                "kills": self.kills, "duration_s": self.duration_s, "replay": self.replay,
+                "result": "SUCCESS" if self.ok else "FAILURE"}
+
+    def report(self) -> list[str]:
+        s = self.stats
+        o = self.options
+        lines = [f"--- Start of test: vcpus={o['vcpus']} duration={o['duration']} seed={o['seed']} "
+                 f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} bugs={','.join(o['bugs']) or '-'} "
+                 f"kill_every={o['kill_every']}"]
+        lines.append("ops: " + " ".join(f"{k}={v}" for k, v in self.ops.items()))
+        lines.append(f"faults={s['faults']} fixed={s['fixed']} spurious={s['spurious']} retries={s['retries']} "
+                     f"cas_failures={s['cas_failures']} removed_seen={s['removed_seen']} "
+                     f"link_races={s['link_races']} huge_splits={s['huge_splits']}")
+        lines.append(f"accesses={s['accesses']} tlb_hits={s['tlb_hits']} hw_walks={s['hw_walks']} "
+                     f"flushes={s['flushes']} yields={s['yields']} dirty_marked={s['dirty_marked']} "
+                     f"kills={self.kills}")
+        gps = self.rcu["grace_periods"]
+        lines.append(f"grace periods: {gps} ({gps / max(self.duration_s, 1e-9):.1f}/s), longest "
+                     f"{self.rcu['gp_max_ns'] / 1e6:.2f} ms, largest retire backlog {self.rcu['backlog_max']}")
+        lines.append(f"lock: waits {s['lock_contended']} total {s['lock_wait_ns'] / 1e6:.1f} ms, "
+                     f"needbreak seen {s['needbreak_seen']}")
+        lines.append("Reader Pipe: " + " ".join(str(x) for x in self.pipe))
+        for p in self.problems[:50]:
+            lines.append(f"!!! {p}")
+        if self.problems:
+            lines.append(f"replay: {self.replay}")
+        lines.append(f"End of test: {'SUCCESS' if self.ok else 'FAILURE'}: {self.replay}")
+        return lines
+
+
+class _DirtyOracle:
+    """dirty_log_test's rule: what changed between two collections is reported by one of them or the next."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.prev_changed: np.ndarray | None = None
+        self.prev_bits: np.ndarray | None = None
+        self.values = guest_values(vm)
+
+    def collect(self, bitmap: np.ndarray, base_gfn: int) -> list[str]:
+        bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: self.values.size].astype(bool)
+        now = guest_values(self.vm)
+        changed = now != self.values
+        problems = []
+        if self.prev_changed is not None:
+            missed = self.prev_changed & ~self.prev_bits & ~bits
+            for i in np.flatnonzero(missed)[:5]:
+                problems.append(f"dirty-log-missed: gfn {base_gfn + int(i):#x} was written and never reported")
+        self.prev_changed, self.prev_bits, self.values = changed, bits, now
+        return problems
+
+
+def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) -> StressResult:
+    from workers.supervisor import Supervisor
+    config = opts.config()
+    rng = random.Random(opts.seed)
+    ops = {k: 0 for k in OPS}
+    kills = 0
+    problems: list[str] = []
+    pages = config.memslots[0].npages
+    t_begin = time.monotonic()
+    with create_vm(config) as vm:
+        sup = Supervisor(vm)
+        try:
+            sup.start()
+            mmu = sup.mmu
+            ws = vm.region.words("wstate")
+            vm.region.words("ctl").store(C_ITERATION, 1)       # a stress iteration runs until C_STOP
+            logging = False
+            oracle: _DirtyOracle | None = None
+            t_end = time.monotonic() + opts.duration
+            next_kill = time.monotonic() + opts.kill_every if opts.kill_every else None
+            last_report = time.monotonic()
+            while time.monotonic() < t_end:
+                sup.check()
+                op = rng.choice(opts.ops)
+                ops[op] += 1
+                a = rng.randrange(pages)
+                b = min(pages, a + rng.choice([1, 8, 64, 512, pages]))
+                if op == "zap-range":
+                    mmu.zap_gfn_range_locked(a, b)
+                elif op == "host-unmap":
+                    mmu.host_unmap(a, b)
+                elif op == "zap-all":
+                    mmu.zap_all()
+                elif op == "flush":
+                    mmu.flush_remote_tlbs()
+                elif op == "memslot":
+                    if not logging:
+                        mmu.delete_memslot(0)
+                        time.sleep(0.002)
+                        mmu.add_memslot(0)
+                elif op == "dirty-log":
+                    if not logging:
+                        mmu.enable_dirty_logging(0)
+                        oracle = _DirtyOracle(vm)
+                        logging = True
+                    elif rng.random() < 0.25:
+                        problems += oracle.collect(mmu.get_dirty_log(0), 0)
+                        mmu.disable_dirty_logging(0)
+                        logging = False
+                        oracle = None
+                    else:
+                        problems += oracle.collect(mmu.get_dirty_log(0), 0)
+                time.sleep(rng.random() * 0.002)
+                now = time.monotonic()
+                # forward progress: every vCPU advanced within the bound
+                for i in range(opts.vcpus):
+                    last = ws.load(i * WSTATE_WORDS + W_PROGRESS_NS)
+                    if last and now * 1e9 - last > opts.progress_bound * 1e9:
+                        violations.record(vm.region, "no-forward-progress", i, 0, last, int(now * 1e9))
+                if next_kill is not None and now >= next_kill:
+                    victim = rng.randrange(opts.vcpus)
+                    p = sup.procs[victim]
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait()
+                    for line in sup.recover(victim):
+                        if log:
+                            log(f"recovered: {line}")
+                    sup.restart(victim)
+                    kills += 1
+                    next_kill = now + opts.kill_every
+                if log and now - last_report >= 5:
+                    st = sup.stats()
+                    log(f"{now - t_begin:6.1f}s faults={st['faults']} retries={st['retries']} "
+                        f"violations={violations.count(vm.region)}")
+                    last_report = now
+            if logging:
+                problems += oracle.collect(mmu.get_dirty_log(0), 0)
+                mmu.disable_dirty_logging(0)
+            sup.stop()
+            sup.drain()
+            stats = sup.stats()
+            rcu = vm.rcu.stats()
+            pipe = [int(x) for x in vm.region.array("pipe").sum(axis=0)]
+            if any(pipe[2:]):
+                problems.append(f"use-after-free: Reader Pipe has {sum(pipe[2:])} reads past bucket 1")
+            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})"
+                         for v in violations.read_all(vm.region)]
+            problems += check_guest_memory(vm)
+            problems += table_problems(vm)
+        except BaseException:
+            sup.kill_all()
+            raise
+        finally:
+            sup.cleanup_logs()
+    return StressResult(options={**vars(opts), "pages": pages}, ops=ops, stats=stats, rcu=rcu, pipe=pipe,
+                        problems=problems, kills=kills, duration_s=time.monotonic() - t_begin,
+                        replay=opts.replay_command())
