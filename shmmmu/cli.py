@@ -173,6 +173,220 @@ def run(
 # ---------------------------------------------------------------- end of run
 
 
+# ---------------------------------------------------------------- inspect, ls, rm
+
+def _print_lines(lines: list[str]) -> None:
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    name: str = typer.Argument(..., help="the VM's name (shmmmu ls lists them)."),
+    tree: bool = typer.Option(False, "--tree", help="the page tables as coalesced GFN ranges with their flags."),
+    gfn: str = typer.Option(None, "--gfn", help="the walk for one GFN (decimal or 0x hex), entry by entry."),
+    check: bool = typer.Option(False, "--check", help="check the page-table invariants; exit 1 on a violation."),
+    json_out: bool = typer.Option(False, "--json", help="the result as one JSON object (per refresh with --watch)."),
+    watch: bool = typer.Option(False, "--watch", help="refresh the summary every second, with rates, until Ctrl-C."),
+    interval: float = typer.Option(1.0, "--interval", help="seconds between --watch refreshes."),
+) -> None:
+    """Look at a running VM read-only: a summary, its page tables, one GFN's walk, or its invariants.
+
+    The region is mapped read-only and copied with numpy; no lock is taken, so the VM never waits.
+    """
+    import json
+
+    from shmmmu import inspect as insp
+
+    chosen = [o for o, on in (("--tree", tree), ("--gfn", gfn is not None), ("--check", check),
+                              ("--watch", watch)) if on]
+    if len(chosen) > 1:
+        raise _fail(f"use one of {' / '.join(chosen)} at a time")
+    if not interval > 0:
+        raise _fail("--interval must be more than 0 seconds")
+    try:
+        g = insp.parse_gfn(gfn) if gfn is not None else None
+        if watch:
+            _inspect_watch(name, json_out, interval)
+            return
+        if check:
+            snap = insp.take_snapshot(name, host_map=True)
+            for _ in range(3):                 # a moving VM: look for a copy that did not tear
+                if not snap.changed:
+                    break
+                snap = insp.take_snapshot(name, host_map=True)
+            found = insp.run_checks(snap)
+            if json_out:
+                print(json.dumps({"vm": name, "ok": not found, "violations": found,
+                                  "changed_while_reading": snap.changed}))
+            else:
+                lines = [f"!!! {v}" for v in found]
+                if snap.changed:
+                    lines.append(f"({snap.changed} entries changed while reading: the VM is running, "
+                                 f"so the copy may be torn)")
+                t = insp.walk_tables(snap)
+                lines.append(f"check: {len(found)} violations in VM {name} "
+                             f"({t.tables.size} tables reachable, {t.leaf_gfn.size} leaves)"
+                             if found else
+                             f"check: OK: VM {name}: {t.tables.size} tables reachable, {t.leaf_gfn.size} "
+                             f"leaves, every invariant holds")
+                _print_lines(lines)
+            if found:
+                raise typer.Exit(1)
+            return
+        snap = insp.take_snapshot(name, host_map=g is not None)
+        if g is not None:
+            w = insp.gfn_walk(snap, g)
+            if json_out:
+                print(json.dumps(w))
+            else:
+                _print_lines(insp.gfn_lines(w))
+        elif tree:
+            t = insp.tree(snap)
+            if json_out:
+                print(json.dumps(t))
+            else:
+                _print_lines(insp.tree_lines(snap, t))
+        else:
+            s = insp.summary(snap)
+            if json_out:
+                print(json.dumps(insp.public(s)))
+            else:
+                _print_lines(insp.summary_lines(s))
+    except RegionError as e:
+        raise _fail(str(e))
+    except ValueError as e:
+        raise _fail(str(e))
+    except BrokenPipeError:
+        sys.stdout = None                      # `| head`: nothing more to say
+        raise typer.Exit(0)
+
+
+def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
+    import json
+    import time
+
+    from shmmmu import inspect as insp
+
+    prev = None
+    live = None
+    try:
+        if not json_out and sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+            live = Live(console=Console(), auto_refresh=False, transient=False)
+            live.start()
+        while True:
+            t0 = time.monotonic()
+            try:
+                snap = insp.take_snapshot(name)
+            except RegionError:
+                if prev is None:
+                    raise
+                print(f"shmmmu: the VM {name!r} is gone", file=sys.stderr)
+                return
+            s = insp.summary(snap, previous=prev)
+            if json_out:
+                print(json.dumps(insp.public(s)), flush=True)
+            elif live is not None:
+                from rich.text import Text
+                live.update(Text("\n".join(insp.summary_lines(s)) + "\n(Ctrl-C to stop)"), refresh=True)
+            else:
+                print(time.strftime("# %H:%M:%S"))
+                _print_lines(insp.summary_lines(s) + [""])
+                sys.stdout.flush()
+            prev = s
+            time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    except KeyboardInterrupt:
+        return
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return str(n)
+
+
+@app.command("ls")
+def ls_cmd(
+    json_out: bool = typer.Option(False, "--json", help="the list as one JSON array."),
+) -> None:
+    """List the VMs in /dev/shm: name, creator pid, alive or stale, size, vCPUs, lock mode."""
+    import json
+
+    from shmmmu.inspect import list_vms
+
+    vms = list_vms()
+    if json_out:
+        print(json.dumps([v.to_json() for v in vms]))
+        return
+    if not vms:
+        print("no VMs in /dev/shm")
+        return
+    rows = [("NAME", "PID", "STATE", "REGION", "MEMORY", "VCPUS", "LOCK MODE", "NOTE")]
+    for v in vms:
+        rows.append((v.name, str(v.creator_pid or "-"), v.state, _fmt_bytes(v.size or None),
+                     _fmt_bytes(v.memory_bytes), str(v.vcpus) if v.vcpus is not None else "-", v.lock_mode or "-",
+                     v.note))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)) + ("  " + r[-1] if r[-1] else ""))
+
+
+@app.command("rm")
+def rm_cmd(
+    names: list[str] = typer.Argument(None, help="VM names to remove."),
+    stale: bool = typer.Option(False, "--stale", help="remove every VM whose processes are gone."),
+    all_: bool = typer.Option(False, "--all", help="remove every VM (a live one needs --force)."),
+    force: bool = typer.Option(False, "--force", help="also unlink a live VM (its processes keep running, unnamed)."),
+) -> None:
+    """Unlink the segment and semaphores of VMs whose processes are gone."""
+    from shmmmu.inspect import describe_vm, list_vms, remove_vm
+    from shmmmu.region import validate_name
+
+    names = list(names or [])
+    if sum([bool(names), stale, all_]) != 1:
+        raise _fail("name the VMs to remove, or give --stale or --all")
+    if names:
+        entries = []
+        for n in names:
+            validate_name(n)
+            e = describe_vm(n)
+            if e is None:
+                raise _fail(f"no VM named {n!r} is in /dev/shm (shmmmu ls lists them)")
+            entries.append(e)
+    else:
+        entries = list_vms()
+    live = [e for e in entries if e.live]
+    if stale:
+        entries = [e for e in entries if not e.live]
+    elif live and not force:
+        which = ", ".join(f"{e.name}" + (f" (pid {e.creator_pid})" if e.creator_pid else "") for e in live)
+        raise _fail(f"{'these VMs are' if len(live) > 1 else 'the VM'} {which} "
+                    f"{'are' if len(live) > 1 else 'is'} live: stop {'them' if len(live) > 1 else 'it'} with "
+                    f"Ctrl-C, or add --force to unlink anyway")
+    if not entries:
+        print("nothing to remove")
+        return
+    for e in entries:
+        if e.state in ("half-made", "foreign", "damaged", "other-version"):
+            print(f"shmmmu: warning: /dev/shm/shmmmu-{e.name} is {e.state} ({e.note}); removing it anyway",
+                  file=sys.stderr)
+        if e.live:
+            print(f"shmmmu: warning: the VM {e.name} is live"
+                  + (f" (pid {e.creator_pid})" if e.creator_pid else "")
+                  + ": its processes keep running on the unlinked region", file=sys.stderr)
+        gone = remove_vm(e.name)
+        print(f"removed {e.name} ({e.state}): {len(gone)} objects")
+
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning RegionError into one line and exit 2."""
     try:
