@@ -26,7 +26,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import posix_ipc
 
@@ -130,6 +130,10 @@ class RWLock:
         self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker)
         self.mode = HELD_NONE            # this process's record, for assert_held
         self.stats = LockStats()
+        # called each time a sleeper's wait times out (every SLEEP_TIMEOUT s): a supervisor
+        # checks its workers' health there and may raise to abandon the wait
+        self.on_sleep: Callable[[], None] | None = None
+        self.wait_started = 0.0          # time.monotonic() when the current slow-path wait began
 
     # ---- read side
 
@@ -150,6 +154,7 @@ class RWLock:
         """queued_read_lock_slowpath(): queue behind earlier waiters, then wait out the writer."""
         w, cnts = self.w, self.cnts
         t0 = time.monotonic_ns()
+        self.wait_started = time.monotonic()
         self.stats.contended += 1
         w.fetch_add(self.base + L_CONTENDED, 1)
         self.queue.acquire()
@@ -168,7 +173,14 @@ class RWLock:
                     try:
                         self.sem_r.acquire(SLEEP_TIMEOUT)
                     except posix_ipc.BusyError:
-                        pass
+                        if self.on_sleep is not None:
+                            try:
+                                self.on_sleep()
+                            except BaseException:
+                                w.store(self.base + L_RSLEEP, 0)
+                                w.fetch_add(cnts, _NEG_BIAS)
+                                self.queue.release()
+                                raise
                 w.store(self.base + L_RSLEEP, 0)
         self.queue.release()
         self._waited(t0)
@@ -197,6 +209,7 @@ class RWLock:
         """queued_write_lock_slowpath(): take the queue, announce WAITING, wait for readers to drain."""
         w, cnts = self.w, self.cnts
         t0 = time.monotonic_ns()
+        self.wait_started = time.monotonic()
         self.stats.contended += 1
         w.fetch_add(self.base + L_CONTENDED, 1)
         self.queue.acquire()
@@ -216,7 +229,14 @@ class RWLock:
                     try:
                         self.sem_w.acquire(SLEEP_TIMEOUT)
                     except posix_ipc.BusyError:
-                        pass
+                        if self.on_sleep is not None:
+                            try:
+                                self.on_sleep()
+                            except BaseException:
+                                w.store(self.base + L_WSLEEP, 0)
+                                w.fetch_and(cnts, ~QW_WAITING)
+                                self.queue.release()
+                                raise
                 w.store(self.base + L_WSLEEP, 0)
         self.queue.release()
         self._waited(t0)

@@ -154,6 +154,15 @@ class _DirtyOracle:
         return problems
 
 
+def harvest(mmu, manual: bool) -> np.ndarray:
+    """One collection: KVM_GET_DIRTY_LOG, or with manual protect GET (copy) then CLEAR (re-protect)."""
+    if manual:
+        bitmap = mmu.get_dirty_log(0, clear=False)
+        mmu.clear_dirty_log(0, 0, bitmap)
+        return bitmap
+    return mmu.get_dirty_log(0)
+
+
 def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) -> StressResult:
     from workers.supervisor import Supervisor
     config = opts.config()
@@ -167,45 +176,61 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
         sup = Supervisor(vm)
         try:
             sup.start()
+            sup.lock_bound = opts.progress_bound
             mmu = sup.mmu
             ws = vm.region.words("wstate")
             vm.region.words("ctl").store(C_ITERATION, 1)       # a stress iteration runs until C_STOP
             logging = False
+            manual = False
+            stuck = False
             oracle: _DirtyOracle | None = None
             t_end = time.monotonic() + opts.duration
             next_kill = time.monotonic() + opts.kill_every if opts.kill_every else None
             last_report = time.monotonic()
+            from workers.supervisor import LockStuck, WorkerDied
             while time.monotonic() < t_end:
-                sup.check()
-                op = rng.choice(opts.ops)
-                ops[op] += 1
-                a = rng.randrange(pages)
-                b = min(pages, a + rng.choice([1, 8, 64, 512, pages]))
-                if op == "zap-range":
-                    mmu.zap_gfn_range_locked(a, b)
-                elif op == "host-unmap":
-                    mmu.host_unmap(a, b)
-                elif op == "zap-all":
-                    mmu.zap_all()
-                elif op == "flush":
-                    mmu.flush_remote_tlbs()
-                elif op == "memslot":
-                    if not logging:
-                        mmu.delete_memslot(0)
-                        time.sleep(0.002)
-                        mmu.add_memslot(0)
-                elif op == "dirty-log":
-                    if not logging:
-                        mmu.enable_dirty_logging(0)
-                        oracle = _DirtyOracle(vm)
-                        logging = True
-                    elif rng.random() < 0.25:
-                        problems += oracle.collect(mmu.get_dirty_log(0), 0)
-                        mmu.disable_dirty_logging(0)
-                        logging = False
-                        oracle = None
-                    else:
-                        problems += oracle.collect(mmu.get_dirty_log(0), 0)
+                try:
+                    sup.check()
+                    op = rng.choice(opts.ops)
+                    ops[op] += 1
+                    a = rng.randrange(pages)
+                    b = min(pages, a + rng.choice([1, 8, 64, 512, pages]))
+                    if op == "zap-range":
+                        mmu.zap_gfn_range_locked(a, b)
+                    elif op == "host-unmap":
+                        mmu.host_unmap(a, b)
+                    elif op == "zap-all":
+                        mmu.zap_all()
+                    elif op == "flush":
+                        mmu.flush_remote_tlbs()
+                    elif op == "memslot":
+                        if not logging:
+                            mmu.delete_memslot(0)
+                            time.sleep(0.002)
+                            mmu.add_memslot(0)
+                    elif op == "dirty-log":
+                        if not logging:
+                            manual = rng.random() < 0.5       # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + INITIALLY_SET
+                            mmu.enable_dirty_logging(0, initially_set=manual)
+                            oracle = _DirtyOracle(vm)
+                            logging = True
+                        else:
+                            problems += oracle.collect(harvest(mmu, manual), 0)
+                            if rng.random() < 0.25:
+                                mmu.disable_dirty_logging(0)
+                                logging = False
+                                oracle = None
+                except LockStuck as e:
+                    problems.append(str(e))
+                    stuck = True
+                    break
+                except WorkerDied as e:
+                    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                    problems.append(f"worker-crashed: {lines[0]}")
+                    if len(lines) > 1:
+                        problems.append(f"worker-crashed: its last words: {lines[-1]}")
+                    stuck = True
+                    break
                 time.sleep(rng.random() * 0.002)
                 now = time.monotonic()
                 # forward progress: every vCPU advanced within the bound
@@ -229,8 +254,8 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
                     log(f"{now - t_begin:6.1f}s faults={st['faults']} retries={st['retries']} "
                         f"violations={violations.count(vm.region)}")
                     last_report = now
-            if logging:
-                problems += oracle.collect(mmu.get_dirty_log(0), 0)
+            if logging and not stuck:
+                problems += oracle.collect(harvest(mmu, manual), 0)
                 mmu.disable_dirty_logging(0)
             sup.stop()
             sup.drain()

@@ -31,6 +31,8 @@ def start_worker(description: str, role: int) -> tuple[VM, argparse.Namespace]:
     p.add_argument("--parent", type=int, default=0, help="the supervisor's pid")
     args = p.parse_args()
     die_with_parent()
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1)             # `kill -USR1 PID` dumps where a worker is
     if args.parent and os.getppid() != args.parent:
         sys.exit(3)                                   # the supervisor is already gone
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor handles Ctrl-C and stops us

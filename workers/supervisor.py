@@ -30,6 +30,10 @@ class WorkerDied(RuntimeError):
     """A worker exited while the run needed it; the message names it and how it ended."""
 
 
+class LockStuck(RuntimeError):
+    """The host waited past the forward-progress bound for the MMU lock."""
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -49,12 +53,25 @@ class Supervisor:
         self.host = self.config.host_worker
         vm.register(self.host, 2)
         self.mmu = Mmu(vm, self.host)
+        self.lock_bound: float | None = None          # stress: how long a host op may wait for the lock
+        vm.mmu_lock.on_sleep = self._on_lock_sleep
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, str] = {}
         self.start_timeout = start_timeout
         self.logdir = tempfile.mkdtemp(prefix=f"shmmmu-{vm.name}-")
         self.stopping = False
         self.iteration = 0
+
+    def _on_lock_sleep(self) -> None:
+        """While the supervisor sleeps on the MMU lock: a dead worker or a stuck holder ends the wait."""
+        self.check()
+        lock = self.vm.mmu_lock
+        waited = time.monotonic() - lock.wait_started
+        if self.lock_bound is not None and waited > self.lock_bound:
+            holders = ", ".join(f"{self.role_name(w)} (pid {pid}, {'read' if m == 1 else 'write'})"
+                                for w, pid, m in lock.held_by())
+            raise LockStuck(f"no-forward-progress: the host waited {waited:.0f}s for the MMU lock, "
+                            f"held by {holders or 'nobody recorded'}")
 
     # ---- processes
 
