@@ -172,6 +172,55 @@ def run(
 
 # ---------------------------------------------------------------- end of run
 
+# ---------------------------------------------------------------- stress
+
+@app.command()
+def stress(
+    duration: float = typer.Option(10.0, "--duration", "-d", help="seconds of stress."),
+    vcpus: int = typer.Option(4, "--vcpus", "-v", help="vCPU worker processes."),
+    seed: int = typer.Option(1, "--seed", help="seed of every operation stream (printed with any failure)."),
+    bits: int = typer.Option(3, "--bits", help="index bits per level: 3 (8-entry test tables) or 9 (512)."),
+    lock_mode: str = typer.Option("shared", "--lock-mode", help="shared (the series) or exclusive (baseline)."),
+    bug: list[str] = typer.Option([], "--bug", help="re-inject a fixed bug (repeatable; --list-bugs)."),
+    kill_every: float = typer.Option(0.0, "--kill-every", help="SIGKILL a random vCPU every S seconds."),
+    list_bugs: bool = typer.Option(False, "--list-bugs", help="describe every bug switch and exit."),
+    json_out: bool = typer.Option(False, "--json", help="the report as one JSON object on stdout."),
+) -> None:
+    """rcutorture-style stress of the whole MMU with every checker on; SUCCESS or FAILURE (exit 0/1)."""
+    import json
+    import signal
+
+    from shmmmu.bugs import BUGS
+    from shmmmu.stress import StressOptions, run_stress
+
+    if list_bugs:
+        for b in BUGS.values():
+            typer.echo(f"{b.name}{' (' + b.ref + ')' if b.ref else ''}\n    reverts: {b.reverts}\n    effect:  {b.effect}")
+        return
+    opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
+                         bugs=list(bug), kill_every=kill_every)
+    try:
+        opts.config()
+    except ValueError as e:
+        raise _fail(str(e))
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    log = None if json_out else (lambda line: print(line, flush=True))
+    try:
+        result = run_stress(opts, log=log)
+    except KeyboardInterrupt:
+        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
+        raise typer.Exit(130)
+    except RegionError as e:
+        raise _fail(str(e))
+    if json_out:
+        print(json.dumps(result.to_json()))
+    else:
+        for line in result.report():
+            print(line)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 
 # ---------------------------------------------------------------- inspect, ls, rm
 
@@ -363,7 +412,9 @@ def rm_cmd(
             entries.append(e)
     else:
         entries = list_vms()
-    live = [e for e in entries if e.live]
+    # a name given explicitly goes unless a running process is known to use it; --stale and --all also
+    # spare an unreadable segment young enough to be still in the making
+    live = [e for e in entries if (e.known_live if names else e.live)]
     if stale:
         entries = [e for e in entries if not e.live]
     elif live and not force:
@@ -378,7 +429,7 @@ def rm_cmd(
         if e.state in ("half-made", "foreign", "damaged", "other-version"):
             print(f"shmmmu: warning: /dev/shm/shmmmu-{e.name} is {e.state} ({e.note}); removing it anyway",
                   file=sys.stderr)
-        if e.live:
+        if e in live:
             print(f"shmmmu: warning: the VM {e.name} is live"
                   + (f" (pid {e.creator_pid})" if e.creator_pid else "")
                   + ": its processes keep running on the unlinked region", file=sys.stderr)

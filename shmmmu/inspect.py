@@ -839,6 +839,13 @@ class VmEntry:
             return self.age_s is not None and self.age_s < HALF_MADE_GRACE_S
         return False
 
+    @property
+    def known_live(self) -> bool:
+        """Is a process known to be using it (its header names a creator that runs)?"""
+        if self.state == "alive":
+            return True
+        return self.state in ("other-version", "damaged") and bool(self.creator_pid) and pid_alive(self.creator_pid)
+
     def to_json(self) -> dict[str, Any]:
         d = dict(vars(self))
         d["live"] = self.live

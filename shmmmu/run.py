@@ -172,6 +172,7 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
                 mmu.disable_dirty_logging(0)
                 phases.append(("disable dirty logging", time.monotonic() - t0))
             if keep is not None:
+                sup.stats()          # publish the supervisor's own counters first, for `shmmmu inspect`
                 keep(sup)
             stats = sup.stats()
             sup.stop()

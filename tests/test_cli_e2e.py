@@ -1,0 +1,473 @@
+"""End to end: the real `shmmmu` command in subprocesses, as a user drives it.
+
+`run` in each lock mode and backing size; a VM kept alive (`run --keep`) while
+`inspect` in every form, `ls` and `rm` attach to it; Ctrl-C and a SIGKILLed
+vCPU mid-run; and every user error: one line on stderr, exit status 2.
+Every VM is stopped and unlinked, also when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import posix_ipc
+import pytest
+
+from shmmmu.region import HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, segment_name, unlink_all
+
+from conftest import new_vm_name
+
+CMD = [sys.executable, "-m", "shmmmu.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["-b", "8M", "-i", "2"]
+
+
+def shmmmu(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def leftovers(name: str) -> list[str]:
+    try:
+        files = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return [f for f in files if f == f"shmmmu-{name}" or f.startswith(f"sem.shmmmu-{name}.")]
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("shmmmu: error: "), lines[0]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+class Kept:
+    """A `shmmmu run --keep` in the background, its stderr in a file."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, err: Path):
+        self.name = name
+        self.proc = proc
+        self.err = err
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> tuple[int, float]:
+        """Send `sig`, wait; returns (exit status, seconds it took)."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        return rc, time.monotonic() - t0
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, err: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            text = err.read_text(errors="replace") if err else ""
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}: {text}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def running(name: str, *run_args: str, keep: bool = True, ready: str = "kept alive") -> Iterator[Kept]:
+    """Start `shmmmu run --name NAME ...` in the background; always stopped and unlinked on exit."""
+    tmp = tempfile.NamedTemporaryFile(prefix=f"shmmmu-e2e-{name}-", suffix=".err", delete=False)
+    err = Path(tmp.name)
+    proc = subprocess.Popen([*CMD, "run", "--name", name, *(["--keep"] if keep else []), *run_args],
+                            stdout=subprocess.DEVNULL, stderr=tmp, stdin=subprocess.DEVNULL, cwd=ROOT)
+    tmp.close()
+    kept = Kept(name, proc, err)
+    try:
+        if ready == "kept alive":
+            wait_for(lambda: "kept alive" in kept.stderr(), 120, f"VM {name} to be kept alive", proc, err)
+        yield kept
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        unlink_all(name)
+        err.unlink(missing_ok=True)
+
+
+def inspect_json(name: str, *args: str) -> dict:
+    res = shmmmu("inspect", name, "--json", *args)
+    assert res.returncode in (0, 1), res.stderr
+    return json.loads(res.stdout)
+
+
+# ---------------------------------------------------------------- run, each mode and backing
+
+@pytest.mark.parametrize("lock_mode", ["shared", "exclusive"])
+@pytest.mark.parametrize("backing", ["4k", "2m", "1g"])
+def test_run_each_lock_mode_and_backing(lock_mode: str, backing: str) -> None:
+    name = new_vm_name("e2e")
+    res = shmmmu("run", "--name", name, *SMALL, "-s", backing, "--lock-mode", lock_mode, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["result"] == "SUCCESS"
+    assert out["options"]["lock_mode"] == lock_mode and out["options"]["backing"] == backing
+    assert out["faults"] > 0
+    assert out["tables"]["total"] == out["tables"]["live"] + out["tables"]["free"] + out["tables"]["cached"]
+    assert not leftovers(name)
+
+
+# ---------------------------------------------------------------- a kept VM, inspected
+
+@pytest.mark.parametrize("lock_mode,backing,workload", [("shared", "4k", "random"),
+                                                         ("exclusive", "2m", "dirty-log")])
+def test_inspect_a_kept_vm(lock_mode: str, backing: str, workload: str) -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL, "-s", backing, "--lock-mode", lock_mode, "-w", workload) as vm:
+        # ls sees it, alive, created by the run
+        res = shmmmu("ls", "--json")
+        assert res.returncode == 0, res.stderr
+        mine = [e for e in json.loads(res.stdout) if e["name"] == name]
+        assert len(mine) == 1 and mine[0]["state"] == "alive" and mine[0]["creator_pid"] == vm.proc.pid
+        assert mine[0]["vcpus"] == 2 and mine[0]["lock_mode"] == lock_mode
+        res = shmmmu("ls")
+        assert res.returncode == 0 and name in res.stdout
+
+        # the summary
+        res = shmmmu("inspect", name)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f"VM {name}: creator pid {vm.proc.pid} (alive)")
+        for word in ("mappings", "mmu_lock", "rcu ", "faults", "vCPU 0", "reclaimer"):
+            assert word in res.stdout, word
+        s = inspect_json(name)
+        assert s["config"]["vcpus"] == 2 and s["config"]["lock_mode"] == lock_mode
+        assert s["counters"]["faults"] > 0
+        assert s["tables"]["reachable"] >= 1 and s["tables"]["live"] == s["tables"]["reachable"]
+        assert s["tables"]["pool"] == sum(s["tables"][k] for k in ("live", "free", "cached", "retired"))
+        assert all(w["alive"] for w in s["workers"]), s["workers"]
+        assert [w["role"] for w in s["workers"]][:2] == ["vCPU 0", "vCPU 1"]
+        assert s["locks"][0]["name"] == "mmu_lock" and not s["locks"][0]["write_locked"]
+        assert s["rates"] is None and s["snapshot"]["changed_while_reading"] == 0
+
+        # the tree: coalesced ranges that add up to the mappings
+        t = inspect_json(name, "--tree")
+        total = {"4K": 0, "2M": 0, "1G": 0}
+        for r in t["ranges"]:
+            total[r["size"]] += r["count"]
+        assert total == {k: s["mappings"][k] for k in total}
+        res = shmmmu("inspect", name, "--tree")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f"# VM {name}: page tables reachable from the root")
+        assert len(res.stdout.splitlines()) == 2 + max(1, len(t["ranges"]))
+
+        # one GFN's walk: a mapped one if any, and one far from any memslot
+        if t["ranges"]:
+            g = t["ranges"][0]["start"]
+            res = shmmmu("inspect", name, "--gfn", hex(g))
+            assert res.returncode == 0, res.stderr
+            assert "=> mapped:" in res.stdout and "L4 table #0" in res.stdout
+            w = inspect_json(name, "--gfn", str(g))
+            assert w["host_page"] == w["memslot_host_page"] == t["ranges"][0]["pfn"]
+            assert [st["level"] for st in w["steps"]][0] == 4
+        res = shmmmu("inspect", name, "--gfn", "5")
+        assert res.returncode == 0 and "not mapped" in res.stdout and "no memslot" in res.stdout
+        assert_one_line_error(shmmmu("inspect", name, "--gfn", hex(1 << 40)), "beyond")
+
+        # the invariants hold at this quiet point
+        res = shmmmu("inspect", name, "--check")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "check: OK" in res.stdout
+        assert inspect_json(name, "--check")["ok"] is True
+
+        # rm refuses a live VM; rm --all refuses too, and removes nothing
+        assert_one_line_error(shmmmu("rm", name), "live", "--force")
+        assert_one_line_error(shmmmu("rm", "--all"), "live", "--force")
+        assert leftovers(name)
+
+        # Ctrl-C: out within a few seconds, nothing left
+        rc, took = vm.stop(signal.SIGINT)
+        assert rc == 130, vm.stderr()
+        assert took < 5, took
+        assert "Traceback" not in vm.stderr()
+        assert not leftovers(name)
+    res = shmmmu("inspect", name)
+    assert_one_line_error(res, f"no VM named {name!r} is running", "shmmmu ls")
+
+
+def test_inspect_watch_refreshes_with_rates_until_ctrl_c() -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL, "-s", "4k"):
+        p = subprocess.Popen([*CMD, "inspect", name, "--watch", "--json", "--interval", "0.3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            time.sleep(2.0)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        assert "Traceback" not in err
+        snaps = [json.loads(line) for line in out.splitlines()]
+        assert len(snaps) >= 2
+        assert snaps[0]["rates"] is None
+        assert set(snaps[1]["rates"]) == {"faults_per_s", "retries_per_s", "cas_failures_per_s", "accesses_per_s"}
+        # the plain form too (stdout is not a terminal: one summary after another)
+        p = subprocess.Popen([*CMD, "inspect", name, "--watch", "--interval", "0.3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            time.sleep(1.5)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        assert out.count(f"VM {name}:") >= 2 and "rates" in out
+
+
+# ---------------------------------------------------------------- processes that die
+
+def _vcpu_pid(name: str, vcpu: int = 0) -> int:
+    def pid() -> int:
+        res = shmmmu("inspect", name, "--json")
+        if res.returncode != 0:
+            return 0
+        w = json.loads(res.stdout)["workers"][vcpu]
+        return w["pid"] if w["alive"] and w["status"] == "ready" else 0
+    return wait_for(pid, 60, f"vCPU {vcpu} of {name} to start")
+
+
+def test_sigkill_of_a_vcpu_while_kept_ends_the_run() -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL, "-s", "4k") as vm:
+        pid = _vcpu_pid(name, 1)
+        os.kill(pid, signal.SIGKILL)
+        rc = vm.proc.wait(15)
+        err = vm.stderr()
+        assert rc == 1, err
+        assert "Traceback" not in err
+        assert "vCPU 1" in err and f"pid {pid}" in err and "killed by SIGKILL" in err, err
+        assert not leftovers(name)
+
+
+def test_sigkill_of_a_vcpu_mid_workload_ends_the_run() -> None:
+    name = new_vm_name("e2e")
+    with running(name, "-b", "8M", "-i", "100000", "-w", "random", keep=False, ready="") as vm:
+        wait_for(lambda: leftovers(name), 60, f"VM {name} to appear", vm.proc, vm.err)
+        pid = _vcpu_pid(name, 0)
+        wait_for(lambda: inspect_json(name)["run"]["iteration"] >= 2, 60, "the workload to run")
+        assert vm.proc.poll() is None, "the run ended before the kill"
+        os.kill(pid, signal.SIGKILL)
+        rc = vm.proc.wait(15)
+        err = vm.stderr()
+        assert rc == 1, err
+        assert "Traceback" not in err
+        line = [ln for ln in err.splitlines() if ln.startswith("shmmmu: error:")]
+        assert line and "vCPU 0" in line[0] and "killed by SIGKILL" in line[0], err
+        assert not leftovers(name)
+
+
+def test_ctrl_c_mid_workload_leaves_nothing() -> None:
+    name = new_vm_name("e2e")
+    with running(name, "-b", "8M", "-i", "100000", "-w", "random", keep=False, ready="") as vm:
+        wait_for(lambda: leftovers(name), 60, f"VM {name} to appear", vm.proc, vm.err)
+        _vcpu_pid(name, 1)
+        worker_pids = [w["pid"] for w in inspect_json(name)["workers"] if w["pid"]]
+        rc, took = vm.stop(signal.SIGINT)
+        assert rc == 130, vm.stderr()
+        assert took < 5, took
+        assert "Traceback" not in vm.stderr()
+        assert not leftovers(name)
+        from shmmmu.inspect import pid_alive
+        assert not any(pid_alive(p) for p in worker_pids)
+
+
+def test_sigterm_stops_a_kept_vm() -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL) as vm:
+        rc, took = vm.stop(signal.SIGTERM)
+        assert rc == 130 and took < 5
+        assert not leftovers(name)
+
+
+# ---------------------------------------------------------------- user errors
+
+@pytest.mark.parametrize("args,words", [
+    (["-b", "12Q"], ["bad size '12Q'"]),
+    (["-b", "900G"], ["more guest memory than this emulator maps"]),
+    (["-v", "0"], ["--vcpus must be at least 1"]),
+    (["-i", "0"], ["--iterations"]),
+    (["-s", "3m"], ["unknown backing"]),
+    (["--lock-mode", "sloppy"], ["unknown lock mode"]),
+    (["-w", "trace"], ["--trace FILE"]),
+])
+def test_run_usage_errors(args: list[str], words: list[str]) -> None:
+    name = new_vm_name("e2e")
+    res = shmmmu("run", "--name", name, *args)
+    assert_one_line_error(res, *words)
+    assert res.stdout == ""
+    assert not leftovers(name)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["inspect", "no-such-vm-e2e"], ["no VM named 'no-such-vm-e2e' is running (shmmmu ls lists them)"]),
+    (["inspect", "bad/name"], ["invalid VM name"]),
+    (["inspect", "no-such-vm-e2e", "--gfn", "zz"], ["bad GFN 'zz'"]),
+    (["inspect", "no-such-vm-e2e", "--tree", "--check"], ["--tree", "--check"]),
+    (["inspect", "no-such-vm-e2e", "--watch"], ["no VM named"]),
+    (["rm", "no-such-vm-e2e"], ["no VM named 'no-such-vm-e2e'"]),
+    (["rm"], ["--stale or --all"]),
+    (["rm", "x", "--stale"], ["--stale or --all"]),
+])
+def test_inspect_ls_rm_usage_errors(args: list[str], words: list[str]) -> None:
+    assert_one_line_error(shmmmu(*args), *words)
+
+
+def test_a_name_in_use_is_refused_and_the_first_vm_survives() -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL) as vm:
+        res = shmmmu("run", "--name", name, *SMALL)
+        assert_one_line_error(res, "already exists")
+        assert shmmmu("inspect", name).returncode == 0
+        assert vm.proc.poll() is None
+        rc, _ = vm.stop()
+        assert rc == 130
+    assert not leftovers(name)
+
+
+class Vanished(Exception):
+    """A segment this test made was unlinked by someone else meanwhile."""
+
+
+def retry_if_vanished(scenario, name_tag: str = "e2e", tries: int = 3) -> None:
+    """Run `scenario(name)`; a stale or foreign segment is what every concurrent test session's leak
+    guard removes as its own leftover, so one may vanish under us: try again with a new name."""
+    for _ in range(tries):
+        name = new_vm_name(name_tag)
+        try:
+            scenario(name)
+            return
+        except Vanished:
+            continue
+        finally:
+            unlink_all(name)
+    pytest.skip("a concurrent test session removed this test's segment every time")
+
+
+def present(name: str) -> None:
+    if not leftovers(name):
+        raise Vanished(name)
+
+
+def _fake_segment(name: str, magic: int, version: int) -> None:
+    shm = posix_ipc.SharedMemory(segment_name(name), posix_ipc.O_CREX, mode=0o600, size=HEADER_BYTES)
+    try:
+        with mmap.mmap(shm.fd, HEADER_BYTES) as mm:
+            h = np.frombuffer(mm, dtype=np.uint64, count=8)
+            h[H_VERSION] = version
+            h[H_SIZE] = HEADER_BYTES
+            h[H_MAGIC] = magic
+            del h
+    finally:
+        shm.close_fd()
+
+
+def test_a_region_from_another_version_is_refused_then_removed() -> None:
+    def scenario(name: str) -> None:
+        _fake_segment(name, MAGIC, LAYOUT_VERSION + 98)
+        res = shmmmu("inspect", name)
+        present(name)
+        assert_one_line_error(res, f"layout version {LAYOUT_VERSION + 98}", f"reads version {LAYOUT_VERSION}")
+        res = shmmmu("inspect", name, "--tree")
+        present(name)
+        assert_one_line_error(res, "layout version")
+        res = shmmmu("run", "--name", name, *SMALL)
+        present(name)
+        assert_one_line_error(res, "already exists")
+        res = shmmmu("ls", "--json")
+        mine = [e for e in json.loads(res.stdout) if e["name"] == name]
+        present(name)
+        assert mine and mine[0]["state"] == "other-version"
+        res = shmmmu("rm", name)
+        if "no VM named" in res.stderr:
+            raise Vanished(name)
+        assert res.returncode == 0, res.stderr
+        assert "warning" in res.stderr and "removing it anyway" in res.stderr and "Traceback" not in res.stderr
+        assert not leftovers(name)
+    retry_if_vanished(scenario)
+
+
+def test_a_foreign_segment_is_refused_then_removed() -> None:
+    def scenario(name: str) -> None:
+        _fake_segment(name, 0x1234, 7)
+        res = shmmmu("inspect", name)
+        present(name)
+        assert_one_line_error(res, "is not a shmmmu region")
+        res = shmmmu("rm", name)
+        if "no VM named" in res.stderr:
+            raise Vanished(name)
+        assert res.returncode == 0, res.stderr
+        assert "warning" in res.stderr and "Traceback" not in res.stderr
+        assert not leftovers(name)
+    retry_if_vanished(scenario)
+
+
+def test_a_stale_vm_is_listed_and_removed_without_force() -> None:
+    def scenario(name: str) -> None:
+        code = ("import os, sys\n"
+                "from shmmmu.layout import MemslotSpec, VMConfig\n"
+                "from shmmmu.vm import create_vm\n"
+                f"vm = create_vm(VMConfig(name={name!r}, n_vcpus=1, memslots=[MemslotSpec(0, 512, 1)]))\n"
+                "sys.stdout.flush(); os._exit(0)\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
+        res = shmmmu("ls", "--json")
+        mine = [e for e in json.loads(res.stdout) if e["name"] == name]
+        present(name)
+        assert mine and mine[0]["state"] == "stale" and mine[0]["live"] is False
+        from shmmmu.inspect import list_vms
+        stale = [e.name for e in list_vms() if not e.live]          # what rm --stale removes
+        present(name)
+        assert name in stale
+        res = shmmmu("inspect", name)
+        present(name)
+        assert res.returncode == 0 and "stale: not running" in res.stdout
+        res = shmmmu("rm", name)
+        if "no VM named" in res.stderr:
+            raise Vanished(name)
+        assert res.returncode == 0, res.stderr
+        assert f"removed {name} (stale)" in res.stdout
+        assert not leftovers(name)
+    retry_if_vanished(scenario)
+
+
+def test_rm_force_unlinks_a_live_vm_and_it_still_stops_cleanly() -> None:
+    name = new_vm_name("e2e")
+    with running(name, *SMALL) as vm:
+        res = shmmmu("rm", name, "--force")
+        assert res.returncode == 0, res.stderr
+        assert "live" in res.stderr
+        assert not leftovers(name)
+        rc, took = vm.stop()
+        assert rc == 130 and took < 5, vm.stderr()
+        assert "Traceback" not in vm.stderr()
+    assert not leftovers(name)
