@@ -59,7 +59,6 @@ def init_memslots(vm) -> None:
     host_map = vm.region.array("host_map")
     data = vm.region.array("data")
     data[:] = DATA_POISON
-    g = c.geometry
     for k, (m, (host, dirty, doff)) in enumerate(zip(c.memslots, memslot_areas(c))):
         if k >= MAX_MEMSLOTS:
             raise ValueError(f"at most {MAX_MEMSLOTS} memslots")
@@ -73,7 +72,6 @@ def init_memslots(vm) -> None:
         rows[k, MS_FLAGS] = MSF_ACTIVE
         host_map[host: host + m.npages] = np.arange(doff, doff + m.npages, dtype=np.uint64)
         data[doff: doff + m.npages] = 0
-        del g
 
 
 def bank_size(slot: Slot, bits: int) -> int:

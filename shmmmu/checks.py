@@ -1,0 +1,488 @@
+"""Checks: the page-table invariants of DESIGN.md §7, verified on a read-only snapshot of a VM region.
+
+Every checker works on a `Snapshot`: whole-array numpy copies of the sections
+it reads (tables, table metadata, pool, caches, retire rings, memslots, host
+map, statistics, control words), taken first, one `np.array` copy per section.
+The checkers then read only the copies, so they never block or disturb a
+running VM and can work on a region attached read-only (`shmmmu inspect
+--check`).  The copies are taken one section after the other: only at a quiet
+point (no fault, zap or reclaim in flight) do they describe one instant.  On a
+live VM a checker may report a transient state (a table between its link and
+its page-list entry, an entry frozen mid-zap) as a problem.
+
+Each public `check_*` function states its invariant in its docstring and
+returns a list of `Problem`s (empty: the invariant holds).  `check_all` runs
+them all.  `walk_tables` is the numpy walk they share: it visits every table
+reachable from the root level by level, one fancy-index gather per level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from shmmmu import spte as S
+from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, MS_BACKING_LEVEL, MS_BASE_GFN, MS_FLAGS,
+                           MS_HOST_OFF, MS_NPAGES, MSF_ACTIVE, MSF_LOG_DIRTY, N_STATS, NIL, ROOT_TABLE,
+                           STAT, T_GFN, T_LEVEL, T_NEXT, T_STATE, TABLE_STATE_NAMES, TS_CACHED, TS_FREE,
+                           TS_LIVE, TS_RETIRED, W_CACHE_COUNT, W_RETIRE_HEAD, W_RETIRE_TAIL, VMConfig)
+from shmmmu.layout import C_POOL_TOP
+from shmmmu.pool import POISON
+from shmmmu.region import Region
+
+if TYPE_CHECKING:
+    from shmmmu.vm import VM
+
+__all__ = ["Problem", "Snapshot", "TableWalk", "Leaf", "snapshot", "walk_tables", "count_leaves",
+           "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
+           "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_all"]
+
+_U = np.uint64
+_P = _U(S.MMU_PRESENT)
+_L = _U(S.LARGE)
+_W = _U(S.WRITABLE)
+_PFN = _U(S.PFN_MASK)
+_SHIFT = _U(S.PFN_SHIFT)
+
+_SECTIONS = ("tables", "tmeta", "pool", "ctl", "wstate", "caches", "retire", "memslots", "host_map", "stats")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invariant breach: `kind` is a violations.KINDS name, `message` one sentence."""
+
+    kind: str
+    message: str
+    gfn: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (gfn {self.gfn:#x})" if self.gfn is not None else ""
+        return f"{self.kind}: {self.message}{where}"
+
+
+@dataclass
+class Snapshot:
+    """Whole-array copies of the sections the checkers read, and the VM's configuration."""
+
+    config: VMConfig
+    tables: np.ndarray
+    tmeta: np.ndarray
+    pool: np.ndarray
+    ctl: np.ndarray
+    wstate: np.ndarray
+    caches: np.ndarray
+    retire: np.ndarray
+    memslots: np.ndarray
+    host_map: np.ndarray
+    stats: np.ndarray
+    _walk: "TableWalk | None" = field(default=None, repr=False)
+
+    @property
+    def geometry(self) -> S.Geometry:
+        return self.config.geometry
+
+    def active_slots(self) -> list[tuple[int, int, int, int, int]]:
+        """(id, base_gfn, npages, host_off, flags) of each active memslot."""
+        out = []
+        for k, row in enumerate(self.memslots):
+            if int(row[MS_NPAGES]) and int(row[MS_FLAGS]) & MSF_ACTIVE:
+                out.append((k, int(row[MS_BASE_GFN]), int(row[MS_NPAGES]), int(row[MS_HOST_OFF]),
+                            int(row[MS_FLAGS])))
+        return out
+
+
+Source = Union[Region, Snapshot, "VM"]
+
+
+def snapshot(source: Source) -> Snapshot:
+    """Copy every section the checkers read out of a region (or a VM's region); a Snapshot is returned as is."""
+    if isinstance(source, Snapshot):
+        return source
+    region = source if isinstance(source, Region) else source.region
+    copies = {name: np.array(region.array(name), copy=True) for name in _SECTIONS}
+    return Snapshot(config=VMConfig.from_json(region.config), **copies)
+
+
+# ---------------------------------------------------------------- the walk
+
+
+@dataclass
+class TableWalk:
+    """Every table reachable from the root, and every leaf, as numpy arrays (levels are entry levels)."""
+
+    tables: np.ndarray           # reachable table indices, root first, level by level
+    table_level: np.ndarray      # the level of each reachable table's entries
+    table_gfn: np.ndarray        # the first GFN each reachable table covers
+    leaf_gfn: np.ndarray         # first GFN mapped by each present leaf
+    leaf_level: np.ndarray
+    leaf_spte: np.ndarray
+    problems: list[Problem]      # what the walk itself found wrong (see check_table_structure)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One 4 KiB GFN's translation, decoded: the leaf's level, the host page of this GFN, the leaf's flags."""
+
+    level: int
+    pfn: int
+    flags: int                   # the leaf entry with its PFN bits cleared
+
+
+def walk_tables(source: Source) -> TableWalk:
+    """Walk every table reachable from the root, one level at a time, with numpy.
+
+    Structural problems found on the way (reported by `check_table_structure`):
+    a child link outside the pool or back to the root, a REMOVED or other
+    non-present non-zero entry in a reachable table, a huge leaf at the root
+    level, a page-size bit on a 4 KiB entry, a huge leaf whose PFN is not
+    aligned to its size.
+    """
+    snap = snapshot(source)
+    if snap._walk is not None:
+        return snap._walk
+    g = snap.geometry
+    E, bits, n_tables = g.entries, g.bits, snap.tables.shape[0]
+    problems: list[Problem] = []
+    frontier = np.array([ROOT_TABLE], dtype=np.int64)
+    base = np.array([0], dtype=np.int64)
+    all_tables, all_levels, all_gfns = [], [], []
+    leaf_gfn, leaf_level, leaf_spte = [], [], []
+    idx = np.arange(E, dtype=np.int64)
+    for level in range(g.root_level, 0, -1):
+        if frontier.size == 0:
+            break
+        all_tables.append(frontier)
+        all_levels.append(np.full(frontier.size, level, dtype=np.int64))
+        all_gfns.append(base)
+        rows = snap.tables[frontier]                                 # (k, E)
+        gfns = base[:, None] + (idx[None, :] << (bits * (level - 1)))
+        present = (rows & _P) != 0
+        large = (rows & _L) != 0
+        if level == 1:
+            leaf, nonleaf = present, np.zeros_like(present)
+            for t, i in zip(*np.nonzero(present & large)):
+                problems.append(Problem("invariant", f"table {frontier[t]} entry {i}: page-size bit on a 4K "
+                                                     f"entry {int(rows[t, i]):#x}", int(gfns[t, i])))
+        else:
+            leaf, nonleaf = present & large, present & ~large
+        removed = rows == _U(S.REMOVED)
+        garbage = ~present & ~removed & (rows != 0)
+        for t, i in zip(*np.nonzero(removed)):
+            problems.append(Problem("invariant", f"table {frontier[t]} (level {level}) entry {i} is REMOVED "
+                                                 f"in a reachable table", int(gfns[t, i])))
+        for t, i in zip(*np.nonzero(garbage)):
+            problems.append(Problem("poison-read" if int(rows[t, i]) == POISON else "invariant",
+                                    f"table {frontier[t]} (level {level}) entry {i} holds non-present "
+                                    f"value {int(rows[t, i]):#x}", int(gfns[t, i])))
+        if leaf.any():
+            if level > S.MAX_HUGEPAGE_LEVEL:
+                for t, i in zip(*np.nonzero(leaf)):
+                    problems.append(Problem("invariant", f"a level-{level} leaf {int(rows[t, i]):#x}: no huge "
+                                                         f"page above 1G", int(gfns[t, i])))
+            lv = rows[leaf]
+            lg = gfns[leaf]
+            if level > 1:
+                pfn = (lv & _PFN) >> _SHIFT
+                bad = (pfn & _U(g.pages(level) - 1)) != 0
+                for v, gf in zip(lv[bad], lg[bad]):
+                    problems.append(Problem("invariant", f"level-{level} leaf {int(v):#x} maps a host page not "
+                                                         f"aligned to its size", int(gf)))
+            leaf_gfn.append(lg)
+            leaf_level.append(np.full(lg.size, level, dtype=np.int64))
+            leaf_spte.append(lv)
+        child = ((rows[nonleaf] & _PFN) >> _SHIFT).astype(np.int64)
+        cgfn = gfns[nonleaf]
+        ok = (child > ROOT_TABLE) & (child < n_tables)
+        for c, gf in zip(child[~ok], cgfn[~ok]):
+            problems.append(Problem("invariant", f"a level-{level} entry links table {int(c)}, outside the pool "
+                                                 f"(1..{n_tables - 1})", int(gf)))
+        frontier, base = child[ok], cgfn[ok]
+    def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    w = TableWalk(cat(all_tables, np.int64), cat(all_levels, np.int64), cat(all_gfns, np.int64),
+                  cat(leaf_gfn, np.int64), cat(leaf_level, np.int64), cat(leaf_spte, np.uint64), problems)
+    snap._walk = w
+    return w
+
+
+def count_leaves(source: Source) -> dict[int, int]:
+    """Present leaves reachable from the root, per level (1: 4K, 2: 2M, 3: 1G)."""
+    w = walk_tables(source)
+    return {level: int((w.leaf_level == level).sum()) for level in (1, 2, 3)}
+
+
+def leaves_by_gfn(source: Source) -> dict[int, Leaf]:
+    """Every mapped 4 KiB GFN: the level of its leaf, its own host page, and the leaf's flag bits.
+
+    Two VMs that ran the same operations map the same GFNs alike exactly when
+    these dictionaries are equal, whichever pool tables their walks used.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    g = snap.geometry
+    out: dict[int, Leaf] = {}
+    for gfn, level, spte in zip(w.leaf_gfn.tolist(), w.leaf_level.tolist(), w.leaf_spte.tolist()):
+        pfn = (spte & S.PFN_MASK) >> S.PFN_SHIFT
+        flags = spte & ~S.PFN_MASK
+        for k in range(g.pages(level)):
+            out[gfn + k] = Leaf(level, pfn + k, flags)
+    return out
+
+
+def retired_count(source: Source) -> int:
+    """Tables retired to RCU and not yet freed (pending in the workers' retire rings)."""
+    snap = snapshot(source)
+    return sum(int(r[W_RETIRE_TAIL]) - int(r[W_RETIRE_HEAD]) for r in snap.wstate)
+
+
+# ---------------------------------------------------------------- checkers
+
+
+def check_table_structure(source: Source) -> list[Problem]:
+    """Every live table is reachable exactly once, and is what its metadata says.
+
+    Invariant (DESIGN.md §7, KVM_TDP_MMU.md §13 I3): walking from the root, no
+    table is reached twice (no shared subtree, no cycle), no entry of a
+    reachable table is REMOVED (a frozen entry never outlives its zap) or a
+    non-present non-zero value (poison of a freed table), every child link
+    names a pool table other than the root, every reachable table's recorded
+    level is the level of its entries and its recorded GFN the first GFN it
+    covers, and its state is live.  Leaves exist only at levels 1-3, the
+    page-size bit only on huge leaves, and a huge leaf's host page is aligned
+    to its size.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    problems = list(w.problems)
+    uniq, counts = np.unique(w.tables, return_counts=True)
+    for t in uniq[counts > 1]:
+        problems.append(Problem("invariant", f"table {int(t)} is reachable {int(counts[uniq == t][0])} times"))
+    tm = snap.tmeta[w.tables]
+    lvl_bad = tm[:, T_LEVEL].astype(np.int64) != w.table_level
+    gfn_bad = (tm[:, T_GFN].astype(np.int64) != w.table_gfn) & (w.tables != ROOT_TABLE)
+    state_bad = tm[:, T_STATE] != _U(TS_LIVE)
+    for k in np.flatnonzero(lvl_bad):
+        problems.append(Problem("invariant", f"table {int(w.tables[k])} records level {int(tm[k, T_LEVEL])} but "
+                                             f"holds level-{int(w.table_level[k])} entries",
+                                int(w.table_gfn[k])))
+    for k in np.flatnonzero(gfn_bad):
+        problems.append(Problem("invariant", f"table {int(w.tables[k])} records GFN {int(tm[k, T_GFN]):#x} but "
+                                             f"covers from {int(w.table_gfn[k]):#x}", int(w.table_gfn[k])))
+    for k in np.flatnonzero(state_bad):
+        st = int(tm[k, T_STATE])
+        problems.append(Problem("use-after-free" if st in (TS_FREE, TS_RETIRED) else "invariant",
+                                f"reachable table {int(w.tables[k])} is {TABLE_STATE_NAMES.get(st, st)}, not live",
+                                int(w.table_gfn[k])))
+    return problems
+
+
+def check_table_accounting(source: Source) -> list[Problem]:
+    """Every pool table is in exactly one place: reachable + free + cached + retired = pool size.
+
+    Invariant (DESIGN.md §7): each table of the pool is exactly one of
+    reachable from the root (state live), on the free stack (free), in a
+    worker's memory cache (cached), or in a worker's retire ring awaiting a
+    grace period (retired); the four counts add up to the pool size, and each
+    table's recorded state names its place (a live table nobody reaches is a
+    leak).  The page list (tdp_mmu_pages) holds exactly the reachable tables
+    other than the root, and its count word agrees.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    n = snap.tables.shape[0]
+    problems: list[Problem] = []
+    place = np.zeros(n, dtype=np.int64)          # how many places claim each table
+    where: dict[str, np.ndarray] = {}
+    where["reachable"] = np.unique(w.tables)
+    top = int(snap.ctl[C_POOL_TOP])
+    if top > n:
+        problems.append(Problem("table-leak", f"the free stack claims {top} tables, the pool has {n}"))
+        top = n
+    where["free"] = snap.pool[:top].astype(np.int64)
+    cached, retired = [], []
+    ring_len = snap.retire.shape[1]
+    for k, row in enumerate(snap.wstate):
+        c = int(row[W_CACHE_COUNT])
+        if c > snap.caches.shape[1]:
+            problems.append(Problem("table-leak", f"worker {k}'s cache claims {c} tables, capacity "
+                                                  f"{snap.caches.shape[1]}"))
+            c = snap.caches.shape[1]
+        cached.append(snap.caches[k, :c].astype(np.int64))
+        head, tail = int(row[W_RETIRE_HEAD]), int(row[W_RETIRE_TAIL])
+        if not 0 <= tail - head <= ring_len:
+            problems.append(Problem("table-leak", f"worker {k}'s retire ring has head {head}, tail {tail}"))
+            continue
+        retired.append(snap.retire[k, [i % ring_len for i in range(head, tail)]].astype(np.int64))
+    where["cached"] = np.concatenate(cached) if cached else np.zeros(0, np.int64)
+    where["retired"] = np.concatenate(retired) if retired else np.zeros(0, np.int64)
+    want_state = {"reachable": TS_LIVE, "free": TS_FREE, "cached": TS_CACHED, "retired": TS_RETIRED}
+    for name, tabs in where.items():
+        outside = (tabs < 0) | (tabs >= n)
+        if outside.any():
+            problems.append(Problem("table-leak", f"{name} tables outside the pool: {tabs[outside].tolist()[:8]}"))
+            tabs = tabs[~outside]
+        np.add.at(place, tabs, 1)
+        st = snap.tmeta[tabs, T_STATE]
+        bad = st != _U(want_state[name])
+        if name != "reachable":          # reachable tables' states are check_table_structure's
+            for t in tabs[bad][:8]:
+                s = int(snap.tmeta[t, T_STATE])
+                problems.append(Problem("table-leak", f"{name} table {int(t)} has state "
+                                                      f"{TABLE_STATE_NAMES.get(s, s)}"))
+    total = sum(len(v) for v in where.values())
+    counts = ", ".join(f"{k} {len(v)}" for k, v in where.items())
+    if total != n:
+        problems.append(Problem("table-leak", f"{counts}: {total} tables accounted of {n} (leak {n - total})"))
+    twice = np.flatnonzero(place > 1)
+    if twice.size:
+        problems.append(Problem("table-leak", f"tables in two places at once: {twice.tolist()[:8]} ({counts})"))
+    lost = np.flatnonzero(place == 0)
+    if lost.size:
+        states = [TABLE_STATE_NAMES.get(int(snap.tmeta[t, T_STATE]), "?") for t in lost[:8]]
+        problems.append(Problem("table-leak", f"tables in no place: {lost.tolist()[:8]} (states {states})"))
+    # the page list
+    members, cur, steps = [], int(snap.ctl[C_LIST_HEAD]), 0
+    while cur not in (0, NIL) and steps <= n:
+        t = cur - 1
+        if not 0 <= t < n:
+            problems.append(Problem("table-leak", f"the page list links table {t}, outside the pool"))
+            break
+        members.append(t)
+        cur = int(snap.tmeta[t, T_NEXT])
+        steps += 1
+    if steps > n:
+        problems.append(Problem("table-leak", "the page list does not end (a cycle)"))
+    listed = set(members)
+    reach = set(where["reachable"].tolist()) - {ROOT_TABLE}
+    if listed != reach:
+        problems.append(Problem("table-leak", f"page list and reachable tables differ: listed only "
+                                              f"{sorted(listed - reach)[:8]}, reachable only "
+                                              f"{sorted(reach - listed)[:8]}"))
+    if int(snap.ctl[C_LIST_COUNT]) != len(members):
+        problems.append(Problem("table-leak", f"the page-list count says {int(snap.ctl[C_LIST_COUNT])}, "
+                                              f"the list holds {len(members)}"))
+    return problems
+
+
+def _leaf_slots(snap: Snapshot, w: TableWalk) -> np.ndarray:
+    """For each leaf, the index into snap.active_slots() of the slot holding its whole span, or -1."""
+    g = snap.geometry
+    span = np.array([g.pages(int(lv)) for lv in w.leaf_level], dtype=np.int64)
+    out = np.full(w.leaf_gfn.size, -1, dtype=np.int64)
+    for k, (_, base, npages, _, _) in enumerate(snap.active_slots()):
+        inside = (w.leaf_gfn >= base) & (w.leaf_gfn + span <= base + npages)
+        out[inside & (out < 0)] = k
+    return out
+
+
+def check_leaves_in_memslots(source: Source) -> list[Problem]:
+    """No leaf maps a GFN outside an active memslot.
+
+    Invariant (DESIGN.md §7): every GFN a present leaf maps (all of a huge
+    leaf's span) lies inside one active memslot: deleting a slot zaps its
+    range, faults outside slots install nothing, and huge leaves never
+    straddle a slot boundary.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    slot_of = _leaf_slots(snap, w)
+    g = snap.geometry
+    return [Problem("mapping-outside-memslot", f"a level-{int(lv)} leaf {int(v):#x} maps GFNs "
+                                               f"[{int(gf):#x}, {int(gf) + g.pages(int(lv)):#x}) outside "
+                                               f"any active memslot", int(gf))
+            for gf, lv, v in zip(w.leaf_gfn[slot_of < 0], w.leaf_level[slot_of < 0], w.leaf_spte[slot_of < 0])]
+
+
+def check_leaf_pfns(source: Source) -> list[Problem]:
+    """Every leaf points at the host pages its memslot's host map names now, at the right offset.
+
+    Invariant (DESIGN.md §7): for a leaf mapping GFNs [g, g + span) in a slot
+    based at `base`, host_map[host_off + g - base + k] == pfn + k for every k
+    < span: a 4 KiB leaf names the GFN's host page, a huge leaf names the first
+    page of a host-contiguous, size-aligned block (alignment is
+    check_table_structure's).  A leaf naming a page the host has since
+    migrated away from is a stale mapping that survived an unmap.
+    Leaves outside any active slot are check_leaves_in_memslots' problem.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    slots = snap.active_slots()
+    slot_of = _leaf_slots(snap, w)
+    g = snap.geometry
+    problems: list[Problem] = []
+    pfn_all = ((w.leaf_spte & _PFN) >> _SHIFT).astype(np.int64)
+    for level in (1, 2, 3):
+        sel = (w.leaf_level == level) & (slot_of >= 0)
+        if not sel.any():
+            continue
+        span = g.pages(level)
+        gf, pf, sk = w.leaf_gfn[sel], pfn_all[sel], slot_of[sel]
+        base = np.array([slots[k][1] for k in sk], dtype=np.int64)
+        hoff = np.array([slots[k][3] for k in sk], dtype=np.int64)
+        off = np.arange(span, dtype=np.int64)
+        want = snap.host_map[(hoff + gf - base)[:, None] + off[None, :]].astype(np.int64)
+        have = pf[:, None] + off[None, :]
+        bad = np.flatnonzero((want != have).any(axis=1))
+        for b in bad[:16]:
+            k = int(np.flatnonzero(want[b] != have[b])[0])
+            problems.append(Problem("invariant", f"level-{level} leaf maps GFN {int(gf[b]) + k:#x} to host page "
+                                                 f"{int(have[b, k]):#x}, the host map says "
+                                                 f"{int(want[b, k]):#x}", int(gf[b]) + k))
+        if bad.size > 16:
+            problems.append(Problem("invariant", f"... and {bad.size - 16} more level-{level} leaves with the "
+                                                 f"wrong host page"))
+    return problems
+
+
+def check_logging_slots(source: Source) -> list[Problem]:
+    """No writable huge leaf in a dirty-logging slot.
+
+    Invariant (KVM_TDP_MMU.md §13 I7, §9): while a slot logs dirty pages, a
+    huge leaf in it is write-protected (enabling logging protects it; faults
+    then map 4 KiB pages only), so every write is logged per 4 KiB page.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    problems: list[Problem] = []
+    slots = snap.active_slots()
+    slot_of = _leaf_slots(snap, w)
+    for k, (sid, _, _, _, flags) in enumerate(slots):
+        if not flags & MSF_LOG_DIRTY:
+            continue
+        sel = (slot_of == k) & (w.leaf_level > 1) & ((w.leaf_spte & _W) != 0)
+        for gf, lv in zip(w.leaf_gfn[sel], w.leaf_level[sel]):
+            problems.append(Problem("dirty-log-missed", f"a writable level-{int(lv)} leaf in dirty-logging "
+                                                        f"slot {sid}", int(gf)))
+    return problems
+
+
+def check_stats(source: Source) -> list[Problem]:
+    """The published page counters agree with a count of the leaves.
+
+    Invariant (DESIGN.md §7): summed over every worker's statistics row, the
+    mapped_4k / mapped_2m / mapped_1g counters equal the present leaves at
+    levels 1 / 2 / 3.  Each worker publishes its own row (Mmu.publish_stats),
+    so this holds at a quiet point after every worker has published.
+    """
+    snap = snapshot(source)
+    counts = count_leaves(snap)
+    sums = snap.stats.astype(np.uint64).sum(axis=0, dtype=np.uint64) if snap.stats.size else np.zeros(N_STATS, _U)
+    problems = []
+    for level, name in ((1, "mapped_4k"), (2, "mapped_2m"), (3, "mapped_1g")):
+        v = int(sums[STAT[name]])
+        v = v - (1 << 64) if v >> 63 else v
+        if v != counts[level]:
+            problems.append(Problem("invariant", f"stats {name} sum to {v}, the tables hold {counts[level]} "
+                                                 f"level-{level} leaves"))
+    return problems
+
+
+def check_all(source: Source, stats: bool = True) -> list[Problem]:
+    """Every checker above on one snapshot; `stats=False` skips check_stats (workers not yet published)."""
+    snap = snapshot(source)
+    problems = check_table_structure(snap) + check_table_accounting(snap) + check_leaves_in_memslots(snap)
+    problems += check_leaf_pfns(snap) + check_logging_slots(snap)
+    if stats:
+        problems += check_stats(snap)
+    return problems
