@@ -112,7 +112,9 @@ class Mmu:
         self.bug_read_fault_reclaim = "pages-lock-in-read-fault" in bugs
         self.nx = c.nx_huge_pages
         self._unflushed = False
-        self.zap_all_min_level = 1          # 5.14+ "don't step down when zapping all": root_level
+        # 5.14+ "don't step down when zapping all": zap-all clears root-level entries only,
+        # which is what made CVE-2021-47094 (K9) leak whole subtrees
+        self.zap_all_min_level = self.root_level
         self._scratch = np.empty(self.E, dtype=np.uint64)
         # the fault path reuses one iterator (a walk never outlives its fault)
         self._fault_iter = TdpIter(self.tables, self.geometry, self.root, self.root_level, 1, 0)
@@ -269,12 +271,18 @@ class Mmu:
                 for i in np.flatnonzero(old == np.uint64(_REMOVED)):
                     # another thread holds this entry frozen (mid zap_spte_atomic): wait for its 0, then claim
                     i = int(i)
+                    t_wait = time.monotonic()
                     while True:
                         o = self.tables.xchg(start + i, _REMOVED)
                         if o != _REMOVED:
                             old[i] = o
                             break
                         self.tables.wait_while(start + i, _REMOVED, 10000)
+                        if time.monotonic() - t_wait > 5.0:
+                            # nobody will ever clear this frozen entry: report it instead of spinning
+                            self.violation("no-forward-progress", base, table, i)
+                            old[i] = 0
+                            break
         else:
             self.tables.load_range(start, E, old)
             present = np.flatnonzero(old & np.uint64(_P))
@@ -511,6 +519,9 @@ class Mmu:
             return False
         if not self.lock.needbreak():
             return False
+        if not it.can_yield():
+            # I6: a yield must follow progress, else two walkers can yield to each other forever (K1)
+            self.violation("no-forward-progress", it.next_last_level_gfn, it.yielded_gfn, it.level)
         self.rcu.read_unlock()
         if flush:
             if self.bug_drop_flush:
@@ -544,14 +555,19 @@ class Mmu:
         shared = self.shared
         self.lock.assert_held(HELD_READ if shared else HELD_WRITE)
         flush = False
+        covered = set() if min_level == self.root_level else None
         self.rcu.read_lock()
         try:
             it = self._iter(start, min_level)
             E = self.E
             for it in for_each_pte(it, end):
+                if covered is not None:
+                    covered.add(it.index)
                 while True:
                     if can_yield and self.iter_cond_resched(it, flush, shared):
                         flush = False
+                        if covered is not None:
+                            covered.discard(it.index)    # not processed yet: the restart must come back
                         break
                     spte = it.old_spte
                     if not spte & _P:
@@ -572,6 +588,12 @@ class Mmu:
                     break
         finally:
             self.rcu.read_unlock()
+        if covered is not None:
+            sh = self.bits * (self.root_level - 1)
+            want = set(range(start >> sh, min(self.E, -(-end >> sh))))
+            for idx in sorted(want - covered)[:4]:
+                # a walk of the root level must visit every entry of its range (CVE-2021-47094)
+                self.violation("invariant", idx << sh, idx, len(want - covered))
         return flush
 
     def zap_gfn_range_locked(self, start: int, end: int) -> None:
@@ -694,7 +716,7 @@ class Mmu:
 
     # ------------------------------------------------------------------ dirty logging (§9)
 
-    def enable_dirty_logging(self, slot_id: int) -> int:
+    def enable_dirty_logging(self, slot_id: int, initially_set: bool = False) -> int:
         """Set KVM_MEM_LOG_DIRTY_PAGES and write-protect every leaf of the slot (5.13: under the read lock).
 
         The flag changes under the write lock, so a fault that checked the slot before
@@ -708,6 +730,10 @@ class Mmu:
             slot = self.slots.read(slot_id)
             if not slot.flags & MSF_LOG_DIRTY:
                 self.slots.dirty.fill_range(slot.dirty_off, self.slots.dirty_words(slot), 0)
+                if initially_set:                     # KVM_DIRTY_LOG_INITIALLY_SET (manual protect)
+                    for k in range(self.slots.dirty_words(slot)):
+                        bits = min(64, slot.npages - 64 * k)
+                        self.slots.dirty.store(slot.dirty_off + k, (1 << bits) - 1)
             self.slots.set_flags(slot_id, set_mask=MSF_LOG_DIRTY)
         finally:
             self.lock.write_unlock()
@@ -830,7 +856,7 @@ class Mmu:
             return False
         first = (mask & -mask).bit_length() - 1
         changed = False
-        visited_past = 0
+        visited = 0
         self.rcu.read_lock()
         try:
             it = self._iter(gfn + first)
@@ -840,10 +866,9 @@ class Mmu:
                 bit = 1 << (it.gfn - gfn)
                 if it.level > 1 or not mask & bit:
                     continue
+                visited |= bit
                 if not self.bug_mask_late:
                     mask &= ~bit                              # f1b3b06a058b: before the early continue
-                elif mask == 0 or not mask & ~bit and visited_past:
-                    pass
                 spte = it.old_spte
                 if not spte & _W:
                     continue
@@ -852,9 +877,9 @@ class Mmu:
                 self.set_spte(it, spte & ~_W, record_dirty_log=False)
                 self._mark_unflushed()
                 changed = True
-            if self.bug_mask_late and mask:
-                # K3: the mask never emptied early, the walk ran to gfn+64
-                self.violation("mask-walk-overrun", gfn, mask, 0)
+            if mask & visited:
+                # the mask must only name leaves not yet handled, or the walk cannot stop early (K3)
+                self.violation("mask-walk-overrun", gfn, mask & visited, mask)
         finally:
             self.rcu.read_unlock()
         return changed
