@@ -173,13 +173,17 @@ class Mmu:
             self.st[_ST_REMOVED_SEEN] += 1
             return False
         sptep = it.table * self.E + it.index
+        if self.debug:
+            # sampled before the CAS: a table retires only after all its entries are frozen,
+            # so a CAS can succeed on a table that was already dead only if freezing is broken
+            state_before = self.tm.load(it.table * TMETA_WORDS + T_STATE)
         if self.bug_plain_store:
             self.tables.store(sptep, new)            # K4: no atomicity at all
         elif self.tables.cas(sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
-        if self.debug:
-            self._check_table_alive(it.table, it.gfn, new)
+        if self.debug and state_before != TS_LIVE and new & _P:
+            self.violation("install-into-dead-table", it.gfn, it.table, state_before)
         self._handle_changed_spte(it.gfn, old, new, it.level, True)
         return True
 
@@ -257,6 +261,8 @@ class Mmu:
         In shared mode every entry is exchanged to REMOVED, waiting out an entry that
         another thread holds frozen; afterwards no thread can install into the table.
         """
+        if top:
+            self._mark_unflushed()                   # the entries are about to change under vCPUs' TLBs
         t = table * TMETA_WORDS
         level = self.tm.load(t + T_LEVEL)
         base = self.tm.load(t + T_GFN)
@@ -769,21 +775,21 @@ class Mmu:
                     if spte & _L:                                     # a huge leaf
                         if not spte & _W:
                             break
+                        self._mark_unflushed()                # before the change a vCPU may observe
                         if shared:
                             if not self.set_spte_atomic(it, spte & ~_W):
                                 it.old_spte = self.tables.load(it.table * E + it.index)
                                 continue
                         else:
                             self.set_spte(it, spte & ~_W, record_dirty_log=False)
-                        self._mark_unflushed()
                         flush = True
                         changed += 1
                         break
                     if it.level == 2:                                 # a table of 4K leaves: one batch
                         child = (spte & _PFN_MASK) >> S.PFN_SHIFT
+                        self._mark_unflushed()
                         n = self.tables.clear_where(child * E, E, _P, _P, _W, old)
                         if n:
-                            self._mark_unflushed()
                             flush = True
                             changed += n
                     break
@@ -874,8 +880,8 @@ class Mmu:
                     continue
                 if self.bug_mask_late:
                     mask &= ~bit
-                self.set_spte(it, spte & ~_W, record_dirty_log=False)
                 self._mark_unflushed()
+                self.set_spte(it, spte & ~_W, record_dirty_log=False)
                 changed = True
             if mask & visited:
                 # the mask must only name leaves not yet handled, or the walk cannot stop early (K3)
@@ -941,12 +947,6 @@ class Mmu:
         return zapped
 
     # ------------------------------------------------------------------ checks
-
-    def _check_table_alive(self, table: int, gfn: int, new: int) -> None:
-        """Debug: an atomic install must land in a live table (not retired, not freed)."""
-        state = self.tm.load(table * TMETA_WORDS + T_STATE)
-        if state != TS_LIVE and new & _P:
-            self.violation("install-into-dead-table", gfn, table, state)
 
     def _pipe_table(self, table: int) -> None:
         """Debug: record the Reader-Pipe age of a table this RCU reader is about to read."""
