@@ -44,12 +44,12 @@ def test_run_help() -> None:
     assert "--name" in res.stdout
 
 
-def test_run_placeholder(vm_name: str) -> None:
-    res = shmmmu_cmd("run", "--name", vm_name)
+def test_run_small(vm_name: str) -> None:
+    res = shmmmu_cmd("run", "--name", vm_name, "-b", "8M", "-i", "2", "--json")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0].startswith(f"region /dev/shm/shmmmu-{vm_name}:")
-    assert any(line.split()[0] == "tables" for line in lines[1:])
+    import json
+    r = json.loads(res.stdout)
+    assert r["result"] == "SUCCESS" and r["faults"] > 0
     assert not Path("/dev/shm", segment_name(vm_name).lstrip("/")).exists()    # unlinked again
 
 
