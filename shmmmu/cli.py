@@ -292,9 +292,9 @@ def inspect_cmd(
         elif tree:
             t = insp.tree(snap)
             if json_out:
-                print(json.dumps(t))
+                print(json.dumps(t.to_json()))
             else:
-                _print_lines(insp.tree_lines(snap, t))
+                _print_lines(t.lines())
         else:
             s = insp.summary(snap)
             if json_out:

@@ -266,89 +266,104 @@ def walk_tables(snap: Snapshot) -> Walk:
     walk.t_level = np.concatenate(all_l)
     walk.t_gfn = np.concatenate(all_g)
     if lg:
-        gfn = np.concatenate(lg)
-        order = np.argsort(gfn, kind="stable")
-        walk.leaf_gfn = gfn[order]
-        walk.leaf_level = np.concatenate(ll)[order]
-        walk.leaf_spte = np.concatenate(ls)[order]
+        gfn, lvl, sp = np.concatenate(lg), np.concatenate(ll), np.concatenate(ls)
+        if len(lg) > 1 and np.any(gfn[1:] < gfn[:-1]):     # leaves of several levels: merge them by GFN
+            order = np.argsort(gfn, kind="stable")
+            gfn, lvl, sp = gfn[order], lvl[order], sp[order]
+        walk.leaf_gfn, walk.leaf_level, walk.leaf_spte = gfn, lvl, sp
     return walk
 
 
 # ---------------------------------------------------------------- the page-table dump
 
 @dataclass
-class Range:
-    start: int          # first GFN
-    end: int            # one past the last GFN
-    level: int
-    count: int          # leaves in the range
-    attrs: int          # the SPTE bits other than the PFN, shared by every leaf of the range
-    pfn: int            # host page of the first GFN
+class Dump:
+    """The page-table dump: coalesced leaf ranges as numpy columns, plus what the walk could not follow.
+
+    A range is a run of leaves of one size and one set of flags with
+    contiguous GFNs and contiguous host pages (`start`, `end`: GFNs, end
+    exclusive; `pfn`: the host page of `start`; `attrs`: the SPTE bits other
+    than the PFN, shared by every leaf of the run).
+    """
+
+    vm: str
+    width: int                      # hex digits of a GFN
+    tables_per_level: dict[str, int]
+    leaves: int
+    changed: int
+    odd: list[dict[str, Any]]
+    odd_count: int
+    start: np.ndarray
+    end: np.ndarray
+    level: np.ndarray
+    count: np.ndarray
+    attrs: np.ndarray
+    pfn: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.start.size)
+
+    def _flags(self) -> list[str]:
+        uniq, inv = np.unique(self.attrs, return_inverse=True)
+        names = [S.flag_string(int(u)) for u in uniq]
+        return [names[i] for i in inv.tolist()]
 
     def to_json(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "size": S.LEVEL_NAMES[self.level], "count": self.count,
-                "flags": S.flag_string(self.attrs), "pfn": self.pfn}
+        flags = self._flags()
+        ranges = [{"start": a, "end": b, "size": S.LEVEL_NAMES[lv], "count": k, "flags": f, "pfn": p}
+                  for a, b, lv, k, f, p in zip(self.start.tolist(), self.end.tolist(), self.level.tolist(),
+                                               self.count.tolist(), flags, self.pfn.tolist())]
+        return {"vm": self.vm, "ranges": ranges, "odd": self.odd, "odd_count": self.odd_count,
+                "tables_per_level": self.tables_per_level, "leaves": self.leaves,
+                "changed_while_reading": self.changed}
 
-
-def coalesce(walk: Walk, pages_of) -> list[Range]:
-    """Merge consecutive leaves of the same size and flags, with contiguous GFNs and PFNs."""
-    n = walk.leaf_gfn.size
-    if n == 0:
-        return []
-    gfn, level, sp = walk.leaf_gfn, walk.leaf_level, walk.leaf_spte
-    span = pages_of[level]
-    attrs = sp & _U(~S.PFN_MASK & ((1 << 64) - 1))
-    pfn = ((sp & _U(S.PFN_MASK)) >> _U(S.PFN_SHIFT)).astype(np.int64)
-    brk = np.ones(n, dtype=bool)
-    brk[1:] = ((level[1:] != level[:-1]) | (attrs[1:] != attrs[:-1])
-               | (gfn[1:] != gfn[:-1] + span[:-1]) | (pfn[1:] != pfn[:-1] + span[:-1]))
-    starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], n)
-    last = ends - 1
-    out_end = gfn[last] + span[last]
-    return [Range(int(a), int(b), int(lv), int(k), int(at), int(p))
-            for a, b, lv, k, at, p in zip(gfn[starts].tolist(), out_end.tolist(), level[starts].tolist(),
-                                          (ends - starts).tolist(), attrs[starts].tolist(), pfn[starts].tolist())]
+    def lines(self) -> list[str]:
+        w = self.width
+        levels = ", ".join(f"L{k} {v}" for k, v in self.tables_per_level.items())
+        out = [f"# VM {self.vm}: page tables reachable from the root: {levels}; {self.leaves} leaves "
+               f"in {len(self)} ranges (GFN ranges end exclusive)"]
+        rw = 2 * (w + 2) + 1
+        out.append(f"{'# GFN range':<{rw}s}  {'size':>4s} {'count':<8s} {'flags':<32s} first pfn")
+        if not len(self):
+            out.append("(nothing mapped)")
+        fmt = f"0x%0{w}x-0x%0{w}x  %4s x%-7d %-32s pfn 0x%x"
+        sizes = [S.LEVEL_NAMES[lv] for lv in self.level.tolist()]
+        out += [fmt % t for t in zip(self.start.tolist(), self.end.tolist(), sizes, self.count.tolist(),
+                                     self._flags(), self.pfn.tolist())]
+        for o in self.odd:
+            out.append(f"0x{o['gfn']:0{w}x}  L{o['level']} table #{o['table']}[{o['index']}] = {o['raw']:#018x}: "
+                       f"{o['what']}")
+        if self.odd_count > len(self.odd):
+            out.append(f"... and {self.odd_count - len(self.odd)} more such entries")
+        if self.changed:
+            out.append(f"# {self.changed} entries changed while reading (the VM is running; a copy is not atomic)")
+        return out
 
 
 def _pages_of(g: S.Geometry) -> np.ndarray:
     return np.array([0] + [g.pages(lv) for lv in range(1, g.root_level + 1)], dtype=np.int64)
 
 
-def tree(snap: Snapshot, walk: Walk | None = None) -> dict[str, Any]:
+def tree(snap: Snapshot, walk: Walk | None = None) -> Dump:
+    """Merge consecutive leaves of the same size and flags, with contiguous GFNs and PFNs (vectorized)."""
     walk = walk or walk_tables(snap)
     g = snap.geometry
-    ranges = coalesce(walk, _pages_of(g))
-    return {"vm": snap.name, "ranges": [r.to_json() for r in ranges], "odd": walk.odd, "odd_count": walk.odd_count,
-            "tables_per_level": {str(k): v for k, v in sorted(walk.per_level().items(), reverse=True)},
-            "leaves": int(walk.leaf_gfn.size), "changed_while_reading": snap.changed}
-
-
-def _gfn_width(g: S.Geometry) -> int:
-    return len(f"{g.max_gfn:x}")
-
-
-def tree_lines(snap: Snapshot, t: dict[str, Any]) -> list[str]:
-    g = snap.geometry
-    w = _gfn_width(g)
-    levels = ", ".join(f"L{k} {v}" for k, v in t["tables_per_level"].items())
-    out = [f"# VM {snap.name}: page tables reachable from the root: {levels}; {t['leaves']} leaves "
-           f"in {len(t['ranges'])} ranges"]
-    rw = 2 * (w + 2) + 1
-    out.append(f"# {'GFN range (end exclusive)':<{rw - 2}s}  {'size':>4s} {'count':<8s} {'flags':<32s} first pfn")
-    if not t["ranges"]:
-        out.append("(nothing mapped)")
-    for r in t["ranges"]:
-        rng = f"0x{r['start']:0{w}x}-0x{r['end']:0{w}x}"
-        out.append(f"{rng}  {r['size']:>4s} x{r['count']:<7d} {r['flags']:<32s} pfn 0x{r['pfn']:x}")
-    for o in t["odd"]:
-        out.append(f"0x{o['gfn']:0{w}x}  L{o['level']} table #{o['table']}[{o['index']}] = {o['raw']:#018x}: "
-                   f"{o['what']}")
-    if t["odd_count"] > len(t["odd"]):
-        out.append(f"... and {t['odd_count'] - len(t['odd'])} more such entries")
-    if snap.changed:
-        out.append(f"# {snap.changed} entries changed while reading (the VM is running; a copy is not atomic)")
-    return out
+    gfn, level, sp = walk.leaf_gfn, walk.leaf_level, walk.leaf_spte
+    n = gfn.size
+    span = _pages_of(g)[level]
+    attrs = sp & _U(~S.PFN_MASK & ((1 << 64) - 1))
+    pfn = ((sp & _U(S.PFN_MASK)) >> _U(S.PFN_SHIFT)).astype(np.int64)
+    brk = np.ones(n, dtype=bool)
+    brk[1:] = ((level[1:] != level[:-1]) | (attrs[1:] != attrs[:-1])
+               | (gfn[1:] != gfn[:-1] + span[:-1]) | (pfn[1:] != pfn[:-1] + span[:-1]))
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], n).astype(np.int64) if n else np.empty(0, np.int64)
+    last = ends - 1
+    return Dump(vm=snap.name, width=len(f"{g.max_gfn:x}"),
+                tables_per_level={str(k): v for k, v in sorted(walk.per_level().items(), reverse=True)},
+                leaves=int(n), changed=snap.changed, odd=walk.odd, odd_count=walk.odd_count,
+                start=gfn[starts], end=gfn[last] + span[last], level=level[starts], count=ends - starts,
+                attrs=attrs[starts], pfn=pfn[starts])
 
 
 # ---------------------------------------------------------------- one GFN's walk

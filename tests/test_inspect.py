@@ -46,7 +46,7 @@ def test_snapshot_is_read_only_and_takes_no_lock(vm_name: str, monkeypatch: pyte
         assert s["mappings"]["4K"] == 10 and s["tables"]["reachable_per_level"] == {"4": 1, "3": 1, "2": 1, "1": 1}
         assert s["snapshot"]["changed_while_reading"] == 0
         assert insp.run_checks(snap) == [] and insp.check(snap) == []
-        t = insp.tree(snap)
+        t = insp.tree(snap).to_json()
         assert len(t["ranges"]) == 1
         r0 = t["ranges"][0]
         assert (r0["start"], r0["end"], r0["size"], r0["count"]) == (BASE, BASE + 10, "4K", 10)
@@ -68,7 +68,7 @@ def test_coalescing_breaks_on_flags_pfn_and_size(vm_name: str) -> None:
         tables[leaf_table, 1] = S.write_protect(int(tables[leaf_table, 1]))
         v = int(tables[leaf_table, 3])
         tables[leaf_table, 3] = (v & ~S.PFN_MASK) | (0x777 << S.PFN_SHIFT)
-        t = insp.tree(insp.take_snapshot(vm_name))
+        t = insp.tree(insp.take_snapshot(vm_name)).to_json()
         got = [(r["start"] - BASE, r["end"] - BASE, r["count"], r["pfn"]) for r in t["ranges"]]
         p0 = t["ranges"][0]["pfn"]
         assert got == [(0, 1, 1, p0), (1, 2, 1, p0 + 1), (2, 3, 1, p0 + 2), (3, 4, 1, 0x777), (5, 8, 3, p0 + 5)]
@@ -100,7 +100,7 @@ def test_damaged_tables_are_reported_not_fatal(vm_name: str) -> None:
         assert w.removed_count == 1
         s = insp.summary(snap, w)
         assert s["mappings"]["removed_entries"] == 1 and s["mappings"]["odd_entries"] == w.odd_count
-        lines = insp.tree_lines(snap, insp.tree(snap, w))
+        lines = insp.tree(snap, w).lines()
         assert any("outside the pool" in ln for ln in lines)
         found = insp.run_checks(snap)                               # falls back on the merging walk
         assert any("outside the pool" in f for f in found) and any("reached twice" in f for f in found)
@@ -134,8 +134,18 @@ def test_a_table_changing_while_copied_is_counted(vm_name: str, monkeypatch: pyt
         assert snap.changed == 7
         lines = insp.summary_lines(insp.summary(snap))
         assert lines[-1].endswith("7 entries changed while reading")
-        assert insp.tree_lines(snap, insp.tree(snap))[-1].startswith("# 7 entries changed while reading")
+        assert insp.tree(snap).lines()[-1].startswith("# 7 entries changed while reading")
         del tables, host
+
+
+def test_an_empty_tree(vm_name: str) -> None:
+    vm, host = _vm(vm_name, faults=[])
+    with vm:
+        snap = insp.take_snapshot(vm_name, host_map=True)
+        d = insp.tree(snap)
+        assert len(d) == 0 and d.to_json()["ranges"] == [] and "(nothing mapped)" in d.lines()
+        assert insp.summary(snap)["mappings"]["bytes"] == 0 and insp.run_checks(snap) == []
+        del host
 
 
 def test_parse_gfn() -> None:

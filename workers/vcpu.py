@@ -19,6 +19,7 @@ from shmmmu.workloads import GFN_MASK, accesses, make_value
 from workers.common import STATUS_DONE, STATUS_FAILED, STATUS_READY, set_status, start_worker
 
 CHUNK = 256
+PUBLISH_EVERY = 16       # chunks between publications of this vCPU's counters (about 2 us each)
 
 
 def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> None:
@@ -44,6 +45,8 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
                             vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
                 ws.store(row + W_HEARTBEAT, ws.load(row + W_HEARTBEAT) + 1)
                 ws.store(row + W_PROGRESS_NS, time.monotonic_ns())
+                if (k // CHUNK) % PUBLISH_EVERY == PUBLISH_EVERY - 1:
+                    vcpu.mmu.publish_stats()        # counters move during a long iteration (inspect --watch)
                 if ctl.load(C_STOP):
                     return
                 if ctl.load(C_PAUSE):
