@@ -434,7 +434,7 @@ def rm_cmd(
                   + (f" (pid {e.creator_pid})" if e.creator_pid else "")
                   + ": its processes keep running on the unlinked region", file=sys.stderr)
         gone = remove_vm(e.name)
-        print(f"removed {e.name} ({e.state}): {len(gone)} objects")
+        print(f"removed {e.name} ({e.state}): {len(gone)} object{'' if len(gone) == 1 else 's'}")
 
 
 

@@ -425,7 +425,8 @@ def gfn_walk(snap: Snapshot, gfn: int) -> dict[str, Any]:
             span = g.pages(level)
             pfn_host = d.pfn + (gfn - g.round(gfn, level))
             step["meaning"] = (f"{S.LEVEL_NAMES[level]} page at GFN {g.round(gfn, level):#x}, host page {d.pfn:#x}"
-                               + (f" (+{gfn - g.round(gfn, level):#x} -> {pfn_host:#x})" if span > 1 else ""))
+                               + (f" (+{gfn - g.round(gfn, level):#x} -> {pfn_host:#x})"
+                                  if span > 1 and gfn != g.round(gfn, level) else ""))
             result = f"mapped: {S.LEVEL_NAMES[level]} page, host page {pfn_host:#x}"
         elif d.kind == "none":
             step["meaning"] = "empty: a fault would fill it"
