@@ -59,6 +59,9 @@ _ST_ALLOC = STAT["tables_allocated"]
 _ST_LINKED = STAT["tables_linked"]
 _ST_LINK_RACE = STAT["link_races"]
 _ST_MAPPED = [0, STAT["mapped_4k"], STAT["mapped_2m"], STAT["mapped_1g"], STAT["mapped_1g"]]
+_ST_FAULT_NS = STAT["fault_ns"]
+_ST_NOTIFIER_RETRIES = STAT["notifier_retries"]
+_now_ns = time.perf_counter_ns
 
 
 class Mmu:
@@ -119,6 +122,10 @@ class Mmu:
         # the fault path reuses one iterator (a walk never outlives its fault)
         self._fault_iter = TdpIter(self.tables, self.geometry, self.root, self.root_level, 1, 0)
         self._fault_slot: Slot | None = None
+        # make_spte() of a fault, per level, for host page 0: the PFN is the only part that varies
+        # (spte.make_leaf ORs it in), so a fault ORs its page into this instead of rebuilding the bits
+        self._leaf_template = [0] + [S.make_leaf(0, level, writable=True, exec_ok=not (self.nx and level > 1))
+                                     for level in range(1, self.root_level + 1)]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -249,7 +256,7 @@ class Mmu:
         if (record_dirty_log and level == 1 and is_present and new & _W
                 and (not (old & _W and was_present) or pfn_changed)):
             slot = self._fault_slot
-            if slot is None or not slot.contains(gfn):
+            if slot is None or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
                 slot = self.slots.lookup(gfn)
             if slot is not None and slot.flags & MSF_LOG_DIRTY:
                 self.slots.mark_dirty(slot, gfn)
@@ -380,42 +387,47 @@ class Mmu:
 
     def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """direct_page_fault() + kvm_tdp_mmu_map() for a TDP root; returns a RET_PF_* value."""
-        t0 = time.perf_counter_ns()
+        t0 = _now_ns()
         st = self.st
         st[_ST_FAULTS] += 1
-        self.pool.topup()                             # may sleep: outside any lock
+        pool = self.pool
+        if pool.count < pool.min:
+            pool.topup()                              # may sleep: outside any lock
         mmu_seq = self.ctl.load(C_NOTIFIER_SEQ)
-        slot = self.slots.lookup(gfn)
+        slots = self.slots
+        slot = slots.lookup(gfn)
         if slot is None:
             return RET_PF_EMULATE                     # no memslot: MMIO, emulated
-        pfn = self.slots.gfn_to_pfn(slot, gfn)        # the "GUP": may be stale by the time we install
-        level = self.slots.max_mapping_level(slot, gfn)
+        pfn = slots.gfn_to_pfn(slot, gfn)             # the "GUP": may be stale by the time we install
+        level = slots.max_mapping_level(slot, gfn)
         req_level = level
         if exec_fault and self.nx and level > 1:
             level = 1                                 # the NX huge page mitigation (iTLB multihit)
         lock = self.lock
-        if self.shared:
+        shared = self.shared
+        if shared:
             lock.read_lock()
         else:
             lock.write_lock()
         try:
-            if self.bug_read_fault_reclaim or not self.shared:
+            if self.bug_read_fault_reclaim or not shared:
                 self.make_mmu_pages_available()
             if not self.bug_no_recheck and self._notifier_retry(mmu_seq, gfn, slot):
-                st[STAT["notifier_retries"]] += 1
+                st[_ST_NOTIFIER_RETRIES] += 1
                 st[_ST_RETRIES] += 1
                 return RET_PF_RETRY
-            self.rcu.read_lock()
+            rcu = self.rcu
+            rcu.read_lock()
             self._fault_slot = slot
             try:
                 r = self._map(gfn, write, exec_fault, pfn, level, req_level, slot)
             finally:
                 self._fault_slot = None
-                self.rcu.read_unlock()
+                rcu.read_unlock()
             if self._unflushed:
                 self.flush_remote_tlbs()
         finally:
-            if self.shared:
+            if shared:
                 lock.read_unlock()
             else:
                 lock.write_unlock()
@@ -425,7 +437,7 @@ class Mmu:
             st[_ST_SPURIOUS] += 1
         else:
             st[_ST_RETRIES] += 1
-        st[STAT["fault_ns"]] += time.perf_counter_ns() - t0
+        st[_ST_FAULT_NS] += _now_ns() - t0
         return r
 
     def _notifier_retry(self, mmu_seq: int, gfn: int, slot: Slot) -> bool:
@@ -452,15 +464,22 @@ class Mmu:
         E = self.E
         tables = self.tables
         it = self._fault_iter.start(self.root, 1, gfn)
-        if self.debug:
+        step = it.next
+        debug, nx, P, L = self.debug, self.nx, _P, _L
+        if debug:
             self._pipe_table(self.root)
-        while it.valid and it.gfn < gfn + 1:
-            if self.nx and level > 1 and it.level == level and it.old_spte & _P and not it.old_spte & _L:
+        while it.valid and it.gfn <= gfn:
+            if nx and level > 1 and it.level == level and it.old_spte & P and not it.old_spte & L:
                 level -= 1                           # disallowed_hugepage_adjust(): keep small mappings
             if it.level == level:
                 break
             spte = it.old_spte
-            if spte & _P and spte & _L:
+            if spte & P and not spte & L:
+                step()                               # a present non-leaf: step down into it
+                if debug and it.valid:
+                    self._pipe_table(it.table)
+                continue
+            if spte & _P:
                 # a huge page above the target level: zap it so it can be split
                 if shared:
                     if not self.zap_spte_atomic(it):
@@ -490,7 +509,7 @@ class Mmu:
                     self._link_page(child, self.nx and exec_fault and req_level >= it.level)
                     self.st[_ST_LINKED] += 1
             it.next()
-            if self.debug and it.valid:
+            if debug and it.valid:
                 self._pipe_table(it.table)
         if not it.valid or it.level != level:
             return RET_PF_RETRY
@@ -500,7 +519,7 @@ class Mmu:
                                  slot: Slot) -> int:
         """tdp_mmu_map_handle_target_level()."""
         pfn_base = pfn & ~((1 << (self.bits * (level - 1))) - 1)
-        new = S.make_leaf(pfn_base, level, writable=True, exec_ok=not (self.nx and level > 1))
+        new = self._leaf_template[level] | (pfn_base << S.PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)
         old = it.old_spte
         if new == old:
             return RET_PF_SPURIOUS

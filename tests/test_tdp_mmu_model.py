@@ -525,6 +525,19 @@ def test_enabling_dirty_logging_starts_with_an_empty_bitmap(vm_name: str) -> Non
         assert int(host.get_dirty_log(0)[0]) == 0
 
 
+@pytest.mark.parametrize("nx", [False, True])
+def test_fault_leaf_template_is_make_spte(vm_name: str, nx: bool) -> None:
+    """The fault path ORs the page into a per-level template; that must be exactly spte.make_leaf."""
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=9, memslots=[MemslotSpec(0, 512, 1)], nx_huge_pages=nx)
+    with create_vm(cfg) as vm:
+        mmu = Mmu(vm, vm.config.host_worker)
+        for level in (1, 2, 3):
+            for pfn in (0, 1, 512, 0x12345 << 9, (1 << 40) - 512):
+                pfn &= ~((1 << (9 * (level - 1))) - 1)
+                want = S.make_leaf(pfn, level, writable=True, exec_ok=not (nx and level > 1))
+                assert mmu._leaf_template[level] | (pfn << S.PFN_SHIFT) == want
+
+
 # ---------------------------------------------------------------- the same operations as a state machine
 
 
