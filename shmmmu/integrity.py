@@ -100,7 +100,23 @@ def table_problems(vm) -> list[str]:
         problems.append(f"use-after-free: reachable table {int(not_live[0])} is in state {int(state[not_live[0]])}")
     leaked = np.flatnonzero(~reach & (state == TS_LIVE))
     if leaked.size:
-        problems.append(f"table-leak: {leaked.size} live tables are unreachable (first: {int(leaked[0])})")
+        from shmmmu.layout import NIL, T_GFN, T_LEVEL, T_OWNER
+        tm = vm.region.array("tmeta")
+        t = int(leaked[0])
+        owner = int(tm[t, T_OWNER])
+        how = "never linked, allocated by worker %d" % owner if owner != NIL else "linked once, then lost"
+        from shmmmu.layout import T_PARENT
+        parent = int(tm[t, T_PARENT])
+        if parent != NIL and owner == NIL:
+            E = tables.shape[1]
+            p_t, p_i = divmod(parent, E)
+            from shmmmu.layout import T_RETIRE_FLUSH
+            td = int(tm[p_t, T_RETIRE_FLUSH])
+            how += (f"; linked at table {p_t} entry {p_i} (table state {int(state[p_t])}, entry now "
+                    f"{int(tables[p_t, p_i]):#x}, torn down by worker {td >> 8} shared={(td >> 4) & 1} "
+                    f"lock={td & 3})")
+        problems.append(f"table-leak: {leaked.size} live tables are unreachable (first: table {t}, level "
+                        f"{int(tm[t, T_LEVEL])}, gfn {int(tm[t, T_GFN]):#x}, {how})")
     ws = vm.region.array("wstate")
     n_free, n_cached = int((state == TS_FREE).sum()), int((state == TS_CACHED).sum())
     n_retired = int((state == TS_RETIRED).sum())

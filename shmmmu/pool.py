@@ -38,6 +38,7 @@ class Pool:
         self.config = config
         self.debug = config.debug
         self.tables = region.array("tables")
+        self.tables_region = region
         self.tw = region.words("tables")
         self.tmeta = region.array("tmeta")
         self.tm = region.words("tmeta")
@@ -100,6 +101,11 @@ class Pool:
         if not n:
             return 0
         if self.debug:
+            states = self.tmeta[got.astype(np.intp), T_STATE]
+            if (states != TS_FREE).any():
+                from shmmmu import violations
+                k = int(np.flatnonzero(states != TS_FREE)[0])
+                violations.record(self.tables_region, "table-leak", self.worker, 0, int(got[k]), int(states[k]))
             self.tables[got.astype(np.intp)] = 0          # clear the poison, still outside the MMU lock
         idx = got.astype(np.intp)
         self.tmeta[idx, T_STATE] = TS_CACHED
@@ -143,6 +149,24 @@ class Pool:
         if not tables:
             return
         idx = np.asarray(tables, dtype=np.intp)
+        if self.debug:
+            states = self.tmeta[idx, T_STATE]
+            if (states == TS_FREE).any() or (states == TS_CACHED).any():
+                from shmmmu import violations
+                k = int(np.flatnonzero((states == TS_FREE) | (states == TS_CACHED))[0])
+                violations.record(self.tables_region, "table-leak", self.worker, 1, int(idx[k]), int(states[k]))
+            # a table is freed only after teardown: no entry may still be present
+            snap = self.tables[idx]
+            bad = np.argwhere((snap & np.uint64(1 << 11)) != 0)
+            if bad.size:
+                from shmmmu import violations
+                from shmmmu.layout import T_NX_PREV
+                row, col = (int(x) for x in bad[0])
+                val = int(snap[row, col])
+                child = (val >> 12) & ((1 << 40) - 1)
+                linker = int(self.tmeta[child, T_NX_PREV]) if child < self.tmeta.shape[0] else -1
+                violations.record(self.tables_region, "install-into-dead-table", self.worker,
+                                  (int(idx[row]) << 16) | col, val, linker)
         self.tables[idx] = POISON if self.debug else 0
         for table in tables:
             t = table * TMETA_WORDS

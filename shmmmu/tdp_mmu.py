@@ -28,10 +28,10 @@ from shmmmu import spte as S
 from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NOTIFIER_COUNT, C_NOTIFIER_END, C_NOTIFIER_SEQ,
                            C_NOTIFIER_START, C_NX_COUNT, C_NX_HEAD, C_UNFLUSHED, MS_FLAGS, MS_GEN, MS_WORDS,
                            MSF_LOG_DIRTY, N_STATS, NIL, ROOT_TABLE, STAT, TMETA_WORDS, T_GEN, T_GFN, T_LEVEL,
-                           T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_OWNER, T_PARENT, T_PREV, T_STATE, TS_LIVE,
+                           T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_OWNER, T_PARENT, T_PREV, T_RETIRE_FLUSH, T_STATE, TS_LIVE,
                            TS_RETIRED)
 from shmmmu.memslots import Memslots, Slot
-from shmmmu.rwlock import HELD_READ, HELD_WRITE, LockError
+from shmmmu.rwlock import HELD_READ, HELD_WRITE, QW_LOCKED, LockError
 from shmmmu.tdp_iter import TdpIter, for_each_leaf, for_each_pte
 from shmmmu.tlb import Tlb, TlbControl
 from shmmmu.vm import VM
@@ -126,6 +126,9 @@ class Mmu:
         # (spte.make_leaf ORs it in), so a fault ORs its page into this instead of rebuilding the bits
         self._leaf_template = [0] + [S.make_leaf(0, level, writable=True, exec_ok=not (self.nx and level > 1))
                                      for level in range(1, self.root_level + 1)]
+        self._removed: list[int] = []           # tables torn down, freed after the outermost flush
+        self._removed_depth = 0
+        self._walk_gens: dict[int, int] = {}     # debug: generation of each table this walk stepped into
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -189,8 +192,13 @@ class Mmu:
         elif self.tables.cas(sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
-        if self.debug and state_before != TS_LIVE and new & _P:
-            self.violation("install-into-dead-table", it.gfn, it.table, state_before)
+        if self.debug:
+            if state_before != TS_LIVE and new & _P:
+                self.violation("install-into-dead-table", it.gfn, it.table, state_before)
+            gen = self._walk_gens.get(it.table)
+            if gen is not None and gen != self.tm.load(it.table * TMETA_WORDS + T_GEN):
+                # the table was freed (and maybe reused) while this RCU reader held it
+                self.violation("use-after-free", it.gfn, it.table, gen)
         self._handle_changed_spte(it.gfn, old, new, it.level, True)
         return True
 
@@ -199,6 +207,8 @@ class Mmu:
         old = it.old_spte
         if old == _REMOVED:
             self.violation("frozen-entry-overwritten", it.gfn, old, new)
+        if self.debug and self.lock.mode != HELD_WRITE:
+            self.violation("lockdep", it.gfn, self.lock.mode, HELD_WRITE)
         self.tables.store(it.table * self.E + it.index, new)
         it.old_spte = new
         self._handle_changed_spte(it.gfn, old, new, it.level, False, record_dirty_log)
@@ -251,8 +261,12 @@ class Mmu:
         elif was_leaf and not is_leaf:
             st[_ST_MAPPED[level]] -= 1
             st[STAT["zapped_leaves"]] += 1
-        if was_present and not was_leaf and (not is_present or pfn_changed):
-            self._handle_removed_pt((old & _PFN_MASK) >> S.PFN_SHIFT, shared, top=True)
+        # A non-leaf replaced by anything but itself disconnects its table.  The kernel tests
+        # only pfn_changed, which suffices where table pages and guest pages are all host
+        # frames; here a child table's index and a huge leaf's host page are different
+        # namespaces and can be equal, so a non-leaf -> leaf change always counts.
+        if was_present and not was_leaf and (not is_present or is_leaf or pfn_changed):
+            self._handle_removed_pt((old & _PFN_MASK) >> S.PFN_SHIFT, shared)
         if (record_dirty_log and level == 1 and is_present and new & _W
                 and (not (old & _W and was_present) or pfn_changed)):
             slot = self._fault_slot
@@ -262,17 +276,28 @@ class Mmu:
                 self.slots.mark_dirty(slot, gfn)
                 st[STAT["dirty_marked"]] += 1
 
-    def _handle_removed_pt(self, table: int, shared: bool, top: bool) -> None:
+    def _handle_removed_pt(self, table: int, shared: bool) -> None:
         """handle_removed_tdp_mmu_page(): unlink, freeze every entry (recursing), flush, retire.
 
         In shared mode every entry is exchanged to REMOVED, waiting out an entry that
         another thread holds frozen; afterwards no thread can install into the table.
         """
+        top = not self._removed_depth
+        self._removed_depth += 1
+        try:
+            self._teardown(table, shared, top)
+        finally:
+            self._removed_depth -= 1
+
+    def _teardown(self, table: int, shared: bool, top: bool) -> None:
         if top:
             self._mark_unflushed()                   # the entries are about to change under vCPUs' TLBs
         t = table * TMETA_WORDS
         level = self.tm.load(t + T_LEVEL)
         base = self.tm.load(t + T_GFN)
+        if self.debug:
+            # who tore it down, and how (for leak reports): worker, shared, lock mode held
+            self.tm.store(t + T_RETIRE_FLUSH, (self.worker << 8) | (int(shared) << 4) | self.lock.mode)
         self._unlink_page(table, shared)
         E = self.E
         old = np.empty(E, dtype=np.uint64)
@@ -316,18 +341,26 @@ class Mmu:
             for i, v in zip(present_idx[~leaf], vals[~leaf]):
                 child_gfn = base + (int(i) << shift)
                 self._handle_changed_spte(child_gfn, int(v), _REMOVED, level, shared)
+        self._removed.append(table)
         if top:
-            # the 5.12 flush inside handle_removed: no hardware walk may still stand in the table
-            self._mark_unflushed()
+            # the 5.12 flush inside handle_removed: no hardware walk may still stand in the
+            # table (or the tables below it) when it is freed
             self.flush_remote_tlbs()
-        self._free_table(table)
+            removed, self._removed = self._removed, []
+            for t_ in removed:
+                self._free_table(t_)
 
     def _free_table(self, table: int) -> None:
-        if self.shared and not self.bug_rcu_free:
+        """Retire to RCU (the series: also under the write lock), or free at once (the baseline, bug K7)."""
+        if self.debug:
+            state = self.tm.load(table * TMETA_WORDS + T_STATE)
+            if state != TS_LIVE:
+                self.violation("table-leak", 0, table, state)     # torn down twice, or not live
+                return
+        if self.config.lock_mode == "shared" and not self.bug_rcu_free:
             self.rcu.call_rcu(table)
             self.st[STAT["tables_retired"]] += 1
         else:
-            # the pre-series baseline (and bug K7): freed at once, nobody waits for readers
             self.pool.free([table])
             self.st[STAT["tables_freed"]] += 1
 
@@ -467,6 +500,7 @@ class Mmu:
         step = it.next
         debug, nx, P, L = self.debug, self.nx, _P, _L
         if debug:
+            self._walk_gens.clear()
             self._pipe_table(self.root)
         while it.valid and it.gfn <= gfn:
             if nx and level > 1 and it.level == level and it.old_spte & P and not it.old_spte & L:
@@ -496,6 +530,13 @@ class Mmu:
                 child = self.pool.alloc(it.level - 1, it.gfn)
                 self.st[_ST_ALLOC] += 1
                 new = S.make_nonleaf(child)
+                if self.debug:
+                    self.tm.store(child * TMETA_WORDS + T_PARENT, it.table * E + it.index)
+                    # who linked it, at which gen of the parent: worker | parent gen << 8
+                    self.tm.store(child * TMETA_WORDS + T_NX_PREV,
+                                  self.worker | (self.tm.load(it.table * TMETA_WORDS + T_GEN) << 8))
+                    if shared and self.lock.w.load(self.lock.cnts) & QW_LOCKED == QW_LOCKED:
+                        self.violation("lockdep", it.gfn, self.lock.w.load(self.lock.cnts), 0)
                 if shared:
                     if self.set_spte_atomic(it, new):
                         self._link_page(child, self.nx and exec_fault and req_level >= it.level)
@@ -972,6 +1013,7 @@ class Mmu:
         from shmmmu.rcu import pipe_age
         from shmmmu.layout import C_EPOCH, PIPE_LEN, T_RETIRE_EPOCH, W_RCU, WSTATE_WORDS
         t = table * TMETA_WORDS
+        self._walk_gens[table] = self.tm.load(t + T_GEN)
         state = self.tm.load(t + T_STATE)
         if state == TS_LIVE:
             age = 0
