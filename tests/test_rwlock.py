@@ -1,0 +1,326 @@
+"""The MMU RWLock and Mutex: fast paths, exclusion, qrwlock fairness, needbreak/cond_resched, wake-ups, recovery.
+
+Several handles on one lock in one process (one per worker slot, used from
+threads) stand in for processes here; the SIGKILL tests use real processes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+from shmmmu.layout import MMU_LOCK, PAGES_LOCK, W_PID, WSTATE_WORDS
+from shmmmu.region import Region
+from shmmmu.rwlock import HELD_READ, HELD_WRITE, SLEEP_TIMEOUT, LockError, Mutex, RWLock, assert_held
+from shmmmu.torture import TC_HOLDING, dead_workers, torture_config
+from shmmmu.vm import create_region
+
+N = 6
+
+
+@pytest.fixture
+def region(vm_name: str) -> Iterator[Region]:
+    with create_region(torture_config(vm_name, N)) as r:
+        yield r
+
+
+def handles(region: Region, n: int = N) -> list[RWLock]:
+    return [RWLock(region, MMU_LOCK, k) for k in range(n)]
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
+    """Run fn in a daemon thread; the event is set once it returned."""
+    done = threading.Event()
+
+    def body() -> None:
+        fn()
+        done.set()
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, done
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.001)
+    return cond()
+
+
+# ---------------------------------------------------------------- one process, one handle
+
+def test_read_and_write_fast_paths_update_state_and_records(region: Region) -> None:
+    a = handles(region)[0]
+    a.read_lock()
+    assert a.state()["readers"] == 1 and not a.state()["write_locked"]
+    assert [(k, mode) for k, _, mode in a.held_by()] == [(0, HELD_READ)]
+    a.assert_held(HELD_READ)
+    a.assert_held()
+    a.read_unlock()
+    assert a.held_by() == [] and a.state()["readers"] == 0
+    a.write_lock()
+    st = a.state()
+    assert st["write_locked"] == 1 and st["writer"] == 0 and st["readers"] == 0
+    assert [(k, mode) for k, _, mode in a.held_by()] == [(0, HELD_WRITE)]
+    a.write_unlock()
+    assert a.state() == {"readers": 0, "write_locked": 0, "writer_waiting": 0, "queue": 0, "writer": -1,
+                         "contended": 0}
+    assert a.stats.read_acquired == 1 and a.stats.write_acquired == 1 and a.stats.contended == 0
+
+
+def test_held_by_names_the_pid_from_the_worker_row(region: Region) -> None:
+    a = handles(region)[2]
+    region.words("wstate").store(2 * WSTATE_WORDS + W_PID, os.getpid())
+    with a.read():
+        assert a.held_by() == [(2, os.getpid(), HELD_READ)]
+
+
+def test_assert_held_and_misuse_raise_lock_error(region: Region) -> None:
+    a = handles(region)[0]
+    with pytest.raises(LockError, match="not held"):
+        a.assert_held()
+    with pytest.raises(LockError):
+        a.read_unlock()
+    with pytest.raises(LockError):
+        a.write_unlock()
+    with a.read():
+        with pytest.raises(LockError, match="held for write"):
+            assert_held(a, HELD_WRITE)
+        with pytest.raises(LockError):
+            a.write_unlock()
+    with a.write():
+        assert_held(a, HELD_WRITE)
+        with pytest.raises(LockError, match="held for read"):
+            a.assert_held(HELD_READ)
+
+
+def test_context_managers_release_on_exception(region: Region) -> None:
+    a = handles(region)[0]
+    with pytest.raises(ValueError):
+        with a.write():
+            raise ValueError
+    with pytest.raises(ValueError):
+        with a.read():
+            raise ValueError
+    assert a.state()["readers"] == 0 and not a.state()["write_locked"] and a.held_by() == []
+
+
+def test_no_contention_no_needbreak_no_resched(region: Region) -> None:
+    a = handles(region)[0]
+    with a.read():
+        assert not a.needbreak()
+        assert a.cond_resched_read() is False
+    with a.write():
+        assert a.cond_resched_write() is False
+    assert a.stats.yields == 0 and a.stats.needbreak_seen == 0
+    with pytest.raises(LockError):
+        a.cond_resched_read()
+
+
+# ---------------------------------------------------------------- several handles (threads)
+
+def test_readers_share(region: Region) -> None:
+    hs = handles(region)
+    for h in hs[:4]:
+        h.read_lock()
+    assert hs[0].state()["readers"] == 4
+    assert sorted(k for k, _, _ in hs[0].held_by()) == [0, 1, 2, 3]
+    for h in hs[:4]:
+        h.read_unlock()
+    assert hs[0].state()["readers"] == 0
+
+
+def test_writer_excludes_readers_and_writers(region: Region) -> None:
+    a, b, c = handles(region)[:3]
+    a.write_lock()
+    tb, rb = in_thread(lambda: (b.read_lock(), b.read_unlock()))
+    tc, wc = in_thread(lambda: (c.write_lock(), c.write_unlock()))
+    assert not rb.wait(0.15) and not wc.wait(0.01)
+    assert a.needbreak()            # somebody queued behind the holder
+    a.write_unlock()
+    assert rb.wait(5) and wc.wait(5)
+    assert b.stats.contended == 1 and c.stats.contended == 1
+    assert a.state()["readers"] == 0 and not a.state()["write_locked"]
+
+
+def test_waiting_writer_blocks_new_readers(region: Region) -> None:
+    """qrwlock fairness: once a writer waits, a new reader queues behind it (no writer starvation)."""
+    a, w, c = handles(region)[:3]
+    order: list[str] = []
+    a.read_lock()
+    tw, wd = in_thread(lambda: (w.write_lock(), order.append("writer"), time.sleep(0.05), w.write_unlock()))
+    assert wait_for(lambda: a.state()["writer_waiting"] == 1)
+    tc, cd = in_thread(lambda: (c.read_lock(), order.append("reader"), c.read_unlock()))
+    assert not cd.wait(0.1), "a new reader got in beside a waiting writer"
+    assert a.needbreak()
+    a.read_unlock()
+    assert wd.wait(5) and cd.wait(5)
+    assert order == ["writer", "reader"]
+
+
+def test_cond_resched_read_lets_the_waiting_writer_in(region: Region) -> None:
+    a, w = handles(region)[:2]
+    got = threading.Event()
+    a.read_lock()
+    tw, wd = in_thread(lambda: (w.write_lock(), got.set(), w.write_unlock()))
+    assert wait_for(lambda: a.state()["writer_waiting"] == 1)
+    assert a.cond_resched_read() is True          # drops, the writer runs, retakes
+    assert got.is_set() and wd.wait(5)
+    a.assert_held(HELD_READ)
+    assert a.stats.yields == 1 and a.stats.needbreak_seen >= 1
+    a.read_unlock()
+
+
+def test_cond_resched_write_lets_a_waiting_reader_in(region: Region) -> None:
+    a, r = handles(region)[:2]
+    got = threading.Event()
+    a.write_lock()
+    tr, rd = in_thread(lambda: (r.read_lock(), got.set(), r.read_unlock()))
+    assert wait_for(a.needbreak)
+    assert a.cond_resched_write() is True
+    assert wait_for(got.is_set)
+    a.assert_held(HELD_WRITE)
+    assert a.stats.yields == 1
+    a.write_unlock()
+    assert rd.wait(5)
+
+
+@pytest.mark.parametrize("first,second", [("w", "w"), ("w", "r"), ("r", "w")])
+def test_handoff_wakes_the_sleeper_at_once(region: Region, first: str, second: str) -> None:
+    """A sleeper is woken by the release, not by its SLEEP_TIMEOUT (regression: writer after writer slept 0.2 s)."""
+    a, b = handles(region)[:2]
+    lock_a, unlock_a = (a.write_lock, a.write_unlock) if first == "w" else (a.read_lock, a.read_unlock)
+    lock_b, unlock_b = (b.write_lock, b.write_unlock) if second == "w" else (b.read_lock, b.read_unlock)
+    delays = []
+    for _ in range(5):
+        lock_a()
+        stamp: list[float] = []
+        t, done = in_thread(lambda: (lock_b(), stamp.append(time.monotonic()), unlock_b()))
+        time.sleep(0.03)                           # long enough for b to go to sleep on a semaphore
+        t_release = time.monotonic()
+        unlock_a()
+        assert done.wait(5)
+        delays.append(stamp[0] - t_release)
+    assert statistics.median(delays) < SLEEP_TIMEOUT / 4, f"woken late: {delays}"
+
+
+def test_busted_writer_barges_in_beside_a_reader(region: Region) -> None:
+    """lock_busted, the negative control: the slow-path writer does not wait for readers."""
+    a = handles(region)[0]
+    w = RWLock(region, MMU_LOCK, 1, busted=True)
+    a.read_lock()
+    t, done = in_thread(w.write_lock)
+    assert done.wait(5)
+    st = a.state()
+    assert st["readers"] == 1 and st["write_locked"] == 1
+    w.write_unlock()
+    a.read_unlock()
+
+
+def test_recover_a_write_hold_wakes_queued_waiters(region: Region) -> None:
+    dead, r, w = handles(region)[:3]
+    dead.write_lock()
+    tr, rd = in_thread(lambda: (r.read_lock(), r.read_unlock()))
+    assert wait_for(dead.needbreak)
+    done = r.recover(0)
+    assert done and "write hold of worker 0" in done[0]
+    assert rd.wait(5)
+    tw, wd = in_thread(lambda: (w.write_lock(), w.write_unlock()))
+    assert wd.wait(5)
+    assert r.held_by() == [] and r.state()["readers"] == 0 and not r.state()["write_locked"]
+
+
+def test_recover_a_read_hold_lets_the_waiting_writer_in(region: Region) -> None:
+    dead, w = handles(region)[:2]
+    dead.read_lock()
+    tw, wd = in_thread(lambda: (w.write_lock(), w.write_unlock()))
+    assert wait_for(lambda: w.state()["writer_waiting"] == 1)
+    assert not wd.wait(0.05)
+    assert "read hold of worker 0" in w.recover(0)[0]
+    assert wd.wait(5)
+    assert w.recover(0) == []                      # nothing left to recover
+
+
+# ---------------------------------------------------------------- Mutex
+
+def test_mutex_excludes_and_records(region: Region) -> None:
+    m0, m1 = Mutex(region, PAGES_LOCK, 0), Mutex(region, PAGES_LOCK, 1)
+    with pytest.raises(LockError):
+        m0.release()
+    with pytest.raises(LockError):
+        m0.assert_held()
+    with m0:
+        m0.assert_held()
+        t, done = in_thread(lambda: (m1.acquire(), m1.release()))
+        assert not done.wait(0.1)
+    assert done.wait(5)
+
+
+def test_mutex_recover_releases_a_dead_holder(region: Region) -> None:
+    m0, m1 = Mutex(region, PAGES_LOCK, 0), Mutex(region, PAGES_LOCK, 1)
+    m0.acquire()
+    t, done = in_thread(lambda: (m1.acquire(), m1.release()))
+    assert not done.wait(0.05)
+    assert m1.recover(0) and done.wait(5)
+    assert m1.recover(0) == []
+
+
+# ---------------------------------------------------------------- SIGKILL while holding (real processes)
+
+def spawn_holder(region: Region, worker: int, what: str) -> subprocess.Popen:
+    """A process that takes `what` (write, read, rcu) in slot `worker` and keeps it until killed."""
+    holding = region.words("tables").load(TC_HOLDING)
+    p = subprocess.Popen([sys.executable, "-m", "shmmmu.torture", "worker", "hold", "--region", region.name,
+                          "--worker", str(worker), "--role", what], stdin=subprocess.DEVNULL)
+    if not wait_for(lambda: region.words("tables").load(TC_HOLDING) > holding or p.poll() is not None, 30):
+        p.kill()
+        p.wait()
+        pytest.fail("the holder process did not take its lock")
+    assert p.poll() is None
+    return p
+
+
+def kill_and_reap(p: subprocess.Popen) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    assert p.wait(10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("what", ["write", "read"])
+def test_sigkill_while_holding_then_recover(region: Region, what: str) -> None:
+    lock, other = handles(region)[:2]
+    p = spawn_holder(region, 3, what)
+    try:
+        mode = HELD_WRITE if what == "write" else HELD_READ
+        assert lock.held_by() == [(3, p.pid, mode)]
+        # someone blocks on the dead process's hold: a writer (and, for a write hold, a reader)
+        tw, wd = in_thread(lambda: (lock.write_lock(), lock.write_unlock()))
+        if what == "write":
+            tr, rd = in_thread(lambda: (other.read_lock(), other.read_unlock()))
+        kill_and_reap(p)
+        assert dead_workers(region) == [(3, p.pid)]
+        assert not wd.wait(0.3), "the lock went free by itself"
+        assert lock.held_by() == [(3, p.pid, mode)]
+        done = other.recover(3)
+        assert done and f"worker 3" in done[0]
+        assert wd.wait(5), "the waiting writer did not get the lock after recover()"
+        if what == "write":
+            assert rd.wait(5)
+        assert lock.held_by() == []
+        lock.write_lock()                          # and the others go on
+        lock.write_unlock()
+        st = lock.state()
+        assert st["readers"] == 0 and not st["write_locked"] and not st["writer_waiting"]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
