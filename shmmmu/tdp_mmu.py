@@ -785,6 +785,9 @@ class Mmu:
     def enable_dirty_logging(self, slot_id: int, initially_set: bool = False) -> int:
         """Set KVM_MEM_LOG_DIRTY_PAGES and write-protect every leaf of the slot (5.13: under the read lock).
 
+        With initially_set (KVM_DIRTY_LOG_INITIALLY_SET) the bitmap starts full and only
+        huge leaves are write-protected: 4K pages are protected when CLEAR_DIRTY_LOG names them.
+
         The flag changes under the write lock, so a fault that checked the slot before
         has finished installing before the write protection starts (the kernel's SRCU sync).
         The bitmap starts empty, as KVM allocates a zeroed one when the flag is set
@@ -806,10 +809,14 @@ class Mmu:
         if self.bug_no_wrprot:
             return 0
         slot = self.slots.read(slot_id)
-        return self._with_lock(lambda: self.wrprot_gfn_range(slot.base_gfn, slot.end_gfn), shared_ok=True)
+        # 5.12 kvm_mmu_slot_apply_flags(): INITIALLY_SET reports every 4K page dirty already, so only
+        # huge leaves are protected now (they must be split lazily); without it every leaf is
+        min_level = 2 if initially_set else 1
+        return self._with_lock(lambda: self.wrprot_gfn_range(slot.base_gfn, slot.end_gfn, min_level),
+                               shared_ok=True)
 
-    def wrprot_gfn_range(self, start: int, end: int) -> int:
-        """wrprot_gfn_range(): clear W on every present leaf in [start, end), one batch call per leaf table.
+    def wrprot_gfn_range(self, start: int, end: int, min_level: int = 1) -> int:
+        """wrprot_gfn_range(): clear W on every present leaf at min_level or above in [start, end).
 
         Walks to level 2 with the iterator (yielding with forward progress); each 4K
         table below is write-protected with one compare-exchange loop in C; huge
@@ -845,7 +852,7 @@ class Mmu:
                         flush = True
                         changed += 1
                         break
-                    if it.level == 2:                                 # a table of 4K leaves: one batch
+                    if it.level == 2 and min_level == 1:              # a table of 4K leaves: one batch
                         child = (spte & _PFN_MASK) >> S.PFN_SHIFT
                         self._mark_unflushed()
                         n = self.tables.clear_where(child * E, E, _P, _P, _W, old)

@@ -616,3 +616,51 @@ class _MmuStateMachine(RuleBasedStateMachine):
 TestMmuStateMachine = _MmuStateMachine.TestCase
 TestMmuStateMachine.settings = settings(max_examples=25, stateful_step_count=40, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+def _leaf_writable(mmu: Mmu, start: int, end: int) -> dict[int, tuple[int, bool]]:
+    """Present leaves of [start, end): first GFN -> (level, writable)."""
+    from shmmmu.tdp_iter import for_each_leaf
+    return {it.gfn: (it.level, bool(it.old_spte & S.WRITABLE)) for it in for_each_leaf(mmu._iter(start), end)}
+
+
+@pytest.mark.parametrize("lock_mode", ["shared", "exclusive"])
+def test_initially_set_protects_only_huge_leaves_at_enable(vm_name: str, lock_mode: str) -> None:
+    """5.12 kvm_mmu_slot_apply_flags(): with KVM_DIRTY_LOG_INITIALLY_SET, enabling logging write-protects
+    leaves of 2M and up only; 4K pages stay writable (reported dirty already) until CLEAR_DIRTY_LOG.
+
+    Before the fix every 4K leaf was protected at enable as well, so the selftest's
+    first dirty iteration faulted on every page instead of on none.
+    """
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, lock_mode=lock_mode,
+                   memslots=[MemslotSpec(0, 64, 1), MemslotSpec(64, 64, 2)])
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0)
+        host = Mmu(vm, vm.config.host_worker)
+        v.enter()
+        for g in range(128):
+            v.write(g, 1)
+        v.exit()
+        before = _leaf_writable(host, 0, 128)
+        assert {lv for lv, _ in before.values()} == {1, 2} and all(w for _, w in before.values())
+        assert host.enable_dirty_logging(0, initially_set=True) == 0          # 64 4K leaves: none protected
+        assert host.enable_dirty_logging(1, initially_set=True) == 8          # 8 2M leaves (bits=3): protected
+        after = _leaf_writable(host, 0, 128)
+        assert all(w for g, (lv, w) in after.items() if g < 64)
+        assert not any(w for g, (lv, w) in after.items() if g >= 64)
+        bitmap = host.get_dirty_log(0, clear=False)
+        assert int(bitmap[0]) == (1 << 64) - 1                                # every page reported
+        assert host.clear_dirty_log(0, 0, bitmap) == 64
+        assert not any(w for g, (lv, w) in _leaf_writable(host, 0, 64).items())
+        from shmmmu.layout import STAT
+        faults = v.mmu.st[STAT["faults"]]
+        v.enter()
+        v.write(5, 2)                                                         # protected now: faults, logs
+        v.exit()
+        assert v.mmu.st[STAT["faults"]] == faults + 1
+        assert int(host.get_dirty_log(0, clear=False)[0]) == 1 << 5
+        host.disable_dirty_logging(0)
+        host.disable_dirty_logging(1)
+        v.mmu.publish_stats()
+        host.publish_stats()
+        assert checks.check_all(vm) == []
