@@ -51,6 +51,9 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("no-wrprot-on-enable", "", "kvm_mmu_slot_remove_write_access when dirty logging is enabled",
         "enabling dirty logging leaves writable mappings; writes through them are never logged "
         "(dirty-log false negative)"),
+    Bug("link-after-publish", "K18", "the 5.12 order in kvm_tdp_mmu_map: tdp_mmu_link_page after the cmpxchg "
+        "(later kernels account before publishing)", "a zap of the new entry between the cmpxchg and list_add unlinks "
+        "the table before it is linked; the page list ends up holding a freed table (page list != reachable tables)"),
     Bug("pages-lock-in-read-fault", "K15", "CVE-2022-45869: make_mmu_pages_available under the read lock",
         "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
         "for write)"),

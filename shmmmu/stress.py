@@ -27,7 +27,8 @@ import numpy as np
 
 from shmmmu import violations
 from shmmmu.bugs import check_names
-from shmmmu.integrity import check_guest_memory, guest_values, table_problems
+from shmmmu.checks import check_all
+from shmmmu.integrity import check_guest_memory, guest_values
 from shmmmu.layout import C_ITERATION, W_PROGRESS_NS, WSTATE_WORDS, MemslotSpec, VMConfig
 from shmmmu.vm import create_vm
 
@@ -267,7 +268,7 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
             problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})"
                          for v in violations.read_all(vm.region)]
             problems += check_guest_memory(vm)
-            problems += table_problems(vm)
+            problems += [str(p) for p in check_all(vm, stats=kills == 0)]
         except BaseException:
             sup.kill_all()
             raise

@@ -113,6 +113,7 @@ class Mmu:
         self.bug_no_recheck = "no-notifier-recheck" in bugs
         self.bug_no_wrprot = "no-wrprot-on-enable" in bugs
         self.bug_read_fault_reclaim = "pages-lock-in-read-fault" in bugs
+        self.bug_link_after_publish = "link-after-publish" in bugs
         self.nx = c.nx_huge_pages
         self._unflushed = False
         # 5.14+ "don't step down when zapping all": zap-all clears root-level entries only,
@@ -399,6 +400,10 @@ class Mmu:
             tm, ctl = self.tm, self.ctl
             t = table * TMETA_WORDS
             prev, nxt = tm.load(t + T_PREV), tm.load(t + T_NEXT)
+            if prev == NIL and ctl.load(C_LIST_HEAD) != table + 1:
+                # list_del of an entry that is not on the list: the corruption behind K18
+                self.violation("table-leak", self.tm.load(t + T_GFN), table, 0)
+                return
             if prev == NIL:
                 if ctl.load(C_LIST_HEAD) == table + 1:
                     ctl.store(C_LIST_HEAD, nxt)
@@ -538,13 +543,28 @@ class Mmu:
                     if shared and self.lock.w.load(self.lock.cnts) & QW_LOCKED == QW_LOCKED:
                         self.violation("lockdep", it.gfn, self.lock.w.load(self.lock.cnts), 0)
                 if shared:
-                    if self.set_spte_atomic(it, new):
-                        self._link_page(child, self.nx and exec_fault and req_level >= it.level)
-                        self.st[_ST_LINKED] += 1
+                    nx_acct = self.nx and exec_fault and req_level >= it.level
+                    if self.bug_link_after_publish:
+                        # 5.12 (K18): list_add after the cmpxchg made the table visible; a zap of the
+                        # new entry in between unlinks it before it is linked
+                        if self.set_spte_atomic(it, new):
+                            self._link_page(child, nx_acct)
+                            self.st[_ST_LINKED] += 1
+                        else:
+                            self.pool.unalloc(child)
+                            self.st[_ST_LINK_RACE] += 1
+                            break
                     else:
-                        self.pool.unalloc(child)
-                        self.st[_ST_LINK_RACE] += 1
-                        break
+                        # account before publishing (as later kernels do), take it back if we lose
+                        self._link_page(child, nx_acct)
+                        if self.set_spte_atomic(it, new):
+                            self.st[_ST_LINKED] += 1
+                        else:
+                            self._unlink_page(child, True)
+                            self.tm.store(child * TMETA_WORDS + T_OWNER, self.worker)
+                            self.pool.unalloc(child)
+                            self.st[_ST_LINK_RACE] += 1
+                            break
                 else:
                     self.set_spte(it, new)
                     self._link_page(child, self.nx and exec_fault and req_level >= it.level)

@@ -172,6 +172,8 @@ class Supervisor:
         n = vm.pool.recover(worker)
         if n:
             done.append(f"pool: returned {n} cached tables of worker {worker}")
+        from shmmmu.recovery import repair_after_crash
+        done += repair_after_crash(self.mmu)
         return done
 
     def restart(self, worker: int) -> None:
