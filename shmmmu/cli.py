@@ -438,6 +438,99 @@ def rm_cmd(
 
 
 
+# ---------------------------------------------------------------- bench
+
+bench_app = typer.Typer(help="Benchmarks: the kernel's own measurements on the emulator.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _one_line_usage_errors(command_cls):
+    """A command class whose option-parsing errors are one line on stderr and exit 2 (no usage box)."""
+    try:
+        from typer._click.exceptions import UsageError as ClickUsageError
+    except ImportError:                                   # typer without its vendored click
+        from click.exceptions import UsageError as ClickUsageError
+
+    class OneLine(command_cls):
+        def parse_args(self, ctx, args):
+            try:
+                return super().parse_args(ctx, args)
+            except ClickUsageError as e:
+                print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
+                sys.exit(EXIT_USAGE)
+
+    return OneLine
+
+
+@bench_app.command("dirty-log", cls=_one_line_usage_errors(typer.core.TyperCommand))
+def bench_dirty_log(
+    vcpus: int = typer.Option(1, "-v", "--vcpus", help="vCPU worker processes (the selftest's -v)."),
+    bytes_per_vcpu: str = typer.Option("128M", "-b", "--bytes", help="guest memory per vCPU, K/M/G suffixes "
+                                       "(the selftest's -b; its default 1G is too big for a small machine, "
+                                       "so 128M here)."),
+    iterations: int = typer.Option(2, "-i", "--iterations", help="dirty-memory iterations after populating "
+                                   "(at least 2, as in the selftest)."),
+    backing: str = typer.Option("anonymous", "-s", "--backing", help="backing source: anonymous, anonymous_thp, "
+                                "anonymous_hugetlb (or 4k, 2m, 1g)."),
+    overlap: bool = typer.Option(False, "-o", "--overlap", help="every vCPU walks all the memory instead of "
+                                 "its own part."),
+    write_fraction: int = typer.Option(1, "-f", "--write-fraction", help="write 1 of every N pages, read the rest."),
+    no_manual_protect: bool = typer.Option(False, "-g", "--no-manual-protect",
+                                           help="no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET clears, no CLEAR."),
+    lock_mode: str = typer.Option("both", "--lock-mode", help="shared (the series), exclusive (the baseline) or "
+                                  "both (alternating in one invocation, with ratios)."),
+    repeat: int = typer.Option(1, "--repeat", help="runs per mode; the summary takes their median."),
+    seed: int = typer.Option(1, "--seed", help="seed of the VM's random choices."),
+    json_out: bool = typer.Option(False, "--json", help="every run, medians and ratios as one JSON object."),
+) -> None:
+    """dirty_log_perf_test: populate, enable dirty logging, dirty / get / clear per iteration, disable.
+
+    Prints the selftest's lines per run (times as the kernel prints them), then
+    faults/s, retries per fault, lock wait share and TLB flushes; with
+    --lock-mode both the modes alternate and the exclusive/shared ratios follow.
+    Every VM is removed at the end, on errors and on Ctrl-C.
+    """
+    import json
+    import signal
+
+    from shmmmu.bench import BenchOptions, run_bench
+    from shmmmu.run import UsageError, parse_size
+
+    try:
+        opts = BenchOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), iterations=iterations,
+                            backing=backing.lower(), overlap=overlap, write_every=write_fraction,
+                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed)
+        opts.validate()
+    except (UsageError, ValueError) as e:
+        raise _fail(str(e))
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    n_runs = opts.repeat
+
+    def show(run) -> None:
+        if not json_out:
+            print("\n".join(run.lines(n_runs)) + "\n", flush=True)
+
+    if not json_out:
+        print(f"Test iterations: {opts.iterations}", flush=True)
+    try:
+        result = run_bench(opts, on_run=show)
+    except KeyboardInterrupt:
+        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
+        raise typer.Exit(130)
+    except RegionError as e:
+        raise _fail(str(e))
+    except RuntimeError as e:                      # WorkerDied, PoolExhausted, FlushStuck
+        raise _fail(str(e), 1)
+    if json_out:
+        print(json.dumps(result.to_json()))
+    elif len(result.runs) > 1:
+        print("\n".join(result.summary_lines()))
+    if not result.ok:
+        raise typer.Exit(1)
+
+# ---------------------------------------------------------------- end of bench
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning RegionError into one line and exit 2."""
     try:

@@ -1,7 +1,7 @@
 """Run: one VM from creation to teardown: workers started, a workload driven in phases, results and checks.
 
-`run_vm(RunOptions)` is what `shmmmu run` calls; the benchmark reuses its
-phases.  It always unlinks the region and semaphores it created, also when a
+`run_vm(RunOptions)` is what `shmmmu run` calls, and `shmmmu bench` too:
+both drive the same phases (`drive_phases`, dirty_log_perf_test's).  It always unlinks the region and semaphores it created, also when a
 worker dies or the user presses Ctrl-C.
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ class RunOptions:
     debug: bool = False
     bugs: list[str] = field(default_factory=list)
     accesses: int = 0
+    manual_protect: bool = False        # dirty-log collections as GET (copy) + CLEAR, logging INITIALLY_SET
 
     def config(self) -> VMConfig:
         if self.vcpus < 1:
@@ -104,6 +105,7 @@ class RunResult:
     problems: list[str]
     violations: list[str]
     wall_s: float
+    timed: list[Phase] = field(default_factory=list)     # the phases with their counters (the benchmark's)
 
     @property
     def ok(self) -> bool:
@@ -127,59 +129,140 @@ def table_counts(vm) -> dict[str, int]:
             "cached": int((st == TS_CACHED).sum()), "retired": int((st == TS_RETIRED).sum())}
 
 
+PHASE_LABELS = {"populate": "populate", "enable": "enable dirty logging", "dirty": "iteration {k}",
+                "get": "get dirty log {k}", "clear": "clear dirty log {k}", "disable": "disable dirty logging"}
+
+
+@dataclass
+class Phase:
+    """One timed phase of a run, with the workers' counters summed right after it.
+
+    kind: populate | enable | dirty | get | clear | disable.  `iteration` is the
+    iteration published to the vCPUs (1 populates; the selftest's "Iteration N"
+    is iteration N + 1 here); 0 for enable and disable.
+    """
+    kind: str
+    iteration: int
+    ns: int
+    stats: dict[str, int]                 # cumulative, right after the phase
+    delta: dict[str, int] = field(default_factory=dict)     # their change over the phase
+
+    @property
+    def seconds(self) -> float:
+        return self.ns / 1e9
+
+    @property
+    def label(self) -> str:
+        return PHASE_LABELS[self.kind].format(k=self.iteration)
+
+
+@dataclass
+class PhaseLog:
+    base: dict[str, int] = field(default_factory=dict)      # the counters before the first phase
+    phases: list[Phase] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, iteration: int, ns: int, stats: dict[str, int]) -> None:
+        before = self.phases[-1].stats if self.phases else self.base
+        delta = {k: v - before.get(k, 0) for k, v in stats.items()}
+        self.phases.append(Phase(kind, iteration, ns, stats, delta))
+
+
+def vcpu_schedstat(pids: list[int]) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) summed over processes, from /proc/PID/schedstat.
+
+    What a process does not spend in either it spends asleep (a lock's semaphore, an
+    idle poll).  (0, 0) where the kernel does not provide the file.
+    """
+    cpu = wait = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                run_ns, wait_ns = f.read().split()[:2]
+            cpu += int(run_ns)
+            wait += int(wait_ns)
+        except (OSError, ValueError):
+            continue
+    return cpu, wait
+
+
+def drive_phases(vm, sup, opts: RunOptions, progress: Callable[[str, int, int], None] | None = None) -> PhaseLog:
+    """The phases of dirty_log_perf_test on started workers: populate, enable dirty logging, iterations
+    (dirty memory, get dirty log, clear dirty log with manual protect), disable dirty logging.
+
+    Iteration 1 populates.  With `workload == "dirty-log"`, dirty logging is enabled
+    before iteration 2 and every later iteration is followed by a collection: with
+    `opts.manual_protect` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + INITIALLY_SET, as the
+    selftest uses it) a GET that only copies and a CLEAR over the whole slot, else a
+    GET that clears.  Between phases, outside the timed windows, the dirty-log oracle
+    checks that every page whose contents changed was reported.
+    """
+    log = PhaseLog()
+    mmu = sup.mmu
+    vcpu_pids = [sup.procs[i].pid for i in range(vm.config.n_vcpus) if i in sup.procs]
+
+    def snapshot() -> dict[str, int]:
+        st = sup.stats()
+        st["vcpu_cpu_ns"], st["vcpu_runq_ns"] = vcpu_schedstat(vcpu_pids)
+        return st
+
+    log.base = snapshot()
+    clock = time.perf_counter_ns
+    tick = (lambda: progress("faults", sup.stats()["faults"], 0)) if progress else None
+    logging = opts.workload == "dirty-log"
+    n_iter = opts.iterations
+    before = None
+    for k in range(1, n_iter + 1):
+        if logging and k == 2:
+            t0 = clock()
+            mmu.enable_dirty_logging(0, initially_set=opts.manual_protect)
+            log.add("enable", 0, clock() - t0, snapshot())
+            before = guest_values(vm)
+        t0 = clock()
+        sup.run_iteration(k, on_wait=tick)
+        log.add("populate" if k == 1 else "dirty", k, clock() - t0, snapshot())
+        if progress:
+            progress("iteration", k, n_iter)
+        if logging and k >= 2:
+            t0 = clock()
+            bitmap = mmu.get_dirty_log(0, clear=not opts.manual_protect)
+            log.add("get", k, clock() - t0, snapshot())
+            if opts.manual_protect:
+                t0 = clock()
+                mmu.clear_dirty_log(0, 0, bitmap)
+                log.add("clear", k, clock() - t0, snapshot())
+            after = guest_values(vm)
+            slot = mmu.slots.read(0)
+            missed = dirty_log_missed(before, after, bitmap, slot.base_gfn)
+            for g in missed[:10]:
+                log.problems.append(f"dirty-log-missed: gfn {g:#x} changed in iteration {k} but was not reported")
+            before = after
+    if logging and n_iter >= 2:
+        t0 = clock()
+        mmu.disable_dirty_logging(0)
+        log.add("disable", 0, clock() - t0, snapshot())
+    return log
+
+
 def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = None,
            keep: Callable[[Any], None] | None = None) -> RunResult:
     """Create the VM, run the workload, check, tear down.  `keep(supervisor)` is called before stopping."""
     from workers.supervisor import Supervisor
     config = opts.config()
     t_start = time.monotonic()
-    phases: list[tuple[str, float]] = []
-    problems: list[str] = []
-    populate_faults = 0
     with create_vm(config) as vm:
         sup = Supervisor(vm)
         try:
             sup.start()
-            mmu = sup.mmu
-            tick = (lambda: progress("faults", sup.stats()["faults"], 0)) if progress else None
-            n_iter = opts.iterations
-            for k in range(1, n_iter + 1):
-                if opts.workload == "dirty-log" and k == 2:
-                    t0 = time.monotonic()
-                    mmu.enable_dirty_logging(0)
-                    phases.append(("enable dirty logging", time.monotonic() - t0))
-                    before = guest_values(vm)
-                t0 = time.monotonic()
-                sup.run_iteration(k, on_wait=tick)
-                name = "populate" if k == 1 else f"iteration {k}"
-                phases.append((name, time.monotonic() - t0))
-                if k == 1:
-                    populate_faults = sup.stats()["faults"]
-                if progress:
-                    progress("iteration", k, n_iter)
-                if opts.workload == "dirty-log" and k >= 2:
-                    t0 = time.monotonic()
-                    bitmap = mmu.get_dirty_log(0)
-                    phases.append((f"get dirty log {k}", time.monotonic() - t0))
-                    after = guest_values(vm)
-                    slot = mmu.slots.read(0)
-                    missed = dirty_log_missed(before, after, bitmap, slot.base_gfn)
-                    for g in missed[:10]:
-                        problems.append(f"dirty-log-missed: gfn {g:#x} changed in iteration {k} but was not reported")
-                    before = after
-            if opts.workload == "dirty-log" and n_iter >= 2:
-                t0 = time.monotonic()
-                mmu.disable_dirty_logging(0)
-                phases.append(("disable dirty logging", time.monotonic() - t0))
+            log = drive_phases(vm, sup, opts, progress)
             if keep is not None:
                 sup.stats()          # publish the supervisor's own counters first, for `shmmmu inspect`
                 keep(sup)
-            stats = sup.stats()
             sup.stop()
             sup.drain()
             stats = sup.stats()
             rcu = vm.rcu.stats()
-            problems += check_guest_memory(vm)
+            problems = log.problems + check_guest_memory(vm)
             tables = table_counts(vm)
             found = [str(v) for v in violations.read_all(vm.region)]
         except BaseException:
@@ -187,7 +270,8 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
             raise
         finally:
             sup.cleanup_logs()
-    stats["populate_faults"] = populate_faults
-    return RunResult(options={k: v for k, v in vars(opts).items() if k != "trace"}, phases=phases, stats=stats,
+    stats["populate_faults"] = log.phases[0].stats["faults"] if log.phases else 0
+    return RunResult(options={k: v for k, v in vars(opts).items() if k != "trace"},
+                     phases=[(p.label, p.seconds) for p in log.phases], stats=stats,
                      rcu=rcu, tables=tables, problems=problems, violations=found,
-                     wall_s=time.monotonic() - t_start)
+                     wall_s=time.monotonic() - t_start, timed=log.phases)
