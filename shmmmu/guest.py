@@ -12,6 +12,9 @@ that is what makes a misdirected access visible.
 """
 from __future__ import annotations
 
+import os
+import time
+
 from shmmmu import spte as S
 from shmmmu.layout import C_FLUSH_GEN, C_UNFLUSHED, STAT
 from shmmmu.memslots import DATA_POISON
@@ -40,7 +43,7 @@ class GuestFault(RuntimeError):
 class Vcpu:
     """A vCPU's guest side on top of one process's Mmu."""
 
-    MAX_FAULTS_PER_ACCESS = 10000
+    PROGRESS_BOUND_S = 60.0          # an access that cannot complete for this long is a liveness failure
 
     def __init__(self, vm, index: int):
         self.index = index
@@ -74,7 +77,9 @@ class Vcpu:
                 self._check_fresh(gfn, e[2], write)
             return e[0]
         st[_ST_MISSES] += 1
-        for _ in range(self.MAX_FAULTS_PER_ACCESS):
+        tries = 0
+        t_first = 0.0
+        while True:
             hpfn = self._hw_walk(gfn, write)
             if hpfn >= 0:
                 return hpfn
@@ -82,11 +87,20 @@ class Vcpu:
             self.tlbctl.exit_guest()
             try:
                 r = self.mmu.page_fault(gfn, write, exec_)
+                tries += 1
+                if tries >= 8:
+                    # a RETRY storm (an entry frozen across a slow flush): let the freezer run, as
+                    # preemption would on a real host, and give up only past the progress bound
+                    if tries == 8:
+                        t_first = time.monotonic()
+                    os.sched_yield() if tries < 64 else time.sleep(0.0001)
+                    if tries % 256 == 0 and time.monotonic() - t_first > self.PROGRESS_BOUND_S:
+                        raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
+                                         f"in {self.PROGRESS_BOUND_S:.0f}s")
             finally:
                 self.tlbctl.enter_guest()
             if r == RET_PF_EMULATE:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
-        raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {self.MAX_FAULTS_PER_ACCESS} tries")
 
     def _hw_walk(self, gfn: int, write: bool) -> int:
         """The hardware page walk: returns the host page, or -1 for an EPT violation."""
