@@ -193,15 +193,10 @@ class Supervisor:
                 p.wait(left)
             except subprocess.TimeoutExpired:
                 pass
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+        self.kill_all()                              # the stragglers
 
     def kill_all(self) -> None:
+        """SIGKILL every worker still running (each in its own process group) and reap them all."""
         self.stopping = True
         self.ctl.store(C_STOP, 1)
         for p in self.procs.values():
