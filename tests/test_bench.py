@@ -238,3 +238,19 @@ def test_medians_and_ratios_by_hand() -> None:
     assert res.to_json()["populate_ratio"] == pytest.approx(2.0)
     one = BenchResult(BenchOptions(lock_mode="shared"), runs[:1])
     assert one.ratios() == {} and one.to_json()["populate_ratio"] is None
+
+
+def test_overlap_walks_the_whole_range_from_its_start_for_every_vcpu() -> None:
+    """perf_test_util with -o gives every vCPU the same gva and all the pages: they race on the same pages.
+
+    Before the fix each vCPU started at its own offset (vCPU i at i/n of the range),
+    so with -o each one populated a part of its own first and collisions were rare.
+    """
+    from shmmmu.workloads import accesses
+    wl = {"kind": "dirty-log", "pages": 8, "overlap": True, "n_vcpus": 4, "write_every": 2}
+    for vcpu in range(4):
+        gfns, writes = accesses(wl, 100, vcpu, 1, seed=1)
+        assert gfns.tolist() == list(range(100, 132))
+        assert writes.tolist() == [i % 2 == 0 for i in range(32)]
+    part = dict(wl, overlap=False)
+    assert accesses(part, 100, 3, 1, seed=1)[0].tolist() == list(range(124, 132))

@@ -61,7 +61,7 @@ def plot_vcpus(rows: list[dict[str, str]], out: Path) -> list[str]:
                 a.plot(*zip(*pts), style[mode], label=f"{mode}, {'overlapping' if ov == '1' else 'partitioned'}")
     a.set(title=f"Populate throughput ({mb} MiB per vCPU)", xlabel="vCPUs", ylabel="faults/s", xscale="log",
           ylim=(0, None))
-    a.set_xticks(vcpus, [str(v) for v in vcpus])
+    _ticks(a, vcpus, [str(v) for v in vcpus])
     a.legend()
     a = ax[0][1]
     for ov in overlaps:
@@ -77,7 +77,7 @@ def plot_vcpus(rows: list[dict[str, str]], out: Path) -> list[str]:
     a.axhline(1.0, color="grey", lw=0.8)
     a.set(title="Populate time ratio exclusive / shared (>1: shared faster)", xlabel="vCPUs", ylabel="ratio",
           xscale="log")
-    a.set_xticks(vcpus, [str(v) for v in vcpus])
+    _ticks(a, vcpus, [str(v) for v in vcpus])
     a.legend()
     for a, ov in zip(ax[1], ["0", "1"]):
         for mode in ("shared", "exclusive"):
@@ -87,7 +87,7 @@ def plot_vcpus(rows: list[dict[str, str]], out: Path) -> list[str]:
                     a.plot(*zip(*pts), style[mode], color=color, label=f"{label}, {mode}")
         a.set(title=f"Phase times, {'overlapping' if ov == '1' else 'partitioned'}", xlabel="vCPUs",
               ylabel="seconds (dirty / clear: sum of iterations)", xscale="log", yscale="log")
-        a.set_xticks(vcpus, [str(v) for v in vcpus])
+        _ticks(a, vcpus, [str(v) for v in vcpus])
         a.legend(fontsize=7)
     fig.suptitle("shmmmu bench dirty-log: medians per point")
     fig.tight_layout()
@@ -143,18 +143,27 @@ def plot_memory(rows: list[dict[str, str]], out: Path) -> list[str]:
             lines.append(f"{mode:<10}{_size(s):>9}{m['n']:>3}" + "".join(cells) + f"{m['faults_per_s']:>10.0f}")
     ax[0].set(title="Phase times with one vCPU (dotted: linear from the smallest)", xlabel="guest memory (GiB)",
               ylabel="seconds", xscale="log", yscale="log")
-    ax[0].set_xticks(gib, [_size(s) for s in sizes])
+    _ticks(ax[0], gib, [_size(s) for s in sizes])
     ax[0].legend(fontsize=8)
     ax[1].axhspan(2.0, 2.3, color="green", alpha=0.15, label="target 2.0-2.3x")
     ax[1].set(title="Populate time, each doubling of memory", xlabel="guest memory (GiB)",
               ylabel="time / time at half the memory", xscale="log", ylim=(1.5, 2.8))
-    ax[1].set_xticks(gib[1:], [_size(s) for s in sizes[1:]])
+    _ticks(ax[1], gib[1:], [_size(s) for s in sizes[1:]])
+    ax[1].set_xlim(gib[0] * 1.4, gib[-1] * 1.4)
     ax[1].legend()
     fig.suptitle("shmmmu bench dirty-log: cost over guest memory (medians)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return lines
+
+
+def _ticks(a, xs: list[float], labels: list[str]) -> None:
+    """Major ticks at the data points only (a log axis would add minor labels of its own)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+    a.set_xticks(xs, labels)
+    a.xaxis.set_minor_locator(NullLocator())
+    a.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _size(b: int) -> str:

@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shmmmu.bench import SUMMARY_PHASES, BenchOptions, BenchRun, run_bench  # noqa: E402
 from shmmmu.run import UsageError, parse_size  # noqa: E402
 
+RATES = ["faults", "faults_per_s", "retries_per_fault", "lock_wait_share", "cpus_used", "cpu_us_per_fault",
+         "runq_share", "tlb_flushes"]
 FIELDS = ["sweep", "lock_mode", "vcpus", "overlap", "backing", "bytes_per_vcpu", "total_bytes", "run",
-          *(f"{k}_s" for k in SUMMARY_PHASES), "faults", "faults_per_s", "retries_per_fault", "lock_wait_share",
-          "tlb_flushes", "result", "load_avg"]
+          *(f"{k}_s" for k in SUMMARY_PHASES), *RATES, "result", "load_avg"]
 
 
 def row(sweep: str, opts: BenchOptions, run: BenchRun) -> dict[str, object]:
@@ -43,7 +44,7 @@ def row(sweep: str, opts: BenchOptions, run: BenchRun) -> dict[str, object]:
          "total_bytes": opts.bytes_per_vcpu * opts.vcpus, "run": run.index}
     for k in SUMMARY_PHASES:
         r[f"{k}_s"] = f"{run.ns(k) / 1e9:.9f}"
-    for k in ("faults", "faults_per_s", "retries_per_fault", "lock_wait_share", "tlb_flushes"):
+    for k in RATES:
         r[k] = f"{run.rates[k]:.6g}"
     r["result"] = "SUCCESS" if run.ok else "FAILURE"
     r["load_avg"] = f"{os.getloadavg()[0]:.2f}"
