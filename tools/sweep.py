@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["vcpus", "memory"], help="run one sweep only")
     p.add_argument("--vcpus", type=ints, default=[1, 2, 4, 8], help="vCPU counts (default 1,2,4,8; 16 optional)")
     p.add_argument("-b", "--bytes", default="64M", help="bytes per vCPU in the vCPU sweep (default 64M)")
-    p.add_argument("--no-overlap", action="store_true", help="vCPU sweep: partitioned memory only")
+    p.add_argument("--overlap", choices=["both", "no", "yes"], default="both",
+                   help="vCPU sweep: partitioned (no), overlapping (yes) or both (default)")
     p.add_argument("--memory", default="1G,2G,4G,8G", help="memory sizes of the one-vCPU sweep")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the memory sizes (e.g. 0.125 for a quick run)")
     p.add_argument("--memory-modes", default="shared", choices=["shared", "exclusive", "both"],
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     plans: list[tuple[str, BenchOptions]] = []
     try:
         if a.only in (None, "vcpus"):
-            for overlap in ([False] if a.no_overlap else [False, True]):
+            for overlap in {"both": [False, True], "no": [False], "yes": [True]}[a.overlap]:
                 for v in a.vcpus:
                     plans.append(("vcpus", BenchOptions(vcpus=v, bytes_per_vcpu=parse_size(a.bytes),
                                                         iterations=a.iterations, backing=a.backing, overlap=overlap,
