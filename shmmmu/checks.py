@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, MS_BACKING_LEVEL, MS_BASE_GFN, MS_FLAGS,
+from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, MS_BACKING_LEVEL, MS_BASE_GFN, MS_FLAGS,
                            MS_HOST_OFF, MS_NPAGES, MSF_ACTIVE, MSF_LOG_DIRTY, N_STATS, NIL, ROOT_TABLE,
-                           STAT, T_GFN, T_LEVEL, T_NEXT, T_STATE, TABLE_STATE_NAMES, TS_CACHED, TS_FREE,
+                           STAT, T_GFN, T_LEVEL, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_STATE, TABLE_STATE_NAMES, TS_CACHED, TS_FREE,
                            TS_LIVE, TS_RETIRED, W_CACHE_COUNT, W_RETIRE_HEAD, W_RETIRE_TAIL, VMConfig)
 from shmmmu.layout import C_POOL_TOP
 from shmmmu.pool import POISON
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Problem", "Snapshot", "TableWalk", "Leaf", "snapshot", "walk_tables", "count_leaves",
            "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
-           "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_all"]
+           "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list",
+           "check_all"]
 
 _U = np.uint64
 _P = _U(S.MMU_PRESENT)
@@ -365,6 +366,56 @@ def check_table_accounting(source: Source) -> list[Problem]:
     return problems
 
 
+def check_nx_list(source: Source) -> list[Problem]:
+    """The NX list holds exactly the reachable tables marked NX, linked both ways, and its count agrees.
+
+    Invariant (KVM_TDP_MMU.md §7.2, §10; account_huge_nx_page): a table linked
+    for a fault that the NX huge page mitigation kept below the level the host
+    could map is on lpage_disallowed_mmu_pages with its lpage_disallowed flag
+    (T_NX) set, until it is torn down, which takes it off.  So: the list, walked
+    from C_NX_HEAD by T_NX_NEXT, ends at C_NX_TAIL, every T_NX_PREV points back,
+    the members are exactly the tables with T_NX set, all of them reachable
+    (live), none twice, and C_NX_COUNT (nx_lpage_splits) is the list's length.
+    """
+    snap = snapshot(source)
+    w = walk_tables(snap)
+    n = snap.tables.shape[0]
+    problems: list[Problem] = []
+    members: list[int] = []
+    cur, prev = int(snap.ctl[C_NX_HEAD]), 0
+    while cur:
+        t = cur - 1
+        if not 0 <= t < n:
+            problems.append(Problem("table-leak", f"the NX list links table {t}, outside the pool"))
+            break
+        if len(members) > n:
+            problems.append(Problem("table-leak", "the NX list does not end (a cycle)"))
+            break
+        if int(snap.tmeta[t, T_NX_PREV]) != prev:
+            problems.append(Problem("table-leak", f"NX list: table {t} links back to {int(snap.tmeta[t, T_NX_PREV]) - 1}"
+                                                  f", not {prev - 1}"))
+        members.append(t)
+        prev, cur = cur, int(snap.tmeta[t, T_NX_NEXT])
+    if int(snap.ctl[C_NX_TAIL]) != prev:
+        problems.append(Problem("table-leak", f"the NX list ends at table {prev - 1} but its tail word names "
+                                              f"{int(snap.ctl[C_NX_TAIL]) - 1}"))
+    listed = set(members)
+    if len(listed) != len(members):
+        problems.append(Problem("table-leak", "a table is on the NX list twice"))
+    marked = set(np.flatnonzero(snap.tmeta[:, T_NX] != 0).tolist())
+    if listed != marked:
+        problems.append(Problem("table-leak", f"NX list and tables marked NX differ: listed only "
+                                              f"{sorted(listed - marked)[:8]}, marked only "
+                                              f"{sorted(marked - listed)[:8]}"))
+    unreachable = listed - set(w.tables.tolist())
+    if unreachable:
+        problems.append(Problem("table-leak", f"the NX list holds tables no entry reaches: {sorted(unreachable)[:8]}"))
+    if int(snap.ctl[C_NX_COUNT]) != len(members):
+        problems.append(Problem("table-leak", f"the NX count (nx_lpage_splits) says {int(snap.ctl[C_NX_COUNT])}, "
+                                              f"the NX list holds {len(members)}"))
+    return problems
+
+
 def _leaf_slots(snap: Snapshot, w: TableWalk) -> np.ndarray:
     """For each leaf, the index into snap.active_slots() of the slot holding its whole span, or -1."""
     g = snap.geometry
@@ -482,7 +533,7 @@ def check_all(source: Source, stats: bool = True) -> list[Problem]:
     """Every checker above on one snapshot; `stats=False` skips check_stats (workers not yet published)."""
     snap = snapshot(source)
     problems = check_table_structure(snap) + check_table_accounting(snap) + check_leaves_in_memslots(snap)
-    problems += check_leaf_pfns(snap) + check_logging_slots(snap)
+    problems += check_leaf_pfns(snap) + check_logging_slots(snap) + check_nx_list(snap)
     if stats:
         problems += check_stats(snap)
     return problems

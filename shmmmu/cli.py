@@ -183,6 +183,9 @@ def stress(
     lock_mode: str = typer.Option("shared", "--lock-mode", help="shared (the series) or exclusive (baseline)."),
     bug: list[str] = typer.Option([], "--bug", help="re-inject a fixed bug (repeatable; --list-bugs)."),
     kill_every: float = typer.Option(0.0, "--kill-every", help="SIGKILL a random vCPU every S seconds."),
+    nx_huge_pages: bool = typer.Option(False, "--nx-huge-pages", help="the NX huge page mitigation: vCPUs also "
+                                       "fetch instructions (mapped 4K, tables on the NX list) and the reclaimer "
+                                       "runs NX recovery every 0.25 s."),
     list_bugs: bool = typer.Option(False, "--list-bugs", help="describe every bug switch and exit."),
     json_out: bool = typer.Option(False, "--json", help="the report as one JSON object on stdout."),
 ) -> None:
@@ -198,7 +201,7 @@ def stress(
             typer.echo(f"{b.name}{' (' + b.ref + ')' if b.ref else ''}\n    reverts: {b.reverts}\n    effect:  {b.effect}")
         return
     opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
-                         bugs=list(bug), kill_every=kill_every)
+                         bugs=list(bug), kill_every=kill_every, nx_huge_pages=nx_huge_pages)
     try:
         opts.config()
     except ValueError as e:

@@ -3,9 +3,10 @@
 A vCPU is in guest mode while it accesses memory.  On a TLB miss it walks the
 tables without any lock (the hardware does), sets A (and D on a write) with a
 compare-exchange on the leaf (the hardware's locked update: never over an entry
-that changed), and caches the translation.  An entry that is not present or
-not writable for a write is an EPT violation: the vCPU leaves guest mode and
-takes the page fault (tdp_mmu.Mmu.page_fault), then retries the access.
+that changed), and caches the translation.  An entry that is not present, not
+writable for a write, or not executable for an instruction fetch is an EPT
+violation: the vCPU leaves guest mode and takes the page fault
+(tdp_mmu.Mmu.page_fault), then retries the access.
 
 The data word of the host page the translation names is where a write lands;
 that is what makes a misdirected access visible.
@@ -26,6 +27,7 @@ _L = S.LARGE
 _W = S.WRITABLE
 _A = S.ACCESSED
 _D = S.DIRTY
+_X = S.EXECUTABLE
 _PFN_MASK = S.PFN_MASK
 
 _ST_ACCESSES = STAT["accesses"]
@@ -34,6 +36,7 @@ _ST_WRITES = STAT["writes"]
 _ST_HITS = STAT["tlb_hits"]
 _ST_MISSES = STAT["tlb_misses"]
 _ST_WALKS = STAT["hw_walks"]
+_ST_FETCHES = STAT["fetches"]
 
 
 class GuestFault(RuntimeError):
@@ -71,7 +74,7 @@ class Vcpu:
         st = self.st
         self.tlbctl.check_request()
         e = self.tlb.lookup(gfn)
-        if e is not None and (e[1] or not write):
+        if e is not None and (e[1] or not write) and (e[3] or not exec_):
             st[_ST_HITS] += 1
             if self.debug:
                 self._check_fresh(gfn, e[2], write)
@@ -80,7 +83,7 @@ class Vcpu:
         tries = 0
         t_first = 0.0
         while True:
-            hpfn = self._hw_walk(gfn, write)
+            hpfn = self._hw_walk(gfn, write, exec_)
             if hpfn >= 0:
                 return hpfn
             # EPT violation: leave guest mode, fault, come back in
@@ -102,7 +105,7 @@ class Vcpu:
             if r == RET_PF_EMULATE:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
 
-    def _hw_walk(self, gfn: int, write: bool) -> int:
+    def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The hardware page walk: returns the host page, or -1 for an EPT violation."""
         self.st[_ST_WALKS] += 1
         tables, E, bits = self.tables, self.E, self.bits
@@ -120,6 +123,8 @@ class Vcpu:
             level -= 1
         if write and not spte & _W:
             return -1
+        if exec_ and not spte & _X:
+            return -1                       # an instruction fetch from a non-executable leaf (NX huge page)
         want = spte | _A | (_D if write else 0)
         if want != spte:
             # the hardware's locked A/D update: only over the entry it read
@@ -128,7 +133,7 @@ class Vcpu:
             spte = want
         base = (spte & _PFN_MASK) >> S.PFN_SHIFT
         shift = bits * (level - 1)
-        self.tlb.insert(gfn, level, base, bool(spte & _W))
+        self.tlb.insert(gfn, level, base, bool(spte & _W), bool(spte & _X))
         if self.debug:
             self.sources[(level, gfn >> shift)] = (sptep, spte)
         return base + (gfn & ((1 << shift) - 1))
@@ -176,6 +181,18 @@ class Vcpu:
             return 0
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_READS] += 1
+        v = self.data.load(hpfn)
+        if self.debug and v == DATA_POISON:
+            self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)
+        return v
+
+    def fetch(self, gfn: int) -> int:
+        """An instruction fetch: a read that needs X on the leaf (an exec fault if it is missing)."""
+        hpfn = self.translate(gfn, False, True)
+        if hpfn < 0:
+            return 0
+        self.st[_ST_ACCESSES] += 1
+        self.st[_ST_FETCHES] += 1
         v = self.data.load(hpfn)
         if self.debug and v == DATA_POISON:
             self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)

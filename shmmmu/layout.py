@@ -20,7 +20,7 @@ CTL_WORDS = 64 * LINE
 (C_EPOCH, C_GP_COUNT, C_GP_MAX_NS, C_GP_TOTAL_NS, C_NOTIFIER_SEQ, C_NOTIFIER_COUNT, C_NOTIFIER_START,
  C_NOTIFIER_END, C_FLUSH_GEN, C_POOL_TOP, C_LIST_HEAD, C_LIST_COUNT, C_NX_HEAD, C_NX_COUNT, C_PHASE,
  C_ITERATION, C_STOP, C_FLUSH_DONE, C_SLOTS_GEN, C_HOST_LOCK_OWNER, C_RCU_BACKLOG_MAX, C_OP_SEQ,
- C_FAILED, C_PAUSE, C_UNFLUSHED, C_VIOLATIONS) = [k * LINE for k in range(26)]
+ C_FAILED, C_PAUSE, C_UNFLUSHED, C_VIOLATIONS, C_NX_TAIL) = [k * LINE for k in range(27)]
 
 # ---- locks: each lock owns a block of LOCK_WORDS words and a few semaphores
 LOCK_WORDS = 2 * LINE
@@ -41,7 +41,9 @@ TLB_OUTSIDE, TLB_IN_GUEST = 0, 1
 # ---- per-table metadata (tmeta section)
 TMETA_WORDS = 16
 (T_LEVEL, T_GFN, T_STATE, T_GEN, T_PARENT, T_RETIRE_EPOCH, T_RETIRE_GP, T_NX, T_PREV, T_NEXT,
- T_NX_PREV, T_NX_NEXT, T_OWNER, T_RETIRE_FLUSH) = range(14)
+ T_NX_PREV, T_NX_NEXT, T_OWNER, T_RETIRE_FLUSH, T_LINKER) = range(15)
+# T_NX: on the NX list (lpage_disallowed); T_NX_PREV/T_NX_NEXT: its links (table + 1, 0 for none), with the
+# list's ends in C_NX_HEAD/C_NX_TAIL, under the page-list lock; T_LINKER (debug): who linked the table
 TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = 0, 1, 2, 3
 TABLE_STATE_NAMES = {TS_FREE: "free", TS_CACHED: "cached", TS_LIVE: "live", TS_RETIRED: "retired"}
 NIL = (1 << 64) - 1            # "no table" in link words
@@ -63,7 +65,7 @@ STAT_NAMES = [
     "yields", "flushes", "flush_wait_ns", "lock_wait_ns", "lock_contended", "read_acquired",
     "write_acquired", "needbreak_seen", "gp_completed", "gp_wait_ns", "notifier_retries",
     "memslot_retries", "dirty_marked", "wrprot_leaves", "collapsible_zaps", "nx_recovered",
-    "pool_refills", "topups", "fault_ns",
+    "pool_refills", "topups", "fault_ns", "fetches", "nx_recovery_passes",
 ]
 STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 N_STATS = 48
@@ -101,7 +103,9 @@ class VMConfig:
     cache_capacity: int = 40             # per-vCPU memory cache (KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
     cache_min: int = 5                   # topped up to this before the lock (PT64_ROOT_MAX_LEVEL)
     retire_ring: int = 0                 # 0: derived
-    nx_huge_pages: bool = False
+    nx_huge_pages: bool = False          # kvm.nx_huge_pages: exec faults map 4 KiB, tables go on the NX list
+    nx_recovery_ratio: int = 60          # kvm.nx_huge_pages_recovery_ratio: zap 1/ratio of the list per pass
+    nx_recovery_period_s: float = 1.0    # seconds between passes (the kernel's 60 s scaled down); 0: none
     seed: int = 0
     workload: dict[str, Any] = field(default_factory=dict)   # what the vCPUs run (shmmmu.workloads)
 

@@ -160,11 +160,11 @@ class Pool:
             bad = np.argwhere((snap & np.uint64(1 << 11)) != 0)
             if bad.size:
                 from shmmmu import violations
-                from shmmmu.layout import T_NX_PREV
+                from shmmmu.layout import T_LINKER
                 row, col = (int(x) for x in bad[0])
                 val = int(snap[row, col])
                 child = (val >> 12) & ((1 << 40) - 1)
-                linker = int(self.tmeta[child, T_NX_PREV]) if child < self.tmeta.shape[0] else -1
+                linker = int(self.tmeta[child, T_LINKER]) if child < self.tmeta.shape[0] else -1
                 violations.record(self.tables_region, "install-into-dead-table", self.worker,
                                   (int(idx[row]) << 16) | col, val, linker)
         self.tables[idx] = POISON if self.debug else 0

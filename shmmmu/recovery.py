@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, NIL, ROOT_TABLE, TMETA_WORDS, T_NEXT, T_PREV, T_STATE,
-                           TS_LIVE)
+from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, NIL, ROOT_TABLE,
+                           TMETA_WORDS, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_PREV, T_STATE, TS_LIVE)
 
 
 def reachable_tables(tables: np.ndarray, root_level: int, root: int = ROOT_TABLE) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -85,6 +85,48 @@ def repair_after_crash(mmu) -> list[str]:
             prev = t + 1
         ctl.store(C_LIST_HEAD, prev if prev != NIL else 0)
         ctl.store(C_LIST_COUNT, int(live.size))
+        rebuilt = rebuild_nx_list(mmu, reach)
+        if rebuilt:
+            done.append(rebuilt)
     finally:
         lock.write_unlock()
     return done
+
+
+def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
+    """The NX list holds exactly the reachable tables marked NX, in its old order as far as it is intact.
+
+    A worker killed inside account/unaccount_huge_nx_page can leave the links
+    half-written, and the orphans retired above were never taken off it.
+    Returns what changed ("" if nothing).
+    """
+    tm, ctl = mmu.tm, mmu.ctl
+    n = reach.size
+    order: list[int] = []
+    seen: set[int] = set()
+    cur = ctl.load(C_NX_HEAD)
+    while cur and 0 < cur <= n and len(order) <= n and cur - 1 not in seen:
+        order.append(cur - 1)
+        seen.add(cur - 1)
+        cur = tm.load((cur - 1) * TMETA_WORDS + T_NX_NEXT)
+    tmeta = mmu.region.array("tmeta")
+    marked = np.flatnonzero(tmeta[:, T_NX] != 0)
+    keep = [t for t in order if reach[t] and tmeta[t, T_NX]]
+    keep += [int(t) for t in marked if reach[t] and int(t) not in seen]
+    dropped = [int(t) for t in marked if not reach[t]]
+    before = (order, ctl.load(C_NX_COUNT))
+    for t in dropped:
+        tm.store(t * TMETA_WORDS + T_NX, 0)
+    prev = 0
+    for t in keep:
+        tm.store(t * TMETA_WORDS + T_NX_PREV, prev)
+        tm.store(t * TMETA_WORDS + T_NX_NEXT, 0)
+        if prev:
+            tm.store((prev - 1) * TMETA_WORDS + T_NX_NEXT, t + 1)
+        prev = t + 1
+    ctl.store(C_NX_HEAD, keep[0] + 1 if keep else 0)
+    ctl.store(C_NX_TAIL, prev)
+    ctl.store(C_NX_COUNT, len(keep))
+    if before == (keep, len(keep)) and not dropped:
+        return ""
+    return f"recovery: rebuilt the NX list ({len(keep)} tables, {len(dropped)} unreachable dropped)"

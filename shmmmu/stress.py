@@ -50,6 +50,8 @@ class StressOptions:
     gp_bound: float = 10.0
     name: str = ""
     ops: list[str] = field(default_factory=lambda: list(OPS))
+    nx_huge_pages: bool = False         # vCPUs also fetch instructions; the reclaimer runs NX recovery
+    nx_recovery_period: float = 0.25    # seconds between NX recovery passes (with nx_huge_pages)
 
     def config(self) -> VMConfig:
         check_names(self.bugs)
@@ -68,7 +70,8 @@ class StressOptions:
               "write_fraction": 0.5, "gp_stall_s": self.gp_bound}
         return VMConfig(name=name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(0, pages, self.backing)], debug=True, bugs=list(self.bugs),
-                        seed=self.seed, workload=wl, tlb_entries=256)
+                        seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
+                        nx_recovery_period_s=self.nx_recovery_period)
 
     def replay_command(self) -> str:
         cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "
@@ -77,6 +80,8 @@ class StressOptions:
             cmd += f" --bug {b}"
         if self.kill_every:
             cmd += f" --kill-every {self.kill_every:g}"
+        if self.nx_huge_pages:
+            cmd += " --nx-huge-pages"
         return cmd
 
 

@@ -26,9 +26,10 @@ import numpy as np
 
 from shmmmu import spte as S
 from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NOTIFIER_COUNT, C_NOTIFIER_END, C_NOTIFIER_SEQ,
-                           C_NOTIFIER_START, C_NX_COUNT, C_NX_HEAD, C_UNFLUSHED, MS_FLAGS, MS_GEN, MS_WORDS,
+                           C_NOTIFIER_START, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, C_UNFLUSHED, MS_FLAGS, MS_GEN, MS_WORDS,
                            MSF_LOG_DIRTY, N_STATS, NIL, ROOT_TABLE, STAT, TMETA_WORDS, T_GEN, T_GFN, T_LEVEL,
-                           T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_OWNER, T_PARENT, T_PREV, T_RETIRE_FLUSH, T_STATE, TS_LIVE,
+                           T_LINKER, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_OWNER, T_PARENT, T_PREV, T_RETIRE_FLUSH,
+                           T_STATE, TS_LIVE,
                            TS_RETIRED)
 from shmmmu.memslots import Memslots, Slot
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, QW_LOCKED, LockError
@@ -385,8 +386,7 @@ class Mmu:
             ctl.store(C_LIST_HEAD, table + 1)
             ctl.fetch_add(C_LIST_COUNT, 1)
             if nx:
-                tm.store(t + T_NX, 1)
-                ctl.fetch_add(C_NX_COUNT, 1)
+                self._account_nx(table)
             tm.store(t + T_OWNER, NIL)
         finally:
             if shared:
@@ -415,11 +415,51 @@ class Mmu:
             tm.store(t + T_NEXT, NIL)
             ctl.fetch_add(C_LIST_COUNT, _U64)
             if tm.load(t + T_NX):
-                tm.store(t + T_NX, 0)
-                ctl.fetch_add(C_NX_COUNT, _U64)
+                self._unaccount_nx(table)
         finally:
             if shared:
                 self.pages_lock.release()
+
+    def _account_nx(self, table: int) -> None:
+        """account_huge_nx_page(): list_add_tail on lpage_disallowed_mmu_pages, nx_lpage_splits++.
+
+        Called with the page-list lock held (shared mode) or the write lock: the NX
+        list lives in the same critical section as the page list, as in 5.12.
+        """
+        tm, ctl = self.tm, self.ctl
+        t = table * TMETA_WORDS
+        if tm.load(t + T_NX):
+            return
+        tail = ctl.load(C_NX_TAIL)
+        tm.store(t + T_NX_NEXT, 0)
+        tm.store(t + T_NX_PREV, tail)
+        if tail:
+            tm.store((tail - 1) * TMETA_WORDS + T_NX_NEXT, table + 1)
+        else:
+            ctl.store(C_NX_HEAD, table + 1)
+        ctl.store(C_NX_TAIL, table + 1)
+        tm.store(t + T_NX, 1)
+        ctl.fetch_add(C_NX_COUNT, 1)
+
+    def _unaccount_nx(self, table: int) -> None:
+        """unaccount_huge_nx_page(): list_del from the NX list, nx_lpage_splits-- (page-list lock held)."""
+        tm, ctl = self.tm, self.ctl
+        t = table * TMETA_WORDS
+        prev, nxt = tm.load(t + T_NX_PREV), tm.load(t + T_NX_NEXT)
+        if prev:
+            tm.store((prev - 1) * TMETA_WORDS + T_NX_NEXT, nxt)
+        elif ctl.load(C_NX_HEAD) == table + 1:
+            ctl.store(C_NX_HEAD, nxt)
+        else:
+            self.violation("table-leak", tm.load(t + T_GFN), table, 1)   # not on the NX list it claims
+        if nxt:
+            tm.store((nxt - 1) * TMETA_WORDS + T_NX_PREV, prev)
+        elif ctl.load(C_NX_TAIL) == table + 1:
+            ctl.store(C_NX_TAIL, prev)
+        tm.store(t + T_NX_PREV, 0)
+        tm.store(t + T_NX_NEXT, 0)
+        tm.store(t + T_NX, 0)
+        ctl.fetch_add(C_NX_COUNT, _U64)
 
     # ------------------------------------------------------------------ page fault (§7)
 
@@ -538,7 +578,7 @@ class Mmu:
                 if self.debug:
                     self.tm.store(child * TMETA_WORDS + T_PARENT, it.table * E + it.index)
                     # who linked it, at which gen of the parent: worker | parent gen << 8
-                    self.tm.store(child * TMETA_WORDS + T_NX_PREV,
+                    self.tm.store(child * TMETA_WORDS + T_LINKER,
                                   self.worker | (self.tm.load(it.table * TMETA_WORDS + T_GEN) << 8))
                     if shared and self.lock.w.load(self.lock.cnts) & QW_LOCKED == QW_LOCKED:
                         self.violation("lockdep", it.gfn, self.lock.w.load(self.lock.cnts), 0)
@@ -718,6 +758,72 @@ class Mmu:
                 self.lock.read_unlock()
             else:
                 self.lock.write_unlock()
+
+    # ------------------------------------------------------------------ NX huge page recovery (§10)
+
+    def nx_list(self) -> list[int]:
+        """The tables on the NX list, oldest first (lpage_disallowed_mmu_pages; a read for tests and tools)."""
+        out, cur = [], self.ctl.load(C_NX_HEAD)
+        limit = self.tables_np.shape[0]
+        while cur and len(out) <= limit:
+            out.append(cur - 1)
+            cur = self.tm.load((cur - 1) * TMETA_WORDS + T_NX_NEXT)
+        return out
+
+    def recover_nx_lpages(self, ratio: int | None = None) -> int:
+        """kvm_recover_nx_lpages() (5.12): zap ceil(nx_lpage_splits / ratio) tables from the head of the NX list.
+
+        Under the write lock, as in 5.12 (the list is only changed under the write
+        lock or the page-list lock, which faults take inside the read lock).  Each
+        table is zapped as kvm_tdp_mmu_zap_sp() does: zap_gfn_range over the table's
+        span without yielding (the caller may hold a pending flush, 33a3164161fc),
+        the returned flush accumulated (048f49809c52) and done before the lock is
+        dropped for a waiter (cond_resched_rwlock_write) and at the end.  Zapping the
+        parent entry tears the table down, which takes it off the list; a later
+        fault that is not an instruction fetch can then map a huge page there.
+        Returns how many tables were zapped.
+        """
+        ratio = self.config.nx_recovery_ratio if ratio is None else ratio
+        tm, ctl = self.tm, self.ctl
+        zapped = 0
+        self.lock.write_lock()
+        saved, self.shared = self.shared, False
+        try:
+            to_zap = -(-ctl.load(C_NX_COUNT) // ratio) if ratio > 0 else 0
+            flush = False
+            while to_zap:
+                head = ctl.load(C_NX_HEAD)
+                if not head:
+                    break
+                sp = head - 1
+                t = sp * TMETA_WORDS
+                if not tm.load(t + T_NX) or tm.load(t + T_STATE) != TS_LIVE:
+                    # WARN_ON_ONCE(!sp->lpage_disallowed): the list names a table it does not hold
+                    self.violation("table-leak", tm.load(t + T_GFN), sp, 2)
+                    break
+                gfn = tm.load(t + T_GFN)
+                flush |= self.zap_gfn_range(gfn, gfn + (1 << (self.bits * tm.load(t + T_LEVEL))), can_yield=False)
+                if ctl.load(C_NX_HEAD) == head:
+                    self.violation("table-leak", gfn, sp, 3)    # zapping its range did not tear it down
+                    break
+                zapped += 1
+                to_zap -= 1
+                if to_zap and self.lock.needbreak():
+                    if flush or self._unflushed:
+                        self.flush_remote_tlbs()
+                    flush = False
+                    self.lock.write_unlock()
+                    self.lock.write_lock()
+                    self.lock.stats.yields += 1
+                    self.st[STAT["yields"]] += 1
+            if flush or self._unflushed:
+                self.flush_remote_tlbs()
+        finally:
+            self.shared = saved
+            self.lock.write_unlock()
+        self.st[STAT["nx_recovered"]] += zapped
+        self.st[STAT["nx_recovery_passes"]] += 1
+        return zapped
 
     # ------------------------------------------------------------------ host unmaps (MMU notifier)
 
@@ -956,8 +1062,10 @@ class Mmu:
             for it in for_each_leaf(it, gfn + 64):
                 if not mask:
                     break
+                if it.level > 1:
+                    continue                                  # huge leaves: protected at enable (may start below gfn)
                 bit = 1 << (it.gfn - gfn)
-                if it.level > 1 or not mask & bit:
+                if not mask & bit:
                     continue
                 visited |= bit
                 if not self.bug_mask_late:

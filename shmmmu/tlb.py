@@ -24,33 +24,33 @@ class FlushStuck(RuntimeError):
 
 
 class Tlb:
-    """A vCPU's private translations: per level, (gfn >> shift) -> (host pfn of the page, writable)."""
+    """A vCPU's private translations: per level, (gfn >> shift) -> (host pfn of the page, writable, executable)."""
 
     def __init__(self, bits: int, capacity: int):
         self.bits = bits
         self.capacity = capacity
-        self.maps: list[dict[int, tuple[int, bool]]] = [{}, {}, {}, {}]   # index level-1
+        self.maps: list[dict[int, tuple[int, bool, bool]]] = [{}, {}, {}, {}]   # index level-1
         self.size = 0
         self.flushes = 0
 
-    def lookup(self, gfn: int) -> tuple[int, bool, int] | None:
-        """(host pfn of gfn, writable, level) or None."""
+    def lookup(self, gfn: int) -> tuple[int, bool, int, bool] | None:
+        """(host pfn of gfn, writable, level, executable) or None."""
         e = self.maps[0].get(gfn)
         if e is not None:
-            return e[0], e[1], 1
+            return e[0], e[1], 1, e[2]
         bits = self.bits
         for level in (2, 3):
             m = self.maps[level - 1]
             if m:
                 e = m.get(gfn >> (bits * (level - 1)))
                 if e is not None:
-                    return e[0] + (gfn & ((1 << (bits * (level - 1))) - 1)), e[1], level
+                    return e[0] + (gfn & ((1 << (bits * (level - 1))) - 1)), e[1], level, e[2]
         return None
 
-    def insert(self, gfn: int, level: int, pfn_base: int, writable: bool) -> None:
+    def insert(self, gfn: int, level: int, pfn_base: int, writable: bool, executable: bool = True) -> None:
         if self.size >= self.capacity:
             self.flush_local()
-        self.maps[level - 1][gfn >> (self.bits * (level - 1))] = (pfn_base, writable)
+        self.maps[level - 1][gfn >> (self.bits * (level - 1))] = (pfn_base, writable, executable)
         self.size += 1
 
     def invalidate(self, gfn: int) -> None:

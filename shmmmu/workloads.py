@@ -6,7 +6,12 @@ A workload is a small dict in the VM configuration:
   overlap      all vCPUs share one range (-o) instead of a range each
   write_every  write 1 page of every N, read the rest (the selftest's -f)
   accesses     accesses per iteration (random, stress)
-  trace        a list of (gfn offset, is_write) for the trace kind
+  write_fraction  share of writes (random, stress)
+  populate_first  random: iteration 1 writes every page once instead (dirty_log_test's first pass)
+  exec_fraction   share of instruction fetches (random, stress; the vCPU sets 0.05 when the VM has
+               nx_huge_pages and the workload says nothing)
+  trace        a list of (gfn offset, kind) for the trace kind: kind 0 read, 1 write, 2 fetch
+               (older traces hold is_write as 0/1, which are the same kinds)
 Every written value names the GFN, the vCPU and the iteration, as the
 kernel's dirty_log_test does, so a write that lands elsewhere is caught.
 """
@@ -19,11 +24,13 @@ import numpy as np
 ITER_SHIFT = 40
 VCPU_SHIFT = 32
 GFN_MASK = (1 << 32) - 1
+ITER_MASK = (1 << 23) - 1        # bits 40-62: bit 63 marks a written value
+READ, WRITE, EXEC = 0, 1, 2      # access kinds (an EXEC is an instruction fetch)
 
 
 def make_value(gfn: int, vcpu: int, iteration: int) -> int:
     """The value a vCPU writes: iteration, vCPU and GFN in one word (never 0, never poison)."""
-    return ((iteration & 0xFFFFFF) << ITER_SHIFT) | ((vcpu & 0xFF) << VCPU_SHIFT) | (gfn & GFN_MASK) | (1 << 63)
+    return ((iteration & ITER_MASK) << ITER_SHIFT) | ((vcpu & 0xFF) << VCPU_SHIFT) | (gfn & GFN_MASK) | (1 << 63)
 
 
 def value_gfn(value: int) -> int:
@@ -31,7 +38,7 @@ def value_gfn(value: int) -> int:
 
 
 def value_iteration(value: int) -> int:
-    return (value >> ITER_SHIFT) & 0xFFFFFF
+    return (value >> ITER_SHIFT) & ITER_MASK
 
 
 def value_vcpu(value: int) -> int:
@@ -48,7 +55,10 @@ def vcpu_range(workload: dict[str, Any], base_gfn: int, vcpu: int) -> tuple[int,
 
 def accesses(workload: dict[str, Any], base_gfn: int, vcpu: int, iteration: int,
              seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(gfns, is_write) for one vCPU's iteration."""
+    """(gfns, kinds) for one vCPU's iteration; kinds are READ, WRITE or EXEC (int8).
+
+    `kinds != READ` is not "is write": test `kinds == WRITE`.
+    """
     kind = workload["kind"]
     start, n = vcpu_range(workload, base_gfn, vcpu)
     every = max(1, int(workload.get("write_every", 1)))
@@ -57,25 +67,39 @@ def accesses(workload: dict[str, Any], base_gfn: int, vcpu: int, iteration: int,
         # for -o (each vCPU's gva is the region's start): they fault the same pages at the same time
         gfns = np.arange(start, start + n, dtype=np.int64)
         writes = (np.arange(n) % every) == 0
-        return gfns, writes
+        return gfns, writes.astype(np.int8)
+    if kind == "random" and iteration == 1 and workload.get("populate_first"):
+        # dirty_log_test's guest writes every page first: each vCPU its share of the range
+        share = -(-n // max(1, int(workload.get("n_vcpus", 1)))) if workload.get("overlap") else n
+        lo = min(n, vcpu * share) if workload.get("overlap") else 0
+        gfns = np.arange(start + lo, start + min(n, lo + share), dtype=np.int64)
+        return gfns, np.full(gfns.size, WRITE, dtype=np.int8)
     rng = np.random.default_rng([seed, vcpu, iteration])
     if kind in ("random", "stress"):
         k = int(workload.get("accesses", n))
         gfns = start + rng.integers(0, n, size=k, dtype=np.int64)
-        writes = rng.random(k) < float(workload.get("write_fraction", 0.5))
-        return gfns, writes
+        kinds = (rng.random(k) < float(workload.get("write_fraction", 0.5))).astype(np.int8)
+        xf = float(workload.get("exec_fraction", 0.0))
+        if xf > 0:                   # drawn only when asked for: other workloads replay the same stream
+            kinds[rng.random(k) < xf] = EXEC
+        return gfns, kinds
     if kind == "trace":
         tr = workload["trace"]
         offs = np.asarray([t[0] for t in tr], dtype=np.int64) % n
-        writes = np.asarray([bool(t[1]) for t in tr])
-        return start + offs, writes
+        kinds = np.asarray([int(t[1]) for t in tr], dtype=np.int8)
+        return start + offs, kinds
     raise ValueError(f"unknown workload kind {kind!r}")
 
 
-def parse_trace(text: str, page_shift: int = 12) -> list[tuple[int, int]]:
-    """A trace file: one access per line, 'R ADDR' or 'W ADDR' (hex or decimal guest-physical address).
+_TRACE_KINDS = {"R": READ, "W": WRITE, "X": EXEC}
 
-    Lines starting with '#' and blank lines are skipped.  Returns (page offset, is_write).
+
+def parse_trace(text: str, page_shift: int = 12) -> list[tuple[int, int]]:
+    """A trace file: one access per line, 'R ADDR', 'W ADDR' or 'X ADDR' (an instruction fetch), with a hex or
+    decimal guest-physical address.
+
+    Lines starting with '#' and blank lines are skipped.  Returns (page offset, kind): kind 0 read,
+    1 write (so an R/W trace gives what it always gave, (offset, is_write)), 2 fetch.
     """
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -83,13 +107,13 @@ def parse_trace(text: str, page_shift: int = 12) -> list[tuple[int, int]]:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 2 or parts[0].upper() not in ("R", "W"):
-            raise ValueError(f"trace line {lineno}: expected 'R ADDR' or 'W ADDR', got {line!r}")
+        if len(parts) != 2 or parts[0].upper() not in _TRACE_KINDS:
+            raise ValueError(f"trace line {lineno}: expected 'R ADDR', 'W ADDR' or 'X ADDR', got {line!r}")
         try:
             addr = int(parts[1], 0)
         except ValueError:
             raise ValueError(f"trace line {lineno}: bad address {parts[1]!r}") from None
-        out.append((addr >> page_shift, int(parts[0].upper() == "W")))
+        out.append((addr >> page_shift, _TRACE_KINDS[parts[0].upper()]))
     if not out:
         raise ValueError("the trace has no accesses")
     return out

@@ -4,6 +4,14 @@ Started as `python -m workers.reclaimer --vm NAME --id I`.  Each pass advances
 the RCU epoch, waits for every read-side section that could hold a retired
 table, then frees the tables (zeroed, or poisoned in debug mode).  A grace
 period longer than the stall bound is reported (the RCU stall warning).
+
+With nx_huge_pages it is also the kernel's kvm-nx-lpage-recovery thread: every
+`nx_recovery_period_s` it runs Mmu.recover_nx_lpages (a 1/ratio share of the
+NX list zapped under the write lock).  It lives here rather than in a worker
+of its own because this process is the VM's one housekeeping process and is
+idle between grace periods, and a VM slot per worker is fixed when the region
+is created; the tables the pass tears down retire into this process's own
+ring, which it reclaims next.
 """
 from __future__ import annotations
 
@@ -22,12 +30,23 @@ def main() -> None:
     ctl = vm.region.words("ctl")
     ws = vm.region.words("wstate")
     stall = float(vm.config.workload.get("gp_stall_s", 10.0))
+    c = vm.config
+    nx_period = c.nx_recovery_period_s if c.nx_huge_pages and c.nx_recovery_ratio > 0 else 0.0
     try:
         rcu, pool = vm.rcu, vm.pool
+        mmu = None
+        if nx_period > 0:
+            from shmmmu.tdp_mmu import Mmu
+            mmu = Mmu(vm, me)
+        next_nx = time.monotonic() + nx_period
         set_status(vm, me, STATUS_READY)
         stalled = False
         idle = 0
         while not ctl.load(C_STOP):
+            if mmu is not None and time.monotonic() >= next_nx:
+                mmu.recover_nx_lpages()
+                mmu.publish_stats()
+                next_nx = time.monotonic() + nx_period
             pending = rcu.backlog()
             if pending == 0:
                 idle += 1

@@ -15,7 +15,7 @@ from shmmmu.guest import Vcpu
 from shmmmu.layout import (C_ITERATION, C_PAUSE, C_STOP, ROLE_VCPU, W_HEARTBEAT, W_ITERATION, W_PROGRESS_NS,
                            WSTATE_WORDS)
 from shmmmu.memslots import Memslots
-from shmmmu.workloads import GFN_MASK, accesses, make_value
+from shmmmu.workloads import EXEC, GFN_MASK, WRITE, accesses, make_value
 from workers.common import STATUS_DONE, STATUS_FAILED, STATUS_READY, set_status, start_worker
 
 CHUNK = 256
@@ -27,20 +27,22 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
     ws = vm.region.words("wstate")
     row = me * WSTATE_WORDS
     w = vm.config.workload
+    if vm.config.nx_huge_pages and w["kind"] in ("random", "stress") and "exec_fraction" not in w:
+        w = {**w, "exec_fraction": 0.05}     # guests fetch instructions too: what the NX mitigation is about
     seed = vm.config.seed
     continuous = w["kind"] == "stress"
     sub = 0
     while True:
-        gfns, writes = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
-        gl, wl = gfns.tolist(), writes.tolist()
+        gfns, kinds = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
+        gl, wl = gfns.tolist(), kinds.tolist()
         vcpu.enter()
         try:
             for k in range(0, len(gl), CHUNK):
-                for g, is_w in zip(gl[k:k + CHUNK], wl[k:k + CHUNK]):
-                    if is_w:
+                for g, kind in zip(gl[k:k + CHUNK], wl[k:k + CHUNK]):
+                    if kind == WRITE:
                         vcpu.write(g, make_value(g, me, iteration))
                     else:
-                        v = vcpu.read(g)
+                        v = vcpu.fetch(g) if kind == EXEC else vcpu.read(g)
                         if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
                             vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
                 ws.store(row + W_HEARTBEAT, ws.load(row + W_HEARTBEAT) + 1)
