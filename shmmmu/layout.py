@@ -66,7 +66,10 @@ STAT_NAMES = [
     "write_acquired", "needbreak_seen", "gp_completed", "gp_wait_ns", "notifier_retries",
     "memslot_retries", "dirty_marked", "wrprot_leaves", "collapsible_zaps", "nx_recovered",
     "pool_refills", "topups", "fault_ns", "fetches", "nx_recovery_passes",
+    "lock_wait_max_ns", "flush_wait_max_ns",          # maxima: summed over workers as max, not +
+    "emulated",                                       # faults outside any memslot (MMIO, deleted slot)
 ]
+assert len(STAT_NAMES) <= 48
 STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 N_STATS = 48
 

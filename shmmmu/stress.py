@@ -119,6 +119,7 @@ class StressResult:
                  f"kill_every={o['kill_every']}"]
         lines.append("ops: " + " ".join(f"{k}={v}" for k, v in self.ops.items()))
         lines.append(f"faults={s['faults']} fixed={s['fixed']} spurious={s['spurious']} retries={s['retries']} "
+                     f"emulated={s['emulated']} "
                      f"cas_failures={s['cas_failures']} removed_seen={s['removed_seen']} "
                      f"link_races={s['link_races']} huge_splits={s['huge_splits']}")
         lines.append(f"accesses={s['accesses']} tlb_hits={s['tlb_hits']} hw_walks={s['hw_walks']} "
@@ -127,8 +128,9 @@ class StressResult:
         gps = self.rcu["grace_periods"]
         lines.append(f"grace periods: {gps} ({gps / max(self.duration_s, 1e-9):.1f}/s), longest "
                      f"{self.rcu['gp_max_ns'] / 1e6:.2f} ms, largest retire backlog {self.rcu['backlog_max']}")
-        lines.append(f"lock: waits {s['lock_contended']} total {s['lock_wait_ns'] / 1e6:.1f} ms, "
-                     f"needbreak seen {s['needbreak_seen']}")
+        lines.append(f"lock: waits {s['lock_contended']} total {s['lock_wait_ns'] / 1e6:.1f} ms, longest "
+                     f"{s['lock_wait_max_ns'] / 1e6:.1f} ms, needbreak seen {s['needbreak_seen']}; TLB flush: "
+                     f"longest wait {s['flush_wait_max_ns'] / 1e6:.1f} ms")
         lines.append("Reader Pipe: " + " ".join(str(x) for x in self.pipe))
         for p in self.problems[:50]:
             lines.append(f"!!! {p}")

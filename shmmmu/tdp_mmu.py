@@ -51,6 +51,7 @@ _PFN_MASK = S.PFN_MASK
 _U64 = (1 << 64) - 1
 
 _ST_FAULTS = STAT["faults"]
+_ST_EMULATED = STAT["emulated"]
 _ST_FIXED = STAT["fixed"]
 _ST_SPURIOUS = STAT["spurious"]
 _ST_RETRIES = STAT["retries"]
@@ -148,6 +149,8 @@ class Mmu:
         st[STAT["needbreak_seen"]] = ls.needbreak_seen
         st[STAT["flushes"]] = self.tlbctl.flushes
         st[STAT["flush_wait_ns"]] = self.tlbctl.wait_ns
+        st[STAT["flush_wait_max_ns"]] = self.tlbctl.wait_max_ns
+        st[STAT["lock_wait_max_ns"]] = ls.wait_max_ns
         st[STAT["pool_refills"]] = self.pool.refills
         for i, v in enumerate(st):
             row.store(base + i, v & _U64)
@@ -475,6 +478,7 @@ class Mmu:
         slots = self.slots
         slot = slots.lookup(gfn)
         if slot is None:
+            st[_ST_EMULATED] += 1
             return RET_PF_EMULATE                     # no memslot: MMIO, emulated
         pfn = slots.gfn_to_pfn(slot, gfn)             # the "GUP": may be stale by the time we install
         level = slots.max_mapping_level(slot, gfn)

@@ -78,6 +78,7 @@ class TlbControl:
         self.acked = self.ws.load(self.ack_word)
         self.flushes = 0
         self.wait_ns = 0
+        self.wait_max_ns = 0
 
     # ---- the vCPU side
     def enter_guest(self) -> None:
@@ -121,7 +122,10 @@ class TlbControl:
                                      f"TLB flush {gen} after {timeout:.0f}s in guest mode")
         self.ctl.fetch_add(C_FLUSH_DONE, 1)
         self.flushes += 1
-        self.wait_ns += time.monotonic_ns() - t0
+        dt = time.monotonic_ns() - t0
+        self.wait_ns += dt
+        if dt > self.wait_max_ns:
+            self.wait_max_ns = dt
 
     def recover(self, dead: int) -> None:
         """A dead vCPU is outside guest mode for good."""
