@@ -211,7 +211,7 @@ def test_handoff_wakes_the_sleeper_at_once(region: Region, first: str, second: s
         unlock_a()
         assert done.wait(5)
         delays.append(stamp[0] - t_release)
-    assert statistics.median(delays) < SLEEP_TIMEOUT / 4, f"woken late: {delays}"
+    assert statistics.median(delays) < SLEEP_TIMEOUT / 2, f"woken late: {delays}"
 
 
 def test_busted_writer_barges_in_beside_a_reader(region: Region) -> None:

@@ -146,13 +146,14 @@ def cpu_seconds(procs: list[subprocess.Popen]) -> float:
 
 
 def throughput(region: Region, mode: str, nprocs: int, seconds: float) -> tuple[float, float, int, float]:
-    """(sections per second over all processes, sections per CPU-second, contended acquisitions,
+    """(sections per second over all processes, CPUs the processes used, contended acquisitions,
     longest wait ms).
 
     The window opens once every process has done its first sections (interpreter start-up left out)
-    and the rate is the growth of the processes' published counts over the window.  Sections per
-    CPU-second (the CPU time the processes used in the window) shows the lock's overhead apart
-    from how much of the machine the processes got, which other load changes.
+    and the rate is the growth of the processes' published counts over the window.  CPUs used is
+    the CPU time the processes consumed in the window over its length: on a machine that other
+    work keeps busy it is what they got, and sections/s divided by it (sections per CPU-second)
+    is the lock's cost apart from that share.
     """
     procs = [spawn(region, k, mode) for k in range(nprocs)]
     st = region.array("stats")
@@ -181,7 +182,7 @@ def throughput(region: Region, mode: str, nprocs: int, seconds: float) -> tuple[
     contended = int(st[:nprocs, 2].sum())
     wait_max = float(st[:nprocs, 3].max()) / 1e6
     reset(region)
-    return (n1 - n0) / (t1 - t0), (n1 - n0) / max(c1 - c0, 1e-3), contended, wait_max
+    return (n1 - n0) / (t1 - t0), (c1 - c0) / (t1 - t0), contended, wait_max
 
 
 def worker(mode: str, name: str, k: int) -> None:
@@ -273,22 +274,19 @@ def main(argv: list[str] | None = None) -> int:
               f"| {med:.1f} | {p90:.1f} | {mx:.1f} |")
 
         print(f"\n### Throughput: each process loops over short sections ({SECTION_LOADS} atomic loads); "
-              f"best of {args.runs} runs of {args.seconds:g} s\n")
-        print("| processes | read sections/s | vs 1 | per CPU-s | write sections/s | vs 1 | per CPU-s | "
-              "read: contended, longest wait | write: contended, longest wait |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---|---|")
-        base: dict[str, float] = {}
-        for n in procs:
-            cells = []
-            extra = []
-            for mode in ("read", "write"):
-                rate, per_cpu, contended, wait_ms = max(throughput(region, mode, n, args.seconds)
-                                                        for _ in range(args.runs))
-                base.setdefault(mode, rate)
-                cells += [f"{rate:,.0f}", f"{rate / base[mode]:.2f}x", f"{per_cpu:,.0f}"]
-                extra.append(f"{contended:,}, {wait_ms:.2f} ms")
-            print(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
-            sys.stdout.flush()
+              f"best of {args.runs} runs of {args.seconds:g} s")
+        for mode in ("read", "write"):
+            print(f"\n{mode} sections:\n")
+            print("| processes | sections/s | vs 1 | CPUs used | sections per CPU-s | contended | longest wait |")
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+            base = None
+            for n in procs:
+                rate, cpus, contended, wait_ms = max(throughput(region, mode, n, args.seconds)
+                                                     for _ in range(args.runs))
+                base = base or rate
+                print(f"| {n} | {rate:,.0f} | {rate / base:.2f}x | {cpus:.2f} | {rate / max(cpus, 1e-3):,.0f} "
+                      f"| {contended:,} | {wait_ms:.2f} ms |")
+                sys.stdout.flush()
         print("\nload average after the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
 
