@@ -5,7 +5,11 @@ Errors a user can cause (a bad VM name, a VM that exists or does not) are
 """
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
+
 import typer
 
 from shmmmu import __version__
@@ -42,6 +46,25 @@ def _root(
 def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
     print(f"shmmmu: error: {message}", file=sys.stderr)
     return typer.Exit(code)
+
+
+@contextmanager
+def _running_a_vm() -> Iterator[None]:
+    """Around a command that runs a VM: SIGTERM acts as Ctrl-C (stop every worker, unlink, exit 130);
+    a user error is one line and exit 2; a run that could not finish (a worker died, the pool ran
+    dry, a flush never completed) is one line and exit 1.  Never a traceback."""
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
+        raise typer.Exit(130)
+    except RegionError as e:
+        raise _fail(str(e))
+    except typer.Exit:                           # a RuntimeError too: let it through
+        raise
+    except RuntimeError as e:                    # WorkerDied, PoolExhausted, FlushStuck
+        raise _fail(str(e), 1)
 
 
 def _print_run(result, console) -> None:
@@ -94,7 +117,6 @@ def run(
     """Launch a VM: vCPU processes fault its memory in, a reclaimer frees tables; print the results."""
     import json
     import os
-    import signal
     import time
 
     from rich.console import Console
@@ -146,23 +168,12 @@ def run(
             sup.check()
             time.sleep(0.2)
 
-    # SIGTERM behaves as Ctrl-C: stop everything and unlink
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
+    with _running_a_vm():
         if prog is not None:
             with prog:
                 result = run_vm(opts, progress=progress_cb, keep=keep_alive)
         else:
             result = run_vm(opts, keep=keep_alive)
-    except KeyboardInterrupt:
-        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
-        raise typer.Exit(130)
-    except RegionError as e:
-        raise _fail(str(e))
-    except RuntimeError as e:                      # WorkerDied, PoolExhausted, FlushStuck
-        if isinstance(e, typer.Exit):
-            raise
-        raise _fail(str(e), 1)
     if json_out:
         print(json.dumps(result.to_json()))
     else:
@@ -191,7 +202,6 @@ def stress(
 ) -> None:
     """rcutorture-style stress of the whole MMU with every checker on; SUCCESS or FAILURE (exit 0/1)."""
     import json
-    import signal
 
     from shmmmu.bugs import BUGS
     from shmmmu.stress import StressOptions, run_stress
@@ -206,15 +216,9 @@ def stress(
         opts.config()
     except ValueError as e:
         raise _fail(str(e))
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     log = None if json_out else (lambda line: print(line, flush=True))
-    try:
+    with _running_a_vm():
         result = run_stress(opts, log=log)
-    except KeyboardInterrupt:
-        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
-        raise typer.Exit(130)
-    except RegionError as e:
-        raise _fail(str(e))
     if json_out:
         print(json.dumps(result.to_json()))
     else:
@@ -494,7 +498,6 @@ def bench_dirty_log(
     Every VM is removed at the end, on errors and on Ctrl-C.
     """
     import json
-    import signal
 
     from shmmmu.bench import BenchOptions, run_bench
     from shmmmu.run import UsageError, parse_size
@@ -506,7 +509,6 @@ def bench_dirty_log(
         opts.validate()
     except (UsageError, ValueError) as e:
         raise _fail(str(e))
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     n_runs = opts.repeat
 
     def show(run) -> None:
@@ -515,15 +517,8 @@ def bench_dirty_log(
 
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)
-    try:
+    with _running_a_vm():
         result = run_bench(opts, on_run=show)
-    except KeyboardInterrupt:
-        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
-        raise typer.Exit(130)
-    except RegionError as e:
-        raise _fail(str(e))
-    except RuntimeError as e:                      # WorkerDied, PoolExhausted, FlushStuck
-        raise _fail(str(e), 1)
     if json_out:
         print(json.dumps(result.to_json()))
     elif len(result.runs) > 1:

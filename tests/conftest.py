@@ -46,7 +46,7 @@ def owned_by_other_live_process(entry: str) -> bool:
     # a name made by new_vm_name() in another test session that still runs is that session's, whatever
     # its state: stale and foreign segments are what some tests make on purpose (shmmmu ls / rm tests)
     session = NEW_NAME_RE.match(vm)
-    if session and int(session.group(1)) != os.getpid():
+    if session and int(session.group(1)) != os.getpid() and not _is_our_child(int(session.group(1))):
         try:
             os.kill(int(session.group(1)), 0)
             return True
@@ -71,13 +71,24 @@ def owned_by_other_live_process(entry: str) -> bool:
     except PermissionError:
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        state = stat.rsplit(")", 1)[1].split()[0]
+        ppid, state = _parent_and_state(pid)
     except (OSError, ValueError, IndexError):
         return True
     return not (ppid == os.getpid() or state == "Z")
+
+
+def _parent_and_state(pid: int) -> tuple[int, str]:
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[1]), rest[0]
+
+
+def _is_our_child(pid: int) -> bool:
+    """A process this test started (a CLI run): its VMs are this test's to check."""
+    try:
+        return _parent_and_state(pid)[0] == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 @pytest.fixture(autouse=True)

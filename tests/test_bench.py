@@ -30,8 +30,10 @@ def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 
 def bench_vms() -> set[str]:
+    """Bench VM objects in /dev/shm, except those of another live process (a concurrent bench)."""
+    from conftest import owned_by_other_live_process
     try:
-        return {f for f in os.listdir("/dev/shm") if "shmmmu-bench-" in f}
+        return {f for f in os.listdir("/dev/shm") if "shmmmu-bench-" in f and not owned_by_other_live_process(f)}
     except OSError:
         return set()
 

@@ -211,37 +211,40 @@ def test_inspect_a_kept_vm(lock_mode: str, backing: str, workload: str) -> None:
     assert_one_line_error(res, f"no VM named {name!r} is running", "shmmmu ls")
 
 
+def _watch_until(args: list[str], enough, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run `inspect --watch`, read its stdout until `enough(lines)` holds, then Ctrl-C it."""
+    p = subprocess.Popen([*CMD, "inspect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not enough(lines) and time.monotonic() < deadline and p.poll() is None:
+            line = p.stdout.readline()
+            if line:
+                lines.append(line)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, "".join(lines) + out, err
+
+
 def test_inspect_watch_refreshes_with_rates_until_ctrl_c() -> None:
     name = new_vm_name("e2e")
     with running(name, *SMALL, "-s", "4k"):
-        p = subprocess.Popen([*CMD, "inspect", name, "--watch", "--json", "--interval", "0.3"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        try:
-            time.sleep(2.0)
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=10)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        assert p.returncode == 0, err
+        code, out, err = _watch_until([name, "--watch", "--json", "--interval", "0.3"], lambda ls: len(ls) >= 2)
+        assert code == 0, err
         assert "Traceback" not in err
         snaps = [json.loads(line) for line in out.splitlines()]
         assert len(snaps) >= 2
         assert snaps[0]["rates"] is None
         assert set(snaps[1]["rates"]) == {"faults_per_s", "retries_per_s", "cas_failures_per_s", "accesses_per_s"}
         # the plain form too (stdout is not a terminal: one summary after another)
-        p = subprocess.Popen([*CMD, "inspect", name, "--watch", "--interval", "0.3"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        try:
-            time.sleep(1.5)
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=10)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        assert p.returncode == 0, err
+        code, out, err = _watch_until([name, "--watch", "--interval", "0.3"],
+                                      lambda ls: "".join(ls).count(f"VM {name}:") >= 2 and "rates" in "".join(ls))
+        assert code == 0, err
         assert out.count(f"VM {name}:") >= 2 and "rates" in out
 
 
