@@ -113,14 +113,16 @@ class Memslots:
 
     def lookup(self, gfn: int) -> Slot | None:
         """gfn_to_memslot(): the active slot holding gfn, or None (an MMIO/emulated access)."""
-        for s in self.slots():
+        if self.ctl.load(C_SLOTS_GEN) != self._gen:      # slots(), inlined: this is on every fault
+            self.slots()
+        for s in self._slots:
             if s.base_gfn <= gfn < s.base_gfn + s.npages:
                 return s if s.flags & MSF_ACTIVE else None
         return None
 
     def max_mapping_level(self, slot: Slot, gfn: int) -> int:
         """kvm_mmu_hugepage_adjust() without NX: 4K while logging, else the largest huge page inside the slot."""
-        if slot.flags & MSF_LOG_DIRTY:
+        if slot.flags & MSF_LOG_DIRTY or slot.huge_level == 1:
             return 1
         bits = self.bits
         for level in range(slot.huge_level, 1, -1):
