@@ -121,6 +121,10 @@ def test_json_has_every_phase_medians_and_ratios() -> None:
         assert kinds == [("populate", 0), ("enable", 0), ("dirty", 1), ("get", 1), ("clear", 1),
                          ("dirty", 2), ("get", 2), ("clear", 2), ("disable", 0)]
         assert all(p["seconds"] > 0 for p in run["phases"])
+        faults = {(p["phase"], p["iteration"]): p["faults"] for p in run["phases"]}
+        assert faults[("populate", 0)] == 2 * 2048
+        assert faults[("dirty", 1)] == 0                 # INITIALLY_SET: 4K pages still writable
+        assert faults[("dirty", 2)] == 2 * 2048          # CLEAR protected every page
         assert run["rates"]["faults"] == 2 * 2048                   # 2 vCPUs x 8M in 4K pages
         assert set(run["totals"]) == {"populate", "enable", "dirty", "get", "clear", "disable"}
     for mode in ("shared", "exclusive"):
