@@ -493,8 +493,9 @@ def bench_dirty_log(
     """dirty_log_perf_test: populate, enable dirty logging, dirty / get / clear per iteration, disable.
 
     Prints the selftest's lines per run (times as the kernel prints them), then
-    faults/s, retries per fault, lock wait share and TLB flushes; with
-    --lock-mode both the modes alternate and the exclusive/shared ratios follow.
+    faults/s, retries per fault, lock wait share, the vCPU processes' CPU time and
+    TLB flushes; with --lock-mode both the modes alternate and the exclusive/shared
+    ratios follow.  docs/performance.md has measured output.
     Every VM is removed at the end, on errors and on Ctrl-C.
     """
     import json
