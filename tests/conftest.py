@@ -119,3 +119,14 @@ def new_vm_name(tag: str = "t") -> str:
 def vm_name() -> str:
     return new_vm_name()
 
+
+def default_sigint() -> None:
+    """preexec_fn for a child the test will Ctrl-C: SIGINT at its default, whatever we inherited.
+
+    A shell that starts a job in the background (`.ci/run &`) makes it ignore SIGINT,
+    and Python then never raises KeyboardInterrupt in the children; the tests that
+    send SIGINT must not depend on how the test run itself was started.
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
+
 from shmmmu.bench import BenchOptions, BenchResult, BenchRun, fmt_ts, rates
 from shmmmu.run import Phase, RunResult
 
@@ -160,7 +162,7 @@ def test_bad_options_are_one_line_and_exit_2(args: list[str], words: list[str]) 
 
 def test_ctrl_c_mid_run_removes_the_vm() -> None:
     before = bench_vms()
-    p = subprocess.Popen([*CMD, "-v", "2", "-b", "1G", "--lock-mode", "shared"], cwd=ROOT,
+    p = subprocess.Popen([*CMD, "-v", "2", "-b", "1G", "--lock-mode", "shared"], preexec_fn=default_sigint, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -25,7 +25,7 @@ import pytest
 
 from shmmmu.region import HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, segment_name, unlink_all
 
-from conftest import new_vm_name
+from conftest import new_vm_name, default_sigint
 
 CMD = [sys.executable, "-m", "shmmmu.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,7 @@ def running(name: str, *run_args: str, keep: bool = True, ready: str = "kept ali
     tmp = tempfile.NamedTemporaryFile(prefix=f"shmmmu-e2e-{name}-", suffix=".err", delete=False)
     err = Path(tmp.name)
     proc = subprocess.Popen([*CMD, "run", "--name", name, *(["--keep"] if keep else []), *run_args],
+                            preexec_fn=default_sigint,
                             stdout=subprocess.DEVNULL, stderr=tmp, stdin=subprocess.DEVNULL, cwd=ROOT)
     tmp.close()
     kept = Kept(name, proc, err)
@@ -213,7 +214,8 @@ def test_inspect_a_kept_vm(lock_mode: str, backing: str, workload: str) -> None:
 
 def _watch_until(args: list[str], enough, timeout: float = 60.0) -> tuple[int, str, str]:
     """Run `inspect --watch`, read its stdout until `enough(lines)` holds, then Ctrl-C it."""
-    p = subprocess.Popen([*CMD, "inspect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([*CMD, "inspect", *args], preexec_fn=default_sigint, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
                          cwd=ROOT)
     lines: list[str] = []
     try:
