@@ -7,6 +7,11 @@ setup(
             "shmmmu._atomics",
             sources=["shmmmu/_atomics.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
-        )
+        ),
+        Extension(
+            "shmmmu._walker",
+            sources=["shmmmu/_walker.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+        ),
     ]
 )

@@ -17,6 +17,7 @@ import os
 import time
 
 from shmmmu import spte as S
+from shmmmu._walker import walk as _walk
 from shmmmu.layout import C_FLUSH_GEN, C_UNFLUSHED, STAT
 from shmmmu.memslots import DATA_POISON
 from shmmmu.tdp_mmu import RET_PF_EMULATE, Mmu
@@ -54,6 +55,7 @@ class Vcpu:
         self.mmu = Mmu(vm, index, self.tlb)
         self.tlbctl = self.mmu.tlbctl
         self.tables = self.mmu.tables
+        self.tables_mv = memoryview(vm.region.array("tables").reshape(-1))   # for the C walker
         self.data = self.mmu.slots.data
         self.E = self.mmu.E
         self.bits = self.mmu.bits
@@ -106,8 +108,15 @@ class Vcpu:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
 
     def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
-        """The hardware page walk: returns the host page, or -1 for an EPT violation."""
+        """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
         self.st[_ST_WALKS] += 1
+        found = _walk(self.tables_mv, 0, self.root_level, self.bits, gfn, write, exec_)
+        if found is None:
+            return -1
+        return self._use_leaf(gfn, *found)
+
+    def hw_walk_reference(self, gfn: int, write: bool, exec_: bool = False) -> tuple[int, int, int] | None:
+        """The same walk in Python, step for step: (sptep, spte, level) or None.  Tests hold _walker to it."""
         tables, E, bits = self.tables, self.E, self.bits
         table = 0
         level = self.root_level
@@ -116,23 +125,27 @@ class Vcpu:
             sptep = table * E + idx
             spte = tables.load(sptep)
             if not spte & _P:
-                return -1
+                return None
             if level == 1 or spte & _L:
                 break
             table = (spte & _PFN_MASK) >> S.PFN_SHIFT
             level -= 1
         if write and not spte & _W:
-            return -1
+            return None
         if exec_ and not spte & _X:
-            return -1                       # an instruction fetch from a non-executable leaf (NX huge page)
+            return None                     # an instruction fetch from a non-executable leaf (NX huge page)
         want = spte | _A | (_D if write else 0)
         if want != spte:
             # the hardware's locked A/D update: only over the entry it read
             if tables.cas(sptep, spte, want) != spte:
-                return -1                   # changed under us: walk again (as a retried access)
+                return None                 # changed under us: walk again (as a retried access)
             spte = want
+        return sptep, spte, level
+
+    def _use_leaf(self, gfn: int, sptep: int, spte: int, level: int) -> int:
+        """Cache the translation the walk found and return gfn's host page."""
         base = (spte & _PFN_MASK) >> S.PFN_SHIFT
-        shift = bits * (level - 1)
+        shift = self.bits * (level - 1)
         self.tlb.insert(gfn, level, base, bool(spte & _W), bool(spte & _X))
         if self.debug:
             self.sources[(level, gfn >> shift)] = (sptep, spte)
