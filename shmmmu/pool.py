@@ -145,13 +145,17 @@ class Pool:
     # ---- freeing (the reclaimer after a grace period; exclusive mode at once)
 
     def free(self, tables: list[int], from_cache: bool = False) -> None:
-        """Clear (or poison) tables in bulk, bump their generation, and push them on the free stack."""
+        """Clear (or poison) tables in bulk, bump their generation, and push them on the free stack.
+
+        `from_cache`: tables a dead worker held in (or on the way to) its cache, returned by
+        recovery; they are not retired, so the debug check of the state is skipped.
+        """
         if not tables:
             return
         idx = np.asarray(tables, dtype=np.intp)
         if self.debug:
             states = self.tmeta[idx, T_STATE]
-            if (states == TS_FREE).any() or ((states == TS_CACHED).any() and not from_cache):
+            if not from_cache and ((states == TS_FREE).any() or (states == TS_CACHED).any()):
                 from shmmmu import violations
                 k = int(np.flatnonzero((states == TS_FREE) | (states == TS_CACHED))[0])
                 violations.record(self.tables_region, "table-leak", self.worker, 1, int(idx[k]), int(states[k]))

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, NIL, ROOT_TABLE,
+from shmmmu.layout import (C_POOL_TOP, C_UNFLUSHED, TS_CACHED, TS_FREE, TS_RETIRED, W_CACHE_COUNT,
+                           W_RETIRE_HEAD, W_RETIRE_TAIL, C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, NIL, ROOT_TABLE,
                            TMETA_WORDS, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_PREV, T_STATE, TS_LIVE)
 
 
@@ -44,8 +45,11 @@ def reachable_tables(tables: np.ndarray, root_level: int, root: int = ROOT_TABLE
     return seen, removed
 
 
-def repair_after_crash(mmu) -> list[str]:
-    """Run by the supervisor after a worker died and its locks were released; returns what it did."""
+def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
+    """Run by the supervisor after a worker died and its locks were released; returns what it did.
+
+    `dead` is the dead worker's slot, for the pool's bookkeeping it may have cut short.
+    """
     done: list[str] = []
     lock = mmu.lock
     lock.write_lock()
@@ -70,6 +74,11 @@ def repair_after_crash(mmu) -> list[str]:
             for t in orphans:
                 mmu._free_table(int(t))
             done.append(f"recovery: retired {orphans.size} live tables no entry reached any more")
+        done += _repair_pool_and_rings(mmu, dead)
+        # the unflushed-change count the dead left raised: under the write lock nobody else has any
+        ctl_w = mmu.ctl
+        if ctl_w.load(C_UNFLUSHED):
+            ctl_w.store(C_UNFLUSHED, 0)
         # the page list holds exactly the reachable tables below the root
         live = np.flatnonzero(reach)
         live = live[live != ROOT_TABLE]
@@ -90,6 +99,39 @@ def repair_after_crash(mmu) -> list[str]:
             done.append(rebuilt)
     finally:
         lock.write_unlock()
+    return done
+
+
+def _repair_pool_and_rings(mmu, dead: int | None) -> list[str]:
+    """Tables the dead left between two places: taken from the free stack but not yet in its cache,
+    taken from its cache but not yet live, or marked retired but not yet on its retire ring."""
+    done: list[str] = []
+    tm = mmu.region.array("tmeta")
+    state = tm[:, T_STATE].copy()
+    ws = mmu.region.array("wstate")
+    caches = mmu.region.array("caches")
+    in_cache = np.zeros(state.size, dtype=bool)
+    for k in range(ws.shape[0]):
+        n = int(ws[k, W_CACHE_COUNT])
+        in_cache[caches[k, :n].astype(np.intp)] = True
+    on_stack = np.zeros(state.size, dtype=bool)
+    on_stack[mmu.region.array("pool")[: int(mmu.ctl.load(C_POOL_TOP))].astype(np.intp)] = True
+    ring = mmu.region.array("retire")
+    in_ring = np.zeros(state.size, dtype=bool)
+    for k in range(ws.shape[0]):
+        head, tail = int(ws[k, W_RETIRE_HEAD]), int(ws[k, W_RETIRE_TAIL])
+        for pos in range(head, tail):
+            in_ring[int(ring[k, pos % ring.shape[1]])] = True
+    lost = np.flatnonzero(((state == TS_CACHED) & ~in_cache) | ((state == TS_FREE) & ~on_stack))
+    lost = lost[lost != ROOT_TABLE]
+    if lost.size:
+        mmu.pool.free([int(t) for t in lost], from_cache=True)
+        done.append(f"recovery: returned {lost.size} tables the dead worker {dead} had between pool and cache")
+    unringed = np.flatnonzero((state == TS_RETIRED) & ~in_ring)
+    for t in unringed:
+        mmu.rcu.call_rcu(int(t))
+    if unringed.size:
+        done.append(f"recovery: queued {unringed.size} retired tables the dead worker {dead} never queued")
     return done
 
 

@@ -248,7 +248,7 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
                         violations.record(vm.region, "no-forward-progress", i, 0, last, int(now * 1e9))
                 if next_kill is not None and now >= next_kill:
                     victim = rng.randrange(opts.vcpus)
-                    p = sup.procs[victim]
+                    p = sup.procs.pop(victim)            # no longer one of the workers the run needs
                     os.kill(p.pid, signal.SIGKILL)
                     p.wait()
                     for line in sup.recover(victim):

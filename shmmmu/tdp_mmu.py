@@ -503,6 +503,11 @@ class Mmu:
             self._fault_slot = slot
             try:
                 r = self._map(gfn, write, exec_fault, pfn, level, req_level, slot)
+            except IndexError:
+                # the walk followed an entry to a table outside the pool: it read garbage from a
+                # freed or recycled table (a correct MMU never gets here)
+                self.violation("use-after-free", gfn, 0, 1)
+                r = RET_PF_RETRY
             finally:
                 self._fault_slot = None
                 rcu.read_unlock()

@@ -173,7 +173,7 @@ class Supervisor:
         if n:
             done.append(f"pool: returned {n} cached tables of worker {worker}")
         from shmmmu.recovery import repair_after_crash
-        done += repair_after_crash(self.mmu)
+        done += repair_after_crash(self.mmu, worker)
         return done
 
     def restart(self, worker: int) -> None:
