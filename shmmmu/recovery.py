@@ -75,6 +75,7 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
                 mmu._free_table(int(t))
             done.append(f"recovery: retired {orphans.size} live tables no entry reached any more")
         done += _repair_pool_and_rings(mmu, dead)
+        done += _mark_logging_slots_dirty(mmu)
         # the unflushed-change count the dead left raised: under the write lock nobody else has any
         ctl_w = mmu.ctl
         if ctl_w.load(C_UNFLUSHED):
@@ -132,6 +133,21 @@ def _repair_pool_and_rings(mmu, dead: int | None) -> list[str]:
         mmu.rcu.call_rcu(int(t))
     if unringed.size:
         done.append(f"recovery: queued {unringed.size} retired tables the dead worker {dead} never queued")
+    return done
+
+
+def _mark_logging_slots_dirty(mmu) -> list[str]:
+    """A vCPU killed between making a leaf writable and setting its dirty bit leaves a page that
+    takes writes unlogged; nobody can tell which, so every page of a logging slot is reported
+    dirty at the next collection (false positives are allowed, a miss is not)."""
+    done = []
+    slots = mmu.slots
+    for slot in slots.slots():
+        if slot.active and slot.logging:
+            for k in range(slots.dirty_words(slot)):
+                bits = min(64, slot.npages - 64 * k)
+                slots.dirty.fetch_or(slot.dirty_off + k, (1 << bits) - 1)
+            done.append(f"recovery: reported all {slot.npages} pages of logging slot {slot.id} dirty")
     return done
 
 
