@@ -186,6 +186,7 @@ class BenchRun:
         return {"lock_mode": self.mode, "run": self.index,
                 "phases": [{"phase": p.kind, "iteration": p.iteration - 1 if p.kind in ("dirty", "get", "clear")
                             else 0, "seconds": p.seconds, "faults": p.delta.get("faults", 0),
+                            "fixed": p.delta.get("fixed", 0),
                             "flushes": p.delta.get("flushes", 0)} for p in self.timed],
                 "totals": {k: self.ns(k) / 1e9 for k in SUMMARY_PHASES},
                 "rates": self.rates, "stats": self.result.stats, "problems": self.result.problems,

@@ -123,11 +123,15 @@ def test_json_has_every_phase_medians_and_ratios() -> None:
         assert kinds == [("populate", 0), ("enable", 0), ("dirty", 1), ("get", 1), ("clear", 1),
                          ("dirty", 2), ("get", 2), ("clear", 2), ("disable", 0)]
         assert all(p["seconds"] > 0 for p in run["phases"])
+        # one fixed fault per page; racing vCPUs can add RETRYs (a lost link race on a shared
+        # upper table), so the count of all faults is at least that
+        fixed = {(p["phase"], p["iteration"]): p["fixed"] for p in run["phases"]}
         faults = {(p["phase"], p["iteration"]): p["faults"] for p in run["phases"]}
-        assert faults[("populate", 0)] == 2 * 2048
+        assert fixed[("populate", 0)] == 2 * 2048                   # 2 vCPUs x 8M in 4K pages
+        assert faults[("populate", 0)] >= 2 * 2048
         assert faults[("dirty", 1)] == 0                 # INITIALLY_SET: 4K pages still writable
-        assert faults[("dirty", 2)] == 2 * 2048          # CLEAR protected every page
-        assert run["rates"]["faults"] == 2 * 2048                   # 2 vCPUs x 8M in 4K pages
+        assert fixed[("dirty", 2)] == 2 * 2048           # CLEAR protected every page
+        assert run["rates"]["faults"] == faults[("populate", 0)]
         assert set(run["totals"]) == {"populate", "enable", "dirty", "get", "clear", "disable"}
     for mode in ("shared", "exclusive"):
         assert r["median"][mode]["populate"] > 0 and r["median"][mode]["faults_per_s"] > 0
