@@ -31,7 +31,9 @@ from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NOTIFIER_COUNT, C_NOTIFI
                            T_LINKER, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_OWNER, T_PARENT, T_PREV, T_RETIRE_FLUSH,
                            T_STATE, TS_LIVE,
                            TS_RETIRED)
+from shmmmu.layout import C_EPOCH, PIPE_LEN, T_RETIRE_EPOCH, W_RCU, WSTATE_WORDS
 from shmmmu.memslots import Memslots, Slot
+from shmmmu.rcu import pipe_age
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, QW_LOCKED, LockError
 from shmmmu.tdp_iter import TdpIter, for_each_leaf, for_each_pte
 from shmmmu.tlb import Tlb, TlbControl
@@ -503,6 +505,8 @@ class Mmu:
             self._fault_slot = slot
             try:
                 r = self._map(gfn, write, exec_fault, pfn, level, req_level, slot)
+                if self.debug:
+                    self._check_walk_gens(gfn)
             except IndexError:
                 # the walk followed an entry to a table outside the pool: it read garbage from a
                 # freed or recycled table (a correct MMU never gets here)
@@ -1152,10 +1156,19 @@ class Mmu:
 
     # ------------------------------------------------------------------ checks
 
+    def _check_walk_gens(self, gfn: int) -> None:
+        """Debug, at the end of the read-side section: no table the walk stood in was freed meanwhile.
+
+        rcutorture's reader checks its object at the end of its section too: a grace period
+        cannot end while we are inside, so a generation that moved means a free without one.
+        """
+        tm = self.tm
+        for table, gen in self._walk_gens.items():
+            if tm.load(table * TMETA_WORDS + T_GEN) != gen:
+                self.violation("use-after-free", gfn, table, gen)
+
     def _pipe_table(self, table: int) -> None:
         """Debug: record the Reader-Pipe age of a table this RCU reader is about to read."""
-        from shmmmu.rcu import pipe_age
-        from shmmmu.layout import C_EPOCH, PIPE_LEN, T_RETIRE_EPOCH, W_RCU, WSTATE_WORDS
         t = table * TMETA_WORDS
         self._walk_gens[table] = self.tm.load(t + T_GEN)
         state = self.tm.load(t + T_STATE)
