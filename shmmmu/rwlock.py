@@ -170,17 +170,7 @@ class RWLock:
                     w.store(self.base + L_RSLEEP, 1)
                     if not w.load(cnts) & QW_LOCKED:
                         break
-                    try:
-                        self.sem_r.acquire(SLEEP_TIMEOUT)
-                    except posix_ipc.BusyError:
-                        if self.on_sleep is not None:
-                            try:
-                                self.on_sleep()
-                            except BaseException:
-                                w.store(self.base + L_RSLEEP, 0)
-                                w.fetch_add(cnts, _NEG_BIAS)
-                                self.queue.release()
-                                raise
+                    self._sleep(self.sem_r, L_RSLEEP, lambda: w.fetch_add(cnts, _NEG_BIAS))
                 w.store(self.base + L_RSLEEP, 0)
         self.queue.release()
         self._waited(t0)
@@ -226,17 +216,7 @@ class RWLock:
                     w.store(self.base + L_WSLEEP, 1)
                     if w.load(cnts) == QW_WAITING:
                         continue
-                    try:
-                        self.sem_w.acquire(SLEEP_TIMEOUT)
-                    except posix_ipc.BusyError:
-                        if self.on_sleep is not None:
-                            try:
-                                self.on_sleep()
-                            except BaseException:
-                                w.store(self.base + L_WSLEEP, 0)
-                                w.fetch_and(cnts, ~QW_WAITING)
-                                self.queue.release()
-                                raise
+                    self._sleep(self.sem_w, L_WSLEEP, lambda: w.fetch_and(cnts, ~QW_WAITING))
                 w.store(self.base + L_WSLEEP, 0)
         self.queue.release()
         self._waited(t0)
@@ -258,6 +238,21 @@ class RWLock:
         # (without this it only woke on its SLEEP_TIMEOUT: write-after-write waits of 0.15-0.2 s)
         if old & QW_WAITING and w.load(self.base + L_WSLEEP):
             self.sem_w.release()
+
+    def _sleep(self, gate: posix_ipc.Semaphore, flag: int, back_out: Callable[[], object]) -> None:
+        """One bounded sleep on a gate.  On a timeout `on_sleep` may abandon the wait by raising:
+        then our sleeper flag, our claim on the counter (`back_out`) and the queue are given back."""
+        try:
+            gate.acquire(SLEEP_TIMEOUT)
+        except posix_ipc.BusyError:
+            if self.on_sleep is not None:
+                try:
+                    self.on_sleep()
+                except BaseException:
+                    self.w.store(self.base + flag, 0)
+                    back_out()
+                    self.queue.release()
+                    raise
 
     def _waited(self, t0: int) -> None:
         dt = time.monotonic_ns() - t0
