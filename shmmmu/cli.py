@@ -197,6 +197,9 @@ def stress(
     nx_huge_pages: bool = typer.Option(False, "--nx-huge-pages", help="the NX huge page mitigation: vCPUs also "
                                        "fetch instructions (mapped 4K, tables on the NX list) and the reclaimer "
                                        "runs NX recovery every 0.25 s."),
+    torture_delay_us: int = typer.Option(200, "--torture-delay-us", help="rcutorture-style pauses: one in 8 "
+                                         "passes through a race window (publish->list_add, a yield) sleeps this "
+                                         "long, in clean and bug runs alike; 0: none."),
     list_bugs: bool = typer.Option(False, "--list-bugs", help="describe every bug switch and exit."),
     json_out: bool = typer.Option(False, "--json", help="the report as one JSON object on stdout."),
 ) -> None:
@@ -211,7 +214,8 @@ def stress(
             typer.echo(f"{b.name}{' (' + b.ref + ')' if b.ref else ''}\n    reverts: {b.reverts}\n    effect:  {b.effect}")
         return
     opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
-                         bugs=list(bug), kill_every=kill_every, nx_huge_pages=nx_huge_pages)
+                         bugs=list(bug), kill_every=kill_every, nx_huge_pages=nx_huge_pages,
+                         torture_delay_us=torture_delay_us)
     try:
         opts.config()
     except ValueError as e:

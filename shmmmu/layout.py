@@ -110,6 +110,9 @@ class VMConfig:
     nx_recovery_ratio: int = 60          # kvm.nx_huge_pages_recovery_ratio: zap 1/ratio of the list per pass
     nx_recovery_period_s: float = 1.0    # seconds between passes (the kernel's 60 s scaled down); 0: none
     seed: int = 0
+    # rcutorture's read-side delays: at the points where a half-done step can be overtaken
+    # (tdp_mmu.Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
+    torture_delay_us: int = 0
     workload: dict[str, Any] = field(default_factory=dict)   # what the vCPUs run (shmmmu.workloads)
 
     @property

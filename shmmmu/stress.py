@@ -52,6 +52,7 @@ class StressOptions:
     ops: list[str] = field(default_factory=lambda: list(OPS))
     nx_huge_pages: bool = False         # vCPUs also fetch instructions; the reclaimer runs NX recovery
     nx_recovery_period: float = 0.25    # seconds between NX recovery passes (with nx_huge_pages)
+    torture_delay_us: int = 200         # rcutorture-style pauses inside windows (VMConfig.torture_delay_us)
 
     def config(self) -> VMConfig:
         check_names(self.bugs)
@@ -59,6 +60,8 @@ class StressOptions:
             raise ValueError("--duration must be positive")
         if not 1 <= self.vcpus <= 64:
             raise ValueError("--vcpus must be between 1 and 64")
+        if not 0 <= self.torture_delay_us <= 1_000_000:
+            raise ValueError("--torture-delay-us must be between 0 and 1000000")
         if self.bits not in (3, 9):
             raise ValueError("--bits must be 3 (test tables of 8 entries) or 9 (512)")
         pages = self.pages or (2048 if self.bits == 3 else 1 << 14)
@@ -71,7 +74,7 @@ class StressOptions:
         return VMConfig(name=name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(0, pages, self.backing)], debug=True, bugs=list(self.bugs),
                         seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
-                        nx_recovery_period_s=self.nx_recovery_period)
+                        nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us)
 
     def replay_command(self) -> str:
         cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "
@@ -82,6 +85,8 @@ class StressOptions:
             cmd += f" --kill-every {self.kill_every:g}"
         if self.nx_huge_pages:
             cmd += " --nx-huge-pages"
+        if self.torture_delay_us != StressOptions.torture_delay_us:
+            cmd += f" --torture-delay-us {self.torture_delay_us}"
         return cmd
 
 

@@ -20,6 +20,7 @@ a forgotten flush.
 """
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -119,6 +120,8 @@ class Mmu:
         self.bug_read_fault_reclaim = "pages-lock-in-read-fault" in bugs
         self.bug_link_after_publish = "link-after-publish" in bugs
         self.nx = c.nx_huge_pages
+        self._torture_delay_s = c.torture_delay_us / 1e6
+        self._torture_rng = random.Random(c.seed * 1000 + worker)
         self._unflushed = False
         # 5.14+ "don't step down when zapping all": zap-all clears root-level entries only,
         # which is what made CVE-2021-47094 (K9) leak whole subtrees
@@ -397,6 +400,17 @@ class Mmu:
             if shared:
                 self.pages_lock.release()
 
+    def torture_delay(self) -> None:
+        """rcu_read_delay() of rcutorture: sometimes sleep between two steps another thread may overtake.
+
+        Stress runs (VMConfig.torture_delay_us) call it between steps whose order is
+        the point of a fix, in the fixed and in the re-injected order alike, so a clean
+        run takes the same pauses as a bug run; the pause turns a window a few
+        instructions wide into one a racing zap reliably lands in.
+        """
+        if self._torture_delay_s and self._torture_rng.random() < 1 / 8:
+            time.sleep(self._torture_delay_s)
+
     def _unlink_page(self, table: int, shared: bool) -> None:
         """tdp_mmu_unlink_page()."""
         if shared:
@@ -601,6 +615,7 @@ class Mmu:
                         # 5.12 (K18): list_add after the cmpxchg made the table visible; a zap of the
                         # new entry in between unlinks it before it is linked
                         if self.set_spte_atomic(it, new):
+                            self.torture_delay()
                             self._link_page(child, nx_acct)
                             self.st[_ST_LINKED] += 1
                         else:
@@ -610,6 +625,7 @@ class Mmu:
                     else:
                         # account before publishing (as later kernels do), take it back if we lose
                         self._link_page(child, nx_acct)
+                        self.torture_delay()
                         if self.set_spte_atomic(it, new):
                             self.st[_ST_LINKED] += 1
                         else:
@@ -669,9 +685,11 @@ class Mmu:
                 self.flush_remote_tlbs()
         if shared:
             self.lock.read_unlock()
+            self.torture_delay()                     # cond_resched(): the others run meanwhile
             self.lock.read_lock()
         else:
             self.lock.write_unlock()
+            self.torture_delay()
             self.lock.write_lock()
         self.lock.stats.yields += 1
         self.st[STAT["yields"]] += 1
