@@ -226,7 +226,7 @@ def stress(
     if json_out:
         print(json.dumps(result.to_json()))
     else:
-        for line in result.report():
+        for line in result.report(header=False):     # the start line was logged before the run
             print(line)
     if not result.ok:
         raise typer.Exit(1)

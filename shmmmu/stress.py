@@ -90,6 +90,14 @@ class StressOptions:
         return cmd
 
 
+def start_line(o: dict[str, Any]) -> str:
+    """rcutorture's "--- Start of test" line: every parameter of the run."""
+    return (f"--- Start of test: vcpus={o['vcpus']} duration={o['duration']} seed={o['seed']} "
+            f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} bugs={','.join(o['bugs']) or '-'} "
+            f"kill_every={o['kill_every']} nx_huge_pages={o['nx_huge_pages']} "
+            f"torture_delay_us={o['torture_delay_us']} ops={','.join(o['ops'])}")
+
+
 @dataclass
 class StressResult:
     options: dict[str, Any]
@@ -116,12 +124,10 @@ class StressResult:
                 "kills": self.kills, "duration_s": self.duration_s, "replay": self.replay,
                 "result": "SUCCESS" if self.ok else "FAILURE"}
 
-    def report(self) -> list[str]:
+    def report(self, header: bool = True) -> list[str]:
+        """The report's lines; `header=False` leaves out the parameter line already printed at the start."""
         s = self.stats
-        o = self.options
-        lines = [f"--- Start of test: vcpus={o['vcpus']} duration={o['duration']} seed={o['seed']} "
-                 f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} bugs={','.join(o['bugs']) or '-'} "
-                 f"kill_every={o['kill_every']}"]
+        lines = [start_line(self.options)] if header else []
         lines.append("ops: " + " ".join(f"{k}={v}" for k, v in self.ops.items()))
         lines.append(f"faults={s['faults']} fixed={s['fixed']} spurious={s['spurious']} retries={s['retries']} "
                      f"emulated={s['emulated']} "
@@ -185,6 +191,8 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
     problems: list[str] = []
     pages = config.memslots[0].npages
     t_begin = time.monotonic()
+    if log:
+        log(start_line({**vars(opts), "pages": pages}))
     with create_vm(config) as vm:
         sup = Supervisor(vm)
         try:

@@ -93,3 +93,16 @@ def test_bad_usage_exit_2(args: list[str], message: str) -> None:
                        text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and message in p.stderr
+
+
+def test_text_report_starts_with_every_parameter_and_ends_with_the_verdict() -> None:
+    p = subprocess.run([sys.executable, "-m", "shmmmu.cli", "stress", "--duration", "1.5", "--vcpus", "2",
+                        "--seed", "4", "--torture-delay-us", "50"], capture_output=True, text=True, timeout=120)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert lines[0].startswith("--- Start of test: vcpus=2 duration=1.5 seed=4 ")
+    assert "torture_delay_us=50" in lines[0] and "lock_mode=shared" in lines[0]
+    assert sum(ln.startswith("--- Start of test") for ln in lines) == 1
+    assert any(ln.startswith("Reader Pipe: ") for ln in lines)
+    assert lines[-1] == ("End of test: SUCCESS: shmmmu stress --seed 4 --vcpus 2 --duration 1.5 --bits 3 "
+                         "--lock-mode shared --torture-delay-us 50")
