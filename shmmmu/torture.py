@@ -54,6 +54,7 @@ from shmmmu.layout import (C_EPOCH, C_GP_COUNT, LINE, MMU_LOCK, PIPE_LEN, ROLE_H
                            TS_LIVE, TS_RETIRED, W_CACHE_COUNT, W_PID, W_RCU, WSTATE_WORDS, VMConfig)
 from shmmmu.region import Region
 from shmmmu.rwlock import RWLock
+from shmmmu.spawn import python_module_command, worker_env
 
 if TYPE_CHECKING:
     from shmmmu.pool import Pool
@@ -301,9 +302,9 @@ class _Run:
 
     def spawn(self, worker: int, args: list[str]) -> None:
         err = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "shmmmu.torture", "worker", self.program, "--region", self.config.name,
-               "--worker", str(worker), *args]
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        cmd = python_module_command("shmmmu.torture", "worker", self.program, "--region", self.config.name,
+                                    "--worker", str(worker), *args)
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=worker_env())
         self.procs.append((worker, p, err))
 
     def start(self) -> None:

@@ -135,6 +135,26 @@ def test_run_each_lock_mode_and_backing(lock_mode: str, backing: str) -> None:
     assert not leftovers(name)
 
 
+
+def test_workers_run_the_installed_package_not_the_current_directory(tmp_path: Path) -> None:
+    """Started from a directory holding other `shmmmu` and `workers` packages (a source checkout
+    after `pip install .` has no compiled helpers), the console script and its workers must all
+    run the package the script imported."""
+    for pkg in ("shmmmu", "workers"):
+        (tmp_path / pkg).mkdir()
+        for mod in ("__init__", "cli", "vcpu", "reclaimer"):
+            (tmp_path / pkg / f"{mod}.py").write_text(
+                'raise SystemExit("imported the decoy package in the current directory")\n')
+    script = Path(sys.executable).parent / "shmmmu"
+    assert script.exists(), "the install did not create the shmmmu console script"
+    name = new_vm_name("e2e")
+    res = subprocess.run([str(script), "run", "--name", name, *SMALL, "--json"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["result"] == "SUCCESS"
+    assert not leftovers(name)
+
+
 # ---------------------------------------------------------------- a kept VM, inspected
 
 @pytest.mark.parametrize("lock_mode,backing,workload", [("shared", "4k", "random"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -21,6 +20,7 @@ import numpy as np
 
 from shmmmu.layout import (C_ITERATION, C_STOP, N_STATS, ROLE_RECLAIMER, ROLE_VCPU, STAT, W_ITERATION, W_STATUS,
                            WSTATE_WORDS)
+from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.tdp_mmu import Mmu
 from shmmmu.vm import VM
 from workers.common import STATUS_READY
@@ -87,9 +87,8 @@ class Supervisor:
         self.ws.store(worker * WSTATE_WORDS + W_STATUS, 0)
         with open(log, "ab") as f:
             self.procs[worker] = subprocess.Popen(
-                [sys.executable, "-m", module, "--vm", self.vm.name, "--id", str(worker),
-                 "--parent", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+                python_module_command(module, "--vm", self.vm.name, "--id", str(worker), "--parent", str(os.getpid())),
+                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True, env=worker_env())
 
     def start(self) -> None:
         self.spawn(self.config.reclaimer_worker)

@@ -1,0 +1,29 @@
+"""Spawn: the command line that starts a worker process on the very shmmmu its parent imported.
+
+`python -m workers.vcpu` alone would put the current directory first on the
+worker's sys.path: started from a source checkout after `pip install .`, the
+workers would import the checkout (which has no compiled helpers) instead of
+the installed package the parent runs. `-P` (Python 3.11+) drops that entry
+and PYTHONPATH names the parent's package root instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import shmmmu
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(shmmmu.__file__)))
+
+
+def python_module_command(module: str, *args: str) -> list[str]:
+    """argv for `python -m module args...` in a worker, with the parent's interpreter."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def worker_env() -> dict[str, str]:
+    """The parent's environment with its package root first on PYTHONPATH."""
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + rest if rest else "")
+    return env
