@@ -232,6 +232,18 @@ def stress(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- torture
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []}, add_help_option=False)
+def torture(ctx: typer.Context) -> None:
+    """locktorture / rcutorture of the MMU lock and RCU alone: `shmmmu torture lock|rcu --help`."""
+    from shmmmu.torture import main as torture_main
+
+    with _running_a_vm():
+        code = torture_main(list(ctx.args), prog="shmmmu torture")
+    raise typer.Exit(code)
+
 
 # ---------------------------------------------------------------- inspect, ls, rm
 

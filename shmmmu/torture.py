@@ -780,12 +780,19 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m shmmmu.torture lock|rcu [options]`: exit 0 SUCCESS, 1 FAILURE, 2 bad usage."""
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad usage is one line on stderr and exit 2, like every shmmmu command."""
+
+    def error(self, message: str) -> None:        # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m shmmmu.torture") -> int:
+    """`shmmmu torture lock|rcu [options]`: exit 0 SUCCESS, 1 FAILURE, 2 bad usage."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         return _worker_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m shmmmu.torture",
+    p = _OneLineErrors(prog=prog,
                                 description="locktorture / rcutorture for shmmmu's RWLock and RCU")
     sub = p.add_subparsers(dest="program", required=True)
     pl = sub.add_parser("lock", help="reader/writer torture of the MMU lock")
@@ -809,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = run_rcu_torture(a.readers, a.writers, a.duration, a.seed, not a.no_gp)
     except ValueError as e:
-        print(f"torture: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     print(res.report())
     return 0 if res.ok else 1

@@ -90,12 +90,18 @@ def test_results_judge_what_they_hold() -> None:
 
 
 def test_command_line() -> None:
-    out = subprocess.run([sys.executable, "-m", "shmmmu.torture", "lock", "--readers", "1", "--writers", "1",
-                          "--duration", "0.3", "--seed", "99"], capture_output=True, text=True, timeout=120)
+    cli = [sys.executable, "-m", "shmmmu.cli", "torture"]
+    out = subprocess.run([*cli, "lock", "--readers", "1", "--writers", "1", "--duration", "0.3", "--seed", "99"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "seed 99" in out.stdout and out.stdout.strip().splitlines()[-1] == "SUCCESS"
-    bad = subprocess.run([sys.executable, "-m", "shmmmu.torture", "lock", "--writers", "0", "--duration", "0.1"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "at least one writer" in bad.stderr
-    assert subprocess.run([sys.executable, "-m", "shmmmu.torture", "nonsense"], capture_output=True,
-                          timeout=60).returncode == 2
+    failing = subprocess.run([*cli, "rcu", "--readers", "2", "--duration", "1", "--seed", "3", "--no-gp"],
+                             capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 1 and failing.stdout.strip().splitlines()[-1] == "FAILURE (seed 3)"
+    for args, words in [(["lock", "--writers", "0", "--duration", "0.1"], "at least one writer"),
+                        (["nonsense"], "invalid choice"), (["lock", "--bogus"], "unrecognized arguments")]:
+        bad = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+        assert bad.stderr.startswith("shmmmu torture: error: ") and words in bad.stderr
+    help_ = subprocess.run([*cli, "lock", "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--busted" in help_.stdout
