@@ -54,6 +54,10 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("link-after-publish", "K18", "the 5.12 order in kvm_tdp_mmu_map: tdp_mmu_link_page after the cmpxchg "
         "(later kernels account before publishing)", "a zap of the new entry between the cmpxchg and list_add unlinks "
         "the table before it is linked; the page list ends up holding a freed table (page list != reachable tables)"),
+    Bug("zap-all-phys-end", "K17", "524a1e4e381f KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs",
+        "zap-all ends at the host's physical limit and skips a root entry that reaches past it; below one "
+        "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
+        "leaks every table (table-leak: the page list is not empty after destroy)"),
     Bug("pages-lock-in-read-fault", "K15", "CVE-2022-45869: make_mmu_pages_available under the read lock",
         "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
         "for write)"),

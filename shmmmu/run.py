@@ -264,6 +264,10 @@ def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = 
             rcu = vm.rcu.stats()
             problems = log.problems + check_guest_memory(vm)
             tables = table_counts(vm)
+            left = sup.mmu.destroy()
+            if left:
+                problems.append(f"table-leak: {left} tables still on the page list after the VM was destroyed "
+                                f"(kvm_mmu_uninit_tdp_mmu's WARN)")
             found = [str(v) for v in violations.read_all(vm.region)]
         except BaseException:
             sup.kill_all()

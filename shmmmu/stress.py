@@ -290,6 +290,11 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
             problems += check_guest_memory(vm)
             crashed = any(p.startswith("worker-crashed") for p in problems)
             problems += [str(p) for p in check_all(vm, stats=kills == 0 and not crashed)]
+            if not stuck:
+                left = mmu.destroy()
+                if left:
+                    problems.append(f"table-leak: {left} tables still on the page list after the VM was "
+                                    f"destroyed (kvm_mmu_uninit_tdp_mmu's WARN)")
         except BaseException:
             sup.kill_all()
             raise

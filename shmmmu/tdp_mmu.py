@@ -89,6 +89,10 @@ class Mmu:
         self.root = ROOT_TABLE
         self.root_level = c.geometry.root_level
         self.max_gfn = c.geometry.max_gfn
+        # 1 << (shadow_phys_bits - 12): the host's physical address width, modelled as the
+        # smallest that holds every memslot (only 5.13's zap-all used it as its end: K17)
+        slots_end = max((m.base_gfn + m.npages for m in c.memslots), default=1)
+        self.phys_max_gfn = 1 << max(0, (slots_end - 1).bit_length())
         self.tables = vm.region.words("tables")
         self.tables_np = vm.region.array("tables")
         self.tm = vm.region.words("tmeta")
@@ -119,6 +123,7 @@ class Mmu:
         self.bug_no_wrprot = "no-wrprot-on-enable" in bugs
         self.bug_read_fault_reclaim = "pages-lock-in-read-fault" in bugs
         self.bug_link_after_publish = "link-after-publish" in bugs
+        self.bug_zap_all_phys_end = "zap-all-phys-end" in bugs
         self.nx = c.nx_huge_pages
         self._torture_delay_s = c.torture_delay_us / 1e6
         self._torture_rng = random.Random(c.seed * 1000 + worker)
@@ -732,8 +737,9 @@ class Mmu:
                     level = it.level
                     span = 1 << (self.bits * (level - 1))
                     last = level == 1 or spte & _L
-                    if not last and (it.gfn < start or it.gfn + span > end) and level > it.min_level:
-                        break                           # partly covered table: descend instead
+                    if not last and (it.gfn < start or it.gfn + span > end) and (
+                            level > it.min_level or self.bug_zap_all_phys_end):
+                        break                           # partly covered table: descend instead (K17: or skip)
                     if shared:
                         if not self.zap_spte_atomic(it):
                             it.old_spte = self.tables.load(it.table * E + it.index)
@@ -758,18 +764,38 @@ class Mmu:
         self._with_lock(lambda: self.zap_gfn_range(start, end), shared_ok=True)
 
     def zap_all(self) -> None:
-        """kvm_tdp_mmu_zap_all(): everything, under the write lock."""
+        """kvm_tdp_mmu_zap_all(): everything, under the write lock.
+
+        The range is the whole tree and a root entry is zapped even where the range covers
+        it only in part (524a1e4e381f); K17 ends at the host's physical limit instead and
+        skips such entries.
+        """
+        end = self.phys_max_gfn if self.bug_zap_all_phys_end else self.max_gfn
         self.lock.write_lock()
         try:
             shared, self.shared = self.shared, False
             try:
-                flush = self.zap_gfn_range(0, self.max_gfn, can_yield=True, min_level=self.zap_all_min_level)
+                flush = self.zap_gfn_range(0, end, can_yield=True, min_level=self.zap_all_min_level)
             finally:
                 self.shared = shared
             if flush or self._unflushed:
                 self.flush_remote_tlbs()
         finally:
             self.lock.write_unlock()
+
+    def destroy(self) -> int:
+        """kvm_mmu_uninit_tdp_mmu() after the last zap-all of VM destruction (no vCPU runs).
+
+        Zaps everything; every table but the root must then be off the page list, where
+        the kernel WARNs (WARN_ON(!list_empty(&kvm->arch.tdp_mmu_pages))).  Returns how many
+        tables were left on it, recorded as a table-leak violation.
+        """
+        self.zap_all()
+        left = self.ctl.load(C_LIST_COUNT)
+        if left:
+            present = int(np.count_nonzero(self.tables_np[self.root] & np.uint64(_P)))
+            self.violation("table-leak", 0, left, present)
+        return left
 
     def _with_lock(self, body, shared_ok: bool):
         shared = self.shared and shared_ok
