@@ -773,15 +773,19 @@ class Mmu:
         end = self.phys_max_gfn if self.bug_zap_all_phys_end else self.max_gfn
         self.lock.write_lock()
         try:
-            shared, self.shared = self.shared, False
-            try:
-                flush = self.zap_gfn_range(0, end, can_yield=True, min_level=self.zap_all_min_level)
-            finally:
-                self.shared = shared
-            if flush or self._unflushed:
-                self.flush_remote_tlbs()
+            self._zap_under_write_lock(0, end, can_yield=True, min_level=self.zap_all_min_level)
         finally:
             self.lock.write_unlock()
+
+    def _zap_under_write_lock(self, start: int, end: int, can_yield: bool, min_level: int = 1) -> None:
+        """zap_gfn_range() with plain stores (the write lock is held, whatever the VM's mode), then the flush."""
+        shared, self.shared = self.shared, False
+        try:
+            flush = self.zap_gfn_range(start, end, can_yield=can_yield, min_level=min_level)
+        finally:
+            self.shared = shared
+        if flush or self._unflushed:
+            self.flush_remote_tlbs()
 
     def destroy(self) -> int:
         """kvm_mmu_uninit_tdp_mmu() after the last zap-all of VM destruction (no vCPU runs).
@@ -903,13 +907,7 @@ class Mmu:
             ctl.fetch_add(C_NOTIFIER_COUNT, 1)
             ctl.store(C_NOTIFIER_START, start)
             ctl.store(C_NOTIFIER_END, end)
-            shared, self.shared = self.shared, False
-            try:
-                flush = self.zap_gfn_range(start, end, can_yield=False)
-            finally:
-                self.shared = shared
-            if flush or self._unflushed:
-                self.flush_remote_tlbs()
+            self._zap_under_write_lock(start, end, can_yield=False)
         finally:
             self.lock.write_unlock()
         moved = 0
@@ -945,13 +943,7 @@ class Mmu:
         try:
             slot = self.slots.read(slot_id)
             self.slots.set_flags(slot_id, clear_mask=1)
-            shared, self.shared = self.shared, False
-            try:
-                flush = self.zap_gfn_range(slot.base_gfn, slot.end_gfn, can_yield=True)
-            finally:
-                self.shared = shared
-            if flush or self._unflushed:
-                self.flush_remote_tlbs()
+            self._zap_under_write_lock(slot.base_gfn, slot.end_gfn, can_yield=True)
         finally:
             self.lock.write_unlock()
 
