@@ -158,27 +158,21 @@ def bench_mode(mode: str, gib: float, repeat: int, per_entry_repeat: int) -> dic
               f"({c:.1f} s CPU): {leaves.size} leaf tables, {mapped} writable 4K leaves", flush=True)
         if mapped != npages:
             raise RuntimeError(f"expected {npages} writable leaves, found {mapped}")
-        for _ in range(repeat):
-            w, c, n = timed(lambda: mmu.enable_dirty_logging(0))
-            if n != npages or writable_leaves(mmu, leaves) != 0:
-                raise RuntimeError(f"enable protected {n} leaves; {writable_leaves(mmu, leaves)} still writable")
-            out["enable"].append((w, c))
-            restore_writable(mmu, leaves)
-        print(f"[{mode}] enable dirty logging (batch per table):  {fmt(out['enable'])}", flush=True)
-        for _ in range(per_entry_repeat):
-            w, c, n = timed(lambda: wrprot_per_entry_cas(mmu, leaves))
-            if n != npages or writable_leaves(mmu, leaves) != 0:
-                raise RuntimeError(f"per-entry CAS protected {n} leaves")
-            out["per-entry CAS"].append((w, c))
-            restore_writable(mmu, leaves)
-        print(f"[{mode}] per-entry Words.cas:                     {fmt(out['per-entry CAS'])}", flush=True)
-        for _ in range(per_entry_repeat):
-            w, c, n = timed(lambda: wrprot_per_entry_iter(mmu, 0, npages))
-            if n != npages or writable_leaves(mmu, leaves) != 0:
-                raise RuntimeError(f"per-entry iterator protected {n} leaves")
-            out["per-entry iterator"].append((w, c))
-            restore_writable(mmu, leaves)
-        print(f"[{mode}] per-entry iterator + set_spte_atomic:    {fmt(out['per-entry iterator'])}", flush=True)
+        variants = [("enable", "enable dirty logging (batch per table): ", repeat,
+                     lambda: mmu.enable_dirty_logging(0)),
+                    ("per-entry CAS", "per-entry Words.cas:                    ", per_entry_repeat,
+                     lambda: wrprot_per_entry_cas(mmu, leaves)),
+                    ("per-entry iterator", "per-entry iterator + set_spte_atomic:   ", per_entry_repeat,
+                     lambda: wrprot_per_entry_iter(mmu, 0, npages))]
+        for key, label, runs, protect in variants:
+            for _ in range(runs):
+                w, c, n = timed(protect)
+                still = writable_leaves(mmu, leaves)
+                if n != npages or still != 0:
+                    raise RuntimeError(f"{key} protected {n} leaves; {still} still writable")
+                out[key].append((w, c))
+                restore_writable(mmu, leaves)
+            print(f"[{mode}] {label} {fmt(out[key])}", flush=True)
         del pf, mmu
     return out
 

@@ -119,7 +119,7 @@ def reset(region: Region) -> None:
     region.array("stats")[:] = 0
 
 
-def stop_all(region: Region, procs: list[subprocess.Popen]) -> None:
+def stop_workers(region: Region, procs: list[subprocess.Popen]) -> None:
     region.words("tables").store(TC_STOP, 1)
     for p in procs:
         try:
@@ -127,6 +127,10 @@ def stop_all(region: Region, procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def stop_all(region: Region, procs: list[subprocess.Popen]) -> None:
+    stop_workers(region, procs)
     reset(region)
 
 
@@ -172,13 +176,7 @@ def throughput(region: Region, mode: str, nprocs: int, seconds: float) -> tuple[
         time.sleep(seconds)
         n1, t1, c1 = total(), time.perf_counter(), cpu_seconds(procs)
     finally:
-        region.words("tables").store(TC_STOP, 1)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_workers(region, procs)             # the counters are read below: no reset yet
     contended = int(st[:nprocs, 2].sum())
     wait_max = float(st[:nprocs, 3].max()) / 1e6
     reset(region)
