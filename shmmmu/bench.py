@@ -1,6 +1,6 @@
 """Bench: the kernel's dirty_log_perf_test on the emulator, the two lock modes side by side, with ratios.
 
-`run_bench(BenchOptions)` runs the selftest's phases (shmmmu.run.drive_phases:
+`run_bench(BenchOptions, launcher)` runs the selftest's phases (shmmmu.run.drive_phases:
 populate, enable dirty logging, per iteration dirty memory / get dirty log /
 clear dirty log, disable dirty logging) on a fresh VM per run, in each lock mode;
 with both modes they alternate (shared, exclusive, shared, ...) so a change in
@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from shmmmu.launch import LauncherFactory
 from shmmmu.run import BACKINGS, Phase, RunOptions, RunResult, UsageError, run_vm
 
 MODES = ("shared", "exclusive")
@@ -267,7 +268,8 @@ class BenchResult:
                 "result": "SUCCESS" if self.ok else "FAILURE"}
 
 
-def run_bench(opts: BenchOptions, on_run: Callable[[BenchRun], None] | None = None) -> BenchResult:
+def run_bench(opts: BenchOptions, launcher: LauncherFactory,
+              on_run: Callable[[BenchRun], None] | None = None) -> BenchResult:
     """Run every mode `repeat` times, alternating modes; `on_run` sees each run as it ends."""
     opts.validate()
     runs: list[BenchRun] = []
@@ -275,7 +277,7 @@ def run_bench(opts: BenchOptions, on_run: Callable[[BenchRun], None] | None = No
         for mode in opts.modes():
             ro = opts.run_options(mode, new_bench_name())
             gpa = ro.config().memslots[0].base_gfn * 4096
-            result = run_vm(ro)
+            result = run_vm(ro, launcher)
             run = BenchRun(mode=mode, index=i, iterations=opts.iterations, manual_protect=opts.manual_protect,
                            vcpus=opts.vcpus, gpa_offset=gpa, timed=result.timed, result=result)
             runs.append(run)

@@ -1,67 +1,120 @@
-"""Bugs: the registry of switches that re-inject a bug the series (or a later kernel fix) removed.
+"""Bugs: the registry of switches that re-inject a bug the kernel really had, and the typed record a VM is built with.
 
 Each switch names the kernel change it reverts and what goes wrong without it;
 `shmmmu stress --list-bugs` prints this table, and `--bug NAME` turns one on in
-every process of a VM (the names live in the VM's configuration).
+every process of a VM (the names live in the VM's configuration).  The names
+are validated once, into a frozen `Bugs` record with one boolean per switch:
+the MMU picks the reverted variant of a function when it is built, so a run
+with no switch set tests no switch anywhere on its fast paths.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Bug:
     name: str
-    ref: str           # KVM_TDP_MMU.md §12 label, if any
+    ref: str           # the K number (KVM_TDP_MMU.md §12), if any
+    field: str         # its field in Bugs
     reverts: str       # the kernel change
     effect: str        # what goes wrong, and which checker sees it
 
 
+@dataclass(frozen=True)
+class Bugs:
+    """Which fixes are switched off in this VM; every field False is the fixed kernel."""
+
+    rcu_free_immediately: bool = False          # K7
+    zero_removed_children: bool = False         # K6
+    fault_zap_no_flush: bool = False            # K5
+    fault_plain_store: bool = False             # K4
+    cas_over_removed: bool = False              # K8
+    no_forward_progress: bool = False           # K1
+    advance_after_restart: bool = False         # K9
+    drop_flush_on_yield: bool = False           # K11
+    dirty_mask_late_clear: bool = False         # K3
+    no_notifier_recheck: bool = False
+    no_wrprot_on_enable: bool = False
+    pages_lock_in_read_fault: bool = False      # K15
+    link_after_publish: bool = False            # K18
+    zap_all_phys_end: bool = False              # K17
+
+    @classmethod
+    def from_names(cls, names: list[str]) -> "Bugs":
+        """The record for a list of switch names; ValueError names an unknown one."""
+        return cls(**{BUGS[n].field: True for n in check_names(names)})
+
+    def names(self) -> list[str]:
+        on = {f.name for f in dataclasses.fields(self) if getattr(self, f.name)}
+        return [b.name for b in BUGS.values() if b.field in on]
+
+    def any(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
-    Bug("rcu-free-immediately", "K7", "7cca2d0b7e7d KVM: x86/mmu: Protect TDP MMU page table memory with RCU",
+    Bug("rcu-free-immediately", "K7", "rcu_free_immediately",
+        "7cca2d0b7e7d KVM: x86/mmu: Protect TDP MMU page table memory with RCU",
         "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
         "recycled table (Reader Pipe age >= 2, poison read)"),
-    Bug("zero-removed-children", "K6", "e25f0e0cd51b KVM: x86/mmu: Mark SPTEs in disconnected pages as removed",
+    Bug("zero-removed-children", "K6", "zero_removed_children",
+        "e25f0e0cd51b KVM: x86/mmu: Mark SPTEs in disconnected pages as removed",
         "entries of a disconnected table are cleared to 0 instead of REMOVED; a fault holding a pointer into "
         "it installs into a dead table (install into a retired table, leaked tables)"),
-    Bug("fault-zap-no-flush", "K5", "08f07c800e9d KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler",
+    Bug("fault-zap-no-flush", "K5", "fault_zap_no_flush",
+        "08f07c800e9d KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler",
         "the fault path zaps a huge page to 0 with no freeze and no flush; other vCPUs keep using the "
         "zapped translation (stale translation used after its zap completed)"),
-    Bug("fault-plain-store", "K4", "9a77daacc87d KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map",
+    Bug("fault-plain-store", "K4", "fault_plain_store",
+        "9a77daacc87d KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map",
         "the fault path installs entries with plain stores under the read lock; racing vCPUs overwrite each "
         "other's tables (leaked tables, lost mappings)"),
-    Bug("cas-over-removed", "K8", "the REMOVED check in tdp_mmu_set_spte_atomic (08f07c800e9d)",
+    Bug("cas-over-removed", "K8", "cas_over_removed",
+        "the REMOVED check in tdp_mmu_set_spte_atomic (08f07c800e9d)",
         "the atomic setter accepts a frozen entry as its old value and overwrites it (frozen entry "
         "overwritten, leaked tables)"),
-    Bug("no-forward-progress", "K1", "ed5e484b79e8 KVM: x86/mmu: Ensure forward progress when yielding in TDP MMU iter",
+    Bug("no-forward-progress", "K1", "no_forward_progress",
+        "ed5e484b79e8 KVM: x86/mmu: Ensure forward progress when yielding in TDP MMU iter",
         "a range walk yields again at the same GFN whenever the lock is contended and livelocks "
         "(forward-progress bound exceeded)"),
-    Bug("advance-after-restart", "K9", "3a0f64de479c KVM: x86/mmu: Don't advance iterator after restart due to yielding "
-        "(CVE-2021-47094)", "after yielding, the walk restarts and then advances, skipping the root-level entry "
+    Bug("advance-after-restart", "K9", "advance_after_restart",
+        "3a0f64de479c KVM: x86/mmu: Don't advance iterator after restart due to yielding (CVE-2021-47094)",
+        "after yielding, the walk restarts and then advances, skipping the root-level entry "
         "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)"),
-    Bug("drop-flush-on-yield", "K11", "a835429cda91 KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap",
+    Bug("drop-flush-on-yield", "K11", "drop_flush_on_yield",
+        "a835429cda91 KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap",
         "a range walk drops the lock with changes not yet flushed and forgets the flush; vCPUs keep stale "
         "translations (stale translation used, missed dirty pages)"),
-    Bug("dirty-mask-late-clear", "K3", "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
+    Bug("dirty-mask-late-clear", "K3", "dirty_mask_late_clear",
+        "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
         "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "
         "(wasted walk past the mask: a work bound, not a correctness bug)"),
-    Bug("no-notifier-recheck", "", "mmu_notifier_retry in the fault path (mmu_seq recheck)",
+    Bug("no-notifier-recheck", "", "no_notifier_recheck",
+        "mmu_notifier_retry in the fault path (mmu_seq recheck)",
         "a fault that resolved the host page before a host unmap installs the old page afterwards "
         "(write through a stale mapping lands in a poisoned host page)"),
-    Bug("no-wrprot-on-enable", "", "kvm_mmu_slot_remove_write_access when dirty logging is enabled",
+    Bug("no-wrprot-on-enable", "", "no_wrprot_on_enable",
+        "kvm_mmu_slot_remove_write_access when dirty logging is enabled",
         "enabling dirty logging leaves writable mappings; writes through them are never logged "
         "(dirty-log false negative)"),
-    Bug("link-after-publish", "K18", "the 5.12 order in kvm_tdp_mmu_map: tdp_mmu_link_page after the cmpxchg "
-        "(later kernels account before publishing)", "a zap of the new entry between the cmpxchg and list_add unlinks "
+    Bug("link-after-publish", "K18", "link_after_publish",
+        "the 5.12 order in kvm_tdp_mmu_map: tdp_mmu_link_page after the cmpxchg (later kernels account "
+        "before publishing)", "a zap of the new entry between the cmpxchg and list_add unlinks "
         "the table before it is linked; the page list ends up holding a freed table (page list != reachable tables)"),
-    Bug("zap-all-phys-end", "K17", "524a1e4e381f KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs",
+    Bug("zap-all-phys-end", "K17", "zap_all_phys_end",
+        "524a1e4e381f KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs",
         "zap-all ends at the host's physical limit and skips a root entry that reaches past it; below one "
         "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
         "leaks every table (table-leak: the page list is not empty after destroy)"),
-    Bug("pages-lock-in-read-fault", "K15", "CVE-2022-45869: make_mmu_pages_available under the read lock",
+    Bug("pages-lock-in-read-fault", "K15", "pages_lock_in_read_fault",
+        "CVE-2022-45869: make_mmu_pages_available under the read lock",
         "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
         "for write)"),
 ]}
+
+assert {b.field for b in BUGS.values()} == {f.name for f in dataclasses.fields(Bugs)}
 
 
 def check_names(names: list[str]) -> list[str]:

@@ -1,52 +1,39 @@
 """Checks: the page-table invariants of DESIGN.md §7, verified on a read-only snapshot of a VM region.
 
-Every checker works on a `Snapshot`: whole-array numpy copies of the sections
-it reads (tables, table metadata, pool, caches, retire rings, memslots, host
-map, statistics, control words), taken first, one `np.array` copy per section.
-The checkers then read only the copies, so they never block or disturb a
-running VM and can work on a region attached read-only (`shmmmu inspect
---check`).  The copies are taken one section after the other: only at a quiet
-point (no fault, zap or reclaim in flight) do they describe one instant.  On a
-live VM a checker may report a transient state (a table between its link and
-its page-list entry, an entry frozen mid-zap) as a problem.
+Every checker works on a `shmmmu.snapshot.Snapshot`: whole-array numpy copies
+of the sections it reads, taken first.  The checkers then read only the
+copies, so they never block or disturb a running VM and can work on a region
+attached read-only (`shmmmu inspect --check`).  The copies are taken one
+section after the other: only at a quiet point (no fault, zap or reclaim in
+flight) do they describe one instant.  On a live VM a checker may report a
+transient state (a table between its link and its page-list entry, an entry
+frozen mid-zap) as a problem.
 
 Each public `check_*` function states its invariant in its docstring and
 returns a list of `Problem`s (empty: the invariant holds).  `check_all` runs
-them all.  `walk_tables` is the numpy walk they share: it visits every table
-reachable from the root level by level, one fancy-index gather per level.
+them all.  The table walk is snapshot.walk_tables, the one the inspector
+uses too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from dataclasses import dataclass
 
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, MS_BACKING_LEVEL, MS_BASE_GFN, MS_FLAGS,
-                           MS_HOST_OFF, MS_NPAGES, MSF_ACTIVE, MSF_LOG_DIRTY, N_STATS, NIL, ROOT_TABLE,
-                           STAT, T_GFN, T_LEVEL, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_STATE, TABLE_STATE_NAMES, TS_CACHED, TS_FREE,
-                           TS_LIVE, TS_RETIRED, W_CACHE_COUNT, W_RETIRE_HEAD, W_RETIRE_TAIL, VMConfig)
-from shmmmu.layout import C_POOL_TOP
-from shmmmu.pool import POISON
-from shmmmu.region import Region
+from shmmmu.layout import NIL, ROOT_TABLE, STAT, Ctl, MemslotFlags, TableState, TMeta, WState
+from shmmmu.snapshot import Snapshot, Source, Walk, snapshot, take_snapshot, walk_tables
 
-if TYPE_CHECKING:
-    from shmmmu.vm import VM
-
-__all__ = ["Problem", "Snapshot", "TableWalk", "Leaf", "snapshot", "walk_tables", "count_leaves",
+__all__ = ["Problem", "Snapshot", "Walk", "Leaf", "snapshot", "take_snapshot", "walk_tables", "count_leaves",
            "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
            "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list",
            "check_all"]
 
 _U = np.uint64
-_P = _U(S.MMU_PRESENT)
-_L = _U(S.LARGE)
 _W = _U(S.WRITABLE)
 _PFN = _U(S.PFN_MASK)
 _SHIFT = _U(S.PFN_SHIFT)
-
-_SECTIONS = ("tables", "tmeta", "pool", "ctl", "wstate", "caches", "retire", "memslots", "host_map", "stats")
+TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = TableState.FREE, TableState.CACHED, TableState.LIVE, TableState.RETIRED
 
 
 @dataclass(frozen=True)
@@ -62,65 +49,6 @@ class Problem:
         return f"{self.kind}: {self.message}{where}"
 
 
-@dataclass
-class Snapshot:
-    """Whole-array copies of the sections the checkers read, and the VM's configuration."""
-
-    config: VMConfig
-    tables: np.ndarray
-    tmeta: np.ndarray
-    pool: np.ndarray
-    ctl: np.ndarray
-    wstate: np.ndarray
-    caches: np.ndarray
-    retire: np.ndarray
-    memslots: np.ndarray
-    host_map: np.ndarray
-    stats: np.ndarray
-    _walk: "TableWalk | None" = field(default=None, repr=False)
-
-    @property
-    def geometry(self) -> S.Geometry:
-        return self.config.geometry
-
-    def active_slots(self) -> list[tuple[int, int, int, int, int]]:
-        """(id, base_gfn, npages, host_off, flags) of each active memslot."""
-        out = []
-        for k, row in enumerate(self.memslots):
-            if int(row[MS_NPAGES]) and int(row[MS_FLAGS]) & MSF_ACTIVE:
-                out.append((k, int(row[MS_BASE_GFN]), int(row[MS_NPAGES]), int(row[MS_HOST_OFF]),
-                            int(row[MS_FLAGS])))
-        return out
-
-
-Source = Union[Region, Snapshot, "VM"]
-
-
-def snapshot(source: Source) -> Snapshot:
-    """Copy every section the checkers read out of a region (or a VM's region); a Snapshot is returned as is."""
-    if isinstance(source, Snapshot):
-        return source
-    region = source if isinstance(source, Region) else source.region
-    copies = {name: np.array(region.array(name), copy=True) for name in _SECTIONS}
-    return Snapshot(config=VMConfig.from_json(region.config), **copies)
-
-
-# ---------------------------------------------------------------- the walk
-
-
-@dataclass
-class TableWalk:
-    """Every table reachable from the root, and every leaf, as numpy arrays (levels are entry levels)."""
-
-    tables: np.ndarray           # reachable table indices, root first, level by level
-    table_level: np.ndarray      # the level of each reachable table's entries
-    table_gfn: np.ndarray        # the first GFN each reachable table covers
-    leaf_gfn: np.ndarray         # first GFN mapped by each present leaf
-    leaf_level: np.ndarray
-    leaf_spte: np.ndarray
-    problems: list[Problem]      # what the walk itself found wrong (see check_table_structure)
-
-
 @dataclass(frozen=True)
 class Leaf:
     """One 4 KiB GFN's translation, decoded: the leaf's level, the host page of this GFN, the leaf's flags."""
@@ -130,87 +58,9 @@ class Leaf:
     flags: int                   # the leaf entry with its PFN bits cleared
 
 
-def walk_tables(source: Source) -> TableWalk:
-    """Walk every table reachable from the root, one level at a time, with numpy.
-
-    Structural problems found on the way (reported by `check_table_structure`):
-    a child link outside the pool or back to the root, a REMOVED or other
-    non-present non-zero entry in a reachable table, a huge leaf at the root
-    level, a page-size bit on a 4 KiB entry, a huge leaf whose PFN is not
-    aligned to its size.
-    """
-    snap = snapshot(source)
-    if snap._walk is not None:
-        return snap._walk
-    g = snap.geometry
-    E, bits, n_tables = g.entries, g.bits, snap.tables.shape[0]
-    problems: list[Problem] = []
-    frontier = np.array([ROOT_TABLE], dtype=np.int64)
-    base = np.array([0], dtype=np.int64)
-    all_tables, all_levels, all_gfns = [], [], []
-    leaf_gfn, leaf_level, leaf_spte = [], [], []
-    idx = np.arange(E, dtype=np.int64)
-    for level in range(g.root_level, 0, -1):
-        if frontier.size == 0:
-            break
-        all_tables.append(frontier)
-        all_levels.append(np.full(frontier.size, level, dtype=np.int64))
-        all_gfns.append(base)
-        rows = snap.tables[frontier]                                 # (k, E)
-        gfns = base[:, None] + (idx[None, :] << (bits * (level - 1)))
-        present = (rows & _P) != 0
-        large = (rows & _L) != 0
-        if level == 1:
-            leaf, nonleaf = present, np.zeros_like(present)
-            for t, i in zip(*np.nonzero(present & large)):
-                problems.append(Problem("invariant", f"table {frontier[t]} entry {i}: page-size bit on a 4K "
-                                                     f"entry {int(rows[t, i]):#x}", int(gfns[t, i])))
-        else:
-            leaf, nonleaf = present & large, present & ~large
-        removed = rows == _U(S.REMOVED)
-        garbage = ~present & ~removed & (rows != 0)
-        for t, i in zip(*np.nonzero(removed)):
-            problems.append(Problem("invariant", f"table {frontier[t]} (level {level}) entry {i} is REMOVED "
-                                                 f"in a reachable table", int(gfns[t, i])))
-        for t, i in zip(*np.nonzero(garbage)):
-            problems.append(Problem("poison-read" if int(rows[t, i]) == POISON else "invariant",
-                                    f"table {frontier[t]} (level {level}) entry {i} holds non-present "
-                                    f"value {int(rows[t, i]):#x}", int(gfns[t, i])))
-        if leaf.any():
-            if level > S.MAX_HUGEPAGE_LEVEL:
-                for t, i in zip(*np.nonzero(leaf)):
-                    problems.append(Problem("invariant", f"a level-{level} leaf {int(rows[t, i]):#x}: no huge "
-                                                         f"page above 1G", int(gfns[t, i])))
-            lv = rows[leaf]
-            lg = gfns[leaf]
-            if level > 1:
-                pfn = (lv & _PFN) >> _SHIFT
-                bad = (pfn & _U(g.pages(level) - 1)) != 0
-                for v, gf in zip(lv[bad], lg[bad]):
-                    problems.append(Problem("invariant", f"level-{level} leaf {int(v):#x} maps a host page not "
-                                                         f"aligned to its size", int(gf)))
-            leaf_gfn.append(lg)
-            leaf_level.append(np.full(lg.size, level, dtype=np.int64))
-            leaf_spte.append(lv)
-        child = ((rows[nonleaf] & _PFN) >> _SHIFT).astype(np.int64)
-        cgfn = gfns[nonleaf]
-        ok = (child > ROOT_TABLE) & (child < n_tables)
-        for c, gf in zip(child[~ok], cgfn[~ok]):
-            problems.append(Problem("invariant", f"a level-{level} entry links table {int(c)}, outside the pool "
-                                                 f"(1..{n_tables - 1})", int(gf)))
-        frontier, base = child[ok], cgfn[ok]
-    def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    w = TableWalk(cat(all_tables, np.int64), cat(all_levels, np.int64), cat(all_gfns, np.int64),
-                  cat(leaf_gfn, np.int64), cat(leaf_level, np.int64), cat(leaf_spte, np.uint64), problems)
-    snap._walk = w
-    return w
-
-
 def count_leaves(source: Source) -> dict[int, int]:
     """Present leaves reachable from the root, per level (1: 4K, 2: 2M, 3: 1G)."""
-    w = walk_tables(source)
-    return {level: int((w.leaf_level == level).sum()) for level in (1, 2, 3)}
+    return walk_tables(source).mappings()
 
 
 def leaves_by_gfn(source: Source) -> dict[int, Leaf]:
@@ -234,7 +84,7 @@ def leaves_by_gfn(source: Source) -> dict[int, Leaf]:
 def retired_count(source: Source) -> int:
     """Tables retired to RCU and not yet freed (pending in the workers' retire rings)."""
     snap = snapshot(source)
-    return sum(int(r[W_RETIRE_TAIL]) - int(r[W_RETIRE_HEAD]) for r in snap.wstate)
+    return sum(int(r[WState.RETIRE_TAIL]) - int(r[WState.RETIRE_HEAD]) for r in snap.wstate)
 
 
 # ---------------------------------------------------------------- checkers
@@ -255,26 +105,27 @@ def check_table_structure(source: Source) -> list[Problem]:
     """
     snap = snapshot(source)
     w = walk_tables(snap)
-    problems = list(w.problems)
-    uniq, counts = np.unique(w.tables, return_counts=True)
-    for t in uniq[counts > 1]:
-        problems.append(Problem("invariant", f"table {int(t)} is reachable {int(counts[uniq == t][0])} times"))
+    problems = [Problem(o.kind, f"table {o.table} (level {o.level}) entry {o.index} = {o.raw:#x}: {o.what}", o.gfn)
+                for o in w.odd]
+    if w.odd_count > len(w.odd):
+        problems.append(Problem("invariant", f"... and {w.odd_count - len(w.odd)} more odd entries in reachable "
+                                             f"tables"))
     tm = snap.tmeta[w.tables]
-    lvl_bad = tm[:, T_LEVEL].astype(np.int64) != w.table_level
-    gfn_bad = (tm[:, T_GFN].astype(np.int64) != w.table_gfn) & (w.tables != ROOT_TABLE)
-    state_bad = tm[:, T_STATE] != _U(TS_LIVE)
+    lvl_bad = tm[:, TMeta.LEVEL].astype(np.int64) != w.t_level
+    gfn_bad = (tm[:, TMeta.GFN].astype(np.int64) != w.t_gfn) & (w.tables != ROOT_TABLE)
+    state_bad = tm[:, TMeta.STATE] != _U(TS_LIVE)
     for k in np.flatnonzero(lvl_bad):
-        problems.append(Problem("invariant", f"table {int(w.tables[k])} records level {int(tm[k, T_LEVEL])} but "
-                                             f"holds level-{int(w.table_level[k])} entries",
-                                int(w.table_gfn[k])))
+        problems.append(Problem("invariant", f"table {int(w.tables[k])} records level {int(tm[k, TMeta.LEVEL])} but "
+                                             f"holds level-{int(w.t_level[k])} entries",
+                                int(w.t_gfn[k])))
     for k in np.flatnonzero(gfn_bad):
-        problems.append(Problem("invariant", f"table {int(w.tables[k])} records GFN {int(tm[k, T_GFN]):#x} but "
-                                             f"covers from {int(w.table_gfn[k]):#x}", int(w.table_gfn[k])))
+        problems.append(Problem("invariant", f"table {int(w.tables[k])} records GFN {int(tm[k, TMeta.GFN]):#x} but "
+                                             f"covers from {int(w.t_gfn[k]):#x}", int(w.t_gfn[k])))
     for k in np.flatnonzero(state_bad):
-        st = int(tm[k, T_STATE])
+        st = int(tm[k, TMeta.STATE])
         problems.append(Problem("use-after-free" if st in (TS_FREE, TS_RETIRED) else "invariant",
-                                f"reachable table {int(w.tables[k])} is {TABLE_STATE_NAMES.get(st, st)}, not live",
-                                int(w.table_gfn[k])))
+                                f"reachable table {int(w.tables[k])} is {TableState.NAMES.get(st, st)}, not live",
+                                int(w.t_gfn[k])))
     return problems
 
 
@@ -296,7 +147,7 @@ def check_table_accounting(source: Source) -> list[Problem]:
     place = np.zeros(n, dtype=np.int64)          # how many places claim each table
     where: dict[str, np.ndarray] = {}
     where["reachable"] = np.unique(w.tables)
-    top = int(snap.ctl[C_POOL_TOP])
+    top = int(snap.ctl[Ctl.POOL_TOP])
     if top > n:
         problems.append(Problem("table-leak", f"the free stack claims {top} tables, the pool has {n}"))
         top = n
@@ -304,13 +155,13 @@ def check_table_accounting(source: Source) -> list[Problem]:
     cached, retired = [], []
     ring_len = snap.retire.shape[1]
     for k, row in enumerate(snap.wstate):
-        c = int(row[W_CACHE_COUNT])
+        c = int(row[WState.CACHE_COUNT])
         if c > snap.caches.shape[1]:
             problems.append(Problem("table-leak", f"worker {k}'s cache claims {c} tables, capacity "
                                                   f"{snap.caches.shape[1]}"))
             c = snap.caches.shape[1]
         cached.append(snap.caches[k, :c].astype(np.int64))
-        head, tail = int(row[W_RETIRE_HEAD]), int(row[W_RETIRE_TAIL])
+        head, tail = int(row[WState.RETIRE_HEAD]), int(row[WState.RETIRE_TAIL])
         if not 0 <= tail - head <= ring_len:
             problems.append(Problem("table-leak", f"worker {k}'s retire ring has head {head}, tail {tail}"))
             continue
@@ -324,13 +175,13 @@ def check_table_accounting(source: Source) -> list[Problem]:
             problems.append(Problem("table-leak", f"{name} tables outside the pool: {tabs[outside].tolist()[:8]}"))
             tabs = tabs[~outside]
         np.add.at(place, tabs, 1)
-        st = snap.tmeta[tabs, T_STATE]
+        st = snap.tmeta[tabs, TMeta.STATE]
         bad = st != _U(want_state[name])
         if name != "reachable":          # reachable tables' states are check_table_structure's
             for t in tabs[bad][:8]:
-                s = int(snap.tmeta[t, T_STATE])
+                s = int(snap.tmeta[t, TMeta.STATE])
                 problems.append(Problem("table-leak", f"{name} table {int(t)} has state "
-                                                      f"{TABLE_STATE_NAMES.get(s, s)}"))
+                                                      f"{TableState.NAMES.get(s, s)}"))
     total = sum(len(v) for v in where.values())
     counts = ", ".join(f"{k} {len(v)}" for k, v in where.items())
     if total != n:
@@ -340,17 +191,17 @@ def check_table_accounting(source: Source) -> list[Problem]:
         problems.append(Problem("table-leak", f"tables in two places at once: {twice.tolist()[:8]} ({counts})"))
     lost = np.flatnonzero(place == 0)
     if lost.size:
-        states = [TABLE_STATE_NAMES.get(int(snap.tmeta[t, T_STATE]), "?") for t in lost[:8]]
+        states = [TableState.NAMES.get(int(snap.tmeta[t, TMeta.STATE]), "?") for t in lost[:8]]
         problems.append(Problem("table-leak", f"tables in no place: {lost.tolist()[:8]} (states {states})"))
     # the page list
-    members, cur, steps = [], int(snap.ctl[C_LIST_HEAD]), 0
+    members, cur, steps = [], int(snap.ctl[Ctl.LIST_HEAD]), 0
     while cur not in (0, NIL) and steps <= n:
         t = cur - 1
         if not 0 <= t < n:
             problems.append(Problem("table-leak", f"the page list links table {t}, outside the pool"))
             break
         members.append(t)
-        cur = int(snap.tmeta[t, T_NEXT])
+        cur = int(snap.tmeta[t, TMeta.NEXT])
         steps += 1
     if steps > n:
         problems.append(Problem("table-leak", "the page list does not end (a cycle)"))
@@ -360,8 +211,8 @@ def check_table_accounting(source: Source) -> list[Problem]:
         problems.append(Problem("table-leak", f"page list and reachable tables differ: listed only "
                                               f"{sorted(listed - reach)[:8]}, reachable only "
                                               f"{sorted(reach - listed)[:8]}"))
-    if int(snap.ctl[C_LIST_COUNT]) != len(members):
-        problems.append(Problem("table-leak", f"the page-list count says {int(snap.ctl[C_LIST_COUNT])}, "
+    if int(snap.ctl[Ctl.LIST_COUNT]) != len(members):
+        problems.append(Problem("table-leak", f"the page-list count says {int(snap.ctl[Ctl.LIST_COUNT])}, "
                                               f"the list holds {len(members)}"))
     return problems
 
@@ -372,17 +223,17 @@ def check_nx_list(source: Source) -> list[Problem]:
     Invariant (KVM_TDP_MMU.md §7.2, §10; account_huge_nx_page): a table linked
     for a fault that the NX huge page mitigation kept below the level the host
     could map is on lpage_disallowed_mmu_pages with its lpage_disallowed flag
-    (T_NX) set, until it is torn down, which takes it off.  So: the list, walked
-    from C_NX_HEAD by T_NX_NEXT, ends at C_NX_TAIL, every T_NX_PREV points back,
-    the members are exactly the tables with T_NX set, all of them reachable
-    (live), none twice, and C_NX_COUNT (nx_lpage_splits) is the list's length.
+    (TMeta.NX) set, until it is torn down, which takes it off.  So: the list, walked
+    from Ctl.NX_HEAD by TMeta.NX_NEXT, ends at Ctl.NX_TAIL, every TMeta.NX_PREV points back,
+    the members are exactly the tables with TMeta.NX set, all of them reachable
+    (live), none twice, and Ctl.NX_COUNT (nx_lpage_splits) is the list's length.
     """
     snap = snapshot(source)
     w = walk_tables(snap)
     n = snap.tables.shape[0]
     problems: list[Problem] = []
     members: list[int] = []
-    cur, prev = int(snap.ctl[C_NX_HEAD]), 0
+    cur, prev = int(snap.ctl[Ctl.NX_HEAD]), 0
     while cur:
         t = cur - 1
         if not 0 <= t < n:
@@ -391,18 +242,18 @@ def check_nx_list(source: Source) -> list[Problem]:
         if len(members) > n:
             problems.append(Problem("table-leak", "the NX list does not end (a cycle)"))
             break
-        if int(snap.tmeta[t, T_NX_PREV]) != prev:
-            problems.append(Problem("table-leak", f"NX list: table {t} links back to {int(snap.tmeta[t, T_NX_PREV]) - 1}"
+        if int(snap.tmeta[t, TMeta.NX_PREV]) != prev:
+            problems.append(Problem("table-leak", f"NX list: table {t} links back to {int(snap.tmeta[t, TMeta.NX_PREV]) - 1}"
                                                   f", not {prev - 1}"))
         members.append(t)
-        prev, cur = cur, int(snap.tmeta[t, T_NX_NEXT])
-    if int(snap.ctl[C_NX_TAIL]) != prev:
+        prev, cur = cur, int(snap.tmeta[t, TMeta.NX_NEXT])
+    if int(snap.ctl[Ctl.NX_TAIL]) != prev:
         problems.append(Problem("table-leak", f"the NX list ends at table {prev - 1} but its tail word names "
-                                              f"{int(snap.ctl[C_NX_TAIL]) - 1}"))
+                                              f"{int(snap.ctl[Ctl.NX_TAIL]) - 1}"))
     listed = set(members)
     if len(listed) != len(members):
         problems.append(Problem("table-leak", "a table is on the NX list twice"))
-    marked = set(np.flatnonzero(snap.tmeta[:, T_NX] != 0).tolist())
+    marked = set(np.flatnonzero(snap.tmeta[:, TMeta.NX] != 0).tolist())
     if listed != marked:
         problems.append(Problem("table-leak", f"NX list and tables marked NX differ: listed only "
                                               f"{sorted(listed - marked)[:8]}, marked only "
@@ -410,18 +261,19 @@ def check_nx_list(source: Source) -> list[Problem]:
     unreachable = listed - set(w.tables.tolist())
     if unreachable:
         problems.append(Problem("table-leak", f"the NX list holds tables no entry reaches: {sorted(unreachable)[:8]}"))
-    if int(snap.ctl[C_NX_COUNT]) != len(members):
-        problems.append(Problem("table-leak", f"the NX count (nx_lpage_splits) says {int(snap.ctl[C_NX_COUNT])}, "
+    if int(snap.ctl[Ctl.NX_COUNT]) != len(members):
+        problems.append(Problem("table-leak", f"the NX count (nx_lpage_splits) says {int(snap.ctl[Ctl.NX_COUNT])}, "
                                               f"the NX list holds {len(members)}"))
     return problems
 
 
-def _leaf_slots(snap: Snapshot, w: TableWalk) -> np.ndarray:
+def _leaf_slots(snap: Snapshot, w: Walk) -> np.ndarray:
     """For each leaf, the index into snap.active_slots() of the slot holding its whole span, or -1."""
     g = snap.geometry
     span = np.array([g.pages(int(lv)) for lv in w.leaf_level], dtype=np.int64)
     out = np.full(w.leaf_gfn.size, -1, dtype=np.int64)
-    for k, (_, base, npages, _, _) in enumerate(snap.active_slots()):
+    for k, slot in enumerate(snap.active_slots()):
+        base, npages = slot["base_gfn"], slot["npages"]
         inside = (w.leaf_gfn >= base) & (w.leaf_gfn + span <= base + npages)
         out[inside & (out < 0)] = k
     return out
@@ -469,8 +321,8 @@ def check_leaf_pfns(source: Source) -> list[Problem]:
             continue
         span = g.pages(level)
         gf, pf, sk = w.leaf_gfn[sel], pfn_all[sel], slot_of[sel]
-        base = np.array([slots[k][1] for k in sk], dtype=np.int64)
-        hoff = np.array([slots[k][3] for k in sk], dtype=np.int64)
+        base = np.array([slots[k]["base_gfn"] for k in sk], dtype=np.int64)
+        hoff = np.array([slots[k]["host_off"] for k in sk], dtype=np.int64)
         off = np.arange(span, dtype=np.int64)
         want = snap.host_map[(hoff + gf - base)[:, None] + off[None, :]].astype(np.int64)
         have = pf[:, None] + off[None, :]
@@ -498,8 +350,9 @@ def check_logging_slots(source: Source) -> list[Problem]:
     problems: list[Problem] = []
     slots = snap.active_slots()
     slot_of = _leaf_slots(snap, w)
-    for k, (sid, _, _, _, flags) in enumerate(slots):
-        if not flags & MSF_LOG_DIRTY:
+    for k, slot in enumerate(slots):
+        sid = slot["slot"]
+        if not slot["flags"] & MemslotFlags.LOG_DIRTY:
             continue
         sel = (slot_of == k) & (w.leaf_level > 1) & ((w.leaf_spte & _W) != 0)
         for gf, lv in zip(w.leaf_gfn[sel], w.leaf_level[sel]):

@@ -6,21 +6,18 @@ compare-exchange on the leaf (the hardware's locked update: never over an entry
 that changed), and caches the translation.  An entry that is not present, not
 writable for a write, or not executable for an instruction fetch is an EPT
 violation: the vCPU leaves guest mode and takes the page fault
-(tdp_mmu.Mmu.page_fault), then retries the access.
+(shmmmu.mmu.Mmu.page_fault), then retries the access.
 
 The data word of the host page the translation names is where a write lands;
 that is what makes a misdirected access visible.
 """
 from __future__ import annotations
 
-import os
-import time
-
 from shmmmu import spte as S
 from shmmmu._walker import walk as _walk
-from shmmmu.layout import C_FLUSH_GEN, C_UNFLUSHED, STAT
+from shmmmu.layout import STAT, Ctl
 from shmmmu.memslots import DATA_POISON
-from shmmmu.tdp_mmu import RET_PF_EMULATE, Mmu
+from shmmmu.mmu import RET_PF_EMULATE, Mmu
 from shmmmu.tlb import Tlb
 
 _P = S.MMU_PRESENT
@@ -54,6 +51,7 @@ class Vcpu:
         self.tlb = Tlb(vm.config.bits, vm.config.tlb_entries)
         self.mmu = Mmu(vm, index, self.tlb)
         self.tlbctl = self.mmu.tlbctl
+        self.waits = vm.waits
         self.tables = self.mmu.tables
         self.tables_mv = memoryview(vm.region.array("tables").reshape(-1))   # for the C walker
         self.data = self.mmu.slots.data
@@ -84,6 +82,7 @@ class Vcpu:
         st[_ST_MISSES] += 1
         tries = 0
         t_first = 0.0
+        waits = self.waits
         while True:
             hpfn = self._hw_walk(gfn, write, exec_)
             if hpfn >= 0:
@@ -97,9 +96,9 @@ class Vcpu:
                     # a RETRY storm (an entry frozen across a slow flush): let the freezer run, as
                     # preemption would on a real host, and give up only past the progress bound
                     if tries == 8:
-                        t_first = time.monotonic()
-                    os.sched_yield() if tries < 64 else time.sleep(0.0001)
-                    if tries % 256 == 0 and time.monotonic() - t_first > self.PROGRESS_BOUND_S:
+                        t_first = waits.now()
+                    waits.yield_cpu() if tries < 64 else waits.pause(0.0001)
+                    if tries % 256 == 0 and waits.now() - t_first > self.PROGRESS_BOUND_S:
                         raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
                                          f"in {self.PROGRESS_BOUND_S:.0f}s")
             finally:
@@ -167,9 +166,9 @@ class Vcpu:
                              and (now & _W or not write)):
             return
         ctl = self.mmu.ctl
-        if ctl.load(C_UNFLUSHED):
+        if ctl.load(Ctl.UNFLUSHED):
             return
-        if ctl.load(C_FLUSH_GEN) != self.tlbctl.acked:
+        if ctl.load(Ctl.FLUSH_GEN) != self.tlbctl.acked:
             return
         self.mmu.violation("stale-translation", gfn, cached, now)
 

@@ -1,9 +1,12 @@
-"""Layout: the VM's configuration and where every shared word lives in its region.
+"""Layout: the VM's configuration and where every shared word lives in its region, one row type per kind of row.
 
-Every section of the region and every named word index is declared here and
-nowhere else, so the processes of a VM (vCPUs, reclaimer, supervisor, the
-inspector) agree on the layout by importing one module.  Mechanisms receive the
-section and word indices they own; they know nothing of the others.
+Every section of the region and every named word is declared here and nowhere
+else, so the processes of a VM (vCPUs, reclaimer, supervisor, the inspector,
+the torture programs) agree on the layout by importing one module.  Each kind
+of row is one class: its words are class attributes (word offsets inside the
+row) and `WORDS` is the row's width.  Mechanisms receive the section and the
+row type they own; they know nothing of the others.  Hot loops bind the
+offsets they use to locals or module constants.
 """
 from __future__ import annotations
 
@@ -15,78 +18,258 @@ from shmmmu.spte import Geometry
 
 LINE = 8                       # words per 64-byte cache line: hot words get a line each
 
-# ---- the ctl section: global words, each on its own cache line
-CTL_WORDS = 64 * LINE
-(C_EPOCH, C_GP_COUNT, C_GP_MAX_NS, C_GP_TOTAL_NS, C_NOTIFIER_SEQ, C_NOTIFIER_COUNT, C_NOTIFIER_START,
- C_NOTIFIER_END, C_FLUSH_GEN, C_POOL_TOP, C_LIST_HEAD, C_LIST_COUNT, C_NX_HEAD, C_NX_COUNT, C_PHASE,
- C_ITERATION, C_STOP, C_FLUSH_DONE, C_SLOTS_GEN, C_HOST_LOCK_OWNER, C_RCU_BACKLOG_MAX, C_OP_SEQ,
- C_FAILED, C_PAUSE, C_UNFLUSHED, C_VIOLATIONS, C_NX_TAIL) = [k * LINE for k in range(27)]
 
-# ---- locks: each lock owns a block of LOCK_WORDS words and a few semaphores
-LOCK_WORDS = 2 * LINE
-MMU_LOCK, PAGES_LOCK, POOL_LOCK, NX_LOCK = range(4)
-N_LOCKS = 4
-LOCK_NAMES = ["mmu_lock", "tdp_mmu_pages_lock", "pool_lock", "nx_lock"]
+def _on_lines(n: int) -> list[int]:
+    """Offsets of n words, each on its own cache line."""
+    return [k * LINE for k in range(n)]
 
-# ---- per-worker state row (wstate section), one row per process slot
-WSTATE_WORDS = 6 * LINE
-(W_PID, W_ROLE, W_RCU, W_TLB_MODE, W_TLB_ACK, W_HEARTBEAT, W_RETIRE_HEAD, W_RETIRE_TAIL,
- W_CACHE_COUNT, W_STATUS, W_CMD, W_ACK_PHASE, W_ITERATION, W_PROGRESS_NS, W_WAIT_SINCE_NS) = [
-    k * 2 for k in range(15)]
-assert 30 < 4 * LINE
-W_HELD = 4 * LINE              # W_HELD + lock: 0 free, 1 read, 2 write held by this worker
-ROLE_VCPU, ROLE_HOST, ROLE_RECLAIMER = 1, 2, 3
-TLB_OUTSIDE, TLB_IN_GUEST = 0, 1
 
-# ---- per-table metadata (tmeta section)
-TMETA_WORDS = 16
-(T_LEVEL, T_GFN, T_STATE, T_GEN, T_PARENT, T_RETIRE_EPOCH, T_RETIRE_GP, T_NX, T_PREV, T_NEXT,
- T_NX_PREV, T_NX_NEXT, T_OWNER, T_RETIRE_FLUSH, T_LINKER) = range(15)
-# T_NX: on the NX list (lpage_disallowed); T_NX_PREV/T_NX_NEXT: its links (table + 1, 0 for none), with the
-# list's ends in C_NX_HEAD/C_NX_TAIL, under the page-list lock; T_LINKER (debug): who linked the table
-TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = 0, 1, 2, 3
-TABLE_STATE_NAMES = {TS_FREE: "free", TS_CACHED: "cached", TS_LIVE: "live", TS_RETIRED: "retired"}
+class Row:
+    """A row type: named word offsets in one row of a section, and the row's width."""
+
+    WORDS = 0
+
+    @classmethod
+    def fields(cls) -> dict[str, int]:
+        """Word name -> offset, in offset order (for the inspector and docs)."""
+        out = {k: v for k, v in vars(cls).items() if k.isupper() and k != "WORDS" and isinstance(v, int)}
+        return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+# ---------------------------------------------------------------- the ctl section: VM-global words
+
+class Ctl(Row):
+    """ctl: one row of VM-global words, each on its own cache line."""
+
+    (EPOCH,                 # RCU: the global epoch (rcu.py)
+     GP_COUNT,              # grace periods completed
+     GP_MAX_NS,             # the longest grace period
+     GP_TOTAL_NS,
+     RCU_BACKLOG_MAX,       # the largest retire backlog a reclaim pass saw
+     NOTIFIER_SEQ,          # mmu_notifier_seq
+     NOTIFIER_COUNT,        # mmu_notifier_count: invalidations in progress
+     NOTIFIER_START,        # the range of the invalidation in progress (merged)
+     NOTIFIER_END,
+     FLUSH_GEN,             # remote TLB flush generation (tlb.py)
+     UNFLUSHED,             # workers holding changes not yet flushed (the stale-translation checker)
+     POOL_TOP,              # height of the free stack of page tables (pool.py)
+     LIST_HEAD,             # tdp_mmu_pages: head of the page list (table + 1; 0 empty)
+     LIST_COUNT,
+     NX_HEAD,               # lpage_disallowed_mmu_pages: head and tail (table + 1), nx_lpage_splits
+     NX_TAIL,
+     NX_COUNT,
+     SLOTS_GEN,             # memslots generation: any slot row changed
+     ITERATION,             # run control: the iteration vCPUs are asked to run
+     STOP,                  # run control: every worker stops
+     VIOLATIONS,            # violation records written (violations.py)
+     ) = _on_lines(21)
+    WORDS = 64 * LINE
+
+
+# ---------------------------------------------------------------- locks: one block of words per lock
+
+class Lock(Row):
+    """A lock block in the locks section: qrwlock's counter, its wait queue, and who holds or sleeps."""
+
+    CNTS = 0                   # qrwlock cnts: writer byte, WAITING bit, readers in units of QR_BIAS
+    WAIT = 8                   # the wait-queue mutex: 0 free, 1 held, 2 held with sleepers (own line)
+    WAIT_OWNER = 9             # worker + 1 holding the wait queue
+    WRITER = 10                # worker + 1 holding the write side
+    RSLEEP = 11                # readers sleep on the reader gate
+    WSLEEP = 12                # a writer sleeps on the writer gate
+    CONTENDED = 13             # slow-path entries (lock_stat's contentions)
+    WORDS = 2 * LINE
+
+
+class Locks:
+    """The locks of a VM (index of a block in the locks section), with their names."""
+
+    MMU = 0                    # kvm->mmu_lock (rwlock)
+    PAGES = 1                  # kvm->arch.tdp_mmu_pages_lock
+    POOL = 2                   # the table pool's free stack (the page allocator's lock)
+    NAMES = ["mmu_lock", "tdp_mmu_pages_lock", "pool_lock"]
+    COUNT = 3
+
+
+class Held:
+    """What a worker's held-lock record says (WState.HELD + lock index)."""
+
+    NONE, READ, WRITE = 0, 1, 2
+
+
+# ---------------------------------------------------------------- per-worker state (wstate section)
+
+class WState(Row):
+    """wstate: one row per worker slot (a process of the VM); written by that worker, read by the others."""
+
+    (PID,                      # the process in this slot
+     ROLE,                     # Role.*
+     STATUS,                   # WorkerStatus.*
+     RCU,                      # RCU read side: the epoch it entered in, 0 quiescent
+     TLB_MODE,                 # vcpu->mode: TlbMode.*
+     TLB_ACK,                  # the flush generation this vCPU last acknowledged
+     HEARTBEAT,                # bumped by a worker loop
+     PROGRESS_NS,              # when a vCPU last made progress (monotonic ns)
+     ITERATION,                # the iteration a vCPU last finished
+     RETIRE_HEAD,              # this worker's retire ring (rcu.py)
+     RETIRE_TAIL,
+     CACHE_COUNT,              # tables in this worker's memory cache (pool.py)
+     ) = [k * 2 for k in range(12)]
+    HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
+    WORDS = 6 * LINE
+
+
+class Role:
+    """What a worker slot is used for."""
+
+    NONE, VCPU, HOST, RECLAIMER = 0, 1, 2, 3
+    NAMES = {NONE: "-", VCPU: "vCPU", HOST: "host", RECLAIMER: "reclaimer"}
+
+
+class WorkerStatus:
+    """A worker's status word (WState.STATUS)."""
+
+    STARTING, READY, DONE, FAILED = 0, 1, 2, 3
+    NAMES = {STARTING: "starting", READY: "ready", DONE: "done", FAILED: "failed"}
+
+
+class TlbMode:
+    """vcpu->mode as the TLB protocol needs it."""
+
+    OUTSIDE, IN_GUEST = 0, 1
+
+
+# ---------------------------------------------------------------- per-table metadata (tmeta section)
+
+class TMeta(Row):
+    """tmeta: one row per pool table, what struct kvm_mmu_page holds beside the table itself."""
+
+    (LEVEL,                    # the level of the table's entries (the later convention, asserted)
+     GFN,                      # the first GFN the table covers
+     STATE,                    # TableState.*
+     GEN,                      # bumped at every free: a reader holding a stale reference can tell
+     PARENT,                   # debug: the entry that links it (table * entries + index), NIL
+     RETIRE_EPOCH,             # the RCU epoch it was retired in
+     NX,                       # on the NX list (lpage_disallowed)
+     PREV, NEXT,               # tdp_mmu_pages links (table + 1; NIL none)
+     NX_PREV, NX_NEXT,         # lpage_disallowed_mmu_pages links (table + 1; 0 none)
+     OWNER,                    # the worker whose cache holds it (or who allocated it, until linked)
+     LINKER,                   # debug: worker | parent generation << 8 of whoever linked it
+     ) = range(13)
+    WORDS = 16
+
+
+class TableState:
+    """Where a pool table is (TMeta.STATE)."""
+
+    FREE, CACHED, LIVE, RETIRED = 0, 1, 2, 3
+    NAMES = {FREE: "free", CACHED: "cached", LIVE: "live", RETIRED: "retired"}
+
+
 NIL = (1 << 64) - 1            # "no table" in link words
 ROOT_TABLE = 0
 
-# ---- memslots
-MAX_MEMSLOTS = 8
-MS_WORDS = 16
-(MS_BASE_GFN, MS_NPAGES, MS_BACKING_LEVEL, MS_FLAGS, MS_HOST_OFF, MS_DIRTY_OFF, MS_DATA_OFF,
- MS_GEN) = range(8)
-MSF_ACTIVE, MSF_LOG_DIRTY = 1, 2
+# ---------------------------------------------------------------- memslots
 
-# ---- statistics: one row per worker, written by that worker alone
+class MemslotRow(Row):
+    """memslots: one row per slot (struct kvm_memory_slot's fields)."""
+
+    BASE_GFN, NPAGES, BACKING_LEVEL, FLAGS, HOST_OFF, DIRTY_OFF, DATA_OFF, GEN = range(8)
+    WORDS = 16
+
+
+class MemslotFlags:
+    ACTIVE = 1                 # the slot exists (deleting it clears this)
+    LOG_DIRTY = 2              # KVM_MEM_LOG_DIRTY_PAGES
+
+
+MAX_MEMSLOTS = 8
+
+# ---------------------------------------------------------------- statistics: one row per worker, written by that worker alone
+
 STAT_NAMES = [
     "accesses", "reads", "writes", "tlb_hits", "tlb_misses", "hw_walks",
     "faults", "fixed", "spurious", "retries", "cas_failures", "removed_seen",
     "tables_allocated", "tables_linked", "tables_retired", "tables_freed", "link_races",
     "mapped_4k", "mapped_2m", "mapped_1g", "zapped_leaves", "huge_splits",
     "yields", "flushes", "flush_wait_ns", "lock_wait_ns", "lock_contended", "read_acquired",
-    "write_acquired", "needbreak_seen", "gp_completed", "gp_wait_ns", "notifier_retries",
-    "memslot_retries", "dirty_marked", "wrprot_leaves", "collapsible_zaps", "nx_recovered",
-    "pool_refills", "topups", "fault_ns", "fetches", "nx_recovery_passes",
+    "write_acquired", "needbreak_seen", "notifier_retries",
+    "dirty_marked", "wrprot_leaves", "collapsible_zaps", "nx_recovered",
+    "pool_refills", "fetches", "nx_recovery_passes",
     "lock_wait_max_ns", "flush_wait_max_ns",          # maxima: summed over workers as max, not +
     "emulated",                                       # faults outside any memslot (MMIO, deleted slot)
 ]
-assert len(STAT_NAMES) <= 48
-STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 N_STATS = 48
+assert len(STAT_NAMES) <= N_STATS
+STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 
-# ---- violations found by checkers while running (shmmmu.violations names the kinds)
+# ---------------------------------------------------------------- violations found by checkers while running
+
+class ViolationRow(Row):
+    """violations: one record per violation (violations.py names the kinds)."""
+
+    KIND, WORKER, GFN, A, B, TIME_NS = range(6)
+    WORDS = 8
+
+
 MAX_VIOLATIONS = 256
-V_WORDS = 8
-V_KIND, V_WORKER, V_GFN, V_A, V_B, V_TIME_NS = range(6)
 
-# ---- the Reader-Pipe histogram of table ages seen by walkers (rcutorture's, A.1)
+# the Reader-Pipe histogram of table ages seen by walkers (rcutorture's, PRIOR_ART A.1)
 PIPE_LEN = 11
 
+# ---------------------------------------------------------------- the torture programs' words
+
+class TortureCtl(Row):
+    """The torture control block: row ROOT_TABLE of the tables section of a torture region (no MMU runs there)."""
+
+    (READY,                    # workers attached and waiting
+     GO,                       # start barrier
+     STOP,
+     WRITERS_IN,               # lock torture: writers inside the critical section
+     READERS_IN,               # lock torture: readers inside
+     READERS_MAX,              # the most readers inside at once
+     CURRENT,                  # RCU torture: the current pointer (update << PTR_TABLE_BITS | table)
+     HOLDING,                  # hold programs: how many hold what they were told to
+     ) = _on_lines(8)
+    WORDS = 8 * LINE
+
+
+class TortureStat(Row):
+    """A torture worker's counters: its row of the stats section of a torture region."""
+
+    (OPS, FAIL, WAIT_MAX_NS, WAIT_NS, CONTENDED, NEEDBREAK, YIELDS, MAX_READERS, LONG_HOLDS, POISON, STALE,
+     ALLOCATED, FREED, ALLOC_FAIL, DONE, FAIL_WRITER, FAIL_READER, GP_TIMEOUTS) = range(18)
+    WORDS = N_STATS
+
+
+# ---------------------------------------------------------------- configuration
 
 @dataclass
 class MemslotSpec:
     base_gfn: int
     npages: int
     backing_level: int = 1       # 1: 4 KiB anonymous, 2: 2 MiB THP, 3: 1 GiB hugetlb
+
+
+@dataclass
+class Workload:
+    """What the vCPUs of a VM run (shmmmu.workloads reads it).
+
+    kind: populate | random | dirty-log | trace | stress.
+    """
+
+    kind: str = "populate"
+    pages: int = 0               # guest pages per vCPU (the selftest's -b)
+    overlap: bool = False        # all vCPUs share one range (-o) instead of a range each
+    n_vcpus: int = 1             # vCPUs sharing the range (for the range arithmetic)
+    write_every: int = 1         # write 1 page of every N, read the rest (the selftest's -f)
+    accesses: int = 0            # accesses per iteration (random, stress; 0: one per page)
+    write_fraction: float = 0.5  # share of writes (random, stress)
+    exec_fraction: float = 0.0   # share of instruction fetches (random, stress)
+    populate_first: bool = False  # random: iteration 1 writes every page once (dirty_log_test's first pass)
+    trace: list[tuple[int, int]] = field(default_factory=list)   # trace: (page offset, kind)
+
+    KINDS = ("populate", "random", "dirty-log", "trace", "stress")
 
 
 @dataclass
@@ -101,7 +284,7 @@ class VMConfig:
     memslots: list[MemslotSpec] = field(default_factory=list)
     lock_mode: str = "shared"            # "shared" (the series) or "exclusive" (the baseline)
     bugs: list[str] = field(default_factory=list)
-    debug: bool = False                  # poison freed tables, check table reads (Reader Pipe)
+    debug: bool = False                  # the debug checkers (shmmmu.mmu.debug), poisoned freed tables
     tlb_entries: int = 4096
     cache_capacity: int = 40             # per-vCPU memory cache (KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
     cache_min: int = 5                   # topped up to this before the lock (PT64_ROOT_MAX_LEVEL)
@@ -109,11 +292,12 @@ class VMConfig:
     nx_huge_pages: bool = False          # kvm.nx_huge_pages: exec faults map 4 KiB, tables go on the NX list
     nx_recovery_ratio: int = 60          # kvm.nx_huge_pages_recovery_ratio: zap 1/ratio of the list per pass
     nx_recovery_period_s: float = 1.0    # seconds between passes (the kernel's 60 s scaled down); 0: none
+    gp_stall_s: float = 10.0             # a grace period longer than this is reported (the RCU stall warning)
     seed: int = 0
     # rcutorture's read-side delays: at the points where a half-done step can be overtaken
-    # (tdp_mmu.Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
+    # (Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
     torture_delay_us: int = 0
-    workload: dict[str, Any] = field(default_factory=dict)   # what the vCPUs run (shmmmu.workloads)
+    workload: Workload = field(default_factory=Workload)
 
     @property
     def geometry(self) -> Geometry:
@@ -170,6 +354,10 @@ class VMConfig:
     def from_json(cls, d: dict[str, Any]) -> "VMConfig":
         d = dict(d)
         d["memslots"] = [MemslotSpec(**m) for m in d.get("memslots", [])]
+        w = dict(d.get("workload") or {})
+        if "trace" in w:
+            w["trace"] = [tuple(t) for t in w["trace"]]
+        d["workload"] = Workload(**w)
         return cls(**d)
 
 
@@ -203,28 +391,27 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         align = g.pages(m.backing_level)
         n_data = last[2] + 2 * (-(-m.npages // align) * align)
     return {
-        "ctl": (CTL_WORDS,),
-        "locks": (N_LOCKS, LOCK_WORDS),
-        "wstate": (c.n_workers, WSTATE_WORDS),
+        "ctl": (Ctl.WORDS,),
+        "locks": (Locks.COUNT, Lock.WORDS),
+        "wstate": (c.n_workers, WState.WORDS),
         "stats": (c.n_workers, N_STATS),
         "pipe": (c.n_workers, PIPE_LEN),
         "tables": (c.n_tables, g.entries),
-        "tmeta": (c.n_tables, TMETA_WORDS),
+        "tmeta": (c.n_tables, TMeta.WORDS),
         "pool": (c.n_tables,),
         "caches": (c.n_workers, c.cache_capacity),
         "retire": (c.n_workers, c.retire_ring),
-        "memslots": (MAX_MEMSLOTS, MS_WORDS),
+        "memslots": (MAX_MEMSLOTS, MemslotRow.WORDS),
         "host_map": (max(1, c.guest_pages),),
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),
-        "violations": (MAX_VIOLATIONS, V_WORDS),
+        "violations": (MAX_VIOLATIONS, ViolationRow.WORDS),
     }
 
 
 def semaphore_purposes(config: VMConfig) -> list[str]:
-    """Named semaphores: per lock a wait-queue mutex, a reader gate and a writer gate; run control."""
+    """Named semaphores: per lock a wait-queue mutex, a reader gate and a writer gate."""
     out = []
-    for name in LOCK_NAMES:
+    for name in Locks.NAMES:
         out += [f"{name}.q", f"{name}.r", f"{name}.w"]
-    out += ["control"]
     return out

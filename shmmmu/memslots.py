@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shmmmu.layout import (C_SLOTS_GEN, MAX_MEMSLOTS, MS_BACKING_LEVEL, MS_BASE_GFN, MS_DATA_OFF, MS_DIRTY_OFF,
-                           MS_FLAGS, MS_GEN, MS_HOST_OFF, MS_NPAGES, MS_WORDS, MSF_ACTIVE, MSF_LOG_DIRTY,
-                           memslot_areas)
+from shmmmu.layout import MAX_MEMSLOTS, Ctl, MemslotFlags, MemslotRow as MS, memslot_areas
+
+MSF_ACTIVE, MSF_LOG_DIRTY = MemslotFlags.ACTIVE, MemslotFlags.LOG_DIRTY
 
 DATA_POISON = 0xBADBADBADBADBAD0      # the contents of a host page no guest mapping may reach
 
@@ -62,14 +62,14 @@ def init_memslots(vm) -> None:
     for k, (m, (host, dirty, doff)) in enumerate(zip(c.memslots, memslot_areas(c))):
         if k >= MAX_MEMSLOTS:
             raise ValueError(f"at most {MAX_MEMSLOTS} memslots")
-        rows[k, MS_BASE_GFN] = m.base_gfn
-        rows[k, MS_NPAGES] = m.npages
-        rows[k, MS_BACKING_LEVEL] = m.backing_level
-        rows[k, MS_HOST_OFF] = host
-        rows[k, MS_DIRTY_OFF] = dirty
-        rows[k, MS_DATA_OFF] = doff
-        rows[k, MS_GEN] = 1
-        rows[k, MS_FLAGS] = MSF_ACTIVE
+        rows[k, MS.BASE_GFN] = m.base_gfn
+        rows[k, MS.NPAGES] = m.npages
+        rows[k, MS.BACKING_LEVEL] = m.backing_level
+        rows[k, MS.HOST_OFF] = host
+        rows[k, MS.DIRTY_OFF] = dirty
+        rows[k, MS.DATA_OFF] = doff
+        rows[k, MS.GEN] = 1
+        rows[k, MS.FLAGS] = MSF_ACTIVE
         host_map[host: host + m.npages] = np.arange(doff, doff + m.npages, dtype=np.uint64)
         data[doff: doff + m.npages] = 0
 
@@ -95,25 +95,25 @@ class Memslots:
         self._slots: list[Slot] = []
 
     def slots(self) -> list[Slot]:
-        gen = self.ctl.load(C_SLOTS_GEN)
+        gen = self.ctl.load(Ctl.SLOTS_GEN)
         if gen != self._gen:
             self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
             self._gen = gen
         return self._slots
 
     def read(self, k: int) -> Slot:
-        r = [self.rows.load(k * MS_WORDS + i) for i in range(8)]
-        base, npages, backing = r[MS_BASE_GFN], r[MS_NPAGES], r[MS_BACKING_LEVEL]
+        r = [self.rows.load(k * MS.WORDS + i) for i in range(8)]
+        base, npages, backing = r[MS.BASE_GFN], r[MS.NPAGES], r[MS.BACKING_LEVEL]
         huge = 1
         for level in range(2, min(backing, self.max_level) + 1):
             if base % (1 << (self.bits * (level - 1))) == 0:
                 huge = level
-        return Slot(k, base, npages, backing, r[MS_FLAGS], r[MS_HOST_OFF], r[MS_DIRTY_OFF], r[MS_DATA_OFF],
-                    r[MS_GEN], huge)
+        return Slot(k, base, npages, backing, r[MS.FLAGS], r[MS.HOST_OFF], r[MS.DIRTY_OFF], r[MS.DATA_OFF],
+                    r[MS.GEN], huge)
 
     def lookup(self, gfn: int) -> Slot | None:
         """gfn_to_memslot(): the active slot holding gfn, or None (an MMIO/emulated access)."""
-        if self.ctl.load(C_SLOTS_GEN) != self._gen:      # slots(), inlined: this is on every fault
+        if self.ctl.load(Ctl.SLOTS_GEN) != self._gen:      # slots(), inlined: this is on every fault
             self.slots()
         for s in self._slots:
             if s.base_gfn <= gfn < s.base_gfn + s.npages:
@@ -143,11 +143,11 @@ class Memslots:
 
     def set_flags(self, k: int, set_mask: int = 0, clear_mask: int = 0) -> None:
         """Change a slot's flags and bump its generation and the global slots generation (the host, under the lock)."""
-        w = k * MS_WORDS
-        f = self.rows.load(w + MS_FLAGS)
-        self.rows.store(w + MS_FLAGS, (f | set_mask) & ~clear_mask)
-        self.rows.fetch_add(w + MS_GEN, 1)
-        self.ctl.fetch_add(C_SLOTS_GEN, 1)
+        w = k * MS.WORDS
+        f = self.rows.load(w + MS.FLAGS)
+        self.rows.store(w + MS.FLAGS, (f | set_mask) & ~clear_mask)
+        self.rows.fetch_add(w + MS.GEN, 1)
+        self.ctl.fetch_add(Ctl.SLOTS_GEN, 1)
 
     def dirty_words(self, slot: Slot) -> int:
         return -(-slot.npages // 64)

@@ -13,15 +13,16 @@ generation, so a reader holding a stale reference can tell.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from shmmmu.layout import (C_POOL_TOP, NIL, POOL_LOCK, ROOT_TABLE, TMETA_WORDS, T_GEN, T_GFN, T_LEVEL,
-                           T_NEXT, T_NX, T_OWNER, T_PARENT, T_PREV, T_STATE, TS_CACHED, TS_FREE, TS_LIVE,
-                           W_CACHE_COUNT, WSTATE_WORDS, VMConfig)
+from shmmmu import spte as S
+from shmmmu import violations
+from shmmmu.layout import NIL, ROOT_TABLE, Ctl, Locks, TableState, TMeta, VMConfig, WState
 from shmmmu.region import Region
 from shmmmu.rwlock import Mutex
+from shmmmu.wait import REAL, Waits
+
+TS_FREE, TS_CACHED, TS_LIVE = TableState.FREE, TableState.CACHED, TableState.LIVE
 
 POISON = 0xDEADBEEFDEADB000      # not present (bit 11 clear, RWX clear): reads as "empty" unless checked
 
@@ -33,8 +34,9 @@ class PoolExhausted(RuntimeError):
 class Pool:
     """One process's handle on the table pool and its own memory cache."""
 
-    def __init__(self, region: Region, worker: int, config: VMConfig):
+    def __init__(self, region: Region, worker: int, config: VMConfig, waits: Waits = REAL):
         self.worker = worker
+        self.waits = waits
         self.config = config
         self.debug = config.debug
         self.tables = region.array("tables")
@@ -47,11 +49,11 @@ class Pool:
         self.ws = region.words("wstate")
         self.caches = region.array("caches")
         self.cache = self.caches[worker]
-        self.count_word = worker * WSTATE_WORDS + W_CACHE_COUNT
+        self.count_word = worker * WState.WORDS + WState.CACHE_COUNT
         self.count = self.ws.load(self.count_word)
         self.capacity = config.cache_capacity
         self.min = config.cache_min
-        self.lock = Mutex(region, POOL_LOCK, worker)
+        self.lock = Mutex(region, Locks.POOL, worker, waits)
         self.entries = self.tables.shape[1]
         self.refills = 0
 
@@ -62,16 +64,16 @@ class Pool:
         self.tables[:] = POISON if self.debug else 0
         self.tables[ROOT_TABLE] = 0
         self.tmeta[:] = 0
-        self.tmeta[:, T_PARENT] = NIL
-        self.tmeta[:, T_PREV] = NIL
-        self.tmeta[:, T_NEXT] = NIL
-        self.tmeta[:, T_OWNER] = NIL
-        self.tmeta[:, T_GEN] = 1
+        self.tmeta[:, TMeta.PARENT] = NIL
+        self.tmeta[:, TMeta.PREV] = NIL
+        self.tmeta[:, TMeta.NEXT] = NIL
+        self.tmeta[:, TMeta.OWNER] = NIL
+        self.tmeta[:, TMeta.GEN] = 1
         free = np.arange(n - 1, 0, -1, dtype=np.uint64)       # table 0 is the root
         self.stack[: n - 1] = free
-        self.ctl.store(C_POOL_TOP, n - 1)
-        self.tmeta[ROOT_TABLE, T_STATE] = TS_LIVE
-        self.tmeta[ROOT_TABLE, T_LEVEL] = config_root_level(self.config)
+        self.ctl.store(Ctl.POOL_TOP, n - 1)
+        self.tmeta[ROOT_TABLE, TMeta.STATE] = TS_LIVE
+        self.tmeta[ROOT_TABLE, TMeta.LEVEL] = config_root_level(self.config)
 
     # ---- the vCPU cache
 
@@ -79,37 +81,37 @@ class Pool:
         """mmu_topup_memory_caches(): if below `cache_min`, fill the cache to capacity (outside the MMU lock)."""
         if self.count >= self.min:
             return
-        deadline = time.monotonic() + wait
+        waits = self.waits
+        deadline = waits.now() + wait
         while True:
             got = self._take(self.capacity - self.count)
             if self.count >= self.min:
                 return
-            if time.monotonic() > deadline:
+            if waits.now() > deadline:
                 raise PoolExhausted(f"out of page tables: {self.tables.shape[0]} in the pool, none free after "
                                     f"waiting {wait:.0f}s for reclamation (give the VM more tables)")
             if on_wait is not None:
                 on_wait()
-            time.sleep(0.0005 if got == 0 else 0)
+            waits.pause(0.0005 if got == 0 else 0)
 
     def _take(self, want: int) -> int:
         with self.lock:
-            top = self.ctl.load(C_POOL_TOP)
+            top = self.ctl.load(Ctl.POOL_TOP)
             n = min(want, top)
             if n:
                 got = self.stack[top - n: top][::-1].copy()
-                self.ctl.store(C_POOL_TOP, top - n)
+                self.ctl.store(Ctl.POOL_TOP, top - n)
         if not n:
             return 0
         if self.debug:
-            states = self.tmeta[got.astype(np.intp), T_STATE]
+            states = self.tmeta[got.astype(np.intp), TMeta.STATE]
             if (states != TS_FREE).any():
-                from shmmmu import violations
                 k = int(np.flatnonzero(states != TS_FREE)[0])
                 violations.record(self.tables_region, "table-leak", self.worker, 0, int(got[k]), int(states[k]))
             self.tables[got.astype(np.intp)] = 0          # clear the poison, still outside the MMU lock
         idx = got.astype(np.intp)
-        self.tmeta[idx, T_STATE] = TS_CACHED
-        self.tmeta[idx, T_OWNER] = self.worker
+        self.tmeta[idx, TMeta.STATE] = TS_CACHED
+        self.tmeta[idx, TMeta.OWNER] = self.worker
         self.cache[self.count: self.count + n] = got
         self.count += n
         self.ws.store(self.count_word, self.count)
@@ -124,20 +126,20 @@ class Pool:
         self.count -= 1
         table = int(self.cache[self.count])
         self.ws.store(self.count_word, self.count)
-        t = table * TMETA_WORDS
+        t = table * TMeta.WORDS
         tm = self.tm
-        tm.store(t + T_LEVEL, level)
-        tm.store(t + T_GFN, gfn)
-        tm.store(t + T_NX, 0)
-        tm.store(t + T_OWNER, self.worker)    # cleared once linked (tdp_mmu_link_page)
-        tm.store(t + T_STATE, TS_LIVE)
+        tm.store(t + TMeta.LEVEL, level)
+        tm.store(t + TMeta.GFN, gfn)
+        tm.store(t + TMeta.NX, 0)
+        tm.store(t + TMeta.OWNER, self.worker)    # cleared once linked (tdp_mmu_link_page)
+        tm.store(t + TMeta.STATE, TS_LIVE)
         return table
 
     def unalloc(self, table: int) -> None:
         """Give back a table that was never made visible (a lost link race): it is still zeroed."""
-        t = table * TMETA_WORDS
-        self.tm.store(t + T_STATE, TS_CACHED)
-        self.tm.store(t + T_OWNER, self.worker)
+        t = table * TMeta.WORDS
+        self.tm.store(t + TMeta.STATE, TS_CACHED)
+        self.tm.store(t + TMeta.OWNER, self.worker)
         self.cache[self.count] = table
         self.count += 1
         self.ws.store(self.count_word, self.count)
@@ -154,37 +156,34 @@ class Pool:
             return
         idx = np.asarray(tables, dtype=np.intp)
         if self.debug:
-            states = self.tmeta[idx, T_STATE]
+            states = self.tmeta[idx, TMeta.STATE]
             if not from_cache and ((states == TS_FREE).any() or (states == TS_CACHED).any()):
-                from shmmmu import violations
                 k = int(np.flatnonzero((states == TS_FREE) | (states == TS_CACHED))[0])
                 violations.record(self.tables_region, "table-leak", self.worker, 1, int(idx[k]), int(states[k]))
             # a table is freed only after teardown: no entry may still be present
             snap = self.tables[idx]
-            bad = np.argwhere((snap & np.uint64(1 << 11)) != 0)
+            bad = np.argwhere((snap & np.uint64(S.MMU_PRESENT)) != 0)
             if bad.size:
-                from shmmmu import violations
-                from shmmmu.layout import T_LINKER
                 row, col = (int(x) for x in bad[0])
                 val = int(snap[row, col])
-                child = (val >> 12) & ((1 << 40) - 1)
-                linker = int(self.tmeta[child, T_LINKER]) if child < self.tmeta.shape[0] else -1
+                child = S.pfn(val)
+                linker = int(self.tmeta[child, TMeta.LINKER]) if child < self.tmeta.shape[0] else -1
                 violations.record(self.tables_region, "install-into-dead-table", self.worker,
                                   (int(idx[row]) << 16) | col, val, linker)
         self.tables[idx] = POISON if self.debug else 0
         for table in tables:
-            t = table * TMETA_WORDS
-            self.tm.fetch_add(t + T_GEN, 1)
-            self.tm.store(t + T_STATE, TS_FREE)
-            self.tm.store(t + T_PARENT, NIL)
+            t = table * TMeta.WORDS
+            self.tm.fetch_add(t + TMeta.GEN, 1)
+            self.tm.store(t + TMeta.STATE, TS_FREE)
+            self.tm.store(t + TMeta.PARENT, NIL)
         with self.lock:
-            top = self.ctl.load(C_POOL_TOP)
+            top = self.ctl.load(Ctl.POOL_TOP)
             self.stack[top: top + len(tables)] = idx
-            self.ctl.store(C_POOL_TOP, top + len(tables))
+            self.ctl.store(Ctl.POOL_TOP, top + len(tables))
 
     def recover(self, dead: int) -> int:
         """Return a dead worker's cached tables to the pool; returns how many."""
-        base = dead * WSTATE_WORDS + W_CACHE_COUNT
+        base = dead * WState.WORDS + WState.CACHE_COUNT
         n = self.ws.load(base)
         if n:
             cached = [int(x) for x in self.caches[dead, :n]]
@@ -193,7 +192,7 @@ class Pool:
         return n
 
     def free_count(self) -> int:
-        return self.ctl.load(C_POOL_TOP)
+        return self.ctl.load(Ctl.POOL_TOP)
 
 
 def config_root_level(config: VMConfig) -> int:

@@ -18,15 +18,13 @@ the Reader-Pipe histogram) are recorded in the region.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
-import numpy as np
-
-from shmmmu.layout import (C_EPOCH, C_GP_COUNT, C_GP_MAX_NS, C_GP_TOTAL_NS, C_RCU_BACKLOG_MAX, TMETA_WORDS,
-                           T_RETIRE_EPOCH, T_RETIRE_GP, T_STATE, TS_LIVE, TS_RETIRED, W_RCU, W_RETIRE_HEAD,
-                           W_RETIRE_TAIL, WSTATE_WORDS)
+from shmmmu.layout import Ctl, TableState, TMeta, WState
 from shmmmu.region import Region
+from shmmmu.wait import REAL, Waits
+
+_LIVE, _RETIRED = TableState.LIVE, TableState.RETIRED
 
 
 class RcuError(RuntimeError):
@@ -36,25 +34,26 @@ class RcuError(RuntimeError):
 class Rcu:
     """One process's view of the VM's RCU state."""
 
-    def __init__(self, region: Region, worker: int):
+    def __init__(self, region: Region, worker: int, waits: Waits = REAL):
         self.worker = worker
+        self.waits = waits
         self.ctl = region.words("ctl")
         self.ws = region.words("wstate")
         self.tm = region.words("tmeta")
         self.ring = region.words("retire")
         self.ring_len = region.array("retire").shape[1]
         self.n_workers = region.array("wstate").shape[0]
-        self.slot = worker * WSTATE_WORDS + W_RCU
+        self.slot = worker * WState.WORDS + WState.RCU
         self.nesting = 0
-        if self.ctl.load(C_EPOCH) == 0:
-            self.ctl.cas(C_EPOCH, 0, 1)
+        if self.ctl.load(Ctl.EPOCH) == 0:
+            self.ctl.cas(Ctl.EPOCH, 0, 1)
 
     # ---- read side
 
     def read_lock(self) -> None:
         """rcu_read_lock(): one load and one store at the outermost level."""
         if self.nesting == 0:
-            self.ws.store(self.slot, self.ctl.load(C_EPOCH))
+            self.ws.store(self.slot, self.ctl.load(Ctl.EPOCH))
         self.nesting += 1
 
     def read_unlock(self) -> None:
@@ -71,34 +70,34 @@ class Rcu:
 
     def call_rcu(self, table: int) -> None:
         """Retire a table: it is freed after a grace period (tdp_mmu_free_sp_rcu_callback)."""
-        base = self.worker * WSTATE_WORDS
-        tail = self.ws.load(base + W_RETIRE_TAIL)
-        head = self.ws.load(base + W_RETIRE_HEAD)
+        base = self.worker * WState.WORDS
+        tail = self.ws.load(base + WState.RETIRE_TAIL)
+        head = self.ws.load(base + WState.RETIRE_HEAD)
         if tail - head >= self.ring_len:
             raise RcuError(f"worker {self.worker}'s retire ring is full ({self.ring_len} tables)")
-        t = table * TMETA_WORDS
-        self.tm.store(t + T_RETIRE_EPOCH, self.ctl.load(C_EPOCH))
-        self.tm.store(t + T_RETIRE_GP, self.ctl.load(C_GP_COUNT))
-        self.tm.store(t + T_STATE, TS_RETIRED)
+        t = table * TMeta.WORDS
+        self.tm.store(t + TMeta.RETIRE_EPOCH, self.ctl.load(Ctl.EPOCH))
+        self.tm.store(t + TMeta.STATE, _RETIRED)
         self.ring.store(self.worker * self.ring_len + tail % self.ring_len, table)
-        self.ws.store(base + W_RETIRE_TAIL, tail + 1)
+        self.ws.store(base + WState.RETIRE_TAIL, tail + 1)
 
     def backlog(self) -> int:
         n = 0
         for k in range(self.n_workers):
-            base = k * WSTATE_WORDS
-            n += self.ws.load(base + W_RETIRE_TAIL) - self.ws.load(base + W_RETIRE_HEAD)
+            base = k * WState.WORDS
+            n += self.ws.load(base + WState.RETIRE_TAIL) - self.ws.load(base + WState.RETIRE_HEAD)
         return n
 
     def wait_for_readers(self, epoch: int, timeout: float | None = None,
                          alive: Callable[[], bool] | None = None) -> bool:
         """Wait until every slot is quiescent or entered after `epoch` (advanced past already)."""
-        t_end = None if timeout is None else time.monotonic() + timeout
+        waits = self.waits
+        t_end = None if timeout is None else waits.now() + timeout
         ws, n = self.ws, self.n_workers
         for k in range(n):
             if k == self.worker:
                 continue
-            word = k * WSTATE_WORDS + W_RCU
+            word = k * WState.WORDS + WState.RCU
             spins = 0
             while True:
                 v = ws.load(word)
@@ -106,31 +105,32 @@ class Rcu:
                     break
                 spins += 1
                 if spins < 32:
+                    waits.relax()
                     continue
-                if t_end is not None and time.monotonic() > t_end:
+                if t_end is not None and waits.now() > t_end:
                     return False
                 if alive is not None and not alive():
                     return False
-                time.sleep(0.00002 if spins < 256 else 0.0005)
+                waits.pause(0.00002 if spins < 256 else 0.0005)
         return True
 
     def synchronize(self, timeout: float | None = None) -> bool:
         """synchronize_rcu(): returns once every read section that began before the call has ended."""
         if self.nesting:
             raise RcuError("synchronize_rcu inside a read-side section would wait for itself")
-        t0 = time.monotonic_ns()
-        epoch = self.ctl.fetch_add(C_EPOCH, 1)
+        t0 = self.waits.now_ns()
+        epoch = self.ctl.fetch_add(Ctl.EPOCH, 1)
         ok = self.wait_for_readers(epoch, timeout)
         if ok:
-            self._gp_done(time.monotonic_ns() - t0)
+            self._gp_done(self.waits.now_ns() - t0)
         return ok
 
     def _gp_done(self, ns: int) -> None:
-        self.ctl.fetch_add(C_GP_COUNT, 1)
-        self.ctl.fetch_add(C_GP_TOTAL_NS, ns)
+        self.ctl.fetch_add(Ctl.GP_COUNT, 1)
+        self.ctl.fetch_add(Ctl.GP_TOTAL_NS, ns)
         while True:
-            cur = self.ctl.load(C_GP_MAX_NS)
-            if ns <= cur or self.ctl.cas(C_GP_MAX_NS, cur, ns) == cur:
+            cur = self.ctl.load(Ctl.GP_MAX_NS)
+            if ns <= cur or self.ctl.cas(Ctl.GP_MAX_NS, cur, ns) == cur:
                 break
 
     def reclaim_pass(self, free: Callable[[list[int]], None], timeout: float | None = None,
@@ -144,43 +144,43 @@ class Rcu:
         if pending == 0:
             return 0
         while True:
-            cur = self.ctl.load(C_RCU_BACKLOG_MAX)
-            if pending <= cur or self.ctl.cas(C_RCU_BACKLOG_MAX, cur, pending) == cur:
+            cur = self.ctl.load(Ctl.RCU_BACKLOG_MAX)
+            if pending <= cur or self.ctl.cas(Ctl.RCU_BACKLOG_MAX, cur, pending) == cur:
                 break
-        t0 = time.monotonic_ns()
-        epoch = self.ctl.fetch_add(C_EPOCH, 1)
+        t0 = self.waits.now_ns()
+        epoch = self.ctl.fetch_add(Ctl.EPOCH, 1)
         if wait_for_gp:
             if not self.wait_for_readers(epoch, timeout, alive):
                 return 0
-        self._gp_done(time.monotonic_ns() - t0)
+        self._gp_done(self.waits.now_ns() - t0)
         freed: list[int] = []
         for k in range(self.n_workers):
-            base = k * WSTATE_WORDS
-            head = self.ws.load(base + W_RETIRE_HEAD)
-            tail = self.ws.load(base + W_RETIRE_TAIL)
+            base = k * WState.WORDS
+            head = self.ws.load(base + WState.RETIRE_HEAD)
+            tail = self.ws.load(base + WState.RETIRE_TAIL)
             while head < tail:
                 table = self.ring.load(k * self.ring_len + head % self.ring_len)
-                if self.tm.load(table * TMETA_WORDS + T_RETIRE_EPOCH) > epoch:
+                if self.tm.load(table * TMeta.WORDS + TMeta.RETIRE_EPOCH) > epoch:
                     break
                 freed.append(table)
                 head += 1
-            self.ws.store(base + W_RETIRE_HEAD, head)
+            self.ws.store(base + WState.RETIRE_HEAD, head)
         if freed:
             free(freed)
         return len(freed)
 
     def recover(self, dead: int) -> list[str]:
         """Clear a dead worker's read-side slot so grace periods can end."""
-        word = dead * WSTATE_WORDS + W_RCU
+        word = dead * WState.WORDS + WState.RCU
         if self.ws.load(word):
             self.ws.store(word, 0)
             return [f"rcu: cleared the read-side section of dead worker {dead}"]
         return []
 
     def stats(self) -> dict[str, int]:
-        return {"epoch": self.ctl.load(C_EPOCH), "grace_periods": self.ctl.load(C_GP_COUNT),
-                "gp_max_ns": self.ctl.load(C_GP_MAX_NS), "gp_total_ns": self.ctl.load(C_GP_TOTAL_NS),
-                "backlog": self.backlog(), "backlog_max": self.ctl.load(C_RCU_BACKLOG_MAX)}
+        return {"epoch": self.ctl.load(Ctl.EPOCH), "grace_periods": self.ctl.load(Ctl.GP_COUNT),
+                "gp_max_ns": self.ctl.load(Ctl.GP_MAX_NS), "gp_total_ns": self.ctl.load(Ctl.GP_TOTAL_NS),
+                "backlog": self.backlog(), "backlog_max": self.ctl.load(Ctl.RCU_BACKLOG_MAX)}
 
 
 def pipe_age(state: int, retire_epoch: int, reader_epoch: int, now_epoch: int) -> int:
@@ -190,8 +190,8 @@ def pipe_age(state: int, retire_epoch: int, reader_epoch: int, now_epoch: int) -
     the epoch the reader entered in).  2 and more: the table was retired before the
     reader entered, or already freed: a use after free, one bucket per epoch since.
     """
-    if state == TS_LIVE:
+    if state == _LIVE:
         return 0
-    if state == TS_RETIRED:
+    if state == _RETIRED:
         return 1 + max(0, reader_epoch - retire_epoch)
     return max(2, 1 + now_epoch - retire_epoch)

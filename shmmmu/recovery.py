@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (C_POOL_TOP, C_UNFLUSHED, TS_CACHED, TS_FREE, TS_RETIRED, W_CACHE_COUNT,
-                           W_RETIRE_HEAD, W_RETIRE_TAIL, C_LIST_COUNT, C_LIST_HEAD, C_NX_COUNT, C_NX_HEAD, C_NX_TAIL, NIL, ROOT_TABLE,
-                           TMETA_WORDS, T_NEXT, T_NX, T_NX_NEXT, T_NX_PREV, T_PREV, T_STATE, TS_LIVE)
+from shmmmu.layout import NIL, ROOT_TABLE, Ctl, TableState, TMeta, WState
+
+TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = TableState.FREE, TableState.CACHED, TableState.LIVE, TableState.RETIRED
 
 
 def reachable_tables(tables: np.ndarray, root_level: int, root: int = ROOT_TABLE) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -62,24 +62,24 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
             if tw.cas(table * E + idx, S.REMOVED, 0) == S.REMOVED:
                 done.append(f"recovery: cleared the frozen entry {idx} of table {table} left by the dead worker")
         tm = mmu.region.array("tmeta")
-        state = tm[:, T_STATE].copy()
+        state = tm[:, TMeta.STATE].copy()
         orphans = np.flatnonzero((state == TS_LIVE) & ~reach)
         if orphans.size:
             # they may still hold present entries (a teardown cut short): freeze them all, count the leaves
             for t in orphans:
                 old = np.empty(E, dtype=np.uint64)
                 tw.xchg_range(int(t) * E, E, S.REMOVED, old)
-            mmu._mark_unflushed()
-            mmu.flush_remote_tlbs()
+            mmu.mark_unflushed()
+            mmu.kvm_flush_remote_tlbs()
             for t in orphans:
-                mmu._free_table(int(t))
+                mmu.free_sp(int(t))
             done.append(f"recovery: retired {orphans.size} live tables no entry reached any more")
         done += _repair_pool_and_rings(mmu, dead)
         done += _mark_logging_slots_dirty(mmu)
         # the unflushed-change count the dead left raised: under the write lock nobody else has any
         ctl_w = mmu.ctl
-        if ctl_w.load(C_UNFLUSHED):
-            ctl_w.store(C_UNFLUSHED, 0)
+        if ctl_w.load(Ctl.UNFLUSHED):
+            ctl_w.store(Ctl.UNFLUSHED, 0)
         # the page list holds exactly the reachable tables below the root
         live = np.flatnonzero(reach)
         live = live[live != ROOT_TABLE]
@@ -88,13 +88,13 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
         prev = NIL
         for t in live[::-1]:
             t = int(t)
-            tmw.store(t * TMETA_WORDS + T_NEXT, prev if prev != NIL else NIL)
-            tmw.store(t * TMETA_WORDS + T_PREV, NIL)
+            tmw.store(t * TMeta.WORDS + TMeta.NEXT, prev if prev != NIL else NIL)
+            tmw.store(t * TMeta.WORDS + TMeta.PREV, NIL)
             if prev != NIL:
-                tmw.store((prev - 1) * TMETA_WORDS + T_PREV, t + 1)
+                tmw.store((prev - 1) * TMeta.WORDS + TMeta.PREV, t + 1)
             prev = t + 1
-        ctl.store(C_LIST_HEAD, prev if prev != NIL else 0)
-        ctl.store(C_LIST_COUNT, int(live.size))
+        ctl.store(Ctl.LIST_HEAD, prev if prev != NIL else 0)
+        ctl.store(Ctl.LIST_COUNT, int(live.size))
         rebuilt = rebuild_nx_list(mmu, reach)
         if rebuilt:
             done.append(rebuilt)
@@ -108,19 +108,19 @@ def _repair_pool_and_rings(mmu, dead: int | None) -> list[str]:
     taken from its cache but not yet live, or marked retired but not yet on its retire ring."""
     done: list[str] = []
     tm = mmu.region.array("tmeta")
-    state = tm[:, T_STATE].copy()
+    state = tm[:, TMeta.STATE].copy()
     ws = mmu.region.array("wstate")
     caches = mmu.region.array("caches")
     in_cache = np.zeros(state.size, dtype=bool)
     for k in range(ws.shape[0]):
-        n = int(ws[k, W_CACHE_COUNT])
+        n = int(ws[k, WState.CACHE_COUNT])
         in_cache[caches[k, :n].astype(np.intp)] = True
     on_stack = np.zeros(state.size, dtype=bool)
-    on_stack[mmu.region.array("pool")[: int(mmu.ctl.load(C_POOL_TOP))].astype(np.intp)] = True
+    on_stack[mmu.region.array("pool")[: int(mmu.ctl.load(Ctl.POOL_TOP))].astype(np.intp)] = True
     ring = mmu.region.array("retire")
     in_ring = np.zeros(state.size, dtype=bool)
     for k in range(ws.shape[0]):
-        head, tail = int(ws[k, W_RETIRE_HEAD]), int(ws[k, W_RETIRE_TAIL])
+        head, tail = int(ws[k, WState.RETIRE_HEAD]), int(ws[k, WState.RETIRE_TAIL])
         for pos in range(head, tail):
             in_ring[int(ring[k, pos % ring.shape[1]])] = True
     lost = np.flatnonzero(((state == TS_CACHED) & ~in_cache) | ((state == TS_FREE) & ~on_stack))
@@ -162,29 +162,29 @@ def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
     n = reach.size
     order: list[int] = []
     seen: set[int] = set()
-    cur = ctl.load(C_NX_HEAD)
+    cur = ctl.load(Ctl.NX_HEAD)
     while cur and 0 < cur <= n and len(order) <= n and cur - 1 not in seen:
         order.append(cur - 1)
         seen.add(cur - 1)
-        cur = tm.load((cur - 1) * TMETA_WORDS + T_NX_NEXT)
+        cur = tm.load((cur - 1) * TMeta.WORDS + TMeta.NX_NEXT)
     tmeta = mmu.region.array("tmeta")
-    marked = np.flatnonzero(tmeta[:, T_NX] != 0)
-    keep = [t for t in order if reach[t] and tmeta[t, T_NX]]
+    marked = np.flatnonzero(tmeta[:, TMeta.NX] != 0)
+    keep = [t for t in order if reach[t] and tmeta[t, TMeta.NX]]
     keep += [int(t) for t in marked if reach[t] and int(t) not in seen]
     dropped = [int(t) for t in marked if not reach[t]]
-    before = (order, ctl.load(C_NX_COUNT))
+    before = (order, ctl.load(Ctl.NX_COUNT))
     for t in dropped:
-        tm.store(t * TMETA_WORDS + T_NX, 0)
+        tm.store(t * TMeta.WORDS + TMeta.NX, 0)
     prev = 0
     for t in keep:
-        tm.store(t * TMETA_WORDS + T_NX_PREV, prev)
-        tm.store(t * TMETA_WORDS + T_NX_NEXT, 0)
+        tm.store(t * TMeta.WORDS + TMeta.NX_PREV, prev)
+        tm.store(t * TMeta.WORDS + TMeta.NX_NEXT, 0)
         if prev:
-            tm.store((prev - 1) * TMETA_WORDS + T_NX_NEXT, t + 1)
+            tm.store((prev - 1) * TMeta.WORDS + TMeta.NX_NEXT, t + 1)
         prev = t + 1
-    ctl.store(C_NX_HEAD, keep[0] + 1 if keep else 0)
-    ctl.store(C_NX_TAIL, prev)
-    ctl.store(C_NX_COUNT, len(keep))
+    ctl.store(Ctl.NX_HEAD, keep[0] + 1 if keep else 0)
+    ctl.store(Ctl.NX_TAIL, prev)
+    ctl.store(Ctl.NX_COUNT, len(keep))
     if before == (keep, len(keep)) and not dropped:
         return ""
     return f"recovery: rebuilt the NX list ({len(keep)} tables, {len(dropped)} unreachable dropped)"

@@ -1,8 +1,10 @@
 """Run: one VM from creation to teardown: workers started, a workload driven in phases, results and checks.
 
-`run_vm(RunOptions)` is what `shmmmu run` calls, and `shmmmu bench` too:
-both drive the same phases (`drive_phases`, dirty_log_perf_test's).  It always unlinks the region and semaphores it created, also when a
-worker dies or the user presses Ctrl-C.
+`run_vm(RunOptions, launcher)` is what `shmmmu run` calls, and `shmmmu bench`
+too: both drive the same phases (`drive_phases`, dirty_log_perf_test's).  The
+worker processes are started by the launcher the caller passes
+(shmmmu.launch).  It always unlinks the region and semaphores it created, also
+when a worker dies or the user presses Ctrl-C.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 
 from shmmmu import violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
-from shmmmu.layout import MemslotSpec, VMConfig
+from shmmmu.launch import Launcher, LauncherFactory
+from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
 from shmmmu.vm import create_vm
 
 BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anonymous_hugetlb": 3}
@@ -81,15 +84,13 @@ class RunOptions:
                              f"(at most {min(limit // 2, (64 << 30) // 4096) * 4096 >> 30} GiB)")
         base = limit // 2                    # the selftest puts its slot high in guest-physical space
         base -= base % unit
-        wl: dict[str, Any] = {"kind": "stress" if self.workload == "stress" else self.workload,
-                              "pages": pages, "overlap": self.overlap, "n_vcpus": self.vcpus,
-                              "write_every": self.write_every, "accesses": self.accesses or pages}
-        if self.workload == "trace":
-            if not self.trace:
-                raise UsageError("--workload trace needs --trace FILE")
-            wl["trace"] = self.trace
-        elif self.workload not in ("populate", "random", "dirty-log", "stress"):
+        if self.workload not in ("populate", "random", "dirty-log", "trace"):
             raise UsageError(f"unknown workload {self.workload!r}: use populate, random, dirty-log or trace")
+        if self.workload == "trace" and not self.trace:
+            raise UsageError("--workload trace needs --trace FILE")
+        wl = Workload(kind=self.workload, pages=pages, overlap=self.overlap, n_vcpus=self.vcpus,
+                      write_every=self.write_every, accesses=self.accesses or pages,
+                      trace=list(self.trace or []) if self.workload == "trace" else [])
         return VMConfig(name=self.name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(base, slot_pages, level)], debug=self.debug, bugs=list(self.bugs),
                         seed=self.seed, workload=wl)
@@ -123,10 +124,8 @@ class RunResult:
 
 
 def table_counts(vm) -> dict[str, int]:
-    from shmmmu.layout import T_STATE, TS_CACHED, TS_FREE, TS_LIVE, TS_RETIRED
-    st = vm.region.array("tmeta")[:, T_STATE]
-    return {"total": int(st.size), "live": int((st == TS_LIVE).sum()), "free": int((st == TS_FREE).sum()),
-            "cached": int((st == TS_CACHED).sum()), "retired": int((st == TS_RETIRED).sum())}
+    st = vm.region.array("tmeta")[:, TMeta.STATE]
+    return {"total": int(st.size), **{name: int((st == s).sum()) for s, name in TableState.NAMES.items()}}
 
 
 PHASE_LABELS = {"populate": "populate", "enable": "enable dirty logging", "dirty": "iteration {k}",
@@ -186,7 +185,8 @@ def vcpu_schedstat(pids: list[int]) -> tuple[int, int]:
     return cpu, wait
 
 
-def drive_phases(vm, sup, opts: RunOptions, progress: Callable[[str, int, int], None] | None = None) -> PhaseLog:
+def drive_phases(vm, sup: Launcher, opts: RunOptions,
+                 progress: Callable[[str, int, int], None] | None = None) -> PhaseLog:
     """The phases of dirty_log_perf_test on started workers: populate, enable dirty logging, iterations
     (dirty memory, get dirty log, clear dirty log with manual protect), disable dirty logging.
 
@@ -244,14 +244,15 @@ def drive_phases(vm, sup, opts: RunOptions, progress: Callable[[str, int, int], 
     return log
 
 
-def run_vm(opts: RunOptions, progress: Callable[[str, int, int], None] | None = None,
-           keep: Callable[[Any], None] | None = None) -> RunResult:
-    """Create the VM, run the workload, check, tear down.  `keep(supervisor)` is called before stopping."""
-    from workers.supervisor import Supervisor
+def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str, int, int], None] | None = None,
+           keep: Callable[[Launcher], None] | None = None) -> RunResult:
+    """Create the VM, start its processes with `launcher`, run the workload, check, tear down.
+
+    `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there)."""
     config = opts.config()
     t_start = time.monotonic()
     with create_vm(config) as vm:
-        sup = Supervisor(vm)
+        sup = launcher(vm)
         try:
             sup.start()
             log = drive_phases(vm, sup, opts, progress)

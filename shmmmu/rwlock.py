@@ -1,6 +1,6 @@
 """RWLock: the MMU reader/writer lock for processes, shaped like the kernel's qrwlock, sleeping on POSIX semaphores.
 
-Word layout of a lock block (layout.LOCK_WORDS words in the region's `locks` section):
+Word layout of a lock block (layout.Lock, one block per lock in the region's `locks` section):
 
   CNTS     qrwlock's counter: writer byte (0xff = write-locked), WAITING (0x100: a
            writer waits for readers to drain), readers counted in units of 0x200.
@@ -22,16 +22,15 @@ holder can be found (`held_by`) and released (`recover`).
 """
 from __future__ import annotations
 
-import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import posix_ipc
 
-from shmmmu.layout import LOCK_NAMES, LOCK_WORDS, W_HELD, WSTATE_WORDS, W_PID
+from shmmmu.layout import Held, Lock, Locks, WState
 from shmmmu.region import Region
+from shmmmu.wait import REAL, Waits
 
 # CNTS bits (include/asm-generic/qrwlock_types.h)
 QW_LOCKED = 0xFF
@@ -41,16 +40,7 @@ QR_BIAS = 0x200
 _NEG_BIAS = (1 << 64) - QR_BIAS
 _NEG_LOCKED = (1 << 64) - QW_LOCKED
 
-# word offsets inside a lock block
-L_CNTS = 0
-L_WAIT = 8               # its own cache line
-L_WAIT_OWNER = 9
-L_WRITER = 10
-L_RSLEEP = 11
-L_WSLEEP = 12
-L_CONTENDED = 13
-
-HELD_NONE, HELD_READ, HELD_WRITE = 0, 1, 2
+HELD_NONE, HELD_READ, HELD_WRITE = Held.NONE, Held.READ, Held.WRITE
 SPIN = 48                # loads before sleeping
 SLEEP_TIMEOUT = 0.2      # a sleeper re-checks this often (a dead holder, a lost wake-up)
 
@@ -75,32 +65,32 @@ class LockStats:
 class _WaitQueue:
     """A sleeping mutex on one word (Drepper's three-state mutex with a semaphore for the futex)."""
 
-    def __init__(self, words, base: int, sem: posix_ipc.Semaphore, me: int):
+    def __init__(self, words, base: int, sem: posix_ipc.Semaphore, me: int, waits: Waits):
         self.w = words
-        self.word = base + L_WAIT
-        self.owner = base + L_WAIT_OWNER
+        self.word = base + Lock.WAIT
+        self.owner = base + Lock.WAIT_OWNER
         self.sem = sem
         self.me = me + 1
+        self.waits = waits
 
     def acquire(self) -> None:
         w, word = self.w, self.word
         if w.cas(word, 0, 1) != 0:
+            relax = self.waits.relax
             for _ in range(SPIN):
                 if w.load(word) == 0 and w.cas(word, 0, 1) == 0:
                     break
+                relax()
             else:
                 while w.xchg(word, 2) != 0:
-                    try:
-                        self.sem.acquire(SLEEP_TIMEOUT)
-                    except posix_ipc.BusyError:
-                        pass
+                    self.waits.sem_acquire(self.sem, SLEEP_TIMEOUT)
         w.store(self.owner, self.me)
 
     def release(self) -> None:
         w = self.w
         w.store(self.owner, 0)
         if w.xchg(self.word, 0) == 2:
-            self.sem.release()
+            self.waits.sem_release(self.sem)
 
     def held(self) -> bool:
         return self.w.load(self.word) != 0
@@ -114,26 +104,27 @@ class RWLock:
     the negative control the torture test must catch.
     """
 
-    def __init__(self, region: Region, index: int, worker: int, *, busted: bool = False):
-        self.name = LOCK_NAMES[index]
+    def __init__(self, region: Region, index: int, worker: int, *, busted: bool = False, waits: Waits = REAL):
+        self.name = Locks.NAMES[index]
+        self.waits = waits
         self.index = index
         self.worker = worker
         self.busted = busted
         self.w = region.words("locks")
-        self.base = index * LOCK_WORDS
-        self.cnts = self.base + L_CNTS
+        self.base = index * Lock.WORDS
+        self.cnts = self.base + Lock.CNTS
         self.ws = region.words("wstate")
-        self.held_word = worker * WSTATE_WORDS + W_HELD + index
+        self.held_word = worker * WState.WORDS + WState.HELD + index
         self.n_workers = region.array("wstate").shape[0]
         self.sem_r = region.semaphore(f"{self.name}.r")
         self.sem_w = region.semaphore(f"{self.name}.w")
-        self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker)
+        self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker, waits)
         self.mode = HELD_NONE            # this process's record, for assert_held
         self.stats = LockStats()
         # called each time a sleeper's wait times out (every SLEEP_TIMEOUT s): a supervisor
         # checks its workers' health there and may raise to abandon the wait
         self.on_sleep: Callable[[], None] | None = None
-        self.wait_started = 0.0          # time.monotonic() when the current slow-path wait began
+        self.wait_started = 0.0          # waits.now() when the current slow-path wait began
 
     # ---- read side
 
@@ -143,8 +134,8 @@ class RWLock:
             # back out; if a writer is waiting for readers to drain, our bias may have
             # been what it saw last before sleeping
             if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-                if w.load(self.base + L_WSLEEP):
-                    self.sem_w.release()
+                if w.load(self.base + Lock.WSLEEP):
+                    self.waits.sem_release(self.sem_w)
             self._read_slowpath()
         self.mode = HELD_READ
         self.ws.store(self.held_word, HELD_READ)
@@ -153,10 +144,11 @@ class RWLock:
     def _read_slowpath(self) -> None:
         """queued_read_lock_slowpath(): queue behind earlier waiters, then wait out the writer."""
         w, cnts = self.w, self.cnts
-        t0 = time.monotonic_ns()
-        self.wait_started = time.monotonic()
+        waits = self.waits
+        t0 = waits.now_ns()
+        self.wait_started = waits.now()
         self.stats.contended += 1
-        w.fetch_add(self.base + L_CONTENDED, 1)
+        w.fetch_add(self.base + Lock.CONTENDED, 1)
         self.queue.acquire()
         w.fetch_add(cnts, QR_BIAS)
         # our bias is in: record it now, so that `recover` takes it back if we die while we wait
@@ -165,13 +157,14 @@ class RWLock:
             for _ in range(SPIN):
                 if not w.load(cnts) & QW_LOCKED:
                     break
+                waits.relax()
             else:
                 while True:
-                    w.store(self.base + L_RSLEEP, 1)
+                    w.store(self.base + Lock.RSLEEP, 1)
                     if not w.load(cnts) & QW_LOCKED:
                         break
-                    self._sleep(self.sem_r, L_RSLEEP, lambda: w.fetch_add(cnts, _NEG_BIAS))
-                w.store(self.base + L_RSLEEP, 0)
+                    self._sleep(self.sem_r, Lock.RSLEEP, lambda: w.fetch_add(cnts, _NEG_BIAS))
+                w.store(self.base + Lock.RSLEEP, 0)
         self.queue.release()
         self._waited(t0)
 
@@ -182,8 +175,8 @@ class RWLock:
         self.ws.store(self.held_word, HELD_NONE)
         w = self.w
         if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.base + L_WSLEEP):
-                self.sem_w.release()
+            if w.load(self.base + Lock.WSLEEP):
+                self.waits.sem_release(self.sem_w)
 
     # ---- write side
 
@@ -191,17 +184,18 @@ class RWLock:
         if self.w.cas(self.cnts, 0, QW_LOCKED) != 0:
             self._write_slowpath()
         self.mode = HELD_WRITE
-        self.w.store(self.base + L_WRITER, self.worker + 1)
+        self.w.store(self.base + Lock.WRITER, self.worker + 1)
         self.ws.store(self.held_word, HELD_WRITE)
         self.stats.write_acquired += 1
 
     def _write_slowpath(self) -> None:
         """queued_write_lock_slowpath(): take the queue, announce WAITING, wait for readers to drain."""
         w, cnts = self.w, self.cnts
-        t0 = time.monotonic_ns()
-        self.wait_started = time.monotonic()
+        waits = self.waits
+        t0 = waits.now_ns()
+        self.wait_started = waits.now()
         self.stats.contended += 1
-        w.fetch_add(self.base + L_CONTENDED, 1)
+        w.fetch_add(self.base + Lock.CONTENDED, 1)
         self.queue.acquire()
         if w.cas(cnts, 0, QW_LOCKED) != 0:
             if self.busted:
@@ -212,12 +206,13 @@ class RWLock:
                 while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:
                     spins += 1
                     if spins < SPIN:
+                        waits.relax()
                         continue
-                    w.store(self.base + L_WSLEEP, 1)
+                    w.store(self.base + Lock.WSLEEP, 1)
                     if w.load(cnts) == QW_WAITING:
                         continue
-                    self._sleep(self.sem_w, L_WSLEEP, lambda: w.fetch_and(cnts, ~QW_WAITING))
-                w.store(self.base + L_WSLEEP, 0)
+                    self._sleep(self.sem_w, Lock.WSLEEP, lambda: w.fetch_and(cnts, ~QW_WAITING))
+                w.store(self.base + Lock.WSLEEP, 0)
         self.queue.release()
         self._waited(t0)
 
@@ -227,24 +222,22 @@ class RWLock:
         self.mode = HELD_NONE
         self.ws.store(self.held_word, HELD_NONE)
         w = self.w
-        w.store(self.base + L_WRITER, 0)
+        w.store(self.base + Lock.WRITER, 0)
         if self.busted:
             old = w.fetch_and(self.cnts, ~QW_LOCKED)
         else:
             old = w.fetch_add(self.cnts, _NEG_LOCKED)
-        if w.load(self.base + L_RSLEEP):
-            self.sem_r.release()
+        if w.load(self.base + Lock.RSLEEP):
+            self.waits.sem_release(self.sem_r)
         # a writer queued behind us set WAITING and may sleep on the writer gate: wake it
         # (without this it only woke on its SLEEP_TIMEOUT: write-after-write waits of 0.15-0.2 s)
-        if old & QW_WAITING and w.load(self.base + L_WSLEEP):
-            self.sem_w.release()
+        if old & QW_WAITING and w.load(self.base + Lock.WSLEEP):
+            self.waits.sem_release(self.sem_w)
 
     def _sleep(self, gate: posix_ipc.Semaphore, flag: int, back_out: Callable[[], object]) -> None:
         """One bounded sleep on a gate.  On a timeout `on_sleep` may abandon the wait by raising:
         then our sleeper flag, our claim on the counter (`back_out`) and the queue are given back."""
-        try:
-            gate.acquire(SLEEP_TIMEOUT)
-        except posix_ipc.BusyError:
+        if not self.waits.sem_acquire(gate, SLEEP_TIMEOUT):
             if self.on_sleep is not None:
                 try:
                     self.on_sleep()
@@ -255,7 +248,7 @@ class RWLock:
                     raise
 
     def _waited(self, t0: int) -> None:
-        dt = time.monotonic_ns() - t0
+        dt = self.waits.now_ns() - t0
         self.stats.wait_ns += dt
         if dt > self.stats.wait_max_ns:
             self.stats.wait_max_ns = dt
@@ -293,7 +286,7 @@ class RWLock:
         if not self.needbreak():
             return False
         self.read_unlock()
-        os.sched_yield()
+        self.waits.yield_cpu()
         self.read_lock()
         self.stats.yields += 1
         return True
@@ -304,7 +297,7 @@ class RWLock:
         if not self.needbreak():
             return False
         self.write_unlock()
-        os.sched_yield()
+        self.waits.yield_cpu()
         self.write_lock()
         self.stats.yields += 1
         return True
@@ -322,39 +315,39 @@ class RWLock:
         """(worker, pid, mode) for every worker whose record says it holds this lock."""
         out = []
         for k in range(self.n_workers):
-            mode = self.ws.load(k * WSTATE_WORDS + W_HELD + self.index)
+            mode = self.ws.load(k * WState.WORDS + WState.HELD + self.index)
             if mode:
-                out.append((k, self.ws.load(k * WSTATE_WORDS + W_PID), mode))
+                out.append((k, self.ws.load(k * WState.WORDS + WState.PID), mode))
         return out
 
     def state(self) -> dict[str, int]:
         c = self.w.load(self.cnts)
         return {"readers": c // QR_BIAS, "write_locked": int(c & QW_LOCKED == QW_LOCKED),
-                "writer_waiting": int(bool(c & QW_WAITING)), "queue": self.w.load(self.base + L_WAIT),
-                "writer": self.w.load(self.base + L_WRITER) - 1, "contended": self.w.load(self.base + L_CONTENDED)}
+                "writer_waiting": int(bool(c & QW_WAITING)), "queue": self.w.load(self.base + Lock.WAIT),
+                "writer": self.w.load(self.base + Lock.WRITER) - 1, "contended": self.w.load(self.base + Lock.CONTENDED)}
 
     def recover(self, dead: int) -> list[str]:
         """Release whatever the dead worker `dead` held (the supervisor calls this); returns what it did."""
         done = []
         w, ws = self.w, self.ws
-        mode = ws.load(dead * WSTATE_WORDS + W_HELD + self.index)
+        mode = ws.load(dead * WState.WORDS + WState.HELD + self.index)
         if mode == HELD_READ:
             if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-                self.sem_w.release()
+                self.waits.sem_release(self.sem_w)
             done.append(f"{self.name}: dropped the read hold of worker {dead}")
-        elif mode == HELD_WRITE or w.load(self.base + L_WRITER) == dead + 1:
-            w.store(self.base + L_WRITER, 0)
+        elif mode == HELD_WRITE or w.load(self.base + Lock.WRITER) == dead + 1:
+            w.store(self.base + Lock.WRITER, 0)
             if w.fetch_and(self.cnts, ~QW_LOCKED) & QW_WAITING:
-                self.sem_w.release()         # a writer queued behind the dead one
-            self.sem_r.release()
+                self.waits.sem_release(self.sem_w)         # a writer queued behind the dead one
+            self.waits.sem_release(self.sem_r)
             done.append(f"{self.name}: dropped the write hold of worker {dead}")
-        ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
-        if w.load(self.base + L_WAIT_OWNER) == dead + 1:
+        ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
+        if w.load(self.base + Lock.WAIT_OWNER) == dead + 1:
             # it died in a slow path: take back a WAITING it announced, and its queue slot
             w.fetch_and(self.cnts, ~QW_WAITING)
-            w.store(self.base + L_WAIT_OWNER, 0)
-            if w.xchg(self.base + L_WAIT, 0) == 2:
-                self.queue.sem.release()
+            w.store(self.base + Lock.WAIT_OWNER, 0)
+            if w.xchg(self.base + Lock.WAIT, 0) == 2:
+                self.waits.sem_release(self.queue.sem)
             done.append(f"{self.name}: released the wait queue held by worker {dead}")
         return done
 
@@ -362,15 +355,16 @@ class RWLock:
 class Mutex:
     """An exclusive sleeping lock in a region (the page-list lock, the pool lock): the wait-queue mutex alone."""
 
-    def __init__(self, region: Region, index: int, worker: int):
-        self.name = LOCK_NAMES[index]
+    def __init__(self, region: Region, index: int, worker: int, waits: Waits = REAL):
+        self.name = Locks.NAMES[index]
         self.index = index
         self.worker = worker
+        self.waits = waits
         w = region.words("locks")
-        self.base = index * LOCK_WORDS
-        self.queue = _WaitQueue(w, self.base, region.semaphore(f"{self.name}.q"), worker)
+        self.base = index * Lock.WORDS
+        self.queue = _WaitQueue(w, self.base, region.semaphore(f"{self.name}.q"), worker, waits)
         self.ws = region.words("wstate")
-        self.held_word = worker * WSTATE_WORDS + W_HELD + index
+        self.held_word = worker * WState.WORDS + WState.HELD + index
         self.is_held = False
 
     def acquire(self) -> None:
@@ -397,13 +391,13 @@ class Mutex:
             raise LockError(f"{self.name} must be held here")
 
     def recover(self, dead: int) -> list[str]:
-        if self.queue.w.load(self.base + L_WAIT_OWNER) == dead + 1:
-            self.queue.w.store(self.base + L_WAIT_OWNER, 0)
-            if self.queue.w.xchg(self.base + L_WAIT, 0) == 2:
-                self.queue.sem.release()
-            self.ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
+        if self.queue.w.load(self.base + Lock.WAIT_OWNER) == dead + 1:
+            self.queue.w.store(self.base + Lock.WAIT_OWNER, 0)
+            if self.queue.w.xchg(self.base + Lock.WAIT, 0) == 2:
+                self.waits.sem_release(self.queue.sem)
+            self.ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
             return [f"{self.name}: released the hold of worker {dead}"]
-        self.ws.store(dead * WSTATE_WORDS + W_HELD + self.index, HELD_NONE)
+        self.ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
         return []
 
 

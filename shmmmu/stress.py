@@ -29,7 +29,8 @@ from shmmmu import violations
 from shmmmu.bugs import check_names
 from shmmmu.checks import check_all
 from shmmmu.integrity import check_guest_memory, guest_values
-from shmmmu.layout import C_ITERATION, W_PROGRESS_NS, WSTATE_WORDS, MemslotSpec, VMConfig
+from shmmmu.launch import LauncherFactory, LockStuck, WorkerDied
+from shmmmu.layout import Ctl, MemslotSpec, VMConfig, Workload, WState
 from shmmmu.vm import create_vm
 
 OPS = ["zap-range", "host-unmap", "dirty-log", "zap-all", "memslot", "flush"]
@@ -69,12 +70,14 @@ class StressOptions:
             if op not in OPS:
                 raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         name = self.name or f"stress-{os.getpid()}"
-        wl = {"kind": "stress", "pages": pages, "overlap": True, "n_vcpus": 1, "accesses": 512,
-              "write_fraction": 0.5, "gp_stall_s": self.gp_bound}
+        # with the NX mitigation the guests fetch instructions too: what the mitigation is about
+        wl = Workload(kind="stress", pages=pages, overlap=True, n_vcpus=1, accesses=512, write_fraction=0.5,
+                      exec_fraction=0.05 if self.nx_huge_pages else 0.0)
         return VMConfig(name=name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(0, pages, self.backing)], debug=True, bugs=list(self.bugs),
                         seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
-                        nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us)
+                        nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us,
+                        gp_stall_s=self.gp_bound)
 
     def replay_command(self) -> str:
         cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "
@@ -182,8 +185,9 @@ def harvest(mmu, manual: bool) -> np.ndarray:
     return mmu.get_dirty_log(0)
 
 
-def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) -> StressResult:
-    from workers.supervisor import Supervisor
+def run_stress(opts: StressOptions, launcher: LauncherFactory,
+               log: Callable[[str], None] | None = None) -> StressResult:
+    """The stress run: a VM whose processes `launcher` starts, the host operations from the seed, every checker."""
     config = opts.config()
     rng = random.Random(opts.seed)
     ops = {k: 0 for k in OPS}
@@ -194,13 +198,13 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
     if log:
         log(start_line({**vars(opts), "pages": pages}))
     with create_vm(config) as vm:
-        sup = Supervisor(vm)
+        sup = launcher(vm)
         try:
             sup.start()
             sup.lock_bound = opts.progress_bound
             mmu = sup.mmu
             ws = vm.region.words("wstate")
-            vm.region.words("ctl").store(C_ITERATION, 1)       # a stress iteration runs until C_STOP
+            vm.region.words("ctl").store(Ctl.ITERATION, 1)     # a stress iteration runs until Ctl.STOP
             logging = False
             manual = False
             stuck = False
@@ -208,7 +212,6 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
             t_end = time.monotonic() + opts.duration
             next_kill = time.monotonic() + opts.kill_every if opts.kill_every else None
             last_report = time.monotonic()
-            from workers.supervisor import LockStuck, WorkerDied
             while time.monotonic() < t_end:
                 try:
                     sup.check()
@@ -256,7 +259,7 @@ def run_stress(opts: StressOptions, log: Callable[[str], None] | None = None) ->
                 now = time.monotonic()
                 # forward progress: every vCPU advanced within the bound
                 for i in range(opts.vcpus):
-                    last = ws.load(i * WSTATE_WORDS + W_PROGRESS_NS)
+                    last = ws.load(i * WState.WORDS + WState.PROGRESS_NS)
                     if last and now * 1e9 - last > opts.progress_bound * 1e9:
                         violations.record(vm.region, "no-forward-progress", i, 0, last, int(now * 1e9))
                 if next_kill is not None and now >= next_kill:

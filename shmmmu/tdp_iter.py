@@ -11,8 +11,9 @@ restarts from the root at `next_last_level_gfn` (`restart`).  `yielded_gfn`
 records where the last (re)start was; a walk may only yield again after it has
 stepped sideways (`next_last_level_gfn != yielded_gfn`): forward progress
 (ed5e484b79e8).  Since 5.16 a yield sets `yielded` and the next `next()`
-restarts *instead of* advancing; advancing after the restart skips the entry at
-`next_last_level_gfn` (CVE-2021-47094, bug K9, `advance_after_restart=True`).
+restarts *instead of* advancing (3a0f64de479c); 5.13 restarted inside
+tdp_mmu_iter_cond_resched and then advanced, which skips the entry at
+`next_last_level_gfn` (CVE-2021-47094, bug K9: tdp_mmu.py re-creates it there).
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ class TdpIter:
 
     __slots__ = ("tables", "bits", "entries", "emask", "root_level", "min_level", "pt_path", "level", "gfn",
                  "table", "index", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
-                 "advance_after_restart", "reads", "load", "shifts", "rmasks")
+                 "load", "shifts", "rmasks")
 
     def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
-                 goal_gfn: int, *, advance_after_restart: bool = False):
+                 goal_gfn: int):
         self.tables = tables
         self.load = tables.load                      # bound once: every step reads one entry
         self.bits = geometry.bits
@@ -41,8 +42,6 @@ class TdpIter:
         self.shifts = tuple(self.bits * (level - 1) if level else 0 for level in range(root_level + 1))
         self.rmasks = tuple(~((1 << sh) - 1) for sh in self.shifts)
         self.pt_path = [0] * (root_level + 1)        # pt_path[level] = table index at that level
-        self.advance_after_restart = advance_after_restart
-        self.reads = 0
         self.start(root, min_level, goal_gfn)
 
     def start(self, root: int, min_level: int, goal_gfn: int) -> "TdpIter":
@@ -135,8 +134,7 @@ class TdpIter:
         """
         if self.yielded:
             self.restart()
-            if not self.advance_after_restart:
-                return
+            return
         level = self.level
         if level != self.min_level:
             load = self.load

@@ -13,10 +13,9 @@ translations, or a hardware walk standing in a table about to be freed.
 """
 from __future__ import annotations
 
-import os
-import time
+from shmmmu.layout import Ctl, TlbMode, WState
 
-from shmmmu.layout import C_FLUSH_DONE, C_FLUSH_GEN, TLB_IN_GUEST, TLB_OUTSIDE, W_PID, W_TLB_ACK, W_TLB_MODE, WSTATE_WORDS
+TLB_OUTSIDE, TLB_IN_GUEST = TlbMode.OUTSIDE, TlbMode.IN_GUEST
 
 
 class FlushStuck(RuntimeError):
@@ -68,13 +67,14 @@ class TlbControl:
     """The shared side: one process's handle on the flush generation and the vCPU modes."""
 
     def __init__(self, vm, worker: int, tlb: Tlb | None = None):
+        self.waits = vm.waits
         self.ctl = vm.region.words("ctl")
         self.ws = vm.region.words("wstate")
         self.n_vcpus = vm.config.n_vcpus
         self.worker = worker
         self.tlb = tlb
-        self.mode_word = worker * WSTATE_WORDS + W_TLB_MODE
-        self.ack_word = worker * WSTATE_WORDS + W_TLB_ACK
+        self.mode_word = worker * WState.WORDS + WState.TLB_MODE
+        self.ack_word = worker * WState.WORDS + WState.TLB_ACK
         self.acked = self.ws.load(self.ack_word)
         self.flushes = 0
         self.wait_ns = 0
@@ -91,7 +91,7 @@ class TlbControl:
 
     def check_request(self) -> None:
         """KVM_REQ_TLB_FLUSH: flush the private TLB if the generation moved, and acknowledge."""
-        g = self.ctl.load(C_FLUSH_GEN)
+        g = self.ctl.load(Ctl.FLUSH_GEN)
         if g != self.acked:
             if self.tlb is not None:
                 self.tlb.flush_local()
@@ -101,8 +101,9 @@ class TlbControl:
     # ---- the flusher side
     def flush_remote_tlbs(self, timeout: float = 30.0) -> None:
         """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before the call."""
-        t0 = time.monotonic_ns()
-        gen = self.ctl.fetch_add(C_FLUSH_GEN, 1) + 1
+        waits = self.waits
+        t0 = waits.now_ns()
+        gen = self.ctl.fetch_add(Ctl.FLUSH_GEN, 1) + 1
         if self.tlb is not None:                       # our own TLB, if we are a vCPU
             self.tlb.flush_local()
             self.acked = gen
@@ -111,22 +112,23 @@ class TlbControl:
         for k in range(self.n_vcpus):
             if k == self.worker:
                 continue
-            base = k * WSTATE_WORDS
+            base = k * WState.WORDS
             spins = 0
-            while ws.load(base + W_TLB_MODE) == TLB_IN_GUEST and ws.load(base + W_TLB_ACK) < gen:
+            while ws.load(base + WState.TLB_MODE) == TLB_IN_GUEST and ws.load(base + WState.TLB_ACK) < gen:
                 spins += 1
                 if spins > 64:
-                    os.sched_yield()
-                if spins & 0xFFF == 0 and time.monotonic_ns() - t0 > timeout * 1e9:
-                    raise FlushStuck(f"vCPU {k} (pid {ws.load(base + W_PID)}) has not acknowledged "
+                    waits.yield_cpu()
+                else:
+                    waits.relax()
+                if spins & 0xFFF == 0 and waits.now_ns() - t0 > timeout * 1e9:
+                    raise FlushStuck(f"vCPU {k} (pid {ws.load(base + WState.PID)}) has not acknowledged "
                                      f"TLB flush {gen} after {timeout:.0f}s in guest mode")
-        self.ctl.fetch_add(C_FLUSH_DONE, 1)
         self.flushes += 1
-        dt = time.monotonic_ns() - t0
+        dt = waits.now_ns() - t0
         self.wait_ns += dt
         if dt > self.wait_max_ns:
             self.wait_max_ns = dt
 
     def recover(self, dead: int) -> None:
         """A dead vCPU is outside guest mode for good."""
-        self.ws.store(dead * WSTATE_WORDS + W_TLB_MODE, TLB_OUTSIDE)
+        self.ws.store(dead * WState.WORDS + WState.TLB_MODE, TLB_OUTSIDE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from shmmmu.layout import C_VIOLATIONS, MAX_VIOLATIONS, V_A, V_B, V_GFN, V_KIND, V_TIME_NS, V_WORDS, V_WORKER
+from shmmmu.layout import MAX_VIOLATIONS, Ctl, ViolationRow as V
 
 KINDS = [
     "unknown",
@@ -51,19 +51,19 @@ class Violation:
 def record(region, kind: str, worker: int, gfn: int = 0, a: int = 0, b: int = 0) -> None:
     ctl = region.words("ctl")
     v = region.words("violations")
-    n = ctl.fetch_add(C_VIOLATIONS, 1)
+    n = ctl.fetch_add(Ctl.VIOLATIONS, 1)
     if n < MAX_VIOLATIONS:
-        base = n * V_WORDS
-        v.store(base + V_WORKER, worker)
-        v.store(base + V_GFN, gfn & ((1 << 64) - 1))
-        v.store(base + V_A, a & ((1 << 64) - 1))
-        v.store(base + V_B, b & ((1 << 64) - 1))
-        v.store(base + V_TIME_NS, time.monotonic_ns())
-        v.store(base + V_KIND, KIND.get(kind, 0) + 1)     # last: 0 means "being written"
+        base = n * V.WORDS
+        v.store(base + V.WORKER, worker)
+        v.store(base + V.GFN, gfn & ((1 << 64) - 1))
+        v.store(base + V.A, a & ((1 << 64) - 1))
+        v.store(base + V.B, b & ((1 << 64) - 1))
+        v.store(base + V.TIME_NS, time.monotonic_ns())
+        v.store(base + V.KIND, KIND.get(kind, 0) + 1)     # last: 0 means "being written"
 
 
 def count(region) -> int:
-    return region.words("ctl").load(C_VIOLATIONS)
+    return region.words("ctl").load(Ctl.VIOLATIONS)
 
 
 def read_all(region) -> list[Violation]:
@@ -72,6 +72,6 @@ def read_all(region) -> list[Violation]:
     out = []
     for k in range(n):
         row = [int(x) for x in arr[k]]
-        kind = KINDS[row[V_KIND] - 1] if 0 < row[V_KIND] <= len(KINDS) else "unknown"
-        out.append(Violation(kind, row[V_WORKER], row[V_GFN], row[V_A], row[V_B], row[V_TIME_NS]))
+        kind = KINDS[row[V.KIND] - 1] if 0 < row[V.KIND] <= len(KINDS) else "unknown"
+        out.append(Violation(kind, row[V.WORKER], row[V.GFN], row[V.A], row[V.B], row[V.TIME_NS]))
     return out

@@ -3,50 +3,49 @@
 `create_vm(config)` builds the region from `layout.section_shapes`, fills the
 table pool, the memslots and guest memory, and returns a `VM` owned by the
 creator.  Workers and the inspector call `attach_vm(name)`.  A `VM` gives one
-process its handles (`lock`, `rcu`, `pool`, ...) made for its worker slot.
+process its handles (`mmu_lock`, `rcu`, `pool`, ...) made for its worker slot,
+each waiting through the VM's `waits` (shmmmu.wait: the real thing, or the
+interleaving explorer's scheduler).
 """
 from __future__ import annotations
 
 import os
 from functools import cached_property
 
-from shmmmu.layout import (MMU_LOCK, NX_LOCK, PAGES_LOCK, W_PID, W_ROLE, WSTATE_WORDS, VMConfig,
-                           section_shapes, semaphore_purposes)
+from shmmmu.layout import Locks, VMConfig, WState, section_shapes, semaphore_purposes
 from shmmmu.region import Region, RegionError
 from shmmmu.rwlock import Mutex, RWLock
+from shmmmu.wait import REAL, Waits
 
 
 class VM:
     """One process's attachment to a VM region, as worker slot `worker`."""
 
-    def __init__(self, region: Region, worker: int | None = None):
+    def __init__(self, region: Region, worker: int | None = None, waits: Waits = REAL):
         self.region = region
         self.config = VMConfig.from_json(region.config)
         self.name = region.name
         self.worker = worker
+        self.waits = waits
 
     # per-process handles, made on first use
     @cached_property
     def mmu_lock(self) -> RWLock:
-        return RWLock(self.region, MMU_LOCK, self._me())
+        return RWLock(self.region, Locks.MMU, self._me(), waits=self.waits)
 
     @cached_property
     def pages_lock(self) -> Mutex:
-        return Mutex(self.region, PAGES_LOCK, self._me())
-
-    @cached_property
-    def nx_lock(self) -> Mutex:
-        return Mutex(self.region, NX_LOCK, self._me())
+        return Mutex(self.region, Locks.PAGES, self._me(), self.waits)
 
     @cached_property
     def rcu(self):
         from shmmmu.rcu import Rcu
-        return Rcu(self.region, self._me())
+        return Rcu(self.region, self._me(), self.waits)
 
     @cached_property
     def pool(self):
         from shmmmu.pool import Pool
-        return Pool(self.region, self._me(), self.config)
+        return Pool(self.region, self._me(), self.config, self.waits)
 
     def _me(self) -> int:
         if self.worker is None:
@@ -57,11 +56,11 @@ class VM:
         """Claim a worker slot: record pid and role so the supervisor and `held_by` can name us."""
         self.worker = worker
         ws = self.region.words("wstate")
-        ws.store(worker * WSTATE_WORDS + W_PID, os.getpid())
-        ws.store(worker * WSTATE_WORDS + W_ROLE, role)
+        ws.store(worker * WState.WORDS + WState.PID, os.getpid())
+        ws.store(worker * WState.WORDS + WState.ROLE, role)
 
     def close(self) -> None:
-        for k in ("mmu_lock", "pages_lock", "nx_lock", "rcu", "pool"):
+        for k in ("mmu_lock", "pages_lock", "rcu", "pool"):
             self.__dict__.pop(k, None)
         self.region.close()
 

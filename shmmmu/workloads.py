@@ -1,25 +1,15 @@
 """Workloads: what each vCPU accesses in each iteration, derived from the seed so a run can be replayed.
 
-A workload is a small dict in the VM configuration:
-  kind         populate | random | dirty-log | trace | stress
-  pages        guest pages per vCPU (the selftest's -b)
-  overlap      all vCPUs share one range (-o) instead of a range each
-  write_every  write 1 page of every N, read the rest (the selftest's -f)
-  accesses     accesses per iteration (random, stress)
-  write_fraction  share of writes (random, stress)
-  populate_first  random: iteration 1 writes every page once instead (dirty_log_test's first pass)
-  exec_fraction   share of instruction fetches (random, stress; the vCPU sets 0.05 when the VM has
-               nx_huge_pages and the workload says nothing)
-  trace        a list of (gfn offset, kind) for the trace kind: kind 0 read, 1 write, 2 fetch
-               (older traces hold is_write as 0/1, which are the same kinds)
-Every written value names the GFN, the vCPU and the iteration, as the
-kernel's dirty_log_test does, so a write that lands elsewhere is caught.
+A workload is a `layout.Workload` in the VM configuration (its fields say
+what each means).  Every written value names the GFN, the vCPU and the
+iteration, as the kernel's dirty_log_test does, so a write that lands
+elsewhere is caught.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from shmmmu.layout import Workload
 
 ITER_SHIFT = 40
 VCPU_SHIFT = 32
@@ -45,46 +35,46 @@ def value_vcpu(value: int) -> int:
     return (value >> VCPU_SHIFT) & 0xFF
 
 
-def vcpu_range(workload: dict[str, Any], base_gfn: int, vcpu: int) -> tuple[int, int]:
+def vcpu_range(workload: Workload, base_gfn: int, vcpu: int) -> tuple[int, int]:
     """(first gfn, pages) a vCPU works on: its own slice, or the whole shared range with overlap."""
-    pages = int(workload["pages"])
-    if workload.get("overlap"):
-        return base_gfn, pages * int(workload.get("n_vcpus", 1))
+    pages = workload.pages
+    if workload.overlap:
+        return base_gfn, pages * workload.n_vcpus
     return base_gfn + vcpu * pages, pages
 
 
-def accesses(workload: dict[str, Any], base_gfn: int, vcpu: int, iteration: int,
+def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
              seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(gfns, kinds) for one vCPU's iteration; kinds are READ, WRITE or EXEC (int8).
 
     `kinds != READ` is not "is write": test `kinds == WRITE`.
     """
-    kind = workload["kind"]
+    kind = workload.kind
     start, n = vcpu_range(workload, base_gfn, vcpu)
-    every = max(1, int(workload.get("write_every", 1)))
+    every = max(1, workload.write_every)
     if kind in ("populate", "dirty-log"):
         # with overlap every vCPU walks the whole range from its first page, as perf_test_util sets it up
         # for -o (each vCPU's gva is the region's start): they fault the same pages at the same time
         gfns = np.arange(start, start + n, dtype=np.int64)
         writes = (np.arange(n) % every) == 0
         return gfns, writes.astype(np.int8)
-    if kind == "random" and iteration == 1 and workload.get("populate_first"):
+    if kind == "random" and iteration == 1 and workload.populate_first:
         # dirty_log_test's guest writes every page first: each vCPU its share of the range
-        share = -(-n // max(1, int(workload.get("n_vcpus", 1)))) if workload.get("overlap") else n
-        lo = min(n, vcpu * share) if workload.get("overlap") else 0
+        share = -(-n // max(1, workload.n_vcpus)) if workload.overlap else n
+        lo = min(n, vcpu * share) if workload.overlap else 0
         gfns = np.arange(start + lo, start + min(n, lo + share), dtype=np.int64)
         return gfns, np.full(gfns.size, WRITE, dtype=np.int8)
     rng = np.random.default_rng([seed, vcpu, iteration])
     if kind in ("random", "stress"):
-        k = int(workload.get("accesses", n))
+        k = workload.accesses or n
         gfns = start + rng.integers(0, n, size=k, dtype=np.int64)
-        kinds = (rng.random(k) < float(workload.get("write_fraction", 0.5))).astype(np.int8)
-        xf = float(workload.get("exec_fraction", 0.0))
+        kinds = (rng.random(k) < workload.write_fraction).astype(np.int8)
+        xf = workload.exec_fraction
         if xf > 0:                   # drawn only when asked for: other workloads replay the same stream
             kinds[rng.random(k) < xf] = EXEC
         return gfns, kinds
     if kind == "trace":
-        tr = workload["trace"]
+        tr = workload.trace
         offs = np.asarray([t[0] for t in tr], dtype=np.int64) % n
         kinds = np.asarray([int(t[1]) for t in tr], dtype=np.int8)
         return start + offs, kinds

@@ -5,6 +5,7 @@ phase is measured and reported in the selftest's format.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,10 +20,11 @@ import pytest
 from conftest import default_sigint
 
 from shmmmu.bench import BenchOptions, BenchResult, BenchRun, fmt_ts, rates
+from shmmmu.layout import Workload
 from shmmmu.run import Phase, RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-m", "shmmmu.cli", "bench", "dirty-log"]
+CMD = [sys.executable, "-m", "workers.cli", "bench", "dirty-log"]
 SMALL = ["-b", "8M", "-i", "2", "-v", "2"]
 TS = r"\d+\.\d{9}s"
 
@@ -259,10 +261,10 @@ def test_overlap_walks_the_whole_range_from_its_start_for_every_vcpu() -> None:
     so with -o each one populated a part of its own first and collisions were rare.
     """
     from shmmmu.workloads import accesses
-    wl = {"kind": "dirty-log", "pages": 8, "overlap": True, "n_vcpus": 4, "write_every": 2}
+    wl = Workload(kind="dirty-log", pages=8, overlap=True, n_vcpus=4, write_every=2)
     for vcpu in range(4):
         gfns, writes = accesses(wl, 100, vcpu, 1, seed=1)
         assert gfns.tolist() == list(range(100, 132))
         assert writes.tolist() == [i % 2 == 0 for i in range(32)]
-    part = dict(wl, overlap=False)
+    part = dataclasses.replace(wl, overlap=False)
     assert accesses(part, 100, 3, 1, seed=1)[0].tolist() == list(range(124, 132))

@@ -27,7 +27,7 @@ from shmmmu.region import HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSI
 
 from conftest import new_vm_name, default_sigint
 
-CMD = [sys.executable, "-m", "shmmmu.cli"]
+CMD = [sys.executable, "-m", "workers.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["-b", "8M", "-i", "2"]
 

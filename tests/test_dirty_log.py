@@ -37,7 +37,7 @@ import pytest
 from shmmmu import violations
 from shmmmu.checks import check_all
 from shmmmu.integrity import check_guest_memory, guest_values
-from shmmmu.layout import C_ITERATION, W_ITERATION, WSTATE_WORDS, MemslotSpec, VMConfig
+from shmmmu.layout import Ctl, MemslotSpec, VMConfig, Workload, WState
 from shmmmu.memslots import Memslots
 from shmmmu.stress import harvest
 from shmmmu.vm import create_vm
@@ -119,8 +119,8 @@ def run_dirty_log_test(name: str, vcpus: int, backing: str, lock_mode: str, bugs
                        duration: float = 2.5, seed: int = 1, toggle_every: float = 0.3) -> DirtyLogReport:
     """One case: populate, then `duration` seconds of iterations with concurrent collections and toggles."""
     level, bits, pages = BACKINGS[backing]
-    wl = {"kind": "random", "pages": pages // vcpus, "overlap": True, "n_vcpus": vcpus,
-          "accesses": 192, "write_fraction": 1.0, "populate_first": True}
+    wl = Workload(kind="random", pages=pages // vcpus, overlap=True, n_vcpus=vcpus, accesses=192,
+                  write_fraction=1.0, populate_first=True)
     cfg = VMConfig(name=name, n_vcpus=vcpus, bits=bits, lock_mode=lock_mode, memslots=[MemslotSpec(0, pages, level)],
                    debug=True, bugs=list(bugs), seed=seed, workload=wl, tlb_entries=256)
     rep = DirtyLogReport()
@@ -134,11 +134,11 @@ def run_dirty_log_test(name: str, vcpus: int, backing: str, lock_mode: str, bugs
             ctl, ws = vm.region.words("ctl"), vm.region.words("wstate")
 
             def publish(k: int) -> None:
-                ctl.store(C_ITERATION, k)
+                ctl.store(Ctl.ITERATION, k)
 
             def done(k: int) -> bool:
                 sup.check()
-                return all(ws.load(i * WSTATE_WORDS + W_ITERATION) == k for i in range(vcpus))
+                return all(ws.load(i * WState.WORDS + WState.ITERATION) == k for i in range(vcpus))
 
             sup.run_iteration(1, timeout=60)                  # the first pass: every page written, no logging
             rep.iterations = 1
@@ -226,7 +226,7 @@ def test_clear_dirty_log_over_a_2m_leaf_that_starts_below_the_word(vm_name: str,
     shift (ValueError) for every word but the first of each 2 MiB page.  The kernel tests the level first.
     """
     from shmmmu.guest import Vcpu
-    from shmmmu.tdp_mmu import Mmu
+    from shmmmu.mmu import Mmu
     cfg = VMConfig(name=vm_name, n_vcpus=1, bits=9, lock_mode=lock_mode, memslots=[MemslotSpec(0, 1024, 2)])
     with create_vm(cfg) as vm:
         v = Vcpu(vm, 0)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from shmmmu import inspect as insp
+from shmmmu import snapshot as snapshot_module
 from shmmmu import spte as S
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.region import Region
-from shmmmu.tdp_mmu import Mmu
+from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
 
 BASE = 0x200                       # 4K slot at GFN 0x200, 1024 pages
@@ -41,11 +42,11 @@ def test_snapshot_is_read_only_and_takes_no_lock(vm_name: str, monkeypatch: pyte
             raise AssertionError("the inspector must not touch semaphores or atomics")
         monkeypatch.setattr(Region, "semaphore", forbidden)
         monkeypatch.setattr(Region, "words", forbidden)
-        snap = insp.take_snapshot(vm_name, host_map=True)
+        snap = insp.take_snapshot(vm_name)
         s = insp.summary(snap)
         assert s["mappings"]["4K"] == 10 and s["tables"]["reachable_per_level"] == {"4": 1, "3": 1, "2": 1, "1": 1}
         assert s["snapshot"]["changed_while_reading"] == 0
-        assert insp.run_checks(snap) == [] and insp.check(snap) == []
+        assert insp.run_checks(snap) == []
         t = insp.tree(snap).to_json()
         assert len(t["ranges"]) == 1
         r0 = t["ranges"][0]
@@ -73,8 +74,8 @@ def test_coalescing_breaks_on_flags_pfn_and_size(vm_name: str) -> None:
         p0 = t["ranges"][0]["pfn"]
         assert got == [(0, 1, 1, p0), (1, 2, 1, p0 + 1), (2, 3, 1, p0 + 2), (3, 4, 1, 0x777), (5, 8, 3, p0 + 5)]
         assert "W" not in t["ranges"][1]["flags"].split()
-        snap = insp.take_snapshot(vm_name, host_map=True)
-        assert any("maps host page 0x777" in p or "0x777" in p for p in insp.check(snap))
+        snap = insp.take_snapshot(vm_name)
+        assert any("maps host page 0x777" in p or "0x777" in p for p in insp.run_checks(snap))
         del tables, host
 
 
@@ -92,17 +93,17 @@ def test_damaged_tables_are_reported_not_fatal(vm_name: str) -> None:
         tables[l3, 7] = S.make_nonleaf(l2)                           # a shared subtree (two parents)
         tables[l2, 9] = S.make_nonleaf(root)                         # a cycle back to the root
         tables[root, 6] = S.make_leaf(0, 4, writable=True)           # a "leaf" at the root level
-        snap = insp.take_snapshot(vm_name, host_map=True)
+        snap = insp.take_snapshot(vm_name)
         w = insp.walk_tables(snap)
-        whats = " | ".join(o["what"] for o in w.odd)
-        assert "outside the pool" in whats and "reached twice" in whats and "removed" in whats
+        whats = " | ".join(o.what for o in w.odd)
+        assert "outside the pool" in whats and "reached twice" in whats and "REMOVED" in whats
         assert "garbage" in whats and "huge bit" in whats
         assert w.removed_count == 1
         s = insp.summary(snap, w)
         assert s["mappings"]["removed_entries"] == 1 and s["mappings"]["odd_entries"] == w.odd_count
-        lines = insp.tree(snap, w).lines()
+        lines = insp.tree_lines(insp.tree(snap, w))
         assert any("outside the pool" in ln for ln in lines)
-        found = insp.run_checks(snap)                               # falls back on the merging walk
+        found = insp.run_checks(snap)                               # the same walk: every table followed once
         assert any("outside the pool" in f for f in found) and any("reached twice" in f for f in found)
         # one GFN's walk through the bad pointer stops there
         g = snap.geometry
@@ -120,7 +121,7 @@ def test_a_table_changing_while_copied_is_counted(vm_name: str, monkeypatch: pyt
     vm, host = _vm(vm_name)
     with vm:
         tables = vm.region.array("tables")
-        real = insp._copy
+        real = snapshot_module._copy
         calls = []
 
         def racing_copy(region, section):
@@ -129,21 +130,21 @@ def test_a_table_changing_while_copied_is_counted(vm_name: str, monkeypatch: pyt
                 calls.append(1)
                 tables[3, :7] = np.uint64(S.REMOVED)               # a writer between the two copies
             return out
-        monkeypatch.setattr(insp, "_copy", racing_copy)
+        monkeypatch.setattr(snapshot_module, "_copy", racing_copy)
         snap = insp.take_snapshot(vm_name)
         assert snap.changed == 7
         lines = insp.summary_lines(insp.summary(snap))
         assert lines[-1].endswith("7 entries changed while reading")
-        assert insp.tree(snap).lines()[-1].startswith("# 7 entries changed while reading")
+        assert insp.tree_lines(insp.tree(snap))[-1].startswith("# 7 entries changed while reading")
         del tables, host
 
 
 def test_an_empty_tree(vm_name: str) -> None:
     vm, host = _vm(vm_name, faults=[])
     with vm:
-        snap = insp.take_snapshot(vm_name, host_map=True)
+        snap = insp.take_snapshot(vm_name)
         d = insp.tree(snap)
-        assert len(d) == 0 and d.to_json()["ranges"] == [] and "(nothing mapped)" in d.lines()
+        assert len(d) == 0 and d.to_json()["ranges"] == [] and "(nothing mapped)" in insp.tree_lines(d)
         assert insp.summary(snap)["mappings"]["bytes"] == 0 and insp.run_checks(snap) == []
         del host
 

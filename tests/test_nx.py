@@ -3,6 +3,8 @@ recovery zaps a share of the list so that later non-exec faults map huge pages a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -12,16 +14,16 @@ import pytest
 from shmmmu import checks
 from shmmmu import spte as S
 from shmmmu.guest import Vcpu
-from shmmmu.layout import C_NX_COUNT, STAT, TMETA_WORDS, T_GFN, T_NX, MemslotSpec, VMConfig
+from shmmmu.layout import STAT, Ctl, MemslotSpec, TMeta, VMConfig, Workload
 from shmmmu.tdp_iter import for_each_leaf
-from shmmmu.tdp_mmu import Mmu
+from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
 from shmmmu.workloads import EXEC, READ, WRITE, accesses, parse_trace
 
 
 def _leaf(mmu: Mmu, gfn: int) -> tuple[int, int]:
     """(level, spte) of the leaf mapping gfn, or (0, 0)."""
-    for it in for_each_leaf(mmu._iter(gfn), gfn + 1):
+    for it in for_each_leaf(mmu.new_iter(mmu.root, 1, gfn), gfn + 1):
         return it.level, it.old_spte
     return 0, 0
 
@@ -44,9 +46,9 @@ def test_exec_fault_maps_4k_and_accounts_the_table(vm_name: str, lock_mode: str)
         level, spte = _leaf(host, 5)
         assert level == 1 and spte & S.EXECUTABLE
         assert len(host.nx_list()) == 1
-        assert vm.region.words("ctl").load(C_NX_COUNT) == 1
+        assert vm.region.words("ctl").load(Ctl.NX_COUNT) == 1
         nx_table = host.nx_list()[0]
-        assert host.tm.load(nx_table * TMETA_WORDS + T_NX) == 1
+        assert host.tm.load(nx_table * TMeta.WORDS + TMeta.NX) == 1
         v.read(7)                                    # disallowed_hugepage_adjust: 4K beside it, no new NX table
         assert _leaf(host, 7)[0] == 1 and host.nx_list() == [nx_table]
         v.read(600)                                  # elsewhere: 2M, not executable (the mitigation)
@@ -68,7 +70,7 @@ def test_exec_fault_on_4k_backing_is_not_accounted(vm_name: str) -> None:
         v.enter()
         v.fetch(3)
         v.exit()
-        assert v.mmu.nx_list() == [] and vm.region.words("ctl").load(C_NX_COUNT) == 0
+        assert v.mmu.nx_list() == [] and vm.region.words("ctl").load(Ctl.NX_COUNT) == 0
         _clean(vm, v.mmu)
 
 
@@ -95,8 +97,8 @@ def test_recovery_zaps_a_share_oldest_first_then_reads_map_huge(vm_name: str, lo
             v.fetch(region * 8 + 1)
         v.exit()
         order = host.nx_list()
-        assert len(order) == 128 and vm.region.words("ctl").load(C_NX_COUNT) == 128
-        gfn_of = {t: host.tm.load(t * TMETA_WORDS + T_GFN) for t in order}
+        assert len(order) == 128 and vm.region.words("ctl").load(Ctl.NX_COUNT) == 128
+        gfn_of = {t: host.tm.load(t * TMeta.WORDS + TMeta.GFN) for t in order}
         assert [gfn_of[t] for t in order] == [r * 8 for r in range(128)]       # list_add_tail: oldest first
         assert host.recover_nx_lpages() == 3                                   # ceil(128 / 60)
         assert host.nx_list() == order[3:]
@@ -154,7 +156,7 @@ def test_teardown_takes_tables_off_the_nx_list(vm_name: str, lock_mode: str) -> 
         host.host_unmap(0, 8)                         # the head
         host.enable_dirty_logging(0)
         host.disable_dirty_logging(0)                 # collapsible zaps take the rest
-        assert host.nx_list() == [] and vm.region.words("ctl").load(C_NX_COUNT) == 0
+        assert host.nx_list() == [] and vm.region.words("ctl").load(Ctl.NX_COUNT) == 0
         _clean(vm, v.mmu, host)
 
 
@@ -168,11 +170,11 @@ def test_check_nx_list_catches_a_stray_mark(vm_name: str) -> None:
         v.exit()
         assert checks.check_nx_list(vm) == []
         t = v.mmu.nx_list()[1]
-        v.mmu.tm.store(t * TMETA_WORDS + T_NX, 0)    # marked off but still listed
+        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX, 0)    # marked off but still listed
         problems = checks.check_nx_list(vm)
         assert problems and "NX list and tables marked NX differ" in str(problems[0])
-        v.mmu.tm.store(t * TMETA_WORDS + T_NX, 1)
-        vm.region.words("ctl").store(C_NX_COUNT, 5)
+        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX, 1)
+        vm.region.words("ctl").store(Ctl.NX_COUNT, 5)
         assert any("nx_lpage_splits" in str(p) for p in checks.check_nx_list(vm))
 
 
@@ -182,19 +184,19 @@ def test_trace_exec_lines_and_access_kinds() -> None:
     assert parse_trace("R 0\nW 4096") == [(0, 0), (1, 1)]          # R/W traces as before: (offset, is_write)
     with pytest.raises(ValueError, match="'X ADDR'"):
         parse_trace("Q 0x1000")
-    wl = {"kind": "random", "pages": 256, "accesses": 4000, "write_fraction": 0.5}
+    wl = Workload(kind="random", pages=256, accesses=4000, write_fraction=0.5)
     g0, k0 = accesses(wl, 0, 0, 1, 7)
-    g1, k1 = accesses({**wl, "exec_fraction": 0.1}, 0, 0, 1, 7)
+    g1, k1 = accesses(dataclasses.replace(wl, exec_fraction=0.1), 0, 0, 1, 7)
     assert (g0 == g1).all() and set(k0.tolist()) == {READ, WRITE}
     assert 200 < int((k1 == EXEC).sum()) < 600
     assert ((k1 == k0) | (k1 == EXEC)).all()
-    trace = accesses({"kind": "trace", "pages": 8, "trace": [(1, 0), (2, 1), (3, 2)]}, 100, 0, 1, 0)
+    trace = accesses(Workload(kind="trace", pages=8, trace=[(1, 0), (2, 1), (3, 2)]), 100, 0, 1, 0)
     assert trace[0].tolist() == [101, 102, 103] and trace[1].tolist() == [READ, WRITE, EXEC]
 
 
 def test_stress_with_nx_recovery_in_the_reclaimer() -> None:
     """vCPU processes fetch, read and write; the reclaimer runs recovery passes; every checker passes."""
-    p = subprocess.run([sys.executable, "-m", "shmmmu.cli", "stress", "--json", "--duration", "3", "--vcpus", "2",
+    p = subprocess.run([sys.executable, "-m", "workers.cli", "stress", "--json", "--duration", "3", "--vcpus", "2",
                         "--seed", "11", "--nx-huge-pages"], capture_output=True, text=True, timeout=120)
     assert p.returncode in (0, 1), p.stderr[-2000:]
     r = json.loads(p.stdout)

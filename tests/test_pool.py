@@ -7,8 +7,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from shmmmu.layout import (C_POOL_TOP, NIL, ROOT_TABLE, T_GEN, T_GFN, T_LEVEL, T_OWNER, T_PARENT,
-                           T_STATE, TS_CACHED, TS_FREE, TS_LIVE, VMConfig)
+from shmmmu.layout import Ctl, NIL, ROOT_TABLE, TMeta, TableState, VMConfig
 from shmmmu.pool import POISON, Pool, PoolExhausted
 from shmmmu.region import Region
 from shmmmu.torture import torture_config
@@ -36,8 +35,8 @@ def test_init_all_free(region: Region) -> None:
     p.init_all_free()
     assert p.free_count() == N_TABLES - 1
     tmeta = region.array("tmeta")
-    assert tmeta[ROOT_TABLE, T_STATE] == TS_LIVE and tmeta[ROOT_TABLE, T_LEVEL] == p.config.geometry.root_level
-    assert (tmeta[1:, T_STATE] == TS_FREE).all() and (tmeta[:, T_PARENT] == NIL).all()
+    assert tmeta[ROOT_TABLE, TMeta.STATE] == TableState.LIVE and tmeta[ROOT_TABLE, TMeta.LEVEL] == p.config.geometry.root_level
+    assert (tmeta[1:, TMeta.STATE] == TableState.FREE).all() and (tmeta[:, TMeta.PARENT] == NIL).all()
     assert sorted(int(x) for x in region.array("pool")[:N_TABLES - 1]) == list(range(1, N_TABLES))
     assert (region.array("tables")[ROOT_TABLE] == 0).all()
     fill = POISON if p.debug else 0
@@ -52,16 +51,16 @@ def test_topup_alloc_unalloc(region: Region) -> None:
     assert p.count == cap and p.free_count() == N_TABLES - 1 - cap
     cached = [int(x) for x in region.array("caches")[1, :cap]]
     tmeta = region.array("tmeta")
-    assert all(tmeta[t, T_STATE] == TS_CACHED and tmeta[t, T_OWNER] == 1 for t in cached)
+    assert all(tmeta[t, TMeta.STATE] == TableState.CACHED and tmeta[t, TMeta.OWNER] == 1 for t in cached)
     assert (region.array("tables")[cached] == 0).all()          # poison cleared when cached
     p.topup()                                                    # at or above the minimum: no-op
     assert p.count == cap and p.refills == 1
     t = p.alloc(2, 1024)
     assert t == cached[-1] and p.count == cap - 1
-    assert tmeta[t, T_STATE] == TS_LIVE and tmeta[t, T_LEVEL] == 2 and tmeta[t, T_GFN] == 1024
+    assert tmeta[t, TMeta.STATE] == TableState.LIVE and tmeta[t, TMeta.LEVEL] == 2 and tmeta[t, TMeta.GFN] == 1024
     assert (region.array("tables")[t] == 0).all()
     p.unalloc(t)
-    assert p.count == cap and tmeta[t, T_STATE] == TS_CACHED
+    assert p.count == cap and tmeta[t, TMeta.STATE] == TableState.CACHED
     assert p.alloc(1, 0) == t
 
 
@@ -79,14 +78,14 @@ def test_free_clears_or_poisons_and_bumps_the_generation(region: Region) -> None
     ts = [p.alloc(1, 0) for _ in range(3)]
     tables = region.array("tables")
     tables[ts] = 0x1234
-    gens = [int(region.array("tmeta")[t, T_GEN]) for t in ts]
+    gens = [int(region.array("tmeta")[t, TMeta.GEN]) for t in ts]
     before = p.free_count()
     p.free(ts)
     assert p.free_count() == before + 3
     assert (tables[ts] == (POISON if p.debug else 0)).all()
     tmeta = region.array("tmeta")
-    assert [int(tmeta[t, T_GEN]) for t in ts] == [g + 1 for g in gens]
-    assert all(tmeta[t, T_STATE] == TS_FREE for t in ts)
+    assert [int(tmeta[t, TMeta.GEN]) for t in ts] == [g + 1 for g in gens]
+    assert all(tmeta[t, TMeta.STATE] == TableState.FREE for t in ts)
     p.free([])                                                   # nothing: no-op
     assert p.free_count() == before + 3
 
@@ -94,7 +93,7 @@ def test_free_clears_or_poisons_and_bumps_the_generation(region: Region) -> None
 def test_topup_waits_then_raises_when_the_pool_is_empty(region: Region) -> None:
     p, q = pool_of(region, 0), pool_of(region, 1)
     p.init_all_free()
-    region.words("ctl").store(C_POOL_TOP, 0)                     # nothing free
+    region.words("ctl").store(Ctl.POOL_TOP, 0)                     # nothing free
     waits = []
     with pytest.raises(PoolExhausted, match="out of page tables"):
         q.topup(wait=0.05, on_wait=lambda: waits.append(1))
@@ -106,7 +105,7 @@ def test_topup_takes_what_reclamation_frees_meanwhile(region: Region) -> None:
     p.init_all_free()
     p.topup()
     ts = [p.alloc(1, 0) for _ in range(p.capacity)]
-    region.words("ctl").store(C_POOL_TOP, 0)
+    region.words("ctl").store(Ctl.POOL_TOP, 0)
     freed = []
 
     def on_wait() -> None:                                       # the "reclaimer" frees while we wait

@@ -10,11 +10,10 @@ from typing import Iterator
 
 import pytest
 
-from shmmmu.layout import (C_EPOCH, TMETA_WORDS, T_RETIRE_EPOCH, T_STATE, TS_CACHED, TS_FREE, TS_LIVE,
-                           TS_RETIRED, W_RCU, WSTATE_WORDS)
+from shmmmu.layout import Ctl, TMeta, TableState, TortureCtl, WState
 from shmmmu.region import Region
 from shmmmu.rcu import Rcu, RcuError, pipe_age
-from shmmmu.torture import TC_HOLDING, dead_workers, torture_config
+from shmmmu.torture import dead_workers, torture_config
 from shmmmu.vm import create_region
 
 N = 4
@@ -31,16 +30,16 @@ def rcus(region: Region, n: int = N) -> list[Rcu]:
 
 
 def slot(region: Region, k: int) -> int:
-    return region.words("wstate").load(k * WSTATE_WORDS + W_RCU)
+    return region.words("wstate").load(k * WState.WORDS + WState.RCU)
 
 
 def test_epoch_starts_at_one_and_read_sections_nest(region: Region) -> None:
     a = rcus(region)[0]
-    assert region.words("ctl").load(C_EPOCH) == 1
+    assert region.words("ctl").load(Ctl.EPOCH) == 1
     assert slot(region, 0) == 0 and not a.in_read_section()
     a.read_lock()
     assert slot(region, 0) == 1 and a.in_read_section()
-    region.words("ctl").store(C_EPOCH, 5)
+    region.words("ctl").store(Ctl.EPOCH, 5)
     a.read_lock()                                  # nested: the outer epoch stays published
     assert slot(region, 0) == 1
     a.read_unlock()
@@ -69,7 +68,7 @@ def test_synchronize_waits_for_an_older_reader_only(region: Region) -> None:
     b.read_unlock()
     c.read_lock()                                  # entered before this call: waited for too
     assert a.synchronize(timeout=0.05) is False
-    epoch = region.words("ctl").fetch_add(C_EPOCH, 1)
+    epoch = region.words("ctl").fetch_add(Ctl.EPOCH, 1)
     b.read_lock()                                  # entered after the epoch moved on: not waited for
     assert slot(region, 1) == epoch + 1
     c.read_unlock()
@@ -80,7 +79,7 @@ def test_synchronize_waits_for_an_older_reader_only(region: Region) -> None:
 def test_wait_for_readers_gives_up_when_not_alive(region: Region) -> None:
     a, b = rcus(region)[:2]
     b.read_lock()
-    epoch = region.words("ctl").fetch_add(C_EPOCH, 1)
+    epoch = region.words("ctl").fetch_add(Ctl.EPOCH, 1)
     t0 = time.monotonic()
     assert a.wait_for_readers(epoch, timeout=None, alive=lambda: False) is False
     assert time.monotonic() - t0 < 1.0
@@ -95,8 +94,8 @@ def test_call_rcu_and_reclaim_pass_free_only_after_the_grace_period(region: Regi
     reader.read_lock()
     writer.call_rcu(7)
     writer.call_rcu(9)
-    assert tm.load(7 * TMETA_WORDS + T_STATE) == TS_RETIRED
-    assert tm.load(7 * TMETA_WORDS + T_RETIRE_EPOCH) == region.words("ctl").load(C_EPOCH)
+    assert tm.load(7 * TMeta.WORDS + TMeta.STATE) == TableState.RETIRED
+    assert tm.load(7 * TMeta.WORDS + TMeta.RETIRE_EPOCH) == region.words("ctl").load(Ctl.EPOCH)
     assert reclaimer.backlog() == 2
     assert reclaimer.reclaim_pass(freed.extend, timeout=0.1) == 0     # the reader pins them
     assert freed == [] and reclaimer.backlog() == 2
@@ -112,10 +111,10 @@ def test_tables_retired_after_the_grace_period_began_wait_for_the_next(region: R
     reclaimer, writer = rcus(region)[:2]
     freed: list[int] = []
     writer.call_rcu(3)
-    region.words("ctl").fetch_add(C_EPOCH, 1)
+    region.words("ctl").fetch_add(Ctl.EPOCH, 1)
     writer.call_rcu(4)                              # retired in a newer epoch than ...
-    epoch = region.words("ctl").load(C_EPOCH)
-    region.words("ctl").store(C_EPOCH, epoch - 1)  # ... the one this pass advances from
+    epoch = region.words("ctl").load(Ctl.EPOCH)
+    region.words("ctl").store(Ctl.EPOCH, epoch - 1)  # ... the one this pass advances from
     assert reclaimer.reclaim_pass(freed.extend, timeout=1.0) == 1 and freed == [3]
     assert reclaimer.reclaim_pass(freed.extend, timeout=1.0) == 1 and freed == [3, 4]
 
@@ -140,14 +139,14 @@ def test_retire_ring_full_raises(region: Region) -> None:
 
 
 def test_pipe_age() -> None:
-    assert pipe_age(TS_LIVE, 0, 5, 9) == 0
-    assert pipe_age(TS_RETIRED, 5, 5, 9) == 1       # retired while the reader was inside
-    assert pipe_age(TS_RETIRED, 7, 5, 9) == 1
-    assert pipe_age(TS_RETIRED, 5, 6, 9) == 2       # retired before the reader entered: it cannot reach it
-    assert pipe_age(TS_RETIRED, 5, 8, 9) == 4
-    assert pipe_age(TS_FREE, 5, 5, 5) == 2          # freed under a reader: at least 2
-    assert pipe_age(TS_FREE, 5, 5, 9) == 5
-    assert pipe_age(TS_CACHED, 5, 5, 6) == 2
+    assert pipe_age(TableState.LIVE, 0, 5, 9) == 0
+    assert pipe_age(TableState.RETIRED, 5, 5, 9) == 1       # retired while the reader was inside
+    assert pipe_age(TableState.RETIRED, 7, 5, 9) == 1
+    assert pipe_age(TableState.RETIRED, 5, 6, 9) == 2       # retired before the reader entered: it cannot reach it
+    assert pipe_age(TableState.RETIRED, 5, 8, 9) == 4
+    assert pipe_age(TableState.FREE, 5, 5, 5) == 2          # freed under a reader: at least 2
+    assert pipe_age(TableState.FREE, 5, 5, 9) == 5
+    assert pipe_age(TableState.CACHED, 5, 5, 6) == 2
 
 
 def test_recover_clears_a_dead_readers_slot(region: Region) -> None:
@@ -162,12 +161,12 @@ def test_recover_clears_a_dead_readers_slot(region: Region) -> None:
 def test_sigkill_inside_a_read_section_then_recover(region: Region) -> None:
     """A process killed inside a read section pins grace periods until recover(); then they complete."""
     a = rcus(region)[0]
-    holding = region.words("tables").load(TC_HOLDING)
-    p = subprocess.Popen([sys.executable, "-m", "shmmmu.torture", "worker", "hold", "--region", region.name,
+    holding = region.words("tables").load(TortureCtl.HOLDING)
+    p = subprocess.Popen([sys.executable, "-m", "workers.torture", "worker", "hold", "--region", region.name,
                           "--worker", "2", "--role", "rcu"], stdin=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 30
-        while region.words("tables").load(TC_HOLDING) == holding and p.poll() is None and time.monotonic() < end:
+        while region.words("tables").load(TortureCtl.HOLDING) == holding and p.poll() is None and time.monotonic() < end:
             time.sleep(0.005)
         assert p.poll() is None and slot(region, 2) != 0
         a.call_rcu(6)

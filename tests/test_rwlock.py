@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from shmmmu.layout import MMU_LOCK, PAGES_LOCK, W_PID, WSTATE_WORDS
+from shmmmu.layout import Locks, TortureCtl, WState
 from shmmmu.region import Region
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, SLEEP_TIMEOUT, LockError, Mutex, RWLock, assert_held
-from shmmmu.torture import TC_HOLDING, dead_workers, torture_config
+from shmmmu.torture import dead_workers, torture_config
 from shmmmu.vm import create_region
 
 N = 6
@@ -32,7 +32,7 @@ def region(vm_name: str) -> Iterator[Region]:
 
 
 def handles(region: Region, n: int = N) -> list[RWLock]:
-    return [RWLock(region, MMU_LOCK, k) for k in range(n)]
+    return [RWLock(region, Locks.MMU, k) for k in range(n)]
 
 
 def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
@@ -80,7 +80,7 @@ def test_read_and_write_fast_paths_update_state_and_records(region: Region) -> N
 
 def test_held_by_names_the_pid_from_the_worker_row(region: Region) -> None:
     a = handles(region)[2]
-    region.words("wstate").store(2 * WSTATE_WORDS + W_PID, os.getpid())
+    region.words("wstate").store(2 * WState.WORDS + WState.PID, os.getpid())
     with a.read():
         assert a.held_by() == [(2, os.getpid(), HELD_READ)]
 
@@ -217,7 +217,7 @@ def test_handoff_wakes_the_sleeper_at_once(region: Region, first: str, second: s
 def test_busted_writer_barges_in_beside_a_reader(region: Region) -> None:
     """lock_busted, the negative control: the slow-path writer does not wait for readers."""
     a = handles(region)[0]
-    w = RWLock(region, MMU_LOCK, 1, busted=True)
+    w = RWLock(region, Locks.MMU, 1, busted=True)
     a.read_lock()
     t, done = in_thread(w.write_lock)
     assert done.wait(5)
@@ -254,7 +254,7 @@ def test_recover_a_read_hold_lets_the_waiting_writer_in(region: Region) -> None:
 # ---------------------------------------------------------------- Mutex
 
 def test_mutex_excludes_and_records(region: Region) -> None:
-    m0, m1 = Mutex(region, PAGES_LOCK, 0), Mutex(region, PAGES_LOCK, 1)
+    m0, m1 = Mutex(region, Locks.PAGES, 0), Mutex(region, Locks.PAGES, 1)
     with pytest.raises(LockError):
         m0.release()
     with pytest.raises(LockError):
@@ -267,7 +267,7 @@ def test_mutex_excludes_and_records(region: Region) -> None:
 
 
 def test_mutex_recover_releases_a_dead_holder(region: Region) -> None:
-    m0, m1 = Mutex(region, PAGES_LOCK, 0), Mutex(region, PAGES_LOCK, 1)
+    m0, m1 = Mutex(region, Locks.PAGES, 0), Mutex(region, Locks.PAGES, 1)
     m0.acquire()
     t, done = in_thread(lambda: (m1.acquire(), m1.release()))
     assert not done.wait(0.05)
@@ -279,10 +279,10 @@ def test_mutex_recover_releases_a_dead_holder(region: Region) -> None:
 
 def spawn_holder(region: Region, worker: int, what: str) -> subprocess.Popen:
     """A process that takes `what` (write, read, rcu) in slot `worker` and keeps it until killed."""
-    holding = region.words("tables").load(TC_HOLDING)
-    p = subprocess.Popen([sys.executable, "-m", "shmmmu.torture", "worker", "hold", "--region", region.name,
+    holding = region.words("tables").load(TortureCtl.HOLDING)
+    p = subprocess.Popen([sys.executable, "-m", "workers.torture", "worker", "hold", "--region", region.name,
                           "--worker", str(worker), "--role", what], stdin=subprocess.DEVNULL)
-    if not wait_for(lambda: region.words("tables").load(TC_HOLDING) > holding or p.poll() is not None, 30):
+    if not wait_for(lambda: region.words("tables").load(TortureCtl.HOLDING) > holding or p.poll() is not None, 30):
         p.kill()
         p.wait()
         pytest.fail("the holder process did not take its lock")

@@ -16,7 +16,7 @@ from shmmmu import checks
 from shmmmu import spte as S
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.tdp_iter import TdpIter, for_each_leaf, for_each_pte
-from shmmmu.tdp_mmu import RET_PF_FIXED, Mmu
+from shmmmu.mmu import RET_PF_FIXED, Mmu
 from shmmmu.vm import VM, create_vm
 
 BITS = 3
@@ -44,9 +44,17 @@ def tree(vm_name: str) -> Iterator[tuple[VM, Mmu]]:
         yield vm, mmu
 
 
-def new_iter(mmu: Mmu, goal: int, min_level: int = 1, advance_after_restart: bool = False) -> TdpIter:
-    return TdpIter(mmu.tables, mmu.geometry, mmu.root, mmu.root_level, min_level, goal,
-                   advance_after_restart=advance_after_restart)
+def new_iter(mmu: Mmu, goal: int, min_level: int = 1) -> TdpIter:
+    return TdpIter(mmu.tables, mmu.geometry, mmu.root, mmu.root_level, min_level, goal)
+
+
+def yield_here(it: TdpIter, advance: bool) -> None:
+    """What tdp_mmu_iter_cond_resched() does to the walk after dropping the lock: 5.16+ marks it yielded
+    (the next step restarts instead of advancing); 5.13 restarted at once, and the caller's next step advances."""
+    if advance:
+        it.restart()
+    else:
+        it.mark_yielded()
 
 
 def reference_preorder(tables: np.ndarray, min_level: int = 1) -> list[tuple[int, int, int]]:
@@ -151,13 +159,13 @@ def test_can_yield_only_after_a_side_step(tree) -> None:
 
 def steps_after_yield(mmu: Mmu, at_gfn: int, advance: bool, n: int) -> tuple[list, list]:
     """Walk from 0 until the 4K entry at at_gfn; yield there; return what was visited before and the next n."""
-    it = new_iter(mmu, 0, advance_after_restart=advance)
+    it = new_iter(mmu, 0)
     before = []
     for i in for_each_pte(it, MAX_GFN):
         before.append((i.level, i.gfn))
         if (i.level, i.gfn) == (1, at_gfn):
             assert i.can_yield()
-            i.mark_yielded()                       # as tdp_mmu_iter_cond_resched() after dropping the lock
+            yield_here(i, advance)
             break
     after = []
     it.next()
@@ -195,11 +203,11 @@ def root_level_zap_walk(mmu: Mmu, advance: bool) -> list[int]:
     As tdp_mmu_iter_cond_resched() is called at the top of each iteration, a
     yield skips the body and `continue`s; returns the root entries processed.
     """
-    it = new_iter(mmu, 0, min_level=ROOT_LEVEL, advance_after_restart=advance)
+    it = new_iter(mmu, 0, min_level=ROOT_LEVEL)
     processed = []
     for i in for_each_pte(it, MAX_GFN):
         if i.can_yield():
-            i.mark_yielded()
+            yield_here(i, advance)
             continue
         processed.append(i.gfn // 512)
     return processed
@@ -214,14 +222,14 @@ def test_root_level_walk_with_yields_fixed_vs_k9(tree) -> None:
 
 @pytest.mark.parametrize("bug", [False, True])
 def test_zap_all_with_contention(vm_name: str, bug: bool) -> None:
-    """The MMU's zap-all walks the root level; under constant contention K9 leaves mappings behind."""
+    """Under constant contention K9 (with 5.14's root-level zap-all it needs) leaves mappings behind;
+    the fixed zap-all (5.13's, every root entry zapped whole) leaves none."""
     cfg = VMConfig(name=vm_name, n_vcpus=1, bits=BITS, memslots=[MemslotSpec(0, 4096, 1)],
                    bugs=["advance-after-restart"] if bug else [])
     with create_vm(cfg) as vm:
         mmu = Mmu(vm, vm.config.host_worker)
         for gfn in range(0, 4096, 300):
             mmu.page_fault(gfn, write=True)
-        mmu.zap_all_min_level = ROOT_LEVEL               # 5.14+ "don't step down when zapping all"
         mmu.lock.needbreak = lambda: True                # a waiter is always queued
         mmu.zap_all()
         left = checks.count_leaves(vm)[1]

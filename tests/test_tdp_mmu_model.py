@@ -30,7 +30,7 @@ from shmmmu.layout import MemslotSpec, VMConfig, memslot_areas
 from shmmmu.memslots import DATA_POISON
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
-from shmmmu.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS, Mmu
+from shmmmu.mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS, Mmu
 from shmmmu.vm import create_vm
 from shmmmu import violations
 
@@ -535,7 +535,7 @@ def test_fault_leaf_template_is_make_spte(vm_name: str, nx: bool) -> None:
             for pfn in (0, 1, 512, 0x12345 << 9, (1 << 40) - 512):
                 pfn &= ~((1 << (9 * (level - 1))) - 1)
                 want = S.make_leaf(pfn, level, writable=True, exec_ok=not (nx and level > 1))
-                assert mmu._leaf_template[level] | (pfn << S.PFN_SHIFT) == want
+                assert mmu.leaf_template[level] | (pfn << S.PFN_SHIFT) == want
 
 
 # ---------------------------------------------------------------- the same operations as a state machine
@@ -621,7 +621,7 @@ TestMmuStateMachine.settings = settings(max_examples=25, stateful_step_count=40,
 def _leaf_writable(mmu: Mmu, start: int, end: int) -> dict[int, tuple[int, bool]]:
     """Present leaves of [start, end): first GFN -> (level, writable)."""
     from shmmmu.tdp_iter import for_each_leaf
-    return {it.gfn: (it.level, bool(it.old_spte & S.WRITABLE)) for it in for_each_leaf(mmu._iter(start), end)}
+    return {it.gfn: (it.level, bool(it.old_spte & S.WRITABLE)) for it in for_each_leaf(mmu.new_iter(mmu.root, 1, start), end)}
 
 
 @pytest.mark.parametrize("lock_mode", ["shared", "exclusive"])

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from shmmmu.torture import (LockTortureResult, RcuTortureResult, _max_min_line, _rng, run_lock_torture,
-                            run_rcu_torture)
+from shmmmu.torture import LockTortureResult, RcuTortureResult, max_min_line, torture_rng
+from workers.torture import run_lock_torture, run_rcu_torture
 
 DURATION = 1.2
 
@@ -60,16 +60,16 @@ def test_rcu_torture_without_grace_periods_fails() -> None:
 
 
 def test_seed_gives_the_same_random_streams() -> None:
-    a = [_rng(42, "lock", 3).random() for _ in range(5)]
-    assert a == [_rng(42, "lock", 3).random() for _ in range(5)]
-    assert a != [_rng(42, "lock", 4).random() for _ in range(5)]
-    assert a != [_rng(43, "lock", 3).random() for _ in range(5)]
+    a = [torture_rng(42, "lock", 3).random() for _ in range(5)]
+    assert a == [torture_rng(42, "lock", 3).random() for _ in range(5)]
+    assert a != [torture_rng(42, "lock", 4).random() for _ in range(5)]
+    assert a != [torture_rng(43, "lock", 3).random() for _ in range(5)]
 
 
 def test_max_min_line_flags() -> None:
-    assert _max_min_line("Writes", [10, 9], 0) == "Writes:  Total: 19  Max/Min: 10/9  Fail: 0"
-    assert _max_min_line("Writes", [10, 4], 0).endswith("???")
-    assert _max_min_line("Reads", [10, 9], 2).endswith("!!!")
+    assert max_min_line("Writes", [10, 9], 0) == "Writes:  Total: 19  Max/Min: 10/9  Fail: 0"
+    assert max_min_line("Writes", [10, 4], 0).endswith("???")
+    assert max_min_line("Reads", [10, 9], 2).endswith("!!!")
 
 
 def test_results_judge_what_they_hold() -> None:
@@ -90,7 +90,7 @@ def test_results_judge_what_they_hold() -> None:
 
 
 def test_command_line() -> None:
-    cli = [sys.executable, "-m", "shmmmu.cli", "torture"]
+    cli = [sys.executable, "-m", "workers.cli", "torture"]
     out = subprocess.run([*cli, "lock", "--readers", "1", "--writers", "1", "--duration", "0.3", "--seed", "99"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -99,9 +99,10 @@ def test_command_line() -> None:
                              capture_output=True, text=True, timeout=120)
     assert failing.returncode == 1 and failing.stdout.strip().splitlines()[-1] == "FAILURE (seed 3)"
     for args, words in [(["lock", "--writers", "0", "--duration", "0.1"], "at least one writer"),
-                        (["nonsense"], "invalid choice"), (["lock", "--bogus"], "unrecognized arguments")]:
+                        (["lock", "--duration", "0"], "--duration must be more than 0"),
+                        (["nonsense"], "No such command 'nonsense'"), (["lock", "--bogus"], "No such option: --bogus")]:
         bad = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-        assert bad.stderr.startswith("shmmmu torture: error: ") and words in bad.stderr
+        assert bad.stderr.startswith("shmmmu: error: ") and words in bad.stderr
     help_ = subprocess.run([*cli, "lock", "--help"], capture_output=True, text=True, timeout=60)
     assert help_.returncode == 0 and "--busted" in help_.stdout

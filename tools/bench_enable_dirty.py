@@ -48,9 +48,9 @@ import numpy as np
 
 import shmmmu
 from shmmmu import spte as S
-from shmmmu.layout import T_LEVEL, T_STATE, TS_LIVE, MemslotSpec, VMConfig
+from shmmmu.layout import MemslotFlags, MemslotSpec, TMeta, TableState, VMConfig
 from shmmmu.tdp_iter import for_each_leaf
-from shmmmu.tdp_mmu import Mmu
+from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
 
 _P, _W = S.MMU_PRESENT, S.WRITABLE
@@ -65,7 +65,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
 
 def leaf_tables(mmu: Mmu) -> np.ndarray:
     tm = mmu.region.array("tmeta")
-    return np.flatnonzero((tm[:, T_STATE] == TS_LIVE) & (tm[:, T_LEVEL] == 1))
+    return np.flatnonzero((tm[:, TMeta.STATE] == TableState.LIVE) & (tm[:, TMeta.LEVEL] == 1))
 
 
 def writable_leaves(mmu: Mmu, leaves: np.ndarray) -> int:
@@ -81,6 +81,19 @@ def restore_writable(mmu: Mmu, leaves: np.ndarray) -> None:
     mmu.tables_np[leaves] = rows
 
 
+def under_mmu_lock(mmu: Mmu, body) -> int:
+    """Run body as enable does: the read lock in shared mode (the write lock in the baseline), then the flush."""
+    shared = mmu.parallel
+    mmu.lock.read_lock() if shared else mmu.lock.write_lock()
+    try:
+        r = body(shared)
+        if mmu.holds_unflushed:
+            mmu.kvm_flush_remote_tlbs()
+        return r
+    finally:
+        mmu.lock.read_unlock() if shared else mmu.lock.write_unlock()
+
+
 def wrprot_per_entry_cas(mmu: Mmu, leaves: np.ndarray) -> int:
     """Write-protect every leaf with one Words.cas call per writable entry (same lock, same flush)."""
     E = mmu.E
@@ -89,7 +102,7 @@ def wrprot_per_entry_cas(mmu: Mmu, leaves: np.ndarray) -> int:
     changed = 0
     W, notW = _W, ~_W & ((1 << 64) - 1)
 
-    def body() -> int:
+    def body(shared: bool) -> int:
         nonlocal changed
         mmu.rcu.read_lock()
         try:
@@ -101,35 +114,35 @@ def wrprot_per_entry_cas(mmu: Mmu, leaves: np.ndarray) -> int:
                         changed += 1
         finally:
             mmu.rcu.read_unlock()
-        mmu._mark_unflushed()
+        mmu.mark_unflushed()
         return changed
-    mmu.slots.set_flags(0, set_mask=2)               # MSF_LOG_DIRTY, as enable does (no lock needed alone)
-    return mmu._with_lock(body, shared_ok=True)
+    mmu.slots.set_flags(0, set_mask=MemslotFlags.LOG_DIRTY)     # as enable does (no lock needed alone)
+    return under_mmu_lock(mmu, body)
 
 
 def wrprot_per_entry_iter(mmu: Mmu, start: int, end: int) -> int:
-    """Write-protect with the TDP iterator over every leaf and Mmu.set_spte_atomic / set_spte per entry."""
+    """Write-protect with the TDP iterator over every leaf and tdp_mmu_set_spte_atomic / tdp_mmu_set_spte per entry."""
     changed = 0
 
-    def body() -> int:
+    def body(shared: bool) -> int:
         nonlocal changed
         mmu.rcu.read_lock()
         try:
-            for it in for_each_leaf(mmu._iter(start), end):
+            for it in for_each_leaf(mmu.new_iter(mmu.root, 1, start), end):
                 spte = it.old_spte
                 if spte & _W:
-                    mmu._mark_unflushed()
-                    if mmu.shared:
-                        if mmu.set_spte_atomic(it, spte & ~_W):
+                    mmu.mark_unflushed()
+                    if shared:
+                        if mmu.tdp_mmu_set_spte_atomic(it, spte & ~_W):
                             changed += 1
                     else:
-                        mmu.set_spte(it, spte & ~_W, record_dirty_log=False)
+                        mmu.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
                         changed += 1
         finally:
             mmu.rcu.read_unlock()
         return changed
-    mmu.slots.set_flags(0, set_mask=2)
-    return mmu._with_lock(body, shared_ok=True)
+    mmu.slots.set_flags(0, set_mask=MemslotFlags.LOG_DIRTY)
+    return under_mmu_lock(mmu, body)
 
 
 def fmt(runs: list[tuple[float, float]]) -> str:

@@ -32,8 +32,8 @@ import numpy as np
 
 import shmmmu
 from shmmmu import spte as S
-from shmmmu.layout import C_NOTIFIER_SEQ, STAT, MemslotSpec, VMConfig
-from shmmmu.tdp_mmu import Mmu
+from shmmmu.layout import STAT, MemslotSpec, VMConfig
+from shmmmu.mmu import Fault, Mmu
 from shmmmu.vm import VM, create_vm
 
 ROWS = [
@@ -43,7 +43,8 @@ ROWS = [
     ("allocation", "pool topup per fault + one table alloc and page-list link per 512 faults"),
     ("lock", "mmu_lock read_lock + read_unlock (exclusive: write lock + lockdep check)"),
     ("RCU", "rcu_read_lock + rcu_read_unlock"),
-    ("memslot + notifier", "slot lookup, gfn->pfn, max level, notifier seq read + recheck"),
+    ("memslot + notifier", "the Fault record, cache top-up test, notifier seq, slot lookup, gfn->pfn, levels, "
+                           "recheck"),
 ]
 
 
@@ -83,14 +84,14 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
             raise RuntimeError(f"expected {n} fixed faults, got {mmu.st[STAT['fixed']]}")
 
         # ---- walk: the tree now exists, so the map loop only walks down to the leaf entry
-        it = mmu._fault_iter
+        it = mmu.fault_walk
         start, root = it.start, mmu.root
         P, L = S.MMU_PRESENT, S.LARGE
 
         def walk() -> None:
             for g in gfns:
                 it = start(root, 1, g)
-                while it.valid and it.gfn <= g:        # the shape of Mmu._map's loop
+                while it.valid and it.gfn <= g:        # the shape of kvm_tdp_mmu_map's loop
                     if it.level == 1:
                         break
                     spte = it.old_spte
@@ -101,30 +102,24 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
         out["walk"] = timed(walk)
 
         # ---- entry change: make_spte + handle_changed_spte, over entries that really change
-        handle = mmu._handle_changed_spte
-        template, shift = mmu._leaf_template[1], S.PFN_SHIFT
+        handle = mmu.handle_changed_spte
+        template, shift = mmu.leaf_template[1], S.PFN_SHIFT
         shared = mode == "shared"
-        mmu._fault_slot = mmu.slots.lookup(0)          # as during a fault: the dirty-log test uses it
 
         def change() -> None:
             for g in gfns:
-                new = template | (g << shift)           # make_spte, as Mmu._map_handle_target_level does
+                new = template | (g << shift)           # make_spte, as tdp_mmu_map_handle_target_level does
                 handle(g, 0, new, 1, shared)
         out["entry change"] = timed(change)
-        mmu._fault_slot = None
 
         # ---- memslot + notifier
-        slots, ctl = mmu.slots, mmu.ctl
-        lookup, gfn_to_pfn, max_level, load = slots.lookup, slots.gfn_to_pfn, slots.max_mapping_level, ctl.load
-        recheck = mmu._notifier_retry
+        faultin, recheck = mmu.kvm_faultin_pfn, mmu.mmu_notifier_retry_hva
 
         def memslot() -> None:
             for g in gfns:
-                seq = load(C_NOTIFIER_SEQ)
-                slot = lookup(g)
-                gfn_to_pfn(slot, g)
-                max_level(slot, g)
-                recheck(seq, g, slot)
+                f = Fault(g, True, False)
+                faultin(f)                              # caches topped up, mmu_seq, slot, pfn, levels
+                recheck(f)
         out["memslot + notifier"] = timed(memslot)
 
         # ---- lock and RCU
@@ -152,8 +147,8 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
                 rl()
                 rul()
         out["RCU"] = timed(rcu_section)
-        del it, start, pf, handle, template, lookup, gfn_to_pfn, max_level, load, recheck, lk, ulk, rl, rul
-        del mmu, slots, ctl, lock, rcu
+        del it, start, pf, handle, template, faultin, recheck, lk, ulk, rl, rul
+        del mmu, lock, rcu
 
     # ---- CAS and allocation on a fresh VM (zeroed tables, a full pool)
     with new_vm(n, mode) as vm:
@@ -175,7 +170,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
                     store(base + g, 0)
         out["CAS"] = timed(cas_loop)
         pool = mmu.pool
-        topup, alloc, link = pool.topup, pool.alloc, mmu._link_page
+        topup, alloc, link = pool.topup, pool.alloc, mmu.tdp_mmu_link_page
         lk = mmu.lock.read_lock if shared else mmu.lock.write_lock
         ulk = mmu.lock.read_unlock if shared else mmu.lock.write_unlock
 
@@ -183,7 +178,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
             for g in gfns:
                 topup()
                 if not g & 511:
-                    link(alloc(1, g), False)
+                    link(alloc(1, g), shared, False)
         lk()
         try:
             out["allocation"] = timed(allocation)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHMMMU = [sys.executable, "-m", "shmmmu.cli"]
+SHMMMU = [sys.executable, "-m", "workers.cli"]
 
 
 def timed(args: list[str], runs: int) -> tuple[float, float, float]:

@@ -36,11 +36,11 @@ import uuid
 import numpy as np
 
 import shmmmu
-from shmmmu.layout import C_EPOCH, MMU_LOCK, W_PID, W_RCU, WSTATE_WORDS
+from shmmmu.layout import Ctl, Locks, TortureCtl, WState
 from shmmmu.rcu import Rcu
 from shmmmu.region import Region
 from shmmmu.rwlock import RWLock
-from shmmmu.torture import TC_GO, TC_READY, TC_STOP, torture_config
+from shmmmu.torture import torture_config
 from shmmmu.vm import create_region
 
 SECTION_LOADS = 100
@@ -58,7 +58,7 @@ def per_pair_ns(stmt: str, env: dict[str, object], number: int, repeat: int) -> 
 
 
 def uncontended(region: Region, number: int, repeat: int) -> list[tuple[str, float, str]]:
-    lock = RWLock(region, MMU_LOCK, 0)
+    lock = RWLock(region, Locks.MMU, 0)
     rcu = Rcu(region, 0)
     env = {"rl": lock.read_lock, "ru": lock.read_unlock, "wl": lock.write_lock, "wu": lock.write_unlock,
            "lock": lock, "cl": rcu.read_lock, "cu": rcu.read_unlock}
@@ -85,8 +85,8 @@ def gp_latency(region: Region, n: int, pinned_by: int | None = None) -> tuple[fl
     lat = []
     for _ in range(n):
         if pinned_by is not None:
-            word, end = pinned_by * WSTATE_WORDS + W_RCU, time.monotonic() + 10
-            while not 0 < ws.load(word) <= ctl.load(C_EPOCH):
+            word, end = pinned_by * WState.WORDS + WState.RCU, time.monotonic() + 10
+            while not 0 < ws.load(word) <= ctl.load(Ctl.EPOCH):
                 if time.monotonic() > end:
                     raise RuntimeError("the pinning reader never entered a read section")
         t0 = time.perf_counter()
@@ -105,22 +105,22 @@ def spawn(region: Region, worker: int, mode: str) -> subprocess.Popen:
 def start_barrier(region: Region, n: int) -> None:
     ctl = region.words("tables")
     end = time.monotonic() + 60
-    while ctl.load(TC_READY) < n:
+    while ctl.load(TortureCtl.READY) < n:
         if time.monotonic() > end:
             raise RuntimeError("benchmark workers did not start")
         time.sleep(0.005)
-    ctl.store(TC_GO, 1)
+    ctl.store(TortureCtl.GO, 1)
 
 
 def reset(region: Region) -> None:
     ctl = region.words("tables")
-    for i in (TC_READY, TC_GO, TC_STOP):
+    for i in (TortureCtl.READY, TortureCtl.GO, TortureCtl.STOP):
         ctl.store(i, 0)
     region.array("stats")[:] = 0
 
 
 def stop_workers(region: Region, procs: list[subprocess.Popen]) -> None:
-    region.words("tables").store(TC_STOP, 1)
+    region.words("tables").store(TortureCtl.STOP, 1)
     for p in procs:
         try:
             p.wait(30)
@@ -187,15 +187,15 @@ def worker(mode: str, name: str, k: int) -> None:
     """A benchmark process: sections of `mode` (read, write, rcu-pin) until the stop flag."""
     region = Region.attach(name)
     ws = region.words("wstate")
-    ws.store(k * WSTATE_WORDS + W_PID, os.getpid())
+    ws.store(k * WState.WORDS + WState.PID, os.getpid())
     ctl = region.words("tables")
     st = region.words("stats")
     row = k * region.array("stats").shape[1]
     data = region.words("data")
     load = data.load
     parent = os.getppid()
-    ctl.fetch_add(TC_READY, 1)
-    while not ctl.load(TC_GO):
+    ctl.fetch_add(TortureCtl.READY, 1)
+    while not ctl.load(TortureCtl.GO):
         time.sleep(0.0005)
 
     def stop(i: int) -> bool:
@@ -203,7 +203,7 @@ def worker(mode: str, name: str, k: int) -> None:
 
     if mode == "rcu-pin":
         rcu = Rcu(region, k)
-        while not stop(TC_STOP):
+        while not stop(TortureCtl.STOP):
             for _ in range(16):
                 rcu.read_lock()
                 end = time.perf_counter() + 200e-6
@@ -211,12 +211,12 @@ def worker(mode: str, name: str, k: int) -> None:
                     pass
                 rcu.read_unlock()
     else:
-        lock = RWLock(region, MMU_LOCK, k)
+        lock = RWLock(region, Locks.MMU, k)
         acquire, release = (lock.read_lock, lock.read_unlock) if mode == "read" else (lock.write_lock,
                                                                                       lock.write_unlock)
         ops = 0
         put = st.store
-        while not stop(TC_STOP):
+        while not stop(TortureCtl.STOP):
             for _ in range(64):
                 acquire()
                 for _ in range(SECTION_LOADS):

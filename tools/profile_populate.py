@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shmmmu.guest import Vcpu  # noqa: E402
-from shmmmu.layout import ROLE_VCPU  # noqa: E402
+from shmmmu.layout import Role  # noqa: E402
 from shmmmu.memslots import Memslots  # noqa: E402
 from shmmmu.run import RunOptions  # noqa: E402
-from shmmmu.tdp_mmu import Mmu  # noqa: E402
+from shmmmu.mmu import Mmu  # noqa: E402
 from shmmmu.vm import create_vm  # noqa: E402
 from workers.vcpu import run_iteration  # noqa: E402
 
@@ -52,7 +52,7 @@ def _vm(mode: str, pages: int):
 def passes(mode: str, pages: int) -> tuple[float, float, float, float]:
     """CPU seconds of (populate pass, re-walk pass, page_fault alone, hardware walk alone) over `pages` pages."""
     with _vm(mode, pages) as vm:
-        vm.register(0, ROLE_VCPU)
+        vm.register(0, Role.VCPU)
         v = Vcpu(vm, 0)
         base = Memslots(vm).slots()[0].base_gfn
         t0 = time.process_time()
@@ -80,7 +80,7 @@ def passes(mode: str, pages: int) -> tuple[float, float, float, float]:
 
 def profile(mode: str, pages: int, top: int) -> str:
     with _vm(mode, pages) as vm:
-        vm.register(0, ROLE_VCPU)
+        vm.register(0, Role.VCPU)
         v = Vcpu(vm, 0)
         base = Memslots(vm).slots()[0].base_gfn
         prof = cProfile.Profile()

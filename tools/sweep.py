@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shmmmu.bench import SUMMARY_PHASES, BenchOptions, BenchRun, run_bench  # noqa: E402
+from workers.supervisor import Supervisor  # noqa: E402
 from shmmmu.run import UsageError, parse_size  # noqa: E402
 
 RATES = ["faults", "faults_per_s", "retries_per_fault", "lock_wait_share", "cpus_used", "cpu_us_per_fault",
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"  {'ok' if run.ok else 'FAILURE'}", file=sys.stderr, flush=True)
 
             try:
-                run_bench(o, on_run=on_run)
+                run_bench(o, Supervisor, on_run=on_run)
             except KeyboardInterrupt:
                 print("sweep: interrupted; the rows so far are in " + str(out), file=sys.stderr)
                 return 130

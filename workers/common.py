@@ -7,11 +7,10 @@ import os
 import signal
 import sys
 
-from shmmmu.layout import W_STATUS, WSTATE_WORDS
+from shmmmu.layout import WorkerStatus, WState
 from shmmmu.region import RegionError
 from shmmmu.vm import VM, attach_vm
 
-STATUS_STARTING, STATUS_READY, STATUS_DONE, STATUS_FAILED = 0, 1, 2, 3
 PR_SET_PDEATHSIG = 1
 
 
@@ -49,4 +48,4 @@ def start_worker(description: str, role: int) -> tuple[VM, argparse.Namespace]:
 
 
 def set_status(vm: VM, worker: int, status: int) -> None:
-    vm.region.words("wstate").store(worker * WSTATE_WORDS + W_STATUS, status)
+    vm.region.words("wstate").store(worker * WState.WORDS + WState.STATUS, status)

@@ -20,29 +20,29 @@ import time
 import traceback
 
 from shmmmu import violations
-from shmmmu.layout import C_STOP, ROLE_RECLAIMER, W_HEARTBEAT, WSTATE_WORDS
-from workers.common import STATUS_DONE, STATUS_FAILED, STATUS_READY, set_status, start_worker
+from shmmmu.layout import Ctl, Role, WorkerStatus, WState
+from workers.common import set_status, start_worker
 
 
 def main() -> None:
-    vm, args = start_worker("the reclaimer of a shmmmu VM", ROLE_RECLAIMER)
+    vm, args = start_worker("the reclaimer of a shmmmu VM", Role.RECLAIMER)
     me = args.id
     ctl = vm.region.words("ctl")
     ws = vm.region.words("wstate")
-    stall = float(vm.config.workload.get("gp_stall_s", 10.0))
     c = vm.config
+    stall = c.gp_stall_s
     nx_period = c.nx_recovery_period_s if c.nx_huge_pages and c.nx_recovery_ratio > 0 else 0.0
     try:
         rcu, pool = vm.rcu, vm.pool
         mmu = None
         if nx_period > 0:
-            from shmmmu.tdp_mmu import Mmu
+            from shmmmu.mmu import Mmu
             mmu = Mmu(vm, me)
         next_nx = time.monotonic() + nx_period
-        set_status(vm, me, STATUS_READY)
+        set_status(vm, me, WorkerStatus.READY)
         stalled = False
         idle = 0
-        while not ctl.load(C_STOP):
+        while not ctl.load(Ctl.STOP):
             if mmu is not None and time.monotonic() >= next_nx:
                 mmu.recover_nx_lpages()
                 mmu.publish_stats()
@@ -54,22 +54,22 @@ def main() -> None:
                 continue
             idle = 0
             t0 = time.monotonic()
-            n = rcu.reclaim_pass(pool.free, timeout=stall, alive=lambda: not ctl.load(C_STOP))
-            if n == 0 and time.monotonic() - t0 >= stall and not ctl.load(C_STOP) and not stalled:
+            n = rcu.reclaim_pass(pool.free, timeout=stall, alive=lambda: not ctl.load(Ctl.STOP))
+            if n == 0 and time.monotonic() - t0 >= stall and not ctl.load(Ctl.STOP) and not stalled:
                 stalled = True
                 violations.record(vm.region, "grace-period-stall", me, 0, int(stall * 1000), pending)
             elif n:
                 stalled = False
-            ws.store(me * WSTATE_WORDS + W_HEARTBEAT, ws.load(me * WSTATE_WORDS + W_HEARTBEAT) + 1)
+            ws.store(me * WState.WORDS + WState.HEARTBEAT, ws.load(me * WState.WORDS + WState.HEARTBEAT) + 1)
         # drain what is left so the pool adds up at the end
         for _ in range(100):
             if not rcu.backlog() or not rcu.reclaim_pass(pool.free, timeout=1.0):
                 break
-        set_status(vm, me, STATUS_DONE)
+        set_status(vm, me, WorkerStatus.DONE)
     except Exception:
         traceback.print_exc()
         violations.record(vm.region, "worker-crashed", me)
-        set_status(vm, me, STATUS_FAILED)
+        set_status(vm, me, WorkerStatus.FAILED)
         sys.exit(1)
 
 

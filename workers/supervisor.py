@@ -18,20 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from shmmmu.layout import (C_ITERATION, C_STOP, N_STATS, ROLE_RECLAIMER, ROLE_VCPU, STAT, W_ITERATION, W_STATUS,
-                           WSTATE_WORDS)
+from shmmmu.launch import LockStuck, WorkerDied
+from shmmmu.layout import STAT, Ctl, Role, WorkerStatus, WState
+from shmmmu.mmu import Mmu
 from shmmmu.spawn import python_module_command, worker_env
-from shmmmu.tdp_mmu import Mmu
 from shmmmu.vm import VM
-from workers.common import STATUS_READY
-
-
-class WorkerDied(RuntimeError):
-    """A worker exited while the run needed it; the message names it and how it ended."""
-
-
-class LockStuck(RuntimeError):
-    """The host waited past the forward-progress bound for the MMU lock."""
 
 
 def describe_exit(code: int) -> str:
@@ -51,7 +42,7 @@ class Supervisor:
         self.ctl = vm.region.words("ctl")
         self.ws = vm.region.words("wstate")
         self.host = self.config.host_worker
-        vm.register(self.host, 2)
+        vm.register(self.host, Role.HOST)
         self.mmu = Mmu(vm, self.host)
         self.lock_bound: float | None = None          # stress: how long a host op may wait for the lock
         vm.mmu_lock.on_sleep = self._on_lock_sleep
@@ -84,7 +75,7 @@ class Supervisor:
         module = "workers.vcpu" if worker < self.config.n_vcpus else "workers.reclaimer"
         log = os.path.join(self.logdir, f"worker{worker}.log")
         self.logs[worker] = log
-        self.ws.store(worker * WSTATE_WORDS + W_STATUS, 0)
+        self.ws.store(worker * WState.WORDS + WState.STATUS, WorkerStatus.STARTING)
         with open(log, "ab") as f:
             self.procs[worker] = subprocess.Popen(
                 python_module_command(module, "--vm", self.vm.name, "--id", str(worker), "--parent", str(os.getpid())),
@@ -99,7 +90,7 @@ class Supervisor:
     def wait_ready(self, workers: list[int]) -> None:
         deadline = time.monotonic() + self.start_timeout
         for w in workers:
-            while self.ws.load(w * WSTATE_WORDS + W_STATUS) != STATUS_READY:
+            while self.ws.load(w * WState.WORDS + WState.STATUS) != WorkerStatus.READY:
                 self.check()
                 if time.monotonic() > deadline:
                     raise WorkerDied(f"{self.role_name(w)} did not start within {self.start_timeout:.0f}s"
@@ -131,10 +122,10 @@ class Supervisor:
     def run_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
         """Publish iteration k and wait until every vCPU has acknowledged it."""
         self.iteration = k
-        self.ctl.store(C_ITERATION, k)
+        self.ctl.store(Ctl.ITERATION, k)
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(self.config.n_vcpus):
-            word = i * WSTATE_WORDS + W_ITERATION
+            word = i * WState.WORDS + WState.ITERATION
             spins = 0
             while self.ws.load(word) != k:
                 spins += 1
@@ -184,7 +175,7 @@ class Supervisor:
     def stop(self, timeout: float = 5.0) -> None:
         """Tell every worker to stop, wait for them, kill stragglers."""
         self.stopping = True
-        self.ctl.store(C_STOP, 1)
+        self.ctl.store(Ctl.STOP, 1)
         deadline = time.monotonic() + timeout
         for p in self.procs.values():
             left = max(0.0, deadline - time.monotonic())
@@ -197,7 +188,7 @@ class Supervisor:
     def kill_all(self) -> None:
         """SIGKILL every worker still running (each in its own process group) and reap them all."""
         self.stopping = True
-        self.ctl.store(C_STOP, 1)
+        self.ctl.store(Ctl.STOP, 1)
         for p in self.procs.values():
             if p.poll() is None:
                 try:

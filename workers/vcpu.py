@@ -11,12 +11,12 @@ import sys
 import time
 import traceback
 
+from shmmmu import violations
 from shmmmu.guest import Vcpu
-from shmmmu.layout import (C_ITERATION, C_PAUSE, C_STOP, ROLE_VCPU, W_HEARTBEAT, W_ITERATION, W_PROGRESS_NS,
-                           WSTATE_WORDS)
+from shmmmu.layout import Ctl, Role, WorkerStatus, WState
 from shmmmu.memslots import Memslots
 from shmmmu.workloads import EXEC, GFN_MASK, WRITE, accesses, make_value
-from workers.common import STATUS_DONE, STATUS_FAILED, STATUS_READY, set_status, start_worker
+from workers.common import set_status, start_worker
 
 CHUNK = 256
 PUBLISH_EVERY = 16       # chunks between publications of this vCPU's counters (about 2 us each)
@@ -25,12 +25,10 @@ PUBLISH_EVERY = 16       # chunks between publications of this vCPU's counters (
 def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> None:
     ctl = vm.region.words("ctl")
     ws = vm.region.words("wstate")
-    row = me * WSTATE_WORDS
+    row = me * WState.WORDS
     w = vm.config.workload
-    if vm.config.nx_huge_pages and w["kind"] in ("random", "stress") and "exec_fraction" not in w:
-        w = {**w, "exec_fraction": 0.05}     # guests fetch instructions too: what the NX mitigation is about
     seed = vm.config.seed
-    continuous = w["kind"] == "stress"
+    continuous = w.kind == "stress"
     sub = 0
     while True:
         gfns, kinds = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
@@ -45,17 +43,12 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
                         v = vcpu.fetch(g) if kind == EXEC else vcpu.read(g)
                         if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
                             vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
-                ws.store(row + W_HEARTBEAT, ws.load(row + W_HEARTBEAT) + 1)
-                ws.store(row + W_PROGRESS_NS, time.monotonic_ns())
+                ws.store(row + WState.HEARTBEAT, ws.load(row + WState.HEARTBEAT) + 1)
+                ws.store(row + WState.PROGRESS_NS, time.monotonic_ns())
                 if (k // CHUNK) % PUBLISH_EVERY == PUBLISH_EVERY - 1:
                     vcpu.mmu.publish_stats()        # counters move during a long iteration (inspect --watch)
-                if ctl.load(C_STOP):
+                if ctl.load(Ctl.STOP):
                     return
-                if ctl.load(C_PAUSE):
-                    vcpu.exit()
-                    while ctl.load(C_PAUSE) and not ctl.load(C_STOP):
-                        time.sleep(0.001)
-                    vcpu.enter()
         finally:
             vcpu.exit()
         vcpu.mmu.publish_stats()
@@ -65,7 +58,7 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
 
 
 def main() -> None:
-    vm, args = start_worker("a vCPU of a shmmmu VM", ROLE_VCPU)
+    vm, args = start_worker("a vCPU of a shmmmu VM", Role.VCPU)
     me = args.id
     ctl = vm.region.words("ctl")
     ws = vm.region.words("wstate")
@@ -73,28 +66,27 @@ def main() -> None:
         vcpu = Vcpu(vm, me)
         slots = Memslots(vm).slots()
         base_gfn = slots[0].base_gfn if slots else 0
-        set_status(vm, me, STATUS_READY)
-        done = ws.load(me * WSTATE_WORDS + W_ITERATION)
+        set_status(vm, me, WorkerStatus.READY)
+        done = ws.load(me * WState.WORDS + WState.ITERATION)
         while True:
             spins = 0
-            while ctl.load(C_ITERATION) == done and not ctl.load(C_STOP):
+            while ctl.load(Ctl.ITERATION) == done and not ctl.load(Ctl.STOP):
                 spins += 1
                 time.sleep(0 if spins < 100 else 0.0005)
-            if ctl.load(C_STOP):
+            if ctl.load(Ctl.STOP):
                 break
-            target = ctl.load(C_ITERATION)
+            target = ctl.load(Ctl.ITERATION)
             run_iteration(vm, vcpu, me, target, base_gfn)
             vcpu.mmu.publish_stats()
             done = target
-            ws.store(me * WSTATE_WORDS + W_ITERATION, done)
+            ws.store(me * WState.WORDS + WState.ITERATION, done)
         vcpu.mmu.publish_stats()
-        set_status(vm, me, STATUS_DONE)
+        set_status(vm, me, WorkerStatus.DONE)
     except Exception:
         traceback.print_exc()
         try:
-            from shmmmu import violations
             violations.record(vm.region, "worker-crashed", me)
-            set_status(vm, me, STATUS_FAILED)
+            set_status(vm, me, WorkerStatus.FAILED)
         finally:
             sys.exit(1)
 

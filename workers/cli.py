@@ -1,7 +1,10 @@
-"""The `shmmmu` command line (a typer app).
+"""The `shmmmu` command line (a typer app): the program a user starts, which becomes the supervisor of a VM.
 
-Errors a user can cause (a bad VM name, a VM that exists or does not) are
-`RegionError`s: they print one line on stderr and exit 2, never a traceback.
+It lives beside the worker programs because it is one: the library (shmmmu)
+starts no processes, and the commands that run a VM hand it their launcher,
+workers.supervisor.Supervisor.  Errors a user can cause (a bad VM name, a VM
+that exists or does not) are `RegionError`s: they print one line on stderr
+and exit 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -123,6 +126,7 @@ def run(
 
     from shmmmu.run import RunOptions, UsageError, parse_size, run_vm
     from shmmmu.workloads import parse_trace
+    from workers.supervisor import Supervisor
 
     try:
         trace_data = None
@@ -171,9 +175,9 @@ def run(
     with _running_a_vm():
         if prog is not None:
             with prog:
-                result = run_vm(opts, progress=progress_cb, keep=keep_alive)
+                result = run_vm(opts, Supervisor, progress=progress_cb, keep=keep_alive)
         else:
-            result = run_vm(opts, keep=keep_alive)
+            result = run_vm(opts, Supervisor, keep=keep_alive)
     if json_out:
         print(json.dumps(result.to_json()))
     else:
@@ -208,6 +212,7 @@ def stress(
 
     from shmmmu.bugs import BUGS
     from shmmmu.stress import StressOptions, run_stress
+    from workers.supervisor import Supervisor
 
     if list_bugs:
         for b in BUGS.values():
@@ -222,7 +227,7 @@ def stress(
         raise _fail(str(e))
     log = None if json_out else (lambda line: print(line, flush=True))
     with _running_a_vm():
-        result = run_stress(opts, log=log)
+        result = run_stress(opts, Supervisor, log=log)
     if json_out:
         print(json.dumps(result.to_json()))
     else:
@@ -234,15 +239,58 @@ def stress(
 
 # ---------------------------------------------------------------- torture
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                "help_option_names": []}, add_help_option=False)
-def torture(ctx: typer.Context) -> None:
-    """locktorture / rcutorture of the MMU lock and RCU alone: `shmmmu torture lock|rcu --help`."""
-    from shmmmu.torture import main as torture_main
+torture_app = typer.Typer(help="locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.",
+                          no_args_is_help=True)
+app.add_typer(torture_app, name="torture")
 
+
+def _torture_common(duration: float, seed: int | None) -> None:
+    if not duration > 0:
+        raise _fail("--duration must be more than 0 seconds")
+    if seed is not None and seed < 0:
+        raise _fail("--seed must not be negative")
+
+
+@torture_app.command("lock")
+def torture_lock(
+    readers: int = typer.Option(2, "--readers", help="reader processes (read_lock holders)."),
+    writers: int = typer.Option(2, "--writers", help="writer processes (write_lock holders, at least 1)."),
+    busted: bool = typer.Option(False, "--busted", help="lock_busted: writers barge in beside readers (must FAIL)."),
+    duration: float = typer.Option(3.0, "--duration", "-d", help="seconds."),
+    seed: int = typer.Option(None, "--seed", help="random seed (default: drawn and printed)."),
+) -> None:
+    """locktorture of the MMU rwlock: writers must be alone, readers must overlap; exit 0 SUCCESS, 1 FAILURE."""
+    from workers.torture import run_lock_torture
+
+    _torture_common(duration, seed)
+    if writers < 1 or readers < 0:
+        raise _fail("lock torture needs at least one writer and no negative reader count")
     with _running_a_vm():
-        code = torture_main(list(ctx.args), prog="shmmmu torture")
-    raise typer.Exit(code)
+        res = run_lock_torture(readers, writers, duration, seed, busted)
+    print(res.report())
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+@torture_app.command("rcu")
+def torture_rcu(
+    readers: int = typer.Option(2, "--readers", help="reader processes (RCU read-side sections)."),
+    writers: int = typer.Option(1, "--writers", help="writer processes (replace and call_rcu)."),
+    no_gp: bool = typer.Option(False, "--no-gp", help="the reclaimer frees without a grace period (must FAIL)."),
+    duration: float = typer.Option(3.0, "--duration", "-d", help="seconds."),
+    seed: int = typer.Option(None, "--seed", help="random seed (default: drawn and printed)."),
+) -> None:
+    """rcutorture's Reader Pipe for RCU and the reclaimer; exit 0 SUCCESS, 1 FAILURE."""
+    from workers.torture import run_rcu_torture
+
+    _torture_common(duration, seed)
+    if writers < 1 or readers < 1:
+        raise _fail("RCU torture needs at least one reader and one writer")
+    with _running_a_vm():
+        res = run_rcu_torture(readers, writers, duration, seed, not no_gp)
+    print(res.report())
+    if not res.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- inspect, ls, rm
@@ -281,11 +329,11 @@ def inspect_cmd(
             _inspect_watch(name, json_out, interval)
             return
         if check:
-            snap = insp.take_snapshot(name, host_map=True)
+            snap = insp.take_snapshot(name)
             for _ in range(3):                 # a moving VM: look for a copy that did not tear
                 if not snap.changed:
                     break
-                snap = insp.take_snapshot(name, host_map=True)
+                snap = insp.take_snapshot(name)
             found = insp.run_checks(snap)
             if json_out:
                 print(json.dumps({"vm": name, "ok": not found, "violations": found,
@@ -305,7 +353,7 @@ def inspect_cmd(
             if found:
                 raise typer.Exit(1)
             return
-        snap = insp.take_snapshot(name, host_map=g is not None)
+        snap = insp.take_snapshot(name)
         if g is not None:
             w = insp.gfn_walk(snap, g)
             if json_out:
@@ -317,7 +365,7 @@ def inspect_cmd(
             if json_out:
                 print(json.dumps(t.to_json()))
             else:
-                _print_lines(t.lines())
+                _print_lines(insp.tree_lines(t))
         else:
             s = insp.summary(snap)
             if json_out:
@@ -467,25 +515,7 @@ bench_app = typer.Typer(help="Benchmarks: the kernel's own measurements on the e
 app.add_typer(bench_app, name="bench")
 
 
-def _one_line_usage_errors(command_cls):
-    """A command class whose option-parsing errors are one line on stderr and exit 2 (no usage box)."""
-    try:
-        from typer._click.exceptions import UsageError as ClickUsageError
-    except ImportError:                                   # typer without its vendored click
-        from click.exceptions import UsageError as ClickUsageError
-
-    class OneLine(command_cls):
-        def parse_args(self, ctx, args):
-            try:
-                return super().parse_args(ctx, args)
-            except ClickUsageError as e:
-                print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
-                sys.exit(EXIT_USAGE)
-
-    return OneLine
-
-
-@bench_app.command("dirty-log", cls=_one_line_usage_errors(typer.core.TyperCommand))
+@bench_app.command("dirty-log")
 def bench_dirty_log(
     vcpus: int = typer.Option(1, "-v", "--vcpus", help="vCPU worker processes (the selftest's -v)."),
     bytes_per_vcpu: str = typer.Option("128M", "-b", "--bytes", help="guest memory per vCPU, K/M/G suffixes "
@@ -518,6 +548,7 @@ def bench_dirty_log(
 
     from shmmmu.bench import BenchOptions, run_bench
     from shmmmu.run import UsageError, parse_size
+    from workers.supervisor import Supervisor
 
     try:
         opts = BenchOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), iterations=iterations,
@@ -535,7 +566,7 @@ def bench_dirty_log(
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)
     with _running_a_vm():
-        result = run_bench(opts, on_run=show)
+        result = run_bench(opts, Supervisor, on_run=show)
     if json_out:
         print(json.dumps(result.to_json()))
     elif len(result.runs) > 1:
@@ -546,13 +577,25 @@ def bench_dirty_log(
 # ---------------------------------------------------------------- end of bench
 
 
-def main() -> None:
-    """Console-script entry point: run the app, turning RegionError into one line and exit 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every usage error (an unknown command or option, a value of the wrong
+    type, a RegionError) is one line, `shmmmu: error: ...`, and exit 2."""
+    from typer._click.exceptions import UsageError as ClickUsageError
+
     try:
-        app()
+        rv = app(args=argv, prog_name="shmmmu", standalone_mode=False)
+    except ClickUsageError as e:
+        print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("shmmmu: interrupted", file=sys.stderr)
+        sys.exit(130)
     except RegionError as e:
         print(f"shmmmu: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""Inspect: a read-only look at a running VM: summary, page-table dump, one GFN's walk, invariant checks, and the VM list.
+
+`shmmmu inspect NAME` copies the VM's sections (shmmmu.snapshot: a read-only
+mapping, no lock, no semaphore, so it never waits on the VM and never makes it
+wait) and decodes only the copies:
+
+  summary.py   the summary (configuration, tables, mappings, locks, RCU, counters, workers)
+  tree.py      the page-table dump: leaves coalesced into GFN ranges
+  gfn.py       one GFN's walk, entry by entry
+  vms.py       the VMs in /dev/shm (shmmmu ls, shmmmu rm)
+  render.py    all of it as text lines
+
+The invariant checks are shmmmu.checks on the same snapshot and walk.
+"""
+from __future__ import annotations
+
+from shmmmu import checks
+from shmmmu.inspect.gfn import gfn_walk, parse_gfn
+from shmmmu.inspect.render import gfn_lines, summary_lines, tree_lines
+from shmmmu.inspect.summary import lock_states, public, summary
+from shmmmu.inspect.tree import Dump, tree
+from shmmmu.inspect.vms import VmEntry, describe_vm, list_vms, pid_alive, remove_vm
+from shmmmu.layout import Ctl
+from shmmmu.snapshot import Snapshot, take_snapshot, walk_tables
+
+__all__ = ["Dump", "Snapshot", "VmEntry", "describe_vm", "gfn_lines", "gfn_walk", "list_vms", "lock_states",
+           "parse_gfn", "pid_alive", "public", "remove_vm", "run_checks", "summary", "summary_lines",
+           "take_snapshot", "tree", "tree_lines", "walk_tables"]
+
+
+def run_checks(snap: Snapshot) -> list[str]:
+    """`shmmmu inspect --check`: every invariant checker of shmmmu.checks on this snapshot, one sentence each,
+    and the violations the VM recorded while running."""
+    found = [str(p) for p in checks.check_all(snap)]
+    nv = snap.word(Ctl.VIOLATIONS)
+    if nv:
+        found.append(f"the VM recorded {nv} violations while running (shmmmu inspect {snap.name} lists them)")
+    return found

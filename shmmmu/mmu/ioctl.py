@@ -1,0 +1,254 @@
+"""The lock-taking entry points: what userspace ioctls and the MMU notifier reach (kvm_main.c, x86.c, mmu.c).
+
+Each takes mmu_lock the way its 5.13 caller does and calls the tdp_mmu.c
+functions with the matching `shared`: zap range (kvm_zap_gfn_range, read
+lock), zap-all (kvm_mmu_zap_all, write lock), host unmaps (the MMU notifier,
+write lock), memslot deletion and re-adding, dirty logging on and off
+(kvm_mmu_slot_apply_flags: write protection and collapsible zaps under the
+read lock), KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG (write lock), and VM
+destruction.  In the exclusive baseline every one of them takes the write lock.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shmmmu.layout import Ctl, MemslotFlags
+from shmmmu.mmu.mmu import MmuFault
+
+_U64 = (1 << 64) - 1
+_LOG_DIRTY = MemslotFlags.LOG_DIRTY
+
+
+class KvmIoctls(MmuFault):
+    """The host side's operations on the MMU, each a whole locked operation."""
+
+    def _lock(self, shared: bool) -> None:
+        self.lock.read_lock() if shared else self.lock.write_lock()
+
+    def _unlock(self, shared: bool) -> None:
+        self.lock.read_unlock() if shared else self.lock.write_unlock()
+
+    def flush_remote_tlbs(self) -> None:
+        """A bare kvm_flush_remote_tlbs() (stress issues them between other operations)."""
+        self.kvm_flush_remote_tlbs()
+
+    # ------------------------------------------------------------------ zaps
+
+    def zap_gfn_range_locked(self, start: int, end: int) -> None:
+        """kvm_zap_gfn_range() (5.13, 6103bc074048): the TDP MMU part under the read lock, then the flush."""
+        shared = self.parallel
+        self._lock(shared)
+        try:
+            if self.kvm_tdp_mmu_zap_gfn_range(start, end, True, False, shared) or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self._unlock(shared)
+
+    def zap_all(self) -> None:
+        """kvm_mmu_zap_all(): kvm_tdp_mmu_zap_all under the write lock."""
+        self.lock.write_lock()
+        try:
+            self.kvm_tdp_mmu_zap_all()
+        finally:
+            self.lock.write_unlock()
+
+    def destroy(self) -> int:
+        """kvm_mmu_uninit_tdp_mmu() after the last zap-all of VM destruction (no vCPU runs).
+
+        Zaps everything; every table but the root must then be off the page list, where
+        the kernel WARNs (WARN_ON(!list_empty(&kvm->arch.tdp_mmu_pages))).  Returns how many
+        tables were left on it, recorded as a table-leak violation.
+        """
+        self.zap_all()
+        left = self.ctl.load(Ctl.LIST_COUNT)
+        if left:
+            from shmmmu import spte as S
+            present = int(np.count_nonzero(self.tables_np[self.root] & np.uint64(S.MMU_PRESENT)))
+            self.violation("table-leak", 0, left, present)
+        return left
+
+    # ------------------------------------------------------------------ host unmaps (MMU notifier)
+
+    def host_unmap(self, start: int, end: int, migrate: bool = True) -> int:
+        """An MMU-notifier invalidation of [start, end): zap, flush, (migrate the host pages), then bump the sequence.
+
+        invalidate_range_start takes the write lock, counts the invalidation in
+        progress and zaps; a fault that resolved its host page before it retries.
+        With `migrate`, the host moves whole backing pages (a 2 MiB host page moves as
+        one), so the invalidated range is widened to the backing pages it touches, as
+        the kernel's notifier range covers the whole host mapping that changes: a 4K
+        leaf elsewhere in a migrated huge host page must go too.
+        Returns how many host blocks moved.
+        """
+        ctl = self.ctl
+        if migrate:
+            start, end = self._backing_range(start, end)
+        self.lock.write_lock()
+        try:
+            ctl.fetch_add(Ctl.NOTIFIER_COUNT, 1)
+            ctl.store(Ctl.NOTIFIER_START, start)
+            ctl.store(Ctl.NOTIFIER_END, end)
+            if self.kvm_tdp_mmu_zap_gfn_range(start, end, False, False, False) or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self.lock.write_unlock()
+        moved = 0
+        if migrate:
+            for slot in self.slots.slots():
+                if slot.base_gfn < end and start < slot.end_gfn:
+                    moved += len(self.slots.migrate(slot, start, end))
+        self.lock.write_lock()
+        try:
+            ctl.fetch_add(Ctl.NOTIFIER_SEQ, 1)          # invalidate_range_end
+            ctl.fetch_add(Ctl.NOTIFIER_COUNT, _U64)
+        finally:
+            self.lock.write_unlock()
+        return moved
+
+    def _backing_range(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) widened to whole backing pages of the memslots it overlaps."""
+        lo, hi = start, end
+        for slot in self.slots.slots():
+            if slot.base_gfn < end and start < slot.end_gfn:
+                blk = 1 << (self.bits * (slot.backing_level - 1))
+                first = max(start, slot.base_gfn) - slot.base_gfn
+                last = min(end, slot.end_gfn) - slot.base_gfn
+                lo = min(lo, slot.base_gfn + first // blk * blk)
+                hi = max(hi, min(slot.end_gfn, slot.base_gfn + -(-last // blk) * blk))
+        return lo, hi
+
+    # ------------------------------------------------------------------ memslots
+
+    def delete_memslot(self, slot_id: int) -> None:
+        """Mark a slot invalid and zap its range (kvm_arch_flush_shadow_memslot), under the write lock."""
+        self.lock.write_lock()
+        try:
+            slot = self.slots.read(slot_id)
+            self.slots.set_flags(slot_id, clear_mask=MemslotFlags.ACTIVE)
+            if self.kvm_tdp_mmu_zap_gfn_range(slot.base_gfn, slot.end_gfn, True, False, False) \
+                    or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self.lock.write_unlock()
+
+    def add_memslot(self, slot_id: int) -> None:
+        """Re-activate a slot (its pages keep their contents)."""
+        self.lock.write_lock()
+        try:
+            self.slots.set_flags(slot_id, set_mask=MemslotFlags.ACTIVE, clear_mask=_LOG_DIRTY)
+        finally:
+            self.lock.write_unlock()
+
+    # ------------------------------------------------------------------ dirty logging (§9)
+
+    def enable_dirty_logging(self, slot_id: int, initially_set: bool = False) -> int:
+        """Set KVM_MEM_LOG_DIRTY_PAGES and write-protect every leaf of the slot (5.13: under the read lock).
+
+        With initially_set (KVM_DIRTY_LOG_INITIALLY_SET) the bitmap starts full and only
+        huge leaves are write-protected: 4K pages are protected when CLEAR_DIRTY_LOG names them.
+
+        The flag changes under the write lock, so a fault that checked the slot before
+        has finished installing before the write protection starts (the kernel's SRCU sync).
+        The bitmap starts empty, as KVM allocates a zeroed one when the flag is set
+        (bits left from an earlier logging period would be reported as new writes).
+        Returns how many leaves were write-protected.
+        """
+        slots = self.slots
+        self.lock.write_lock()
+        try:
+            slot = slots.read(slot_id)
+            if not slot.flags & _LOG_DIRTY:
+                slots.dirty.fill_range(slot.dirty_off, slots.dirty_words(slot), 0)
+                if initially_set:                     # KVM_DIRTY_LOG_INITIALLY_SET (manual protect)
+                    for k in range(slots.dirty_words(slot)):
+                        bits = min(64, slot.npages - 64 * k)
+                        slots.dirty.store(slot.dirty_off + k, (1 << bits) - 1)
+            slots.set_flags(slot_id, set_mask=_LOG_DIRTY)
+        finally:
+            self.lock.write_unlock()
+        return self.kvm_mmu_slot_remove_write_access(slot_id, initially_set)
+
+    def kvm_mmu_slot_remove_write_access(self, slot_id: int, initially_set: bool) -> int:
+        """kvm_mmu_slot_apply_flags() -> kvm_mmu_slot_remove_write_access(): write-protect the slot's leaves.
+
+        5.12: INITIALLY_SET reports every 4K page dirty already, so only huge leaves are
+        protected now (they must be split lazily); without it every leaf is.
+        """
+        if self.bugs.no_wrprot_on_enable:
+            return 0
+        slot = self.slots.read(slot_id)
+        shared = self.parallel
+        self._lock(shared)
+        try:
+            return self.kvm_tdp_mmu_wrprot_slot(slot, 2 if initially_set else 1, shared)
+        finally:
+            self._unlock(shared)
+
+    def get_dirty_log(self, slot_id: int, clear: bool = True) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: harvest the bitmap (xchg each word to 0) and re-protect what it reports.
+
+        Under the write lock (5.13).  With clear=False (manual protect) it only copies.
+        """
+        slot = self.slots.read(slot_id)
+        nwords = self.slots.dirty_words(slot)
+        out = np.zeros(nwords, dtype=np.uint64)
+        dirty = self.slots.dirty
+        self.lock.write_lock()
+        try:
+            flush = False
+            for k in range(nwords):
+                if not clear:
+                    out[k] = dirty.load(slot.dirty_off + k)
+                    continue
+                if dirty.load(slot.dirty_off + k) == 0:
+                    continue
+                mask = dirty.xchg(slot.dirty_off + k, 0)
+                out[k] = mask
+                if mask:
+                    flush |= self.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + 64 * k, mask)
+            if flush or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self.lock.write_unlock()
+        return out
+
+    def clear_dirty_log(self, slot_id: int, first: int, bitmap: np.ndarray) -> int:
+        """KVM_CLEAR_DIRTY_LOG: per word, clear the given bits and re-protect the pages that were dirty."""
+        slot = self.slots.read(slot_id)
+        dirty = self.slots.dirty
+        cleared = 0
+        self.lock.write_lock()
+        try:
+            flush = False
+            for k, m in enumerate(bitmap):
+                m = int(m)
+                if not m:
+                    continue
+                word = slot.dirty_off + (first // 64) + k
+                mask = m & dirty.fetch_and(word, ~m & _U64)   # mask &= atomic_fetch_andnot(mask, word)
+                if mask:
+                    cleared += bin(mask).count("1")
+                    flush |= self.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + first + 64 * k, mask)
+            if flush or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self.lock.write_unlock()
+        return cleared
+
+    def disable_dirty_logging(self, slot_id: int) -> int:
+        """Clear the flag and zap collapsible mappings (5.13: under the read lock, vCPUs running)."""
+        self.lock.write_lock()
+        try:
+            self.slots.set_flags(slot_id, clear_mask=_LOG_DIRTY)
+        finally:
+            self.lock.write_unlock()
+        slot = self.slots.read(slot_id)
+        shared = self.parallel
+        self._lock(shared)
+        try:
+            n = self.kvm_tdp_mmu_zap_collapsible_sptes(slot, shared)
+            if self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+            return n
+        finally:
+            self._unlock(shared)

@@ -1,0 +1,160 @@
+"""Kvm: one process's view of `struct kvm` for the MMU: its handles, counters, violations and pending flushes.
+
+Every MMU file (tdp_mmu.py, mmu.py, nx.py, ioctl.py) is a mixin over this
+class, the way every kernel function takes `struct kvm *kvm`: the handles are
+made once here, for this process's worker slot, and nothing else keeps state
+between calls.  Per-operation state (a fault's `Fault` record, a teardown's
+list of removed tables, a walk's iterator) is passed as arguments.
+"""
+from __future__ import annotations
+
+import random
+
+from shmmmu import violations
+from shmmmu.bugs import Bugs
+from shmmmu.layout import N_STATS, ROOT_TABLE, STAT, Ctl
+from shmmmu.memslots import Memslots
+from shmmmu.rwlock import HELD_READ, HELD_WRITE, LockError
+from shmmmu.tdp_iter import TdpIter
+from shmmmu.tlb import Tlb, TlbControl
+from shmmmu.vm import VM
+
+_U64 = (1 << 64) - 1
+_C_UNFLUSHED = Ctl.UNFLUSHED
+
+
+def _no_delay() -> None:
+    """The torture delay when stress asked for none: nothing."""
+
+
+class Kvm:
+    """The handles every MMU function uses, made for worker slot `worker` of `vm`.
+
+    `tlb` is given by vCPUs: their own TLB is flushed with every remote flush
+    they issue.  The supervisor and other host processes pass none.
+    """
+
+    def __init__(self, vm: VM, worker: int, tlb: Tlb | None = None):
+        self.vm = vm
+        self.worker = worker
+        c = self.config = vm.config
+        self.region = vm.region
+        self.waits = vm.waits
+        g = self.geometry = c.geometry
+        self.bits = c.bits
+        self.E = g.entries
+        self.root = ROOT_TABLE
+        self.root_level = g.root_level
+        self.max_gfn = g.max_gfn
+        # 1 << (shadow_phys_bits - 12): the host's physical address width, modelled as the
+        # smallest that holds every memslot (5.13's zap-all ended there: K17)
+        slots_end = max((m.base_gfn + m.npages for m in c.memslots), default=1)
+        self.phys_max_gfn = 1 << max(0, (slots_end - 1).bit_length())
+        self.tables = vm.region.words("tables")
+        self.tables_np = vm.region.array("tables")
+        self.tm = vm.region.words("tmeta")
+        self.ctl = vm.region.words("ctl")
+        # the lock, RCU slot and memory cache are this worker's, even when `vm` is attached as
+        # another worker (one process may drive a vCPU and the host: each needs its own slot)
+        h = vm if vm.worker == worker else VM(vm.region, worker, waits=vm.waits)
+        self.lock = h.mmu_lock
+        self.pages_lock = h.pages_lock
+        self.rcu = h.rcu
+        self.pool = h.pool
+        self.slots = Memslots(vm)
+        self.tlbctl = TlbControl(vm, worker, tlb)
+        self.stats_row = vm.region.words("stats")
+        self.st = [0] * N_STATS
+        self.bugs = Bugs.from_names(c.bugs)
+        self.debug = c.debug
+        self.nx = c.nx_huge_pages
+        # the VM's design: the series (faults and range operations under the read lock, tables
+        # freed after a grace period) or the pre-series baseline (the write lock for everything)
+        self.parallel = c.lock_mode == "shared"
+        self._torture_delay_s = c.torture_delay_us / 1e6
+        self._torture_rng = random.Random(c.seed * 1000 + worker)
+        self.torture_delay = self._torture_delay if self._torture_delay_s else _no_delay
+        self.holds_unflushed = False     # this process made changes no flush has covered yet
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def violation(self, kind: str, gfn: int = 0, a: int = 0, b: int = 0) -> None:
+        violations.record(self.region, kind, self.worker, gfn, a, b)
+
+    def publish_stats(self) -> None:
+        """Copy this process's counters into its row of the region (read by the supervisor and inspector)."""
+        st, row, base = self.st, self.stats_row, self.worker * N_STATS
+        ls = self.lock.stats
+        st[STAT["lock_wait_ns"]] = ls.wait_ns
+        st[STAT["lock_contended"]] = ls.contended
+        st[STAT["read_acquired"]] = ls.read_acquired
+        st[STAT["write_acquired"]] = ls.write_acquired
+        st[STAT["needbreak_seen"]] = ls.needbreak_seen
+        st[STAT["flushes"]] = self.tlbctl.flushes
+        st[STAT["flush_wait_ns"]] = self.tlbctl.wait_ns
+        st[STAT["flush_wait_max_ns"]] = self.tlbctl.wait_max_ns
+        st[STAT["lock_wait_max_ns"]] = ls.wait_max_ns
+        st[STAT["pool_refills"]] = self.pool.refills
+        for i, v in enumerate(st):
+            row.store(base + i, v & _U64)
+
+    def lockdep_assert_held_read(self) -> None:
+        if self.lock.mode != HELD_READ:
+            self._lockdep(HELD_READ)
+
+    def lockdep_assert_held_write(self) -> None:
+        if self.lock.mode != HELD_WRITE:
+            self._lockdep(HELD_WRITE)
+
+    def lockdep_assert_held(self, shared: bool) -> None:
+        """The held-lock assertion of a function that takes `shared`: read if shared, else write."""
+        if self.lock.mode != (HELD_READ if shared else HELD_WRITE):
+            self._lockdep(HELD_READ if shared else HELD_WRITE)
+
+    def _lockdep(self, want: int) -> None:
+        self.violation("lockdep", 0, self.lock.mode, want)
+        self.lock.assert_held(want)
+        raise LockError(f"{self.lock.name} held in the wrong mode")      # assert_held raised already
+
+    # ------------------------------------------------------------------ flushing
+
+    def mark_unflushed(self) -> None:
+        """A change that can leave a vCPU translation stale is now pending a flush (the region counts holders)."""
+        if not self.holds_unflushed:
+            self.holds_unflushed = True
+            self.ctl.fetch_add(_C_UNFLUSHED, 1)
+
+    def kvm_flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before; settles our changes."""
+        self.tlbctl.flush_remote_tlbs()
+        if self.holds_unflushed:
+            self.holds_unflushed = False
+            self.ctl.fetch_add(_C_UNFLUSHED, _U64)
+
+    def forget_unflushed(self) -> None:
+        """Bug K11: treat the pending changes as flushed without flushing."""
+        if self.holds_unflushed:
+            self.holds_unflushed = False
+            self.ctl.fetch_add(_C_UNFLUSHED, _U64)
+
+    def _torture_delay(self) -> None:
+        """rcu_read_delay() of rcutorture: sometimes sleep between two steps another thread may overtake.
+
+        Stress runs (VMConfig.torture_delay_us) call it between steps whose order is
+        the point of a fix, in the fixed and in the re-injected order alike, so a clean
+        run takes the same pauses as a bug run; the pause turns a window a few
+        instructions wide into one a racing zap reliably lands in.
+        """
+        if self._torture_rng.random() < 1 / 8:
+            self.waits.pause(self._torture_delay_s)
+
+    # ------------------------------------------------------------------ walks
+
+    def new_iter(self, root: int, min_level: int, start: int) -> TdpIter:
+        """A TDP iterator over the tables from `root` (the debug module may hand out its checked form)."""
+        return TdpIter(self.tables, self.geometry, root, self.root_level, min_level, start)
+
+    def roots(self) -> list[int]:
+        """for_each_tdp_mmu_root(): the VM's roots."""
+        return [self.root]
+

@@ -1,0 +1,184 @@
+"""MMU fault entry: arch/x86/kvm/mmu/mmu.c's side of a TDP page fault, from the EPT violation to kvm_tdp_mmu_map.
+
+A fault is described by one `Fault` record (struct kvm_page_fault): the vCPU
+fills in what it knows (gfn, write, exec), the prologue adds the memslot, the
+host page, the notifier sequence and the levels, and kvm_tdp_mmu_map
+(tdp_mmu.py) works from it.  The entry point is chosen when the Mmu is built:
+
+- `kvm_tdp_mmu_page_fault` (the series, lock_mode shared): read lock, the
+  notifier recheck, map; make_mmu_pages_available is not called, as after the
+  fix of CVE-2022-45869;
+- `direct_page_fault` (the pre-series baseline, lock_mode exclusive): write
+  lock, make_mmu_pages_available, the same recheck and map with plain stores;
+- the variants of a bug switch beside them.
+"""
+from __future__ import annotations
+
+from shmmmu.layout import STAT, Ctl, MemslotRow
+from shmmmu.memslots import Slot
+from shmmmu.mmu.nx import NxHugePages
+from shmmmu.mmu.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
+from shmmmu.rwlock import HELD_WRITE
+
+_ST_FAULTS = STAT["faults"]
+_ST_EMULATED = STAT["emulated"]
+_ST_FIXED = STAT["fixed"]
+_ST_SPURIOUS = STAT["spurious"]
+_ST_RETRIES = STAT["retries"]
+_ST_RESULT = {RET_PF_RETRY: _ST_RETRIES, RET_PF_FIXED: _ST_FIXED, RET_PF_SPURIOUS: _ST_SPURIOUS}
+_ST_NOTIFIER_RETRIES = STAT["notifier_retries"]
+_C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
+_MS_GEN = MemslotRow.GEN
+_MS_WORDS = MemslotRow.WORDS
+
+
+class Fault:
+    """struct kvm_page_fault: one EPT violation and what the fault path learns about it."""
+
+    __slots__ = ("gfn", "write", "exec", "slot", "pfn", "mmu_seq", "max_level", "req_level", "goal_level",
+                 "huge_page_disallowed")
+
+    def __init__(self, gfn: int, write: bool, exec_: bool):
+        self.gfn = gfn
+        self.write = write
+        self.exec = exec_
+        self.slot: Slot | None = None
+        self.pfn = 0
+        self.mmu_seq = 0
+        self.max_level = 1        # what the memslot and backing allow
+        self.req_level = 1        # the level before the NX clamp (for NX accounting)
+        self.goal_level = 1       # the level the leaf is installed at
+        self.huge_page_disallowed = False
+
+
+class MmuFault(NxHugePages):
+    """The fault entry of mmu.c over the TDP MMU."""
+
+    def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """An EPT violation on gfn; returns a RET_PF_* value (bound to the entry point this VM uses)."""
+        raise NotImplementedError("the Mmu binds page_fault to its entry point when it is built")
+
+    def kvm_faultin_pfn(self, fault: Fault) -> bool:
+        """The fault's prologue, outside the lock: top up the caches, read mmu_seq, find the slot and the
+        host page (the GUP), and the levels; False if there is no memslot (an emulated MMIO access)."""
+        pool = self.pool
+        if pool.count < pool.min:
+            pool.topup()                              # mmu_topup_memory_caches(): may sleep
+        fault.mmu_seq = self.ctl.load(_C_SEQ)
+        slots = self.slots
+        slot = fault.slot = slots.lookup(fault.gfn)
+        if slot is None:
+            return False
+        fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
+        self.kvm_mmu_hugepage_adjust(fault, slot)
+        return True
+
+    def kvm_mmu_hugepage_adjust(self, fault: Fault, slot: Slot) -> None:
+        """kvm_mmu_hugepage_adjust(): the largest level the slot allows (4K while logging), then the NX clamp."""
+        level = fault.max_level = fault.req_level = self.slots.max_mapping_level(slot, fault.gfn)
+        if fault.exec and self.nx:
+            fault.huge_page_disallowed = True
+            if level > 1:
+                level = 1                         # the iTLB multihit workaround (nx_huge_pages)
+        fault.goal_level = level
+
+    def mmu_notifier_retry_hva(self, fault: Fault) -> bool:
+        """mmu_notifier_retry_hva(): an invalidation in progress covers the page, or one completed since
+        mmu_seq was read; plus the memslot-generation recheck (the kernel uses SRCU for the latter)."""
+        ctl = self.ctl
+        if ctl.load(_C_COUNT) and ctl.load(_C_START) <= fault.gfn < ctl.load(_C_END):
+            return True
+        if ctl.load(_C_SEQ) != fault.mmu_seq:
+            return True
+        slot = fault.slot
+        return self.slots.rows.load(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
+
+    def make_mmu_pages_available(self) -> None:
+        """Legacy shadow-page reclaim: it needs the write lock (CVE-2022-45869 ran it under the read lock)."""
+        if self.lock.mode != HELD_WRITE:
+            self._lockdep(HELD_WRITE)
+
+    # ------------------------------------------------------------------ the entry points
+
+    def kvm_tdp_mmu_page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """kvm_tdp_mmu_page_fault() (the series, after the CVE-2022-45869 fix): the map under the read lock."""
+        st = self.st
+        st[_ST_FAULTS] += 1
+        fault = Fault(gfn, write, exec_fault)
+        if not self.kvm_faultin_pfn(fault):
+            st[_ST_EMULATED] += 1
+            return RET_PF_EMULATE
+        r = RET_PF_RETRY
+        lock = self.lock
+        lock.read_lock()
+        try:
+            if self.mmu_notifier_retry_hva(fault):
+                st[_ST_NOTIFIER_RETRIES] += 1
+            else:
+                r = self.map_in_rcu(fault, True)
+        finally:
+            lock.read_unlock()
+        st[_ST_RESULT[r]] += 1
+        return r
+
+    def direct_page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """direct_page_fault() of the pre-series MMU (the exclusive baseline): everything under the write lock."""
+        st = self.st
+        st[_ST_FAULTS] += 1
+        fault = Fault(gfn, write, exec_fault)
+        if not self.kvm_faultin_pfn(fault):
+            st[_ST_EMULATED] += 1
+            return RET_PF_EMULATE
+        r = RET_PF_RETRY
+        lock = self.lock
+        lock.write_lock()
+        try:
+            if self.mmu_notifier_retry_hva(fault):
+                st[_ST_NOTIFIER_RETRIES] += 1
+            else:
+                self.make_mmu_pages_available()
+                r = self.map_in_rcu(fault, False)
+        finally:
+            lock.write_unlock()
+        st[_ST_RESULT[r]] += 1
+        return r
+
+    def page_fault_reverted(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """The fault entry with a fault-entry switch on: K15 (5.13's direct_page_fault for a TDP fault:
+        make_mmu_pages_available under the read lock, CVE-2022-45869) and/or no mmu_notifier_retry_hva."""
+        bugs = self.bugs
+        shared = self.parallel
+        st = self.st
+        st[_ST_FAULTS] += 1
+        fault = Fault(gfn, write, exec_fault)
+        if not self.kvm_faultin_pfn(fault):
+            st[_ST_EMULATED] += 1
+            return RET_PF_EMULATE
+        r = RET_PF_RETRY
+        lock = self.lock
+        lock.read_lock() if shared else lock.write_lock()
+        try:
+            if not bugs.no_notifier_recheck and self.mmu_notifier_retry_hva(fault):
+                st[_ST_NOTIFIER_RETRIES] += 1
+            else:
+                if bugs.pages_lock_in_read_fault or not shared:
+                    self.make_mmu_pages_available()
+                r = self.map_in_rcu(fault, shared)
+        finally:
+            lock.read_unlock() if shared else lock.write_unlock()
+        st[_ST_RESULT[r]] += 1
+        return r
+
+    def map_in_rcu(self, fault: Fault, shared: bool) -> int:
+        """kvm_tdp_mmu_map() inside its RCU read-side section."""
+        rcu = self.rcu
+        rcu.read_lock()
+        try:
+            return self.kvm_tdp_mmu_map(fault, shared)
+        except IndexError:
+            # the walk followed an entry to a table outside the pool: it read garbage from a
+            # freed or recycled table (a correct MMU never gets here)
+            self.violation("use-after-free", fault.gfn, 0, 1)
+            return RET_PF_RETRY
+        finally:
+            rcu.read_unlock()

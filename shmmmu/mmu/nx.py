@@ -1,0 +1,121 @@
+"""NX huge pages: the list of tables split for the iTLB multihit mitigation, and their recovery (mmu.c).
+
+With `kvm.nx_huge_pages`, an instruction fetch is mapped with 4 KiB pages even
+where the host could map a huge one; a table linked for such a fault goes on
+lpage_disallowed_mmu_pages (account_huge_nx_page), in the same page-list-lock
+section as tdp_mmu_pages, and comes off when it is torn down.  The recovery
+thread (kvm_recover_nx_lpages, run by the reclaimer process) zaps a share of
+the list every period, so later faults that are not fetches can map huge again.
+"""
+from __future__ import annotations
+
+from shmmmu.layout import STAT, Ctl, TableState, TMeta
+from shmmmu.mmu.tdp_mmu import TdpMmu
+
+_U64 = (1 << 64) - 1
+_TM = TMeta.WORDS
+
+
+class NxHugePages(TdpMmu):
+    """account/unaccount_huge_nx_page and kvm_recover_nx_lpages."""
+
+    def account_huge_nx_page(self, table: int) -> None:
+        """account_huge_nx_page(): list_add_tail on lpage_disallowed_mmu_pages, nx_lpage_splits++.
+
+        Called with the page-list lock held (shared mode) or the write lock: the NX
+        list lives in the same critical section as the page list, as in 5.12.
+        """
+        tm, ctl = self.tm, self.ctl
+        t = table * _TM
+        if tm.load(t + TMeta.NX):
+            return
+        tail = ctl.load(Ctl.NX_TAIL)
+        tm.store(t + TMeta.NX_NEXT, 0)
+        tm.store(t + TMeta.NX_PREV, tail)
+        if tail:
+            tm.store((tail - 1) * _TM + TMeta.NX_NEXT, table + 1)
+        else:
+            ctl.store(Ctl.NX_HEAD, table + 1)
+        ctl.store(Ctl.NX_TAIL, table + 1)
+        tm.store(t + TMeta.NX, 1)
+        ctl.fetch_add(Ctl.NX_COUNT, 1)
+
+    def unaccount_huge_nx_page(self, table: int) -> None:
+        """unaccount_huge_nx_page(): list_del from the NX list, nx_lpage_splits-- (page-list lock held)."""
+        tm, ctl = self.tm, self.ctl
+        t = table * _TM
+        prev, nxt = tm.load(t + TMeta.NX_PREV), tm.load(t + TMeta.NX_NEXT)
+        if prev:
+            tm.store((prev - 1) * _TM + TMeta.NX_NEXT, nxt)
+        elif ctl.load(Ctl.NX_HEAD) == table + 1:
+            ctl.store(Ctl.NX_HEAD, nxt)
+        else:
+            self.violation("table-leak", tm.load(t + TMeta.GFN), table, 1)   # not on the NX list it claims
+        if nxt:
+            tm.store((nxt - 1) * _TM + TMeta.NX_PREV, prev)
+        elif ctl.load(Ctl.NX_TAIL) == table + 1:
+            ctl.store(Ctl.NX_TAIL, prev)
+        tm.store(t + TMeta.NX_PREV, 0)
+        tm.store(t + TMeta.NX_NEXT, 0)
+        tm.store(t + TMeta.NX, 0)
+        ctl.fetch_add(Ctl.NX_COUNT, _U64)
+
+    def nx_list(self) -> list[int]:
+        """The tables on the NX list, oldest first (lpage_disallowed_mmu_pages; a read for tests and tools)."""
+        out, cur = [], self.ctl.load(Ctl.NX_HEAD)
+        limit = self.tables_np.shape[0]
+        while cur and len(out) <= limit:
+            out.append(cur - 1)
+            cur = self.tm.load((cur - 1) * _TM + TMeta.NX_NEXT)
+        return out
+
+    def recover_nx_lpages(self, ratio: int | None = None) -> int:
+        """kvm_recover_nx_lpages() (5.12): zap ceil(nx_lpage_splits / ratio) tables from the head of the NX list.
+
+        Under the write lock, as in 5.12 (the list is only changed under the write
+        lock or the page-list lock, which faults take inside the read lock).  Each
+        table is zapped as kvm_tdp_mmu_zap_sp() does, without yielding; the returned
+        flush is accumulated (048f49809c52) and done before the lock is dropped for a
+        waiter (cond_resched_rwlock_write) and at the end.  Zapping the parent entry
+        tears the table down, which takes it off the list; a later fault that is not
+        an instruction fetch can then map a huge page there.
+        Returns how many tables were zapped.
+        """
+        ratio = self.config.nx_recovery_ratio if ratio is None else ratio
+        tm, ctl = self.tm, self.ctl
+        zapped = 0
+        self.lock.write_lock()
+        try:
+            to_zap = -(-ctl.load(Ctl.NX_COUNT) // ratio) if ratio > 0 else 0
+            flush = False
+            while to_zap:
+                head = ctl.load(Ctl.NX_HEAD)
+                if not head:
+                    break
+                sp = head - 1
+                t = sp * _TM
+                if not tm.load(t + TMeta.NX) or tm.load(t + TMeta.STATE) != TableState.LIVE:
+                    # WARN_ON_ONCE(!sp->lpage_disallowed): the list names a table it does not hold
+                    self.violation("table-leak", tm.load(t + TMeta.GFN), sp, 2)
+                    break
+                flush |= self.kvm_tdp_mmu_zap_sp(sp)
+                if ctl.load(Ctl.NX_HEAD) == head:
+                    self.violation("table-leak", tm.load(t + TMeta.GFN), sp, 3)    # its zap did not tear it down
+                    break
+                zapped += 1
+                to_zap -= 1
+                if to_zap and self.lock.needbreak():
+                    if flush or self.holds_unflushed:
+                        self.kvm_flush_remote_tlbs()
+                    flush = False
+                    self.lock.write_unlock()
+                    self.lock.write_lock()
+                    self.lock.stats.yields += 1
+                    self.st[STAT["yields"]] += 1
+            if flush or self.holds_unflushed:
+                self.kvm_flush_remote_tlbs()
+        finally:
+            self.lock.write_unlock()
+        self.st[STAT["nx_recovered"]] += zapped
+        self.st[STAT["nx_recovery_passes"]] += 1
+        return zapped

@@ -1,0 +1,676 @@
+"""TDP MMU: arch/x86/kvm/mmu/tdp_mmu.c: setting entries, handling changes and disconnected tables, map, zaps, write protection.
+
+Every function here takes `shared` (read lock held, atomic updates) or is
+one side of that choice, opens with the held-lock assertion the kernel has
+(lockdep_assert_held*), and takes no lock of its own except the page-list lock
+inside mmu_lock: the lock-taking entry points are in ioctl.py (the ioctl and
+notifier side) and mmu.py (the fault).  Everything is written on the TDP
+iterator (shmmmu.tdp_iter).
+
+Freeing a table needs three things: it is unreachable, a TLB flush completed
+after it was unlinked, and a grace period ended (software walkers under the
+read lock are RCU readers).  Changes that leave a vCPU translation stale are
+counted in the region's "unflushed" word until their flush completes, which is
+what lets a vCPU tell a legitimately stale translation (flush in progress) from
+a forgotten flush.
+
+Functions a bug switch reverts have their reverted variant beside them, named
+after the K number; mmu/__init__.py picks the variant when it builds the Mmu.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shmmmu import spte as S
+from shmmmu.layout import NIL, STAT, Ctl, MemslotFlags, TMeta
+from shmmmu.memslots import Slot
+from shmmmu.mmu.kvm import Kvm
+from shmmmu.rwlock import HELD_READ
+from shmmmu.tdp_iter import TdpIter, for_each_leaf, for_each_pte
+
+if TYPE_CHECKING:
+    from shmmmu.mmu.mmu import Fault
+
+# page-fault return values (the 5.12-5.18 enum)
+RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = range(5)
+RET_NAMES = {RET_PF_RETRY: "RETRY", RET_PF_EMULATE: "EMULATE", RET_PF_INVALID: "INVALID",
+             RET_PF_FIXED: "FIXED", RET_PF_SPURIOUS: "SPURIOUS"}
+
+_P = S.MMU_PRESENT
+_L = S.LARGE
+_W = S.WRITABLE
+_REMOVED = S.REMOVED
+_PFN_MASK = S.PFN_MASK
+_PFN_SHIFT = S.PFN_SHIFT
+_U64 = (1 << 64) - 1
+_LOG_DIRTY = MemslotFlags.LOG_DIRTY
+
+_ST_CAS_FAIL = STAT["cas_failures"]
+_ST_REMOVED_SEEN = STAT["removed_seen"]
+_ST_ALLOC = STAT["tables_allocated"]
+_ST_LINKED = STAT["tables_linked"]
+_ST_LINK_RACE = STAT["link_races"]
+_ST_MAPPED = [0, STAT["mapped_4k"], STAT["mapped_2m"], STAT["mapped_1g"], STAT["mapped_1g"]]
+_ST_ZAPPED = STAT["zapped_leaves"]
+_ST_DIRTY = STAT["dirty_marked"]
+_ST_SPLITS = STAT["huge_splits"]
+
+_TM = TMeta.WORDS
+_T_LEVEL, _T_GFN, _T_NX, _T_PREV, _T_NEXT, _T_OWNER = (TMeta.LEVEL, TMeta.GFN, TMeta.NX, TMeta.PREV,
+                                                       TMeta.NEXT, TMeta.OWNER)
+_C_LIST_HEAD, _C_LIST_COUNT = Ctl.LIST_HEAD, Ctl.LIST_COUNT
+
+
+class TdpMmu(Kvm):
+    """The functions of tdp_mmu.c, as methods over one process's Kvm."""
+
+    def __init__(self, vm, worker: int, tlb=None):
+        super().__init__(vm, worker, tlb)
+        self._cas = self.tables.cas
+        self._store = self.tables.store
+        self._load = self.tables.load
+        # the fault path's walk: one iterator per process, reused (a walk never outlives its fault,
+        # as the kernel's is a stack variable of kvm_tdp_mmu_map)
+        self.fault_walk = self.new_iter(self.root, 1, 0)
+        # make_spte() of a fault, per level, for host page 0: the PFN is the only part that varies
+        # (spte.make_leaf ORs it in), so a fault ORs its page into this instead of rebuilding the bits
+        self.leaf_template = [0] + [S.make_leaf(0, level, writable=True, exec_ok=not (self.nx and level > 1))
+                                    for level in range(1, self.root_level + 1)]
+
+    # ------------------------------------------------------------------ setters (KVM_TDP_MMU.md §5)
+
+    def tdp_mmu_set_spte_atomic(self, it: TdpIter, new: int) -> bool:
+        """tdp_mmu_set_spte_atomic(): cmpxchg against the value the walk saw; False if it changed.
+
+        Only the thread that froze an entry may write it: a REMOVED old value fails.
+        """
+        if self.lock.mode != HELD_READ:
+            self._lockdep(HELD_READ)
+        old = it.old_spte
+        if old == _REMOVED:
+            self.st[_ST_REMOVED_SEEN] += 1
+            return False
+        if self._cas(it.table * self.E + it.index, old, new) != old:
+            self.st[_ST_CAS_FAIL] += 1
+            return False
+        self.handle_changed_spte(it.gfn, old, new, it.level, True)
+        return True
+
+    def set_spte_atomic_k4_plain_store(self, it: TdpIter, new: int) -> bool:
+        """K4 (before 9a77daacc87d): the fault path writes entries with a plain store under the read lock."""
+        old = it.old_spte
+        if old == _REMOVED and not self.bugs.cas_over_removed:
+            self.st[_ST_REMOVED_SEEN] += 1
+            return False
+        self._store(it.table * self.E + it.index, new)
+        self.handle_changed_spte(it.gfn, old, new, it.level, True)
+        return True
+
+    def set_spte_atomic_k8_accepts_removed(self, it: TdpIter, new: int) -> bool:
+        """K8: tdp_mmu_set_spte_atomic without its REMOVED check: a frozen entry is overwritten."""
+        old = it.old_spte
+        if self._cas(it.table * self.E + it.index, old, new) != old:
+            self.st[_ST_CAS_FAIL] += 1
+            return False
+        self.handle_changed_spte(it.gfn, old, new, it.level, True)
+        return True
+
+    def tdp_mmu_set_spte(self, it: TdpIter, new: int, record_dirty_log: bool = True) -> None:
+        """__tdp_mmu_set_spte(): the exclusive setter, a plain store under the write lock."""
+        self.lockdep_assert_held_write()
+        old = it.old_spte
+        if old == _REMOVED:
+            self.violation("frozen-entry-overwritten", it.gfn, old, new)     # WARN_ON(is_removed_spte(old))
+        self._store(it.table * self.E + it.index, new)
+        it.old_spte = new
+        self.handle_changed_spte(it.gfn, old, new, it.level, False, record_dirty_log)
+
+    def tdp_mmu_zap_spte_atomic(self, it: TdpIter) -> bool:
+        """tdp_mmu_zap_spte_atomic(): freeze with REMOVED, flush, then clear.
+
+        Between clearing a present entry and the flush no other thread may install
+        a present entry (maybe for another page) in the same slot: REMOVED ensures it.
+        """
+        self.mark_unflushed()
+        if not self.tdp_mmu_set_spte_atomic(it, _REMOVED):
+            return False
+        self.kvm_flush_remote_tlbs()
+        self.clear_frozen_spte(it.table * self.E + it.index, it.gfn)
+        it.old_spte = 0
+        return True
+
+    def zap_spte_atomic_k5_no_freeze(self, it: TdpIter) -> bool:
+        """K5 (before 08f07c800e9d): straight to 0, and nobody waits for a flush."""
+        if not self.tdp_mmu_set_spte_atomic(it, 0):
+            return False
+        it.old_spte = 0
+        return True
+
+    def clear_frozen_spte(self, sptep: int, gfn: int) -> None:
+        """The freezer's closing plain store of 0: nobody else may write a REMOVED entry."""
+        self._store(sptep, 0)
+
+    # ------------------------------------------------------------------ changes (§5.4, §6)
+
+    def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, shared: bool,
+                            record_dirty_log: bool = True) -> None:
+        """handle_changed_spte(): accounting, dirty logging, and teardown of a disconnected table."""
+        if old == new:
+            return
+        was_present = old & _P
+        is_present = new & _P
+        if not was_present and not is_present:
+            return
+        was_leaf = was_present and (level == 1 or old & _L)
+        is_leaf = is_present and (level == 1 or new & _L)
+        pfn_changed = (old ^ new) & _PFN_MASK
+        if was_leaf and is_leaf and pfn_changed:
+            # a present leaf replaced by a present leaf for another page: must zap + flush first
+            self.violation("pfn-changed-without-zap", gfn, old, new)
+        st = self.st
+        if is_leaf and not was_leaf:
+            st[_ST_MAPPED[level]] += 1
+        elif was_leaf and not is_leaf:
+            st[_ST_MAPPED[level]] -= 1
+            st[_ST_ZAPPED] += 1
+        # A non-leaf replaced by anything but itself disconnects its table.  The kernel tests
+        # only pfn_changed, which suffices where table pages and guest pages are all host
+        # frames; here a child table's index and a huge leaf's host page are different
+        # namespaces and can be equal, so a non-leaf -> leaf change always counts.
+        if was_present and not was_leaf and (not is_present or is_leaf or pfn_changed):
+            self.handle_removed_pt((old & _PFN_MASK) >> _PFN_SHIFT, shared)
+        # handle_changed_spte_dirty_log(): log when W becomes 1 on a 4K entry
+        if (record_dirty_log and level == 1 and is_present and new & _W
+                and (not (old & _W and was_present) or pfn_changed)):
+            slot = self.slots.lookup(gfn)
+            if slot is not None and slot.flags & _LOG_DIRTY:
+                self.slots.mark_dirty(slot, gfn)
+                st[_ST_DIRTY] += 1
+
+    def handle_removed_pt(self, table: int, shared: bool) -> None:
+        """handle_removed_tdp_mmu_page(): unlink, freeze every entry (with the tables below), flush, retire.
+
+        In shared mode every entry is exchanged to REMOVED, waiting out an entry that
+        another thread holds frozen; afterwards no thread can install into the table.
+        The tables below are taken down in the same pass, and one flush covers them all
+        before any is retired (5.13 flushed once per table: docs/internals.md).
+        """
+        self.mark_unflushed()                    # the entries are about to change under vCPUs' TLBs
+        removed = [table]
+        for t in removed:                        # grows as child tables are found
+            self._remove_table(t, shared, removed)
+        # no hardware walk may still stand in the table (or the tables below it) when it is freed
+        self.kvm_flush_remote_tlbs()
+        for t in removed:
+            self.free_sp(t)
+
+    def _remove_table(self, table: int, shared: bool, removed: list[int]) -> None:
+        """One table of a teardown: off the page list, every entry frozen, its leaves counted, its children queued."""
+        t = table * _TM
+        level = self.tm.load(t + _T_LEVEL)
+        base = self.tm.load(t + _T_GFN)
+        self.tdp_mmu_unlink_page(table, shared)
+        E = self.E
+        old = np.empty(E, dtype=np.uint64)
+        start = table * E
+        if shared:
+            self.freeze_removed_entries(start, base, table, old)
+        else:
+            # exclusive: only present entries are written (and nobody else can write any)
+            self.tables.load_range(start, E, old)
+            for i in np.flatnonzero(old & np.uint64(_P)):
+                self._store(start + int(i), _REMOVED)
+        present_idx = np.flatnonzero(old & np.uint64(_P))
+        if present_idx.size:
+            vals = old[present_idx]
+            leaf = np.ones(present_idx.size, dtype=bool) if level == 1 else (vals & np.uint64(_L)) != 0
+            n_leaf = int(leaf.sum())
+            if n_leaf:
+                self.st[_ST_MAPPED[level]] -= n_leaf
+                self.st[_ST_ZAPPED] += n_leaf
+            for v in vals[~leaf]:
+                removed.append((int(v) & _PFN_MASK) >> _PFN_SHIFT)
+
+    def freeze_removed_entries(self, start: int, base: int, table: int, old: np.ndarray) -> None:
+        """The shared-mode loop of handle_removed: xchg every entry to REMOVED; an entry another thread
+        holds frozen (mid zap_spte_atomic) is waited out until its 0, then claimed."""
+        E = self.E
+        self.tables.xchg_range(start, E, _REMOVED, old)
+        waits = self.waits
+        for i in np.flatnonzero(old == np.uint64(_REMOVED)):
+            i = int(i)
+            t_wait = waits.now()
+            while True:
+                o = self.tables.xchg(start + i, _REMOVED)
+                if o != _REMOVED:
+                    old[i] = o
+                    break
+                waits.wait_while(self.tables, start + i, _REMOVED, 10000)
+                if waits.now() - t_wait > 5.0:
+                    # nobody will ever clear this frozen entry: report it instead of spinning
+                    self.violation("no-forward-progress", base, table, i)
+                    old[i] = 0
+                    break
+
+    def freeze_k6_zero_children(self, start: int, base: int, table: int, old: np.ndarray) -> None:
+        """K6 (before e25f0e0cd51b): the entries of a disconnected table are exchanged to 0, not REMOVED."""
+        self.tables.xchg_range(start, self.E, 0, old)
+
+    def free_sp(self, table: int) -> None:
+        """call_rcu(tdp_mmu_free_sp_rcu_callback): the table is freed after a grace period."""
+        self.rcu.call_rcu(table)
+        self.st[STAT["tables_retired"]] += 1
+
+    def free_sp_now(self, table: int) -> None:
+        """Free at once: the pre-series baseline (exclusive mode), and bug K7 (before 7cca2d0b7e7d) in shared mode."""
+        self.pool.free([table])
+        self.st[STAT["tables_freed"]] += 1
+
+    # ------------------------------------------------------------------ page lists (§2, tdp_mmu_pages_lock)
+
+    def tdp_mmu_link_page(self, table: int, shared: bool, account_nx: bool) -> None:
+        """tdp_mmu_link_page(): add to tdp_mmu_pages (and the NX list) under the page-list lock."""
+        if shared:
+            self.pages_lock.acquire()
+        try:
+            tm, ctl = self.tm, self.ctl
+            t = table * _TM
+            head = ctl.load(_C_LIST_HEAD)
+            tm.store(t + _T_PREV, NIL)
+            # list words hold table + 1 so that 0 (a zeroed region) is "empty"
+            tm.store(t + _T_NEXT, head)
+            if head != NIL and head != 0:
+                tm.store((head - 1) * _TM + _T_PREV, table + 1)
+            ctl.store(_C_LIST_HEAD, table + 1)
+            ctl.fetch_add(_C_LIST_COUNT, 1)
+            if account_nx:
+                self.account_huge_nx_page(table)
+            tm.store(t + _T_OWNER, NIL)
+        finally:
+            if shared:
+                self.pages_lock.release()
+
+    def tdp_mmu_unlink_page(self, table: int, shared: bool) -> None:
+        """tdp_mmu_unlink_page(): list_del from tdp_mmu_pages (and the NX list) under the page-list lock."""
+        if shared:
+            self.pages_lock.acquire()
+        try:
+            tm, ctl = self.tm, self.ctl
+            t = table * _TM
+            prev, nxt = tm.load(t + _T_PREV), tm.load(t + _T_NEXT)
+            if prev == NIL and ctl.load(_C_LIST_HEAD) != table + 1:
+                # list_del of an entry that is not on the list: the corruption behind K18
+                self.violation("table-leak", self.tm.load(t + _T_GFN), table, 0)
+                return
+            if prev == NIL:
+                ctl.store(_C_LIST_HEAD, nxt)
+            else:
+                tm.store((prev - 1) * _TM + _T_NEXT, nxt)
+            if nxt not in (NIL, 0):
+                tm.store((nxt - 1) * _TM + _T_PREV, prev)
+            tm.store(t + _T_PREV, NIL)
+            tm.store(t + _T_NEXT, NIL)
+            ctl.fetch_add(_C_LIST_COUNT, _U64)
+            if tm.load(t + _T_NX):
+                self.unaccount_huge_nx_page(table)
+        finally:
+            if shared:
+                self.pages_lock.release()
+
+    # ------------------------------------------------------------------ the fault's map (§7.2)
+
+    def kvm_tdp_mmu_map(self, fault: "Fault", shared: bool) -> int:
+        """kvm_tdp_mmu_map(): walk to the target level, linking tables and splitting huge pages.
+
+        Shared (the series): atomic updates under the read lock.  Not shared: the
+        pre-series map, plain stores under the write lock (the exclusive baseline).
+        """
+        gfn = fault.gfn
+        level = fault.goal_level
+        it = self.fault_walk.start(self.root, 1, gfn)
+        nx = self.nx
+        while it.valid and it.gfn <= gfn:
+            spte = it.old_spte
+            if nx and it.level == level and level > 1 and spte & _P and not spte & _L:
+                level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
+            if it.level == level:
+                break
+            if spte & _P and not spte & _L:
+                it.next()                        # a present non-leaf: step down into it
+                continue
+            if spte & _P:
+                # a huge page above the target level: zap it so it can be split
+                if shared:
+                    if not self.tdp_mmu_zap_spte_atomic(it):
+                        break
+                else:
+                    self.mark_unflushed()
+                    self.tdp_mmu_set_spte(it, 0)
+                    self.kvm_flush_remote_tlbs()
+                self.st[_ST_SPLITS] += 1
+                spte = it.old_spte = self._load(it.table * self.E + it.index)
+            if not spte & _P:
+                child = self.pool.alloc(it.level - 1, it.gfn)
+                self.st[_ST_ALLOC] += 1
+                if shared:
+                    if not self.link_new_table(it, child, fault.huge_page_disallowed and
+                                               fault.req_level >= it.level):
+                        break
+                else:
+                    self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
+                    self.tdp_mmu_link_page(child, False, fault.huge_page_disallowed and
+                                           fault.req_level >= it.level)
+                    self.st[_ST_LINKED] += 1
+            it.next()
+        if not it.valid or it.level != level:
+            return RET_PF_RETRY
+        fault.goal_level = level
+        return self.tdp_mmu_map_handle_target_level(fault, it, shared)
+
+    def link_new_table(self, it: TdpIter, child: int, account_nx: bool) -> bool:
+        """Publish a new child table under the read lock: on the page list first, then the cmpxchg;
+        a lost cmpxchg takes it back off the list (later kernels account before publishing)."""
+        self.tdp_mmu_link_page(child, True, account_nx)
+        self.torture_delay()
+        if self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
+            self.st[_ST_LINKED] += 1
+            return True
+        self.tdp_mmu_unlink_page(child, True)
+        self.tm.store(child * _TM + _T_OWNER, self.worker)
+        self.pool.unalloc(child)
+        self.st[_ST_LINK_RACE] += 1
+        return False
+
+    def link_new_table_k18_after_publish(self, it: TdpIter, child: int, account_nx: bool) -> bool:
+        """K18, the 5.12 order: tdp_mmu_link_page after the cmpxchg made the table visible; a zap of
+        the new entry in between unlinks it before it is linked."""
+        if self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
+            self.torture_delay()
+            self.tdp_mmu_link_page(child, True, account_nx)
+            self.st[_ST_LINKED] += 1
+            return True
+        self.pool.unalloc(child)
+        self.st[_ST_LINK_RACE] += 1
+        return False
+
+    def tdp_mmu_map_handle_target_level(self, fault: "Fault", it: TdpIter, shared: bool) -> int:
+        """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf (5.12's FIXED, not its RETRY)."""
+        level = fault.goal_level
+        pfn_base = fault.pfn & ~((1 << (self.bits * (level - 1))) - 1)
+        new = self.leaf_template[level] | (pfn_base << _PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)
+        if new == it.old_spte:
+            return RET_PF_SPURIOUS
+        if shared:
+            if not self.tdp_mmu_set_spte_atomic(it, new):
+                return RET_PF_RETRY
+        else:
+            self.tdp_mmu_set_spte(it, new)
+        return RET_PF_FIXED
+
+    # ------------------------------------------------------------------ yielding (§4)
+
+    def tdp_mmu_iter_cond_resched(self, it: TdpIter, flush: bool, shared: bool) -> bool:
+        """tdp_mmu_iter_cond_resched(): yield the lock if contended, with forward progress.
+
+        A pending flush completes before the lock is dropped.  Returns True if it yielded;
+        the caller then `continue`s, and the walk restarts from the root (5.16's
+        `yielded`: the next step restarts instead of advancing).
+        """
+        bugs = self.bugs
+        if not it.can_yield() and not bugs.no_forward_progress:     # K1: ed5e484b79e8
+            return False
+        if not self.lock.needbreak():
+            return False
+        if not it.can_yield():
+            # I6: a yield must follow progress, else two walkers can yield to each other forever (K1)
+            self.violation("no-forward-progress", it.next_last_level_gfn, it.yielded_gfn, it.level)
+        self.rcu.read_unlock()
+        if flush:
+            if bugs.drop_flush_on_yield:
+                self.forget_unflushed()          # K11: the changes so far are never flushed
+            else:
+                self.kvm_flush_remote_tlbs()
+        if shared:
+            self.lock.read_unlock()
+            self.torture_delay()                 # cond_resched(): the others run meanwhile
+            self.lock.read_lock()
+        else:
+            self.lock.write_unlock()
+            self.torture_delay()
+            self.lock.write_lock()
+        self.lock.stats.yields += 1
+        self.st[STAT["yields"]] += 1
+        self.rcu.read_lock()
+        if bugs.advance_after_restart:
+            it.restart()                         # K9, 5.13: restart here; the caller's continue advances
+        else:
+            it.mark_yielded()
+        return True
+
+    # ------------------------------------------------------------------ zapping (§10)
+
+    def zap_gfn_range(self, root: int, start: int, end: int, can_yield: bool, flush: bool, shared: bool,
+                      min_level: int = 1, zap_all: bool = False) -> bool:
+        """zap_gfn_range(): clear every entry covering [start, end); returns whether a flush is pending.
+
+        Shared (5.13): each entry frozen, flushed and cleared (tdp_mmu_zap_spte_atomic).
+        Exclusive: plain stores, and the flush is the caller's.  A non-leaf entry the range
+        covers only in part is descended into, unless this is a zap of everything
+        (524a1e4e381f: zap-all zaps every root entry whole).
+        """
+        self.lockdep_assert_held(shared)
+        self.rcu.read_lock()
+        try:
+            bits, E = self.bits, self.E
+            for it in for_each_pte(self.new_iter(root, min_level, start), end):
+                while True:                      # retry:
+                    if can_yield and self.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    if not spte & _P:
+                        break
+                    level = it.level
+                    if (not zap_all and not (level == 1 or spte & _L)
+                            and (it.gfn < start or it.gfn + (1 << (bits * (level - 1))) > end)):
+                        break                    # partly covered table: descend instead
+                    if shared:
+                        if not self.tdp_mmu_zap_spte_atomic(it):
+                            it.old_spte = self._load(it.table * E + it.index)
+                            continue             # goto retry
+                    else:
+                        self.mark_unflushed()
+                        self.tdp_mmu_set_spte(it, 0)
+                        flush = True
+                    break
+        finally:
+            self.rcu.read_unlock()
+        return flush
+
+    def kvm_tdp_mmu_zap_gfn_range(self, start: int, end: int, can_yield: bool, flush: bool,
+                                  shared: bool) -> bool:
+        """__kvm_tdp_mmu_zap_gfn_range(): zap_gfn_range over every root, the pending flush threaded
+        through (a835429cda91: a flush owed from one root is honoured before yielding in the next)."""
+        for root in self.roots():
+            flush = self.zap_gfn_range(root, start, end, can_yield, flush, shared)
+        return flush
+
+    def kvm_tdp_mmu_zap_all(self) -> None:
+        """kvm_tdp_mmu_zap_all(): everything, with the write lock held, then the flush.
+
+        The range is the whole tree and every root entry is zapped whole (524a1e4e381f);
+        K17 ends at the host's physical limit instead and so skips a root entry that
+        reaches past it.  With K9 the walk is 5.14's (root entries only, 0103098fb4f1),
+        the form in which advancing after a restart skips a whole subtree.
+        """
+        self.lockdep_assert_held_write()
+        bugs = self.bugs
+        min_level = self.root_level if bugs.advance_after_restart else 1
+        flush = False
+        for root in self.roots():
+            if bugs.zap_all_phys_end:
+                flush = self.zap_gfn_range(root, 0, self.phys_max_gfn, True, flush, False, min_level)
+            else:
+                flush = self.zap_gfn_range(root, 0, self.max_gfn, True, flush, False, min_level, zap_all=True)
+        if flush or self.holds_unflushed:
+            self.kvm_flush_remote_tlbs()
+
+    def kvm_tdp_mmu_zap_sp(self, table: int) -> bool:
+        """kvm_tdp_mmu_zap_sp(): zap a table's span without yielding (the caller may hold a pending flush,
+        33a3164161fc); returns whether a flush is owed (048f49809c52)."""
+        tm = self.tm
+        gfn = tm.load(table * _TM + _T_GFN)
+        span = 1 << (self.bits * tm.load(table * _TM + _T_LEVEL))
+        return self.kvm_tdp_mmu_zap_gfn_range(gfn, gfn + span, False, False, False)
+
+    # ------------------------------------------------------------------ write protection (§9)
+
+    def wrprot_gfn_range(self, root: int, start: int, end: int, min_level: int, shared: bool) -> int:
+        """wrprot_gfn_range(): clear W on every present leaf at min_level or above in [start, end).
+
+        Walks to level 2 with the iterator (yielding with forward progress); each 4K
+        table below is write-protected with one compare-exchange loop in C; huge
+        leaves are protected one by one.  Returns the number of leaves changed.
+        """
+        self.lockdep_assert_held(shared)
+        changed = 0
+        flush = False
+        E = self.E
+        old = np.empty(E, dtype=np.uint64)
+        self.rcu.read_lock()
+        try:
+            it = self.new_iter(root, min(2, self.root_level), start)
+            for it in for_each_pte(it, end):
+                while True:
+                    if self.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    if not spte & _P:
+                        break
+                    if spte & _L:                                     # a huge leaf
+                        if not spte & _W:
+                            break
+                        self.mark_unflushed()                # before the change a vCPU may observe
+                        if shared:
+                            if not self.tdp_mmu_set_spte_atomic(it, spte & ~_W):
+                                it.old_spte = self._load(it.table * E + it.index)
+                                continue
+                        else:
+                            self.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                        flush = True
+                        changed += 1
+                        break
+                    if it.level == 2 and min_level == 1:              # a table of 4K leaves: one batch
+                        child = (spte & _PFN_MASK) >> _PFN_SHIFT
+                        self.mark_unflushed()
+                        n = self.tables.clear_where(child * E, E, _P, _P, _W, old)
+                        if n:
+                            flush = True
+                            changed += n
+                    break
+        finally:
+            self.rcu.read_unlock()
+        if flush or self.holds_unflushed:
+            self.kvm_flush_remote_tlbs()
+        self.st[STAT["wrprot_leaves"]] += changed
+        return changed
+
+    def kvm_tdp_mmu_wrprot_slot(self, slot: Slot, min_level: int, shared: bool) -> int:
+        """kvm_tdp_mmu_wrprot_slot(): wrprot_gfn_range over the slot, on every root."""
+        return sum(self.wrprot_gfn_range(root, slot.base_gfn, slot.end_gfn, min_level, shared)
+                   for root in self.roots())
+
+    def clear_dirty_pt_masked(self, root: int, gfn: int, mask: int) -> bool:
+        """clear_dirty_pt_masked(): write-protect the 4K leaves of [gfn, gfn+64) named by mask (write lock)."""
+        self.lockdep_assert_held_write()
+        if not mask:
+            return False
+        late = self.bugs.dirty_mask_late_clear
+        first = (mask & -mask).bit_length() - 1
+        changed = False
+        visited = 0
+        self.rcu.read_lock()
+        try:
+            for it in for_each_leaf(self.new_iter(root, 1, gfn + first), gfn + 64):
+                if not mask:
+                    break
+                if it.level > 1:
+                    continue                                  # huge leaves: protected at enable (may start below gfn)
+                bit = 1 << (it.gfn - gfn)
+                if not mask & bit:
+                    continue
+                visited |= bit
+                if not late:
+                    mask &= ~bit                              # f1b3b06a058b: before the early continue
+                spte = it.old_spte
+                if not spte & _W:
+                    continue
+                if late:
+                    mask &= ~bit                              # K3: only after it
+                self.mark_unflushed()
+                self.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                changed = True
+            if mask & visited:
+                # the mask must only name leaves not yet handled, or the walk cannot stop early (K3)
+                self.violation("mask-walk-overrun", gfn, mask & visited, mask)
+        finally:
+            self.rcu.read_unlock()
+        return changed
+
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Slot, gfn: int, mask: int) -> bool:
+        """kvm_tdp_mmu_clear_dirty_pt_masked(): clear_dirty_pt_masked on every root."""
+        changed = False
+        for root in self.roots():
+            changed |= self.clear_dirty_pt_masked(root, gfn, mask)
+        return changed
+
+    def zap_collapsible_spte_range(self, root: int, slot: Slot, shared: bool) -> int:
+        """zap_collapsible_spte_range(): zap the parent table of 4K mappings that could now be one huge page.
+
+        As later kernels do (~5.18+), the non-leaf entry at the highest level that could
+        map huge is zapped, one freeze + flush per huge region, instead of every 4K leaf
+        with a flush each (5.13), which the A.0 measurement shows costs ~3x.
+        """
+        self.lockdep_assert_held(shared)
+        if slot.huge_level < 2:
+            return 0
+        zapped = 0
+        flush = False
+        E = self.E
+        self.rcu.read_lock()
+        try:
+            for it in for_each_pte(self.new_iter(root, 2, slot.base_gfn), slot.end_gfn):
+                while True:
+                    if self.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    level = it.level
+                    if not spte & _P or spte & _L or level > slot.huge_level:
+                        break
+                    span = 1 << (self.bits * (level - 1))
+                    if it.gfn < slot.base_gfn or it.gfn + span > slot.end_gfn:
+                        break
+                    if self.slots.max_mapping_level(slot, it.gfn) < level:
+                        break
+                    if shared:
+                        if not self.tdp_mmu_zap_spte_atomic(it):
+                            it.old_spte = self._load(it.table * E + it.index)
+                            continue
+                    else:
+                        self.mark_unflushed()
+                        self.tdp_mmu_set_spte(it, 0)
+                        flush = True
+                    zapped += 1
+                    break
+        finally:
+            self.rcu.read_unlock()
+        self.st[STAT["collapsible_zaps"]] += zapped
+        return zapped
+
+    def kvm_tdp_mmu_zap_collapsible_sptes(self, slot: Slot, shared: bool) -> int:
+        """kvm_tdp_mmu_zap_collapsible_sptes(): zap_collapsible_spte_range on every root."""
+        return sum(self.zap_collapsible_spte_range(root, slot, shared) for root in self.roots())

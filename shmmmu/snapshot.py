@@ -1,0 +1,303 @@
+"""Snapshot: whole-section numpy copies of a VM region, and the one vectorized walk of its tables that inspect and checks share.
+
+`take_snapshot(name)` attaches read-only (`Region.attach(readonly=True)`: it
+cannot write to a VM, even by mistake), copies whole sections with numpy,
+detaches, and everything after reads only the copies: it takes no lock and no
+semaphore, so it never waits on the VM and never makes the VM wait.
+`snapshot(source)` does the same for a Region or VM this process holds.
+
+A copy of a moving VM can be torn: a table may change between the copy of one
+table and the next.  The tables are therefore copied twice on request and the
+entries that differ are counted (`Snapshot.changed`).  `walk_tables` survives
+anything a table can hold (a child pointer past the pool, a cycle, a table
+reached from two parents, a REMOVED or poisoned entry): it records it as an
+`Odd` entry and goes on; every table is followed once.  The checkers
+(shmmmu.checks) turn odd entries into problems; the inspector shows them.
+
+Everything is vectorized per level of the tree: one numpy pass over all the
+reachable tables of a level, never a Python loop over entries.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from shmmmu import spte as S
+from shmmmu.layout import (MAX_MEMSLOTS, ROOT_TABLE, STAT, MemslotFlags, MemslotRow, VMConfig)
+from shmmmu.pool import POISON
+from shmmmu.region import Region, RegionError
+
+if TYPE_CHECKING:
+    from shmmmu.vm import VM
+
+_U = np.uint64
+# every section a snapshot copies (the data words, guest memory, are not copied: integrity.py reads them)
+SECTIONS = ("tables", "tmeta", "pool", "ctl", "locks", "wstate", "stats", "caches", "retire", "memslots",
+            "host_map", "violations", "pipe")
+MAX_LISTED = 1000            # odd entries listed one by one (all are counted)
+
+
+@dataclass
+class Snapshot:
+    """Numpy copies of a VM's sections, taken at one moment (as near as a copy gets)."""
+
+    name: str
+    config: VMConfig
+    sections: dict[str, np.ndarray]
+    creator_pid: int = 0
+    size: int = 0
+    created_ns: int = 0
+    taken_ns: int = 0             # time.time_ns() when the copy began
+    taken_mono: float = 0.0       # time.monotonic() when the copy began
+    copy_s: float = 0.0           # how long the copies took
+    changed: int = 0              # table entries that differed between two copies
+    _walk: "Walk | None" = field(default=None, repr=False)
+
+    def __getattr__(self, section: str) -> np.ndarray:
+        """A copied section by name: snap.tables, snap.tmeta, snap.ctl, ..."""
+        try:
+            return self.__dict__["sections"][section]
+        except KeyError:
+            raise AttributeError(section) from None
+
+    @property
+    def geometry(self) -> S.Geometry:
+        return self.config.geometry
+
+    @property
+    def n_tables(self) -> int:
+        return int(self.tables.shape[0])
+
+    def word(self, i: int) -> int:
+        """A word of the ctl section (layout.Ctl)."""
+        return int(self.ctl[i])
+
+    def stats_total(self) -> dict[str, int]:
+        """Every counter summed over the workers (maxima taken as max)."""
+        rows = self.stats.astype(np.int64)
+        tot, top = rows.sum(axis=0), rows.max(axis=0) if rows.size else rows.sum(axis=0)
+        return {n: int(top[i] if n.endswith("_max_ns") else tot[i]) for n, i in STAT.items()}
+
+    def slot_rows(self) -> list[dict[str, int]]:
+        """Every memslot row that holds a slot, active or not."""
+        out = []
+        for k, row in enumerate(self.memslots[:MAX_MEMSLOTS]):
+            if int(row[MemslotRow.NPAGES]):
+                out.append({"slot": k, "base_gfn": int(row[MemslotRow.BASE_GFN]),
+                            "npages": int(row[MemslotRow.NPAGES]),
+                            "backing_level": int(row[MemslotRow.BACKING_LEVEL]),
+                            "flags": int(row[MemslotRow.FLAGS]), "host_off": int(row[MemslotRow.HOST_OFF])})
+        return out
+
+    def active_slots(self) -> list[dict[str, int]]:
+        return [s for s in self.slot_rows() if s["flags"] & MemslotFlags.ACTIVE]
+
+
+Source = Union[Region, Snapshot, "VM"]
+
+
+def _config_of(region: Region) -> VMConfig:
+    try:
+        return VMConfig.from_json(region.config)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise RegionError(f"the VM {region.name!r} has a configuration this shmmmu cannot read") from None
+
+
+def _copy(region: Region, section: str) -> np.ndarray:
+    """One whole-section copy (the only read of the shared mapping)."""
+    return np.array(region.array(section), copy=True)
+
+
+def _copy_region(region: Region, recheck: bool) -> Snapshot:
+    config = _config_of(region)
+    missing = [s for s in SECTIONS if s not in region.sections]
+    if missing:
+        raise RegionError(f"the region of VM {region.name!r} has no section {missing[0]!r}")
+    t_ns, t0 = time.time_ns(), time.monotonic()
+    copies = {s: _copy(region, s) for s in SECTIONS}
+    changed = 0
+    if recheck:
+        again = _copy(region, "tables")
+        changed = int(np.count_nonzero(again != copies["tables"]))
+        del again
+    return Snapshot(name=region.name, config=config, sections=copies, creator_pid=region.creator_pid,
+                    size=region.size, created_ns=region.created_ns, taken_ns=t_ns, taken_mono=t0,
+                    copy_s=time.monotonic() - t0, changed=changed)
+
+
+def snapshot(source: Source, recheck: bool = False) -> Snapshot:
+    """Copy every section out of a region (or a VM's region) this process holds; a Snapshot is returned as is."""
+    if isinstance(source, Snapshot):
+        return source
+    return _copy_region(source if isinstance(source, Region) else source.region, recheck)
+
+
+def take_snapshot(name: str, *, recheck: bool = True) -> Snapshot:
+    """Attach the VM `name` read-only, copy every section, detach."""
+    region = Region.attach(name, readonly=True)
+    try:
+        return _copy_region(region, recheck)
+    finally:
+        region.close()
+
+
+# ---------------------------------------------------------------- the walk
+
+
+@dataclass(frozen=True)
+class Odd:
+    """An entry of a reachable table that the walk could not take at face value."""
+
+    table: int
+    index: int
+    level: int
+    gfn: int
+    raw: int
+    what: str                     # one phrase
+    kind: str                     # the violations.KINDS name a checker reports it under
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "index": self.index, "level": self.level, "gfn": self.gfn, "raw": self.raw,
+                "what": self.what}
+
+
+@dataclass
+class Walk:
+    """Everything reachable from the root, decoded level by level.
+
+    `tables`, `t_level`, `t_gfn`: the reachable tables (the root first), each once,
+    in walk order, with the level of their entries and the first GFN they cover.
+    `leaf_gfn`, `leaf_level`, `leaf_spte`: every present leaf, sorted by GFN.
+    `odd`: the first MAX_LISTED odd entries (all are counted in `odd_count`).
+    """
+
+    tables: np.ndarray
+    t_level: np.ndarray
+    t_gfn: np.ndarray
+    leaf_gfn: np.ndarray
+    leaf_level: np.ndarray
+    leaf_spte: np.ndarray
+    odd: list[Odd] = field(default_factory=list)
+    odd_count: int = 0
+    removed_count: int = 0
+    reached_twice: int = 0
+
+    def per_level(self) -> dict[int, int]:
+        lv, n = np.unique(self.t_level, return_counts=True)
+        return {int(a): int(b) for a, b in zip(lv, n)}
+
+    def mappings(self) -> dict[int, int]:
+        return {lv: int(np.count_nonzero(self.leaf_level == lv)) for lv in (1, 2, 3)}
+
+
+def _note(walk: Walk, table: int, index: int, level: int, gfn: int, raw: int, what: str,
+          kind: str = "invariant") -> None:
+    walk.odd_count += 1
+    if len(walk.odd) < MAX_LISTED:
+        walk.odd.append(Odd(int(table), int(index), int(level), int(gfn), int(raw), what, kind))
+
+
+def walk_tables(source: Source) -> Walk:
+    """Walk the copied tables from the root, one vectorized pass per level (cached on the snapshot)."""
+    snap = snapshot(source)
+    if snap._walk is not None:
+        return snap._walk
+    g = snap.geometry
+    n = snap.n_tables
+    tables = snap.tables
+    cur = np.array([ROOT_TABLE], dtype=np.int64)
+    cur_gfn = np.array([0], dtype=np.int64)
+    seen = np.zeros(n, dtype=bool)
+    seen[ROOT_TABLE] = True
+    all_t, all_l, all_g = [cur], [np.full(1, g.root_level, dtype=np.int64)], [cur_gfn]
+    lg, ll, ls = [], [], []
+    walk = Walk(*(np.empty(0, np.int64),) * 5, np.empty(0, _U))
+    for level in range(g.root_level, 0, -1):
+        if cur.size == 0:
+            break
+        shift = g.shift(level)
+        rows = tables[cur]                                   # (k, E) copy of this level's tables
+        present = (rows & _U(S.MMU_PRESENT)) != 0
+        large = (rows & _U(S.LARGE)) != 0
+        if level == 1:
+            leaf, nonleaf = present, np.zeros_like(present)
+            for i, j in zip(*np.nonzero(present & large)):
+                _note(walk, cur[i], j, level, int(cur_gfn[i]) + (int(j) << shift), int(rows[i, j]),
+                      "page-size bit on a 4K entry")
+        elif level > S.MAX_HUGEPAGE_LEVEL:
+            for i, j in zip(*np.nonzero(present & large)):
+                _note(walk, cur[i], j, level, int(cur_gfn[i]) + (int(j) << shift), int(rows[i, j]),
+                      f"huge bit at level {level}, which has no huge pages")
+            leaf, nonleaf = np.zeros_like(present), present & ~large
+        else:
+            leaf, nonleaf = present & large, present & ~large
+        # entries neither empty nor present: REMOVED (frozen), MMIO, poison of a freed table, garbage
+        odd = ~present & (rows != 0)
+        if odd.any():
+            r, c = np.nonzero(odd)
+            vals = rows[r, c]
+            walk.removed_count += int(np.count_nonzero(vals == _U(S.REMOVED)))
+            room = max(0, MAX_LISTED - len(walk.odd))
+            for i, j, v in zip(r[:room].tolist(), c[:room].tolist(), vals[:room].tolist()):
+                kind = S.decode(int(v), level).kind
+                what = {"removed": "REMOVED (frozen) entry in a reachable table"}.get(kind, kind)
+                _note(walk, cur[i], j, level, int(cur_gfn[i]) + (j << shift), int(v), what,
+                      "poison-read" if int(v) == POISON else "invariant")
+            walk.odd_count += max(0, r.size - room)
+        # leaves
+        r, c = np.nonzero(leaf)
+        if r.size:
+            gfns = cur_gfn[r] + (c.astype(np.int64) << shift)
+            vals = rows[r, c]
+            if level > 1:
+                pfn = (vals & _U(S.PFN_MASK)) >> _U(S.PFN_SHIFT)
+                for k in np.flatnonzero((pfn & _U(g.pages(level) - 1)) != 0)[:MAX_LISTED].tolist():
+                    _note(walk, cur[r[k]], c[k], level, gfns[k], int(vals[k]),
+                          f"a {S.LEVEL_NAMES[level]} leaf whose host page is not aligned to its size")
+            lg.append(gfns)
+            ll.append(np.full(r.size, level, dtype=np.int64))
+            ls.append(vals)
+        # children
+        r, c = np.nonzero(nonleaf)
+        if r.size == 0:
+            break
+        child = ((rows[r, c] & _U(S.PFN_MASK)) >> _U(S.PFN_SHIFT)).astype(np.int64)
+        cgfn = cur_gfn[r] + (c.astype(np.int64) << shift)
+        bad = (child >= n) | (child == ROOT_TABLE)
+        for i in np.flatnonzero(bad)[:MAX_LISTED].tolist():
+            _note(walk, cur[r[i]], c[i], level, cgfn[i], int(rows[r[i], c[i]]),
+                  f"child table #{child[i]} is outside the pool (1..{n - 1})")
+        walk.odd_count += max(0, int(bad.sum()) - MAX_LISTED)
+        ok = ~bad
+        child, cgfn, r, c = child[ok], cgfn[ok], r[ok], c[ok]
+        # a table reached twice (two parents, or a cycle back up the tree) is followed once
+        uniq, first = np.unique(child, return_index=True)
+        dup = np.ones(child.size, dtype=bool)
+        dup[first] = False
+        dup |= seen[child]
+        dups = np.flatnonzero(dup)
+        walk.reached_twice += int(dups.size)
+        for i in dups[:MAX_LISTED].tolist():
+            _note(walk, cur[r[i]], c[i], level, cgfn[i], int(rows[r[i], c[i]]),
+                  f"child table #{child[i]} is reached twice")
+        walk.odd_count += max(0, int(dups.size) - MAX_LISTED)
+        keep = np.sort(first[~seen[child[first]]])
+        cur, cur_gfn = child[keep], cgfn[keep]
+        seen[cur] = True
+        all_t.append(cur)
+        all_l.append(np.full(cur.size, level - 1, dtype=np.int64))
+        all_g.append(cur_gfn)
+    walk.tables = np.concatenate(all_t)
+    walk.t_level = np.concatenate(all_l)
+    walk.t_gfn = np.concatenate(all_g)
+    if lg:
+        gfn, lvl, sp = np.concatenate(lg), np.concatenate(ll), np.concatenate(ls)
+        if len(lg) > 1 and np.any(gfn[1:] < gfn[:-1]):     # leaves of several levels: merge them by GFN
+            order = np.argsort(gfn, kind="stable")
+            gfn, lvl, sp = gfn[order], lvl[order], sp[order]
+        walk.leaf_gfn, walk.leaf_level, walk.leaf_spte = gfn, lvl, sp
+    snap._walk = walk
+    return walk
