@@ -17,11 +17,12 @@ import numpy as np
 from shmmmu.layout import MAX_MEMSLOTS, Ctl, MemslotFlags, MemslotRow as MS, memslot_areas
 
 MSF_ACTIVE, MSF_LOG_DIRTY = MemslotFlags.ACTIVE, MemslotFlags.LOG_DIRTY
+_SLOTS_GEN = Ctl.SLOTS_GEN
 
 DATA_POISON = 0xBADBADBADBADBAD0      # the contents of a host page no guest mapping may reach
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Slot:
     """A process-local snapshot of one memslot row."""
 
@@ -35,10 +36,7 @@ class Slot:
     data_off: int
     gen: int
     huge_level: int          # the largest level alignment and backing allow (before dirty logging)
-
-    @property
-    def end_gfn(self) -> int:
-        return self.base_gfn + self.npages
+    end_gfn: int             # base_gfn + npages
 
     @property
     def active(self) -> bool:
@@ -91,13 +89,18 @@ class Memslots:
         self.dirty = vm.region.words("dirty")
         self.data = vm.region.words("data")
         self.max_level = min(3, vm.config.geometry.root_level - 1)
+        self._gen_load = self.ctl.load
         self._gen = -1
         self._slots: list[Slot] = []
+        self._lru: Slot | None = None           # kvm_memslots' lru_slot: the slot the last lookup found
+        self._logging = False                   # some slot logs dirty pages
 
     def slots(self) -> list[Slot]:
-        gen = self.ctl.load(Ctl.SLOTS_GEN)
+        gen = self.ctl.load(_SLOTS_GEN)
         if gen != self._gen:
             self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
+            self._lru = None
+            self._logging = any(s.flags & MSF_LOG_DIRTY for s in self._slots)
             self._gen = gen
         return self._slots
 
@@ -109,16 +112,32 @@ class Memslots:
             if base % (1 << (self.bits * (level - 1))) == 0:
                 huge = level
         return Slot(k, base, npages, backing, r[MS.FLAGS], r[MS.HOST_OFF], r[MS.DIRTY_OFF], r[MS.DATA_OFF],
-                    r[MS.GEN], huge)
+                    r[MS.GEN], huge, base + npages)
 
     def lookup(self, gfn: int) -> Slot | None:
-        """gfn_to_memslot(): the active slot holding gfn, or None (an MMIO/emulated access)."""
-        if self.ctl.load(Ctl.SLOTS_GEN) != self._gen:      # slots(), inlined: this is on every fault
+        """gfn_to_memslot() (search_memslots with its lru_slot): the active slot holding gfn, or None
+        (an MMIO/emulated access)."""
+        if self._gen_load(_SLOTS_GEN) != self._gen:
             self.slots()
+        s = self._lru
+        if s is not None and s.base_gfn <= gfn < s.end_gfn:
+            return s
         for s in self._slots:
-            if s.base_gfn <= gfn < s.base_gfn + s.npages:
-                return s if s.flags & MSF_ACTIVE else None
+            if s.base_gfn <= gfn < s.end_gfn:
+                if s.flags & MSF_ACTIVE:
+                    self._lru = s
+                    return s
+                return None
         return None
+
+    def gfn_to_memslot_dirty_bitmap(self, gfn: int) -> Slot | None:
+        """gfn_to_memslot_dirty_bitmap(): the slot holding gfn if it logs dirty pages, else None."""
+        if self._gen_load(_SLOTS_GEN) != self._gen:
+            self.slots()
+        if not self._logging:
+            return None
+        slot = self.lookup(gfn)
+        return slot if slot is not None and slot.flags & MSF_LOG_DIRTY else None
 
     def max_mapping_level(self, slot: Slot, gfn: int) -> int:
         """kvm_mmu_hugepage_adjust() without NX: 4K while logging, else the largest huge page inside the slot."""
@@ -147,7 +166,7 @@ class Memslots:
         f = self.rows.load(w + MS.FLAGS)
         self.rows.store(w + MS.FLAGS, (f | set_mask) & ~clear_mask)
         self.rows.fetch_add(w + MS.GEN, 1)
-        self.ctl.fetch_add(Ctl.SLOTS_GEN, 1)
+        self.ctl.fetch_add(_SLOTS_GEN, 1)
 
     def dirty_words(self, slot: Slot) -> int:
         return -(-slot.npages // 64)

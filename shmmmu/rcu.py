@@ -25,6 +25,7 @@ from shmmmu.region import Region
 from shmmmu.wait import REAL, Waits
 
 _LIVE, _RETIRED = TableState.LIVE, TableState.RETIRED
+_EPOCH = Ctl.EPOCH
 
 
 class RcuError(RuntimeError):
@@ -52,15 +53,17 @@ class Rcu:
 
     def read_lock(self) -> None:
         """rcu_read_lock(): one load and one store at the outermost level."""
-        if self.nesting == 0:
-            self.ws.store(self.slot, self.ctl.load(Ctl.EPOCH))
-        self.nesting += 1
+        n = self.nesting
+        if not n:
+            self.ws.store(self.slot, self.ctl.load(_EPOCH))
+        self.nesting = n + 1
 
     def read_unlock(self) -> None:
-        self.nesting -= 1
-        if self.nesting == 0:
+        n = self.nesting - 1
+        self.nesting = n
+        if not n:
             self.ws.store(self.slot, 0)
-        elif self.nesting < 0:
+        elif n < 0:
             raise RcuError("rcu_read_unlock without rcu_read_lock")
 
     def in_read_section(self) -> bool:

@@ -24,10 +24,14 @@ from shmmmu.spte import LARGE, MMU_PRESENT, PFN_MASK, PFN_SHIFT, Geometry
 
 
 class TdpIter:
-    """struct tdp_iter.  Read the fields in a loop body; write through `tdp_mmu` setters."""
+    """struct tdp_iter.  Read the fields in a loop body; write through `tdp_mmu` setters.
+
+    `sptep` is the flat word index of the entry the walk stands on (table * entries
+    + index), as the kernel keeps a pointer; the table it is in is pt_path[level].
+    """
 
     __slots__ = ("tables", "bits", "entries", "emask", "root_level", "min_level", "pt_path", "level", "gfn",
-                 "table", "index", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
+                 "sptep", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
                  "load", "shifts", "rmasks")
 
     def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
@@ -53,27 +57,24 @@ class TdpIter:
         self.yielded = False
         self.next_last_level_gfn = self.yielded_gfn = goal_gfn
         self.gfn = goal_gfn & self.rmasks[level]
-        self.table = root
-        index = self.index = (goal_gfn >> self.shifts[level]) & self.emask
-        self.old_spte = self.load(root * self.entries + index)
+        sptep = self.sptep = root * self.entries + ((goal_gfn >> self.shifts[level]) & self.emask)
+        self.old_spte = self.load(sptep)
         self.valid = True
         return self
 
-    # a table's entry as a flat word index
     @property
-    def sptep(self) -> int:
-        return self.table * self.entries + self.index
+    def table(self) -> int:
+        """The table the walk stands in (pt_path[level])."""
+        return self.pt_path[self.level]
+
+    @property
+    def index(self) -> int:
+        """The entry's index in its table (SPTE_INDEX)."""
+        return self.sptep & self.emask
 
     # The steps below are the fault path's inner loop: each computes the level's
     # shift and rounding from the per-level tuples and reads its entry with the
     # bound `load`, instead of going through a shared helper.
-
-    def _refresh(self) -> None:
-        """Stand on the entry of pt_path[level] that covers gfn, and read it."""
-        level = self.level
-        table = self.table = self.pt_path[level]
-        index = self.index = (self.gfn >> self.shifts[level]) & self.emask
-        self.old_spte = self.load(table * self.entries + index)
 
     def restart(self) -> None:
         """tdp_iter_restart(): back to the root, aimed at next_last_level_gfn."""
@@ -81,9 +82,8 @@ class TdpIter:
         goal = self.yielded_gfn = self.next_last_level_gfn
         level = self.level = self.root_level
         self.gfn = goal & self.rmasks[level]
-        table = self.table = self.pt_path[level]
-        index = self.index = (goal >> self.shifts[level]) & self.emask
-        self.old_spte = self.load(table * self.entries + index)
+        sptep = self.sptep = self.pt_path[level] * self.entries + ((goal >> self.shifts[level]) & self.emask)
+        self.old_spte = self.load(sptep)
         self.valid = True
 
     def _step_down(self) -> bool:
@@ -91,27 +91,25 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        spte = self.load(self.table * self.entries + self.index)
-        self.old_spte = spte
-        if not spte & MMU_PRESENT or level == 1 or spte & LARGE:
+        spte = self.old_spte = self.load(self.sptep)
+        if not spte & MMU_PRESENT or spte & LARGE:   # level > min_level >= 1: not a 4K entry
             return False
-        level -= 1
-        self.level = level
-        table = self.table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
+        level = self.level = level - 1
+        table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
         goal = self.next_last_level_gfn
         self.gfn = goal & self.rmasks[level]
-        index = self.index = (goal >> self.shifts[level]) & self.emask
-        self.old_spte = self.load(table * self.entries + index)
+        sptep = self.sptep = table * self.entries + ((goal >> self.shifts[level]) & self.emask)
+        self.old_spte = self.load(sptep)
         return True
 
     def _step_side(self) -> bool:
         """try_step_side(): to the next entry of the same table; the walk's goal moves with it."""
-        index = self.index
-        if index == self.emask:
+        sptep = self.sptep
+        if sptep & self.emask == self.emask:         # the last entry (tables are entry-aligned in the pool)
             return False
         self.next_last_level_gfn = self.gfn = self.gfn + (1 << self.shifts[self.level])
-        index = self.index = index + 1
-        self.old_spte = self.load(self.table * self.entries + index)
+        sptep = self.sptep = sptep + 1
+        self.old_spte = self.load(sptep)
         return True
 
     def _step_up(self) -> bool:
@@ -121,9 +119,8 @@ class TdpIter:
             return False
         level = self.level = level + 1
         gfn = self.gfn = self.gfn & self.rmasks[level]
-        table = self.table = self.pt_path[level]
-        index = self.index = (gfn >> self.shifts[level]) & self.emask
-        self.old_spte = self.load(table * self.entries + index)
+        sptep = self.sptep = self.pt_path[level] * self.entries + ((gfn >> self.shifts[level]) & self.emask)
+        self.old_spte = self.load(sptep)
         return True
 
     def next(self) -> None:
@@ -138,14 +135,14 @@ class TdpIter:
         level = self.level
         if level != self.min_level:
             load = self.load
-            spte = self.old_spte = load(self.table * self.entries + self.index)
-            if spte & MMU_PRESENT and level != 1 and not spte & LARGE:
+            spte = self.old_spte = load(self.sptep)
+            if spte & MMU_PRESENT and not spte & LARGE:    # level > min_level >= 1: not a 4K entry
                 level = self.level = level - 1
-                table = self.table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
+                table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
                 goal = self.next_last_level_gfn
                 self.gfn = goal & self.rmasks[level]
-                index = self.index = (goal >> self.shifts[level]) & self.emask
-                self.old_spte = load(table * self.entries + index)
+                sptep = self.sptep = table * self.entries + ((goal >> self.shifts[level]) & self.emask)
+                self.old_spte = load(sptep)
                 return
         while True:
             if self._step_side():

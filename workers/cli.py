@@ -110,7 +110,7 @@ def run(
     overlap: bool = typer.Option(False, "--overlap", "-o", help="all vCPUs share one range instead of one each."),
     workload: str = typer.Option("dirty-log", "--workload", "-w",
                                  help="populate, random, dirty-log or trace (with --trace FILE)."),
-    trace: str = typer.Option(None, "--trace", help="trace file: one 'R ADDR' or 'W ADDR' per line."),
+    trace: str = typer.Option(None, "--trace", help="trace file: one access per line, 'R ADDR' (read), 'W ADDR' (write) or 'X ADDR' (instruction fetch); '#' starts a comment."),
     iterations: int = typer.Option(3, "--iterations", "-i", help="iterations (the first populates)."),
     seed: int = typer.Option(1, "--seed", help="seed of every random choice."),
     keep: bool = typer.Option(False, "--keep", help="keep the VM alive after the workload until Ctrl-C."),

@@ -134,9 +134,14 @@ def install(mmu: "Mmu") -> Debug:
     kvm_tdp_mmu_map = mmu.kvm_tdp_mmu_map
 
     def checked_map(fault, shared: bool) -> int:
-        d.new_walk()
-        r = kvm_tdp_mmu_map(fault, shared)
-        d.check_walk_gens(fault.gfn)
+        # an outer read-side section, so that the end-of-section check is still inside it
+        mmu.rcu.read_lock()
+        try:
+            d.new_walk()
+            r = kvm_tdp_mmu_map(fault, shared)
+            d.check_walk_gens(fault.gfn)
+        finally:
+            mmu.rcu.read_unlock()
         return r
     mmu.kvm_tdp_mmu_map = checked_map
 

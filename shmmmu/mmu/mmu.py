@@ -38,16 +38,18 @@ class Fault:
     __slots__ = ("gfn", "write", "exec", "slot", "pfn", "mmu_seq", "max_level", "req_level", "goal_level",
                  "huge_page_disallowed")
 
+    slot: Slot | None
+    pfn: int                      # the host page backing gfn (the GUP)
+    mmu_seq: int                  # mmu_notifier_seq before the GUP
+    max_level: int                # what the memslot and its backing allow
+    req_level: int                # the level before the NX clamp (for NX accounting)
+    goal_level: int               # the level the leaf is installed at
+
     def __init__(self, gfn: int, write: bool, exec_: bool):
+        # the rest is filled in by kvm_faultin_pfn and kvm_mmu_hugepage_adjust before anything reads it
         self.gfn = gfn
         self.write = write
         self.exec = exec_
-        self.slot: Slot | None = None
-        self.pfn = 0
-        self.mmu_seq = 0
-        self.max_level = 1        # what the memslot and backing allow
-        self.req_level = 1        # the level before the NX clamp (for NX accounting)
-        self.goal_level = 1       # the level the leaf is installed at
         self.huge_page_disallowed = False
 
 
@@ -115,7 +117,7 @@ class MmuFault(NxHugePages):
             if self.mmu_notifier_retry_hva(fault):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
-                r = self.map_in_rcu(fault, True)
+                r = self.kvm_tdp_mmu_map(fault, True)
         finally:
             lock.read_unlock()
         st[_ST_RESULT[r]] += 1
@@ -137,7 +139,7 @@ class MmuFault(NxHugePages):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
                 self.make_mmu_pages_available()
-                r = self.map_in_rcu(fault, False)
+                r = self.kvm_tdp_mmu_map(fault, False)
         finally:
             lock.write_unlock()
         st[_ST_RESULT[r]] += 1
@@ -163,22 +165,8 @@ class MmuFault(NxHugePages):
             else:
                 if bugs.pages_lock_in_read_fault or not shared:
                     self.make_mmu_pages_available()
-                r = self.map_in_rcu(fault, shared)
+                r = self.kvm_tdp_mmu_map(fault, shared)
         finally:
             lock.read_unlock() if shared else lock.write_unlock()
         st[_ST_RESULT[r]] += 1
         return r
-
-    def map_in_rcu(self, fault: Fault, shared: bool) -> int:
-        """kvm_tdp_mmu_map() inside its RCU read-side section."""
-        rcu = self.rcu
-        rcu.read_lock()
-        try:
-            return self.kvm_tdp_mmu_map(fault, shared)
-        except IndexError:
-            # the walk followed an entry to a table outside the pool: it read garbage from a
-            # freed or recycled table (a correct MMU never gets here)
-            self.violation("use-after-free", fault.gfn, 0, 1)
-            return RET_PF_RETRY
-        finally:
-            rcu.read_unlock()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import NIL, STAT, Ctl, MemslotFlags, TMeta
+from shmmmu.layout import NIL, STAT, Ctl, TMeta
 from shmmmu.memslots import Slot
 from shmmmu.mmu.kvm import Kvm
 from shmmmu.rwlock import HELD_READ
@@ -45,7 +45,6 @@ _REMOVED = S.REMOVED
 _PFN_MASK = S.PFN_MASK
 _PFN_SHIFT = S.PFN_SHIFT
 _U64 = (1 << 64) - 1
-_LOG_DIRTY = MemslotFlags.LOG_DIRTY
 
 _ST_CAS_FAIL = STAT["cas_failures"]
 _ST_REMOVED_SEEN = STAT["removed_seen"]
@@ -92,7 +91,7 @@ class TdpMmu(Kvm):
         if old == _REMOVED:
             self.st[_ST_REMOVED_SEEN] += 1
             return False
-        if self._cas(it.table * self.E + it.index, old, new) != old:
+        if self._cas(it.sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
@@ -104,14 +103,14 @@ class TdpMmu(Kvm):
         if old == _REMOVED and not self.bugs.cas_over_removed:
             self.st[_ST_REMOVED_SEEN] += 1
             return False
-        self._store(it.table * self.E + it.index, new)
+        self._store(it.sptep, new)
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
         return True
 
     def set_spte_atomic_k8_accepts_removed(self, it: TdpIter, new: int) -> bool:
         """K8: tdp_mmu_set_spte_atomic without its REMOVED check: a frozen entry is overwritten."""
         old = it.old_spte
-        if self._cas(it.table * self.E + it.index, old, new) != old:
+        if self._cas(it.sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
@@ -123,7 +122,7 @@ class TdpMmu(Kvm):
         old = it.old_spte
         if old == _REMOVED:
             self.violation("frozen-entry-overwritten", it.gfn, old, new)     # WARN_ON(is_removed_spte(old))
-        self._store(it.table * self.E + it.index, new)
+        self._store(it.sptep, new)
         it.old_spte = new
         self.handle_changed_spte(it.gfn, old, new, it.level, False, record_dirty_log)
 
@@ -137,7 +136,7 @@ class TdpMmu(Kvm):
         if not self.tdp_mmu_set_spte_atomic(it, _REMOVED):
             return False
         self.kvm_flush_remote_tlbs()
-        self.clear_frozen_spte(it.table * self.E + it.index, it.gfn)
+        self.clear_frozen_spte(it.sptep, it.gfn)
         it.old_spte = 0
         return True
 
@@ -161,9 +160,16 @@ class TdpMmu(Kvm):
             return
         was_present = old & _P
         is_present = new & _P
-        if not was_present and not is_present:
+        if not was_present:
+            if not is_present:
+                return
+            if level == 1 or new & _L:
+                # a new leaf: counted, and a writable 4K one logged dirty (W went 0 -> 1)
+                self.st[_ST_MAPPED[level]] += 1
+                if level == 1 and new & _W and record_dirty_log:
+                    self.mark_page_dirty(gfn)
             return
-        was_leaf = was_present and (level == 1 or old & _L)
+        was_leaf = level == 1 or old & _L
         is_leaf = is_present and (level == 1 or new & _L)
         pfn_changed = (old ^ new) & _PFN_MASK
         if was_leaf and is_leaf and pfn_changed:
@@ -179,15 +185,18 @@ class TdpMmu(Kvm):
         # only pfn_changed, which suffices where table pages and guest pages are all host
         # frames; here a child table's index and a huge leaf's host page are different
         # namespaces and can be equal, so a non-leaf -> leaf change always counts.
-        if was_present and not was_leaf and (not is_present or is_leaf or pfn_changed):
+        if not was_leaf and (not is_present or is_leaf or pfn_changed):
             self.handle_removed_pt((old & _PFN_MASK) >> _PFN_SHIFT, shared)
         # handle_changed_spte_dirty_log(): log when W becomes 1 on a 4K entry
-        if (record_dirty_log and level == 1 and is_present and new & _W
-                and (not (old & _W and was_present) or pfn_changed)):
-            slot = self.slots.lookup(gfn)
-            if slot is not None and slot.flags & _LOG_DIRTY:
-                self.slots.mark_dirty(slot, gfn)
-                st[_ST_DIRTY] += 1
+        if record_dirty_log and level == 1 and is_present and new & _W and (not old & _W or pfn_changed):
+            self.mark_page_dirty(gfn)
+
+    def mark_page_dirty(self, gfn: int) -> None:
+        """mark_page_dirty_in_slot(gfn_to_memslot_dirty_bitmap(gfn), gfn): only in a slot that logs."""
+        slot = self.slots.gfn_to_memslot_dirty_bitmap(gfn)
+        if slot is not None:
+            self.slots.mark_dirty(slot, gfn)
+            self.st[_ST_DIRTY] += 1
 
     def handle_removed_pt(self, table: int, shared: bool) -> None:
         """handle_removed_tdp_mmu_page(): unlink, freeze every entry (with the tables below), flush, retire.
@@ -327,47 +336,57 @@ class TdpMmu(Kvm):
         Shared (the series): atomic updates under the read lock.  Not shared: the
         pre-series map, plain stores under the write lock (the exclusive baseline).
         """
-        gfn = fault.gfn
-        level = fault.goal_level
-        it = self.fault_walk.start(self.root, 1, gfn)
-        nx = self.nx
-        while it.valid and it.gfn <= gfn:
-            spte = it.old_spte
-            if nx and it.level == level and level > 1 and spte & _P and not spte & _L:
-                level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
-            if it.level == level:
-                break
-            if spte & _P and not spte & _L:
-                it.next()                        # a present non-leaf: step down into it
-                continue
-            if spte & _P:
-                # a huge page above the target level: zap it so it can be split
-                if shared:
-                    if not self.tdp_mmu_zap_spte_atomic(it):
+        rcu = self.rcu
+        rcu.read_lock()
+        try:
+            gfn = fault.gfn
+            level = fault.goal_level
+            it = self.fault_walk.start(self.root, 1, gfn)
+            nx = self.nx
+            while it.valid and it.gfn <= gfn:
+                spte = it.old_spte
+                if it.level == level:
+                    if not (nx and level > 1 and spte & _P and not spte & _L):
                         break
-                else:
-                    self.mark_unflushed()
-                    self.tdp_mmu_set_spte(it, 0)
-                    self.kvm_flush_remote_tlbs()
-                self.st[_ST_SPLITS] += 1
-                spte = it.old_spte = self._load(it.table * self.E + it.index)
-            if not spte & _P:
-                child = self.pool.alloc(it.level - 1, it.gfn)
-                self.st[_ST_ALLOC] += 1
-                if shared:
-                    if not self.link_new_table(it, child, fault.huge_page_disallowed and
-                                               fault.req_level >= it.level):
-                        break
-                else:
-                    self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
-                    self.tdp_mmu_link_page(child, False, fault.huge_page_disallowed and
-                                           fault.req_level >= it.level)
-                    self.st[_ST_LINKED] += 1
-            it.next()
-        if not it.valid or it.level != level:
+                    level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
+                if spte & _P:
+                    if not spte & _L:
+                        it.next()                    # a present non-leaf: step down into it
+                        continue
+                    # a huge page above the target level: zap it so it can be split
+                    if shared:
+                        if not self.tdp_mmu_zap_spte_atomic(it):
+                            break
+                    else:
+                        self.mark_unflushed()
+                        self.tdp_mmu_set_spte(it, 0)
+                        self.kvm_flush_remote_tlbs()
+                    self.st[_ST_SPLITS] += 1
+                    spte = it.old_spte = self._load(it.sptep)
+                if not spte & _P:
+                    child = self.pool.alloc(it.level - 1, it.gfn)
+                    self.st[_ST_ALLOC] += 1
+                    if shared:
+                        if not self.link_new_table(it, child, fault.huge_page_disallowed and
+                                                   fault.req_level >= it.level):
+                            break
+                    else:
+                        self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
+                        self.tdp_mmu_link_page(child, False, fault.huge_page_disallowed and
+                                               fault.req_level >= it.level)
+                        self.st[_ST_LINKED] += 1
+                it.next()
+            if not it.valid or it.level != level:
+                return RET_PF_RETRY
+            fault.goal_level = level
+            return self.tdp_mmu_map_handle_target_level(fault, it, shared)
+        except IndexError:
+            # the walk followed an entry to a table outside the pool: it read garbage from a
+            # freed or recycled table (a correct MMU never gets here)
+            self.violation("use-after-free", fault.gfn, 0, 1)
             return RET_PF_RETRY
-        fault.goal_level = level
-        return self.tdp_mmu_map_handle_target_level(fault, it, shared)
+        finally:
+            rcu.read_unlock()
 
     def link_new_table(self, it: TdpIter, child: int, account_nx: bool) -> bool:
         """Publish a new child table under the read lock: on the page list first, then the cmpxchg;
@@ -478,7 +497,7 @@ class TdpMmu(Kvm):
                         break                    # partly covered table: descend instead
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
-                            it.old_spte = self._load(it.table * E + it.index)
+                            it.old_spte = self._load(it.sptep)
                             continue             # goto retry
                     else:
                         self.mark_unflushed()
@@ -556,7 +575,7 @@ class TdpMmu(Kvm):
                         self.mark_unflushed()                # before the change a vCPU may observe
                         if shared:
                             if not self.tdp_mmu_set_spte_atomic(it, spte & ~_W):
-                                it.old_spte = self._load(it.table * E + it.index)
+                                it.old_spte = self._load(it.sptep)
                                 continue
                         else:
                             self.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
@@ -658,7 +677,7 @@ class TdpMmu(Kvm):
                         break
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
-                            it.old_spte = self._load(it.table * E + it.index)
+                            it.old_spte = self._load(it.sptep)
                             continue
                     else:
                         self.mark_unflushed()
