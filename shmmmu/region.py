@@ -18,7 +18,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import posix_ipc
@@ -98,6 +98,8 @@ class Region:
         self.semaphore_purposes: list[str] = list(doc["semaphores"])
         self._arrays: dict[str, np.ndarray] = {}
         self._words: dict[str, Words] = {}
+        # the interleaving explorer wraps every section's words in scheduling points (shmmmu.explore)
+        self.word_wrapper: Callable[[str, Words], Any] | None = None
         self._sems: dict[str, posix_ipc.Semaphore] = {}
         self._header = np.frombuffer(mm, dtype=np.uint64, count=8, offset=0)
 
@@ -217,8 +219,15 @@ class Region:
         w = self._words.get(section)
         if w is None:
             w = Words(self.array(section).reshape(-1))
+            if self.word_wrapper is not None:
+                w = self.word_wrapper(section, w)
             self._words[section] = w
         return w
+
+    def wrap_words(self, wrapper: Callable[[str, Words], Any]) -> None:
+        """From now on every `words()` view of this mapping is `wrapper(section, words)` (the explorer's points)."""
+        self.word_wrapper = wrapper
+        self._words.clear()
 
     def semaphore(self, purpose: str) -> posix_ipc.Semaphore:
         s = self._sems.get(purpose)

@@ -77,7 +77,7 @@ class _WaitQueue:
         w, word = self.w, self.word
         if w.cas(word, 0, 1) != 0:
             relax = self.waits.relax
-            for _ in range(SPIN):
+            for _ in range(self.waits.spins(SPIN)):
                 if w.load(word) == 0 and w.cas(word, 0, 1) == 0:
                     break
                 relax()
@@ -154,7 +154,7 @@ class RWLock:
         # our bias is in: record it now, so that `recover` takes it back if we die while we wait
         self.ws.store(self.held_word, HELD_READ)
         if w.load(cnts) & QW_LOCKED:
-            for _ in range(SPIN):
+            for _ in range(waits.spins(SPIN)):
                 if not w.load(cnts) & QW_LOCKED:
                     break
                 waits.relax()
@@ -202,10 +202,10 @@ class RWLock:
                 w.fetch_or(cnts, QW_LOCKED)      # lock_busted: barge in beside the readers
             else:
                 w.fetch_or(cnts, QW_WAITING)
-                spins = 0
+                spins, spin_max = 0, waits.spins(SPIN)
                 while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:
                     spins += 1
-                    if spins < SPIN:
+                    if spins < spin_max:
                         waits.relax()
                         continue
                     w.store(self.base + Lock.WSLEEP, 1)

@@ -21,9 +21,10 @@ from shmmmu.wait import REAL, Waits
 class VM:
     """One process's attachment to a VM region, as worker slot `worker`."""
 
-    def __init__(self, region: Region, worker: int | None = None, waits: Waits = REAL):
+    def __init__(self, region: Region, worker: int | None = None, waits: Waits = REAL,
+                 config: VMConfig | None = None):
         self.region = region
-        self.config = VMConfig.from_json(region.config)
+        self.config = config if config is not None else VMConfig.from_json(region.config)
         self.name = region.name
         self.worker = worker
         self.waits = waits

@@ -60,6 +60,10 @@ class Waits:
         """Poll words[i] while it holds `value`, at most `spins` rounds; the last value seen."""
         return words.wait_while(i, value, spins)
 
+    def spins(self, n: int) -> int:
+        """How many turns a spin loop takes before it sleeps (n; the explorer takes one: its spins block)."""
+        return n
+
     def now(self) -> float:
         return time.monotonic()
 

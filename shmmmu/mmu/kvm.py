@@ -56,7 +56,7 @@ class Kvm:
         self.ctl = vm.region.words("ctl")
         # the lock, RCU slot and memory cache are this worker's, even when `vm` is attached as
         # another worker (one process may drive a vCPU and the host: each needs its own slot)
-        h = vm if vm.worker == worker else VM(vm.region, worker, waits=vm.waits)
+        h = vm if vm.worker == worker else VM(vm.region, worker, waits=vm.waits, config=vm.config)
         self.lock = h.mmu_lock
         self.pages_lock = h.pages_lock
         self.rcu = h.rcu

@@ -1,0 +1,259 @@
+"""Scenarios: small named races for the explorer, each a few actors calling the operations stress uses.
+
+A scenario says what VM to build (8-entry tables, one small memslot), what
+to do first with nobody racing (`prologue`: map pages, enable logging), and
+which actors then race: vCPUs doing guest accesses (shmmmu.guest.Vcpu: TLB,
+hardware walk, page faults), host operations (shmmmu.mmu.Mmu's entry points:
+zaps, unmaps, dirty logging, zap-all) and, where tables are freed, the
+reclaimer (Rcu.reclaim_pass).  `targets` names the bug switches it is aimed
+at; `--bug NAME` alone picks the first scenario that targets NAME.  `mix`
+draws a small random mix of the same operations from its seed.
+
+Every scenario ends with the same oracles (shmmmu.explore.explorer): the
+violations the debug checkers recorded, the whole-VM invariants
+(shmmmu.checks), guest memory, and VM destruction; `oracle` adds its own.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from shmmmu.layout import MemslotSpec
+from shmmmu.workloads import EXEC, READ, WRITE, make_value
+
+if TYPE_CHECKING:
+    from shmmmu.explore.explorer import Context
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    targets: tuple[str, ...]
+    build: Callable[["Context"], None]                       # adds the racing actors
+    prologue: Callable[["Context"], None] | None = None      # run alone, before the snapshot
+    oracle: Callable[["Context"], list[str]] | None = None   # extra end-of-execution checks
+    lock_mode: str = "shared"
+    memslots: tuple[tuple[int, int, int], ...] = ((0, 64, 1),)
+    n_vcpus: int = 1
+    n_host: int = 1                                          # host actors (worker slots beside the reclaimer)
+    strategy: str = "pct"                                    # the strategy --bug NAME uses by default
+    depth: int = 3
+    step_bound: int = 30000
+    params: dict = field(default_factory=dict)
+
+    def memslot_specs(self) -> list[MemslotSpec]:
+        return [MemslotSpec(*m) for m in self.memslots]
+
+
+# ---------------------------------------------------------------- actor bodies
+
+
+def accesses(ctx: "Context", vcpu_id: int, ops: list[tuple[int, int]]) -> Callable[[], None]:
+    """A vCPU actor: guest accesses (gfn, READ/WRITE/EXEC) in guest mode, as workers/vcpu.py runs them."""
+    def run() -> None:
+        v = ctx.vcpu(vcpu_id)
+        v.enter()
+        try:
+            for gfn, kind in ops:
+                if kind == WRITE:
+                    v.write(gfn, make_value(gfn, vcpu_id, 2))      # iteration 2: the prologue wrote 1
+                elif kind == EXEC:
+                    v.fetch(gfn)
+                else:
+                    v.read(gfn)
+        finally:
+            v.exit()
+    return run
+
+
+def host_ops(ctx: "Context", ops: list[tuple], host: int = 0) -> Callable[[], None]:
+    """A host actor: Mmu entry points, by name, with their arguments."""
+    def run() -> None:
+        mmu = ctx.host(host)
+        for name, *args in ops:
+            getattr(mmu, name)(*args)
+    return run
+
+
+def reclaimer(ctx: "Context") -> Callable[[], None]:
+    """The reclaimer: grace periods and frees while the others run (a daemon: it ends when they have)."""
+    def run() -> None:
+        rcu, pool = ctx.reclaimer()
+        while not ctx.others_done():
+            if not rcu.reclaim_pass(pool.free, timeout=None):
+                ctx.waits.relax()                # wait for something to be retired
+    return run
+
+
+# ---------------------------------------------------------------- the scenarios
+
+
+def _fault_fault(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
+    ctx.actor("vCPU1", accesses(ctx, 1, [(2, WRITE)]))
+
+
+def _fault_zap(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 64)]))
+
+
+def _premap(gfns: list[int], write: bool = True) -> Callable[["Context"], None]:
+    def pro(ctx: "Context") -> None:
+        v = ctx.vcpu(0)
+        v.enter()
+        for g in gfns:
+            v.write(g, make_value(g, 0, 1)) if write else v.read(g)
+        v.exit()
+    return pro
+
+
+def _walk_zap_reclaim(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(9, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 64)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
+def _split_huge(ctx: "Context") -> None:
+    # vCPU1 uses the huge translation it cached while vCPU0's write fault splits the huge page
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
+    ctx.actor("vCPU1", accesses(ctx, 1, [(2, READ), (3, READ), (2, WRITE)]))
+
+
+def _split_pro(ctx: "Context") -> None:
+    _premap([1], write=False)(ctx)
+    ctx.host(0).enable_dirty_logging(0)
+
+
+def _fault_unmap(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE), (1, READ)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+
+
+def _zap_yield(ctx: "Context") -> None:
+    # vCPU0 caches translations of 1 and 2, waits on the lock with a fault on 20, then uses them again;
+    # the host zaps the 4K leaves of 1-3 (a range that covers no whole table, so nothing is torn down)
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ), (20, WRITE), (1, READ), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 1, 4)]))
+
+
+def _zap_all_yield(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(700, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("zap_all",)]))
+
+
+def _dirty_log(ctx: "Context") -> None:
+    def host() -> None:
+        mmu = ctx.host(0)
+        mmu.enable_dirty_logging(0)
+        ctx.notes["after_enable"] = ctx.guest_values()
+        ctx.notes["bitmap"] = mmu.get_dirty_log(0)
+    ctx.actor("vCPU0", accesses(ctx, 0, [(3, WRITE), (5, WRITE)]))
+    ctx.actor("host", host)
+
+
+def _dirty_log_oracle(ctx: "Context") -> list[str]:
+    """dirty_log_test's rule: a page written after logging was enabled is reported by the next collection."""
+    before = ctx.notes.get("after_enable")
+    if before is None:
+        return []
+    bitmap = ctx.notes["bitmap"] | ctx.host(0).get_dirty_log(0)
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: before.size].astype(bool)
+    changed = ctx.guest_values() != before
+    return [f"dirty-log-missed: gfn {int(g):#x} was written after dirty logging was enabled and never reported"
+            for g in np.flatnonzero(changed & ~bits)[:4]]
+
+
+def _manual_clear_pro(ctx: "Context") -> None:
+    """A page written, logged, harvested and re-protected; logging off and on again with INITIALLY_SET:
+    its bit is set again while its leaf is already write-protected (what K3 trips on)."""
+    _premap([0, 1, 2, 3])(ctx)
+    mmu = ctx.host(0)
+    mmu.enable_dirty_logging(0)
+    mmu.get_dirty_log(0)
+    mmu.disable_dirty_logging(0)
+
+
+def _manual_clear(ctx: "Context") -> None:
+    def host() -> None:
+        mmu = ctx.host(0)
+        mmu.enable_dirty_logging(0, initially_set=True)
+        bitmap = mmu.get_dirty_log(0, clear=False)
+        mmu.clear_dirty_log(0, 0, bitmap)
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
+    ctx.actor("host", host)
+
+
+def _destroy_small(ctx: "Context") -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(5, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("zap_all",)]))
+
+
+MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log"]
+
+
+def _mix(ctx: "Context") -> None:
+    rng = random.Random(f"mix:{ctx.scenario.params.get('seed', 0)}")
+    for v in range(2):
+        ops = [(rng.randrange(24), rng.choice([READ, WRITE, WRITE])) for _ in range(rng.randint(1, 3))]
+        ctx.actor(f"vCPU{v}", accesses(ctx, v, ops))
+    hops: list[tuple] = []
+    for _ in range(rng.randint(1, 2)):
+        op = rng.choice(MIX_OPS)
+        a = rng.randrange(24)
+        b = min(64, a + rng.choice([1, 8, 16]))
+        if op in ("zap_gfn_range_locked", "host_unmap"):
+            hops.append((op, a, b))
+        elif op == "dirty-log":
+            hops += [("enable_dirty_logging", 0), ("get_dirty_log", 0), ("disable_dirty_logging", 0)]
+        else:
+            hops.append((op,))
+    ctx.actor("host", host_ops(ctx, hops))
+    if rng.random() < 0.5:
+        ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
+             ("fault-plain-store", "pages-lock-in-read-fault"), _fault_fault, n_vcpus=2),
+    Scenario("fault-zap", "a fault builds a fresh path while the host zaps the range under the read lock "
+             "(5.13's kvm_zap_gfn_range)", ("link-after-publish", "zero-removed-children", "cas-over-removed",
+                                            "rcu-free-immediately"), _fault_zap),
+    Scenario("fault-zap-mapped", "a fault on a mapped path while the host zaps it: the walker is inside the "
+             "tables being torn down", ("zero-removed-children", "cas-over-removed", "rcu-free-immediately"),
+             _fault_zap, prologue=_premap([2, 10])),
+    Scenario("walk-zap-reclaim", "a walk, a zap and the reclaimer ending grace periods: tables freed while "
+             "a reader may still hold them", ("rcu-free-immediately",), _walk_zap_reclaim,
+             prologue=_premap([2, 10])),
+    Scenario("split-huge", "a write fault splits a huge page (dirty logging) while another vCPU uses its cached "
+             "huge translation", ("fault-zap-no-flush",), _split_huge, prologue=_split_pro,
+             memslots=((0, 64, 2),), n_vcpus=2),
+    Scenario("fault-unmap", "a fault resolves its host page while the host migrates it (MMU notifier)",
+             ("no-notifier-recheck",), _fault_unmap),
+    Scenario("zap-yield", "an exclusive zap yields to a faulting vCPU that keeps using translations it cached",
+             ("no-forward-progress", "drop-flush-on-yield"), _zap_yield, prologue=_premap(list(range(16))),
+             lock_mode="exclusive"),
+    Scenario("zap-all-yield", "zap-all of two root entries yields to a faulting vCPU",
+             ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]),
+             memslots=((0, 1024, 1),), lock_mode="exclusive"),
+    Scenario("dirty-log", "writes race with enabling dirty logging and the first harvest",
+             ("no-wrprot-on-enable",), _dirty_log, prologue=_premap([3, 5]), oracle=_dirty_log_oracle),
+    Scenario("manual-clear", "CLEAR_DIRTY_LOG of a mask naming a leaf already write-protected",
+             ("dirty-mask-late-clear",), _manual_clear, prologue=_manual_clear_pro),
+    Scenario("destroy-small", "zap-all and VM destruction of a VM smaller than one root entry's span",
+             ("zap-all-phys-end",), _destroy_small, prologue=_premap([1, 40])),
+    Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
+             n_vcpus=2, memslots=((0, 64, 2),)),
+]}
+
+
+def for_bug(bug: str) -> Scenario:
+    """The first scenario that targets `bug`."""
+    for s in SCENARIOS.values():
+        if bug in s.targets:
+            return s
+    raise ValueError(f"no scenario targets {bug!r}")

@@ -1,0 +1,524 @@
+"""Sched: the explorer's scheduler: actors as greenlets, every shared-word operation a scheduling point, every wait bound to it.
+
+One execution runs a few actors (vCPUs, host operations, the reclaimer) as
+greenlets in this process, exactly one at a time.  Every operation on a word of
+the region goes through a `PointWords` (the region's `word_wrapper`), which
+first calls `Scheduler.point`: there the strategy picks which enabled actor
+performs its next operation, and the greenlet switch hands it the processor.
+Batch operations over a table (xchg_range, clear_where, ...) are split into one
+point per entry, as the kernel does them entry by entry.
+
+Every wait of the library goes through `ExploreWaits` (shmmmu.wait's names): a
+spin, a yield or a bounded sleep blocks the actor until another actor writes a
+shared word; a semaphore is a counter of the scheduler's own; the clock counts
+steps.  An execution in which every actor is blocked is a deadlock (timed
+semaphore sleeps time out first, a bounded number of times); one longer than
+the step bound is a livelock.  A violation recorded by a checker, or an
+exception in an actor, stops the execution at that step.
+
+The library is not written a second time: the actors call the same entry
+points the worker processes call, on a real (small) region.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from greenlet import greenlet
+
+from shmmmu.layout import Ctl, ViolationRow
+from shmmmu.wait import Waits
+
+OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release")
+LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V = range(9)
+RUN, SPIN, SEM, DONE = range(4)
+STATE_NAMES = ("runnable", "spinning", "asleep", "done")
+MAX_TIMEOUTS = 40            # all actors asleep this often in one execution, only timeouts moving them: a deadlock
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_QUIET_FILES = (os.path.join(os.path.dirname(_HERE), "wait.py"), os.path.join(os.path.dirname(_HERE), "atomics.py"))
+
+
+class Abort(BaseException):
+    """Thrown into the actors still running when an execution ends: not an Exception, so no handler of the
+    library catches it; their `finally` blocks run and every operation they try raises it again."""
+
+
+@dataclass
+class Finding:
+    """What ended an execution badly: kind is violation, crash, deadlock, livelock or check."""
+
+    kind: str
+    message: str
+    step: int
+    actor: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@dataclass
+class Step:
+    """One executed operation, for the step table (recorded only when the scheduler traces)."""
+
+    index: int
+    actor: int
+    op: str
+    section: str
+    word: int
+    args: tuple
+    result: Any
+    function: str                 # the innermost library function it was in
+    preempted: bool = False       # this step began by switching from another runnable actor
+
+
+class Actor:
+    """One actor: a function run as a greenlet, with its scheduling state."""
+
+    __slots__ = ("id", "name", "fn", "g", "state", "dirty", "sem", "timed", "got_sem", "pending", "daemon",
+                 "sleep_seq", "backoff")
+
+    def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
+        self.id = aid
+        self.name = name
+        self.fn = fn
+        self.g: greenlet | None = None
+        self.state = RUN
+        self.dirty = True          # another actor wrote a shared word since this one last spun
+        self.sem = ""
+        self.timed = False
+        self.got_sem = False
+        self.pending: tuple = ("start", 0, False)       # (section, word, is_write) of its next operation
+        self.daemon = daemon                             # runs until the others are done (the reclaimer)
+        self.sleep_seq = 0
+        self.backoff = False                             # spinning in a back-off (a yield), not on a condition
+
+
+class Stop(Exception):
+    """Internal: unwinds the scheduler's main loop."""
+
+
+class Scheduler:
+    """Runs one execution of actors under a strategy (shmmmu.explore.strategy)."""
+
+    def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
+                 atomic: frozenset[str] = frozenset(), violation_words: np.ndarray | None = None):
+        self.strategy = strategy
+        self.step_bound = step_bound
+        self.trace = trace
+        self.no_points = no_points           # sections whose words are no scheduling points
+        self.atomic = atomic                 # functions whose operations are no scheduling points (one step)
+        self.vio = violation_words           # raw view of the violations section (no point when read)
+        self.vio_ctl: np.ndarray | None = None
+        self.actors: list[Actor] = []
+        self.current: Actor | None = None
+        self.on = False
+        self.aborting = False
+        self.steps = 0
+        self.writes = 0
+        self.timeouts = 0
+        self.sems: dict[str, int] = {}
+        self.sleepers: dict[str, list[Actor]] = {}
+        self.sleep_seq = 0
+        self.log: list[Step] = []
+        self.finding: Finding | None = None
+        self.decisions: list[int] = []       # the chosen actor at every point with a choice
+        self.preemptions = 0
+        self._main: greenlet | None = None
+        self._switched = False
+
+    # ------------------------------------------------------------------ running
+
+    def add(self, name: str, fn: Callable[[], None], daemon: bool = False) -> Actor:
+        a = Actor(len(self.actors), name, fn, daemon)
+        self.actors.append(a)
+        return a
+
+    def run(self) -> Finding | None:
+        """Run the actors to the end (or to a finding); returns the finding, if any."""
+        self._main = greenlet.getcurrent()
+        for a in self.actors:
+            a.g = greenlet(self._body(a), parent=self._main)
+        self.on = True
+        try:
+            while self.finding is None:
+                en = self.enabled()
+                if not en:
+                    en = self._unstick(None)
+                    if not en:
+                        break
+                nxt = self._choose(en, None)
+                self.current = nxt
+                nxt.g.switch()                   # back here when an actor ends, or the execution stops
+        except Stop:
+            pass
+        finally:
+            self.on = False
+            self._kill()
+        return self.finding
+
+    def _body(self, a: Actor) -> Callable[[], None]:
+        def body() -> None:
+            try:
+                a.fn()
+            except Abort:
+                pass
+            except Stop:
+                pass
+            except BaseException as e:             # an actor crashed: an assertion, a LockError, ...
+                if self.finding is None and not self.aborting:
+                    self.finding = Finding("crash", f"{a.name}: {type(e).__name__}: {e}", self.steps, a.name)
+            finally:
+                a.state = DONE
+        return body
+
+    def _kill(self) -> None:
+        self.aborting = True
+        for a in self.actors:
+            if a.g is not None and not a.g.dead:
+                try:
+                    a.g.throw(Abort)
+                except (Abort, Stop):
+                    pass
+        self.aborting = False
+
+    def stop(self, finding: Finding | None) -> None:
+        """End the execution now (from an actor): back to the main loop, which unwinds the others."""
+        if finding is not None and self.finding is None:
+            self.finding = finding
+        if greenlet.getcurrent() is self._main:
+            raise Stop
+        self._main.switch()
+        raise Abort                              # resumed only to be killed
+
+    # ------------------------------------------------------------------ points
+
+    def point(self, section: str, word: int, write: bool) -> None:
+        """Before an operation on a shared word: let the strategy pick who runs the next operation."""
+        if self.aborting:
+            raise Abort
+        a = self.current
+        self.steps += 1
+        if self.steps > self.step_bound:
+            self.stop(Finding("livelock", f"no end after {self.step_bound} steps (step bound): the actors keep "
+                                          f"running without finishing", self.steps, a.name))
+        vio = self.vio
+        if vio is not None and vio[0, ViolationRow.KIND]:
+            self.stop(Finding("violation", "", self.steps, a.name))
+        a.pending = (section, word, write)
+        self._switched = False
+        if section in self.no_points or (self.atomic and _inside(self.atomic)):
+            return
+        en = self.enabled()
+        if len(en) > 1:
+            nxt = self._choose(en, a)
+            if nxt is not a:
+                self._switch(a, nxt)
+
+    def wrote(self) -> None:
+        """A shared word changed: every other actor may now read something new (spinners wake)."""
+        self.writes += 1
+        cur = self.current
+        for a in self.actors:
+            if a is not cur:
+                a.dirty = True
+
+    def enabled(self) -> list[Actor]:
+        out = []
+        for a in self.actors:
+            s = a.state
+            if s == RUN:
+                out.append(a)
+            elif s == SPIN and a.dirty:
+                a.state = RUN
+                out.append(a)
+        return out
+
+    def _choose(self, en: list[Actor], cur: Actor | None) -> Actor:
+        if len(en) == 1:
+            return en[0]
+        nxt = self.strategy.choose(self, en, cur)
+        self.decisions.append(nxt.id)
+        if cur is not None and cur.state == RUN and nxt is not cur:
+            self.preemptions += 1
+        return nxt
+
+    def _switch(self, a: Actor, nxt: Actor) -> None:
+        self.current = nxt
+        nxt.g.switch()
+        # back in `a`: whoever switched here chose it
+        self.current = a
+        if self.aborting:
+            raise Abort
+        self._switched = True
+
+    def _block(self) -> None:
+        """The current actor cannot go on: run someone else until it may."""
+        a = self.current
+        en = self.enabled()
+        if not en:
+            en = self._unstick(a)
+            if not en:
+                self.stop(None)
+        nxt = self._choose(en, a)
+        if nxt is not a:
+            self._switch(a, nxt)
+        if self.aborting:
+            raise Abort
+
+    def _unstick(self, cur: Actor | None) -> list[Actor]:
+        """Every actor waits: end (the others done), time a sleeper out, or a deadlock."""
+        live = [a for a in self.actors if a.state != DONE and not a.daemon]
+        if not live:
+            if cur is not None:
+                self.stop(None)              # only daemons left, all waiting: the execution is over
+            return []
+        backoff = [a for a in self.actors if a.state == SPIN and a.backoff]
+        if backoff:
+            # a back-off yield with nobody else to run returns at once, as sched_yield does
+            b = backoff[0]
+            b.state = RUN
+            return [b]
+        timed = [a for a in self.actors if a.state == SEM and a.timed]
+        if timed and self.timeouts < MAX_TIMEOUTS:
+            self.timeouts += 1
+            t = min(timed, key=lambda x: x.sleep_seq)
+            self.sleepers[t.sem].remove(t)
+            t.state, t.got_sem = RUN, False
+            return [t]
+        waits = ", ".join(f"{a.name} {STATE_NAMES[a.state]}" + (f" on {a.sem}" if a.state == SEM else "")
+                          for a in self.actors if a.state != DONE)
+        self.stop(Finding("deadlock", f"every actor waits ({waits})", self.steps, cur.name if cur else ""))
+        return []
+
+    # ------------------------------------------------------------------ the wait layer's side
+
+    def spin(self, backoff: bool = False) -> None:
+        """relax (a spin on a condition): block until another actor writes a shared word.  yield / pause
+        (`backoff`): the same, but with nobody else able to run it goes on, as sched_yield returns at once."""
+        a = self.current
+        self.strategy.yielded(self, a)
+        if a.dirty:
+            # someone wrote since this actor's last spin (maybe between the reads of this turn of its
+            # loop): a turn must not sleep through it; the others may still run first
+            a.dirty = False
+            en = self.enabled()
+            if len(en) > 1:
+                nxt = self._choose(en, None)
+                if nxt is not a:
+                    self._switch(a, nxt)
+            return
+        a.state, a.backoff = SPIN, backoff
+        self._block()
+        a.dirty = False
+
+    def sem_acquire(self, name: str, timed: bool) -> bool:
+        self.point("sem:" + name, 0, True)
+        n = self.sems.get(name, 0)
+        if n:
+            self.sems[name] = n - 1
+            return True
+        a = self.current
+        a.state, a.sem, a.timed, a.got_sem = SEM, name, timed, False
+        self.sleep_seq += 1
+        a.sleep_seq = self.sleep_seq
+        self.sleepers.setdefault(name, []).append(a)
+        self._block()
+        return a.got_sem
+
+    def sem_release(self, name: str) -> None:
+        self.point("sem:" + name, 0, True)
+        self.wrote()
+        q = self.sleepers.get(name)
+        if q:
+            w = q.pop(0)
+            w.state, w.got_sem = RUN, True
+        else:
+            self.sems[name] = self.sems.get(name, 0) + 1
+
+    # ------------------------------------------------------------------ tracing
+
+    def record(self, op: int, section: str, word: int, args: tuple, result: Any) -> None:
+        a = self.current
+        self.log.append(Step(self.steps, a.id, OP_NAMES[op], section, word, args, result, _function(),
+                             self._switched))
+
+
+def _function() -> str:
+    """The innermost library function on the stack (not the explorer's wrappers or the wait layer)."""
+    f = sys._getframe(2)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not fn.startswith(_HERE) and fn not in _QUIET_FILES:
+            return f.f_code.co_name
+        f = f.f_back
+    return "?"
+
+
+def _inside(functions: frozenset[str]) -> bool:
+    """Is a function of this set on the stack?"""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name in functions:
+            return True
+        f = f.f_back
+    return False
+
+
+class PointWords:
+    """A `Words` view whose every operation is a scheduling point (and a traced step)."""
+
+    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address")
+
+    def __init__(self, section: str, words, sched_ref: "SchedRef"):
+        self._w = words
+        self._sec = section
+        self._s = sched_ref
+        self.n = words.n
+        self.readonly = words.readonly
+        self.address = words.address
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _op(self, op: int, i: int, write: bool, fn, *args):
+        s = self._s.sched
+        if s is None or not s.on:
+            return fn(i, *args)
+        s.point(self._sec, i, write)
+        r = fn(i, *args)
+        if write and (op not in (CAS, ) or r == args[0]):
+            s.wrote()
+        if s.trace:
+            s.record(op, self._sec, i, args, r)
+        return r
+
+    def load(self, i: int) -> int:
+        return self._op(LOAD, i, False, self._w.load)
+
+    def store(self, i: int, value: int) -> None:
+        return self._op(STORE, i, True, self._w.store, value)
+
+    def cas(self, i: int, expected: int, new: int) -> int:
+        return self._op(CAS, i, True, self._w.cas, expected, new)
+
+    def xchg(self, i: int, value: int) -> int:
+        return self._op(XCHG, i, True, self._w.xchg, value)
+
+    def fetch_add(self, i: int, delta: int) -> int:
+        return self._op(ADD, i, True, self._w.fetch_add, delta)
+
+    def fetch_or(self, i: int, mask: int) -> int:
+        return self._op(OR, i, True, self._w.fetch_or, mask)
+
+    def fetch_and(self, i: int, mask: int) -> int:
+        return self._op(AND, i, True, self._w.fetch_and, mask)
+
+    # batch forms: one point per entry, as the kernel does them entry by entry
+
+    def load_range(self, start: int, n: int, out: np.ndarray) -> None:
+        for k in range(n):
+            out[k] = self.load(start + k)
+
+    def fill_range(self, start: int, n: int, value: int) -> None:
+        for k in range(n):
+            self.store(start + k, value)
+
+    def xchg_range(self, start: int, n: int, value: int, out: np.ndarray) -> None:
+        for k in range(n):
+            out[k] = self.xchg(start + k, value)
+
+    def and_range(self, start: int, n: int, mask: int) -> int:
+        return sum(1 for k in range(n) if self.fetch_and(start + k, mask) & ~mask & ((1 << 64) - 1))
+
+    def or_range(self, start: int, n: int, mask: int) -> int:
+        return sum(1 for k in range(n) if ~self.fetch_or(start + k, mask) & mask)
+
+    def clear_where(self, start: int, n: int, test_mask: int, test_value: int, clear_mask: int,
+                    out: np.ndarray) -> int:
+        changed = 0
+        for k in range(n):
+            out[k] = 0
+            old = self.load(start + k)
+            while (old & test_mask) == test_value and old & clear_mask:
+                seen = self.cas(start + k, old, old & ~clear_mask & ((1 << 64) - 1))
+                if seen == old:
+                    out[k] = old
+                    changed += 1
+                    break
+                old = seen
+        return changed
+
+    def wait_while(self, i: int, value: int, spins: int) -> int:
+        return self.load(i)
+
+
+class SchedRef:
+    """The scheduler the region's PointWords consult (None between executions: every operation passes through)."""
+
+    __slots__ = ("sched",)
+
+    def __init__(self) -> None:
+        self.sched: Scheduler | None = None
+
+
+class ExploreWaits(Waits):
+    """shmmmu.wait's names bound to the scheduler; outside an execution they do nothing and never sleep."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: SchedRef):
+        self.ref = ref
+
+    def _sched(self) -> Scheduler | None:
+        s = self.ref.sched
+        if s is not None and s.aborting:
+            raise Abort
+        return s if s is not None and s.on else None
+
+    def relax(self) -> None:
+        s = self._sched()
+        if s is not None:
+            s.spin()
+
+    def yield_cpu(self) -> None:
+        s = self._sched()
+        if s is not None:
+            s.spin(backoff=True)
+
+    def pause(self, seconds: float) -> None:
+        self.yield_cpu()
+
+    def sem_acquire(self, sem, timeout: float | None) -> bool:
+        s = self._sched()
+        if s is None:
+            return True
+        return s.sem_acquire(sem.name, timeout is not None)
+
+    def sem_release(self, sem) -> None:
+        s = self._sched()
+        if s is not None:
+            s.sem_release(sem.name)
+
+    def wait_while(self, words: Any, i: int, value: int, spins: int) -> int:
+        v = words.load(i)
+        if v == value:
+            self.relax()
+        return v
+
+    def spins(self, n: int) -> int:
+        return 1
+
+    def now(self) -> float:
+        s = self.ref.sched
+        return s.steps * 1e-6 if s is not None else 0.0
+
+    def now_ns(self) -> int:
+        s = self.ref.sched
+        return s.steps * 1000 if s is not None else 0
+
+    @property
+    def deterministic(self) -> bool:
+        return True
