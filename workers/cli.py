@@ -237,6 +237,106 @@ def stress(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- explore
+
+@app.command()
+def explore(
+    scenario: str = typer.Option("", "--scenario", help="the scenario to explore (--list shows them)."),
+    bug: list[str] = typer.Option([], "--bug", help="re-inject a fixed bug (repeatable); alone it picks the "
+                                  "scenario that targets it."),
+    strategy: str = typer.Option("", "--strategy", help="random, pct or dfs (default: the scenario's)."),
+    depth: int = typer.Option(0, "--depth", help="PCT's bug depth d (default: the scenario's)."),
+    preemptions: int = typer.Option(2, "--preemptions", help="DFS: explore every schedule with at most this "
+                                    "many preemptions."),
+    seed: int = typer.Option(1, "--seed", help="seed of the random and PCT strategies."),
+    executions: int = typer.Option(0, "--executions", "-n", help="stop after this many executions (0: no limit)."),
+    time_limit: float = typer.Option(60.0, "--time", help="stop after this many seconds (0: no limit)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="spread the search over N processes (same answer)."),
+    mix_seed: int = typer.Option(0, "--mix-seed", help="the mix scenario's seed: which operations it races."),
+    atomic: list[str] = typer.Option([], "--atomic", help="treat the operations inside this library function "
+                                     "as one step (no scheduling points): to see which points a bug needs."),
+    replay_token: str = typer.Option("", "--replay", help="re-execute a counterexample from its token."),
+    svg_file: str = typer.Option("", "--svg", help="also draw the counterexample as swimlanes in this SVG file."),
+    keep: bool = typer.Option(False, "--keep", help="stop at the failing step and keep the region for "
+                              "shmmmu inspect until Ctrl-C."),
+    no_shrink: bool = typer.Option(False, "--no-shrink", help="report the first failing schedule as found."),
+    list_: bool = typer.Option(False, "--list", help="list the scenarios and the bug switches each targets."),
+    json_out: bool = typer.Option(False, "--json", help="the result as one JSON object on stdout."),
+) -> None:
+    """Explore interleavings deterministically: find the bug's schedule, shrink it, replay it from one token.
+
+    The actors (vCPUs, host operations, the reclaimer) run the library's real code in one process, one
+    at a time; every shared-word operation is a scheduling point.  Exit 0: nothing found; 1: a finding;
+    2: bad usage.  docs/explore.md has examples.
+    """
+    import json
+    import time
+
+    from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
+
+    if list_:
+        _print_lines(list_lines())
+        return
+    if not 1 <= jobs <= 64:
+        raise _fail("--jobs must be between 1 and 64")
+
+    def keep_here(ex) -> None:
+        if not keep:
+            return
+        print(f"the region of the failing step is kept as VM {ex.name}: `shmmmu inspect {ex.name}`; "
+              f"Ctrl-C to remove it", file=sys.stderr, flush=True)
+        try:
+            while True:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+    def show_progress(n: int, secs: float, found: int) -> None:
+        if not json_out and sys.stderr.isatty():
+            print(f"\r{n} executions, {n / max(secs, 1e-9):.0f}/s, {found} findings   ", end="",
+                  file=sys.stderr, flush=True)
+
+    with _running_a_vm():
+        if replay_token:
+            try:
+                rep = run_replay(replay_token, keep=keep_here)
+            except ValueError as e:
+                raise _fail(str(e))
+            if json_out:
+                print(json.dumps({"same": rep.same, "differences": rep.differences, "steps": rep.result.steps,
+                                  "finding": str(rep.result.finding) if rep.result.finding else None}))
+            else:
+                _print_lines(rep.lines())
+            if svg_file and rep.result.finding is not None:
+                from shmmmu.explore import render
+                with open(svg_file, "w") as f:
+                    f.write(render.svg(rep.lines()[:2], rep.runs, rep.result.actors, str(rep.result.finding)))
+            raise typer.Exit(1 if rep.result.finding is not None else 0)
+        opts = ExploreOptions(scenario=scenario, bugs=list(bug), strategy=strategy, seed=seed, depth=depth,
+                              preemptions=preemptions, executions=executions, time_limit=time_limit,
+                              mix_seed=mix_seed, atomic=list(atomic), shrink=not no_shrink)
+        try:
+            opts.resolve()
+        except ValueError as e:
+            raise _fail(str(e))
+        searcher = None
+        if jobs > 1:
+            from workers.explore import parallel_search
+            searcher = parallel_search(jobs)
+        rep = run_explore(opts, searcher=searcher, progress=show_progress, keep=keep_here)
+        if sys.stderr.isatty() and not json_out:
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    if json_out:
+        print(json.dumps(rep.to_json()))
+    else:
+        _print_lines(rep.lines())
+    if svg_file and rep.found is not None:
+        with open(svg_file, "w") as f:
+            f.write(rep.svg())
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------- torture
 
 torture_app = typer.Typer(help="locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.",

@@ -240,7 +240,8 @@ class Token:
         if not t.startswith(TOKEN_PREFIX):
             raise ValueError(f"not a replay token (they start with {TOKEN_PREFIX})")
         try:
-            raw = base64.urlsafe_b64decode(t[len(TOKEN_PREFIX):] + "=" * (-len(t) % 4))
+            body = t[len(TOKEN_PREFIX):]
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
             doc = json.loads(zlib.decompress(raw))
             return cls(doc["s"], list(doc["b"]), dict(doc["p"]), [int(x) for x in doc["d"]], list(doc["a"]),
                        int(doc["t"]), str(doc["f"]))

@@ -70,8 +70,9 @@ class Step:
     word: int
     args: tuple
     result: Any
-    function: str                 # the innermost library function it was in
+    function: str                 # the innermost library function it was in (file:qualname)
     preempted: bool = False       # this step began by switching from another runnable actor
+    before: int = 0               # the word's value before the operation
 
 
 class Actor:
@@ -127,7 +128,7 @@ class Scheduler:
         self.decisions: list[int] = []       # the chosen actor at every point with a choice
         self.preemptions = 0
         self._main: greenlet | None = None
-        self._switched = False
+        self._preempted = -1                 # the actor a preemption just handed the processor to
 
     # ------------------------------------------------------------------ running
 
@@ -208,7 +209,6 @@ class Scheduler:
         if vio is not None and vio[0, ViolationRow.KIND]:
             self.stop(Finding("violation", "", self.steps, a.name))
         a.pending = (section, word, write)
-        self._switched = False
         if section in self.no_points or (self.atomic and _inside(self.atomic)):
             return
         en = self.enabled()
@@ -243,6 +243,7 @@ class Scheduler:
         self.decisions.append(nxt.id)
         if cur is not None and cur.state == RUN and nxt is not cur:
             self.preemptions += 1
+            self._preempted = nxt.id
         return nxt
 
     def _switch(self, a: Actor, nxt: Actor) -> None:
@@ -252,7 +253,6 @@ class Scheduler:
         self.current = a
         if self.aborting:
             raise Abort
-        self._switched = True
 
     def _block(self) -> None:
         """The current actor cannot go on: run someone else until it may."""
@@ -316,6 +316,8 @@ class Scheduler:
 
     def sem_acquire(self, name: str, timed: bool) -> bool:
         self.point("sem:" + name, 0, True)
+        if self.trace:
+            self.record(SEM_P, "sem:" + name, 0, (), None, self.sems.get(name, 0))
         n = self.sems.get(name, 0)
         if n:
             self.sems[name] = n - 1
@@ -330,6 +332,8 @@ class Scheduler:
 
     def sem_release(self, name: str) -> None:
         self.point("sem:" + name, 0, True)
+        if self.trace:
+            self.record(SEM_V, "sem:" + name, 0, (), None, self.sems.get(name, 0))
         self.wrote()
         q = self.sleepers.get(name)
         if q:
@@ -340,21 +344,29 @@ class Scheduler:
 
     # ------------------------------------------------------------------ tracing
 
-    def record(self, op: int, section: str, word: int, args: tuple, result: Any) -> None:
+    def record(self, op: int, section: str, word: int, args: tuple, result: Any, before: int) -> None:
         a = self.current
+        preempted = self._preempted == a.id
+        if preempted:
+            self._preempted = -1
         self.log.append(Step(self.steps, a.id, OP_NAMES[op], section, word, args, result, _function(),
-                             self._switched))
+                             preempted, before))
 
 
 def _function() -> str:
-    """The innermost library function on the stack (not the explorer's wrappers or the wait layer)."""
+    """The innermost library function on the stack (not the explorer's wrappers or the wait layer);
+    "...:__init__" when a handle is being made (the step is part of a constructor)."""
     f = sys._getframe(2)
+    name = "?"
     while f is not None:
         fn = f.f_code.co_filename
         if not fn.startswith(_HERE) and fn not in _QUIET_FILES:
-            return f.f_code.co_name
+            if name == "?":
+                name = f"{os.path.basename(fn)}:{f.f_code.co_qualname}"
+            if f.f_code.co_name == "__init__":
+                return f"{os.path.basename(fn)}:__init__"
         f = f.f_back
-    return "?"
+    return name
 
 
 def _inside(functions: frozenset[str]) -> bool:
@@ -388,11 +400,12 @@ class PointWords:
         if s is None or not s.on:
             return fn(i, *args)
         s.point(self._sec, i, write)
+        before = self._w.load(i) if s.trace else 0
         r = fn(i, *args)
-        if write and (op not in (CAS, ) or r == args[0]):
+        if write and (op != CAS or r == args[0]):
             s.wrote()
         if s.trace:
-            s.record(op, self._sec, i, args, r)
+            s.record(op, self._sec, i, args, r, before)
         return r
 
     def load(self, i: int) -> int:

@@ -116,9 +116,14 @@ def _independent(p: tuple, q: tuple) -> bool:
 class DfsStrategy(Strategy):
     name = "dfs"
 
-    def __init__(self, preemptions: int = 2, max_executions: int = 0):
+    def __init__(self, preemptions: int = 2, max_executions: int = 0, *, prefix: list[int] | None = None,
+                 frozen_from: int = 0):
+        """`prefix`: explore only the subtree under these first choices (a part of a search spread over
+        processes); `frozen_from`: never backtrack at or below this depth (enumerating such prefixes)."""
         self.bound = preemptions
         self.max_executions = max_executions
+        self.prefix = list(prefix or [])
+        self.frozen_from = frozen_from
         self.stack: list[_Node] = []
         self.depth = 0
         self.exhausted = False
@@ -150,6 +155,13 @@ class DfsStrategy(Strategy):
             chosen_op = p.pending[p.chosen]
             parent_sleep = {u for u in p.sleep if u in ids and _independent(p.pending[u], chosen_op)}
         node = _Node(ids, {a.id: a.pending for a in enabled}, cur, pre, sleep=set(parent_sleep))
+        if d < len(self.prefix):
+            # a fixed choice of the subtree's root path: never backtracked, no sleep set across it
+            if self.prefix[d] not in ids:
+                raise RuntimeError("the subtree's prefix does not fit this scenario's execution")
+            node.chosen, node.done, node.sleep = self.prefix[d], list(ids), set()
+            self.stack.append(node)
+            return enabled[ids.index(node.chosen)]
         # the first choice: not a preemption if possible, and not asleep
         order = self._order(node)
         if not order:
@@ -158,6 +170,8 @@ class DfsStrategy(Strategy):
             order = [ids[0]] if cur is None else [cur]
         node.chosen = order[0]
         node.done.append(node.chosen)
+        if self.frozen_from and d >= self.frozen_from:
+            node.done = list(ids)                # below the enumeration depth: one path only
         self.stack.append(node)
         return enabled[ids.index(node.chosen)]
 

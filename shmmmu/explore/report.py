@@ -1,0 +1,220 @@
+"""Report: what `shmmmu explore` does end to end: search, shrink, replay with a trace, and the counterexample's forms.
+
+`run_explore(options)` resolves the scenario (by name, or the one that targets
+a bug switch), searches with the chosen strategy (in this process, or through
+the `searcher` the caller passes: workers/explore.py spreads a search over
+processes), shrinks the first failing schedule, replays it with a trace and
+returns a `Report`: text lines (the step table), an SVG, a JSON object and the
+replay token.  `run_replay(token)` re-executes a token and says whether the
+same steps and the same finding happened.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shmmmu.bugs import BUGS
+from shmmmu.explore import render
+from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
+                                     scenario_with, search, shrink)
+from shmmmu.explore.scenarios import SCENARIOS, Scenario, for_bug
+from shmmmu.layout import TMeta
+
+STRATEGIES = ("random", "pct", "dfs")
+
+
+@dataclass
+class ExploreOptions:
+    scenario: str = ""                  # empty: the scenario that targets the first bug
+    bugs: list[str] = field(default_factory=list)
+    strategy: str = ""                  # empty: the scenario's
+    seed: int = 1
+    depth: int = 0                      # PCT depth (0: the scenario's)
+    preemptions: int = 2                # DFS bound
+    executions: int = 0                 # 0: no limit
+    time_limit: float = 60.0            # seconds (0: no limit)
+    mix_seed: int = 0
+    atomic: list[str] = field(default_factory=list)    # functions whose operations are no scheduling points
+    shrink: bool = True
+
+    def resolve(self) -> tuple[Scenario, str, int]:
+        """The scenario, strategy and depth these options name; ValueError (one line) for bad ones."""
+        for b in self.bugs:
+            if b not in BUGS:
+                raise ValueError(f"unknown bug {b!r}; known: {', '.join(BUGS)}")
+        if self.scenario:
+            if self.scenario not in SCENARIOS:
+                raise ValueError(f"unknown scenario {self.scenario!r}; known: {', '.join(SCENARIOS)}")
+            sc = SCENARIOS[self.scenario]
+        elif self.bugs:
+            sc = for_bug(self.bugs[0])
+        else:
+            raise ValueError("name a scenario (--scenario NAME) or a bug switch (--bug NAME); --list shows them")
+        if sc.name == "mix":
+            sc = scenario_with("mix", {"seed": self.mix_seed})
+        strategy = self.strategy or sc.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}: use random, pct or dfs")
+        if self.seed < 0:
+            raise ValueError("--seed must not be negative")
+        if self.preemptions < 0 or self.preemptions > 6:
+            raise ValueError("--preemptions must be between 0 and 6")
+        if self.depth < 0 or self.depth > 10:
+            raise ValueError("--depth must be between 1 and 10")
+        if self.executions < 0 or not self.time_limit >= 0 or self.time_limit > 1e6:
+            raise ValueError("--executions and --time must not be negative")
+        return sc, strategy, self.depth or sc.depth
+
+    def describe(self, strategy: str, depth: int) -> str:
+        s = {"pct": f"pct --depth {depth}", "dfs": f"dfs --preemptions {self.preemptions}",
+             "random": "random"}[strategy]
+        return f"{s} --seed {self.seed}"
+
+
+@dataclass
+class Report:
+    scenario: str
+    bugs: list[str]
+    strategy: str
+    search: SearchResult
+    found: Result | None = None         # the shrunk counterexample, traced
+    shrink_runs: int = 0
+    token: str = ""
+    title: list[str] = field(default_factory=list)
+    runs: list[render.Run] = field(default_factory=list)
+    region: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.found is None
+
+    def lines(self) -> list[str]:
+        if self.found is None:
+            s = self.search
+            what = (f"exhaustive at bound: every schedule within it ran ({s.executions} executions, "
+                    f"{s.pruned} cut short by sleep sets)" if s.exhausted else f"{s.executions} executions")
+            return [f"shmmmu explore: {self.scenario}" + (f" with {', '.join(self.bugs)}" if self.bugs else "")
+                    + f" by {self.strategy}: no finding; {what} in {s.seconds:.1f} s "
+                    f"({s.per_second:.0f} executions/s, {s.steps / max(s.seconds, 1e-9):.0f} steps/s)"]
+        f = self.found
+        return render.table_lines(self.title, self.runs, f.actors, str(f.finding)) + [
+            "", f"replay: shmmmu explore --replay {self.token}"]
+
+    def svg(self) -> str:
+        f = self.found
+        return render.svg(self.title, self.runs, f.actors, str(f.finding)) if f is not None else ""
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.search
+        out: dict[str, Any] = {"scenario": self.scenario, "bugs": self.bugs, "strategy": self.strategy,
+                               "executions": s.executions, "seconds": s.seconds,
+                               "executions_per_s": s.per_second, "steps": s.steps,
+                               "steps_per_s": s.steps / s.seconds if s.seconds else 0.0,
+                               "exhausted": s.exhausted, "pruned": s.pruned,
+                               "result": "SUCCESS" if self.ok else "FAILURE"}
+        if self.found is not None:
+            f = self.found
+            out.update({"found_after_executions": s.first_index + 1, "finding": dataclasses.asdict(f.finding),
+                        "preemptions": f.preemptions, "steps_to_failure": f.steps, "shrink_runs": self.shrink_runs,
+                        "token": self.token, "actors": f.actors, "runs": render.runs_json(self.runs, f.actors),
+                        "replay": f"shmmmu explore --replay {self.token}"})
+        return out
+
+
+def _tm_level(explorer: Explorer) -> Callable[[int], int]:
+    tm = explorer.region.array("tmeta")
+    return lambda t: int(tm[t, TMeta.LEVEL]) if 0 <= t < tm.shape[0] else 0
+
+
+def _traced(explorer: Explorer, decisions: list[int]) -> tuple[Result, list[render.Run]]:
+    r = replay(explorer, decisions, trace=True)
+    return r, render.runs(r.log, r.actors, explorer.config.geometry.entries, _tm_level(explorer))
+
+
+def run_explore(opts: ExploreOptions, *, searcher: Callable[[ExploreOptions, Scenario, str, int], SearchResult]
+                | None = None, progress: Callable[[int, float, int], None] | None = None,
+                keep: Callable[[Explorer], None] | None = None) -> Report:
+    """Search, shrink, trace.  `keep(explorer)` is called with the region at the failing step (--keep)."""
+    sc, strategy, depth = opts.resolve()
+    with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic)) as ex:
+        if searcher is not None:
+            sr = searcher(opts, sc, strategy, depth)
+        else:
+            sr = search(ex, make_strategy(strategy, opts.seed, depth, opts.preemptions),
+                        max_executions=opts.executions, time_limit=opts.time_limit, progress=progress)
+        rep = Report(sc.name, list(opts.bugs), opts.describe(strategy, depth), sr, region=ex.name)
+        if sr.first is None:
+            return rep
+        best, runs = (shrink(ex, sr.first) if opts.shrink else (replay(ex, sr.first.decisions), 1))
+        traced, rs = _traced(ex, best.decisions)
+        if not same_failure(traced.finding, best.finding):
+            traced, rs = _traced(ex, sr.first.decisions)
+        rep.found, rep.shrink_runs, rep.runs = traced, runs, rs
+        rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.decisions, list(opts.atomic),
+                          traced.steps, traced.finding.kind).encode()
+        refs = ", ".join(f"{b}{' (' + BUGS[b].ref + ')' if BUGS[b].ref else ''}" for b in opts.bugs) or "the fixed code"
+        rep.title = [f"shmmmu explore: scenario {sc.name} with {refs}",
+                     f"{sc.summary}",
+                     f"found in {sr.seconds:.1f} s by {rep.strategy} (execution {sr.first_index} of the strategy's "
+                     f"sequence; {sr.executions} executions run); "
+                     f"shrunk in {runs} executions to {traced.preemptions} preemption"
+                     f"{'s' if traced.preemptions != 1 else ''}, {traced.steps} steps"]
+        if keep is not None:
+            keep(ex)
+        return rep
+
+
+@dataclass
+class ReplayReport:
+    token: Token
+    result: Result
+    runs: list[render.Run]
+    same: bool
+    differences: list[str]
+
+    def lines(self) -> list[str]:
+        t, r = self.token, self.result
+        title = [f"shmmmu explore --replay: scenario {t.scenario} with {', '.join(t.bugs) or 'the fixed code'}",
+                 ("the same execution: " if self.same else "A DIFFERENT EXECUTION: ")
+                 + f"{r.steps} steps, {r.preemptions} preemptions, finding: {r.finding.kind if r.finding else 'none'}"]
+        title += [f"  {d}" for d in self.differences]
+        if r.finding is None:
+            return title
+        return render.table_lines(title, self.runs, r.actors, str(r.finding))
+
+
+def run_replay(text: str, keep: Callable[[Explorer], None] | None = None) -> ReplayReport:
+    """Re-execute a token's schedule exactly, with a trace; say so if its steps or finding differ."""
+    t = Token.decode(text)
+    for b in t.bugs:
+        if b not in BUGS:
+            raise ValueError(f"the token names a bug switch this shmmmu does not have: {b!r}")
+    sc = scenario_with(t.scenario, t.params)
+    with Explorer(sc, t.bugs, atomic=frozenset(t.atomic)) as ex:
+        r, rs = _traced(ex, t.decisions)
+        diffs = []
+        if r.diverged:
+            diffs.append(f"the schedule diverged: {r.diverged}")
+        if r.steps != t.steps:
+            diffs.append(f"{r.steps} steps, the token recorded {t.steps}")
+        kind = r.finding.kind if r.finding else ""
+        if kind != t.finding:
+            diffs.append(f"finding {kind or 'none'}, the token recorded {t.finding or 'none'}")
+        if keep is not None and r.finding is not None:
+            keep(ex)
+        return ReplayReport(t, r, rs, not diffs, diffs)
+
+
+def list_lines() -> list[str]:
+    """`shmmmu explore --list`: every scenario, what it races, and the bug switches it targets."""
+    out = []
+    for s in SCENARIOS.values():
+        out.append(f"{s.name:18s} {s.summary}")
+        out.append(f"{'':18s} targets: {', '.join(s.targets) or '(any: a random mix)'}; lock mode {s.lock_mode}; "
+                   f"default strategy {s.strategy}" + (f" --depth {s.depth}" if s.strategy == "pct" else ""))
+    covered = {b for s in SCENARIOS.values() for b in s.targets}
+    missing = [b for b in BUGS if b not in covered]
+    if missing:
+        out.append(f"bug switches no scenario targets: {', '.join(missing)}")
+    return out

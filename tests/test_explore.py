@@ -1,0 +1,184 @@
+"""The interleaving explorer: every bug switch found, shrunk and replayed exactly; the fixed code clean; the points real.
+
+The explorer runs the library's own code (no model of it), so these tests are
+also tests of the MMU: a finding in the fixed code would be a real race.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import default_sigint, shm_entries
+from shmmmu.bugs import BUGS
+from shmmmu.explore.explorer import Explorer, Token, make_strategy, replay, search
+from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
+from shmmmu.explore.scenarios import SCENARIOS, for_bug
+
+CLI = [sys.executable, "-m", "workers.cli", "explore"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_bug_switch_is_targeted_by_a_scenario() -> None:
+    targeted = {b for s in SCENARIOS.values() for b in s.targets}
+    assert targeted == set(BUGS)
+    text = "\n".join(list_lines())
+    assert "bug switches no scenario targets" not in text
+    for b in BUGS:
+        assert b in text
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_each_bug_is_found_shrunk_and_replayed(bug: str) -> None:
+    """--bug NAME alone, the default seed: a finding within 60 s, at most 3 preemptions, a token that replays."""
+    t0 = time.monotonic()
+    rep = run_explore(ExploreOptions(bugs=[bug], time_limit=60))
+    assert rep.found is not None, f"{bug}: no finding in {rep.search.executions} executions"
+    assert rep.search.seconds < 60
+    assert rep.found.preemptions <= 3, (bug, rep.found.preemptions)
+    assert time.monotonic() - t0 < 120                 # search, shrinking and the traced replay
+    again = run_replay(rep.token)
+    assert again.same, again.differences
+    assert str(again.result.finding) == str(rep.found.finding)
+
+
+def test_the_same_arguments_give_the_same_counterexample_and_token() -> None:
+    a = cli("--bug", "zero-removed-children", "--json")
+    b = cli("--bug", "zero-removed-children", "--json")
+    assert a.returncode == b.returncode == 1, a.stderr + b.stderr
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["token"] == jb["token"] and ja["runs"] == jb["runs"]
+    assert ja["steps_to_failure"] == jb["steps_to_failure"]
+
+
+def test_jobs_give_the_same_answer_as_one_process() -> None:
+    one = run_explore(ExploreOptions(bugs=["link-after-publish"], shrink=False))
+    from workers.explore import parallel_search
+    two = run_explore(ExploreOptions(bugs=["link-after-publish"], shrink=False), searcher=parallel_search(2))
+    assert one.search.first_index == two.search.first_index
+    assert one.token == two.token
+
+
+def test_replay_reproduces_ten_times_out_of_ten() -> None:
+    rep = run_explore(ExploreOptions(bugs=["cas-over-removed"]))
+    assert rep.found is not None
+    for _ in range(10):
+        r = run_replay(rep.token)
+        assert r.same and r.result.steps == rep.found.steps, r.differences
+
+
+def test_replay_says_so_when_the_steps_differ() -> None:
+    rep = run_explore(ExploreOptions(bugs=["cas-over-removed"]))
+    t = Token.decode(rep.token)
+    t.decisions = [1 - d if d in (0, 1) else d for d in t.decisions]      # another schedule
+    r = run_replay(t.encode())
+    assert not r.same and r.differences
+    assert "A DIFFERENT EXECUTION" in r.lines()[1]
+    with pytest.raises(ValueError, match="token"):
+        run_replay("shx1-garbage!")
+
+
+def test_fixed_code_bounded_dfs_is_exhaustive_and_clean() -> None:
+    """dfs --preemptions 2 runs every schedule of fault-vs-fault and fault-vs-zap (sleep sets prune) and finds nothing."""
+    for name in ("fault-fault", "fault-zap"):
+        with Explorer(SCENARIOS[name], []) as ex:
+            sr = search(ex, make_strategy("dfs", 0, preemptions=2), max_executions=20000)
+        assert sr.first is None, (name, sr.first.finding)
+        assert sr.exhausted, (name, sr.executions)
+        assert sr.executions > 100
+
+
+def test_the_scheduling_points_are_real() -> None:
+    """K4 needs two faults to interleave inside the map: with kvm_tdp_mmu_map as one step (no point inside,
+    what the write lock gave before the series) no schedule of at most 2 preemptions shows it; with the
+    points it takes one preemption."""
+    sc = for_bug("fault-plain-store")
+    with Explorer(sc, ["fault-plain-store"], atomic=frozenset({"kvm_tdp_mmu_map"})) as ex:
+        sr = search(ex, make_strategy("dfs", 0, preemptions=2), max_executions=20000)
+        assert sr.first is None and sr.exhausted
+    with Explorer(sc, ["fault-plain-store"]) as ex:
+        sr = search(ex, make_strategy("dfs", 0, preemptions=1), max_executions=20000)
+        assert sr.first is not None
+
+
+def test_cli_output_svg_and_exit_codes(tmp_path) -> None:
+    svg = tmp_path / "k18.svg"
+    p = cli("--bug", "link-after-publish", "--svg", str(svg))
+    assert p.returncode == 1, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "shmmmu explore: scenario fault-zap with link-after-publish (K18)"
+    assert any("tdp_mmu_set_spte_atomic: cmpxchg" in ln for ln in lines)
+    assert any(">> [preempts vCPU0]" in ln for ln in lines)
+    assert any(ln.startswith("=> violation: table-leak") for ln in lines)
+    assert lines[-1].startswith("replay: shmmmu explore --replay shx1-")
+    text = svg.read_text()
+    assert text.startswith("<svg") and text.rstrip().endswith("</svg>") and "tdp_mmu_set_spte_atomic" in text
+    token = lines[-1].split()[-1]
+    r = cli("--replay", token)
+    assert r.returncode == 1 and "the same execution" in r.stdout
+    clean = cli("--scenario", "dirty-log", "--executions", "50", "--json")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    j = json.loads(clean.stdout)
+    assert j["result"] == "SUCCESS" and j["executions"] == 50 and j["executions_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bug", "nope"], "unknown bug 'nope'"),
+    (["--scenario", "nope"], "unknown scenario 'nope'"),
+    ([], "name a scenario"),
+    (["--bug", "link-after-publish", "--strategy", "bfs"], "unknown strategy"),
+    (["--bug", "link-after-publish", "--seed", "-1"], "--seed must not be negative"),
+    (["--bug", "link-after-publish", "--jobs", "0"], "--jobs must be between"),
+    (["--replay", "nonsense"], "not a replay token"),
+])
+def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    p = cli(*args, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+
+
+def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
+    before = shm_entries()
+    p = subprocess.Popen([*CLI, "--bug", "zap-all-phys-end", "--keep", "--no-shrink"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    try:
+        line = p.stderr.readline()
+        assert "is kept as VM" in line, line
+        name = line.split("VM ")[1].split(":")[0]
+        insp = subprocess.run([sys.executable, "-m", "workers.cli", "inspect", name, "--json"],
+                              capture_output=True, text=True, timeout=60)
+        assert insp.returncode == 0, insp.stderr
+        assert json.loads(insp.stdout)["vm"] == name
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, err
+    assert shm_entries() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("strategy", ["pct", "random"])
+def test_fixed_code_ten_thousand_executions_clean(name: str, strategy: str) -> None:
+    from workers.explore import parallel_search
+    rep = run_explore(ExploreOptions(scenario=name, strategy=strategy, executions=10000, time_limit=0),
+                      searcher=parallel_search(2))
+    assert rep.found is None, rep.lines()[:40]
+    assert rep.search.executions >= 10000
+
+
+def test_explore_leaves_nothing_behind() -> None:
+    before = set(os.listdir("/dev/shm"))
+    run_explore(ExploreOptions(scenario="fault-fault", executions=5))
+    assert set(os.listdir("/dev/shm")) == before
