@@ -20,6 +20,7 @@ class Bug:
     field: str         # its field in Bugs
     reverts: str       # the kernel change
     effect: str        # what goes wrong, and which checker sees it
+    stress_args: tuple[str, ...] = ()     # what `shmmmu stress` needs to give it its contention or geometry
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,16 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("no-forward-progress", "K1", "no_forward_progress",
         "ed5e484b79e8 KVM: x86/mmu: Ensure forward progress when yielding in TDP MMU iter",
         "a range walk yields again at the same GFN whenever the lock is contended and livelocks "
-        "(forward-progress bound exceeded)"),
+        "(forward-progress bound exceeded)", ("--lock-mode", "exclusive")),
     Bug("advance-after-restart", "K9", "advance_after_restart",
         "3a0f64de479c KVM: x86/mmu: Don't advance iterator after restart due to yielding (CVE-2021-47094)",
         "after yielding, the walk restarts and then advances, skipping the root-level entry "
-        "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)"),
+        "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)",
+        ("--lock-mode", "exclusive")),
     Bug("drop-flush-on-yield", "K11", "drop_flush_on_yield",
         "a835429cda91 KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap",
         "a range walk drops the lock with changes not yet flushed and forgets the flush; vCPUs keep stale "
-        "translations (stale translation used, missed dirty pages)"),
+        "translations (stale translation used, missed dirty pages)", ("--lock-mode", "exclusive")),
     Bug("dirty-mask-late-clear", "K3", "dirty_mask_late_clear",
         "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
         "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "
@@ -107,7 +109,7 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "524a1e4e381f KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs",
         "zap-all ends at the host's physical limit and skips a root entry that reaches past it; below one "
         "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
-        "leaks every table (table-leak: the page list is not empty after destroy)"),
+        "leaks every table (table-leak: the page list is not empty after destroy)", ("--bits", "9")),
     Bug("pages-lock-in-read-fault", "K15", "pages_lock_in_read_fault",
         "CVE-2022-45869: make_mmu_pages_available under the read lock",
         "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "

@@ -52,6 +52,8 @@ class Vcpu:
         self.mmu = Mmu(vm, index, self.tlb)
         self.tlbctl = self.mmu.tlbctl
         self.waits = vm.waits
+        if vm.waits.deterministic:
+            self._hw_walk = self._hw_walk_points
         self.tables = self.mmu.tables
         self.tables_mv = memoryview(vm.region.array("tables").reshape(-1))   # for the C walker
         self.data = self.mmu.slots.data
@@ -110,6 +112,14 @@ class Vcpu:
         """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
         self.st[_ST_WALKS] += 1
         found = _walk(self.tables_mv, 0, self.root_level, self.bits, gfn, write, exec_)
+        if found is None:
+            return -1
+        return self._use_leaf(gfn, *found)
+
+    def _hw_walk_points(self, gfn: int, write: bool, exec_: bool = False) -> int:
+        """The walk in Python (the explorer's: each of its loads and its A/D cmpxchg is a scheduling point)."""
+        self.st[_ST_WALKS] += 1
+        found = self.hw_walk_reference(gfn, write, exec_)
         if found is None:
             return -1
         return self._use_leaf(gfn, *found)

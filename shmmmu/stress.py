@@ -112,6 +112,8 @@ class StressResult:
     kills: int
     duration_s: float
     replay: str
+    first_violation_s: float | None = None   # when a checker first fired, from the start (None: never;
+                                             # a problem found only by the end checks counts at the end)
 
     @property
     def ok(self) -> bool:
@@ -125,6 +127,7 @@ class StressResult:
         return {"options": self.options, "ops": self.ops, "stats": self.stats, "rcu": self.rcu,
                 "reader_pipe": self.pipe, "problems": self.problems, "violated": self.violated(),
                 "kills": self.kills, "duration_s": self.duration_s, "replay": self.replay,
+                "first_violation_s": self.first_violation_s,
                 "result": "SUCCESS" if self.ok else "FAILURE"}
 
     def report(self, header: bool = True) -> list[str]:
@@ -288,8 +291,9 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
             pipe = [int(x) for x in vm.region.array("pipe").sum(axis=0)]
             if any(pipe[2:]):
                 problems.append(f"use-after-free: Reader Pipe has {sum(pipe[2:])} reads past bucket 1")
-            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})"
-                         for v in violations.read_all(vm.region)]
+            recorded = violations.read_all(vm.region)
+            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})" for v in recorded]
+            first_violation = (min(v.time_ns for v in recorded) / 1e9 - t_begin) if recorded else None
             problems += check_guest_memory(vm)
             crashed = any(p.startswith("worker-crashed") for p in problems)
             problems += [str(p) for p in check_all(vm, stats=kills == 0 and not crashed)]
@@ -303,6 +307,9 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
             raise
         finally:
             sup.cleanup_logs()
+    elapsed = time.monotonic() - t_begin
     return StressResult(options={**vars(opts), "pages": pages}, ops=ops, stats=stats, rcu=rcu, pipe=pipe,
-                        problems=problems, kills=kills, duration_s=time.monotonic() - t_begin,
+                        problems=problems, kills=kills, duration_s=elapsed,
+                        first_violation_s=first_violation if first_violation is not None
+                        else (elapsed if problems else None),
                         replay=opts.replay_command())

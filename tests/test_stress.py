@@ -16,25 +16,23 @@ import pytest
 
 from shmmmu.bugs import BUGS
 
-# the lock mode that gives each bug the contention it needs, and what the report must name
+# what the report must name for each bug (the lock mode and geometry each needs are its stress_args)
 MATRIX = {
-    "rcu-free-immediately": ("shared", "use-after-free"),
-    "zero-removed-children": ("shared", "install-into-dead-table"),
-    "fault-zap-no-flush": ("shared", "stale-translation"),
-    "fault-plain-store": ("shared", ""),
-    "cas-over-removed": ("shared", "frozen-entry-overwritten"),
-    "no-forward-progress": ("exclusive", "no-forward-progress"),
-    "advance-after-restart": ("exclusive", "invariant"),
-    "drop-flush-on-yield": ("exclusive", "stale-translation"),
-    "dirty-mask-late-clear": ("shared", "mask-walk-overrun"),
-    "no-notifier-recheck": ("shared", "write-to-unmapped-host-page"),
-    "no-wrprot-on-enable": ("shared", "dirty-log-missed"),
-    "pages-lock-in-read-fault": ("shared", "lockdep"),
-    "link-after-publish": ("shared", "table-leak"),
-    "zap-all-phys-end": ("shared", "table-leak"),
+    "rcu-free-immediately": "use-after-free",
+    "zero-removed-children": "install-into-dead-table",
+    "fault-zap-no-flush": "stale-translation",
+    "fault-plain-store": "",
+    "cas-over-removed": "frozen-entry-overwritten",
+    "no-forward-progress": "no-forward-progress",
+    "advance-after-restart": "invariant",
+    "drop-flush-on-yield": "stale-translation",
+    "dirty-mask-late-clear": "mask-walk-overrun",
+    "no-notifier-recheck": "write-to-unmapped-host-page",
+    "no-wrprot-on-enable": "dirty-log-missed",
+    "pages-lock-in-read-fault": "lockdep",
+    "link-after-publish": "table-leak",
+    "zap-all-phys-end": "table-leak",
 }
-# the geometry a bug needs: K17 bites only below one root entry's span, i.e. with 512-entry tables
-BITS = {"zap-all-phys-end": "9"}
 QUICK = ["rcu-free-immediately", "zero-removed-children", "no-wrprot-on-enable", "no-notifier-recheck"]
 
 
@@ -79,14 +77,14 @@ def test_vm_destruction_leaves_the_page_list_empty_and_k17_does_not_with_aligned
 
 
 def _check_bug(bug: str) -> None:
-    mode, kind = MATRIX[bug]
-    rc, r = stress("--duration", "6", "--vcpus", "3", "--lock-mode", mode, "--bug", bug,
-                   "--seed", "3", "--bits", BITS.get(bug, "3"))
+    kind = MATRIX[bug]
+    rc, r = stress("--duration", "6", "--vcpus", "3", "--bug", bug, "--seed", "3", *BUGS[bug].stress_args)
     assert rc == 1, f"--bug {bug} was not detected: {r['stats']}"
     assert r["result"] == "FAILURE"
     assert f"--bug {bug}" in r["replay"] and "--seed 3" in r["replay"]
     if kind:
         assert kind in r["violated"], (kind, r["violated"], r["problems"][:5])
+    assert r["first_violation_s"] is not None and 0 <= r["first_violation_s"] <= r["duration_s"]
 
 
 @pytest.mark.parametrize("bug", QUICK)
