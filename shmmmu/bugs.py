@@ -41,6 +41,10 @@ class Bugs:
     pages_lock_in_read_fault: bool = False      # K15
     link_after_publish: bool = False            # K18
     zap_all_phys_end: bool = False              # K17
+    root_refcount_plain: bool = False
+    fault_into_invalid_root: bool = False
+    notifier_unsafe_root_walk: bool = False
+    unmap_skips_invalid_roots: bool = False
 
     @classmethod
     def from_names(cls, names: list[str]) -> "Bugs":
@@ -102,16 +106,35 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "enabling dirty logging leaves writable mappings; writes through them are never logged "
         "(dirty-log false negative)"),
     Bug("link-after-publish", "K18", "link_after_publish",
-        "the 5.12 order in kvm_tdp_mmu_map: tdp_mmu_link_page after the cmpxchg (later kernels account "
-        "before publishing)", "a zap of the new entry between the cmpxchg and list_add unlinks "
-        "the table before it is linked; the page list ends up holding a freed table (page list != reachable tables)"),
+        "d25ceb926436 + 61f94478547b (6.2): 5.13's tdp_mmu_pages list, tdp_mmu_link_page after the cmpxchg",
+        "a zap of the new entry between the cmpxchg and list_add runs list_del on a table not yet on the "
+        "list, and the late list_add puts the freed table there (list_del of an unlisted table; page list "
+        "!= reachable tables)"),
     Bug("zap-all-phys-end", "K17", "zap_all_phys_end",
         "524a1e4e381f KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs",
         "zap-all ends at the host's physical limit and skips a root entry that reaches past it; below one "
         "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
         "leaks every table (table-leak: the page list is not empty after destroy)", ("--bits", "9")),
+    Bug("root-refcount-not-atomic", "", "root_refcount_plain",
+        "11cccf5c0d8b KVM: x86/mmu: Make TDP MMU root refcount atomic (5.13)",
+        "5.12's plain root count, incremented and decremented by walkers that now run under the read lock: "
+        "a lost update frees a root a vCPU still uses, or leaks one (root-refcount: freed while held, count "
+        "!= holders)"),
+    Bug("fault-into-invalid-root", "", "fault_into_invalid_root",
+        "a955cad84cda KVM: x86/mmu: Retry page fault if root is invalidated by memslot update (5.16)",
+        "a vCPU that took its fault before the invalidation installs into its invalid root behind the "
+        "zapper, which has already emptied it (install-into-invalid-root: a zapped root holds entries)"),
+    Bug("notifier-unsafe-root-walk", "", "notifier_unsafe_root_walk",
+        "7533377215b6 KVM: x86/mmu: Use yield-safe TDP MMU root iter in MMU notifier unmapping (5.14)",
+        "5.13's notifier walks the roots without a reference and yields (may_block); the root's last "
+        "reference goes meanwhile and the walk resumes in a freed table (use-after-free, Reader Pipe)"),
+    Bug("unmap-skips-invalid-roots", "", "unmap_skips_invalid_roots",
+        "d62007edf01f KVM: x86/mmu: Zap _all_ roots when unmapping gfn range in TDP MMU (5.17)",
+        "the zaps' yield-safe root walk skips invalid roots; an MMU notifier returns while an invalid root "
+        "whose zapper yielded still maps the range (mapping-after-unmap)"),
     Bug("pages-lock-in-read-fault", "K15", "pages_lock_in_read_fault",
-        "CVE-2022-45869: make_mmu_pages_available under the read lock",
+        "47b0c2e4c220 KVM: x86/mmu: Fix race condition in direct_page_fault (CVE-2022-45869): "
+        "make_mmu_pages_available under the read lock",
         "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
         "for write)"),
 ]}

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import NIL, ROOT_TABLE, STAT, Ctl, MemslotFlags, TableState, TMeta, WState
+from shmmmu.layout import N_STATS, NIL, STAT, Ctl, MemslotFlags, TableState, TMeta, WState
 from shmmmu.snapshot import Snapshot, Source, Walk, snapshot, take_snapshot, walk_tables
 
 __all__ = ["Problem", "Snapshot", "Walk", "Leaf", "snapshot", "take_snapshot", "walk_tables", "count_leaves",
            "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
-           "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list",
+           "check_roots", "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list",
            "check_all"]
 
 _U = np.uint64
@@ -59,12 +59,13 @@ class Leaf:
 
 
 def count_leaves(source: Source) -> dict[int, int]:
-    """Present leaves reachable from the root, per level (1: 4K, 2: 2M, 3: 1G)."""
+    """Present leaves reachable from the roots (all of them), per level (1: 4K, 2: 2M, 3: 1G)."""
     return walk_tables(source).mappings()
 
 
-def leaves_by_gfn(source: Source) -> dict[int, Leaf]:
-    """Every mapped 4 KiB GFN: the level of its leaf, its own host page, and the leaf's flag bits.
+def leaves_by_gfn(source: Source, role: int = 0) -> dict[int, Leaf]:
+    """Every 4 KiB GFN the valid root of `role` maps: the level of its leaf, its own host page, and the
+    leaf's flag bits.
 
     Two VMs that ran the same operations map the same GFNs alike exactly when
     these dictionaries are equal, whichever pool tables their walks used.
@@ -72,8 +73,12 @@ def leaves_by_gfn(source: Source) -> dict[int, Leaf]:
     snap = snapshot(source)
     w = walk_tables(snap)
     g = snap.geometry
+    rows = {r["row"] for r in snap.root_rows() if r["role"] == role and not r["invalid"]}
     out: dict[int, Leaf] = {}
-    for gfn, level, spte in zip(w.leaf_gfn.tolist(), w.leaf_level.tolist(), w.leaf_spte.tolist()):
+    for gfn, level, spte, root in zip(w.leaf_gfn.tolist(), w.leaf_level.tolist(), w.leaf_spte.tolist(),
+                                      w.leaf_root.tolist()):
+        if root not in rows:
+            continue
         pfn = (spte & S.PFN_MASK) >> S.PFN_SHIFT
         flags = spte & ~S.PFN_MASK
         for k in range(g.pages(level)):
@@ -93,8 +98,9 @@ def retired_count(source: Source) -> int:
 def check_table_structure(source: Source) -> list[Problem]:
     """Every live table is reachable exactly once, and is what its metadata says.
 
-    Invariant (DESIGN.md §7, KVM_TDP_MMU.md §13 I3): walking from the root, no
-    table is reached twice (no shared subtree, no cycle), no entry of a
+    Invariant (DESIGN.md §7, KVM_TDP_MMU.md §13 I3): walking from every root, no
+    table is reached twice (no shared subtree between roots or within one, no
+    cycle), no entry of a
     reachable table is REMOVED (a frozen entry never outlives its zap) or a
     non-present non-zero value (poison of a freed table), every child link
     names a pool table other than the root, every reachable table's recorded
@@ -112,7 +118,7 @@ def check_table_structure(source: Source) -> list[Problem]:
                                              f"tables"))
     tm = snap.tmeta[w.tables]
     lvl_bad = tm[:, TMeta.LEVEL].astype(np.int64) != w.t_level
-    gfn_bad = (tm[:, TMeta.GFN].astype(np.int64) != w.t_gfn) & (w.tables != ROOT_TABLE)
+    gfn_bad = tm[:, TMeta.GFN].astype(np.int64) != w.t_gfn
     state_bad = tm[:, TMeta.STATE] != _U(TS_LIVE)
     for k in np.flatnonzero(lvl_bad):
         problems.append(Problem("invariant", f"table {int(w.tables[k])} records level {int(tm[k, TMeta.LEVEL])} but "
@@ -132,19 +138,21 @@ def check_table_structure(source: Source) -> list[Problem]:
 def check_table_accounting(source: Source) -> list[Problem]:
     """Every pool table is in exactly one place: reachable + free + cached + retired = pool size.
 
-    Invariant (DESIGN.md §7): each table of the pool is exactly one of
-    reachable from the root (state live), on the free stack (free), in a
-    worker's memory cache (cached), or in a worker's retire ring awaiting a
-    grace period (retired); the four counts add up to the pool size, and each
-    table's recorded state names its place (a live table nobody reaches is a
-    leak).  The page list (tdp_mmu_pages) holds exactly the reachable tables
-    other than the root, and its count word agrees.
+    Invariant (DESIGN.md §7): each table of the pool (all but table 0, which is
+    never handed out) is exactly one of reachable from a root (state live), on
+    the free stack (free), in a worker's memory cache (cached), or in a worker's
+    retire ring awaiting a grace period (retired); the four counts add up to the
+    pool size, and each table's recorded state names its place (a live table
+    nobody reaches is a leak).  The page count (6.2's tdp_mmu_pages) is the
+    number of reachable tables other than the roots; with K18, 5.13's page list
+    holds exactly those tables.
     """
     snap = snapshot(source)
     w = walk_tables(snap)
     n = snap.tables.shape[0]
     problems: list[Problem] = []
     place = np.zeros(n, dtype=np.int64)          # how many places claim each table
+    place[0] = 1                                 # table 0: never handed out
     where: dict[str, np.ndarray] = {}
     where["reachable"] = np.unique(w.tables)
     top = int(snap.ctl[Ctl.POOL_TOP])
@@ -184,8 +192,9 @@ def check_table_accounting(source: Source) -> list[Problem]:
                                                       f"{TableState.NAMES.get(s, s)}"))
     total = sum(len(v) for v in where.values())
     counts = ", ".join(f"{k} {len(v)}" for k, v in where.items())
-    if total != n:
-        problems.append(Problem("table-leak", f"{counts}: {total} tables accounted of {n} (leak {n - total})"))
+    if total != n - 1:
+        problems.append(Problem("table-leak", f"{counts}: {total} tables accounted of {n - 1} "
+                                              f"(leak {n - 1 - total})"))
     twice = np.flatnonzero(place > 1)
     if twice.size:
         problems.append(Problem("table-leak", f"tables in two places at once: {twice.tolist()[:8]} ({counts})"))
@@ -193,7 +202,21 @@ def check_table_accounting(source: Source) -> list[Problem]:
     if lost.size:
         states = [TableState.NAMES.get(int(snap.tmeta[t, TMeta.STATE]), "?") for t in lost[:8]]
         problems.append(Problem("table-leak", f"tables in no place: {lost.tolist()[:8]} (states {states})"))
-    # the page list
+    below = set(where["reachable"].tolist()) - set(w.root_tables().tolist())
+    count = int(snap.ctl[Ctl.PAGE_COUNT])
+    count = count - (1 << 64) if count >> 63 else count
+    if count != len(below):
+        problems.append(Problem("table-leak", f"the page count (tdp_mmu_pages) says {count}, {len(below)} "
+                                              f"tables hang below the roots"))
+    if "link-after-publish" in snap.config.bugs:
+        problems += _check_page_list(snap, below)
+    return problems
+
+
+def _check_page_list(snap: Snapshot, below: set[int]) -> list[Problem]:
+    """With K18: 5.13's tdp_mmu_pages list holds exactly the tables below the roots."""
+    n = snap.tables.shape[0]
+    problems: list[Problem] = []
     members, cur, steps = [], int(snap.ctl[Ctl.LIST_HEAD]), 0
     while cur not in (0, NIL) and steps <= n:
         t = cur - 1
@@ -206,26 +229,70 @@ def check_table_accounting(source: Source) -> list[Problem]:
     if steps > n:
         problems.append(Problem("table-leak", "the page list does not end (a cycle)"))
     listed = set(members)
-    reach = set(where["reachable"].tolist()) - {ROOT_TABLE}
-    if listed != reach:
+    if listed != below:
         problems.append(Problem("table-leak", f"page list and reachable tables differ: listed only "
-                                              f"{sorted(listed - reach)[:8]}, reachable only "
-                                              f"{sorted(reach - listed)[:8]}"))
-    if int(snap.ctl[Ctl.LIST_COUNT]) != len(members):
-        problems.append(Problem("table-leak", f"the page-list count says {int(snap.ctl[Ctl.LIST_COUNT])}, "
-                                              f"the list holds {len(members)}"))
+                                              f"{sorted(listed - below)[:8]}, reachable only "
+                                              f"{sorted(below - listed)[:8]}"))
+    return problems
+
+
+def check_roots(source: Source) -> list[Problem]:
+    """Every listed root is live and held exactly as often as its count says; invalid roots are on their way out.
+
+    Invariant (KVM_TDP_MMU.md C5; kvm_tdp_mmu_get_vcpu_root_hpa, kvm_tdp_mmu_put_root):
+    at a quiet point (no walk over the roots in flight, no fast zap running), each
+    listed root's table is live and at the root level, its reference count is
+    the number of workers recorded as holding it (WState.ROOT) and at least 1 (the
+    last put unlists a root), every recorded holder names a listed root, at most
+    one valid root exists per role, and an invalid root whose invalidating zap is
+    done holds no present entry (nothing may be installed behind that zap).
+    """
+    snap = snapshot(source)
+    problems: list[Problem] = []
+    g = snap.geometry
+    rows = snap.root_rows()
+    listed = {r["row"] for r in rows}
+    valid_roles: dict[int, int] = {}
+    for r in rows:
+        t, where = r["table"], f"root row {r['row']} (table {r['table']})"
+        if not 0 < t < snap.n_tables:
+            continue                                  # walk_tables reports it
+        st = int(snap.tmeta[t, TMeta.STATE])
+        if st != TS_LIVE:
+            problems.append(Problem("use-after-free", f"{where} is {TableState.NAMES.get(st, st)}, not live"))
+        if int(snap.tmeta[t, TMeta.LEVEL]) != g.root_level:
+            problems.append(Problem("invariant", f"{where} records level {int(snap.tmeta[t, TMeta.LEVEL])}, "
+                                                 f"not the root level {g.root_level}"))
+        if r["count"] != len(r["holders"]) or r["count"] == 0:
+            problems.append(Problem("root-refcount", f"{where}: count {r['count']}, held by "
+                                                     f"{len(r['holders'])} ({r['holders']})"))
+        if not r["invalid"]:
+            if r["role"] in valid_roles:
+                problems.append(Problem("invariant", f"two valid roots of role {r['role']}: rows "
+                                                     f"{valid_roles[r['role']]} and {r['row']}"))
+            valid_roles[r["role"]] = r["row"]
+        elif r["zapped"]:
+            present = np.flatnonzero(snap.tables[t] & _U(S.MMU_PRESENT))
+            if present.size:
+                problems.append(Problem("install-into-invalid-root", f"{where} is invalid and its zap is done, "
+                                                                     f"yet {present.size} root entries are "
+                                                                     f"present", int(present[0]) << g.shift(g.root_level)))
+    for row, workers in snap.held_rows().items():
+        if row not in listed:
+            problems.append(Problem("root-refcount", f"workers {workers} hold root row {row}, which is not listed"))
     return problems
 
 
 def check_nx_list(source: Source) -> list[Problem]:
-    """The NX list holds exactly the reachable tables marked NX, linked both ways, and its count agrees.
+    """The NX list holds exactly the reachable tables marked listed, linked both ways, and its count agrees.
 
-    Invariant (KVM_TDP_MMU.md §7.2, §10; account_huge_nx_page): a table linked
-    for a fault that the NX huge page mitigation kept below the level the host
-    could map is on lpage_disallowed_mmu_pages with its lpage_disallowed flag
-    (TMeta.NX) set, until it is torn down, which takes it off.  So: the list, walked
-    from Ctl.NX_HEAD by TMeta.NX_NEXT, ends at Ctl.NX_TAIL, every TMeta.NX_PREV points back,
-    the members are exactly the tables with TMeta.NX set, all of them reachable
+    Invariant (KVM_TDP_MMU.md §7.2, §10; 6.2's track_possible_nx_huge_page): a
+    table linked for a fault that the NX huge page mitigation kept below the level
+    the host could map is marked nx_huge_page_disallowed (TMeta.NX) and goes on
+    possible_nx_huge_pages (TMeta.NX_LISTED), until it is torn down, which takes it
+    off.  So: the list, walked from Ctl.NX_HEAD by TMeta.NX_NEXT, ends at
+    Ctl.NX_TAIL, every TMeta.NX_PREV points back, the members are exactly the
+    tables marked listed, each of them also marked NX, all of them reachable
     (live), none twice, and Ctl.NX_COUNT (nx_lpage_splits) is the list's length.
     """
     snap = snapshot(source)
@@ -253,11 +320,15 @@ def check_nx_list(source: Source) -> list[Problem]:
     listed = set(members)
     if len(listed) != len(members):
         problems.append(Problem("table-leak", "a table is on the NX list twice"))
-    marked = set(np.flatnonzero(snap.tmeta[:, TMeta.NX] != 0).tolist())
+    marked = set(np.flatnonzero(snap.tmeta[:, TMeta.NX_LISTED] != 0).tolist())
     if listed != marked:
-        problems.append(Problem("table-leak", f"NX list and tables marked NX differ: listed only "
+        problems.append(Problem("table-leak", f"NX list and tables marked listed differ: listed only "
                                               f"{sorted(listed - marked)[:8]}, marked only "
                                               f"{sorted(marked - listed)[:8]}"))
+    not_nx = sorted(t for t in listed if not snap.tmeta[t, TMeta.NX])
+    if not_nx:
+        problems.append(Problem("table-leak", f"the NX list holds tables not marked nx_huge_page_disallowed: "
+                                              f"{not_nx[:8]}"))
     unreachable = listed - set(w.tables.tolist())
     if unreachable:
         problems.append(Problem("table-leak", f"the NX list holds tables no entry reaches: {sorted(unreachable)[:8]}"))
@@ -385,7 +456,8 @@ def check_stats(source: Source) -> list[Problem]:
 def check_all(source: Source, stats: bool = True) -> list[Problem]:
     """Every checker above on one snapshot; `stats=False` skips check_stats (workers not yet published)."""
     snap = snapshot(source)
-    problems = check_table_structure(snap) + check_table_accounting(snap) + check_leaves_in_memslots(snap)
+    problems = check_table_structure(snap) + check_table_accounting(snap) + check_roots(snap)
+    problems += check_leaves_in_memslots(snap)
     problems += check_leaf_pfns(snap) + check_logging_slots(snap) + check_nx_list(snap)
     if stats:
         problems += check_stats(snap)

@@ -66,15 +66,26 @@ class Vcpu:
         self.sources: dict[tuple[int, int], tuple[int, int]] = {}
 
     def enter(self) -> None:
-        self.tlbctl.enter_guest()
+        if self.tlbctl.enter_guest():
+            self.reload_root()
 
     def exit(self) -> None:
         self.tlbctl.exit_guest()
 
+    def reload_root(self) -> None:
+        """KVM_REQ_MMU_RELOAD (or no root yet): leave guest mode, unload and load the root, come back in."""
+        tlbctl = self.tlbctl
+        while True:
+            tlbctl.exit_guest()
+            self.mmu.kvm_mmu_reload()
+            if not tlbctl.enter_guest():
+                return
+
     def translate(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The host page of gfn for this access, faulting as needed (call in guest mode); -1 if no memslot."""
         st = self.st
-        self.tlbctl.check_request()
+        if self.tlbctl.check_request():
+            self.reload_root()
         e = self.tlb.lookup(gfn)
         if e is not None and (e[1] or not write) and (e[3] or not exec_):
             st[_ST_HITS] += 1
@@ -104,14 +115,15 @@ class Vcpu:
                         raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
                                          f"in {self.PROGRESS_BOUND_S:.0f}s")
             finally:
-                self.tlbctl.enter_guest()
+                if self.tlbctl.enter_guest():
+                    self.reload_root()
             if r == RET_PF_EMULATE:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
 
     def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
         self.st[_ST_WALKS] += 1
-        found = _walk(self.tables_mv, 0, self.root_level, self.bits, gfn, write, exec_)
+        found = _walk(self.tables_mv, self.mmu.root, self.root_level, self.bits, gfn, write, exec_)
         if found is None:
             return -1
         return self._use_leaf(gfn, *found)
@@ -127,7 +139,7 @@ class Vcpu:
     def hw_walk_reference(self, gfn: int, write: bool, exec_: bool = False) -> tuple[int, int, int] | None:
         """The same walk in Python, step for step: (sptep, spte, level) or None.  Tests hold _walker to it."""
         tables, E, bits = self.tables, self.E, self.bits
-        table = 0
+        table = self.mmu.root
         level = self.root_level
         while True:
             idx = (gfn >> (bits * (level - 1))) & (E - 1)

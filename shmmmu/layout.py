@@ -53,16 +53,18 @@ class Ctl(Row):
      FLUSH_GEN,             # remote TLB flush generation (tlb.py)
      UNFLUSHED,             # workers holding changes not yet flushed (the stale-translation checker)
      POOL_TOP,              # height of the free stack of page tables (pool.py)
-     LIST_HEAD,             # tdp_mmu_pages: head of the page list (table + 1; 0 empty)
-     LIST_COUNT,
-     NX_HEAD,               # lpage_disallowed_mmu_pages: head and tail (table + 1), nx_lpage_splits
+     PAGE_COUNT,            # tdp_mmu_pages: non-root tables linked (6.2's atomic count)
+     LIST_HEAD,             # the 5.13 page list tdp_mmu_pages (table + 1; 0 empty): only with K18
+     NX_HEAD,               # possible_nx_huge_pages (lpage_disallowed): head and tail (table + 1), nx_lpage_splits
      NX_TAIL,
      NX_COUNT,
      SLOTS_GEN,             # memslots generation: any slot row changed
+     ROOTS_GEN,             # bumped whenever a root is invalidated: a vCPU reloads its root
+     FAST_ZAPS,             # kvm_tdp_mmu_zap_invalidated_roots in progress (faults during one are counted)
      ITERATION,             # run control: the iteration vCPUs are asked to run
      STOP,                  # run control: every worker stops
      VIOLATIONS,            # violation records written (violations.py)
-     ) = _on_lines(21)
+     ) = _on_lines(23)
     WORDS = 64 * LINE
 
 
@@ -114,7 +116,8 @@ class WState(Row):
      RETIRE_HEAD,              # this worker's retire ring (rcu.py)
      RETIRE_TAIL,
      CACHE_COUNT,              # tables in this worker's memory cache (pool.py)
-     ) = [k * 2 for k in range(12)]
+     ROOT,                     # the root this worker's MMU uses: its roots row + 1 (0: none); holds a reference
+     ) = [k * 2 for k in range(13)]
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -150,12 +153,13 @@ class TMeta(Row):
      GEN,                      # bumped at every free: a reader holding a stale reference can tell
      PARENT,                   # debug: the entry that links it (table * entries + index), NIL
      RETIRE_EPOCH,             # the RCU epoch it was retired in
-     NX,                       # on the NX list (lpage_disallowed)
-     PREV, NEXT,               # tdp_mmu_pages links (table + 1; NIL none)
-     NX_PREV, NX_NEXT,         # lpage_disallowed_mmu_pages links (table + 1; 0 none)
+     NX,                       # nx_huge_page_disallowed (5.13: lpage_disallowed)
+     PREV, NEXT,               # the 5.13 tdp_mmu_pages links (table + 1; NIL none): only with K18
+     NX_PREV, NX_NEXT,         # possible_nx_huge_pages links (table + 1; 0 none)
      OWNER,                    # the worker whose cache holds it (or who allocated it, until linked)
      LINKER,                   # debug: worker | parent generation << 8 of whoever linked it
-     ) = range(13)
+     NX_LISTED,                # on the NX list (list_empty(&sp->possible_nx_huge_page_link) is false)
+     ) = range(14)
     WORDS = 16
 
 
@@ -167,7 +171,18 @@ class TableState:
 
 
 NIL = (1 << 64) - 1            # "no table" in link words
-ROOT_TABLE = 0
+ROOT_TABLE = 0                 # table 0 is never handed out: the torture programs' control row, "no table"
+
+
+class RootRow(Row):
+    """roots: one row per root of the VM (kvm->arch.tdp_mmu_roots), in any order; TABLE 0 marks a free row."""
+
+    TABLE, ROLE, COUNT, INVALID, ZAPPED = range(5)
+    # COUNT: tdp_mmu_root_count; INVALID: role.invalid; ZAPPED (debug): its invalidating zap is done
+    WORDS = 8
+
+
+MAX_ROOTS = 16
 
 # ---------------------------------------------------------------- memslots
 
@@ -198,6 +213,9 @@ STAT_NAMES = [
     "pool_refills", "fetches", "nx_recovery_passes",
     "lock_wait_max_ns", "flush_wait_max_ns",          # maxima: summed over workers as max, not +
     "emulated",                                       # faults outside any memslot (MMIO, deleted slot)
+    "roots_allocated", "roots_freed", "root_reloads",  # kvm_tdp_mmu_get_vcpu_root / put_root / kvm_mmu_load
+    "fast_zaps", "faults_during_fast_zap",            # kvm_mmu_zap_all_fast, and faults fixed while one zapped
+    "stale_root_retries",                             # faults retried because their root was invalid
 ]
 N_STATS = 48
 assert len(STAT_NAMES) <= N_STATS
@@ -267,6 +285,8 @@ class Workload:
     write_fraction: float = 0.5  # share of writes (random, stress)
     exec_fraction: float = 0.0   # share of instruction fetches (random, stress)
     populate_first: bool = False  # random: iteration 1 writes every page once (dirty_log_test's first pass)
+    zap_every: int = 0           # stress: one chunk of accesses in N ends with a kvm_zap_gfn_range of its own
+                                 # (a guest MTRR write zaps from the vCPU's thread); 0: never
     trace: list[tuple[int, int]] = field(default_factory=list)   # trace: (page offset, kind)
 
     KINDS = ("populate", "random", "dirty-log", "trace", "stress")
@@ -293,6 +313,7 @@ class VMConfig:
     nx_recovery_ratio: int = 60          # kvm.nx_huge_pages_recovery_ratio: zap 1/ratio of the list per pass
     nx_recovery_period_s: float = 1.0    # seconds between passes (the kernel's 60 s scaled down); 0: none
     gp_stall_s: float = 10.0             # a grace period longer than this is reported (the RCU stall warning)
+    root_roles: int = 1                  # distinct root roles: vCPU i uses role i % root_roles (1: one shared root)
     seed: int = 0
     # rcutorture's read-side delays: at the points where a half-done step can be overtaken
     # (Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
@@ -316,6 +337,11 @@ class VMConfig:
         return self.n_vcpus + 1
 
     @property
+    def notifier_worker(self) -> int:
+        """The host mm's MMU-notifier process of stress (workers/notifier.py), when n_host >= 3."""
+        return self.n_vcpus + 2
+
+    @property
     def guest_pages(self) -> int:
         return sum(m.npages for m in self.memslots)
 
@@ -334,15 +360,18 @@ class VMConfig:
             raise ValueError("a VM needs at least one vCPU")
         if c.lock_mode not in ("shared", "exclusive"):
             raise ValueError(f"lock mode must be shared or exclusive, not {c.lock_mode!r}")
+        if not 1 <= c.root_roles <= MAX_ROOTS // 2:
+            raise ValueError(f"root_roles must be between 1 and {MAX_ROOTS // 2}")
         if c.n_tables == 0:
             # leaf tables for 4 KiB mappings of all memory, their parents, and headroom for
-            # tables that are retired but not yet freed, and for vCPU caches
+            # tables that are retired but not yet freed, for vCPU caches, and for the roots
+            # (a root being zapped after an invalidation coexists with its successor)
             leaf = sum(-(-m.npages // g.entries) + 1 for m in c.memslots)
             upper, n = 0, leaf
             for _ in range(c.geometry.root_level - 1):
                 n = -(-n // g.entries) + 1
                 upper += n
-            c.n_tables = leaf + upper + 64 + c.n_workers * c.cache_capacity + leaf // 4
+            c.n_tables = 2 * (leaf + upper) + 64 + c.n_workers * c.cache_capacity + leaf // 4 + MAX_ROOTS
         if c.retire_ring == 0:
             c.retire_ring = max(256, c.n_tables)
         return c
@@ -402,6 +431,7 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         "caches": (c.n_workers, c.cache_capacity),
         "retire": (c.n_workers, c.retire_ring),
         "memslots": (MAX_MEMSLOTS, MemslotRow.WORDS),
+        "roots": (MAX_ROOTS, RootRow.WORDS),
         "host_map": (max(1, c.guest_pages),),
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),

@@ -69,11 +69,11 @@ class Pool:
         self.tmeta[:, TMeta.NEXT] = NIL
         self.tmeta[:, TMeta.OWNER] = NIL
         self.tmeta[:, TMeta.GEN] = 1
-        free = np.arange(n - 1, 0, -1, dtype=np.uint64)       # table 0 is the root
+        # table 0 is never handed out: 0 means "no table" in the roots rows (roots are pool tables,
+        # allocated by the vCPU that first needs one)
+        free = np.arange(n - 1, 0, -1, dtype=np.uint64)
         self.stack[: n - 1] = free
         self.ctl.store(Ctl.POOL_TOP, n - 1)
-        self.tmeta[ROOT_TABLE, TMeta.STATE] = TS_LIVE
-        self.tmeta[ROOT_TABLE, TMeta.LEVEL] = config_root_level(self.config)
 
     # ---- the vCPU cache
 
@@ -194,6 +194,3 @@ class Pool:
     def free_count(self) -> int:
         return self.ctl.load(Ctl.POOL_TOP)
 
-
-def config_root_level(config: VMConfig) -> int:
-    return config.geometry.root_level

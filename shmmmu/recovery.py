@@ -2,6 +2,9 @@
 
 A vCPU killed with SIGKILL can leave behind, besides the locks and the RCU slot
 its own recovery calls release:
+  - the reference it held on its root (WState.ROOT): put here, as kvm_mmu_unload
+    would have (a kill between the count's increment in kvm_mmu_load and the
+    store that records it, two adjacent steps, would leak one reference);
   - an entry it froze (REMOVED) and never cleared: faults on it would retry forever;
   - a table it allocated and linked but never put on the page list, or a table
     it was tearing down when it died: live, but unreachable (a leak);
@@ -17,17 +20,22 @@ from __future__ import annotations
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import NIL, ROOT_TABLE, Ctl, TableState, TMeta, WState
+from shmmmu.layout import NIL, ROOT_TABLE, Ctl, RootRow, TableState, TMeta, WState
 
 TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = TableState.FREE, TableState.CACHED, TableState.LIVE, TableState.RETIRED
 
 
-def reachable_tables(tables: np.ndarray, root_level: int, root: int = ROOT_TABLE) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The tables reachable from the root (a boolean mask) and the REMOVED entries found in them."""
+def root_tables(roots: np.ndarray) -> list[int]:
+    """The tables of the listed roots (rows of the roots section with a table)."""
+    return [int(t) for t in roots[:, RootRow.TABLE] if t]
+
+
+def reachable_tables(tables: np.ndarray, root_level: int, roots: list[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The tables reachable from the roots (a boolean mask) and the REMOVED entries found in them."""
     n = tables.shape[0]
     seen = np.zeros(n, dtype=bool)
-    seen[root] = True
-    frontier = np.array([root], dtype=np.int64)
+    frontier = np.unique(np.array([r for r in roots if 0 < r < n], dtype=np.int64))
+    seen[frontier] = True
     removed: list[tuple[int, int]] = []
     level = root_level
     while frontier.size:
@@ -54,10 +62,17 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
     lock = mmu.lock
     lock.write_lock()
     try:
+        if dead is not None:
+            held = mmu.ws.load(dead * WState.WORDS + WState.ROOT)
+            if held:
+                mmu.ws.store(dead * WState.WORDS + WState.ROOT, 0)
+                mmu.kvm_tdp_mmu_put_root(held - 1, False)
+                done.append(f"recovery: put the dead worker {dead}'s reference on root {held - 1}")
         tables_np = mmu.region.array("tables")
         tw = mmu.tables
         E = mmu.E
-        reach, removed = reachable_tables(tables_np.copy(), mmu.root_level)
+        roots = root_tables(mmu.region.array("roots"))
+        reach, removed = reachable_tables(tables_np.copy(), mmu.root_level, roots)
         for table, idx in removed:
             if tw.cas(table * E + idx, S.REMOVED, 0) == S.REMOVED:
                 done.append(f"recovery: cleared the frozen entry {idx} of table {table} left by the dead worker")
@@ -80,21 +95,22 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
         ctl_w = mmu.ctl
         if ctl_w.load(Ctl.UNFLUSHED):
             ctl_w.store(Ctl.UNFLUSHED, 0)
-        # the page list holds exactly the reachable tables below the root
+        # the page count (and with K18 the 5.13 page list) covers exactly the reachable tables below the roots
         live = np.flatnonzero(reach)
-        live = live[live != ROOT_TABLE]
-        tmw = mmu.tm
+        live = live[~np.isin(live, roots)]
         ctl = mmu.ctl
-        prev = NIL
-        for t in live[::-1]:
-            t = int(t)
-            tmw.store(t * TMeta.WORDS + TMeta.NEXT, prev if prev != NIL else NIL)
-            tmw.store(t * TMeta.WORDS + TMeta.PREV, NIL)
-            if prev != NIL:
-                tmw.store((prev - 1) * TMeta.WORDS + TMeta.PREV, t + 1)
-            prev = t + 1
-        ctl.store(Ctl.LIST_HEAD, prev if prev != NIL else 0)
-        ctl.store(Ctl.LIST_COUNT, int(live.size))
+        if mmu.bugs.link_after_publish:
+            tmw = mmu.tm
+            prev = NIL
+            for t in live[::-1]:
+                t = int(t)
+                tmw.store(t * TMeta.WORDS + TMeta.NEXT, prev if prev != NIL else NIL)
+                tmw.store(t * TMeta.WORDS + TMeta.PREV, NIL)
+                if prev != NIL:
+                    tmw.store((prev - 1) * TMeta.WORDS + TMeta.PREV, t + 1)
+                prev = t + 1
+            ctl.store(Ctl.LIST_HEAD, prev if prev != NIL else 0)
+        ctl.store(Ctl.PAGE_COUNT, int(live.size))
         rebuilt = rebuild_nx_list(mmu, reach)
         if rebuilt:
             done.append(rebuilt)
@@ -152,7 +168,7 @@ def _mark_logging_slots_dirty(mmu) -> list[str]:
 
 
 def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
-    """The NX list holds exactly the reachable tables marked NX, in its old order as far as it is intact.
+    """The NX list holds exactly the reachable tables marked listed, in its old order as far as it is intact.
 
     A worker killed inside account/unaccount_huge_nx_page can leave the links
     half-written, and the orphans retired above were never taken off it.
@@ -168,12 +184,13 @@ def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
         seen.add(cur - 1)
         cur = tm.load((cur - 1) * TMeta.WORDS + TMeta.NX_NEXT)
     tmeta = mmu.region.array("tmeta")
-    marked = np.flatnonzero(tmeta[:, TMeta.NX] != 0)
-    keep = [t for t in order if reach[t] and tmeta[t, TMeta.NX]]
+    marked = np.flatnonzero(tmeta[:, TMeta.NX_LISTED] != 0)
+    keep = [t for t in order if reach[t] and tmeta[t, TMeta.NX_LISTED]]
     keep += [int(t) for t in marked if reach[t] and int(t) not in seen]
     dropped = [int(t) for t in marked if not reach[t]]
     before = (order, ctl.load(Ctl.NX_COUNT))
     for t in dropped:
+        tm.store(t * TMeta.WORDS + TMeta.NX_LISTED, 0)
         tm.store(t * TMeta.WORDS + TMeta.NX, 0)
     prev = 0
     for t in keep:

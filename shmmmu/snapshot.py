@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (MAX_MEMSLOTS, ROOT_TABLE, STAT, MemslotFlags, MemslotRow, VMConfig)
+from shmmmu.layout import (MAX_MEMSLOTS, MAX_ROOTS, STAT, MemslotFlags, MemslotRow, RootRow, VMConfig, WState)
 from shmmmu.pool import POISON
 from shmmmu.region import Region, RegionError
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _U = np.uint64
 # every section a snapshot copies (the data words, guest memory, are not copied: integrity.py reads them)
 SECTIONS = ("tables", "tmeta", "pool", "ctl", "locks", "wstate", "stats", "caches", "retire", "memslots",
-            "host_map", "violations", "pipe")
+            "roots", "host_map", "violations", "pipe")
 MAX_LISTED = 1000            # odd entries listed one by one (all are counted)
 
 
@@ -94,6 +94,27 @@ class Snapshot:
 
     def active_slots(self) -> list[dict[str, int]]:
         return [s for s in self.slot_rows() if s["flags"] & MemslotFlags.ACTIVE]
+
+    def root_rows(self) -> list[dict[str, int]]:
+        """Every listed root (kvm->arch.tdp_mmu_roots): its row, table, role, count, state, and the
+        workers recorded as holding it (WState.ROOT)."""
+        holders = self.held_rows()
+        out = []
+        for k, row in enumerate(self.roots[:MAX_ROOTS]):
+            if int(row[RootRow.TABLE]):
+                out.append({"row": k, "table": int(row[RootRow.TABLE]), "role": int(row[RootRow.ROLE]),
+                            "count": int(row[RootRow.COUNT]), "invalid": bool(row[RootRow.INVALID]),
+                            "zapped": bool(row[RootRow.ZAPPED]), "holders": holders.get(k, [])})
+        return out
+
+    def held_rows(self) -> dict[int, list[int]]:
+        """Roots rows the workers hold (WState.ROOT), listed or not: row -> workers."""
+        out: dict[int, list[int]] = {}
+        for k, row in enumerate(self.wstate):
+            held = int(row[WState.ROOT])
+            if held:
+                out.setdefault(held - 1, []).append(k)
+        return out
 
 
 Source = Union[Region, Snapshot, "VM"]
@@ -166,20 +187,23 @@ class Odd:
 
 @dataclass
 class Walk:
-    """Everything reachable from the root, decoded level by level.
+    """Everything reachable from the roots, decoded level by level.
 
-    `tables`, `t_level`, `t_gfn`: the reachable tables (the root first), each once,
-    in walk order, with the level of their entries and the first GFN they cover.
-    `leaf_gfn`, `leaf_level`, `leaf_spte`: every present leaf, sorted by GFN.
+    `tables`, `t_level`, `t_gfn`, `t_root`: the reachable tables (the roots first),
+    each once, in walk order, with the level of their entries, the first GFN they
+    cover and the roots row they hang from.  `leaf_gfn`, `leaf_level`, `leaf_spte`,
+    `leaf_root`: every present leaf, sorted by GFN (then by root).
     `odd`: the first MAX_LISTED odd entries (all are counted in `odd_count`).
     """
 
     tables: np.ndarray
     t_level: np.ndarray
     t_gfn: np.ndarray
+    t_root: np.ndarray
     leaf_gfn: np.ndarray
     leaf_level: np.ndarray
     leaf_spte: np.ndarray
+    leaf_root: np.ndarray
     odd: list[Odd] = field(default_factory=list)
     odd_count: int = 0
     removed_count: int = 0
@@ -192,6 +216,9 @@ class Walk:
     def mappings(self) -> dict[int, int]:
         return {lv: int(np.count_nonzero(self.leaf_level == lv)) for lv in (1, 2, 3)}
 
+    def root_tables(self) -> np.ndarray:
+        return self.tables[self.t_level == self.t_level.max()] if self.tables.size else self.tables
+
 
 def _note(walk: Walk, table: int, index: int, level: int, gfn: int, raw: int, what: str,
           kind: str = "invariant") -> None:
@@ -201,20 +228,35 @@ def _note(walk: Walk, table: int, index: int, level: int, gfn: int, raw: int, wh
 
 
 def walk_tables(source: Source) -> Walk:
-    """Walk the copied tables from the root, one vectorized pass per level (cached on the snapshot)."""
+    """Walk the copied tables from every listed root, one vectorized pass per level (cached on the snapshot).
+
+    A root table outside the pool, or listed twice, is an odd entry of the roots section.
+    """
     snap = snapshot(source)
     if snap._walk is not None:
         return snap._walk
     g = snap.geometry
     n = snap.n_tables
     tables = snap.tables
-    cur = np.array([ROOT_TABLE], dtype=np.int64)
-    cur_gfn = np.array([0], dtype=np.int64)
+    walk = Walk(*(np.empty(0, np.int64),) * 6, np.empty(0, _U), np.empty(0, np.int64))
     seen = np.zeros(n, dtype=bool)
-    seen[ROOT_TABLE] = True
-    all_t, all_l, all_g = [cur], [np.full(1, g.root_level, dtype=np.int64)], [cur_gfn]
-    lg, ll, ls = [], [], []
-    walk = Walk(*(np.empty(0, np.int64),) * 5, np.empty(0, _U))
+    rows, roots = [], []
+    for r in snap.root_rows():
+        t = r["table"]
+        if not 0 < t < n:
+            _note(walk, t, r["row"], g.root_level, 0, t, f"root row {r['row']} names table {t}, outside the pool")
+        elif seen[t]:
+            _note(walk, t, r["row"], g.root_level, 0, t, f"root row {r['row']} names table {t}, another root's")
+            walk.reached_twice += 1
+        else:
+            seen[t] = True
+            rows.append(r["row"])
+            roots.append(t)
+    cur = np.array(roots, dtype=np.int64)
+    cur_gfn = np.zeros(cur.size, dtype=np.int64)
+    cur_root = np.array(rows, dtype=np.int64)
+    all_t, all_l, all_g, all_r = [cur], [np.full(cur.size, g.root_level, dtype=np.int64)], [cur_gfn], [cur_root]
+    lg, ll, ls, lr = [], [], [], []
     for level in range(g.root_level, 0, -1):
         if cur.size == 0:
             break
@@ -260,13 +302,14 @@ def walk_tables(source: Source) -> Walk:
             lg.append(gfns)
             ll.append(np.full(r.size, level, dtype=np.int64))
             ls.append(vals)
+            lr.append(cur_root[r])
         # children
         r, c = np.nonzero(nonleaf)
         if r.size == 0:
             break
         child = ((rows[r, c] & _U(S.PFN_MASK)) >> _U(S.PFN_SHIFT)).astype(np.int64)
         cgfn = cur_gfn[r] + (c.astype(np.int64) << shift)
-        bad = (child >= n) | (child == ROOT_TABLE)
+        bad = (child >= n) | (child <= 0)
         for i in np.flatnonzero(bad)[:MAX_LISTED].tolist():
             _note(walk, cur[r[i]], c[i], level, cgfn[i], int(rows[r[i], c[i]]),
                   f"child table #{child[i]} is outside the pool (1..{n - 1})")
@@ -285,19 +328,22 @@ def walk_tables(source: Source) -> Walk:
                   f"child table #{child[i]} is reached twice")
         walk.odd_count += max(0, int(dups.size) - MAX_LISTED)
         keep = np.sort(first[~seen[child[first]]])
-        cur, cur_gfn = child[keep], cgfn[keep]
+        croot = cur_root[r]
+        cur, cur_gfn, cur_root = child[keep], cgfn[keep], croot[keep]
         seen[cur] = True
         all_t.append(cur)
         all_l.append(np.full(cur.size, level - 1, dtype=np.int64))
         all_g.append(cur_gfn)
+        all_r.append(cur_root)
     walk.tables = np.concatenate(all_t)
     walk.t_level = np.concatenate(all_l)
     walk.t_gfn = np.concatenate(all_g)
+    walk.t_root = np.concatenate(all_r)
     if lg:
-        gfn, lvl, sp = np.concatenate(lg), np.concatenate(ll), np.concatenate(ls)
-        if len(lg) > 1 and np.any(gfn[1:] < gfn[:-1]):     # leaves of several levels: merge them by GFN
-            order = np.argsort(gfn, kind="stable")
-            gfn, lvl, sp = gfn[order], lvl[order], sp[order]
-        walk.leaf_gfn, walk.leaf_level, walk.leaf_spte = gfn, lvl, sp
+        gfn, lvl, sp, rt = np.concatenate(lg), np.concatenate(ll), np.concatenate(ls), np.concatenate(lr)
+        if len(lg) > 1 or len(rows) > 1:       # leaves of several levels or roots: merge them by GFN, then root
+            order = np.lexsort((rt, gfn))
+            gfn, lvl, sp, rt = gfn[order], lvl[order], sp[order], rt[order]
+        walk.leaf_gfn, walk.leaf_level, walk.leaf_spte, walk.leaf_root = gfn, lvl, sp, rt
     snap._walk = walk
     return walk

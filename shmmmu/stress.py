@@ -1,10 +1,15 @@
 """Stress: rcutorture-style stress of the whole MMU from a seed, with every checker on, and the bug switches.
 
 N vCPU processes read and write random pages of one shared range (faults,
-splits, retries, hardware A/D updates) while the supervisor runs host
+splits, retries, hardware A/D updates, and now and then a kvm_zap_gfn_range
+of their own, as a guest's MTRR write causes) while the supervisor runs host
 operations drawn from the seed: zaps of random ranges, host unmaps that
 migrate pages, dirty-log enable / harvest / disable (collapsible zaps),
-memslot delete and re-add, zap-all; the reclaimer ends grace periods.
+deletion of the hot-plug memslot by fast invalidation and its re-adding,
+zap-all; the notifier process migrates pages of the hot-plug slot through the
+MMU notifier (yielding) meanwhile; the reclaimer ends grace periods.  The
+vCPUs use two root roles by default, so two valid roots are walked by every
+range operation, and invalidated roots coexist with their successors.
 Checkers run all along (in the workers, in debug mode: Reader-Pipe ages,
 installs into dead tables, stale translations, frozen entries overwritten,
 lockdep assertions) and at the end (guest memory, table reachability and
@@ -54,6 +59,7 @@ class StressOptions:
     nx_huge_pages: bool = False         # vCPUs also fetch instructions; the reclaimer runs NX recovery
     nx_recovery_period: float = 0.25    # seconds between NX recovery passes (with nx_huge_pages)
     torture_delay_us: int = 200         # rcutorture-style pauses inside windows (VMConfig.torture_delay_us)
+    root_roles: int = 2                 # vCPU i uses root role i % root_roles
 
     def config(self) -> VMConfig:
         check_names(self.bugs)
@@ -65,16 +71,21 @@ class StressOptions:
             raise ValueError("--torture-delay-us must be between 0 and 1000000")
         if self.bits not in (3, 9):
             raise ValueError("--bits must be 3 (test tables of 8 entries) or 9 (512)")
+        if not 1 <= self.root_roles <= 8:
+            raise ValueError("--root-roles must be between 1 and 8")
         pages = self.pages or (2048 if self.bits == 3 else 1 << 14)
         for op in self.ops:
             if op not in OPS:
                 raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         name = self.name or f"stress-{os.getpid()}"
+        hot = hot_pages(pages)
         # with the NX mitigation the guests fetch instructions too: what the mitigation is about
-        wl = Workload(kind="stress", pages=pages, overlap=True, n_vcpus=1, accesses=512, write_fraction=0.5,
-                      exec_fraction=0.05 if self.nx_huge_pages else 0.0)
-        return VMConfig(name=name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
-                        memslots=[MemslotSpec(0, pages, self.backing)], debug=True, bugs=list(self.bugs),
+        wl = Workload(kind="stress", pages=pages + hot, overlap=True, n_vcpus=1, accesses=512, write_fraction=0.5,
+                      exec_fraction=0.05 if self.nx_huge_pages else 0.0, zap_every=16)
+        return VMConfig(name=name, n_vcpus=self.vcpus, n_host=3 if "host-unmap" in self.ops else 2,
+                        bits=self.bits, lock_mode=self.lock_mode,
+                        memslots=[MemslotSpec(0, pages, self.backing), MemslotSpec(pages, hot, self.backing)],
+                        debug=True, bugs=list(self.bugs), root_roles=self.root_roles,
                         seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
                         nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us,
                         gp_stall_s=self.gp_bound)
@@ -90,7 +101,14 @@ class StressOptions:
             cmd += " --nx-huge-pages"
         if self.torture_delay_us != StressOptions.torture_delay_us:
             cmd += f" --torture-delay-us {self.torture_delay_us}"
+        if self.root_roles != StressOptions.root_roles:
+            cmd += f" --root-roles {self.root_roles}"
         return cmd
+
+
+def hot_pages(pages: int) -> int:
+    """The hot-plug memslot (slot 1, right after slot 0): an eighth of the main slot, at least 64 pages."""
+    return max(64, pages // 8)
 
 
 def start_line(o: dict[str, Any]) -> str:
@@ -98,7 +116,7 @@ def start_line(o: dict[str, Any]) -> str:
     return (f"--- Start of test: vcpus={o['vcpus']} duration={o['duration']} seed={o['seed']} "
             f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} bugs={','.join(o['bugs']) or '-'} "
             f"kill_every={o['kill_every']} nx_huge_pages={o['nx_huge_pages']} "
-            f"torture_delay_us={o['torture_delay_us']} ops={','.join(o['ops'])}")
+            f"torture_delay_us={o['torture_delay_us']} root_roles={o['root_roles']} ops={','.join(o['ops'])}")
 
 
 @dataclass
@@ -142,6 +160,9 @@ class StressResult:
         lines.append(f"accesses={s['accesses']} tlb_hits={s['tlb_hits']} hw_walks={s['hw_walks']} "
                      f"flushes={s['flushes']} yields={s['yields']} dirty_marked={s['dirty_marked']} "
                      f"kills={self.kills}")
+        lines.append(f"roots: allocated={s['roots_allocated']} freed={s['roots_freed']} loads={s['root_reloads']} "
+                     f"fast_zaps={s['fast_zaps']} faults_during_fast_zap={s['faults_during_fast_zap']} "
+                     f"stale_root_retries={s['stale_root_retries']} notifier_retries={s['notifier_retries']}")
         gps = self.rcu["grace_periods"]
         lines.append(f"grace periods: {gps} ({gps / max(self.duration_s, 1e-9):.1f}/s), longest "
                      f"{self.rcu['gp_max_ns'] / 1e6:.2f} ms, largest retire backlog {self.rcu['backlog_max']}")
@@ -197,6 +218,7 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
     kills = 0
     problems: list[str] = []
     pages = config.memslots[0].npages
+    hot = config.memslots[1].npages
     t_begin = time.monotonic()
     if log:
         log(start_line({**vars(opts), "pages": pages}))
@@ -223,18 +245,17 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
                     a = rng.randrange(pages)
                     b = min(pages, a + rng.choice([1, 8, 64, 512, pages]))
                     if op == "zap-range":
-                        mmu.zap_gfn_range_locked(a, b)
+                        mmu.zap_gfn_range_locked(a, min(a + (b - a) * 2, pages + hot))
                     elif op == "host-unmap":
-                        mmu.host_unmap(a, b)
+                        mmu.host_unmap(a, b)              # slot 0 (the notifier process migrates slot 1)
                     elif op == "zap-all":
                         mmu.zap_all()
                     elif op == "flush":
                         mmu.flush_remote_tlbs()
                     elif op == "memslot":
-                        if not logging:
-                            mmu.delete_memslot(0)
-                            time.sleep(0.002)
-                            mmu.add_memslot(0)
+                        mmu.delete_memslot(1)             # fast invalidation of every root
+                        time.sleep(0.002)
+                        mmu.add_memslot(1)
                     elif op == "dirty-log":
                         if not logging:
                             manual = rng.random() < 0.5       # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + INITIALLY_SET

@@ -10,6 +10,14 @@ the generation before every access, as a request is checked on VM entry after
 a kick.  Waiting for vCPUs outside guest mode would deadlock (one may wait on
 the lock the flusher holds); not waiting for those inside would leave stale
 translations, or a hardware walk standing in a table about to be freed.
+
+Translations are tagged by the root they were made from: a vCPU uses only
+those of its current root, and loading a root flushes the vCPU's own
+translations (kvm_mmu_load's tlb_flush_current), so the model keeps one
+context per vCPU.  A reload request (kvm_reload_remote_mmus) moves the roots
+generation and then kicks like a flush: a vCPU that acknowledges it in guest
+mode sees the new generation in the same check and reloads before its next
+access; one outside guest mode sees it on entry.
 """
 from __future__ import annotations
 
@@ -76,27 +84,40 @@ class TlbControl:
         self.mode_word = worker * WState.WORDS + WState.TLB_MODE
         self.ack_word = worker * WState.WORDS + WState.TLB_ACK
         self.acked = self.ws.load(self.ack_word)
+        self.roots_gen = -1          # the reload requests answered by the vCPU's root (Mmu.kvm_mmu_load sets it)
         self.flushes = 0
         self.wait_ns = 0
         self.wait_max_ns = 0
 
     # ---- the vCPU side
-    def enter_guest(self) -> None:
-        """Publish IN_GUEST_MODE, then honour any flush requested before it (vcpu_enter_guest)."""
+    def enter_guest(self) -> bool:
+        """Publish IN_GUEST_MODE, then honour any flush requested before it (vcpu_enter_guest); True if a
+        root reload was requested (the caller leaves guest mode and reloads)."""
         self.ws.store(self.mode_word, TLB_IN_GUEST)
         self.check_request()
+        # on entry the roots generation is read whatever the flush generation says: this vCPU's own
+        # flushes (issued outside guest mode) acknowledge a kick without looking at it
+        return self.ctl.load(Ctl.ROOTS_GEN) != self.roots_gen
 
     def exit_guest(self) -> None:
         self.ws.store(self.mode_word, TLB_OUTSIDE)
 
-    def check_request(self) -> None:
-        """KVM_REQ_TLB_FLUSH: flush the private TLB if the generation moved, and acknowledge."""
+    def check_request(self) -> bool:
+        """KVM_REQ_TLB_FLUSH: flush the private TLB if the generation moved, and acknowledge; True if a
+        KVM_REQ_MMU_RELOAD came with it (the roots generation moved past the vCPU's root)."""
         g = self.ctl.load(Ctl.FLUSH_GEN)
         if g != self.acked:
             if self.tlb is not None:
                 self.tlb.flush_local()
             self.acked = g
             self.ws.store(self.ack_word, g)
+            return self.ctl.load(Ctl.ROOTS_GEN) != self.roots_gen
+        return False
+
+    def flush_current(self) -> None:
+        """tlb_flush_current(): this vCPU's own translations, after it loaded a root."""
+        if self.tlb is not None:
+            self.tlb.flush_local()
 
     # ---- the flusher side
     def flush_remote_tlbs(self, timeout: float = 30.0) -> None:

@@ -31,6 +31,9 @@ KINDS = [
     "mapping-outside-memslot",        # a leaf for a GFN no memslot holds
     "flush-stuck",                    # a vCPU never acknowledged a flush
     "worker-crashed",                 # a worker raised
+    "root-refcount",                  # a root's reference count is not the number of its holders
+    "install-into-invalid-root",      # an entry installed into an invalid root after its zap passed
+    "mapping-after-unmap",            # an MMU notifier returned while a root still mapped its range
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 

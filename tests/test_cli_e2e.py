@@ -196,15 +196,17 @@ def test_inspect_a_kept_vm(lock_mode: str, backing: str, workload: str) -> None:
         res = shmmmu("inspect", name, "--tree")
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith(f"# VM {name}: page tables reachable from the root")
-        assert len(res.stdout.splitlines()) == 2 + max(1, len(t["ranges"]))
+        n_roots = len({r["root"] for r in t["ranges"]})          # a "# root R" header before each root's ranges
+        assert len(res.stdout.splitlines()) == 2 + max(1, len(t["ranges"])) + n_roots
 
         # one GFN's walk: a mapped one if any, and one far from any memslot
         if t["ranges"]:
             g = t["ranges"][0]["start"]
             res = shmmmu("inspect", name, "--gfn", hex(g))
             assert res.returncode == 0, res.stderr
-            assert "=> mapped:" in res.stdout and "L4 table #0" in res.stdout
             w = inspect_json(name, "--gfn", str(g))
+            assert "=> mapped:" in res.stdout and f"L4 table #{w['root']['table']} " in res.stdout
+            assert w["steps"][0]["table"] == w["root"]["table"] and w["root"]["row"] == t["ranges"][0]["root"]
             assert w["host_page"] == w["memslot_host_page"] == t["ranges"][0]["pfn"]
             assert [st["level"] for st in w["steps"]][0] == 4
         res = shmmmu("inspect", name, "--gfn", "5")

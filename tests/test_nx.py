@@ -23,7 +23,7 @@ from shmmmu.workloads import EXEC, READ, WRITE, accesses, parse_trace
 
 def _leaf(mmu: Mmu, gfn: int) -> tuple[int, int]:
     """(level, spte) of the leaf mapping gfn, or (0, 0)."""
-    for it in for_each_leaf(mmu.new_iter(mmu.root, 1, gfn), gfn + 1):
+    for it in for_each_leaf(mmu.new_iter(mmu.valid_root(), 1, gfn), gfn + 1):
         return it.level, it.old_spte
     return 0, 0
 
@@ -155,7 +155,11 @@ def test_teardown_takes_tables_off_the_nx_list(vm_name: str, lock_mode: str) -> 
         _clean(vm, v.mmu, host)
         host.host_unmap(0, 8)                         # the head
         host.enable_dirty_logging(0)
-        host.disable_dirty_logging(0)                 # collapsible zaps take the rest
+        left = len(host.nx_list())
+        assert host.disable_dirty_logging(0) > 0      # 5.13's collapsible zap: the 4K leaves go ...
+        assert len(host.nx_list()) == left            # ... their (now empty) tables stay (a fault over a
+        # present table stays small while the workaround is on: disallowed_hugepage_adjust), until recovery
+        assert host.recover_nx_lpages(ratio=1) == left
         assert host.nx_list() == [] and vm.region.words("ctl").load(Ctl.NX_COUNT) == 0
         _clean(vm, v.mmu, host)
 
@@ -170,9 +174,13 @@ def test_check_nx_list_catches_a_stray_mark(vm_name: str) -> None:
         v.exit()
         assert checks.check_nx_list(vm) == []
         t = v.mmu.nx_list()[1]
-        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX, 0)    # marked off but still listed
+        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX_LISTED, 0)    # marked off the list but still linked
         problems = checks.check_nx_list(vm)
-        assert problems and "NX list and tables marked NX differ" in str(problems[0])
+        assert problems and "NX list and tables marked listed differ" in str(problems[0])
+        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX_LISTED, 1)
+        v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX, 0)           # listed, but nx_huge_page_disallowed cleared
+        problems = checks.check_nx_list(vm)
+        assert problems and "not marked nx_huge_page_disallowed" in str(problems[0])
         v.mmu.tm.store(t * TMeta.WORDS + TMeta.NX, 1)
         vm.region.words("ctl").store(Ctl.NX_COUNT, 5)
         assert any("nx_lpage_splits" in str(p) for p in checks.check_nx_list(vm))

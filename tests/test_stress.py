@@ -32,8 +32,13 @@ MATRIX = {
     "pages-lock-in-read-fault": "lockdep",
     "link-after-publish": "table-leak",
     "zap-all-phys-end": "table-leak",
+    "root-refcount-not-atomic": "root-refcount",
+    "fault-into-invalid-root": "install-into-invalid-root",
+    "notifier-unsafe-root-walk": "use-after-free",
+    "unmap-skips-invalid-roots": "mapping-after-unmap",
 }
-QUICK = ["rcu-free-immediately", "zero-removed-children", "no-wrprot-on-enable", "no-notifier-recheck"]
+QUICK = ["rcu-free-immediately", "zero-removed-children", "no-wrprot-on-enable", "no-notifier-recheck",
+         "unmap-skips-invalid-roots"]
 
 
 def stress(*args: str, timeout: float = 120) -> tuple[int, dict]:

@@ -57,8 +57,8 @@ def yield_here(it: TdpIter, advance: bool) -> None:
         it.mark_yielded()
 
 
-def reference_preorder(tables: np.ndarray, min_level: int = 1) -> list[tuple[int, int, int]]:
-    """(level, gfn, entry) of every entry in every table a walk reaches, parents before children."""
+def reference_preorder(tables: np.ndarray, root: int, min_level: int = 1) -> list[tuple[int, int, int]]:
+    """(level, gfn, entry) of every entry in every table a walk from `root` reaches, parents before children."""
     out: list[tuple[int, int, int]] = []
 
     def visit(table: int, level: int, base: int) -> None:
@@ -69,7 +69,7 @@ def reference_preorder(tables: np.ndarray, min_level: int = 1) -> list[tuple[int
             if level > min_level and S.child_table(spte, level) is not None:
                 visit(S.pfn(spte), level - 1, gfn)
 
-    visit(0, ROOT_LEVEL, 0)
+    visit(root, ROOT_LEVEL, 0)
     return out
 
 
@@ -82,7 +82,7 @@ def walk(it: TdpIter, end: int) -> list[tuple[int, int, int]]:
 
 def test_full_walk_is_preorder(tree) -> None:
     vm, mmu = tree
-    ref = reference_preorder(vm.region.array("tables"))
+    ref = reference_preorder(vm.region.array("tables"), mmu.root)
     got = walk(new_iter(mmu, 0), MAX_GFN)
     assert got == ref
     # every entry of the 8 root entries, and of every table below a present non-leaf
@@ -97,7 +97,7 @@ def test_full_walk_is_preorder(tree) -> None:
 def test_range_walk_is_the_preorder_slice(tree, start: int, end: int) -> None:
     """From the entry covering `start` at each level, until the first entry at or past `end`."""
     vm, mmu = tree
-    ref = [(lv, g, s) for lv, g, s in reference_preorder(vm.region.array("tables"))
+    ref = [(lv, g, s) for lv, g, s in reference_preorder(vm.region.array("tables"), mmu.root)
            if g + span(lv) > start and g < end]
     got = walk(new_iter(mmu, start), end)
     assert got == ref
@@ -109,7 +109,7 @@ def test_min_level_stops_descending(tree) -> None:
     tables = vm.region.array("tables")
     for min_level in (2, 3, 4):
         got = walk(new_iter(mmu, 0, min_level=min_level), MAX_GFN)
-        assert got == reference_preorder(tables, min_level)
+        assert got == reference_preorder(tables, mmu.root, min_level)
         assert min(lv for lv, _, _ in got) == min_level
 
 

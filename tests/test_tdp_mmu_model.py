@@ -257,6 +257,7 @@ def apply(op: tuple, model: Model, drivers: list[Driver]) -> None:
         _, gfn, write = op
         want = model.fault(gfn, write)
         for d in drivers:
+            d.vcpu.mmu.kvm_mmu_reload()          # the guest entry before the EPT violation (a root to fault in)
             got = d.vcpu.mmu.page_fault(gfn, write)
             assert got == want, f"{op}: fault returned {got}, the model says {want}"
     elif name == "gwrite":
@@ -292,8 +293,7 @@ def apply(op: tuple, model: Model, drivers: list[Driver]) -> None:
             d.host.host_unmap(s, e)
     elif name == "delete":
         _, k = op
-        m = model.slots[k]
-        model.unmap_range(m.base_gfn, m.base_gfn + m.npages)
+        model.mapped.clear()             # kvm_mmu_zap_all_fast: every root invalidated and zapped (5.13)
         model.active[k] = False
         for d in drivers:
             d.host.delete_memslot(k)
@@ -621,7 +621,7 @@ TestMmuStateMachine.settings = settings(max_examples=25, stateful_step_count=40,
 def _leaf_writable(mmu: Mmu, start: int, end: int) -> dict[int, tuple[int, bool]]:
     """Present leaves of [start, end): first GFN -> (level, writable)."""
     from shmmmu.tdp_iter import for_each_leaf
-    return {it.gfn: (it.level, bool(it.old_spte & S.WRITABLE)) for it in for_each_leaf(mmu.new_iter(mmu.root, 1, start), end)}
+    return {it.gfn: (it.level, bool(it.old_spte & S.WRITABLE)) for it in for_each_leaf(mmu.new_iter(mmu.valid_root(), 1, start), end)}
 
 
 @pytest.mark.parametrize("lock_mode", ["shared", "exclusive"])

@@ -128,7 +128,7 @@ def wrprot_per_entry_iter(mmu: Mmu, start: int, end: int) -> int:
         nonlocal changed
         mmu.rcu.read_lock()
         try:
-            for it in for_each_leaf(mmu.new_iter(mmu.root, 1, start), end):
+            for it in for_each_leaf(mmu.new_iter(mmu.valid_root(), 1, start), end):
                 spte = it.old_spte
                 if spte & _W:
                     mmu.mark_unflushed()

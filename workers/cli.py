@@ -204,6 +204,8 @@ def stress(
     torture_delay_us: int = typer.Option(200, "--torture-delay-us", help="rcutorture-style pauses: one in 8 "
                                          "passes through a race window (publish->list_add, a yield) sleeps this "
                                          "long, in clean and bug runs alike; 0: none."),
+    root_roles: int = typer.Option(2, "--root-roles", help="root roles: vCPU i uses role i mod N, so N valid "
+                                   "roots coexist (1: one shared root)."),
     list_bugs: bool = typer.Option(False, "--list-bugs", help="describe every bug switch and exit."),
     json_out: bool = typer.Option(False, "--json", help="the report as one JSON object on stdout."),
 ) -> None:
@@ -220,7 +222,7 @@ def stress(
         return
     opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
                          bugs=list(bug), kill_every=kill_every, nx_huge_pages=nx_huge_pages,
-                         torture_delay_us=torture_delay_us)
+                         torture_delay_us=torture_delay_us, root_roles=root_roles)
     try:
         opts.config()
     except ValueError as e:
@@ -404,6 +406,8 @@ def inspect_cmd(
     name: str = typer.Argument(..., help="the VM's name (shmmmu ls lists them)."),
     tree: bool = typer.Option(False, "--tree", help="the page tables as coalesced GFN ranges with their flags."),
     gfn: str = typer.Option(None, "--gfn", help="the walk for one GFN (decimal or 0x hex), entry by entry."),
+    root: int = typer.Option(None, "--root", help="with --gfn: walk from this root (its row in the summary); "
+                                                 "default the first valid root."),
     check: bool = typer.Option(False, "--check", help="check the page-table invariants; exit 1 on a violation."),
     json_out: bool = typer.Option(False, "--json", help="the result as one JSON object (per refresh with --watch)."),
     watch: bool = typer.Option(False, "--watch", help="refresh the summary every second, with rates, until Ctrl-C."),
@@ -423,6 +427,8 @@ def inspect_cmd(
         raise _fail(f"use one of {' / '.join(chosen)} at a time")
     if not interval > 0:
         raise _fail("--interval must be more than 0 seconds")
+    if root is not None and gfn is None:
+        raise _fail("--root goes with --gfn")
     try:
         g = insp.parse_gfn(gfn) if gfn is not None else None
         if watch:
@@ -455,7 +461,7 @@ def inspect_cmd(
             return
         snap = insp.take_snapshot(name)
         if g is not None:
-            w = insp.gfn_walk(snap, g)
+            w = insp.gfn_walk(snap, g, root)
             if json_out:
                 print(json.dumps(w))
             else:

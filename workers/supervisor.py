@@ -67,12 +67,23 @@ class Supervisor:
     # ---- processes
 
     def role_name(self, worker: int) -> str:
-        if worker < self.config.n_vcpus:
+        c = self.config
+        if worker < c.n_vcpus:
             return f"vCPU {worker}"
-        return "reclaimer" if worker == self.config.reclaimer_worker else f"host worker {worker}"
+        if worker == c.reclaimer_worker:
+            return "reclaimer"
+        if worker == c.notifier_worker and c.n_host >= 3:
+            return "notifier"
+        return f"host worker {worker}"
 
     def spawn(self, worker: int) -> None:
-        module = "workers.vcpu" if worker < self.config.n_vcpus else "workers.reclaimer"
+        c = self.config
+        if worker < c.n_vcpus:
+            module = "workers.vcpu"
+        elif worker == c.notifier_worker and c.n_host >= 3:
+            module = "workers.notifier"
+        else:
+            module = "workers.reclaimer"
         log = os.path.join(self.logdir, f"worker{worker}.log")
         self.logs[worker] = log
         self.ws.store(worker * WState.WORDS + WState.STATUS, WorkerStatus.STARTING)
@@ -83,6 +94,8 @@ class Supervisor:
 
     def start(self) -> None:
         self.spawn(self.config.reclaimer_worker)
+        if self.config.n_host >= 3:
+            self.spawn(self.config.notifier_worker)
         for i in range(self.config.n_vcpus):
             self.spawn(i)
         self.wait_ready(list(self.procs))

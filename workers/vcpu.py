@@ -3,7 +3,10 @@
 Started by the supervisor as `python -m workers.vcpu --vm NAME --id I`.  It
 waits for the supervisor to publish an iteration, runs that iteration's
 accesses (shmmmu.workloads) in guest mode, publishes its counters and
-acknowledges; `stress` iterations run until the supervisor says stop.
+acknowledges; `stress` iterations run until the supervisor says stop.  With
+Workload.zap_every, one chunk in N ends with a kvm_zap_gfn_range of 8 pages
+from this vCPU's thread (outside guest mode, under the read lock), as a guest's
+MTRR write causes: range walks over the roots then run from several threads at once.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
     seed = vm.config.seed
     continuous = w.kind == "stress"
     sub = 0
+    chunks = me                          # staggered: the vCPUs' own zaps do not all fall together
     while True:
         gfns, kinds = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
         gl, wl = gfns.tolist(), kinds.tolist()
@@ -43,6 +47,13 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
                         v = vcpu.fetch(g) if kind == EXEC else vcpu.read(g)
                         if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
                             vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
+                chunks += 1
+                if w.zap_every and chunks % w.zap_every == 0:
+                    vcpu.exit()
+                    try:
+                        vcpu.mmu.zap_gfn_range_locked(gl[k], gl[k] + 8)      # update_mtrr -> kvm_zap_gfn_range
+                    finally:
+                        vcpu.enter()
                 ws.store(row + WState.HEARTBEAT, ws.load(row + WState.HEARTBEAT) + 1)
                 ws.store(row + WState.PROGRESS_NS, time.monotonic_ns())
                 if (k // CHUNK) % PUBLISH_EVERY == PUBLISH_EVERY - 1:

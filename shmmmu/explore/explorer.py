@@ -128,6 +128,7 @@ class Explorer:
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
                        memslots=scenario.memslot_specs(), lock_mode=scenario.lock_mode, bugs=self.bugs,
+                       root_roles=scenario.root_roles,
                        debug=True, tlb_entries=64, cache_capacity=8, cache_min=5)
         self.vm = create_vm(cfg)
         try:
@@ -136,15 +137,21 @@ class Explorer:
             ref = self.ref
             self.region.wrap_words(lambda section, words: PointWords(section, words, ref))
             self.violations_np = self.region.array("violations")
+            ctx = Context(self, None)
+            # every vCPU has run before the race starts: each holds its root (kvm_mmu_load), so the
+            # actors race in the MMU, not in loading their first roots under the write lock
+            for i in range(scenario.n_vcpus):
+                v = ctx.vcpu(i)
+                v.enter()
+                v.exit()
             if scenario.prologue is not None:
-                ctx = Context(self, None)
                 scenario.prologue(ctx)
-                for m in ctx.mmus():
-                    m.publish_stats()
-                self._drain(ctx)
-                if violations.count(self.region):
-                    raise RuntimeError(f"the prologue of scenario {scenario.name} recorded a violation: "
-                                       f"{violations.read_all(self.region)[0]}")
+            for m in ctx.mmus():
+                m.publish_stats()
+            self._drain(ctx)
+            if violations.count(self.region):
+                raise RuntimeError(f"the prologue of scenario {scenario.name} recorded a violation: "
+                                   f"{violations.read_all(self.region)[0]}")
             self.initial = bytes(self.region.mm)
         except BaseException:
             self.vm.close()

@@ -40,6 +40,7 @@ class Scenario:
     memslots: tuple[tuple[int, int, int], ...] = ((0, 64, 1),)
     n_vcpus: int = 1
     n_host: int = 1                                          # host actors (worker slots beside the reclaimer)
+    root_roles: int = 1                                      # VMConfig.root_roles
     strategy: str = "pct"                                    # the strategy --bug NAME uses by default
     depth: int = 3
     step_bound: int = 30000
@@ -193,7 +194,42 @@ def _destroy_small(ctx: "Context") -> None:
     ctx.actor("host", host_ops(ctx, [("zap_all",)]))
 
 
-MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log"]
+def _memslot_fault(ctx: "Context") -> None:
+    # vCPU0 is on its way into a fault when the hot-plug slot is deleted: its root is invalidated and
+    # zapped under the read lock while its fault (read lock too) walks that root
+    ctx.actor("vCPU0", accesses(ctx, 0, [(2, WRITE), (3, READ)]))
+    ctx.actor("host", host_ops(ctx, [("delete_memslot", 1)]))
+
+
+def _memslot_unmap(ctx: "Context") -> None:
+    # the fast zapper of the deleted slot yields; an MMU notifier for the slot's pages runs meanwhile
+    ctx.actor("host", host_ops(ctx, [("delete_memslot", 1)]))
+    ctx.actor("notifier", host_ops(ctx, [("host_unmap", 32, 48)], host=1))
+
+
+def _unmap_reload_pro(ctx: "Context") -> None:
+    """Pages mapped, then the write-lock half of a fast zap: every root invalid, the zap still to come."""
+    _premap([1, 9, 12])(ctx)
+    ctx.host(0).zap_all_fast_invalidate()
+
+
+def _unmap_reload(ctx: "Context") -> None:
+    # the fast zap's read-lock half, an MMU notifier walking the roots (the invalid one too), vCPU0
+    # reloading (it drops the last reference to its old root), and the reclaimer ending grace periods
+    ctx.actor("host", host_ops(ctx, [("zap_all_fast_zap",)]))
+    ctx.actor("notifier", host_ops(ctx, [("host_unmap", 0, 16)], host=1))
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
+def _zap_zap(ctx: "Context") -> None:
+    # two range zaps under the read lock (kvm_zap_gfn_range from two threads) walk the same roots,
+    # each taking and dropping a reference on every root it visits
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 8)]))
+    ctx.actor("host1", host_ops(ctx, [("zap_gfn_range_locked", 8, 16)], host=1))
+
+
+MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log", "memslot"]
 
 
 def _mix(ctx: "Context") -> None:
@@ -210,6 +246,8 @@ def _mix(ctx: "Context") -> None:
             hops.append((op, a, b))
         elif op == "dirty-log":
             hops += [("enable_dirty_logging", 0), ("get_dirty_log", 0), ("disable_dirty_logging", 0)]
+        elif op == "memslot":
+            hops += [("delete_memslot", 0), ("add_memslot", 0)]
         else:
             hops.append((op,))
     ctx.actor("host", host_ops(ctx, hops))
@@ -246,6 +284,18 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              ("dirty-mask-late-clear",), _manual_clear, prologue=_manual_clear_pro),
     Scenario("destroy-small", "zap-all and VM destruction of a VM smaller than one root entry's span",
              ("zap-all-phys-end",), _destroy_small, prologue=_premap([1, 40])),
+    Scenario("memslot-fault", "a vCPU faults while the hot-plug slot is deleted: its root is invalidated "
+             "and zapped under the read lock beside the fault (5.13's fast invalidation)",
+             ("fault-into-invalid-root",), _memslot_fault, prologue=_premap([1, 40]),
+             memslots=((0, 32, 1), (32, 32, 1))),
+    Scenario("memslot-unmap", "an MMU notifier for the slot's pages while the slot's deletion zaps the "
+             "invalidated roots (and yields)", ("unmap-skips-invalid-roots",), _memslot_unmap,
+             prologue=_premap([33, 40, 44]), memslots=((0, 32, 1), (32, 32, 1)), n_host=2),
+    Scenario("unmap-reload", "an MMU notifier walks the roots while a vCPU reloads after a memslot deletion "
+             "and drops the last reference to its old root", ("notifier-unsafe-root-walk",), _unmap_reload,
+             prologue=_unmap_reload_pro, memslots=((0, 32, 1), (32, 32, 1)), n_host=2),
+    Scenario("zap-zap-roots", "two read-lock range zaps take and drop references on the same roots",
+             ("root-refcount-not-atomic",), _zap_zap, prologue=_premap([1, 9]), n_host=2),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
 ]}

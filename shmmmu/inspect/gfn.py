@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from shmmmu import spte as S
-from shmmmu.layout import ROOT_TABLE, TableState, TMeta
+from shmmmu.layout import TableState, TMeta
 from shmmmu.snapshot import Snapshot
 
 
@@ -19,16 +19,25 @@ def parse_gfn(text: str) -> int:
     return v
 
 
-def gfn_walk(snap: Snapshot, gfn: int) -> dict[str, Any]:
-    """The walk a hardware page walker would do for one GFN, entry by entry from the root."""
+def gfn_walk(snap: Snapshot, gfn: int, root: int | None = None) -> dict[str, Any]:
+    """The walk a hardware page walker would do for one GFN, entry by entry from a root: roots row `root`,
+    or the first valid root (the one vCPUs of role 0 use)."""
     g = snap.geometry
     if gfn >= g.max_gfn:
         raise ValueError(f"GFN {gfn:#x} is beyond what {g.root_level}-level tables map (below {g.max_gfn:#x})")
+    rows = snap.root_rows()
+    if root is not None:
+        chosen = next((r for r in rows if r["row"] == root), None)
+        if chosen is None:
+            raise ValueError(f"root {root} is not listed; listed roots: {[r['row'] for r in rows] or 'none'}")
+    else:
+        chosen = next((r for r in rows if not r["invalid"]), rows[0] if rows else None)
     steps = []
-    table, result = ROOT_TABLE, "not mapped"
+    result = "not mapped" if chosen else "no root: no vCPU has loaded one"
     pfn_host = None
     visited = set()
-    for level in range(g.root_level, 0, -1):
+    table = chosen["table"] if chosen else 0
+    for level in range(g.root_level, 0, -1) if chosen else ():
         idx = g.index(gfn, level)
         raw = int(snap.tables[table, idx])
         d = S.decode(raw, level)
@@ -72,7 +81,7 @@ def gfn_walk(snap: Snapshot, gfn: int) -> dict[str, Any]:
             result = "broken: garbage entry"
         break
     slot = next((s for s in snap.slot_rows() if s["base_gfn"] <= gfn < s["base_gfn"] + s["npages"]), None)
-    out = {"vm": snap.name, "gfn": gfn, "steps": steps, "result": result, "host_page": pfn_host,
+    out = {"vm": snap.name, "gfn": gfn, "root": chosen, "steps": steps, "result": result, "host_page": pfn_host,
            "memslot": slot, "changed_while_reading": snap.changed}
     if slot is not None:
         out["memslot_host_page"] = int(snap.host_map[slot["host_off"] + gfn - slot["base_gfn"]])

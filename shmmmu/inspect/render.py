@@ -34,6 +34,19 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     per = ", ".join(f"L{a} {b}" for a, b in t["reachable_per_level"].items())
     out.append(f"tables      pool {t['pool']}: {t['live']} live, {t['free']} free, {t['cached']} cached, "
                f"{t['retired']} retired; reachable {t['reachable']} ({per})")
+    for rt in s["roots"]:
+        held = ", ".join(_role_of(s, w) for w in rt["holders"]) or "nobody"
+        out.append(f"root {rt['row']:<6d} table #{rt['table']}, role {rt['role']}, count {rt['count']} "
+                   f"(held by {held}), "
+                   + ("INVALID" + (", zapped" if rt["zapped"] else ", zap pending") if rt["invalid"] else "valid")
+                   + f"; {rt['tables']} tables, {rt['leaves']} leaves")
+    if not s["roots"]:
+        out.append("roots       none (no vCPU has loaded one yet)")
+    out.append(f"roots       generation {s['roots_generation']}" +
+               (f", {s['fast_zaps_running']} fast zap(s) running" if s["fast_zaps_running"] else "") +
+               f"; allocated {k['roots_allocated']}, freed {k['roots_freed']}, loads {k['root_reloads']}, "
+               f"fast zaps {k['fast_zaps']} ({k['faults_during_fast_zap']} faults fixed during one, "
+               f"{k['stale_root_retries']} retried on an invalid root)")
     out.append(f"mappings    4K {m['4K']}, 2M {m['2M']}, 1G {m['1G']}: {_mib(m['bytes'])} mapped"
                + (f"; {m['removed_entries']} REMOVED entries" if m["removed_entries"] else "")
                + (f"; {m['odd_entries']} odd entries" if m["odd_entries"] > m["removed_entries"] else ""))
@@ -79,8 +92,18 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
 
 
 
+def _role_of(s: dict[str, Any], k: int) -> str:
+    for wk in s["workers"]:
+        if wk["slot"] == k:
+            return wk["role"]
+    return f"worker {k}"
+
+
 def gfn_lines(w: dict[str, Any]) -> list[str]:
-    out = [f"GFN {w['gfn']:#x} in VM {w['vm']}:"]
+    root = w.get("root")
+    out = [f"GFN {w['gfn']:#x} in VM {w['vm']}" + (f", from root {root['row']} (table #{root['table']}, role "
+                                                   f"{root['role']}{', INVALID' if root['invalid'] else ''}):"
+                                                   if root else ": no root is loaded")]
     for s in w["steps"]:
         out.append(f"  L{s['level']} table #{s['table']:<6d} [{s['index']:3d}] = {s['raw']:#018x}  "
                    f"{s['kind']:<8s} {s.get('meaning', '')}" + (f"  [{s['flags']}]" if s["flags"] else ""))
@@ -109,7 +132,7 @@ def tree_lines(dump: Dump) -> list[str]:
     """The --tree dump: one line per coalesced range, then what the walk could not follow."""
     w = dump.width
     levels = ", ".join(f"L{k} {v}" for k, v in dump.tables_per_level.items())
-    out = [f"# VM {dump.vm}: page tables reachable from the root: {levels}; {dump.leaves} leaves "
+    out = [f"# VM {dump.vm}: page tables reachable from the roots: {levels}; {dump.leaves} leaves "
            f"in {len(dump)} ranges (GFN ranges end exclusive)"]
     rw = 2 * (w + 2) + 1
     out.append(f"{'# GFN range':<{rw}s}  {'size':>4s} {'count':<8s} {'flags':<32s} first pfn")
@@ -117,8 +140,13 @@ def tree_lines(dump: Dump) -> list[str]:
         out.append("(nothing mapped)")
     fmt = f"0x%0{w}x-0x%0{w}x  %4s x%-7d %-32s pfn 0x%x"
     sizes = [S.LEVEL_NAMES[lv] for lv in dump.level.tolist()]
-    out += [fmt % t for t in zip(dump.start.tolist(), dump.end.tolist(), sizes, dump.count.tolist(),
-                                 dump.flags(), dump.pfn.tolist())]
+    cur = None
+    for t in zip(dump.root.tolist(), dump.start.tolist(), dump.end.tolist(), sizes, dump.count.tolist(),
+                 dump.flags(), dump.pfn.tolist()):
+        if t[0] != cur:
+            cur = t[0]
+            out.append(f"# root {cur}: {dump.root_notes.get(cur, '')}")
+        out.append(fmt % t[1:])
     for o in dump.odd:
         out.append(f"0x{o.gfn:0{w}x}  L{o.level} table #{o.table}[{o.index}] = {o.raw:#018x}: {o.what}")
     if dump.odd_count > len(dump.odd):

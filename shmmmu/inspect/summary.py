@@ -77,7 +77,8 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
     counters = {k: st[k] for k in ("faults", "fixed", "spurious", "retries", "cas_failures", "removed_seen",
                                    "link_races", "tables_allocated", "tables_retired", "tables_freed",
                                    "zapped_leaves", "huge_splits", "flushes", "accesses", "yields",
-                                   "lock_contended")}
+                                   "lock_contended", "roots_allocated", "roots_freed", "root_reloads",
+                                   "fast_zaps", "faults_during_fast_zap", "stale_root_retries")}
     now = snap.taken_mono
     rates = None
     if previous is not None and now > previous["_mono"]:
@@ -92,6 +93,11 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
         vio.append({"kind": KINDS[kind - 1] if 0 < kind <= len(KINDS) else "unknown", "worker": int(row[V.WORKER]),
                     "gfn": int(row[V.GFN]), "a": int(row[V.A]), "b": int(row[V.B])})
     mapped = sum(maps[l] * g.pages(l) for l in maps) * 4096
+    per_root = dict(zip(*(a.tolist() for a in np.unique(walk.t_root, return_counts=True)))) if walk.t_root.size else {}
+    leaves_root = (dict(zip(*(a.tolist() for a in np.unique(walk.leaf_root, return_counts=True))))
+                   if walk.leaf_root.size else {})
+    roots = [{**r, "tables": int(per_root.get(r["row"], 0)), "leaves": int(leaves_root.get(r["row"], 0))}
+             for r in snap.root_rows()]
     return {
         "vm": snap.name,
         "creator_pid": snap.creator_pid,
@@ -115,6 +121,9 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
                    "live_per_level": {str(int(a)): int(b) for a, b in sorted(zip(lv, cnt), reverse=True)},
                    "reachable": int(walk.tables.size),
                    "reachable_per_level": {str(k): v for k, v in sorted(walk.per_level().items(), reverse=True)}},
+        "roots": roots,
+        "roots_generation": snap.word(Ctl.ROOTS_GEN),
+        "fast_zaps_running": snap.word(Ctl.FAST_ZAPS),
         "mappings": {"4K": maps[1], "2M": maps[2], "1G": maps[3], "bytes": mapped,
                      "removed_entries": walk.removed_count, "odd_entries": walk.odd_count},
         "locks": lock_states(snap),

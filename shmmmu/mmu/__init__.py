@@ -1,6 +1,7 @@
 """MMU: the KVM x86 TDP MMU of one process, split as the kernel splits it, behind one facade (`Mmu`).
 
   kvm.py       the per-process view of struct kvm: handles, counters, pending flushes
+  roots.py     the roots: roles, reference counts, invalidation, yield-safe walks over them
   tdp_mmu.py   arch/x86/kvm/mmu/tdp_mmu.c: setters, changes, teardown, map, zaps, write protection
   nx.py        NX huge pages: accounting and recovery (mmu.c)
   mmu.py       the fault entry of mmu.c: struct kvm_page_fault, the notifier recheck, hugepage adjust
@@ -33,7 +34,7 @@ class Mmu(KvmIoctls):
         super().__init__(vm, worker, tlb)
         b = self.bugs
         # the fault entry: the series' or the baseline's, or 5.13's with a fault-entry switch on
-        if b.pages_lock_in_read_fault or b.no_notifier_recheck:
+        if b.pages_lock_in_read_fault or b.no_notifier_recheck or b.fault_into_invalid_root:
             self.page_fault = self.page_fault_reverted
         elif self.parallel:
             self.page_fault = self.kvm_tdp_mmu_page_fault
@@ -49,7 +50,13 @@ class Mmu(KvmIoctls):
         if b.zero_removed_children:
             self.freeze_removed_entries = self.freeze_k6_zero_children
         if b.link_after_publish:
-            self.link_new_table = self.link_new_table_k18_after_publish
+            self.tdp_mmu_link_sp = self.link_sp_k18_page_list
+            self.tdp_mmu_unlink_sp = self.unlink_sp_k18_page_list
+        if b.root_refcount_plain:
+            self.refcount_inc_not_zero = self.refcount_inc_not_zero_plain
+            self.refcount_dec_and_test = self.refcount_dec_and_test_plain
+        if b.notifier_unsafe_root_walk:
+            self.kvm_tdp_mmu_unmap_gfn_range = self.unmap_gfn_range_unsafe_root_walk
         if b.rcu_free_immediately or not self.parallel:
             self.free_sp = self.free_sp_now
         self.debug_state = None

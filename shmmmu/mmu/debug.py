@@ -15,7 +15,10 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
 - the freezer's closing store is an exchange that must find REMOVED;
 - a table is retired only from the live state (else it was torn down twice);
 - a walk of the root level only (5.14's zap-all) must visit every entry of
-  its range (CVE-2021-47094 skips one).
+  its range (CVE-2021-47094 skips one);
+- a walk that yielded resumes in a root that is still the one it left: the
+  reference it holds (for_each_tdp_mmu_root_yield_safe) kept the root's table
+  alive (the 5.13 notifier held none: 7533377215b6).
 """
 from __future__ import annotations
 
@@ -112,7 +115,9 @@ def install(mmu: "Mmu") -> Debug:
         d.new_walk()
         return CheckedTdpIter(d.arrive, tables, geometry, root, root_level, min_level, start)
     mmu.new_iter = new_iter
-    mmu.fault_walk = CheckedTdpIter(d.arrive, tables, geometry, mmu.root, root_level, 1, 0)
+    # made before this process has a root: it reports from its first start() on, not on construction
+    mmu.fault_walk = CheckedTdpIter(lambda it: None, tables, geometry, mmu.root, root_level, 1, 0)
+    mmu.fault_walk.arrive = d.arrive
 
     set_spte_atomic = mmu.tdp_mmu_set_spte_atomic
 
@@ -185,8 +190,13 @@ def install(mmu: "Mmu") -> Debug:
 
     def checked_cond_resched(it: TdpIter, flush: bool, shared: bool) -> bool:
         index, level = it.index, it.level
+        root = it.pt_path[root_level]
+        root_gen = tm.load(root * _TM + TMeta.GEN)
         if not cond_resched(it, flush, shared):
             return False
+        if tm.load(root * _TM + TMeta.GEN) != root_gen or tm.load(root * _TM + TMeta.STATE) != _LIVE:
+            # the root was freed (and maybe reused) while the lock was dropped: the walk resumes in it
+            mmu.violation("use-after-free", it.next_last_level_gfn, root, root_gen)
         if d.root_visits is not None and level == root_level:
             d.root_visits.discard(index)         # not processed yet: the restart must come back to it
         return True

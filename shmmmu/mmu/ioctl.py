@@ -2,17 +2,23 @@
 
 Each takes mmu_lock the way its 5.13 caller does and calls the tdp_mmu.c
 functions with the matching `shared`: zap range (kvm_zap_gfn_range, read
-lock), zap-all (kvm_mmu_zap_all, write lock), host unmaps (the MMU notifier,
-write lock), memslot deletion and re-adding, dirty logging on and off
-(kvm_mmu_slot_apply_flags: write protection and collapsible zaps under the
-read lock), KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG (write lock), and VM
-destruction.  In the exclusive baseline every one of them takes the write lock.
+lock), zap-all (kvm_mmu_zap_all, write lock), host unmaps (the MMU notifier in
+5.13's gfn-range form, write lock, may yield), memslot deletion by fast
+invalidation (kvm_mmu_zap_all_fast: roots invalidated under the write lock,
+zapped under the read lock), dirty logging on and off (kvm_mmu_slot_apply_flags:
+write protection and collapsible zaps under the read lock), KVM_GET_DIRTY_LOG
+and KVM_CLEAR_DIRTY_LOG (write lock), and VM destruction.  In the exclusive
+baseline every one of them takes the write lock.
+
+Memslot updates are serialized by the caller (kvm->slots_lock: one host thread
+makes them).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from shmmmu.layout import Ctl, MemslotFlags
+from shmmmu.layout import STAT, Ctl, MemslotFlags, WState
+from shmmmu.tdp_iter import TdpIter, for_each_leaf
 from shmmmu.mmu.mmu import MmuFault
 
 _U64 = (1 << 64) - 1
@@ -53,43 +59,55 @@ class KvmIoctls(MmuFault):
             self.lock.write_unlock()
 
     def destroy(self) -> int:
-        """kvm_mmu_uninit_tdp_mmu() after the last zap-all of VM destruction (no vCPU runs).
-
-        Zaps everything; every table but the root must then be off the page list, where
-        the kernel WARNs (WARN_ON(!list_empty(&kvm->arch.tdp_mmu_pages))).  Returns how many
-        tables were left on it, recorded as a table-leak violation.
+        """VM destruction (no vCPU runs): kvm_mmu_zap_all (kvm_arch_flush_shadow_all), every vCPU's root put
+        (kvm_mmu_unload from kvm_arch_destroy_vm), then kvm_mmu_uninit_tdp_mmu's WARNs: no table may be
+        left counted (tdp_mmu_pages) and no root listed (tdp_mmu_roots).  Returns how many tables and roots
+        were left, recorded as a table-leak violation.
         """
         self.zap_all()
-        left = self.ctl.load(Ctl.LIST_COUNT)
-        if left:
-            from shmmmu import spte as S
-            present = int(np.count_nonzero(self.tables_np[self.root] & np.uint64(S.MMU_PRESENT)))
-            self.violation("table-leak", 0, left, present)
-        return left
+        ws = self.ws
+        self.lock.write_lock()
+        try:
+            for k in range(self.config.n_workers):
+                held = ws.load(k * WState.WORDS + WState.ROOT)
+                if held:
+                    ws.store(k * WState.WORDS + WState.ROOT, 0)
+                    self.kvm_tdp_mmu_put_root(held - 1, False)
+        finally:
+            self.lock.write_unlock()
+        self.root_row, self.root = -1, 0
+        left = self.ctl.load(Ctl.PAGE_COUNT)
+        left = left - (1 << 64) if left >> 63 else left
+        roots = len(self.for_each_tdp_mmu_root())
+        if left or roots:
+            self.violation("table-leak", 0, left, roots)
+        return left + roots
 
     # ------------------------------------------------------------------ host unmaps (MMU notifier)
 
-    def host_unmap(self, start: int, end: int, migrate: bool = True) -> int:
-        """An MMU-notifier invalidation of [start, end): zap, flush, (migrate the host pages), then bump the sequence.
+    def host_unmap(self, start: int, end: int, migrate: bool = True, may_block: bool = True) -> int:
+        """An MMU-notifier invalidation of [start, end) in 5.13's gfn-range form: zap, flush, (migrate the
+        host pages), then end the invalidation.
 
         invalidate_range_start takes the write lock, counts the invalidation in
-        progress and zaps; a fault that resolved its host page before it retries.
-        With `migrate`, the host moves whole backing pages (a 2 MiB host page moves as
-        one), so the invalidated range is widened to the backing pages it touches, as
-        the kernel's notifier range covers the whole host mapping that changes: a 4K
-        leaf elsewhere in a migrated huge host page must go too.
-        Returns how many host blocks moved.
+        progress with its range merged into any other in progress (kvm_inc_notifier_count)
+        and unmaps (kvm_tdp_mmu_unmap_gfn_range, yielding if `may_block`); a fault that
+        resolved its host page before retries (mmu_notifier_retry_hva).  With `migrate`,
+        the host moves whole backing pages (a 2 MiB host page moves as one), so the range
+        is widened to the backing pages it touches, as the kernel's notifier range covers
+        the whole host mapping that changes.  invalidate_range_end bumps the sequence and
+        drops the count (kvm_dec_notifier_count).  Returns how many host blocks moved.
         """
-        ctl = self.ctl
         if migrate:
             start, end = self._backing_range(start, end)
         self.lock.write_lock()
         try:
-            ctl.fetch_add(Ctl.NOTIFIER_COUNT, 1)
-            ctl.store(Ctl.NOTIFIER_START, start)
-            ctl.store(Ctl.NOTIFIER_END, end)
-            if self.kvm_tdp_mmu_zap_gfn_range(start, end, False, False, False) or self.holds_unflushed:
+            self.kvm_inc_notifier_count(start, end)
+            if self.kvm_tdp_mmu_unmap_gfn_range(start, end, may_block, False) or self.holds_unflushed:
                 self.kvm_flush_remote_tlbs()
+            if self.debug:
+                # the notifier must not return while any root maps the range (d62007edf01f)
+                self.check_range_unmapped(start, end)
         finally:
             self.lock.write_unlock()
         moved = 0
@@ -99,11 +117,38 @@ class KvmIoctls(MmuFault):
                     moved += len(self.slots.migrate(slot, start, end))
         self.lock.write_lock()
         try:
-            ctl.fetch_add(Ctl.NOTIFIER_SEQ, 1)          # invalidate_range_end
-            ctl.fetch_add(Ctl.NOTIFIER_COUNT, _U64)
+            self.kvm_dec_notifier_count()
         finally:
             self.lock.write_unlock()
         return moved
+
+    def kvm_inc_notifier_count(self, start: int, end: int) -> None:
+        """kvm_inc_notifier_count() (5.13): mmu_notifier_count++, the range recorded or merged (write lock)."""
+        ctl = self.ctl
+        if ctl.fetch_add(Ctl.NOTIFIER_COUNT, 1) == 0:
+            ctl.store(Ctl.NOTIFIER_START, start)
+            ctl.store(Ctl.NOTIFIER_END, end)
+        else:
+            ctl.store(Ctl.NOTIFIER_START, min(ctl.load(Ctl.NOTIFIER_START), start))
+            ctl.store(Ctl.NOTIFIER_END, max(ctl.load(Ctl.NOTIFIER_END), end))
+
+    def kvm_dec_notifier_count(self) -> None:
+        """kvm_dec_notifier_count() (5.13): mmu_notifier_seq++, then mmu_notifier_count-- (write lock)."""
+        self.ctl.fetch_add(Ctl.NOTIFIER_SEQ, 1)
+        self.ctl.fetch_add(Ctl.NOTIFIER_COUNT, _U64)
+
+    def check_range_unmapped(self, start: int, end: int) -> None:
+        """Debug: no root, valid or invalid, maps a GFN of [start, end) (mmu_lock held; no yield, so no
+        reference is needed on the roots)."""
+        self.rcu.read_lock()
+        try:
+            for row in self.for_each_tdp_mmu_root():
+                it = TdpIter(self.tables, self.geometry, self.root_table(row), self.root_level, 1, start)
+                for it in for_each_leaf(it, end):
+                    self.violation("mapping-after-unmap", it.gfn, row, it.old_spte)
+                    break
+        finally:
+            self.rcu.read_unlock()
 
     def _backing_range(self, start: int, end: int) -> tuple[int, int]:
         """[start, end) widened to whole backing pages of the memslots it overlaps."""
@@ -120,16 +165,67 @@ class KvmIoctls(MmuFault):
     # ------------------------------------------------------------------ memslots
 
     def delete_memslot(self, slot_id: int) -> None:
-        """Mark a slot invalid and zap its range (kvm_arch_flush_shadow_memslot), under the write lock."""
+        """KVM_SET_USER_MEMORY_REGION deleting a slot (5.13's kvm_set_memslot): the slot goes invalid, then
+        kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
+
+        The flag changes under the write lock, which stands for the kernel's
+        synchronize_srcu: a fault that saw the slot active either installed before or
+        rechecks its generation under the lock (mmu_notifier_retry_hva) and retries.
+        """
+        slot = self.slots.read(slot_id)
         self.lock.write_lock()
         try:
-            slot = self.slots.read(slot_id)
             self.slots.set_flags(slot_id, clear_mask=MemslotFlags.ACTIVE)
-            if self.kvm_tdp_mmu_zap_gfn_range(slot.base_gfn, slot.end_gfn, True, False, False) \
-                    or self.holds_unflushed:
-                self.kvm_flush_remote_tlbs()
         finally:
             self.lock.write_unlock()
+        self.kvm_mmu_zap_all_fast()
+        if self.debug:
+            shared = self.parallel
+            self._lock(shared)
+            try:
+                self.check_range_unmapped(slot.base_gfn, slot.end_gfn)
+            finally:
+                self._unlock(shared)
+
+    def kvm_mmu_zap_all_fast(self) -> None:
+        """kvm_mmu_zap_all_fast() (5.13, b7cccd397f31): every root invalidated and every vCPU asked to reload
+        under the write lock; then the invalidated roots zapped under the read lock while the vCPUs fault
+        into their new roots (the exclusive baseline keeps the write lock for both halves)."""
+        self.zap_all_fast_invalidate()
+        self.zap_all_fast_zap()
+
+    def zap_all_fast_invalidate(self) -> None:
+        """kvm_mmu_zap_all_fast's write-lock half: kvm_tdp_mmu_invalidate_all_roots, kvm_reload_remote_mmus."""
+        self.lock.write_lock()
+        try:
+            self.kvm_tdp_mmu_invalidate_all_roots()
+            self.kvm_reload_remote_mmus()
+        finally:
+            self.lock.write_unlock()
+
+    def zap_all_fast_zap(self) -> None:
+        """kvm_mmu_zap_all_fast's read-lock half: kvm_tdp_mmu_zap_invalidated_roots."""
+        ctl = self.ctl
+        shared = self.parallel
+        ctl.fetch_add(Ctl.FAST_ZAPS, 1)
+        self._lock(shared)
+        try:
+            self.kvm_tdp_mmu_zap_invalidated_roots(shared)
+        finally:
+            self._unlock(shared)
+            ctl.fetch_add(Ctl.FAST_ZAPS, _U64)
+        self.st[STAT["fast_zaps"]] += 1
+
+    def kvm_reload_remote_mmus(self) -> None:
+        """kvm_reload_remote_mmus(): KVM_REQ_MMU_RELOAD to every vCPU, waiting for those in guest mode.
+
+        The roots generation moves (under the write lock), then the kick and wait of a
+        remote flush carries the request: a vCPU that acknowledges it sees the new
+        generation before its next access and reloads.
+        """
+        self.lockdep_assert_held_write()
+        self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)
+        self.tlbctl.flush_remote_tlbs()
 
     def add_memslot(self, slot_id: int) -> None:
         """Re-activate a slot (its pages keep their contents)."""

@@ -12,7 +12,7 @@ import random
 
 from shmmmu import violations
 from shmmmu.bugs import Bugs
-from shmmmu.layout import N_STATS, ROOT_TABLE, STAT, Ctl
+from shmmmu.layout import N_STATS, STAT, Ctl
 from shmmmu.memslots import Memslots
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, LockError
 from shmmmu.tdp_iter import TdpIter
@@ -43,7 +43,6 @@ class Kvm:
         g = self.geometry = c.geometry
         self.bits = c.bits
         self.E = g.entries
-        self.root = ROOT_TABLE
         self.root_level = g.root_level
         self.max_gfn = g.max_gfn
         # 1 << (shadow_phys_bits - 12): the host's physical address width, modelled as the
@@ -153,8 +152,4 @@ class Kvm:
     def new_iter(self, root: int, min_level: int, start: int) -> TdpIter:
         """A TDP iterator over the tables from `root` (the debug module may hand out its checked form)."""
         return TdpIter(self.tables, self.geometry, root, self.root_level, min_level, start)
-
-    def roots(self) -> list[int]:
-        """for_each_tdp_mmu_root(): the VM's roots."""
-        return [self.root]
 

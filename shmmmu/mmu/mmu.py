@@ -11,10 +11,17 @@ host page, the notifier sequence and the levels, and kvm_tdp_mmu_map
 - `direct_page_fault` (the pre-series baseline, lock_mode exclusive): write
   lock, make_mmu_pages_available, the same recheck and map with plain stores;
 - the variants of a bug switch beside them.
+
+Both entries retry a fault whose root was invalidated while it was on its way
+to the lock (is_page_fault_stale, a955cad84cda): the vCPU then takes its
+reload request on the way back into the guest.  A vCPU's root is loaded
+(kvm_mmu_load) on guest entry when it has none, and unloaded when a reload
+request (kvm_reload_remote_mmus) reaches it; a fault taken with no root loaded
+(a caller driving the MMU without a Vcpu) loads one first, as the entry would.
 """
 from __future__ import annotations
 
-from shmmmu.layout import STAT, Ctl, MemslotRow
+from shmmmu.layout import STAT, Ctl, MemslotRow, RootRow
 from shmmmu.memslots import Slot
 from shmmmu.mmu.nx import NxHugePages
 from shmmmu.mmu.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
@@ -27,6 +34,12 @@ _ST_SPURIOUS = STAT["spurious"]
 _ST_RETRIES = STAT["retries"]
 _ST_RESULT = {RET_PF_RETRY: _ST_RETRIES, RET_PF_FIXED: _ST_FIXED, RET_PF_SPURIOUS: _ST_SPURIOUS}
 _ST_NOTIFIER_RETRIES = STAT["notifier_retries"]
+_ST_STALE_ROOT = STAT["stale_root_retries"]
+_ST_DURING_FAST_ZAP = STAT["faults_during_fast_zap"]
+_ST_RELOADS = STAT["root_reloads"]
+_C_FAST_ZAPS = Ctl.FAST_ZAPS
+_R_INVALID = RootRow.INVALID
+_R = RootRow.WORDS
 _C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
 _MS_GEN = MemslotRow.GEN
 _MS_WORDS = MemslotRow.WORDS
@@ -55,6 +68,52 @@ class Fault:
 
 class MmuFault(NxHugePages):
     """The fault entry of mmu.c over the TDP MMU."""
+
+    # ------------------------------------------------------------------ the vCPU's root
+
+    def kvm_mmu_load(self) -> None:
+        """kvm_mmu_load(): top up the caches, get a root under the write lock (mmu_alloc_direct_roots ->
+        kvm_tdp_mmu_get_vcpu_root_hpa), load it, and flush this vCPU's translations (tlb_flush_current)."""
+        self.pool.topup()
+        lock = self.lock
+        lock.write_lock()
+        try:
+            gen = self.ctl.load(Ctl.ROOTS_GEN)      # every reload request before this one is answered
+            row = self.kvm_tdp_mmu_get_vcpu_root(self.role)
+            self.ws.store(self.root_word, row + 1)
+        finally:
+            lock.write_unlock()
+        self.root_row = row
+        self.root = self.root_table(row)
+        self.tlbctl.roots_gen = gen
+        self.tlbctl.flush_current()
+        self.st[_ST_RELOADS] += 1
+
+    def kvm_mmu_unload(self) -> None:
+        """kvm_mmu_unload() -> kvm_mmu_free_roots(): put this vCPU's root under the write lock."""
+        row = self.root_row
+        if row < 0:
+            return
+        lock = self.lock
+        lock.write_lock()
+        try:
+            self.ws.store(self.root_word, 0)
+            self.kvm_tdp_mmu_put_root(row, False)
+        finally:
+            lock.write_unlock()
+        self.root_row = -1
+        self.root = 0
+
+    def kvm_mmu_reload(self) -> None:
+        """The root half of vcpu_enter_guest: KVM_REQ_MMU_RELOAD unloads the root, kvm_mmu_reload loads one."""
+        if self.tlbctl.roots_gen != self.ctl.load(Ctl.ROOTS_GEN):
+            self.kvm_mmu_unload()
+        if self.root_row < 0:
+            self.kvm_mmu_load()
+
+    def root_is_obsolete(self) -> bool:
+        """is_obsolete_sp(vcpu->arch.mmu->root_hpa): the root was invalidated (a955cad84cda)."""
+        return self.rw.load(self.root_row * _R + _R_INVALID) != 0
 
     def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """An EPT violation on gfn; returns a RET_PF_* value (bound to the entry point this VM uses)."""
@@ -106,6 +165,8 @@ class MmuFault(NxHugePages):
         """kvm_tdp_mmu_page_fault() (the series, after the CVE-2022-45869 fix): the map under the read lock."""
         st = self.st
         st[_ST_FAULTS] += 1
+        if self.root_row < 0:
+            self.kvm_mmu_load()
         fault = Fault(gfn, write, exec_fault)
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
@@ -114,10 +175,14 @@ class MmuFault(NxHugePages):
         lock = self.lock
         lock.read_lock()
         try:
-            if self.mmu_notifier_retry_hva(fault):
+            if self.root_is_obsolete():
+                st[_ST_STALE_ROOT] += 1
+            elif self.mmu_notifier_retry_hva(fault):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
                 r = self.kvm_tdp_mmu_map(fault, True)
+                if r == RET_PF_FIXED and self.ctl.load(_C_FAST_ZAPS):
+                    st[_ST_DURING_FAST_ZAP] += 1
         finally:
             lock.read_unlock()
         st[_ST_RESULT[r]] += 1
@@ -127,6 +192,8 @@ class MmuFault(NxHugePages):
         """direct_page_fault() of the pre-series MMU (the exclusive baseline): everything under the write lock."""
         st = self.st
         st[_ST_FAULTS] += 1
+        if self.root_row < 0:
+            self.kvm_mmu_load()
         fault = Fault(gfn, write, exec_fault)
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
@@ -135,7 +202,9 @@ class MmuFault(NxHugePages):
         lock = self.lock
         lock.write_lock()
         try:
-            if self.mmu_notifier_retry_hva(fault):
+            if self.root_is_obsolete():
+                st[_ST_STALE_ROOT] += 1
+            elif self.mmu_notifier_retry_hva(fault):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
                 self.make_mmu_pages_available()
@@ -147,11 +216,14 @@ class MmuFault(NxHugePages):
 
     def page_fault_reverted(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """The fault entry with a fault-entry switch on: K15 (5.13's direct_page_fault for a TDP fault:
-        make_mmu_pages_available under the read lock, CVE-2022-45869) and/or no mmu_notifier_retry_hva."""
+        make_mmu_pages_available under the read lock, CVE-2022-45869), no mmu_notifier_retry_hva, and/or
+        no check of the root (5.13 before a955cad84cda)."""
         bugs = self.bugs
         shared = self.parallel
         st = self.st
         st[_ST_FAULTS] += 1
+        if self.root_row < 0:
+            self.kvm_mmu_load()
         fault = Fault(gfn, write, exec_fault)
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
@@ -160,12 +232,16 @@ class MmuFault(NxHugePages):
         lock = self.lock
         lock.read_lock() if shared else lock.write_lock()
         try:
-            if not bugs.no_notifier_recheck and self.mmu_notifier_retry_hva(fault):
+            if not bugs.fault_into_invalid_root and self.root_is_obsolete():
+                st[_ST_STALE_ROOT] += 1
+            elif not bugs.no_notifier_recheck and self.mmu_notifier_retry_hva(fault):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
                 if bugs.pages_lock_in_read_fault or not shared:
                     self.make_mmu_pages_available()
                 r = self.kvm_tdp_mmu_map(fault, shared)
+                if r == RET_PF_FIXED and self.ctl.load(_C_FAST_ZAPS):
+                    st[_ST_DURING_FAST_ZAP] += 1
         finally:
             lock.read_unlock() if shared else lock.write_unlock()
         st[_ST_RESULT[r]] += 1

@@ -1,9 +1,11 @@
 """NX huge pages: the list of tables split for the iTLB multihit mitigation, and their recovery (mmu.c).
 
 With `kvm.nx_huge_pages`, an instruction fetch is mapped with 4 KiB pages even
-where the host could map a huge one; a table linked for such a fault goes on
-lpage_disallowed_mmu_pages (account_huge_nx_page), in the same page-list-lock
-section as tdp_mmu_pages, and comes off when it is torn down.  The recovery
+where the host could map a huge one; a table linked for such a fault is marked
+nx_huge_page_disallowed before it is published and goes on the NX list
+(possible_nx_huge_pages, 5.13's lpage_disallowed_mmu_pages) after, under the
+page-list lock, as 6.2 does (61f94478547b); it comes off when it is torn down.
+With K18 the 5.13 form is used: account_huge_nx_page inside tdp_mmu_link_page.  The recovery
 thread (kvm_recover_nx_lpages, run by the reclaimer process) zaps a share of
 the list every period, so later faults that are not fetches can map huge again.
 """
@@ -19,15 +21,15 @@ _TM = TMeta.WORDS
 class NxHugePages(TdpMmu):
     """account/unaccount_huge_nx_page and kvm_recover_nx_lpages."""
 
-    def account_huge_nx_page(self, table: int) -> None:
-        """account_huge_nx_page(): list_add_tail on lpage_disallowed_mmu_pages, nx_lpage_splits++.
+    def track_possible_nx_huge_page(self, table: int) -> None:
+        """track_possible_nx_huge_page() (6.2): list_add_tail on possible_nx_huge_pages, nx_lpage_splits++.
 
-        Called with the page-list lock held (shared mode) or the write lock: the NX
-        list lives in the same critical section as the page list, as in 5.12.
+        With tdp_mmu_pages_lock held (shared) or the write lock.  A table already on
+        the list is left where it is.
         """
         tm, ctl = self.tm, self.ctl
         t = table * _TM
-        if tm.load(t + TMeta.NX):
+        if tm.load(t + TMeta.NX_LISTED):
             return
         tail = ctl.load(Ctl.NX_TAIL)
         tm.store(t + TMeta.NX_NEXT, 0)
@@ -37,13 +39,15 @@ class NxHugePages(TdpMmu):
         else:
             ctl.store(Ctl.NX_HEAD, table + 1)
         ctl.store(Ctl.NX_TAIL, table + 1)
-        tm.store(t + TMeta.NX, 1)
+        tm.store(t + TMeta.NX_LISTED, 1)
         ctl.fetch_add(Ctl.NX_COUNT, 1)
 
-    def unaccount_huge_nx_page(self, table: int) -> None:
-        """unaccount_huge_nx_page(): list_del from the NX list, nx_lpage_splits-- (page-list lock held)."""
+    def untrack_possible_nx_huge_page(self, table: int) -> None:
+        """untrack_possible_nx_huge_page() (6.2): list_del_init if on the list, nx_lpage_splits--."""
         tm, ctl = self.tm, self.ctl
         t = table * _TM
+        if not tm.load(t + TMeta.NX_LISTED):
+            return
         prev, nxt = tm.load(t + TMeta.NX_PREV), tm.load(t + TMeta.NX_NEXT)
         if prev:
             tm.store((prev - 1) * _TM + TMeta.NX_NEXT, nxt)
@@ -57,8 +61,20 @@ class NxHugePages(TdpMmu):
             ctl.store(Ctl.NX_TAIL, prev)
         tm.store(t + TMeta.NX_PREV, 0)
         tm.store(t + TMeta.NX_NEXT, 0)
-        tm.store(t + TMeta.NX, 0)
+        tm.store(t + TMeta.NX_LISTED, 0)
         ctl.fetch_add(Ctl.NX_COUNT, _U64)
+
+    def account_huge_nx_page(self, table: int) -> None:
+        """5.13's account_huge_nx_page() (with K18): sp->lpage_disallowed set and the table listed in one step."""
+        if self.tm.load(table * _TM + TMeta.NX):
+            return
+        self.tm.store(table * _TM + TMeta.NX, 1)
+        self.track_possible_nx_huge_page(table)
+
+    def unaccount_huge_nx_page(self, table: int) -> None:
+        """5.13's unaccount_huge_nx_page() (with K18): off the list, lpage_disallowed cleared."""
+        self.untrack_possible_nx_huge_page(table)
+        self.tm.store(table * _TM + TMeta.NX, 0)
 
     def nx_list(self) -> list[int]:
         """The tables on the NX list, oldest first (lpage_disallowed_mmu_pages; a read for tests and tools)."""

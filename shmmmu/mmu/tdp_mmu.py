@@ -26,7 +26,7 @@ import numpy as np
 from shmmmu import spte as S
 from shmmmu.layout import NIL, STAT, Ctl, TMeta
 from shmmmu.memslots import Slot
-from shmmmu.mmu.kvm import Kvm
+from shmmmu.mmu.roots import TdpMmuRoots
 from shmmmu.rwlock import HELD_READ
 from shmmmu.tdp_iter import TdpIter, for_each_leaf, for_each_pte
 
@@ -59,10 +59,10 @@ _ST_SPLITS = STAT["huge_splits"]
 _TM = TMeta.WORDS
 _T_LEVEL, _T_GFN, _T_NX, _T_PREV, _T_NEXT, _T_OWNER = (TMeta.LEVEL, TMeta.GFN, TMeta.NX, TMeta.PREV,
                                                        TMeta.NEXT, TMeta.OWNER)
-_C_LIST_HEAD, _C_LIST_COUNT = Ctl.LIST_HEAD, Ctl.LIST_COUNT
+_C_LIST_HEAD, _C_PAGE_COUNT = Ctl.LIST_HEAD, Ctl.PAGE_COUNT
 
 
-class TdpMmu(Kvm):
+class TdpMmu(TdpMmuRoots):
     """The functions of tdp_mmu.c, as methods over one process's Kvm."""
 
     def __init__(self, vm, worker: int, tlb=None):
@@ -70,6 +70,7 @@ class TdpMmu(Kvm):
         self._cas = self.tables.cas
         self._store = self.tables.store
         self._load = self.tables.load
+        self.zap_skips_invalid_roots = self.bugs.unmap_skips_invalid_roots
         # the fault path's walk: one iterator per process, reused (a walk never outlives its fault,
         # as the kernel's is a stack variable of kvm_tdp_mmu_map)
         self.fault_walk = self.new_iter(self.root, 1, 0)
@@ -220,7 +221,7 @@ class TdpMmu(Kvm):
         t = table * _TM
         level = self.tm.load(t + _T_LEVEL)
         base = self.tm.load(t + _T_GFN)
-        self.tdp_mmu_unlink_page(table, shared)
+        self.tdp_mmu_unlink_sp(table, shared)
         E = self.E
         old = np.empty(E, dtype=np.uint64)
         start = table * E
@@ -277,32 +278,88 @@ class TdpMmu(Kvm):
         self.pool.free([table])
         self.st[STAT["tables_freed"]] += 1
 
-    # ------------------------------------------------------------------ page lists (§2, tdp_mmu_pages_lock)
+    # ------------------------------------------------------------------ page accounting (§2, tdp_mmu_pages_lock)
 
-    def tdp_mmu_link_page(self, table: int, shared: bool, account_nx: bool) -> None:
-        """tdp_mmu_link_page(): add to tdp_mmu_pages (and the NX list) under the page-list lock."""
+    def tdp_mmu_link_sp(self, it: TdpIter, child: int, nx: bool, track_nx: bool, shared: bool) -> bool:
+        """Publish a new child table, then account it: 6.2's tdp_mmu_link_sp and the NX tracking after it.
+
+        5.13 put the table on the tdp_mmu_pages list after the cmpxchg (K18); 6.2 keeps
+        only a count (d25ceb926436), marks nx_huge_page_disallowed *before* the table is
+        visible and adds it to the NX list afterwards under tdp_mmu_pages_lock, only if
+        the flag is still set (61f94478547b): a zap in between clears the flag in
+        tdp_mmu_unlink_sp, and the late add is skipped.  False: the cmpxchg lost.
+        """
+        t = child * _TM
+        if nx:
+            self.tm.store(t + _T_NX, 1)              # sp->nx_huge_page_disallowed = fault->huge_page_disallowed
+        if shared:
+            if not self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
+                return False
+        else:
+            self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
+        self.torture_delay()                         # a zap of the new entry may run here
+        self.ctl.fetch_add(_C_PAGE_COUNT, 1)         # tdp_account_mmu_page()
+        self.tm.store(t + _T_OWNER, NIL)
+        if track_nx:
+            if shared:
+                self.pages_lock.acquire()
+            try:
+                if self.tm.load(t + _T_NX):
+                    self.track_possible_nx_huge_page(child)
+            finally:
+                if shared:
+                    self.pages_lock.release()
+        return True
+
+    def link_sp_k18_page_list(self, it: TdpIter, child: int, nx: bool, track_nx: bool, shared: bool) -> bool:
+        """K18, 5.13's kvm_tdp_mmu_map: the cmpxchg, then tdp_mmu_link_page (list_add on tdp_mmu_pages and
+        account_huge_nx_page under tdp_mmu_pages_lock).  A zap of the new entry in between runs
+        list_del on a table not yet on the list, which the late list_add then puts there, freed."""
+        if shared:
+            if not self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
+                return False
+        else:
+            self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
+        self.torture_delay()
         if shared:
             self.pages_lock.acquire()
         try:
             tm, ctl = self.tm, self.ctl
-            t = table * _TM
+            t = child * _TM
             head = ctl.load(_C_LIST_HEAD)
             tm.store(t + _T_PREV, NIL)
             # list words hold table + 1 so that 0 (a zeroed region) is "empty"
             tm.store(t + _T_NEXT, head)
             if head != NIL and head != 0:
-                tm.store((head - 1) * _TM + _T_PREV, table + 1)
-            ctl.store(_C_LIST_HEAD, table + 1)
-            ctl.fetch_add(_C_LIST_COUNT, 1)
-            if account_nx:
-                self.account_huge_nx_page(table)
+                tm.store((head - 1) * _TM + _T_PREV, child + 1)
+            ctl.store(_C_LIST_HEAD, child + 1)
+            ctl.fetch_add(_C_PAGE_COUNT, 1)
+            if track_nx:
+                self.account_huge_nx_page(child)
             tm.store(t + _T_OWNER, NIL)
         finally:
             if shared:
                 self.pages_lock.release()
+        return True
 
-    def tdp_mmu_unlink_page(self, table: int, shared: bool) -> None:
-        """tdp_mmu_unlink_page(): list_del from tdp_mmu_pages (and the NX list) under the page-list lock."""
+    def tdp_mmu_unlink_sp(self, table: int, shared: bool) -> None:
+        """tdp_mmu_unlink_sp() (6.2): the count down; if the table is NX-disallowed, clear that and take it
+        off the NX list if it made it there (under tdp_mmu_pages_lock)."""
+        self.ctl.fetch_add(_C_PAGE_COUNT, _U64)      # tdp_unaccount_mmu_page()
+        t = table * _TM
+        if not self.tm.load(t + _T_NX):
+            return
+        if shared:
+            self.pages_lock.acquire()
+        try:
+            self.tm.store(t + _T_NX, 0)
+            self.untrack_possible_nx_huge_page(table)
+        finally:
+            if shared:
+                self.pages_lock.release()
+
+    def unlink_sp_k18_page_list(self, table: int, shared: bool) -> None:
+        """K18: 5.13's tdp_mmu_unlink_page(): list_del from tdp_mmu_pages (and the NX list) under the lock."""
         if shared:
             self.pages_lock.acquire()
         try:
@@ -321,7 +378,7 @@ class TdpMmu(Kvm):
                 tm.store((nxt - 1) * _TM + _T_PREV, prev)
             tm.store(t + _T_PREV, NIL)
             tm.store(t + _T_NEXT, NIL)
-            ctl.fetch_add(_C_LIST_COUNT, _U64)
+            ctl.fetch_add(_C_PAGE_COUNT, _U64)
             if tm.load(t + _T_NX):
                 self.unaccount_huge_nx_page(table)
         finally:
@@ -366,15 +423,11 @@ class TdpMmu(Kvm):
                 if not spte & _P:
                     child = self.pool.alloc(it.level - 1, it.gfn)
                     self.st[_ST_ALLOC] += 1
-                    if shared:
-                        if not self.link_new_table(it, child, fault.huge_page_disallowed and
-                                                   fault.req_level >= it.level):
-                            break
-                    else:
-                        self.tdp_mmu_set_spte(it, S.make_nonleaf(child))
-                        self.tdp_mmu_link_page(child, False, fault.huge_page_disallowed and
-                                               fault.req_level >= it.level)
-                        self.st[_ST_LINKED] += 1
+                    nx = fault.huge_page_disallowed
+                    if not self.tdp_mmu_link_sp(it, child, nx, nx and fault.req_level >= it.level, shared):
+                        self.tdp_mmu_free_sp(child)          # lost the race: never visible, back to the cache
+                        break
+                    self.st[_ST_LINKED] += 1
                 it.next()
             if not it.valid or it.level != level:
                 return RET_PF_RETRY
@@ -388,31 +441,12 @@ class TdpMmu(Kvm):
         finally:
             rcu.read_unlock()
 
-    def link_new_table(self, it: TdpIter, child: int, account_nx: bool) -> bool:
-        """Publish a new child table under the read lock: on the page list first, then the cmpxchg;
-        a lost cmpxchg takes it back off the list (later kernels account before publishing)."""
-        self.tdp_mmu_link_page(child, True, account_nx)
-        self.torture_delay()
-        if self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
-            self.st[_ST_LINKED] += 1
-            return True
-        self.tdp_mmu_unlink_page(child, True)
-        self.tm.store(child * _TM + _T_OWNER, self.worker)
+    def tdp_mmu_free_sp(self, child: int) -> None:
+        """tdp_mmu_free_sp() of a table that lost its link race: it was never visible, so it goes straight
+        back to this vCPU's memory cache, still zeroed."""
+        self.tm.store(child * _TM + _T_NX, 0)
         self.pool.unalloc(child)
         self.st[_ST_LINK_RACE] += 1
-        return False
-
-    def link_new_table_k18_after_publish(self, it: TdpIter, child: int, account_nx: bool) -> bool:
-        """K18, the 5.12 order: tdp_mmu_link_page after the cmpxchg made the table visible; a zap of
-        the new entry in between unlinks it before it is linked."""
-        if self.tdp_mmu_set_spte_atomic(it, S.make_nonleaf(child)):
-            self.torture_delay()
-            self.tdp_mmu_link_page(child, True, account_nx)
-            self.st[_ST_LINKED] += 1
-            return True
-        self.pool.unalloc(child)
-        self.st[_ST_LINK_RACE] += 1
-        return False
 
     def tdp_mmu_map_handle_target_level(self, fault: "Fault", it: TdpIter, shared: bool) -> int:
         """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf (5.12's FIXED, not its RETRY)."""
@@ -510,10 +544,32 @@ class TdpMmu(Kvm):
 
     def kvm_tdp_mmu_zap_gfn_range(self, start: int, end: int, can_yield: bool, flush: bool,
                                   shared: bool) -> bool:
-        """__kvm_tdp_mmu_zap_gfn_range(): zap_gfn_range over every root, the pending flush threaded
-        through (a835429cda91: a flush owed from one root is honoured before yielding in the next)."""
-        for root in self.roots():
-            flush = self.zap_gfn_range(root, start, end, can_yield, flush, shared)
+        """__kvm_tdp_mmu_zap_gfn_range(): zap_gfn_range over every root, valid or invalid, a reference held
+        across yields, the pending flush threaded through (a835429cda91: a flush owed from one root is
+        honoured before yielding in the next).
+
+        5.13's yield-safe walk skipped invalid roots; d62007edf01f (5.17) walks them too: an
+        invalid root whose zapper yielded still maps the range, and the MMU notifier must
+        not return while any root does (switch unmap-skips-invalid-roots).
+        """
+        only_valid = self.zap_skips_invalid_roots
+        for row in self.for_each_tdp_mmu_root_yield_safe(shared, only_valid):
+            flush = self.zap_gfn_range(self.root_table(row), start, end, can_yield, flush, shared)
+        return flush
+
+    def kvm_tdp_mmu_unmap_gfn_range(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
+        """kvm_tdp_mmu_unmap_gfn_range() (the MMU notifier, write lock): __kvm_tdp_mmu_zap_gfn_range with
+        can_yield = range->may_block (7533377215b6: the yield-safe root walk)."""
+        return self.kvm_tdp_mmu_zap_gfn_range(start, end, may_block, flush, False)
+
+    def unmap_gfn_range_unsafe_root_walk(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
+        """5.13 as released (before 7533377215b6): for_each_tdp_mmu_root, no reference on the root, yet
+        zap_gfn_range may yield (may_block, e1eed5847b09); while the lock is dropped the root's last
+        reference can go and its table be freed, and the walk resumes in it."""
+        for row in self.for_each_tdp_mmu_root():
+            table = self.root_table(row)             # the root pointer the list walk holds
+            if table:
+                flush |= self.zap_gfn_range(table, start, end, may_block, flush, False)
         return flush
 
     def kvm_tdp_mmu_zap_all(self) -> None:
@@ -528,7 +584,8 @@ class TdpMmu(Kvm):
         bugs = self.bugs
         min_level = self.root_level if bugs.advance_after_restart else 1
         flush = False
-        for root in self.roots():
+        for row in self.for_each_tdp_mmu_root_yield_safe(False, self.zap_skips_invalid_roots):
+            root = self.root_table(row)
             if bugs.zap_all_phys_end:
                 flush = self.zap_gfn_range(root, 0, self.phys_max_gfn, True, flush, False, min_level)
             else:
@@ -598,9 +655,9 @@ class TdpMmu(Kvm):
         return changed
 
     def kvm_tdp_mmu_wrprot_slot(self, slot: Slot, min_level: int, shared: bool) -> int:
-        """kvm_tdp_mmu_wrprot_slot(): wrprot_gfn_range over the slot, on every root."""
-        return sum(self.wrprot_gfn_range(root, slot.base_gfn, slot.end_gfn, min_level, shared)
-                   for root in self.roots())
+        """kvm_tdp_mmu_wrprot_slot(): wrprot_gfn_range over the slot, on every valid root (yield-safe)."""
+        return sum(self.wrprot_gfn_range(self.root_table(row), slot.base_gfn, slot.end_gfn, min_level, shared)
+                   for row in self.for_each_tdp_mmu_root_yield_safe(shared))
 
     def clear_dirty_pt_masked(self, root: int, gfn: int, mask: int) -> bool:
         """clear_dirty_pt_masked(): write-protect the 4K leaves of [gfn, gfn+64) named by mask (write lock)."""
@@ -640,56 +697,56 @@ class TdpMmu(Kvm):
         return changed
 
     def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Slot, gfn: int, mask: int) -> bool:
-        """kvm_tdp_mmu_clear_dirty_pt_masked(): clear_dirty_pt_masked on every root."""
+        """kvm_tdp_mmu_clear_dirty_pt_masked(): clear_dirty_pt_masked on every root (write lock, no yield)."""
         changed = False
-        for root in self.roots():
-            changed |= self.clear_dirty_pt_masked(root, gfn, mask)
+        for row in self.for_each_tdp_mmu_root():
+            changed |= self.clear_dirty_pt_masked(self.root_table(row), gfn, mask)
         return changed
 
-    def zap_collapsible_spte_range(self, root: int, slot: Slot, shared: bool) -> int:
-        """zap_collapsible_spte_range(): zap the parent table of 4K mappings that could now be one huge page.
-
-        As later kernels do (~5.18+), the non-leaf entry at the highest level that could
-        map huge is zapped, one freeze + flush per huge region, instead of every 4K leaf
-        with a flush each (5.13), which the A.0 measurement shows costs ~3x.
-        """
+    def zap_collapsible_spte_range(self, root: int, slot: Slot, flush: bool, shared: bool) -> tuple[int, bool]:
+        """zap_collapsible_spte_range() (5.13): zap every leaf below the level its slot could now map,
+        each with its own freeze and flush (tdp_mmu_zap_spte_atomic); a later fault maps the huge page
+        over the empty table, which tears it down.  Returns (leaves zapped, flush pending)."""
         self.lockdep_assert_held(shared)
         if slot.huge_level < 2:
-            return 0
+            return 0, flush
         zapped = 0
-        flush = False
-        E = self.E
+        max_level = self.slots.max_mapping_level
         self.rcu.read_lock()
         try:
-            for it in for_each_pte(self.new_iter(root, 2, slot.base_gfn), slot.end_gfn):
-                while True:
+            for it in for_each_pte(self.new_iter(root, 1, slot.base_gfn), slot.end_gfn):
+                while True:                      # retry:
                     if self.tdp_mmu_iter_cond_resched(it, flush, shared):
                         flush = False
                         break
                     spte = it.old_spte
                     level = it.level
-                    if not spte & _P or spte & _L or level > slot.huge_level:
+                    if not spte & _P or not (level == 1 or spte & _L):
                         break
-                    span = 1 << (self.bits * (level - 1))
-                    if it.gfn < slot.base_gfn or it.gfn + span > slot.end_gfn:
-                        break
-                    if self.slots.max_mapping_level(slot, it.gfn) < level:
+                    if level >= max_level(slot, it.gfn):
                         break
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
                             it.old_spte = self._load(it.sptep)
-                            continue
+                            continue             # goto retry
                     else:
                         self.mark_unflushed()
                         self.tdp_mmu_set_spte(it, 0)
-                        flush = True
+                    flush = True
                     zapped += 1
                     break
         finally:
             self.rcu.read_unlock()
         self.st[STAT["collapsible_zaps"]] += zapped
-        return zapped
+        return zapped, flush
 
     def kvm_tdp_mmu_zap_collapsible_sptes(self, slot: Slot, shared: bool) -> int:
-        """kvm_tdp_mmu_zap_collapsible_sptes(): zap_collapsible_spte_range on every root."""
-        return sum(self.zap_collapsible_spte_range(root, slot, shared) for root in self.roots())
+        """kvm_tdp_mmu_zap_collapsible_sptes(): zap_collapsible_spte_range on every valid root (yield-safe),
+        the pending flush threaded through and done at the end; returns the leaves zapped."""
+        total, flush = 0, False
+        for row in self.for_each_tdp_mmu_root_yield_safe(shared):
+            n, flush = self.zap_collapsible_spte_range(self.root_table(row), slot, flush, shared)
+            total += n
+        if flush or self.holds_unflushed:
+            self.kvm_flush_remote_tlbs()
+        return total
