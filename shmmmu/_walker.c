@@ -18,7 +18,7 @@
 #define BIT_LARGE    (1ULL << 7)
 #define BIT_A        (1ULL << 8)
 #define BIT_D        (1ULL << 9)
-#define BIT_PRESENT  (1ULL << 11)
+#define BIT_RWX      7ULL           /* EPT read, write, execute: what the processor tests for presence */
 #define PFN_MASK     (((1ULL << 52) - 1) & ~((1ULL << 12) - 1))
 
 /* walk(tables, root, root_level, bits, gfn, write, exec)
@@ -57,7 +57,7 @@ walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         }
         i = (Py_ssize_t)at;
         spte = __atomic_load_n(&w[i], SEQ);
-        if (!(spte & BIT_PRESENT)) goto violation;
+        if (!(spte & BIT_RWX)) goto violation;      /* EPT presence: any of R/W/X (bit 11 is KVM's) */
         if (level == 1 || (spte & BIT_LARGE)) break;
         table = (spte & PFN_MASK) >> 12;
         level--;

@@ -29,12 +29,12 @@ class Bugs:
 
     rcu_free_immediately: bool = False          # K7
     zero_removed_children: bool = False         # K6
-    fault_zap_no_flush: bool = False            # K5
+    fault_zap_flush_late: bool = False          # K5
     fault_plain_store: bool = False             # K4
     cas_over_removed: bool = False              # K8
     no_forward_progress: bool = False           # K1
     advance_after_restart: bool = False         # K9
-    drop_flush_on_yield: bool = False           # K11
+    yield_with_owed_flush: bool = False         # K11
     dirty_mask_late_clear: bool = False         # K3
     no_notifier_recheck: bool = False
     no_wrprot_on_enable: bool = False
@@ -45,6 +45,7 @@ class Bugs:
     fault_into_invalid_root: bool = False
     notifier_unsafe_root_walk: bool = False
     unmap_skips_invalid_roots: bool = False
+    exclusive_plain_store: bool = False         # K14
 
     @classmethod
     def from_names(cls, names: list[str]) -> "Bugs":
@@ -68,10 +69,11 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "e25f0e0cd51b KVM: x86/mmu: Mark SPTEs in disconnected pages as removed",
         "entries of a disconnected table are cleared to 0 instead of REMOVED; a fault holding a pointer into "
         "it installs into a dead table (install into a retired table, leaked tables)"),
-    Bug("fault-zap-no-flush", "K5", "fault_zap_no_flush",
+    Bug("fault-zap-flush-late", "K5", "fault_zap_flush_late",
         "08f07c800e9d KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler",
-        "the fault path zaps a huge page to 0 with no freeze and no flush; other vCPUs keep using the "
-        "zapped translation (stale translation used after its zap completed)"),
+        "the fault path clears a huge leaf to 0 with the atomic setter and only then flushes; in between "
+        "another vCPU installs a new translation of the address while a TLB still holds the huge one "
+        "(install-before-flush: two live translations of one address)"),
     Bug("fault-plain-store", "K4", "fault_plain_store",
         "9a77daacc87d KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map",
         "the fault path installs entries with plain stores under the read lock; racing vCPUs overwrite each "
@@ -89,10 +91,16 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "after yielding, the walk restarts and then advances, skipping the root-level entry "
         "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)",
         ("--lock-mode", "exclusive")),
-    Bug("drop-flush-on-yield", "K11", "drop_flush_on_yield",
+    Bug("yield-with-owed-flush", "K11", "yield_with_owed_flush",
         "a835429cda91 KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap",
-        "a range walk drops the lock with changes not yet flushed and forgets the flush; vCPUs keep stale "
-        "translations (stale translation used, missed dirty pages)", ("--lock-mode", "exclusive")),
+        "each root's zap_gfn_range starts with no flush owed, so a yield in a later root drops mmu_lock with "
+        "an earlier root's zaps unflushed (the flush still comes at the end); faults install where the zapped "
+        "translations are still cached (lock-dropped-unflushed, I6; install-before-flush)"),
+    Bug("exclusive-plain-store", "K14", "exclusive_plain_store",
+        "ba3a6120a4e7 KVM: x86/mmu: Use atomic XCHG to write TDP MMU SPTEs with volatile bits",
+        "the write-lock setter stores over a leaf whose A bit the processor may set meanwhile (an aged leaf), "
+        "from the value it read before: the access is lost to the host (host-accessed-lost at the next aging "
+        "or unmap)"),
     Bug("dirty-mask-late-clear", "K3", "dirty_mask_late_clear",
         "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
         "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "

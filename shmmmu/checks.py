@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shmmmu import hostpage
 from shmmmu import spte as S
 from shmmmu.layout import N_STATS, NIL, STAT, Ctl, MemslotFlags, TableState, TMeta, WState
 from shmmmu.snapshot import Snapshot, Source, Walk, snapshot, take_snapshot, walk_tables
 
 __all__ = ["Problem", "Snapshot", "Walk", "Leaf", "snapshot", "take_snapshot", "walk_tables", "count_leaves",
            "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
-           "check_roots", "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list",
+           "check_roots", "check_leaves_in_memslots", "check_leaf_pfns", "check_stats", "check_logging_slots", "check_nx_list", "check_host_pages",
            "check_all"]
 
 _U = np.uint64
@@ -453,12 +454,51 @@ def check_stats(source: Source) -> list[Problem]:
     return problems
 
 
+def check_host_pages(source: Source) -> list[Problem]:
+    """Every page the guest touched is host-accessed or mapped young; every page it wrote host-dirty or mapped dirty.
+
+    Invariant (KVM_TDP_MMU.md C7, shmmmu.hostpage): KVM reports a leaf's A and D
+    to the host page when the leaf loses them or goes away, so at any quiet point
+    a page the guest accessed since the host last consumed its state (aging,
+    write-back at migration) is either marked on the host or still mapped by a
+    leaf with the bit set, in some root.  Needs the guest's record of its own
+    accesses (debug mode); without it there is nothing to check.
+    """
+    snap = snapshot(source)
+    if not snap.config.debug:
+        return []
+    w = walk_tables(snap)
+    g = snap.geometry
+    problems: list[Problem] = []
+    for slot in snap.slot_rows():
+        base, n = slot["base_gfn"], slot["npages"]
+        pages = snap.host_map[slot["host_off"]: slot["host_off"] + n].astype(np.int64)
+        young = np.zeros(n, dtype=bool)
+        dirty = np.zeros(n, dtype=bool)
+        for gf, lv, v in zip(w.leaf_gfn.tolist(), w.leaf_level.tolist(), w.leaf_spte.tolist()):
+            lo, hi = max(gf, base), min(gf + g.pages(lv), base + n)
+            if lo < hi:
+                if v & S.ACCESSED:
+                    young[lo - base: hi - base] = True
+                if v & S.DIRTY:
+                    dirty[lo - base: hi - base] = True
+        acc, wr = hostpage.lost(snap.touched[pages], snap.host_ad[pages], young, dirty)
+        for i in wr[:8]:
+            problems.append(Problem("host-dirty-lost", f"host page {int(pages[i]):#x} was written by the guest, is "
+                                                       f"not host-dirty and no leaf maps it dirty", base + int(i)))
+        for i in acc[:8]:
+            problems.append(Problem("host-accessed-lost", f"host page {int(pages[i]):#x} was touched by the guest, "
+                                                          f"is not host-accessed and no leaf maps it young",
+                                    base + int(i)))
+    return problems
+
+
 def check_all(source: Source, stats: bool = True) -> list[Problem]:
     """Every checker above on one snapshot; `stats=False` skips check_stats (workers not yet published)."""
     snap = snapshot(source)
     problems = check_table_structure(snap) + check_table_accounting(snap) + check_roots(snap)
     problems += check_leaves_in_memslots(snap)
-    problems += check_leaf_pfns(snap) + check_logging_slots(snap) + check_nx_list(snap)
+    problems += check_leaf_pfns(snap) + check_logging_slots(snap) + check_nx_list(snap) + check_host_pages(snap)
     if stats:
         problems += check_stats(snap)
     return problems

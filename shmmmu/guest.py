@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from shmmmu import spte as S
 from shmmmu._walker import walk as _walk
-from shmmmu.layout import STAT, Ctl
+from shmmmu.layout import STAT, Ctl, HostPage
 from shmmmu.memslots import DATA_POISON
 from shmmmu.mmu import RET_PF_EMULATE, Mmu
 from shmmmu.tlb import Tlb
 
 _P = S.MMU_PRESENT
+_RWX = S.RWX                         # the processor's presence test (C10): bit 11 is KVM's own
 _L = S.LARGE
 _W = S.WRITABLE
 _A = S.ACCESSED
@@ -28,6 +29,7 @@ _D = S.DIRTY
 _X = S.EXECUTABLE
 _PFN_MASK = S.PFN_MASK
 
+_TOUCH, _TOUCH_WRITE = HostPage.TOUCHED, HostPage.TOUCHED | HostPage.WRITTEN
 _ST_ACCESSES = STAT["accesses"]
 _ST_READS = STAT["reads"]
 _ST_WRITES = STAT["writes"]
@@ -57,6 +59,7 @@ class Vcpu:
         self.tables = self.mmu.tables
         self.tables_mv = memoryview(vm.region.array("tables").reshape(-1))   # for the C walker
         self.data = self.mmu.slots.data
+        self.touched = self.mmu.touched
         self.E = self.mmu.E
         self.bits = self.mmu.bits
         self.root_level = self.mmu.root_level
@@ -145,7 +148,7 @@ class Vcpu:
             idx = (gfn >> (bits * (level - 1))) & (E - 1)
             sptep = table * E + idx
             spte = tables.load(sptep)
-            if not spte & _P:
+            if not spte & _RWX:
                 return None
             if level == 1 or spte & _L:
                 break
@@ -167,7 +170,9 @@ class Vcpu:
         """Cache the translation the walk found and return gfn's host page."""
         base = (spte & _PFN_MASK) >> S.PFN_SHIFT
         shift = self.bits * (level - 1)
-        self.tlb.insert(gfn, level, base, bool(spte & _W), bool(spte & _X))
+        # a translation cached with D clear does not take a write: the write walks again to set D,
+        # as the processor does (the D-bit assist)
+        self.tlb.insert(gfn, level, base, bool(spte & _W) and bool(spte & _D), bool(spte & _X))
         if self.debug:
             self.sources[(level, gfn >> shift)] = (sptep, spte)
         return base + (gfn & ((1 << shift) - 1))
@@ -203,6 +208,7 @@ class Vcpu:
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_WRITES] += 1
         if self.debug:
+            self.touched.fetch_or(hpfn, _TOUCH_WRITE)          # what the host must hear of (hostpage.py)
             old = self.data.xchg(hpfn, value)
             if old == DATA_POISON:
                 self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, value)
@@ -215,6 +221,8 @@ class Vcpu:
             return 0
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_READS] += 1
+        if self.debug:
+            self.touched.fetch_or(hpfn, _TOUCH)
         v = self.data.load(hpfn)
         if self.debug and v == DATA_POISON:
             self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)
@@ -227,6 +235,8 @@ class Vcpu:
             return 0
         self.st[_ST_ACCESSES] += 1
         self.st[_ST_FETCHES] += 1
+        if self.debug:
+            self.touched.fetch_or(hpfn, _TOUCH)
         v = self.data.load(hpfn)
         if self.debug and v == DATA_POISON:
             self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)

@@ -200,6 +200,14 @@ class MemslotFlags:
 
 MAX_MEMSLOTS = 8
 
+
+class HostPage:
+    """host_ad: the host page's own accessed/dirty state, as KVM updates it (kvm_set_pfn_accessed/dirty);
+    touched (debug): what the guest did to the page since the host last consumed that state."""
+
+    ACCESSED, DIRTY = 1, 2          # host_ad bits
+    TOUCHED, WRITTEN = 1, 2         # touched bits: any access, a write
+
 # ---------------------------------------------------------------- statistics: one row per worker, written by that worker alone
 
 STAT_NAMES = [
@@ -216,6 +224,7 @@ STAT_NAMES = [
     "roots_allocated", "roots_freed", "root_reloads",  # kvm_tdp_mmu_get_vcpu_root / put_root / kvm_mmu_load
     "fast_zaps", "faults_during_fast_zap",            # kvm_mmu_zap_all_fast, and faults fixed while one zapped
     "stale_root_retries",                             # faults retried because their root was invalid
+    "aged_young",                                     # leaves clear_young found young
 ]
 N_STATS = 48
 assert len(STAT_NAMES) <= N_STATS
@@ -285,6 +294,8 @@ class Workload:
     write_fraction: float = 0.5  # share of writes (random, stress)
     exec_fraction: float = 0.0   # share of instruction fetches (random, stress)
     populate_first: bool = False  # random: iteration 1 writes every page once (dirty_log_test's first pass)
+    hot_pages: int = 0           # stress: the last hot_pages of the range get hot_fraction of the accesses
+    hot_fraction: float = 0.0
     zap_every: int = 0           # stress: one chunk of accesses in N ends with a kvm_zap_gfn_range of its own
                                  # (a guest MTRR write zaps from the vCPU's thread); 0: never
     trace: list[tuple[int, int]] = field(default_factory=list)   # trace: (page offset, kind)
@@ -435,6 +446,10 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         "host_map": (max(1, c.guest_pages),),
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),
+        "host_ad": (max(1, n_data),),
+        # debug: what the guest really did to each host page, and the entries whose zap awaits its flush
+        "touched": (max(1, n_data) if c.debug else 1,),
+        "zap_pending": (c.n_tables * g.entries if c.debug else 1,),
         "violations": (MAX_VIOLATIONS, ViolationRow.WORDS),
     }
 

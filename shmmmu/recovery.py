@@ -2,6 +2,7 @@
 
 A vCPU killed with SIGKILL can leave behind, besides the locks and the RCU slot
 its own recovery calls release:
+  - zaps it made and never flushed: one flush covers them;
   - the reference it held on its root (WState.ROOT): put here, as kvm_mmu_unload
     would have (a kill between the count's increment in kvm_mmu_load and the
     store that records it, two adjacent steps, would leak one reference);
@@ -91,10 +92,15 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
             done.append(f"recovery: retired {orphans.size} live tables no entry reached any more")
         done += _repair_pool_and_rings(mmu, dead)
         done += _mark_logging_slots_dirty(mmu)
-        # the unflushed-change count the dead left raised: under the write lock nobody else has any
+        # the unflushed-change count the dead left raised: under the write lock nobody else has any;
+        # one flush covers the zaps it made, and clears what the debug ledger holds for them
         ctl_w = mmu.ctl
         if ctl_w.load(Ctl.UNFLUSHED):
             ctl_w.store(Ctl.UNFLUSHED, 0)
+        if dead is not None and mmu.debug:
+            mmu.kvm_flush_remote_tlbs()
+            zp = mmu.region.array("zap_pending")
+            zp[(zp & 0xff) == dead + 1] = 0           # its tokens (debug.py's zap ledger)
         # the page count (and with K18 the 5.13 page list) covers exactly the reachable tables below the roots
         live = np.flatnonzero(reach)
         live = live[~np.isin(live, roots)]

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _U = np.uint64
 # every section a snapshot copies (the data words, guest memory, are not copied: integrity.py reads them)
 SECTIONS = ("tables", "tmeta", "pool", "ctl", "locks", "wstate", "stats", "caches", "retire", "memslots",
-            "roots", "host_map", "violations", "pipe")
+            "roots", "host_map", "host_ad", "touched", "violations", "pipe")
 MAX_LISTED = 1000            # odd entries listed one by one (all are counted)
 
 

@@ -6,7 +6,7 @@ of their own, as a guest's MTRR write causes) while the supervisor runs host
 operations drawn from the seed: zaps of random ranges, host unmaps that
 migrate pages, dirty-log enable / harvest / disable (collapsible zaps),
 deletion of the hot-plug memslot by fast invalidation and its re-adding,
-zap-all; the notifier process migrates pages of the hot-plug slot through the
+zap-all, aging (the notifier's clear_flush_young and test_young); the notifier process migrates pages of the hot-plug slot through the
 MMU notifier (yielding) meanwhile; the reclaimer ends grace periods.  The
 vCPUs use two root roles by default, so two valid roots are walked by every
 range operation, and invalidated roots coexist with their successors.
@@ -38,7 +38,7 @@ from shmmmu.launch import LauncherFactory, LockStuck, WorkerDied
 from shmmmu.layout import Ctl, MemslotSpec, VMConfig, Workload, WState
 from shmmmu.vm import create_vm
 
-OPS = ["zap-range", "host-unmap", "dirty-log", "zap-all", "memslot", "flush"]
+OPS = ["zap-range", "host-unmap", "dirty-log", "zap-all", "memslot", "flush", "age"]
 
 
 @dataclass
@@ -81,7 +81,8 @@ class StressOptions:
         hot = hot_pages(pages)
         # with the NX mitigation the guests fetch instructions too: what the mitigation is about
         wl = Workload(kind="stress", pages=pages + hot, overlap=True, n_vcpus=1, accesses=512, write_fraction=0.5,
-                      exec_fraction=0.05 if self.nx_huge_pages else 0.0, zap_every=16)
+                      exec_fraction=0.05 if self.nx_huge_pages else 0.0, zap_every=16,
+                      hot_pages=hot, hot_fraction=0.5)
         return VMConfig(name=name, n_vcpus=self.vcpus, n_host=3 if "host-unmap" in self.ops else 2,
                         bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(0, pages, self.backing), MemslotSpec(pages, hot, self.backing)],
@@ -252,6 +253,13 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
                         mmu.zap_all()
                     elif op == "flush":
                         mmu.flush_remote_tlbs()
+                    elif op == "age":
+                        # clear_flush_young, then test_young: half of them on the hot-plug slot, which the
+                        # notifier process keeps unmapping under the write lock
+                        lo = rng.randrange(pages, pages + hot) if rng.random() < 0.5 else rng.randrange(pages + hot)
+                        hi = min(pages + hot, lo + rng.choice([8, 64, 512, pages]))
+                        mmu.clear_young(lo, hi)
+                        mmu.test_young(lo, hi)
                     elif op == "memslot":
                         mmu.delete_memslot(1)             # fast invalidation of every root
                         time.sleep(0.002)

@@ -34,6 +34,10 @@ KINDS = [
     "root-refcount",                  # a root's reference count is not the number of its holders
     "install-into-invalid-root",      # an entry installed into an invalid root after its zap passed
     "mapping-after-unmap",            # an MMU notifier returned while a root still mapped its range
+    "host-dirty-lost",                # a page the guest wrote was neither host-dirty nor mapped dirty (C7)
+    "host-accessed-lost",             # a page the guest touched was neither host-accessed nor mapped young
+    "install-before-flush",           # an entry installed where a zap's flush had not completed (K5)
+    "lock-dropped-unflushed",         # mmu_lock dropped with changes not yet flushed (I6, K11)
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 

@@ -72,6 +72,9 @@ def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
         xf = workload.exec_fraction
         if xf > 0:                   # drawn only when asked for: other workloads replay the same stream
             kinds[rng.random(k) < xf] = EXEC
+        if workload.hot_fraction > 0 and workload.hot_pages:
+            hot = rng.random(k) < workload.hot_fraction
+            gfns[hot] = start + n - workload.hot_pages + rng.integers(0, workload.hot_pages, size=int(hot.sum()))
         return gfns, kinds
     if kind == "trace":
         tr = workload.trace

@@ -57,10 +57,16 @@ def test_memslot_deletion_by_fast_invalidation_while_vcpus_fault(vm_name: str, v
 
             def gen(t: int) -> int:
                 return tm.load(t * TMeta.WORDS + TMeta.GEN)
+            ws = vm.region.words("wstate")
+            while not all(ws.load(i * WState.WORDS + WState.ROOT) for i in range(vcpus)):
+                sup.check()                          # every vCPU runs and holds its root
+                assert time.monotonic() < deadline, "the vCPUs never loaded their roots"
+                time.sleep(0.005)
             while deletions < 10 or (during == 0 and time.monotonic() < deadline):
                 sup.check()
                 time.sleep(0.01)                     # the vCPUs map both slots meanwhile
                 old = {(r["table"], gen(r["table"])) for r in snapshot(vm).root_rows()}
+                assert old
                 host.delete_memslot(1)
                 deletions += 1
                 snap = snapshot(vm)

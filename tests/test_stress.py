@@ -16,16 +16,19 @@ import pytest
 
 from shmmmu.bugs import BUGS
 
-# what the report must name for each bug (the lock mode and geometry each needs are its stress_args)
-MATRIX = {
+# what the report must name for each bug, or one of several (the lock mode and geometry each needs are
+# its stress_args)
+MATRIX: dict[str, str | tuple[str, ...]] = {
     "rcu-free-immediately": "use-after-free",
-    "zero-removed-children": "install-into-dead-table",
-    "fault-zap-no-flush": "stale-translation",
+    # the teardown's xchg to 0 also wipes an entry another zapper holds frozen: both are K6's shape
+    "zero-removed-children": ("install-into-dead-table", "frozen-entry-overwritten"),
+    "fault-zap-flush-late": "install-before-flush",
     "fault-plain-store": "",
     "cas-over-removed": "frozen-entry-overwritten",
     "no-forward-progress": "no-forward-progress",
     "advance-after-restart": "invariant",
-    "drop-flush-on-yield": "stale-translation",
+    "yield-with-owed-flush": "lock-dropped-unflushed",
+    "exclusive-plain-store": "host-accessed-lost",
     "dirty-mask-late-clear": "mask-walk-overrun",
     "no-notifier-recheck": "write-to-unmapped-host-page",
     "no-wrprot-on-enable": "dirty-log-missed",
@@ -87,8 +90,9 @@ def _check_bug(bug: str) -> None:
     assert rc == 1, f"--bug {bug} was not detected: {r['stats']}"
     assert r["result"] == "FAILURE"
     assert f"--bug {bug}" in r["replay"] and "--seed 3" in r["replay"]
+    kinds = (kind,) if isinstance(kind, str) else kind
     if kind:
-        assert kind in r["violated"], (kind, r["violated"], r["problems"][:5])
+        assert set(kinds) & set(r["violated"]), (kinds, r["violated"], r["problems"][:5])
     assert r["first_violation_s"] is not None and 0 <= r["first_violation_s"] <= r["duration_s"]
 
 

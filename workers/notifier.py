@@ -6,7 +6,8 @@ stop, it picks a random range of the memslots it is given (stress gives it the
 hot-plug slot, which the supervisor deletes and re-adds, so its invalidations
 race with fast invalidation) and runs one invalidation (Mmu.host_unmap with
 may_block: kvm_mmu_notifier_invalidate_range_start/end around a migration),
-then pauses a little.  It runs beside the supervisor's own host operations, as
+three times in four after aging the range first as page reclaim does
+(clear_flush_young, then unmap), then pauses a little.  It runs beside the supervisor's own host operations, as
 the kernel's notifier runs in whatever thread changes the mm.
 """
 from __future__ import annotations
@@ -39,6 +40,10 @@ def main() -> None:
             lo, hi = rng.choice(spans)
             a = rng.randrange(lo, hi)
             b = min(hi, a + rng.choice([1, 8, 64, hi - lo]))
+            if rng.random() < 0.75:
+                # reclaim's order: age the pages (clear_flush_young), then unmap them: the guest may touch
+                # an aged page while the unmap runs under the write lock
+                mmu.clear_young(a, b)
             mmu.host_unmap(a, b, migrate=True, may_block=True)
             n += 1
             if n % 16 == 0:

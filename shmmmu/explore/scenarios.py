@@ -229,6 +229,36 @@ def _zap_zap(ctx: "Context") -> None:
     ctx.actor("host1", host_ops(ctx, [("zap_gfn_range_locked", 8, 16)], host=1))
 
 
+def _aged_pro(ctx: "Context") -> None:
+    """Pages mapped, then aged (clear_flush_young): their leaves have A clear, which the processor may set."""
+    _premap([1, 2, 3])(ctx)
+    ctx.host(0).clear_young(0, 8)
+
+
+def _age_unmap(ctx: "Context") -> None:
+    # the guest touches an aged page (the processor sets A) while the host unmaps it under the write lock
+    ctx.actor("vCPU0", accesses(ctx, 0, [(2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+
+
+def _zap_roots_pro(ctx: "Context") -> None:
+    """vCPU0's root (role 0) maps 1-3, vCPU1's (role 1) only 3: the second root's walk over [1, 4) makes
+    progress over empty entries before it zaps anything."""
+    for i, gfns in ((0, [1, 2, 3]), (1, [3])):
+        v = ctx.vcpu(i)
+        v.enter()
+        for g in gfns:
+            v.read(g)
+        v.exit()
+
+
+def _zap_roots_yield(ctx: "Context") -> None:
+    # an MMU notifier (write lock) zaps 4K leaves in both roots (no table torn down: the flush is owed);
+    # vCPU0 faults and waits for the lock, so the walk of the second root yields
+    ctx.actor("vCPU0", accesses(ctx, 0, [(20, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 1, 4)]))
+
+
 MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log", "memslot"]
 
 
@@ -268,12 +298,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "a reader may still hold them", ("rcu-free-immediately",), _walk_zap_reclaim,
              prologue=_premap([2, 10])),
     Scenario("split-huge", "a write fault splits a huge page (dirty logging) while another vCPU uses its cached "
-             "huge translation", ("fault-zap-no-flush",), _split_huge, prologue=_split_pro,
+             "huge translation", ("fault-zap-flush-late",), _split_huge, prologue=_split_pro,
              memslots=((0, 64, 2),), n_vcpus=2),
     Scenario("fault-unmap", "a fault resolves its host page while the host migrates it (MMU notifier)",
              ("no-notifier-recheck",), _fault_unmap),
     Scenario("zap-yield", "an exclusive zap yields to a faulting vCPU that keeps using translations it cached",
-             ("no-forward-progress", "drop-flush-on-yield"), _zap_yield, prologue=_premap(list(range(16))),
+             ("no-forward-progress",), _zap_yield, prologue=_premap(list(range(16))),
              lock_mode="exclusive"),
     Scenario("zap-all-yield", "zap-all of two root entries yields to a faulting vCPU",
              ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]),
@@ -296,6 +326,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              prologue=_unmap_reload_pro, memslots=((0, 32, 1), (32, 32, 1)), n_host=2),
     Scenario("zap-zap-roots", "two read-lock range zaps take and drop references on the same roots",
              ("root-refcount-not-atomic",), _zap_zap, prologue=_premap([1, 9]), n_host=2),
+    Scenario("age-unmap", "the guest touches an aged page while the host unmaps it: the processor sets A "
+             "beside the write-lock zap", ("exclusive-plain-store",), _age_unmap, prologue=_aged_pro),
+    Scenario("zap-roots-yield", "an MMU notifier zaps two roots and yields in the second to a faulting vCPU",
+             ("yield-with-owed-flush",), _zap_roots_yield, prologue=_zap_roots_pro, n_vcpus=2,
+             root_roles=2),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
 ]}

@@ -45,8 +45,12 @@ class Mmu(KvmIoctls):
             self.tdp_mmu_set_spte_atomic = self.set_spte_atomic_k4_plain_store
         elif b.cas_over_removed:
             self.tdp_mmu_set_spte_atomic = self.set_spte_atomic_k8_accepts_removed
-        if b.fault_zap_no_flush:
-            self.tdp_mmu_zap_spte_atomic = self.zap_spte_atomic_k5_no_freeze
+        if b.fault_zap_flush_late:
+            self.tdp_mmu_zap_spte_atomic = self.zap_spte_atomic_k5_flush_late
+        if b.yield_with_owed_flush:
+            self.kvm_tdp_mmu_zap_gfn_range = self.zap_gfn_range_k11_flush_not_passed
+        if b.exclusive_plain_store:
+            self.kvm_tdp_mmu_write_spte = self.write_spte_k14_plain_store
         if b.zero_removed_children:
             self.freeze_removed_entries = self.freeze_k6_zero_children
         if b.link_after_publish:

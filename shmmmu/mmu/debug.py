@@ -18,7 +18,11 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
   its range (CVE-2021-47094 skips one);
 - a walk that yielded resumes in a root that is still the one it left: the
   reference it holds (for_each_tdp_mmu_root_yield_safe) kept the root's table
-  alive (the 5.13 notifier held none: 7533377215b6).
+  alive (the 5.13 notifier held none: 7533377215b6);
+- an entry a zap cleared is marked in `zap_pending` until the zapper's flush
+  returns; a present value installed there before that is two live
+  translations of one address (K5's aliasing, and K11's install in a yield);
+- mmu_lock is never dropped while this worker holds unflushed changes (I6).
 """
 from __future__ import annotations
 
@@ -119,14 +123,66 @@ def install(mmu: "Mmu") -> Debug:
     mmu.fault_walk = CheckedTdpIter(lambda it: None, tables, geometry, mmu.root, root_level, 1, 0)
     mmu.fault_walk.arrive = d.arrive
 
+    # The zap ledger: an entry a zap made non-present holds the zapper's token (worker + 1, and the number
+    # of flushes that worker has done, so a later mark is told from an earlier one) until that worker's
+    # flush returns.  An install over a non-present entry is one too early if the same token stood there
+    # before its store and still stands after it: the zap came before the install, and the flush after it.
+    pending_w = mmu.region.words("zap_pending")
+    pending: list[int] = []
+    present = S.MMU_PRESENT
+    epoch = [1]
+
+    def ledger_before(old: int, sptep: int) -> int:
+        return 0 if old & present else pending_w.load(sptep)
+
+    def zap_ledger(sptep: int, gfn: int, old: int, new: int, before: int) -> None:
+        if new & present:
+            if before and pending_w.load(sptep) == before:
+                mmu.violation("install-before-flush", gfn, sptep, (before & 0xff) - 1)
+        elif old & present:
+            pending_w.store(sptep, (epoch[0] << 8) | (mmu.worker + 1))
+            pending.append(sptep)
+
+    flush_remote = mmu.kvm_flush_remote_tlbs
+
+    def checked_flush() -> None:
+        flush_remote()
+        token = (epoch[0] << 8) | (mmu.worker + 1)
+        for sptep in pending:
+            pending_w.cas(sptep, token, 0)          # a later zap's mark stays
+        pending.clear()
+        epoch[0] += 1
+    mmu.kvm_flush_remote_tlbs = checked_flush
+
+    set_spte = mmu.tdp_mmu_set_spte
+
+    def checked_set_spte(it: TdpIter, new: int, record_dirty_log: bool = True,
+                         record_acc_track: bool = True) -> None:
+        sptep, gfn, old = it.sptep, it.gfn, it.old_spte
+        before = ledger_before(old, sptep)
+        set_spte(it, new, record_dirty_log, record_acc_track)
+        zap_ledger(sptep, gfn, old, new, before)
+    mmu.tdp_mmu_set_spte = checked_set_spte
+
+    lock = mmu.lock
+    for name in ("read_unlock", "write_unlock"):
+        def checked_unlock(unlock=getattr(lock, name)) -> None:
+            if mmu.holds_unflushed:
+                mmu.violation("lock-dropped-unflushed", 0, mmu.worker, 2)     # I6
+            unlock()
+        setattr(lock, name, checked_unlock)
+
     set_spte_atomic = mmu.tdp_mmu_set_spte_atomic
 
     def checked_set_spte_atomic(it: TdpIter, new: int) -> bool:
         # sampled before the CAS: a table retires only after all its entries are frozen,
         # so a CAS can succeed on a table that was already dead only if freezing is broken
         state_before = tm.load(it.table * _TM + TMeta.STATE)
+        old = it.old_spte
+        before = ledger_before(old, it.sptep)
         if not set_spte_atomic(it, new):
             return False
+        zap_ledger(it.sptep, it.gfn, old, new, before)
         if state_before != _LIVE and new & S.MMU_PRESENT:
             mmu.violation("install-into-dead-table", it.gfn, it.table, state_before)
         gen = d.walk_gens.get(it.table)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmmmu.layout import STAT, Ctl, MemslotFlags, WState
+from shmmmu import spte as S
+from shmmmu.hostpage import clear_bits, host_pages, leaf_pages, lost
+from shmmmu.layout import STAT, Ctl, HostPage, MemslotFlags, WState
 from shmmmu.tdp_iter import TdpIter, for_each_leaf
 from shmmmu.mmu.mmu import MmuFault
 
@@ -106,21 +108,109 @@ class KvmIoctls(MmuFault):
             if self.kvm_tdp_mmu_unmap_gfn_range(start, end, may_block, False) or self.holds_unflushed:
                 self.kvm_flush_remote_tlbs()
             if self.debug:
-                # the notifier must not return while any root maps the range (d62007edf01f)
+                # the notifier must not return while any root maps the range (d62007edf01f), and the
+                # host must have heard of every access to the pages it is about to move (C7)
                 self.check_range_unmapped(start, end)
+                if migrate:
+                    self.check_host_pages(start, end, "unmapped")
         finally:
             self.lock.write_unlock()
         moved = 0
+        done = np.zeros(0, np.int64)
         if migrate:
+            runs = []
             for slot in self.slots.slots():
                 if slot.base_gfn < end and start < slot.end_gfn:
-                    moved += len(self.slots.migrate(slot, start, end))
+                    blocks = self.slots.migrate(slot, start, end)
+                    moved += len(blocks)
+                    blk = 1 << (self.bits * (slot.backing_level - 1))
+                    runs += [np.arange(p, p + blk, dtype=np.int64) for b in blocks for p in b]
+            if runs:
+                done = np.concatenate(runs)
         self.lock.write_lock()
         try:
+            # the pages were written back (if dirty) and moved: old and new start clean.  Reset under the
+            # lock, which every reader of that state holds (aging, another notifier's check)
+            clear_bits(self.host_ad, done, HostPage.ACCESSED | HostPage.DIRTY)
+            if self.debug:
+                clear_bits(self.touched, done, HostPage.TOUCHED | HostPage.WRITTEN)
             self.kvm_dec_notifier_count()
         finally:
             self.lock.write_unlock()
         return moved
+
+    def check_host_pages(self, start: int, end: int, when: str) -> None:
+        """Debug: every host page of [start, end) the guest touched is host-accessed or mapped young, every
+        one it wrote host-dirty or mapped dirty (mmu_lock held for write)."""
+        gfns, pages = host_pages(self.slots, start, end)
+        if not pages.size:
+            return
+        touched = self.touched_np[pages]                    # first: see hostpage.lost
+        leaves = self.present_leaves(start, end)
+        young = leaf_pages([(g, lv) for g, lv, v in leaves if v & S.ACCESSED], self.bits, gfns)
+        dirty = leaf_pages([(g, lv) for g, lv, v in leaves if v & S.DIRTY], self.bits, gfns)
+        acc, wr = lost(touched, self.host_ad_np[pages], young, dirty)
+        for i in wr[:4]:
+            self.violation("host-dirty-lost", int(gfns[i]), int(pages[i]), 1 if when == "unmapped" else 2)
+        for i in acc[:4]:
+            self.violation("host-accessed-lost", int(gfns[i]), int(pages[i]), 1 if when == "unmapped" else 2)
+
+    # ------------------------------------------------------------------ aging (the notifier's young callbacks)
+
+    def clear_young(self, start: int, end: int, flush: bool = True) -> bool:
+        """kvm_mmu_notifier_clear_flush_young (flush) / clear_young (no flush) in 5.13: under the write lock
+        (kvm_handle_hva_range), kvm_tdp_mmu_age_gfn_range on every root; True if anything was young.
+
+        A young leaf's pages are reported referenced, the whole leaf (a huge page ages as one).
+        With debug on, the host first checks that it heard of every access to the pages the
+        aged leaves cover, then, after the flush, consumes their accessed state: a later
+        access walks the tables and sets A again.
+        """
+        self.lock.write_lock()
+        try:
+            if self.debug:
+                spans = [(g, g + self.pages[lv]) for g, lv, _ in self.present_leaves(start, end)]
+                lo = min([start] + [a for a, _ in spans])
+                hi = max([end] + [b for _, b in spans])
+                self.check_host_pages(lo, hi, "aged")
+            young = self.kvm_tdp_mmu_age_gfn_range(start, end)
+            for g, lv in young:
+                # what the reclaim's rmap walk takes from the callback: the page is referenced
+                gfns, pages = host_pages(self.slots, g, g + self.pages[lv])
+                for p in pages.tolist():
+                    self.host_ad.fetch_or(p, HostPage.ACCESSED)
+            if flush and young:
+                self.kvm_flush_remote_tlbs()
+            if self.debug and flush:
+                _, pages = host_pages(self.slots, lo, hi)
+                clear_bits(self.host_ad, pages, HostPage.ACCESSED)
+                clear_bits(self.touched, pages, HostPage.TOUCHED)
+        finally:
+            self.lock.write_unlock()
+        self.st[STAT["aged_young"]] += len(young)
+        return bool(young)
+
+    def test_young(self, start: int, end: int) -> bool:
+        """kvm_mmu_notifier_test_young (5.13): kvm_tdp_mmu_test_age_gfn under the write lock."""
+        self.lock.write_lock()
+        try:
+            return self.kvm_tdp_mmu_test_age_gfn(start, end)
+        finally:
+            self.lock.write_unlock()
+
+    def present_leaves(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(first gfn, level, spte) of every present leaf that maps part of [start, end), in any root
+        (mmu_lock held; for the debug checks)."""
+        out = []
+        self.rcu.read_lock()
+        try:
+            for row in self.for_each_tdp_mmu_root():
+                it = TdpIter(self.tables, self.geometry, self.root_table(row), self.root_level, 1, start)
+                for it in for_each_leaf(it, end):
+                    out.append((it.gfn, it.level, it.old_spte))
+        finally:
+            self.rcu.read_unlock()
+        return out
 
     def kvm_inc_notifier_count(self, start: int, end: int) -> None:
         """kvm_inc_notifier_count() (5.13): mmu_notifier_count++, the range recorded or merged (write lock)."""

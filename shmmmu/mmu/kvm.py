@@ -12,7 +12,7 @@ import random
 
 from shmmmu import violations
 from shmmmu.bugs import Bugs
-from shmmmu.layout import N_STATS, STAT, Ctl
+from shmmmu.layout import N_STATS, STAT, Ctl, HostPage
 from shmmmu.memslots import Memslots
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, LockError
 from shmmmu.tdp_iter import TdpIter
@@ -21,6 +21,7 @@ from shmmmu.vm import VM
 
 _U64 = (1 << 64) - 1
 _C_UNFLUSHED = Ctl.UNFLUSHED
+_HOST_ACCESSED, _HOST_DIRTY = HostPage.ACCESSED, HostPage.DIRTY
 
 
 def _no_delay() -> None:
@@ -49,6 +50,10 @@ class Kvm:
         # smallest that holds every memslot (5.13's zap-all ended there: K17)
         slots_end = max((m.base_gfn + m.npages for m in c.memslots), default=1)
         self.phys_max_gfn = 1 << max(0, (slots_end - 1).bit_length())
+        self.host_ad = vm.region.words("host_ad")
+        self.host_ad_np = vm.region.array("host_ad")
+        self.touched = vm.region.words("touched")          # debug: what the guest did (shmmmu.hostpage)
+        self.touched_np = vm.region.array("touched")
         self.tables = vm.region.words("tables")
         self.tables_np = vm.region.array("tables")
         self.tm = vm.region.words("tmeta")
@@ -73,6 +78,9 @@ class Kvm:
         self._torture_delay_s = c.torture_delay_us / 1e6
         self._torture_rng = random.Random(c.seed * 1000 + worker)
         self.torture_delay = self._torture_delay if self._torture_delay_s else _no_delay
+        # the window before a write-lock store over a leaf the processor may still mark: every pass pauses
+        # (such stores are rare: an aged leaf, or one not yet dirty)
+        self.torture_delay_volatile = self._torture_pause if self._torture_delay_s else _no_delay
         self.holds_unflushed = False     # this process made changes no flush has covered yet
 
     # ------------------------------------------------------------------ bookkeeping
@@ -115,6 +123,22 @@ class Kvm:
         self.lock.assert_held(want)
         raise LockError(f"{self.lock.name} held in the wrong mode")      # assert_held raised already
 
+    # ------------------------------------------------------------------ the host page (C7)
+
+    def kvm_set_pfn_accessed(self, pfn: int, npages: int = 1) -> None:
+        """kvm_set_pfn_accessed(): the host page (a huge leaf's whole folio) was referenced."""
+        if npages == 1:
+            self.host_ad.fetch_or(pfn, _HOST_ACCESSED)
+        else:
+            self.host_ad.or_range(pfn, npages, _HOST_ACCESSED)
+
+    def kvm_set_pfn_dirty(self, pfn: int, npages: int = 1) -> None:
+        """kvm_set_pfn_dirty(): the host page (a huge leaf's whole folio) holds data the guest wrote."""
+        if npages == 1:
+            self.host_ad.fetch_or(pfn, _HOST_DIRTY)
+        else:
+            self.host_ad.or_range(pfn, npages, _HOST_DIRTY)
+
     # ------------------------------------------------------------------ flushing
 
     def mark_unflushed(self) -> None:
@@ -123,6 +147,12 @@ class Kvm:
             self.holds_unflushed = True
             self.ctl.fetch_add(_C_UNFLUSHED, 1)
 
+    def unmark_unflushed(self) -> None:
+        """The change marked did not happen (a lost compare-exchange): nothing is owed after all."""
+        if self.holds_unflushed:
+            self.holds_unflushed = False
+            self.ctl.fetch_add(_C_UNFLUSHED, _U64)
+
     def kvm_flush_remote_tlbs(self) -> None:
         """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before; settles our changes."""
         self.tlbctl.flush_remote_tlbs()
@@ -130,11 +160,9 @@ class Kvm:
             self.holds_unflushed = False
             self.ctl.fetch_add(_C_UNFLUSHED, _U64)
 
-    def forget_unflushed(self) -> None:
-        """Bug K11: treat the pending changes as flushed without flushing."""
-        if self.holds_unflushed:
-            self.holds_unflushed = False
-            self.ctl.fetch_add(_C_UNFLUSHED, _U64)
+
+    def _torture_pause(self) -> None:
+        self.waits.pause(self._torture_delay_s)
 
     def _torture_delay(self) -> None:
         """rcu_read_delay() of rcutorture: sometimes sleep between two steps another thread may overtake.

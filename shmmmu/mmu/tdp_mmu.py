@@ -41,6 +41,8 @@ RET_NAMES = {RET_PF_RETRY: "RETRY", RET_PF_EMULATE: "EMULATE", RET_PF_INVALID: "
 _P = S.MMU_PRESENT
 _L = S.LARGE
 _W = S.WRITABLE
+_A = S.ACCESSED
+_D = S.DIRTY
 _REMOVED = S.REMOVED
 _PFN_MASK = S.PFN_MASK
 _PFN_SHIFT = S.PFN_SHIFT
@@ -71,6 +73,7 @@ class TdpMmu(TdpMmuRoots):
         self._store = self.tables.store
         self._load = self.tables.load
         self.zap_skips_invalid_roots = self.bugs.unmap_skips_invalid_roots
+        self.pages = [0] + [self.geometry.pages(level) for level in range(1, self.root_level + 1)]
         # the fault path's walk: one iterator per process, reused (a walk never outlives its fault,
         # as the kernel's is a stack variable of kvm_tdp_mmu_map)
         self.fault_walk = self.new_iter(self.root, 1, 0)
@@ -117,15 +120,37 @@ class TdpMmu(TdpMmuRoots):
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
         return True
 
-    def tdp_mmu_set_spte(self, it: TdpIter, new: int, record_dirty_log: bool = True) -> None:
-        """__tdp_mmu_set_spte(): the exclusive setter, a plain store under the write lock."""
+    def tdp_mmu_set_spte(self, it: TdpIter, new: int, record_dirty_log: bool = True,
+                         record_acc_track: bool = True) -> None:
+        """__tdp_mmu_set_spte(): the exclusive setter under the write lock, through kvm_tdp_mmu_write_spte.
+
+        `record_acc_track=False` is tdp_mmu_set_spte_no_acc_track (aging clears A itself).
+        """
         self.lockdep_assert_held_write()
         old = it.old_spte
         if old == _REMOVED:
             self.violation("frozen-entry-overwritten", it.gfn, old, new)     # WARN_ON(is_removed_spte(old))
-        self._store(it.sptep, new)
+        old = self.kvm_tdp_mmu_write_spte(it.sptep, old, new, it.level)
         it.old_spte = new
-        self.handle_changed_spte(it.gfn, old, new, it.level, False, record_dirty_log)
+        self.handle_changed_spte(it.gfn, old, new, it.level, False, record_dirty_log, record_acc_track)
+
+    def kvm_tdp_mmu_write_spte(self, sptep: int, old: int, new: int, level: int) -> int:
+        """kvm_tdp_mmu_write_spte() (ba3a6120a4e7, 5.18; K14): a leaf whose A or D hardware may still set
+        (spte_has_volatile_bits) is written with xchg, and the value it really replaced is returned for the
+        bookkeeping; anything else is a plain store."""
+        if old & _P and (level == 1 or old & _L) and (not old & _A or (old & _W and not old & _D)):
+            self.torture_delay_volatile()        # the processor may set A/D meanwhile
+            return self.tables.xchg(sptep, new)
+        self._store(sptep, new)
+        return old
+
+    def write_spte_k14_plain_store(self, sptep: int, old: int, new: int, level: int) -> int:
+        """K14 (5.13, before ba3a6120a4e7): WRITE_ONCE whatever the old value; an A/D bit the processor set
+        after the walk read `old` is lost, and the host page never hears of the access."""
+        if old & _P and (level == 1 or old & _L) and (not old & _A or (old & _W and not old & _D)):
+            self.torture_delay_volatile()
+        self._store(sptep, new)
+        return old
 
     def tdp_mmu_zap_spte_atomic(self, it: TdpIter) -> bool:
         """tdp_mmu_zap_spte_atomic(): freeze with REMOVED, flush, then clear.
@@ -133,18 +158,28 @@ class TdpMmu(TdpMmuRoots):
         Between clearing a present entry and the flush no other thread may install
         a present entry (maybe for another page) in the same slot: REMOVED ensures it.
         """
+        owed = self.holds_unflushed
         self.mark_unflushed()
         if not self.tdp_mmu_set_spte_atomic(it, _REMOVED):
+            if not owed:
+                self.unmark_unflushed()          # nothing changed: nothing is owed
             return False
         self.kvm_flush_remote_tlbs()
         self.clear_frozen_spte(it.sptep, it.gfn)
         it.old_spte = 0
         return True
 
-    def zap_spte_atomic_k5_no_freeze(self, it: TdpIter) -> bool:
-        """K5 (before 08f07c800e9d): straight to 0, and nobody waits for a flush."""
+    def zap_spte_atomic_k5_flush_late(self, it: TdpIter) -> bool:
+        """K5 (before 08f07c800e9d): the huge leaf cleared to 0 with the atomic setter, the flush after it;
+        in between the entry is free for another vCPU to install into while a TLB holds the old leaf."""
+        owed = self.holds_unflushed
+        self.mark_unflushed()
         if not self.tdp_mmu_set_spte_atomic(it, 0):
+            if not owed:
+                self.unmark_unflushed()
             return False
+        self.torture_delay()
+        self.kvm_flush_remote_tlbs()
         it.old_spte = 0
         return True
 
@@ -155,8 +190,9 @@ class TdpMmu(TdpMmuRoots):
     # ------------------------------------------------------------------ changes (§5.4, §6)
 
     def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, shared: bool,
-                            record_dirty_log: bool = True) -> None:
-        """handle_changed_spte(): accounting, dirty logging, and teardown of a disconnected table."""
+                            record_dirty_log: bool = True, record_acc_track: bool = True) -> None:
+        """handle_changed_spte(): accounting, the host page's A/D state, dirty logging, and teardown of a
+        disconnected table."""
         if old == new:
             return
         was_present = old & _P
@@ -173,15 +209,22 @@ class TdpMmu(TdpMmuRoots):
         was_leaf = level == 1 or old & _L
         is_leaf = is_present and (level == 1 or new & _L)
         pfn_changed = (old ^ new) & _PFN_MASK
-        if was_leaf and is_leaf and pfn_changed:
-            # a present leaf replaced by a present leaf for another page: must zap + flush first
-            self.violation("pfn-changed-without-zap", gfn, old, new)
         st = self.st
-        if is_leaf and not was_leaf:
+        if was_leaf:
+            if is_leaf and pfn_changed:
+                # a present leaf replaced by a present leaf for another page: must zap + flush first
+                self.violation("pfn-changed-without-zap", gfn, old, new)
+            # the host page hears what the leaf saw (handle_changed_spte_acc_track, kvm_set_pfn_dirty)
+            gone = not is_present or pfn_changed
+            if old & _A and record_acc_track and (gone or not new & _A):
+                self.kvm_set_pfn_accessed((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
+            if old & _D and (gone or not new & _D):
+                self.kvm_set_pfn_dirty((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
+            if not is_leaf:
+                st[_ST_MAPPED[level]] -= 1
+                st[_ST_ZAPPED] += 1
+        elif is_leaf:
             st[_ST_MAPPED[level]] += 1
-        elif was_leaf and not is_leaf:
-            st[_ST_MAPPED[level]] -= 1
-            st[_ST_ZAPPED] += 1
         # A non-leaf replaced by anything but itself disconnects its table.  The kernel tests
         # only pfn_changed, which suffices where table pages and guest pages are all host
         # frames; here a child table's index and a huge leaf's host page are different
@@ -228,10 +271,12 @@ class TdpMmu(TdpMmuRoots):
         if shared:
             self.freeze_removed_entries(start, base, table, old)
         else:
-            # exclusive: only present entries are written (and nobody else can write any)
+            # exclusive: only present entries are written (no thread but the processor writes any)
             self.tables.load_range(start, E, old)
+            write = self.kvm_tdp_mmu_write_spte
             for i in np.flatnonzero(old & np.uint64(_P)):
-                self._store(start + int(i), _REMOVED)
+                i = int(i)
+                old[i] = write(start + i, int(old[i]), _REMOVED, level)
         present_idx = np.flatnonzero(old & np.uint64(_P))
         if present_idx.size:
             vals = old[present_idx]
@@ -240,6 +285,13 @@ class TdpMmu(TdpMmuRoots):
             if n_leaf:
                 self.st[_ST_MAPPED[level]] -= n_leaf
                 self.st[_ST_ZAPPED] += n_leaf
+                # handle_changed_spte(old, REMOVED) of each leaf: the host pages hear A and D
+                npages = self.pages[level]
+                for v in vals[leaf].tolist():
+                    if v & _A:
+                        self.kvm_set_pfn_accessed((v & _PFN_MASK) >> _PFN_SHIFT, npages)
+                    if v & _D:
+                        self.kvm_set_pfn_dirty((v & _PFN_MASK) >> _PFN_SHIFT, npages)
             for v in vals[~leaf]:
                 removed.append((int(v) & _PFN_MASK) >> _PFN_SHIFT)
 
@@ -481,10 +533,7 @@ class TdpMmu(TdpMmuRoots):
             self.violation("no-forward-progress", it.next_last_level_gfn, it.yielded_gfn, it.level)
         self.rcu.read_unlock()
         if flush:
-            if bugs.drop_flush_on_yield:
-                self.forget_unflushed()          # K11: the changes so far are never flushed
-            else:
-                self.kvm_flush_remote_tlbs()
+            self.kvm_flush_remote_tlbs()             # I6 (debug checks the unlock: K11 yields with one owed)
         if shared:
             self.lock.read_unlock()
             self.torture_delay()                 # cond_resched(): the others run meanwhile
@@ -557,6 +606,15 @@ class TdpMmu(TdpMmuRoots):
             flush = self.zap_gfn_range(self.root_table(row), start, end, can_yield, flush, shared)
         return flush
 
+    def zap_gfn_range_k11_flush_not_passed(self, start: int, end: int, can_yield: bool, flush: bool,
+                                           shared: bool) -> bool:
+        """K11 (before a835429cda91): `flush |= zap_gfn_range(root, ..., flush=false)`: each root's walk
+        starts owing nothing, so a yield in a later root drops the lock with an earlier root's zaps
+        unflushed; the caller flushes at the end."""
+        for row in self.for_each_tdp_mmu_root_yield_safe(shared, self.zap_skips_invalid_roots):
+            flush |= self.zap_gfn_range(self.root_table(row), start, end, can_yield, False, shared)
+        return flush
+
     def kvm_tdp_mmu_unmap_gfn_range(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
         """kvm_tdp_mmu_unmap_gfn_range() (the MMU notifier, write lock): __kvm_tdp_mmu_zap_gfn_range with
         can_yield = range->may_block (7533377215b6: the yield-safe root walk)."""
@@ -586,10 +644,12 @@ class TdpMmu(TdpMmuRoots):
         flush = False
         for row in self.for_each_tdp_mmu_root_yield_safe(False, self.zap_skips_invalid_roots):
             root = self.root_table(row)
+            owed = False if bugs.yield_with_owed_flush else flush        # K11: not passed on
             if bugs.zap_all_phys_end:
-                flush = self.zap_gfn_range(root, 0, self.phys_max_gfn, True, flush, False, min_level)
+                done = self.zap_gfn_range(root, 0, self.phys_max_gfn, True, owed, False, min_level)
             else:
-                flush = self.zap_gfn_range(root, 0, self.max_gfn, True, flush, False, min_level, zap_all=True)
+                done = self.zap_gfn_range(root, 0, self.max_gfn, True, owed, False, min_level, zap_all=True)
+            flush = flush or done if bugs.yield_with_owed_flush else done
         if flush or self.holds_unflushed:
             self.kvm_flush_remote_tlbs()
 
@@ -600,6 +660,45 @@ class TdpMmu(TdpMmuRoots):
         gfn = tm.load(table * _TM + _T_GFN)
         span = 1 << (self.bits * tm.load(table * _TM + _T_LEVEL))
         return self.kvm_tdp_mmu_zap_gfn_range(gfn, gfn + span, False, False, False)
+
+    # ------------------------------------------------------------------ aging (C9: the notifier's clear/test_young)
+
+    def age_gfn_range(self, root: int, start: int, end: int) -> list[tuple[int, int]]:
+        """age_gfn_range() (5.13, through kvm_tdp_mmu_handle_gfn: write lock, no yield): clear A on every
+        accessed leaf of [start, end) with tdp_mmu_set_spte_no_acc_track; returns the leaves that were young."""
+        self.lockdep_assert_held_write()
+        young = []
+        self.rcu.read_lock()
+        try:
+            for it in for_each_leaf(self.new_iter(root, 1, start), end):
+                old = it.old_spte
+                if not old & _A:
+                    continue                     # a non-accessed entry need not change
+                young.append((it.gfn, it.level))
+                self.tdp_mmu_set_spte(it, old & ~_A, record_acc_track=False)
+        finally:
+            self.rcu.read_unlock()
+        return young
+
+    def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> list[tuple[int, int]]:
+        """kvm_tdp_mmu_age_gfn_range(): age_gfn_range on every root (for_each_tdp_mmu_root)."""
+        young = []
+        for row in self.for_each_tdp_mmu_root():
+            young += self.age_gfn_range(self.root_table(row), start, end)
+        return young
+
+    def kvm_tdp_mmu_test_age_gfn(self, start: int, end: int) -> bool:
+        """kvm_tdp_mmu_test_age_gfn(): is any leaf of [start, end) accessed, in any root."""
+        self.lockdep_assert_held_write()
+        self.rcu.read_lock()
+        try:
+            for row in self.for_each_tdp_mmu_root():
+                for it in for_each_leaf(self.new_iter(self.root_table(row), 1, start), end):
+                    if it.old_spte & _A:
+                        return True
+        finally:
+            self.rcu.read_unlock()
+        return False
 
     # ------------------------------------------------------------------ write protection (§9)
 
@@ -630,22 +729,20 @@ class TdpMmu(TdpMmuRoots):
                         if not spte & _W:
                             break
                         self.mark_unflushed()                # before the change a vCPU may observe
+                        flush = True                         # owed from here on, changed or not (I6)
                         if shared:
                             if not self.tdp_mmu_set_spte_atomic(it, spte & ~_W):
                                 it.old_spte = self._load(it.sptep)
                                 continue
                         else:
                             self.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
-                        flush = True
                         changed += 1
                         break
                     if it.level == 2 and min_level == 1:              # a table of 4K leaves: one batch
                         child = (spte & _PFN_MASK) >> _PFN_SHIFT
                         self.mark_unflushed()
-                        n = self.tables.clear_where(child * E, E, _P, _P, _W, old)
-                        if n:
-                            flush = True
-                            changed += n
+                        flush = True
+                        changed += self.tables.clear_where(child * E, E, _P, _P, _W, old)
                     break
         finally:
             self.rcu.read_unlock()
