@@ -282,7 +282,7 @@ class MemslotSpec:
 class Workload:
     """What the vCPUs of a VM run (shmmmu.workloads reads it).
 
-    kind: populate | random | dirty-log | trace | stress.
+    kind: populate | random | dirty-log | trace | stress | access-tracking.
     """
 
     kind: str = "populate"
@@ -300,7 +300,7 @@ class Workload:
                                  # (a guest MTRR write zaps from the vCPU's thread); 0: never
     trace: list[tuple[int, int]] = field(default_factory=list)   # trace: (page offset, kind)
 
-    KINDS = ("populate", "random", "dirty-log", "trace", "stress")
+    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking")
 
 
 @dataclass

@@ -84,7 +84,7 @@ class RunOptions:
                              f"(at most {min(limit // 2, (64 << 30) // 4096) * 4096 >> 30} GiB)")
         base = limit // 2                    # the selftest puts its slot high in guest-physical space
         base -= base % unit
-        if self.workload not in ("populate", "random", "dirty-log", "trace"):
+        if self.workload not in ("populate", "random", "dirty-log", "trace", "access-tracking"):
             raise UsageError(f"unknown workload {self.workload!r}: use populate, random, dirty-log or trace")
         if self.workload == "trace" and not self.trace:
             raise UsageError("--workload trace needs --trace FILE")

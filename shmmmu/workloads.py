@@ -16,6 +16,8 @@ VCPU_SHIFT = 32
 GFN_MASK = (1 << 32) - 1
 ITER_MASK = (1 << 23) - 1        # bits 40-62: bit 63 marks a written value
 READ, WRITE, EXEC = 0, 1, 2      # access kinds (an EXEC is an instruction fetch)
+# access_tracking_perf_test's iterations: populate, write, read, (mark idle), write, (mark idle), read
+ACCESS_TRACKING_WRITES = (1, 2, 4)
 
 
 def make_value(gfn: int, vcpu: int, iteration: int) -> int:
@@ -58,6 +60,10 @@ def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
         gfns = np.arange(start, start + n, dtype=np.int64)
         writes = (np.arange(n) % every) == 0
         return gfns, writes.astype(np.int8)
+    if kind == "access-tracking":
+        # every page once per iteration, all written or all read (memstress with write percent 100 or 0)
+        gfns = np.arange(start, start + n, dtype=np.int64)
+        return gfns, np.full(n, WRITE if iteration in ACCESS_TRACKING_WRITES else READ, dtype=np.int8)
     if kind == "random" and iteration == 1 and workload.populate_first:
         # dirty_log_test's guest writes every page first: each vCPU its share of the range
         share = -(-n // max(1, workload.n_vcpus)) if workload.overlap else n

@@ -680,6 +680,52 @@ def bench_dirty_log(
     if not result.ok:
         raise typer.Exit(1)
 
+@bench_app.command("access-tracking")
+def bench_access_tracking(
+    vcpus: int = typer.Option(1, "-v", "--vcpus", help="vCPU worker processes (the selftest's -v)."),
+    bytes_per_vcpu: str = typer.Option("128M", "-b", "--bytes", help="guest memory per vCPU, K/M/G suffixes "
+                                       "(the selftest's -b; its default 1G is too big for a small machine)."),
+    backing: str = typer.Option("anonymous", "-s", "--backing", help="backing source: anonymous, anonymous_thp, "
+                                "anonymous_hugetlb (or 4k, 2m, 1g)."),
+    overlap: bool = typer.Option(False, "-o", "--overlap", help="every vCPU accesses all the memory."),
+    lock_mode: str = typer.Option("both", "--lock-mode", help="shared, exclusive or both (alternating, ratios)."),
+    repeat: int = typer.Option(1, "--repeat", help="runs per mode; the summary takes their median."),
+    seed: int = typer.Option(1, "--seed", help="seed of the VM's random choices."),
+    json_out: bool = typer.Option(False, "--json", help="every run, medians and ratios as one JSON object."),
+) -> None:
+    """access_tracking_perf_test: populate, write, read, mark idle, write, mark idle, read.
+
+    Marking idle is one clear_young per page (page_idle's MMU-notifier call; 5.13 ages
+    under the write lock).  After each marking no page may read young, and after the next
+    pass exactly the pages touched must: the check the selftest cannot make.  Prints the
+    selftest's lines per run; with --lock-mode both the exclusive/shared ratios follow.
+    """
+    import json
+
+    from shmmmu.access_tracking import AccessTrackingOptions, run_access_tracking
+    from shmmmu.run import UsageError, parse_size
+    from workers.supervisor import Supervisor
+
+    try:
+        opts = AccessTrackingOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), backing=backing.lower(),
+                                     overlap=overlap, lock_mode=lock_mode, repeat=repeat, seed=seed)
+        opts.validate()
+    except (UsageError, ValueError) as e:
+        raise _fail(str(e))
+
+    def show(run) -> None:
+        if not json_out:
+            print("\n".join(run.lines(opts.repeat)) + "\n", flush=True)
+
+    with _running_a_vm():
+        result = run_access_tracking(opts, Supervisor, on_run=show)
+    if json_out:
+        print(json.dumps(result.to_json()))
+    elif len(result.runs) > 1:
+        print("\n".join(result.summary_lines()))
+    if not result.ok:
+        raise typer.Exit(1)
+
 # ---------------------------------------------------------------- end of bench
 
 

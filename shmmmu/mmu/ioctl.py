@@ -176,9 +176,12 @@ class KvmIoctls(MmuFault):
             young = self.kvm_tdp_mmu_age_gfn_range(start, end)
             for g, lv in young:
                 # what the reclaim's rmap walk takes from the callback: the page is referenced
-                gfns, pages = host_pages(self.slots, g, g + self.pages[lv])
-                for p in pages.tolist():
-                    self.host_ad.fetch_or(p, HostPage.ACCESSED)
+                _, pages = host_pages(self.slots, g, g + self.pages[lv])
+                if pages.size and int(pages[-1]) - int(pages[0]) + 1 == pages.size:     # one folio
+                    self.host_ad.or_range(int(pages[0]), int(pages.size), HostPage.ACCESSED)
+                else:
+                    for p in pages.tolist():
+                        self.host_ad.fetch_or(p, HostPage.ACCESSED)
             if flush and young:
                 self.kvm_flush_remote_tlbs()
             if self.debug and flush:
@@ -197,6 +200,20 @@ class KvmIoctls(MmuFault):
             return self.kvm_tdp_mmu_test_age_gfn(start, end)
         finally:
             self.lock.write_unlock()
+
+    def young_pages(self, start: int, end: int) -> np.ndarray:
+        """What test_young answers for each page of [start, end), in one walk under the write lock: a page
+        is young if a leaf mapping it, in any root, has A set (access_tracking_perf_test's check)."""
+        self.lock.write_lock()
+        try:
+            leaves = self.present_leaves(start, end)
+        finally:
+            self.lock.write_unlock()
+        young = np.zeros(end - start, dtype=bool)
+        for g, lv, v in leaves:
+            if v & S.ACCESSED:
+                young[max(g, start) - start: min(g + self.pages[lv], end) - start] = True
+        return young
 
     def present_leaves(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(first gfn, level, spte) of every present leaf that maps part of [start, end), in any root
