@@ -26,6 +26,8 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
 """
 from __future__ import annotations
 
+import sys
+
 from typing import TYPE_CHECKING, Callable
 
 from shmmmu import spte as S
@@ -167,7 +169,9 @@ def install(mmu: "Mmu") -> Debug:
     lock = mmu.lock
     for name in ("read_unlock", "write_unlock"):
         def checked_unlock(unlock=getattr(lock, name)) -> None:
-            if mmu.holds_unflushed:
+            # not while an exception unwinds the holder (the explorer aborting an actor, a crash):
+            # the kernel's code has no such path
+            if mmu.holds_unflushed and sys.exc_info()[0] is None:
                 mmu.violation("lock-dropped-unflushed", 0, mmu.worker, 2)     # I6
             unlock()
         setattr(lock, name, checked_unlock)
