@@ -30,7 +30,13 @@ def stress_time(bug: str, seed: int, duration: float) -> float | None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120)
     if p.returncode not in (0, 1):
         raise RuntimeError(f"stress failed to run: {p.stderr[-500:]}")
-    r = json.loads(p.stdout)
+    try:
+        r = json.loads(p.stdout)
+    except ValueError:
+        # exit 1 with one line and no report: the run could not finish (a worker died, a flush never
+        # completed): detected, at the end of the run at the latest
+        print(f"  {bug} seed {seed}: {p.stderr.strip()[-200:]}", file=sys.stderr)
+        return duration
     return r["first_violation_s"] if r["result"] == "FAILURE" else None
 
 
