@@ -1,15 +1,25 @@
-/* _walker: the hardware's EPT page walk, in C, for the vCPU's guest side.
+/* _walker: the processor's side of guest accesses in C: the EPT walk with its A/D update, the TLB, the access loop.
  *
  * On a TLB miss the processor walks the tables without any lock and sets the
  * accessed (and, on a write, dirty) bit of the leaf with a locked
  * compare-exchange that fails if the entry changed.  That is hardware, not KVM
- * code, so it is done here rather than in Python; guest.Vcpu.hw_walk_reference
- * is the same walk in Python, and the tests check the two agree.
+ * code, so it is done here rather than in Python; so are the TLB (Tlb: per
+ * level, gfn >> shift -> host page, writable, executable) and the loop that
+ * performs a batch of guest accesses (Processor.run).  The loop returns to
+ * Python only for what is KVM's or the checkers': an EPT violation (the fault),
+ * a flush generation that moved (KVM_REQ_TLB_FLUSH / KVM_REQ_MMU_RELOAD), a
+ * violation to record, the end of the batch.
  *
- * The bit positions are spte.py's (EPT, KVM 5.13+ layout); spte.py asserts them.
+ * shmmmu/guest.py has the same steps in Python (Vcpu.hw_walk_reference,
+ * tlb.Tlb, Vcpu.run_batch_reference); the explorer runs those, and the tests
+ * hold this file to them (tests/test_walker.py, tests/test_processor.py).
+ *
+ * The bit positions are spte.py's (EPT, KVM 5.13+ layout); guest.py asserts
+ * the constants this module exports against spte.py and layout.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "structmember.h"
 #include <stdint.h>
 
 #define SEQ __ATOMIC_SEQ_CST
@@ -18,8 +28,46 @@
 #define BIT_LARGE    (1ULL << 7)
 #define BIT_A        (1ULL << 8)
 #define BIT_D        (1ULL << 9)
+#define BIT_PRESENT  (1ULL << 11)   /* KVM's own present bit (the debug freshness test uses it, as guest.py does) */
 #define BIT_RWX      7ULL           /* EPT read, write, execute: what the processor tests for presence */
 #define PFN_MASK     (((1ULL << 52) - 1) & ~((1ULL << 12) - 1))
+#define DATA_POISON  0xBADBADBADBADBAD0ULL   /* memslots.DATA_POISON */
+#define TOUCHED      1ULL                    /* layout.HostPage.TOUCHED */
+#define WRITTEN      2ULL                    /* layout.HostPage.WRITTEN */
+#define GFN_MASK     ((1ULL << 32) - 1)      /* workloads.GFN_MASK: the GFN part of a written value */
+
+/* ------------------------------------------------------------------ the walk */
+
+/* The walk from `root`: 1 and the leaf's (index, value after its A/D update, level), 0 for an EPT
+ * violation (not present, no W for a write, no X for a fetch, the A/D cmpxchg lost, or a pointer
+ * outside the pool: garbage from a freed table is not ours to follow). */
+static inline int
+hw_walk(uint64_t *w, uint64_t n, uint64_t root, long level, long bits, uint64_t gfn, int write, int exec,
+        Py_ssize_t *sptep, uint64_t *sptev, long *levelp)
+{
+    uint64_t entries = 1ULL << bits, mask = entries - 1, table = root, spte = 0, at = 0;
+    for (;;) {
+        uint64_t idx = (gfn >> (bits * (level - 1))) & mask;
+        at = table * entries + idx;
+        if (table >= n / entries || at >= n) return 0;
+        spte = __atomic_load_n(&w[at], SEQ);
+        if (!(spte & BIT_RWX)) return 0;         /* EPT presence: any of R/W/X (bit 11 is KVM's) */
+        if (level == 1 || (spte & BIT_LARGE)) break;
+        table = (spte & PFN_MASK) >> 12;
+        level--;
+    }
+    if ((write && !(spte & BIT_W)) || (exec && !(spte & BIT_X))) return 0;
+    uint64_t want = spte | BIT_A | (write ? BIT_D : 0);
+    if (want != spte) {
+        uint64_t seen = spte;
+        if (!__atomic_compare_exchange_n(&w[at], &seen, want, 0, SEQ, SEQ)) return 0;
+        spte = want;
+    }
+    *sptep = (Py_ssize_t)at;
+    *sptev = spte;
+    *levelp = level;
+    return 1;
+}
 
 /* walk(tables, root, root_level, bits, gfn, write, exec)
  *   -> (sptep, spte, level) of the leaf after its A/D update, or None for an EPT violation
@@ -33,48 +81,611 @@ walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    uint64_t *w = (uint64_t *)view.buf;
-    Py_ssize_t n = view.len / 8;
     long long root = PyLong_AsLongLong(args[1]);
     long level = PyLong_AsLong(args[2]);
     long bits = PyLong_AsLong(args[3]);
     unsigned long long gfn = PyLong_AsUnsignedLongLong(args[4]);
     int write = PyObject_IsTrue(args[5]);
     int exec = PyObject_IsTrue(args[6]);
-    if (PyErr_Occurred() || bits < 1 || bits > 9 || level < 1 || level > 5) {
+    if (PyErr_Occurred() || bits < 1 || bits > 9 || level < 1 || level > 5 || root < 0) {
         PyBuffer_Release(&view);
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad walk geometry");
         return NULL;
     }
-    uint64_t entries = 1ULL << bits, mask = entries - 1, table = (uint64_t)root, spte = 0;
-    Py_ssize_t i = 0;
+    Py_ssize_t at;
+    uint64_t spte;
+    long leaf_level;
+    int ok = hw_walk((uint64_t *)view.buf, (uint64_t)(view.len / 8), (uint64_t)root, level, bits, gfn, write, exec,
+                     &at, &spte, &leaf_level);
+    PyBuffer_Release(&view);
+    if (!ok) Py_RETURN_NONE;
+    return Py_BuildValue("(nKl)", at, (unsigned long long)spte, leaf_level);
+}
+
+/* ------------------------------------------------------------------ the TLB */
+
+/* One translation.  `gen` is the flush generation it was made in: a flush makes every entry stale at
+ * once by moving the TLB's generation.  `src`/`spte`: the leaf it came from and its value then (for
+ * the debug freshness check; 0 when inserted from Python). */
+typedef struct {
+    uint64_t key, pfn, src, spte, gen;
+    uint8_t writable, executable, dead, has_src;
+} TlbEntry;
+
+#define TLB_LEVELS 4          /* tlb.Tlb keeps four maps (a leaf above level 3 is cached, never looked up) */
+
+typedef struct {
+    PyObject_HEAD
+    long bits;
+    Py_ssize_t capacity, size;
+    long long flushes;
+    uint64_t gen, mask;
+    int hash_shift;
+    TlbEntry *lv[TLB_LEVELS];
+} Tlb;
+
+static inline uint64_t
+tlb_slot(const Tlb *t, uint64_t key)
+{
+    return (key * 0x9E3779B97F4A7C15ULL) >> t->hash_shift;
+}
+
+/* The slot of `key` (live or invalidated) at `level`, or NULL.  A key has at most one slot per
+ * generation (insert reuses it), and slots are never freed within a generation, so the probe stops
+ * at the first slot of an older generation. */
+static inline TlbEntry *
+tlb_find(const Tlb *t, int level, uint64_t key)
+{
+    TlbEntry *m = t->lv[level - 1];
+    uint64_t i = tlb_slot(t, key);
     for (;;) {
-        uint64_t idx = (gfn >> (bits * (level - 1))) & mask;
-        uint64_t at = table * entries + idx;
-        if (table >= (uint64_t)n / entries || at >= (uint64_t)n) {   /* a garbage pointer: not ours to follow */
-            PyBuffer_Release(&view);
-            Py_RETURN_NONE;
+        TlbEntry *e = &m[i];
+        if (e->gen != t->gen) return NULL;
+        if (e->key == key) return e;
+        i = (i + 1) & t->mask;
+    }
+}
+
+static inline void
+tlb_flush(Tlb *t)
+{
+    t->gen++;
+    t->size = 0;
+    t->flushes++;
+}
+
+/* tlb.Tlb.lookup: level 1, then 2, then 3; the entry and its level, or NULL */
+static inline TlbEntry *
+tlb_lookup(const Tlb *t, uint64_t gfn, int *level)
+{
+    for (int l = 1; l <= 3; l++) {
+        TlbEntry *e = tlb_find(t, l, gfn >> (t->bits * (l - 1)));
+        if (e != NULL && !e->dead) {
+            *level = l;
+            return e;
         }
-        i = (Py_ssize_t)at;
-        spte = __atomic_load_n(&w[i], SEQ);
-        if (!(spte & BIT_RWX)) goto violation;      /* EPT presence: any of R/W/X (bit 11 is KVM's) */
-        if (level == 1 || (spte & BIT_LARGE)) break;
-        table = (spte & PFN_MASK) >> 12;
-        level--;
     }
-    if ((write && !(spte & BIT_W)) || (exec && !(spte & BIT_X))) goto violation;
-    uint64_t want = spte | BIT_A | (write ? BIT_D : 0);
-    if (want != spte) {
-        uint64_t seen = spte;
-        if (!__atomic_compare_exchange_n(&w[i], &seen, want, 0, SEQ, SEQ)) goto violation;
-        spte = want;
+    return NULL;
+}
+
+/* tlb.Tlb.insert: a full TLB is flushed first; every insert counts (an overwrite too, as the dict's) */
+static inline void
+tlb_insert(Tlb *t, uint64_t gfn, int level, uint64_t pfn, int writable, int executable, int has_src,
+           uint64_t src, uint64_t spte)
+{
+    if (t->size >= t->capacity) tlb_flush(t);
+    uint64_t key = gfn >> (t->bits * (level - 1));
+    TlbEntry *m = t->lv[level - 1];
+    uint64_t i = tlb_slot(t, key);
+    TlbEntry *e;
+    for (;;) {
+        e = &m[i];
+        if (e->gen != t->gen || e->key == key) break;
+        i = (i + 1) & t->mask;
     }
-    PyBuffer_Release(&view);
-    return Py_BuildValue("(nKl)", i, (unsigned long long)spte, level);
-violation:
-    PyBuffer_Release(&view);
+    e->key = key;
+    e->pfn = pfn;
+    e->gen = t->gen;
+    e->writable = (uint8_t)(writable != 0);
+    e->executable = (uint8_t)(executable != 0);
+    e->dead = 0;
+    e->has_src = (uint8_t)has_src;
+    e->src = src;
+    e->spte = spte;
+    t->size++;
+}
+
+static int
+Tlb_init(Tlb *self, PyObject *args, PyObject *kw)
+{
+    long bits;
+    Py_ssize_t capacity;
+    if (!PyArg_ParseTuple(args, "ln:Tlb", &bits, &capacity)) return -1;
+    if (bits < 1 || bits > 9 || capacity < 1 || capacity > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "Tlb(bits 1..9, capacity 1..2**24)");
+        return -1;
+    }
+    /* every level may hold the whole capacity: twice that many slots keeps probes short */
+    uint64_t slots = 2;
+    int log2 = 1;
+    while (slots < 2 * (uint64_t)capacity) {
+        slots <<= 1;
+        log2++;
+    }
+    for (int l = 0; l < TLB_LEVELS; l++) {
+        PyMem_Free(self->lv[l]);
+        self->lv[l] = PyMem_Calloc(slots, sizeof(TlbEntry));
+        if (self->lv[l] == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    self->bits = bits;
+    self->capacity = capacity;
+    self->size = 0;
+    self->flushes = 0;
+    self->gen = 1;             /* calloc'd slots are generation 0: empty */
+    self->mask = slots - 1;
+    self->hash_shift = 64 - log2;
+    return 0;
+}
+
+static void
+Tlb_dealloc(Tlb *self)
+{
+    for (int l = 0; l < TLB_LEVELS; l++) PyMem_Free(self->lv[l]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+level_arg(PyObject *o, int *level)
+{
+    long l = PyLong_AsLong(o);
+    if (l == -1 && PyErr_Occurred()) return -1;
+    if (l < 1 || l > TLB_LEVELS) {
+        PyErr_Format(PyExc_ValueError, "TLB level %ld out of range 1..%d", l, TLB_LEVELS);
+        return -1;
+    }
+    *level = (int)l;
+    return 0;
+}
+
+static PyObject *
+Tlb_lookup(Tlb *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "lookup(gfn)");
+        return NULL;
+    }
+    uint64_t gfn = PyLong_AsUnsignedLongLong(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    int level;
+    TlbEntry *e = tlb_lookup(self, gfn, &level);
+    if (e == NULL) Py_RETURN_NONE;
+    uint64_t off = gfn & ((1ULL << (self->bits * (level - 1))) - 1);
+    return Py_BuildValue("(KOiO)", (unsigned long long)(e->pfn + off), e->writable ? Py_True : Py_False, level,
+                         e->executable ? Py_True : Py_False);
+}
+
+static PyObject *
+Tlb_insert(Tlb *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "insert(gfn, level, pfn_base, writable, executable=True)");
+        return NULL;
+    }
+    int level;
+    uint64_t gfn = PyLong_AsUnsignedLongLong(args[0]);
+    if (PyErr_Occurred() || level_arg(args[1], &level) < 0) return NULL;
+    uint64_t pfn = PyLong_AsUnsignedLongLong(args[2]);
+    int w = PyObject_IsTrue(args[3]);
+    int x = nargs == 5 ? PyObject_IsTrue(args[4]) : 1;
+    if (PyErr_Occurred()) return NULL;
+    tlb_insert(self, gfn, level, pfn, w, x, 0, 0, 0);
     Py_RETURN_NONE;
 }
+
+static PyObject *
+Tlb_invalidate(Tlb *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "invalidate(gfn)");
+        return NULL;
+    }
+    uint64_t gfn = PyLong_AsUnsignedLongLong(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    for (int l = 1; l <= 3; l++) {
+        TlbEntry *e = tlb_find(self, l, gfn >> (self->bits * (l - 1)));
+        if (e != NULL) e->dead = 1;      /* the slot stays taken until the next flush (size is not given back) */
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tlb_flush_local(Tlb *self, PyObject *unused)
+{
+    tlb_flush(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tlb_snapshot(Tlb *self, PyObject *unused)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    for (int l = 0; l < TLB_LEVELS; l++) {
+        for (uint64_t i = 0; i <= self->mask; i++) {
+            TlbEntry *e = &self->lv[l][i];
+            if (e->gen != self->gen || e->dead) continue;
+            PyObject *k = Py_BuildValue("(iK)", l + 1, (unsigned long long)e->key);
+            PyObject *v = Py_BuildValue("(KOO)", (unsigned long long)e->pfn, e->writable ? Py_True : Py_False,
+                                        e->executable ? Py_True : Py_False);
+            if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0) {
+                Py_XDECREF(k);
+                Py_XDECREF(v);
+                Py_DECREF(d);
+                return NULL;
+            }
+            Py_DECREF(k);
+            Py_DECREF(v);
+        }
+    }
+    return d;
+}
+
+static PyMethodDef Tlb_methods[] = {
+    {"lookup", (PyCFunction)(void (*)(void))Tlb_lookup, METH_FASTCALL,
+     "lookup(gfn) -> (host pfn of gfn, writable, level, executable) or None"},
+    {"insert", (PyCFunction)(void (*)(void))Tlb_insert, METH_FASTCALL,
+     "insert(gfn, level, pfn_base, writable, executable=True)"},
+    {"invalidate", (PyCFunction)(void (*)(void))Tlb_invalidate, METH_FASTCALL, "invalidate(gfn)"},
+    {"flush_local", (PyCFunction)Tlb_flush_local, METH_NOARGS, "drop every translation"},
+    {"snapshot", (PyCFunction)Tlb_snapshot, METH_NOARGS,
+     "{(level, gfn >> shift): (pfn_base, writable, executable)} of every translation"},
+    {NULL}
+};
+
+static PyMemberDef Tlb_members[] = {
+    {"bits", T_LONG, offsetof(Tlb, bits), READONLY, "index bits per level"},
+    {"capacity", T_PYSSIZET, offsetof(Tlb, capacity), READONLY, "translations before a full flush"},
+    {"size", T_PYSSIZET, offsetof(Tlb, size), READONLY, "inserts since the last flush"},
+    {"flushes", T_LONGLONG, offsetof(Tlb, flushes), READONLY, "local flushes so far"},
+    {NULL}
+};
+
+static PyTypeObject TlbType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmmmu._walker.Tlb",
+    .tp_basicsize = sizeof(Tlb),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tlb(bits, capacity): a vCPU's private translations, as tlb.Tlb keeps them",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Tlb_init,
+    .tp_dealloc = (destructor)Tlb_dealloc,
+    .tp_methods = Tlb_methods,
+    .tp_members = Tlb_members,
+};
+
+/* ------------------------------------------------------------------ the access loop */
+
+/* what Processor.run returns for (guest.py's _R_* names) */
+enum { R_END, R_FLUSH, R_FAULT, R_STALE, R_POISON, R_CORRUPT };
+/* where run resumes the first access (guest.py's _PH_*) */
+enum { PH_NEW, PH_LOOKUP, PH_CHECKED, PH_WALK };
+/* the counters kept here (guest.py folds them into layout.STAT in this order) */
+enum { C_ACCESSES, C_READS, C_WRITES, C_HITS, C_MISSES, C_WALKS, C_FETCHES, N_COUNTERS };
+enum { K_READ, K_WRITE, K_EXEC };    /* workloads.READ, WRITE, EXEC */
+
+typedef struct {
+    PyObject_HEAD
+    Tlb *tlb;
+    Py_buffer tables, data, touched, ctl, gfns, kinds;
+    int have_bufs, have_batch;
+    uint64_t *tw, *dw, *hw, *cw;
+    uint64_t tn, dn, hn, cn;
+    const int64_t *g;
+    const int8_t *k;
+    Py_ssize_t bn;
+    long root_level, bits;
+    int debug;
+    Py_ssize_t flush_gen_word, unflushed_word;
+    unsigned long long counters[N_COUNTERS];
+} Processor;
+
+static void
+Processor_release_batch(Processor *self)
+{
+    if (self->have_batch) {
+        PyBuffer_Release(&self->gfns);
+        PyBuffer_Release(&self->kinds);
+        self->have_batch = 0;
+    }
+}
+
+static void
+Processor_release_all(Processor *self)
+{
+    Processor_release_batch(self);
+    if (self->have_bufs) {
+        PyBuffer_Release(&self->tables);
+        PyBuffer_Release(&self->data);
+        PyBuffer_Release(&self->touched);
+        PyBuffer_Release(&self->ctl);
+        self->have_bufs = 0;
+    }
+}
+
+static int
+u64_buffer(PyObject *o, Py_buffer *b, const char *what)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    if (b->itemsize != 8 || b->len % 8) {
+        PyErr_Format(PyExc_ValueError, "%s must be a buffer of uint64 words", what);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* Processor(tlb, tables, data, touched, ctl, root_level, bits, debug, flush_gen_word, unflushed_word) */
+static int
+Processor_init(Processor *self, PyObject *args, PyObject *kw)
+{
+    PyObject *tlb, *tables, *data, *touched, *ctl;
+    long root_level, bits;
+    int debug;
+    Py_ssize_t fg, uf;
+    if (!PyArg_ParseTuple(args, "O!OOOOllpnn:Processor", &TlbType, &tlb, &tables, &data, &touched, &ctl,
+                          &root_level, &bits, &debug, &fg, &uf))
+        return -1;
+    if (bits < 1 || bits > 9 || root_level < 1 || root_level > 5) {
+        PyErr_SetString(PyExc_ValueError, "bad walk geometry");
+        return -1;
+    }
+    if (((Tlb *)tlb)->bits != bits) {
+        PyErr_SetString(PyExc_ValueError, "the TLB's bits differ from the walk's");
+        return -1;
+    }
+    Processor_release_all(self);
+    if (u64_buffer(tables, &self->tables, "tables") < 0) return -1;
+    if (u64_buffer(data, &self->data, "data") < 0) goto fail1;
+    if (u64_buffer(touched, &self->touched, "touched") < 0) goto fail2;
+    if (u64_buffer(ctl, &self->ctl, "ctl") < 0) goto fail3;
+    self->have_bufs = 1;
+    self->tw = self->tables.buf;
+    self->tn = (uint64_t)(self->tables.len / 8);
+    self->dw = self->data.buf;
+    self->dn = (uint64_t)(self->data.len / 8);
+    self->hw = self->touched.buf;
+    self->hn = (uint64_t)(self->touched.len / 8);
+    self->cw = self->ctl.buf;
+    self->cn = (uint64_t)(self->ctl.len / 8);
+    if (fg < 0 || uf < 0 || (uint64_t)fg >= self->cn || (uint64_t)uf >= self->cn) {
+        PyErr_SetString(PyExc_IndexError, "control word outside ctl");
+        Processor_release_all(self);
+        return -1;
+    }
+    Py_INCREF(tlb);
+    Py_XSETREF(self->tlb, (Tlb *)tlb);
+    self->root_level = root_level;
+    self->bits = bits;
+    self->debug = debug;
+    self->flush_gen_word = fg;
+    self->unflushed_word = uf;
+    memset(self->counters, 0, sizeof self->counters);
+    return 0;
+fail3:
+    PyBuffer_Release(&self->touched);
+fail2:
+    PyBuffer_Release(&self->data);
+fail1:
+    PyBuffer_Release(&self->tables);
+    return -1;
+}
+
+static void
+Processor_dealloc(Processor *self)
+{
+    Processor_release_all(self);
+    Py_XDECREF(self->tlb);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* batch(gfns, kinds): the accesses run() indexes into (int64 GFNs, int8 READ/WRITE/EXEC), held until
+ * the next batch() or release() */
+static PyObject *
+Processor_batch(Processor *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "batch(gfns, kinds)");
+        return NULL;
+    }
+    Processor_release_batch(self);
+    if (PyObject_GetBuffer(args[0], &self->gfns, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &self->kinds, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&self->gfns);
+        return NULL;
+    }
+    if (self->gfns.itemsize != 8 || self->kinds.itemsize != 1 || self->gfns.len / 8 != self->kinds.len) {
+        PyBuffer_Release(&self->gfns);
+        PyBuffer_Release(&self->kinds);
+        PyErr_SetString(PyExc_ValueError, "batch needs int64 gfns and int8 kinds of the same length");
+        return NULL;
+    }
+    self->have_batch = 1;
+    self->g = self->gfns.buf;
+    self->k = self->kinds.buf;
+    self->bn = self->kinds.len;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+result(int reason, Py_ssize_t i, unsigned long long a, unsigned long long b, unsigned long long c)
+{
+    return Py_BuildValue("(inKKK)", reason, i, a, b, c);
+}
+
+/* run(start, end, vbase, acked, root, phase) -> (reason, index, a, b, c)
+ *
+ * Performs accesses [start, end) of the batch in guest mode, as guest.Vcpu.run_batch_reference does,
+ * and stops at the first thing that is not the processor's:
+ *   R_END      all done (index = end)
+ *   R_FLUSH    the flush generation is not `acked` before access `index` (KVM_REQ_TLB_FLUSH): the
+ *              caller acknowledges (TlbControl.check_request) and resumes at index with PH_LOOKUP
+ *   R_FAULT    an EPT violation at `index`: (gfn, write, exec); resume with PH_WALK after the fault
+ *   R_STALE    debug: a TLB hit whose source leaf no longer grants it with no flush pending:
+ *              (gfn, cached, now); resume with PH_CHECKED
+ *   R_POISON   debug: the access met a poisoned host page: (gfn, host page, value); resume at index+1
+ *   R_CORRUPT  a read returned a value naming another GFN: (gfn, value, 0); resume at index+1
+ * A write stores vbase | (gfn & GFN_MASK) (workloads.make_value). */
+static PyObject *
+Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "run(start, end, vbase, acked, root, phase)");
+        return NULL;
+    }
+    if (!self->have_bufs || !self->have_batch) {
+        PyErr_SetString(PyExc_RuntimeError, "run() before batch() (or after release())");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t end = PyLong_AsSsize_t(args[1]);
+    uint64_t vbase = PyLong_AsUnsignedLongLongMask(args[2]);
+    uint64_t acked = PyLong_AsUnsignedLongLongMask(args[3]);
+    long long root = PyLong_AsLongLong(args[4]);
+    long phase = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (i < 0 || end > self->bn || root < 0 || phase < PH_NEW || phase > PH_WALK) {
+        PyErr_SetString(PyExc_IndexError, "run(): accesses outside the batch, or a bad root or phase");
+        return NULL;
+    }
+    Tlb *t = self->tlb;
+    uint64_t *cw = self->cw, *tw = self->tw, *dw = self->dw, *hw = self->hw;
+    unsigned long long *st = self->counters;
+    const long bits = self->bits;
+    const int debug = self->debug;
+    for (; i < end; i++, phase = PH_NEW) {
+        uint64_t gfn = (uint64_t)self->g[i];
+        int kind = self->k[i];
+        int write = kind == K_WRITE, exec = kind == K_EXEC;
+        uint64_t hpfn;
+        if (phase == PH_NEW && __atomic_load_n(&cw[self->flush_gen_word], SEQ) != acked)
+            return result(R_FLUSH, i, 0, 0, 0);
+        if (phase != PH_WALK) {
+            int level;
+            TlbEntry *e = tlb_lookup(t, gfn, &level);
+            if (e != NULL && (e->writable || !write) && (e->executable || !exec)) {
+                if (phase != PH_CHECKED) {
+                    st[C_HITS]++;
+                    if (debug && e->has_src) {
+                        /* guest.Vcpu._check_fresh: a source leaf that no longer grants the access
+                         * needs a flush pending (unflushed changes, or one not yet acknowledged) */
+                        uint64_t cached = e->spte;
+                        uint64_t now = __atomic_load_n(&tw[e->src], SEQ);
+                        if (!(now == cached || ((now & BIT_PRESENT) && (now & PFN_MASK) == (cached & PFN_MASK)
+                                                && ((now & BIT_W) || !write)))
+                            && !__atomic_load_n(&cw[self->unflushed_word], SEQ)
+                            && __atomic_load_n(&cw[self->flush_gen_word], SEQ) == acked)
+                            return result(R_STALE, i, gfn, cached, now);
+                    }
+                }
+                hpfn = e->pfn + (gfn & ((1ULL << (bits * (level - 1))) - 1));
+                goto access;
+            }
+            st[C_MISSES]++;
+        }
+        {
+            Py_ssize_t sptep;
+            uint64_t spte;
+            long level;
+            st[C_WALKS]++;
+            if (!hw_walk(tw, self->tn, (uint64_t)root, self->root_level, bits, gfn, write, exec,
+                         &sptep, &spte, &level))
+                return result(R_FAULT, i, gfn, write, exec);
+            /* a translation cached with D clear does not take a write: the write walks again to set D,
+             * as the processor does (the D-bit assist) */
+            uint64_t base = (spte & PFN_MASK) >> 12;
+            tlb_insert(t, gfn, (int)level, base, (spte & BIT_W) && (spte & BIT_D), (spte & BIT_X) != 0, 1,
+                       (uint64_t)sptep, spte);
+            hpfn = base + (gfn & ((1ULL << (bits * (level - 1))) - 1));
+        }
+access:
+        if (hpfn >= self->dn || (debug && hpfn >= self->hn)) {     /* `touched` is one word without debug */
+            PyErr_Format(PyExc_IndexError, "gfn 0x%llx translates to host page 0x%llx outside guest memory",
+                         (unsigned long long)gfn, (unsigned long long)hpfn);
+            return NULL;
+        }
+        st[C_ACCESSES]++;
+        if (write) {
+            uint64_t value = vbase | (gfn & GFN_MASK);
+            st[C_WRITES]++;
+            if (debug) {
+                __atomic_fetch_or(&hw[hpfn], TOUCHED | WRITTEN, SEQ);   /* what the host must hear of */
+                uint64_t old = __atomic_exchange_n(&dw[hpfn], value, SEQ);
+                if (old == DATA_POISON) return result(R_POISON, i, gfn, hpfn, value);
+            } else {
+                __atomic_store_n(&dw[hpfn], value, SEQ);
+            }
+        } else {
+            st[exec ? C_FETCHES : C_READS]++;
+            if (debug) __atomic_fetch_or(&hw[hpfn], TOUCHED, SEQ);
+            uint64_t v = __atomic_load_n(&dw[hpfn], SEQ);
+            if (debug && v == DATA_POISON) return result(R_POISON, i, gfn, hpfn, v);
+            if (v && (v & GFN_MASK) != (gfn & GFN_MASK) && (v >> 63)) return result(R_CORRUPT, i, gfn, v, 0);
+        }
+    }
+    return result(R_END, end, 0, 0, 0);
+}
+
+/* take_counters() -> the counters since the last call (accesses, reads, writes, hits, misses, walks,
+ * fetches), and zero them */
+static PyObject *
+Processor_take_counters(Processor *self, PyObject *unused)
+{
+    unsigned long long *c = self->counters;
+    PyObject *r = Py_BuildValue("(KKKKKKK)", c[0], c[1], c[2], c[3], c[4], c[5], c[6]);
+    if (r != NULL) memset(self->counters, 0, sizeof self->counters);
+    return r;
+}
+
+static PyObject *
+Processor_release(Processor *self, PyObject *unused)
+{
+    Processor_release_all(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Processor_methods[] = {
+    {"batch", (PyCFunction)(void (*)(void))Processor_batch, METH_FASTCALL, "batch(gfns, kinds)"},
+    {"run", (PyCFunction)(void (*)(void))Processor_run, METH_FASTCALL,
+     "run(start, end, vbase, acked, root, phase) -> (reason, index, a, b, c)"},
+    {"take_counters", (PyCFunction)Processor_take_counters, METH_NOARGS,
+     "the counters since the last call, zeroed: (accesses, reads, writes, hits, misses, walks, fetches)"},
+    {"release", (PyCFunction)Processor_release, METH_NOARGS, "let go of every buffer (the region may close)"},
+    {NULL}
+};
+
+static PyMemberDef Processor_members[] = {
+    {"tlb", T_OBJECT, offsetof(Processor, tlb), READONLY, "the TLB the loop uses"},
+    {NULL}
+};
+
+static PyTypeObject ProcessorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmmmu._walker.Processor",
+    .tp_basicsize = sizeof(Processor),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Processor(tlb, tables, data, touched, ctl, root_level, bits, debug, flush_gen_word, "
+              "unflushed_word): a vCPU's guest-access loop",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Processor_init,
+    .tp_dealloc = (destructor)Processor_dealloc,
+    .tp_methods = Processor_methods,
+    .tp_members = Processor_members,
+};
+
+/* ------------------------------------------------------------------ the module */
 
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
@@ -83,11 +694,34 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "_walker", "The hardware's EPT page walk with its A/D update.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_walker",
+    "The processor's side of guest accesses: the EPT walk with its A/D update, the TLB, the access loop.",
+    -1, methods,
 };
 
 PyMODINIT_FUNC
 PyInit__walker(void)
 {
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&TlbType) < 0 || PyType_Ready(&ProcessorType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) return NULL;
+    Py_INCREF(&TlbType);
+    Py_INCREF(&ProcessorType);
+    if (PyModule_AddObject(m, "Tlb", (PyObject *)&TlbType) < 0
+        || PyModule_AddObject(m, "Processor", (PyObject *)&ProcessorType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* what this file assumes of spte.py, layout.py, memslots.py and workloads.py (guest.py checks) */
+    PyObject *bits = Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsisisisi}",
+        "WRITABLE", BIT_W, "EXECUTABLE", BIT_X, "LARGE", BIT_LARGE, "ACCESSED", BIT_A, "DIRTY", BIT_D,
+        "MMU_PRESENT", BIT_PRESENT, "RWX", BIT_RWX, "PFN_MASK", PFN_MASK, "DATA_POISON", DATA_POISON,
+        "TOUCHED", TOUCHED, "WRITTEN", WRITTEN, "GFN_MASK", GFN_MASK,
+        "READ", K_READ, "WRITE", K_WRITE, "EXEC", K_EXEC, "N_COUNTERS", N_COUNTERS);
+    if (bits == NULL || PyModule_AddObject(m, "ASSUMED", bits) < 0) {
+        Py_XDECREF(bits);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

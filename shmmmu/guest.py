@@ -10,15 +10,26 @@ violation: the vCPU leaves guest mode and takes the page fault
 
 The data word of the host page the translation names is where a write lands;
 that is what makes a misdirected access visible.
+
+A batch of accesses (`run_batch`) runs in C (shmmmu._walker.Processor, with the
+C TLB) in production: the loop returns to Python only for what is KVM's (the
+fault, a flush or reload request) or a checker's (a violation to record).
+`run_batch_reference` is the same loop in Python over `read`/`write`/`fetch`;
+the explorer runs it (every shared-word access there is a scheduling point),
+and tests/test_processor.py holds the C loop to it.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from shmmmu import _walker
 from shmmmu import spte as S
 from shmmmu._walker import walk as _walk
 from shmmmu.layout import STAT, Ctl, HostPage
 from shmmmu.memslots import DATA_POISON
 from shmmmu.mmu import RET_PF_EMULATE, Mmu
 from shmmmu.tlb import Tlb
+from shmmmu.workloads import EXEC, GFN_MASK, READ, WRITE
 
 _P = S.MMU_PRESENT
 _RWX = S.RWX                         # the processor's presence test (C10): bit 11 is KVM's own
@@ -37,6 +48,18 @@ _ST_HITS = STAT["tlb_hits"]
 _ST_MISSES = STAT["tlb_misses"]
 _ST_WALKS = STAT["hw_walks"]
 _ST_FETCHES = STAT["fetches"]
+# the order of _walker.Processor.take_counters()
+_C_COUNTERS = (_ST_ACCESSES, _ST_READS, _ST_WRITES, _ST_HITS, _ST_MISSES, _ST_WALKS, _ST_FETCHES)
+
+# what the C loop returns for, and where it resumes an access (shmmmu/_walker.c)
+_R_END, _R_FLUSH, _R_FAULT, _R_STALE, _R_POISON, _R_CORRUPT = range(6)
+_PH_NEW, _PH_LOOKUP, _PH_CHECKED, _PH_WALK = range(4)
+
+assert _walker.ASSUMED == {
+    "WRITABLE": S.WRITABLE, "EXECUTABLE": S.EXECUTABLE, "LARGE": S.LARGE, "ACCESSED": S.ACCESSED,
+    "DIRTY": S.DIRTY, "MMU_PRESENT": S.MMU_PRESENT, "RWX": S.RWX, "PFN_MASK": S.PFN_MASK,
+    "DATA_POISON": DATA_POISON, "TOUCHED": HostPage.TOUCHED, "WRITTEN": HostPage.WRITTEN, "GFN_MASK": GFN_MASK,
+    "READ": READ, "WRITE": WRITE, "EXEC": EXEC, "N_COUNTERS": len(_C_COUNTERS)}, "_walker.c is out of date"
 
 
 class GuestFault(RuntimeError):
@@ -48,9 +71,16 @@ class Vcpu:
 
     PROGRESS_BOUND_S = 60.0          # an access that cannot complete for this long is a liveness failure
 
-    def __init__(self, vm, index: int):
+    def __init__(self, vm, index: int, processor: str | None = None):
+        """`processor`: "c" (the C loop and TLB) or "python" (the reference); by default C, except under
+        the explorer, whose scheduling points are the Python loop's shared-word accesses."""
+        if processor is None:
+            processor = "python" if vm.waits.deterministic else "c"
+        if processor not in ("c", "python"):
+            raise ValueError(f"processor must be 'c' or 'python', not {processor!r}")
         self.index = index
-        self.tlb = Tlb(vm.config.bits, vm.config.tlb_entries)
+        c = vm.config
+        self.tlb = _walker.Tlb(c.bits, c.tlb_entries) if processor == "c" else Tlb(c.bits, c.tlb_entries)
         self.mmu = Mmu(vm, index, self.tlb)
         self.tlbctl = self.mmu.tlbctl
         self.waits = vm.waits
@@ -64,9 +94,27 @@ class Vcpu:
         self.bits = self.mmu.bits
         self.root_level = self.mmu.root_level
         self.st = self.mmu.st
-        self.debug = vm.config.debug
+        self.debug = c.debug
         # translation sources, for the stale-translation check (debug): (level, gfn>>shift) -> (sptep, spte)
+        # (the C TLB keeps them in its entries)
         self.sources: dict[tuple[int, int], tuple[int, int]] = {}
+        self.proc: _walker.Processor | None = None
+        self._batch: tuple[list[int], list[int]] = ([], [])
+        self._kinds = np.zeros(0, dtype=np.int8)
+        self._storm_start = 0.0          # when this access's RETRY storm began (ept_violation)
+        if processor == "c":
+            r = vm.region
+            self.proc = _walker.Processor(self.tlb, r.array("tables").reshape(-1), r.array("data").reshape(-1),
+                                          r.array("touched").reshape(-1), r.array("ctl").reshape(-1),
+                                          self.root_level, self.bits, bool(self.debug), Ctl.FLUSH_GEN,
+                                          Ctl.UNFLUSHED)
+            self.run_batch = self._run_batch_c
+            self.load_batch = self._load_batch_c
+            # the C loop's counters reach the Mmu's before each publication
+            self._mmu_publish_stats = self.mmu.publish_stats
+            self.mmu.publish_stats = self.publish_stats
+        else:
+            self.run_batch = self.run_batch_reference
 
     def enter(self) -> None:
         if self.tlbctl.enter_guest():
@@ -97,31 +145,36 @@ class Vcpu:
             return e[0]
         st[_ST_MISSES] += 1
         tries = 0
-        t_first = 0.0
-        waits = self.waits
         while True:
             hpfn = self._hw_walk(gfn, write, exec_)
             if hpfn >= 0:
                 return hpfn
-            # EPT violation: leave guest mode, fault, come back in
-            self.tlbctl.exit_guest()
-            try:
-                r = self.mmu.page_fault(gfn, write, exec_)
-                tries += 1
-                if tries >= 8:
-                    # a RETRY storm (an entry frozen across a slow flush): let the freezer run, as
-                    # preemption would on a real host, and give up only past the progress bound
-                    if tries == 8:
-                        t_first = waits.now()
-                    waits.yield_cpu() if tries < 64 else waits.pause(0.0001)
-                    if tries % 256 == 0 and waits.now() - t_first > self.PROGRESS_BOUND_S:
-                        raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
-                                         f"in {self.PROGRESS_BOUND_S:.0f}s")
-            finally:
-                if self.tlbctl.enter_guest():
-                    self.reload_root()
-            if r == RET_PF_EMULATE:
+            tries += 1
+            if self.ept_violation(gfn, write, exec_, tries) == RET_PF_EMULATE:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
+
+    def ept_violation(self, gfn: int, write: bool, exec_: bool, tries: int) -> int:
+        """Leave guest mode, take the fault, come back in (reloading the root if asked); the RET_PF_* value.
+
+        `tries` counts this access's faults: past 8 a RETRY storm (an entry frozen across a slow
+        flush) lets the freezer run, as preemption would on a real host, and past the progress
+        bound the access gives up."""
+        tlbctl = self.tlbctl
+        tlbctl.exit_guest()
+        try:
+            r = self.mmu.page_fault(gfn, write, exec_)
+            if tries >= 8:
+                waits = self.waits
+                if tries == 8:
+                    self._storm_start = waits.now()
+                waits.yield_cpu() if tries < 64 else waits.pause(0.0001)
+                if tries % 256 == 0 and waits.now() - self._storm_start > self.PROGRESS_BOUND_S:
+                    raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
+                                     f"in {self.PROGRESS_BOUND_S:.0f}s")
+        finally:
+            if tlbctl.enter_guest():
+                self.reload_root()
+        return r
 
     def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
@@ -241,3 +294,80 @@ class Vcpu:
         if self.debug and v == DATA_POISON:
             self.mmu.violation("write-to-unmapped-host-page", gfn, hpfn, v)
         return v
+
+    # ---- a batch of accesses
+
+    def load_batch(self, gfns: np.ndarray, kinds: np.ndarray) -> None:
+        """The accesses the next run_batch calls index into: GFNs (int64) and READ/WRITE/EXEC (int8)."""
+        self._batch = (gfns.tolist(), kinds.tolist())
+
+    def _load_batch_c(self, gfns: np.ndarray, kinds: np.ndarray) -> None:
+        self._kinds = np.ascontiguousarray(kinds, dtype=np.int8)
+        self.proc.batch(np.ascontiguousarray(gfns, dtype=np.int64), self._kinds)
+
+    def run_batch(self, start: int, end: int, vbase: int) -> None:
+        """Accesses [start, end) of the loaded batch, in guest mode (the caller entered it): a write stores
+        vbase | (gfn & GFN_MASK) (workloads.make_value), a read or fetch checks the value names its GFN.
+        Bound when the Vcpu is built: the C loop, or run_batch_reference."""
+        raise NotImplementedError
+
+    def run_batch_reference(self, start: int, end: int, vbase: int) -> None:
+        """run_batch in Python, access by access (what the C loop is tested against)."""
+        gl, kl = self._batch
+        for i in range(start, end):
+            g, kind = gl[i], kl[i]
+            if kind == WRITE:
+                self.write(g, vbase | (g & GFN_MASK))
+            else:
+                v = self.fetch(g) if kind == EXEC else self.read(g)
+                if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
+                    self.mmu.violation("guest-memory-corrupt", g, v, 0)
+
+    def _run_batch_c(self, start: int, end: int, vbase: int) -> None:
+        """run_batch in C (shmmmu/_walker.c): back here for a fault, a request, a violation, the end."""
+        run = self.proc.run
+        tlbctl, mmu = self.tlbctl, self.mmu
+        i, phase = start, _PH_NEW
+        at, tries = -1, 0
+        while True:
+            r, i, a, b, c = run(i, end, vbase, tlbctl.acked, mmu.root, phase)
+            if r == _R_FAULT:
+                if i != at:
+                    at, tries = i, 0
+                tries += 1
+                if self.ept_violation(a, b != 0, c != 0, tries) == RET_PF_EMULATE:
+                    i += 1                          # an emulated (MMIO) access: nothing to touch
+                    phase = _PH_NEW
+                else:
+                    phase = _PH_WALK
+            elif r == _R_END:
+                return
+            elif r == _R_FLUSH:
+                if tlbctl.check_request():
+                    self.reload_root()
+                phase = _PH_LOOKUP
+            elif r == _R_STALE:
+                mmu.violation("stale-translation", a, b, c)
+                phase = _PH_CHECKED
+            else:
+                if r == _R_POISON:
+                    mmu.violation("write-to-unmapped-host-page", a, b, c)
+                    # a read of poison is also a value naming another GFN (the reference's read returns it)
+                    if self._kinds[i] != WRITE and (c & GFN_MASK) != (a & GFN_MASK):
+                        mmu.violation("guest-memory-corrupt", a, c, 0)
+                else:
+                    mmu.violation("guest-memory-corrupt", a, b, 0)
+                i += 1
+                phase = _PH_NEW
+
+    def publish_stats(self) -> None:
+        """Mmu.publish_stats with the C loop's counters folded in first."""
+        self.sync_counters()
+        self._mmu_publish_stats()
+
+    def sync_counters(self) -> None:
+        """Fold the C loop's counters into the Mmu's (st) now (no-op for the reference)."""
+        if self.proc is not None:
+            st = self.st
+            for k, v in zip(_C_COUNTERS, self.proc.take_counters()):
+                st[k] += v

@@ -31,7 +31,11 @@ class FlushStuck(RuntimeError):
 
 
 class Tlb:
-    """A vCPU's private translations: per level, (gfn >> shift) -> (host pfn of the page, writable, executable)."""
+    """A vCPU's private translations: per level, (gfn >> shift) -> (host pfn of the page, writable, executable).
+
+    The reference of shmmmu._walker.Tlb (the C TLB production vCPUs use): the same
+    lookup order, the same full-flush when `capacity` inserts were made.
+    """
 
     def __init__(self, bits: int, capacity: int):
         self.bits = bits
@@ -69,6 +73,10 @@ class Tlb:
             m.clear()
         self.size = 0
         self.flushes += 1
+
+    def snapshot(self) -> dict[tuple[int, int], tuple[int, bool, bool]]:
+        """{(level, gfn >> shift): (pfn_base, writable, executable)}: what the C TLB's snapshot() gives."""
+        return {(level, key): e for level, m in enumerate(self.maps, 1) for key, e in m.items()}
 
 
 class TlbControl:

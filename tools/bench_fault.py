@@ -32,7 +32,7 @@ import numpy as np
 
 import shmmmu
 from shmmmu import spte as S
-from shmmmu.layout import STAT, MemslotSpec, VMConfig
+from shmmmu.layout import STAT, Ctl, MemslotSpec, VMConfig
 from shmmmu.mmu import Fault, Mmu
 from shmmmu.vm import VM, create_vm
 
@@ -40,7 +40,7 @@ ROWS = [
     ("walk", "iterator: start at the root, 3 step-downs, 4 entry reads, the map loop's tests"),
     ("CAS", "compare-exchange of the leaf (exclusive: plain store)"),
     ("entry change", "make_spte (the leaf's bits OR its page) + handle_changed_spte (accounting, dirty-log test)"),
-    ("allocation", "pool topup per fault + one table alloc and page-list link per 512 faults"),
+    ("allocation", "pool topup per fault + one table alloc and its accounting per 512 faults"),
     ("lock", "mmu_lock read_lock + read_unlock (exclusive: write lock + lockdep check)"),
     ("RCU", "rcu_read_lock + rcu_read_unlock"),
     ("memslot + notifier", "the Fault record, cache top-up test, notifier seq, slot lookup, gfn->pfn, levels, "
@@ -170,7 +170,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
                     store(base + g, 0)
         out["CAS"] = timed(cas_loop)
         pool = mmu.pool
-        topup, alloc, link = pool.topup, pool.alloc, mmu.tdp_mmu_link_page
+        topup, alloc, account = pool.topup, pool.alloc, mmu.ctl.fetch_add
         lk = mmu.lock.read_lock if shared else mmu.lock.write_lock
         ulk = mmu.lock.read_unlock if shared else mmu.lock.write_unlock
 
@@ -178,13 +178,14 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
             for g in gfns:
                 topup()
                 if not g & 511:
-                    link(alloc(1, g), shared, False)
+                    alloc(1, g)
+                    account(Ctl.PAGE_COUNT, 1)      # tdp_account_mmu_page (the link's CAS is the CAS row)
         lk()
         try:
             out["allocation"] = timed(allocation)
         finally:
             ulk()
-        del cas_loop, topup, alloc, link, lk, ulk, pool, tables, mmu
+        del cas_loop, topup, alloc, account, lk, ulk, pool, tables, mmu
     return out
 
 

@@ -18,7 +18,7 @@ from shmmmu import violations
 from shmmmu.guest import Vcpu
 from shmmmu.layout import Ctl, Role, WorkerStatus, WState
 from shmmmu.memslots import Memslots
-from shmmmu.workloads import EXEC, GFN_MASK, WRITE, accesses, make_value
+from shmmmu.workloads import accesses, make_value, trace_chunk
 from workers.common import set_status, start_worker
 
 CHUNK = 256
@@ -32,26 +32,29 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
     w = vm.config.workload
     seed = vm.config.seed
     continuous = w.kind == "stress"
+    streamed = w.kind == "trace"         # a converted trace file, read a chunk at a time
     sub = 0
     chunks = me                          # staggered: the vCPUs' own zaps do not all fall together
     while True:
-        gfns, kinds = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
-        gl, wl = gfns.tolist(), kinds.tolist()
+        if streamed:
+            gfns, kinds = trace_chunk(w, base_gfn, me, sub)
+            if not len(gfns):
+                return
+        else:
+            gfns, kinds = accesses(w, base_gfn, me, iteration * 100000 + sub if continuous else iteration, seed)
+        n = len(gfns)
+        vcpu.load_batch(gfns, kinds)
+        vbase = make_value(0, me, iteration)     # a write stores vbase | gfn (Vcpu.run_batch)
         vcpu.enter()
         try:
-            for k in range(0, len(gl), CHUNK):
-                for g, kind in zip(gl[k:k + CHUNK], wl[k:k + CHUNK]):
-                    if kind == WRITE:
-                        vcpu.write(g, make_value(g, me, iteration))
-                    else:
-                        v = vcpu.fetch(g) if kind == EXEC else vcpu.read(g)
-                        if v and (v & GFN_MASK) != (g & GFN_MASK) and v >> 63:
-                            vcpu.mmu.violation("guest-memory-corrupt", g, v, 0)
+            for k in range(0, n, CHUNK):
+                vcpu.run_batch(k, min(n, k + CHUNK), vbase)
                 chunks += 1
                 if w.zap_every and chunks % w.zap_every == 0:
                     vcpu.exit()
                     try:
-                        vcpu.mmu.zap_gfn_range_locked(gl[k], gl[k] + 8)      # update_mtrr -> kvm_zap_gfn_range
+                        g = int(gfns[k])
+                        vcpu.mmu.zap_gfn_range_locked(g, g + 8)      # update_mtrr -> kvm_zap_gfn_range
                     finally:
                         vcpu.enter()
                 ws.store(row + WState.HEARTBEAT, ws.load(row + WState.HEARTBEAT) + 1)
@@ -63,7 +66,7 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
         finally:
             vcpu.exit()
         vcpu.mmu.publish_stats()
-        if not continuous:
+        if not (continuous or streamed):
             return
         sub += 1
 
