@@ -298,7 +298,11 @@ class Workload:
     hot_fraction: float = 0.0
     zap_every: int = 0           # stress: one chunk of accesses in N ends with a kvm_zap_gfn_range of its own
                                  # (a guest MTRR write zaps from the vCPU's thread); 0: never
-    trace: list[tuple[int, int]] = field(default_factory=list)   # trace: (page offset, kind)
+    # trace: a converted trace file (shmmmu.trace.store) the vCPUs stream; never the accesses themselves,
+    # which would not fit the header
+    trace_file: str = ""
+    trace_threads: bool = False  # one part per thread, thread i on vCPU i (else every vCPU replays part 0)
+    trace_pages: int = 0         # distinct guest pages the trace touches
 
     KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking")
 
@@ -329,6 +333,9 @@ class VMConfig:
     # rcutorture's read-side delays: at the points where a half-done step can be overtaken
     # (Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
     torture_delay_us: int = 0
+    # --tracepoints: the directory where each worker's Mmu writes its part of the kernel's tracepoint
+    # lines (shmmmu.mmu.tracepoints); "" installs nothing
+    tracepoints: str = ""
     workload: Workload = field(default_factory=Workload)
 
     @property
@@ -394,10 +401,7 @@ class VMConfig:
     def from_json(cls, d: dict[str, Any]) -> "VMConfig":
         d = dict(d)
         d["memslots"] = [MemslotSpec(**m) for m in d.get("memslots", [])]
-        w = dict(d.get("workload") or {})
-        if "trace" in w:
-            w["trace"] = [tuple(t) for t in w["trace"]]
-        d["workload"] = Workload(**w)
+        d["workload"] = Workload(**(d.get("workload") or {}))
         return cls(**d)
 
 

@@ -8,9 +8,13 @@ when a worker dies or the user presses Ctrl-C.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -18,6 +22,7 @@ from shmmmu import violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
+from shmmmu.trace.store import TraceInfo
 from shmmmu.vm import create_vm
 
 BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anonymous_hugetlb": 3}
@@ -52,7 +57,7 @@ class RunOptions:
     lock_mode: str = "shared"
     overlap: bool = False
     workload: str = "populate"
-    trace: list[tuple[int, int]] | None = None
+    trace: TraceInfo | None = None      # a converted trace (converted_trace()): the vCPUs stream its file
     iterations: int = 2
     seed: int = 1
     write_every: int = 1
@@ -61,6 +66,7 @@ class RunOptions:
     bugs: list[str] = field(default_factory=list)
     accesses: int = 0
     manual_protect: bool = False        # dirty-log collections as GET (copy) + CLEAR, logging INITIALLY_SET
+    tracepoints: str = ""               # where workers write their tracepoint lines (shmmmu.mmu.tracepoints)
 
     def config(self) -> VMConfig:
         if self.vcpus < 1:
@@ -86,14 +92,32 @@ class RunOptions:
         base -= base % unit
         if self.workload not in ("populate", "random", "dirty-log", "trace", "access-tracking"):
             raise UsageError(f"unknown workload {self.workload!r}: use populate, random, dirty-log or trace")
-        if self.workload == "trace" and not self.trace:
-            raise UsageError("--workload trace needs --trace FILE")
         wl = Workload(kind=self.workload, pages=pages, overlap=self.overlap, n_vcpus=self.vcpus,
-                      write_every=self.write_every, accesses=self.accesses or pages,
-                      trace=list(self.trace or []) if self.workload == "trace" else [])
+                      write_every=self.write_every, accesses=self.accesses or pages)
+        if self.workload == "trace":
+            self._trace_workload(wl)
         return VMConfig(name=self.name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(base, slot_pages, level)], debug=self.debug, bugs=list(self.bugs),
-                        seed=self.seed, workload=wl)
+                        seed=self.seed, workload=wl, tracepoints=self.tracepoints)
+
+    def _trace_workload(self, wl: Workload) -> None:
+        """A trace's fields of the workload: threads on vCPUs of one shared range, or the one part on every
+        vCPU; its distinct pages must fit the range a vCPU replays it in."""
+        tr = self.trace
+        if tr is None:
+            raise UsageError("--workload trace needs --trace FILE")
+        if tr.threaded:
+            if self.vcpus != len(tr.parts):
+                raise UsageError(f"the trace has {len(tr.parts)} threads, one vCPU each: give --vcpus "
+                                 f"{len(tr.parts)} or leave --vcpus out")
+            wl.overlap = True                # the threads shared one address space
+        wl.trace_file, wl.trace_threads, wl.trace_pages = tr.path, tr.threaded, tr.pages
+        room = wl.pages * self.vcpus if wl.overlap else wl.pages
+        if tr.pages > room:
+            need = -(-tr.pages * 4096 // (self.vcpus if wl.overlap else 1) // (1 << 20))
+            raise UsageError(f"the trace touches {tr.pages} distinct pages ({tr.pages * 4096 >> 20} MiB), more "
+                             f"than the {room} guest pages it is replayed in: give --memory {need}M or more")
+
 
 
 @dataclass
@@ -276,7 +300,26 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
         finally:
             sup.cleanup_logs()
     stats["populate_faults"] = log.phases[0].stats["faults"] if log.phases else 0
-    return RunResult(options={k: v for k, v in vars(opts).items() if k != "trace"},
+    options = {k: v for k, v in vars(opts).items() if k not in ("trace", "tracepoints")}
+    if opts.trace is not None:
+        options["trace"] = {"format": opts.trace.format, "accesses": opts.trace.accesses,
+                            "pages": opts.trace.pages, "threads": len(opts.trace.parts)}
+    return RunResult(options=options,
                      phases=[(p.label, p.seconds) for p in log.phases], stats=stats,
                      rcu=rcu, tables=tables, problems=problems, violations=found,
                      wall_s=time.monotonic() - t_start, timed=log.phases)
+
+
+@contextmanager
+def converted_trace(path: str, fmt: str | None = None) -> Iterator[TraceInfo]:
+    """The trace at `path` converted (shmmmu.trace.store) into a temporary file for the run, removed after it,
+    also on an error or Ctrl-C; a file converted already (`shmmmu trace convert`) is used as it is."""
+    from shmmmu.trace.store import convert, is_converted, read_info
+    if is_converted(path):
+        yield read_info(path)
+        return
+    d = tempfile.mkdtemp(prefix="shmmmu-trace-")
+    try:
+        yield convert(path, os.path.join(d, "trace.bin"), fmt)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -60,6 +60,7 @@ class StressOptions:
     nx_recovery_period: float = 0.25    # seconds between NX recovery passes (with nx_huge_pages)
     torture_delay_us: int = 200         # rcutorture-style pauses inside windows (VMConfig.torture_delay_us)
     root_roles: int = 2                 # vCPU i uses root role i % root_roles
+    tracepoints: str = ""               # --tracepoints: where workers write their parts (shmmmu.mmu.tracepoints)
 
     def config(self) -> VMConfig:
         check_names(self.bugs)
@@ -89,7 +90,7 @@ class StressOptions:
                         debug=True, bugs=list(self.bugs), root_roles=self.root_roles,
                         seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
                         nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us,
-                        gp_stall_s=self.gp_bound)
+                        gp_stall_s=self.gp_bound, tracepoints=self.tracepoints)
 
     def replay_command(self) -> str:
         cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "

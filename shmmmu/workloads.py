@@ -83,36 +83,20 @@ def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
             gfns[hot] = start + n - workload.hot_pages + rng.integers(0, workload.hot_pages, size=int(hot.sum()))
         return gfns, kinds
     if kind == "trace":
-        tr = workload.trace
-        offs = np.asarray([t[0] for t in tr], dtype=np.int64) % n
-        kinds = np.asarray([int(t[1]) for t in tr], dtype=np.int8)
-        return start + offs, kinds
+        raise ValueError("a trace is streamed in chunks: trace_chunk(), not accesses()")
     raise ValueError(f"unknown workload kind {kind!r}")
 
 
-_TRACE_KINDS = {"R": READ, "W": WRITE, "X": EXEC}
+def trace_chunk(workload: Workload, base_gfn: int, vcpu: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gfns, kinds) of chunk `index` of a vCPU's part of a converted trace (shmmmu.trace.store); empty past its end.
 
-
-def parse_trace(text: str, page_shift: int = 12) -> list[tuple[int, int]]:
-    """A trace file: one access per line, 'R ADDR', 'W ADDR' or 'X ADDR' (an instruction fetch), with a hex or
-    decimal guest-physical address.
-
-    Lines starting with '#' and blank lines are skipped.  Returns (page offset, kind): kind 0 read,
-    1 write (so an R/W trace gives what it always gave, (offset, is_write)), 2 fetch.
+    A threaded trace gives each vCPU its thread's part, all in one shared range
+    (the threads shared one address space); otherwise every vCPU replays the one
+    part, in its own range or, with overlap, in the shared one.  The file is read
+    a chunk at a time: a vCPU's memory does not grow with the trace.
     """
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) != 2 or parts[0].upper() not in _TRACE_KINDS:
-            raise ValueError(f"trace line {lineno}: expected 'R ADDR', 'W ADDR' or 'X ADDR', got {line!r}")
-        try:
-            addr = int(parts[1], 0)
-        except ValueError:
-            raise ValueError(f"trace line {lineno}: bad address {parts[1]!r}") from None
-        out.append((addr >> page_shift, _TRACE_KINDS[parts[0].upper()]))
-    if not out:
-        raise ValueError("the trace has no accesses")
-    return out
+    from shmmmu.trace.store import KIND_BITS, read_chunk
+    words = read_chunk(workload.trace_file, vcpu if workload.trace_threads else 0, index)
+    start, _ = vcpu_range(workload, base_gfn, vcpu)
+    gfns = (words >> np.uint64(KIND_BITS)).astype(np.int64) + start
+    return gfns, (words & np.uint64((1 << KIND_BITS) - 1)).astype(np.int8)

@@ -18,7 +18,9 @@ from shmmmu.layout import STAT, Ctl, MemslotSpec, TMeta, VMConfig, Workload
 from shmmmu.tdp_iter import for_each_leaf
 from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
-from shmmmu.workloads import EXEC, READ, WRITE, accesses, parse_trace
+from shmmmu.trace.formats import TraceError
+from shmmmu.trace.store import convert_stream
+from shmmmu.workloads import EXEC, READ, WRITE, accesses, trace_chunk
 
 
 def _leaf(mmu: Mmu, gfn: int) -> tuple[int, int]:
@@ -186,20 +188,23 @@ def test_check_nx_list_catches_a_stray_mark(vm_name: str) -> None:
         assert any("nx_lpage_splits" in str(p) for p in checks.check_nx_list(vm))
 
 
-def test_trace_exec_lines_and_access_kinds() -> None:
-    assert parse_trace("R 0x1000\nW 0x2000\nX 0x3000\nx 16384\n") == [(1, READ), (2, WRITE), (3, EXEC),
-                                                                       (4, EXEC)]
-    assert parse_trace("R 0\nW 4096") == [(0, 0), (1, 1)]          # R/W traces as before: (offset, is_write)
-    with pytest.raises(ValueError, match="'X ADDR'"):
-        parse_trace("Q 0x1000")
+def test_trace_exec_lines_and_access_kinds(tmp_path) -> None:
+    import io
+    out = str(tmp_path / "t.bin")
+    info = convert_stream(io.BytesIO(b"R 0x1000\nW 0x2000\nX 0x3000\nx 16384\n"), "t", out)
+    wl = Workload(kind="trace", pages=8, trace_file=out, trace_pages=info.pages)
+    gfns, kinds = trace_chunk(wl, 100, 0, 0)
+    # first-touch mapping: the pages in the order the trace touches them
+    assert gfns.tolist() == [100, 101, 102, 103] and kinds.tolist() == [READ, WRITE, EXEC, EXEC]
+    assert trace_chunk(wl, 100, 0, 1)[0].size == 0
+    with pytest.raises(TraceError, match="line 1: unknown access kind 'Q'"):
+        convert_stream(io.BytesIO(b"Q 0x1000"), "t", out)
     wl = Workload(kind="random", pages=256, accesses=4000, write_fraction=0.5)
     g0, k0 = accesses(wl, 0, 0, 1, 7)
     g1, k1 = accesses(dataclasses.replace(wl, exec_fraction=0.1), 0, 0, 1, 7)
     assert (g0 == g1).all() and set(k0.tolist()) == {READ, WRITE}
     assert 200 < int((k1 == EXEC).sum()) < 600
     assert ((k1 == k0) | (k1 == EXEC)).all()
-    trace = accesses(Workload(kind="trace", pages=8, trace=[(1, 0), (2, 1), (3, 2)]), 100, 0, 1, 0)
-    assert trace[0].tolist() == [101, 102, 103] and trace[1].tolist() == [READ, WRITE, EXEC]
 
 
 def test_stress_with_nx_recovery_in_the_reclaimer() -> None:

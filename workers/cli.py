@@ -103,14 +103,21 @@ def _print_run(result, console) -> None:
 @app.command()
 def run(
     name: str = typer.Option("demo", "--name", help="VM name (the region is /dev/shm/shmmmu-NAME)."),
-    vcpus: int = typer.Option(2, "--vcpus", "-v", help="vCPU worker processes."),
+    vcpus: int = typer.Option(None, "--vcpus", "-v", help="vCPU worker processes (default 2; a trace with "
+                              "threads: one per thread)."),
     memory: str = typer.Option("256M", "--memory", "-b", help="guest memory per vCPU (K, M, G suffixes)."),
     backing: str = typer.Option("2m", "--backing", "-s", help="host page size backing guest memory: 4k, 2m, 1g."),
     lock_mode: str = typer.Option("shared", "--lock-mode", help="shared (the series) or exclusive (baseline)."),
     overlap: bool = typer.Option(False, "--overlap", "-o", help="all vCPUs share one range instead of one each."),
     workload: str = typer.Option("dirty-log", "--workload", "-w",
                                  help="populate, random, dirty-log or trace (with --trace FILE)."),
-    trace: str = typer.Option(None, "--trace", help="trace file: one access per line, 'R ADDR' (read), 'W ADDR' (write) or 'X ADDR' (instruction fetch); '#' starts a comment."),
+    trace: str = typer.Option(None, "--trace", help="a trace to replay (implies -w trace): valgrind lackey, "
+                              "pinatrace, perf script page faults, kvm_page_fault tracepoint text, or 'R|W|X ADDR' "
+                              "lines; any length (converted once, streamed). docs/trace.md."),
+    trace_format: str = typer.Option(None, "--trace-format", help="lackey, pinatrace, perf, kvm or plain "
+                                     "(default: detected from the first lines)."),
+    tracepoints: str = typer.Option(None, "--tracepoints", help="write the kernel's kvm/kvmmmu tracepoint lines "
+                                    "(trace-cmd report's form) to FILE; `shmmmu trace summary FILE` reads it."),
     iterations: int = typer.Option(3, "--iterations", "-i", help="iterations (the first populates)."),
     seed: int = typer.Option(1, "--seed", help="seed of every random choice."),
     keep: bool = typer.Option(False, "--keep", help="keep the VM alive after the workload until Ctrl-C."),
@@ -124,29 +131,35 @@ def run(
 
     from rich.console import Console
 
-    from shmmmu.run import RunOptions, UsageError, parse_size, run_vm
-    from shmmmu.workloads import parse_trace
+    from contextlib import ExitStack
+
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    from shmmmu.run import RunOptions, UsageError, converted_trace, parse_size, run_vm
     from workers.supervisor import Supervisor
 
+    stack = ExitStack()          # the converted trace and the tracepoint parts: removed however the run ends
     try:
-        trace_data = None
+        info = None
         if workload == "trace" or trace:
             if not trace:
                 raise UsageError("--workload trace needs --trace FILE")
-            try:
-                with open(trace) as f:
-                    trace_data = parse_trace(f.read())
-            except OSError as e:
-                raise UsageError(f"cannot read trace {trace}: {e.strerror}") from None
-            except ValueError as e:
-                raise UsageError(str(e)) from None
             workload = "trace"
+            parse_size(memory)                    # a bad size is said before a long conversion
+            info = stack.enter_context(converted_trace(trace, trace_format))
+        if vcpus is None:
+            vcpus = len(info.parts) if info is not None and info.threaded else 2
         opts = RunOptions(name=name, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
-                          lock_mode=lock_mode, overlap=overlap, workload=workload, trace=trace_data,
+                          lock_mode=lock_mode, overlap=overlap, workload=workload, trace=info,
                           iterations=iterations, seed=seed, debug=debug)
         opts.config()
+        if tracepoints:
+            opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
     except (UsageError, ValueError) as e:
+        stack.close()
         raise _fail(str(e))
+    except BaseException:
+        stack.close()
+        raise
     console = Console(stderr=True)
     quiet = json_out or not sys.stdout.isatty()
     progress_cb = None
@@ -172,7 +185,7 @@ def run(
             sup.check()
             time.sleep(0.2)
 
-    with _running_a_vm():
+    with stack, _running_a_vm():
         if prog is not None:
             with prog:
                 result = run_vm(opts, Supervisor, progress=progress_cb, keep=keep_alive)
@@ -208,6 +221,8 @@ def stress(
                                    "roots coexist (1: one shared root)."),
     list_bugs: bool = typer.Option(False, "--list-bugs", help="describe every bug switch and exit."),
     json_out: bool = typer.Option(False, "--json", help="the report as one JSON object on stdout."),
+    tracepoints: str = typer.Option(None, "--tracepoints", help="write the kernel's kvm/kvmmmu tracepoint lines "
+                                    "(trace-cmd report's form) to FILE; `shmmmu trace summary FILE` reads it."),
 ) -> None:
     """rcutorture-style stress of the whole MMU with every checker on; SUCCESS or FAILURE (exit 0/1)."""
     import json
@@ -223,12 +238,18 @@ def stress(
     opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
                          bugs=list(bug), kill_every=kill_every, nx_huge_pages=nx_huge_pages,
                          torture_delay_us=torture_delay_us, root_roles=root_roles)
+    from contextlib import ExitStack
+
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    stack = ExitStack()
     try:
         opts.config()
+        if tracepoints:
+            opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
     except ValueError as e:
         raise _fail(str(e))
     log = None if json_out else (lambda line: print(line, flush=True))
-    with _running_a_vm():
+    with stack, _running_a_vm():
         result = run_stress(opts, Supervisor, log=log)
     if json_out:
         print(json.dumps(result.to_json()))
@@ -727,6 +748,80 @@ def bench_access_tracking(
         raise typer.Exit(1)
 
 # ---------------------------------------------------------------- end of bench
+
+
+# ---------------------------------------------------------------- trace
+
+trace_app = typer.Typer(help="Real traces in (record, convert) and the kernel's tracepoint lines summarized "
+                             "(docs/trace.md).", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+
+@trace_app.command("record", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def trace_record(
+    cmd: list[str] = typer.Argument(None, help="the command to trace, after --."),
+    out: str = typer.Option("trace.lackey", "--output", "-o", help="the trace file to write."),
+) -> None:
+    """Run CMD under valgrind's lackey tool (--trace-mem=yes) and write its memory trace; exit with CMD's status."""
+    from shmmmu.trace.formats import TraceError
+    from shmmmu.trace.record import record
+    try:
+        rc = record(list(cmd or []), out)
+    except TraceError as e:
+        raise _fail(str(e))
+    print(f"shmmmu: trace of {' '.join(cmd)} in {out} (replay: shmmmu run --trace {out} --vcpus 1 --backing 4k)",
+          file=sys.stderr)
+    raise typer.Exit(rc)
+
+
+@trace_app.command("convert")
+def trace_convert(
+    src: str = typer.Argument(..., help="a trace in any format `run --trace` reads."),
+    out: str = typer.Option(..., "--output", "-o", help="the converted file (replay it with run --trace)."),
+    trace_format: str = typer.Option(None, "--trace-format", help="lackey, pinatrace, perf, kvm or plain "
+                                     "(default: detected)."),
+    json_out: bool = typer.Option(False, "--json", help="what was converted, as one JSON object."),
+) -> None:
+    """Convert a trace once into the binary form vCPUs stream (first-touch page mapping, a part per thread)."""
+    import json
+
+    from shmmmu.trace.formats import TraceError
+    from shmmmu.trace.store import convert, is_converted
+    try:
+        if is_converted(src):
+            raise TraceError(f"{src} is converted already")
+        info = convert(src, out, trace_format)
+    except TraceError as e:
+        raise _fail(str(e))
+    d = {"output": out, "format": info.format, "accesses": info.accesses, "pages": info.pages,
+         "threads": [{"tid": t, "accesses": n} for t, _, n in info.parts]}
+    if json_out:
+        print(json.dumps(d))
+    else:
+        print(f"{src}: {info.format}, {info.accesses} accesses, {info.pages} distinct pages, "
+              f"{len(info.parts)} thread{'s' if len(info.parts) != 1 else ''} -> {out}")
+
+
+@trace_app.command("summary")
+def trace_summary(
+    path: str = typer.Argument(..., help="a --tracepoints file, or `trace-cmd report` / `perf script` output."),
+    json_out: bool = typer.Option(False, "--json", help="the summary as one JSON object."),
+) -> None:
+    """Summarize kvm/kvmmmu tracepoint lines: events by kind, levels, splits, zaps, changes per GFN."""
+    import json
+
+    from shmmmu.trace.formats import TraceError
+    from shmmmu.trace.summary import report, summarize
+    try:
+        s = summarize(path)
+    except TraceError as e:
+        raise _fail(str(e))
+    if json_out:
+        print(json.dumps(s.to_json()))
+    else:
+        print("\n".join(report(s, path)))
+
+# ---------------------------------------------------------------- end of trace
 
 
 def main(argv: list[str] | None = None) -> None:

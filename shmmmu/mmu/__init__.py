@@ -7,10 +7,11 @@
   mmu.py       the fault entry of mmu.c: struct kvm_page_fault, the notifier recheck, hugepage adjust
   ioctl.py     the lock-taking entry points: zap range, zap-all, notifier, memslots, dirty logging
   debug.py     the debug checkers, installed over an Mmu only when the VM runs with debug on
+  tracepoints.py  the kernel's kvm/kvmmmu tracepoint lines, installed only with --tracepoints
 
 `Mmu(vm, worker)` composes them and, once, chooses: the fault entry for the
-VM's lock mode, the reverted variant of each function a bug switch names, and
-the debug wrappers.  Nothing on the fast paths tests a switch or a debug flag.
+VM's lock mode, the reverted variant of each function a bug switch names, the
+debug wrappers and the tracepoint wrappers.  Nothing on the fast paths tests a switch or a debug flag.
 Mirrors the series "Allow parallel MMU operations with TDP MMU" as merged in
 5.12-5.13 (docs/internals.md has the version of every behaviour).
 """
@@ -67,3 +68,7 @@ class Mmu(KvmIoctls):
         if self.debug:
             from shmmmu.mmu import debug
             self.debug_state = debug.install(self)
+        self.tracepoints = None
+        if self.config.tracepoints:             # --tracepoints: the kernel's trace lines (outermost wrappers)
+            from shmmmu.mmu import tracepoints
+            self.tracepoints = tracepoints.install(self, self.config.tracepoints)

@@ -1,0 +1,220 @@
+"""Tracepoints: the kernel's kvm and kvmmmu tracepoint lines of one Mmu, written by wrapping its functions when asked.
+
+`install(mmu, directory)` wraps, on this one Mmu instance, the functions at
+whose kernel counterparts 5.13 fires the TDP MMU's tracepoints, and writes
+each event as `trace-cmd report` prints it, in the event's own printk format
+(arch/x86/kvm/trace.h and arch/x86/kvm/mmu/mmutrace.h of 5.13):
+
+  kvm_page_fault            handle_ept_violation, before kvm_mmu_page_fault    "address %lx error_code %x"
+  kvm_mmu_spte_requested    kvm_tdp_mmu_map, after kvm_mmu_hugepage_adjust     "gfn %llx pfn %llx level %d"
+  kvm_tdp_mmu_spte_changed  __handle_changed_spte, for every change            "as id %d gfn %llx level %d
+                            (also each entry handle_removed_tdp_mmu_page        old_spte %llx new_spte %llx"
+                            freezes)
+  kvm_mmu_get_page          alloc_tdp_mmu_page (always "new")                  KVM_MMU_PAGE_PRINTK() " %s"
+  kvm_mmu_prepare_zap_page  handle_removed_tdp_mmu_page                         KVM_MMU_PAGE_PRINTK()
+
+KVM_MMU_PAGE_PRINTK() is "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s": a TDP
+page's role is direct, 8-byte, quadrant 0, access wux, efer_nx clear (the TDP root role never sets
+it), A/D enabled, mmu_valid_gen 0 (the TDP MMU does not use it), sync.
+
+The error code of kvm_page_fault is VMX's EPT-violation exit qualification:
+bit 0 a read, 1 a write, 2 a fetch, and bits 7 and 8 (the guest linear address
+is valid and the access was a translation of it) as a guest's data access has
+them; bits 3-5 (what the entry allowed) are left 0.
+
+Nothing of this runs unless the VM's configuration names a directory
+(`--tracepoints FILE`): then each worker writes its own part there, and
+`collect()` merges the parts by timestamp into FILE.  The timestamp is
+CLOCK_MONOTONIC; the [CPU] column is the worker slot; the task is QEMU's name
+for a vCPU thread ("CPU 0/KVM") or the role of a host process.
+"""
+from __future__ import annotations
+
+import atexit
+import heapq
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from shmmmu import spte as S
+from shmmmu.layout import TMeta
+
+if TYPE_CHECKING:
+    from shmmmu.mmu import Mmu
+
+# the printk formats, as the kernel's headers have them (tests check every line against these)
+KVM_MMU_PAGE_PRINTK = "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s"
+FORMATS = {
+    "kvm_page_fault": "address %lx error_code %x",
+    "kvm_mmu_spte_requested": "gfn %llx pfn %llx level %d",
+    "kvm_tdp_mmu_spte_changed": "as id %d gfn %llx level %d old_spte %llx new_spte %llx",
+    "kvm_mmu_get_page": KVM_MMU_PAGE_PRINTK + " %s",
+    "kvm_mmu_prepare_zap_page": KVM_MMU_PAGE_PRINTK,
+}
+EPT_READ, EPT_WRITE, EPT_FETCH = 0x1, 0x2, 0x4
+EPT_GLA = 0x180                  # bits 7 and 8: a translation of a valid guest linear address
+_TM = TMeta.WORDS
+
+
+def _sp(gfn: int, level: int) -> str:
+    """KVM_MMU_PAGE_PRINTK() of a TDP MMU page."""
+    return f"sp gen 0 gfn {gfn:x} l{level} 8-byte q0 direct wux !nxe ad root 0 sync"
+
+
+def task(mmu: "Mmu") -> str:
+    """The task name a line carries: QEMU's name of a vCPU thread, or the host process's role."""
+    c, w = mmu.config, mmu.worker
+    if w < c.n_vcpus:
+        return f"CPU {w}/KVM"
+    return {c.host_worker: "shmmmu", c.reclaimer_worker: "shmmmu-reclaim"}.get(w, "shmmmu-notifier")
+
+
+class Writer:
+    """One worker's part: lines in trace-cmd report's layout.  A vCPU's are buffered and flushed when it
+    publishes its counters; a host process's go out line by line (the supervisor merges the parts
+    before it exits, and its operations are few)."""
+
+    def __init__(self, path: str, comm: str, pid: int, cpu: int, buffered: bool):
+        self.f: IO[str] = open(path, "a", buffering=1 << 16 if buffered else 1)
+        self.prefix = f"{comm:>16}-{pid:<5} [{cpu:03d}] "
+        atexit.register(self.f.flush)
+
+    def emit(self, event: str, text: str) -> None:
+        t = time.monotonic_ns() // 1000
+        self.f.write(f"{self.prefix}{t // 1000000:5d}.{t % 1000000:06d}: {event + ':':<25} {text}\n")
+
+
+def install(mmu: "Mmu", directory: str) -> Writer:
+    """Wrap the traced functions of one Mmu; its lines go to a part file of its own in `directory`."""
+    w = Writer(os.path.join(directory, f"{mmu.worker:03d}-{os.getpid()}.txt"), task(mmu), os.getpid(), mmu.worker,
+               buffered=mmu.worker < mmu.config.n_vcpus)
+    emit = w.emit
+    tm = mmu.tm
+    pages = [0] + [mmu.geometry.pages(level) for level in range(1, mmu.root_level + 1)]
+    removed = S.REMOVED
+
+    page_fault = mmu.page_fault
+
+    def traced_page_fault(gfn: int, write: bool, exec_fault: bool = False) -> int:
+        code = EPT_GLA | (EPT_WRITE if write else EPT_FETCH if exec_fault else EPT_READ)
+        emit("kvm_page_fault", f"address {gfn << 12:x} error_code {code:x}")
+        return page_fault(gfn, write, exec_fault)
+    mmu.page_fault = traced_page_fault
+
+    tdp_map = mmu.kvm_tdp_mmu_map
+
+    def traced_map(fault, shared: bool) -> int:
+        level = fault.goal_level
+        emit("kvm_mmu_spte_requested",
+             f"gfn {fault.gfn:x} pfn {fault.pfn | (fault.gfn & (pages[level] - 1)):x} level {level}")
+        return tdp_map(fault, shared)
+    mmu.kvm_tdp_mmu_map = traced_map
+
+    def spte_changed(gfn: int, level: int, old: int, new: int) -> None:
+        emit("kvm_tdp_mmu_spte_changed", f"as id 0 gfn {gfn:x} level {level} old_spte {old:x} new_spte {new:x}")
+
+    handle_changed = mmu.handle_changed_spte
+
+    def traced_handle_changed(gfn: int, old: int, new: int, level: int, shared: bool,
+                              record_dirty_log: bool = True, record_acc_track: bool = True) -> None:
+        if old != new:                           # __handle_changed_spte returns before its trace when equal
+            spte_changed(gfn, level, old, new)
+        handle_changed(gfn, old, new, level, shared, record_dirty_log, record_acc_track)
+    mmu.handle_changed_spte = traced_handle_changed
+
+    # handle_removed_tdp_mmu_page: trace_kvm_mmu_prepare_zap_page(sp), then every entry it freezes goes
+    # through handle_changed_spte (shared: all of them, exchanged to REMOVED; exclusive: the present ones)
+    remove_table = mmu._remove_table
+    E = mmu.E
+    tables = mmu.tables
+
+    def traced_remove_table(table: int, shared: bool, removed_list: list[int]) -> None:
+        level = tm.load(table * _TM + TMeta.LEVEL)
+        base = tm.load(table * _TM + TMeta.GFN)
+        emit("kvm_mmu_prepare_zap_page", _sp(base, level))
+        if shared:
+            remove_table(table, shared, removed_list)      # the freeze below traces each entry
+            return
+        before = np.empty(E, dtype=np.uint64)
+        tables.load_range(table * E, E, before)
+        remove_table(table, shared, removed_list)
+        for i in np.flatnonzero(before & np.uint64(S.MMU_PRESENT)).tolist():
+            spte_changed(base + i * pages[level], level, int(before[i]), removed)
+    mmu._remove_table = traced_remove_table
+
+    freeze = mmu.freeze_removed_entries
+
+    def traced_freeze(start: int, base: int, table: int, old: np.ndarray) -> None:
+        freeze(start, base, table, old)
+        level = tm.load(table * _TM + TMeta.LEVEL)
+        after = tables.load(start)                       # REMOVED (or 0 with K6)
+        step = pages[level]
+        for i, v in enumerate(old.tolist()):
+            if v != after:
+                spte_changed(base + i * step, level, v, after)
+    mmu.freeze_removed_entries = traced_freeze
+
+    pool = mmu.pool
+    alloc = pool.alloc
+
+    def traced_alloc(level: int, gfn: int) -> int:
+        table = alloc(level, gfn)
+        emit("kvm_mmu_get_page", _sp(gfn, level) + " new")
+        return table
+    pool.alloc = traced_alloc
+
+    publish = mmu.publish_stats
+
+    def traced_publish() -> None:
+        publish()
+        w.f.flush()
+    mmu.publish_stats = traced_publish
+    return w
+
+
+# ---------------------------------------------------------------- the file: parts made, merged, removed
+
+@contextmanager
+def tracepoint_parts(out: str) -> Iterator[str]:
+    """A directory for the workers' parts beside `out`; on leaving, the parts merged into `out` and removed
+    (also on an error or Ctrl-C: what was written until then is kept)."""
+    try:
+        with open(out, "a"):
+            pass
+        d = tempfile.mkdtemp(prefix=".shmmmu-tracepoints-", dir=os.path.dirname(os.path.abspath(out)))
+    except OSError as e:
+        raise ValueError(f"cannot write tracepoints to {out}: {e.strerror}") from None
+    try:
+        yield d
+    finally:
+        try:
+            collect(d, out)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _ts(line: str) -> float:
+    return float(line.split("] ", 1)[1].split(":", 1)[0])
+
+
+def collect(directory: str, out: str) -> int:
+    """Merge the parts of `directory` by timestamp into `out` (streaming); returns the number of events."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".txt"))
+    files = [open(os.path.join(directory, n)) for n in names]
+    n = 0
+    try:
+        with open(out, "w") as f:
+            f.write("# tracer: shmmmu (kvm and kvmmmu events in the kernel's formats, Linux 5.13)\n#\n"
+                    "#           TASK-PID     CPU   TIMESTAMP  FUNCTION\n#              | |        |         |         |\n")
+            for line in heapq.merge(*files, key=_ts):
+                f.write(line)
+                n += 1
+    finally:
+        for fh in files:
+            fh.close()
+    return n

@@ -1,0 +1,239 @@
+"""Formats: the trace readers, one per format, each a streaming loop that hands every access to a sink.
+
+An access is (thread id, virtual page, kind); kind is READ, WRITE or EXEC
+(shmmmu.workloads).  A reader never holds more than one line: a trace of any
+length streams through.  Every bad line is one `TraceError` naming its line
+number: an unknown access kind, an address that is negative or past 64 bits,
+binary data (a NUL byte, bytes that are not UTF-8) and endless input such as
+/dev/zero (a line longer than MAX_LINE bytes) alike.
+
+  lackey     valgrind --tool=lackey --trace-mem=yes: 'I  ADDR,SIZE', ' L|S|M ADDR,SIZE' (hex, no 0x);
+             an access that spans two pages touches both; M is a read and then a write; I is a fetch
+  pinatrace  Intel Pin's pinatrace tool: 'IP: R ADDR' / 'IP: W ADDR', '#eof' at the end
+  perf       `perf script` of page-fault samples: the software event (perf record -e page-faults -d,
+             perf script -F +addr: the sample's data address) or the exceptions:page_fault_user /
+             page_fault_kernel tracepoints (address=, error_code=: bit 1 a write, bit 4 a fetch)
+  kvm        the kernel's kvm:kvm_page_fault tracepoint as trace-cmd report or perf script print it:
+             5.13's 'address %lx error_code %x' (and 6.x's 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx');
+             the address is guest-physical, the error code VMX's EPT-violation exit qualification
+             (bit 1 a write, bit 2 a fetch)
+  plain      ours: 'R ADDR', 'W ADDR' or 'X ADDR' (hex with 0x, or decimal); '#' starts a comment
+
+perf and kvm lines carry the thread (the task's pid in trace-cmd's comm-pid, perf's tid):
+each thread becomes a part of the converted trace, and a vCPU.
+"""
+from __future__ import annotations
+
+import re
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from shmmmu.workloads import EXEC, READ, WRITE
+
+MAX_LINE = 4096                  # longer is not a trace line: binary or endless input (/dev/zero)
+DETECT_LINES = 200               # lines read to tell the format
+U64_MAX = (1 << 64) - 1
+FORMATS = ("lackey", "pinatrace", "perf", "kvm", "plain")
+THREADED = ("perf", "kvm")       # formats whose lines name a thread
+
+Sink = Callable[[int, int, int], None]          # add(thread id, virtual page, kind)
+
+
+class TraceError(ValueError):
+    """A trace that cannot be read: one line, with the line number where there is one."""
+
+
+def text_lines(f: BinaryIO, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a binary stream, with the checks every format shares."""
+    readline = f.readline
+    lineno = 0
+    while True:
+        raw = readline(MAX_LINE + 1)
+        if not raw:
+            return
+        lineno += 1
+        if b"\0" in raw:
+            raise TraceError(f"{name}: line {lineno}: binary data (a NUL byte): not a text trace")
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            raise TraceError(f"{name}: line {lineno}: longer than {MAX_LINE} bytes: not a trace "
+                             f"(binary or endless input?)")
+        try:
+            yield lineno, raw.decode()
+        except UnicodeDecodeError:
+            raise TraceError(f"{name}: line {lineno}: binary data (not UTF-8 text): not a text trace") from None
+
+
+def _address(tok: str, base: int, name: str, lineno: int) -> int:
+    try:
+        a = int(tok, base)
+    except ValueError:
+        raise TraceError(f"{name}: line {lineno}: bad address {tok!r}") from None
+    if a < 0:
+        raise TraceError(f"{name}: line {lineno}: negative address {tok!r}")
+    if a > U64_MAX:
+        raise TraceError(f"{name}: line {lineno}: address {tok!r} is past 64 bits")
+    return a
+
+
+# ---------------------------------------------------------------- the readers
+
+_LACKEY_KINDS = {"I": (EXEC,), "L": (READ,), "S": (WRITE,), "M": (READ, WRITE)}
+
+
+def read_lackey(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
+    for lineno, line in lines:
+        if line.startswith("==") or not line.strip():
+            continue                              # valgrind's own messages (==PID== ...)
+        parts = line.split()
+        kinds = _LACKEY_KINDS.get(parts[0]) if len(parts) == 2 else None
+        if kinds is None:
+            raise TraceError(f"{name}: line {lineno}: expected 'I|L|S|M ADDR,SIZE' (lackey), got {line.strip()!r}")
+        a, _, s = parts[1].partition(",")
+        addr = _address(a, 16, name, lineno)
+        try:
+            size = int(s) if s else 1
+        except ValueError:
+            raise TraceError(f"{name}: line {lineno}: bad size {s!r}") from None
+        if size < 1:
+            raise TraceError(f"{name}: line {lineno}: bad size {s!r}")
+        last = addr + size - 1
+        if last > U64_MAX:
+            raise TraceError(f"{name}: line {lineno}: access {a},{s} ends past 64 bits")
+        first, last = addr >> shift, last >> shift
+        for kind in kinds:
+            add(0, first, kind)
+            if last != first:                     # an access spanning a page boundary touches both pages
+                for page in range(first + 1, last + 1):
+                    add(0, page, kind)
+
+
+def read_pinatrace(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
+    for lineno, line in lines:
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue                              # '#eof'
+        parts = s.split()
+        if len(parts) != 3 or not parts[0].endswith(":") or parts[1] not in ("R", "W"):
+            raise TraceError(f"{name}: line {lineno}: expected 'IP: R ADDR' or 'IP: W ADDR' (pinatrace), got {s!r}")
+        add(0, _address(parts[2], 16, name, lineno) >> shift, WRITE if parts[1] == "W" else READ)
+
+
+# perf script: 'COMM TID [CPU] TIME: [PERIOD] EVENT: REST' (the CPU column only when recorded per CPU);
+# trace-cmd report: 'COMM-PID [CPU] [FLAGS] TIME: EVENT: REST'
+_PERF = re.compile(r"^\s*(?P<comm>.*?)\s+(?P<tid>\d+)(?:/\d+)?\s+(?:\[\d+\]\s+)?(?:\S+\s+)?(?P<ts>\d+\.\d+):"
+                   r"\s+(?:\d+\s+)?(?P<event>[\w:-]+):\s*(?P<rest>.*)$")
+_TRACE_CMD = re.compile(r"^\s*(?P<comm>.*?)-(?P<tid>\d+)\s+\[\d+\]\s+(?:\S+\s+)?(?P<ts>\d+\.\d+):"
+                        r"\s+(?P<event>[\w:-]+):\s*(?P<rest>.*)$")
+_PERF_SW_FAULTS = ("page-faults", "faults", "minor-faults", "major-faults")
+_PERF_TP_FAULTS = ("exceptions:page_fault_user", "exceptions:page_fault_kernel",
+                   "page_fault_user", "page_fault_kernel")
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+def event_line(line: str) -> re.Match | None:
+    """The parts of one event line of `trace-cmd report` or `perf script`, or None."""
+    return _TRACE_CMD.match(line) or _PERF.match(line)
+
+
+def read_perf(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
+    for lineno, line in lines:
+        m = _PERF.match(line)
+        if m is None:
+            if line.strip() and not line.lstrip().startswith("#"):
+                raise TraceError(f"{name}: line {lineno}: not a `perf script` sample line: {line.strip()[:80]!r}")
+            continue
+        event, rest, tid = m["event"], m["rest"], int(m["tid"])
+        if event in _PERF_TP_FAULTS:
+            kv = dict(_KV.findall(rest))
+            if "address" not in kv:
+                raise TraceError(f"{name}: line {lineno}: {event} without address=")
+            try:
+                err = int(kv.get("error_code", "0"), 16)
+            except ValueError:
+                raise TraceError(f"{name}: line {lineno}: bad error_code {kv['error_code']!r}") from None
+            kind = EXEC if err & 0x10 else WRITE if err & 0x2 else READ       # X86_PF_INSTR, X86_PF_WRITE
+            add(tid, _address(kv["address"], 16, name, lineno) >> shift, kind)
+        elif event in _PERF_SW_FAULTS:
+            tok = rest.split(None, 1)
+            if not tok:
+                raise TraceError(f"{name}: line {lineno}: {event} sample without an address "
+                                 f"(record with -d, print with perf script -F +addr)")
+            add(tid, _address(tok[0], 16, name, lineno) >> shift, READ)    # a software sample has no kind
+        # other events in the same file (a perf record of several) are not accesses
+
+
+_KVM_PF = re.compile(r"address (?:0x)?(?P<addr>-?[0-9a-fA-F]+)\s+error_code (?:0x)?(?P<err>[0-9a-fA-F]+)")
+
+
+def read_kvm(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
+    for lineno, line in lines:
+        if "kvm_page_fault:" not in line:
+            continue                              # trace-cmd's header, other events
+        m = event_line(line)
+        f = _KVM_PF.search(line)
+        if m is None or f is None:
+            raise TraceError(f"{name}: line {lineno}: a kvm_page_fault line not in the kernel's format "
+                             f"('address %lx error_code %x'): {line.strip()[:100]!r}")
+        err = int(f["err"], 16)
+        # VMX's exit qualification of an EPT violation: bit 0 a read, bit 1 a write, bit 2 a fetch
+        kind = WRITE if err & 0x2 else EXEC if err & 0x4 else READ
+        add(int(m["tid"]), _address(f["addr"], 16, name, lineno) >> shift, kind)
+
+
+_PLAIN_KINDS = {"R": READ, "W": WRITE, "X": EXEC}
+
+
+def read_plain(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
+    for lineno, line in lines:
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        parts = s.split()
+        if len(parts) != 2:
+            raise TraceError(f"{name}: line {lineno}: expected 'R ADDR', 'W ADDR' or 'X ADDR', got {s[:80]!r}")
+        kind = _PLAIN_KINDS.get(parts[0].upper())
+        if kind is None:
+            raise TraceError(f"{name}: line {lineno}: unknown access kind {parts[0][:20]!r} (R, W or X)")
+        add(0, _address(parts[1], 0, name, lineno) >> shift, kind)
+
+
+READERS = {"lackey": read_lackey, "pinatrace": read_pinatrace, "perf": read_perf, "kvm": read_kvm,
+           "plain": read_plain}
+
+# ---------------------------------------------------------------- detection
+
+_LACKEY_LINE = re.compile(r"^(?:I {2}| [LSM] )[0-9a-fA-F]+,\d+\s*$")
+_PIN_LINE = re.compile(r"^0x[0-9a-fA-F]+: [RW] 0x[0-9a-fA-F]+\s*$")
+# 'KIND ADDR': plain even with a kind or address it rejects (its reader then names the line and what is wrong)
+_PLAIN_LINE = re.compile(r"^\s*\w+\s+-?(?:0[xX][0-9a-fA-F]+|\d+)\s*$")
+
+
+def classify(line: str) -> str | None:
+    """The format one line belongs to, or None if it does not tell."""
+    if re.match(r"^==\d+==", line) or _LACKEY_LINE.match(line):
+        return "lackey"
+    if "kvm_page_fault:" in line:
+        return "kvm"
+    if _PIN_LINE.match(line):
+        return "pinatrace"
+    m = _PERF.match(line)
+    if m and (m["event"] in _PERF_SW_FAULTS or m["event"] in _PERF_TP_FAULTS):
+        return "perf"
+    if _PLAIN_LINE.match(line):
+        return "plain"
+    return None
+
+
+def detect(lines: Iterator[tuple[int, str]], name: str) -> tuple[str, list[tuple[int, str]]]:
+    """The format of a trace from its first lines; returns it with the lines read (to be read again)."""
+    seen: list[tuple[int, str]] = []
+    for lineno, line in lines:
+        seen.append((lineno, line))
+        fmt = classify(line)
+        if fmt is not None:
+            return fmt, seen
+        if len(seen) >= DETECT_LINES:
+            break
+    if not any(line.strip() and not line.lstrip().startswith("#") for _, line in seen):
+        raise TraceError(f"{name}: the trace has no accesses")
+    raise TraceError(f"{name}: cannot tell the trace's format from its first {len(seen)} lines "
+                     f"(use --trace-format {'|'.join(FORMATS)})")

@@ -1,0 +1,211 @@
+"""Store: the converted trace: one binary file of uint64 words that vCPUs read in chunks, never whole.
+
+`convert()` streams a text trace (any shmmmu.trace.formats format) into it
+once.  Each word is `guest page offset << 2 | kind`: the virtual page of an
+access is already mapped to a guest page, page-granular and first-touch (each
+new virtual page takes the next free guest page, in the order the trace first
+touches it, over all threads).  That keeps the number of distinct pages, which
+folding addresses modulo guest memory does not (two pages a modulus apart would
+become one, and a 1-vCPU 4 KiB replay would take fewer faults than the program
+touched pages), and it keeps neighbours that are touched in order neighbours,
+so huge-page backing still sees them together.  Conversion holds one dict entry
+per distinct page (the mapping) and one 64 K-word buffer per thread; nothing
+grows with the trace's length.
+
+The file: an 8 KiB header of uint64 words, then the parts, one per thread
+(threads of perf and kvm traces; one part otherwise), each contiguous.
+
+  header[0] MAGIC   [1] VERSION   [2] parts   [3] distinct pages   [4] page shift   [5] accesses
+  header[8:16]      the source format's name (ASCII, NUL-padded)
+  header[16 + 3k:]  part k: thread id, first word (from the data start), words
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from array import array
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from shmmmu.trace.formats import FORMATS, READERS, THREADED, TraceError, detect, text_lines
+
+MAGIC = int.from_bytes(b"SHMMMUTR", "little")
+VERSION = 1
+HEADER_WORDS = 1024
+HEADER_BYTES = HEADER_WORDS * 8
+MAX_PARTS = 250                  # one vCPU each, and run allows 250
+PAGE_SHIFT = 12
+FLUSH_WORDS = 1 << 16
+CHUNK = 1 << 16                  # words a vCPU reads at a time
+KIND_BITS = 2
+
+
+@dataclass
+class TraceInfo:
+    """What the header of a converted trace says."""
+
+    path: str
+    format: str
+    parts: list[tuple[int, int, int]]       # (thread id, first word, words)
+    pages: int                              # distinct guest pages the trace touches
+    accesses: int
+
+    @property
+    def threaded(self) -> bool:
+        """One part per thread, each replayed by its own vCPU (else one part every vCPU replays)."""
+        return len(self.parts) > 1
+
+
+class _Part:
+    __slots__ = ("file", "buf", "count")
+
+    def __init__(self, directory: str):
+        self.file = tempfile.TemporaryFile(dir=directory, prefix=".shmmmu-trace-part-")
+        self.buf = array("Q")
+        self.count = 0
+
+    def flush(self) -> None:
+        self.buf.tofile(self.file)
+        self.count += len(self.buf)
+        del self.buf[:]
+
+
+class Converter:
+    """The sink the readers feed: maps pages first-touch and spills each thread's words to its own file."""
+
+    def __init__(self, directory: str, page_shift: int = PAGE_SHIFT):
+        self.directory = directory
+        self.page_shift = page_shift
+        self.pages: dict[int, int] = {}
+        self.parts: dict[int, _Part] = {}
+
+    def add(self, tid: int, vpage: int, kind: int) -> None:
+        pages = self.pages
+        g = pages.get(vpage)
+        if g is None:
+            g = pages[vpage] = len(pages)
+        part = self.parts.get(tid)
+        if part is None:
+            if len(self.parts) >= MAX_PARTS:
+                raise TraceError(f"the trace has more than {MAX_PARTS} threads (at most one vCPU each)")
+            part = self.parts[tid] = _Part(self.directory)
+        buf = part.buf
+        buf.append(g << KIND_BITS | kind)
+        if len(buf) >= FLUSH_WORDS:
+            part.flush()
+
+    def finish(self, out: str, fmt: str) -> TraceInfo:
+        """Write the file (header, then the parts in the order their threads first appear) and close the parts."""
+        try:
+            if not self.parts:
+                raise TraceError("the trace has no accesses")
+            header = np.zeros(HEADER_WORDS, dtype=np.uint64)
+            parts, first = [], 0
+            for tid, p in self.parts.items():
+                p.flush()
+                parts.append((tid, first, p.count))
+                first += p.count
+            header[0:6] = [MAGIC, VERSION, len(parts), len(self.pages), self.page_shift, first]
+            header[8:16] = np.frombuffer(fmt.encode()[:64].ljust(64, b"\0"), dtype=np.uint64)
+            for k, (tid, off, n) in enumerate(parts):
+                header[16 + 3 * k:19 + 3 * k] = [tid & ((1 << 64) - 1), off, n]
+            tmp = f"{out}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(header.tobytes())
+                    for p in self.parts.values():
+                        p.file.seek(0)
+                        while block := p.file.read(1 << 20):
+                            f.write(block)
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return TraceInfo(out, fmt, parts, len(self.pages), first)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for p in self.parts.values():
+            p.file.close()
+
+
+def is_converted(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and int.from_bytes(head, "little") == MAGIC
+
+
+def read_info(path: str) -> TraceInfo:
+    """The header of a converted trace, checked against the file's size."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype=np.uint64, count=HEADER_WORDS)
+    except OSError as e:
+        raise TraceError(f"cannot read trace {path}: {e.strerror}") from None
+    if header.size < HEADER_WORDS or int(header[0]) != MAGIC:
+        raise TraceError(f"{path}: not a converted shmmmu trace")
+    if int(header[1]) != VERSION:
+        raise TraceError(f"{path}: converted trace version {int(header[1])}, this shmmmu reads {VERSION}")
+    n = int(header[2])
+    if not 1 <= n <= MAX_PARTS:
+        raise TraceError(f"{path}: damaged converted trace ({n} parts)")
+    parts = [tuple(int(x) for x in header[16 + 3 * k:19 + 3 * k]) for k in range(n)]
+    total = int(header[5])
+    if sum(p[2] for p in parts) != total or HEADER_BYTES + 8 * total != size:
+        raise TraceError(f"{path}: damaged converted trace (its header does not match its size)")
+    fmt = header[8:16].tobytes().rstrip(b"\0").decode(errors="replace")
+    return TraceInfo(path, fmt, parts, int(header[3]), total)
+
+
+def read_chunk(path: str, part: int, index: int, chunk: int = CHUNK) -> np.ndarray:
+    """Words [index * chunk, (index + 1) * chunk) of a part (fewer at its end, none past it)."""
+    first, count = (int(x) for x in np.fromfile(path, dtype=np.uint64, count=2, offset=(17 + 3 * part) * 8))
+    lo = index * chunk
+    if lo >= count:
+        return np.empty(0, dtype=np.uint64)
+    return np.fromfile(path, dtype=np.uint64, count=min(chunk, count - lo), offset=HEADER_BYTES + 8 * (first + lo))
+
+
+def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
+                   page_shift: int = PAGE_SHIFT) -> TraceInfo:
+    """Convert a text trace from a binary stream; `fmt` forces a format (None: detected)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise TraceError(f"unknown trace format {fmt!r}: use {', '.join(FORMATS)}")
+    lines = text_lines(f, name)
+    if fmt is None:
+        fmt, seen = detect(lines, name)
+        lines = _chain(seen, lines)
+    conv = Converter(os.path.dirname(os.path.abspath(out)), page_shift)
+    try:
+        READERS[fmt](lines, conv.add, name, page_shift)
+    except BaseException:
+        conv.close()
+        raise
+    return conv.finish(out, fmt)
+
+
+def _chain(seen, rest):
+    yield from seen
+    yield from rest
+
+
+def convert(path: str, out: str, fmt: str | None = None) -> TraceInfo:
+    """Convert the trace file at `path` into `out`; a converted trace is only checked (and reused as it is)."""
+    if is_converted(path):
+        return read_info(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TraceError(f"cannot read trace {path}: {e.strerror}") from None
+    with f:
+        return convert_stream(f, path, out, fmt)
+
+
+def threaded_format(fmt: str) -> bool:
+    return fmt in THREADED

@@ -1,0 +1,411 @@
+"""Traces in and tracepoints out, through the real CLI: every format read from a real sample, replays that take one
+fault per distinct page, bad traces refused in one line, and the kernel's tracepoint lines checked against the
+kernel's own format strings (quoted below) and read back by `trace summary`.
+
+The samples (tests/data/README.md says how each was made): lackey and perf output made with the real tools here
+(valgrind 3.19, perf 6.1); pinatrace written with pinatrace.cpp's format from the lackey sample's addresses;
+the kvm and kvmmmu samples written from the kernel's TP_printk formats.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+CMD = [sys.executable, "-m", "workers.cli"]
+
+# ---------------------------------------------------------------- the kernel's formats, quoted
+
+# arch/x86/kvm/trace.h (5.13): TRACE_EVENT(kvm_page_fault, ... TP_printk("address %lx error_code %x", ...))
+KVM_PAGE_FAULT = "address %lx error_code %x"
+# arch/x86/kvm/mmu/mmutrace.h (5.13)
+KVM_MMU_SPTE_REQUESTED = "gfn %llx pfn %llx level %d"
+KVM_TDP_MMU_SPTE_CHANGED = "as id %d gfn %llx level %d old_spte %llx new_spte %llx"
+# KVM_MMU_PAGE_PRINTK(): trace_seq_printf(p, "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s" " %snxe %sad root %u %s%c",
+#   mmu_valid_gen, gfn, role.level, role.gpte_is_8_bytes ? 8 : 4, role.quadrant, role.direct ? " direct" : "",
+#   access_str[role.access], role.invalid ? " invalid" : "", role.efer_nx ? "" : "!", role.ad_disabled ? "!" : "",
+#   root_count, unsync ? "unsync" : "sync", 0)     -- the %c of 0 ends the string
+KVM_MMU_PAGE_PRINTK = "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s"
+ACCESS_STR = ["---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux"]
+KVM_MMU_GET_PAGE = KVM_MMU_PAGE_PRINTK + " %s"           # TP_printk("%s %s", KVM_MMU_PAGE_PRINTK(), created ? "new" : "existing")
+KVM_MMU_PREPARE_ZAP_PAGE = KVM_MMU_PAGE_PRINTK           # kvm_mmu_page_class: TP_printk("%s", KVM_MMU_PAGE_PRINTK())
+
+# what each %s of a format may print, in order
+STRINGS = {
+    "kvm_mmu_get_page": [r"(?: direct)?", "(?:" + "|".join(re.escape(a) for a in ACCESS_STR) + ")", r"(?: invalid)?",
+                         "!?", "!?", "(?:unsync|sync)", "(?:new|existing)"],
+    "kvm_mmu_prepare_zap_page": [r"(?: direct)?", "(?:" + "|".join(re.escape(a) for a in ACCESS_STR) + ")",
+                                 r"(?: invalid)?", "!?", "!?", "(?:unsync|sync)"],
+}
+FORMATS = {"kvm_page_fault": KVM_PAGE_FAULT, "kvm_mmu_spte_requested": KVM_MMU_SPTE_REQUESTED,
+           "kvm_tdp_mmu_spte_changed": KVM_TDP_MMU_SPTE_CHANGED, "kvm_mmu_get_page": KVM_MMU_GET_PAGE,
+           "kvm_mmu_prepare_zap_page": KVM_MMU_PREPARE_ZAP_PAGE}
+
+
+def printk_regex(fmt: str, strings: list[str]) -> re.Pattern:
+    """A printk format as a regex: %llx/%lx/%x hex without 0x, %d signed, %u unsigned, %s from `strings`."""
+    it = iter(strings)
+    out, i = [], 0
+    for m in re.finditer(r"%(ll|l)?([xdus])", fmt):
+        out.append(re.escape(fmt[i:m.start()]))
+        out.append({"x": "[0-9a-f]+", "d": "-?[0-9]+", "u": "[0-9]+"}.get(m[2]) or next(it))
+        i = m.end()
+    out.append(re.escape(fmt[i:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+# trace-cmd report: "%16s-%-5d [%03d] %5lu.%06lu: %s: " then the event's printk output
+LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+\[(?P<cpu>\d{3})\]\s+(?P<ts>\d+\.\d{6}): (?P<event>\w+):\s+(?P<text>.*)$")
+
+
+def check_lines(path: Path) -> dict[str, int]:
+    """Every event line of a --tracepoints file in trace-cmd's layout and its event's kernel format."""
+    regex = {e: printk_regex(f, STRINGS.get(e, [])) for e, f in FORMATS.items()}
+    counts: dict[str, int] = {}
+    last = 0.0
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        m = LINE.match(line)
+        assert m, f"not a trace-cmd report line: {line!r}"
+        assert m["event"] in regex, line
+        assert regex[m["event"]].match(m["text"]), f"{m['event']} does not match {FORMATS[m['event']]!r}: {line!r}"
+        assert float(m["ts"]) >= last, "the parts are merged by timestamp"
+        last = float(m["ts"])
+        counts[m["event"]] = counts.get(m["event"], 0) + 1
+    return counts
+
+
+def test_the_formats_are_the_kernels() -> None:
+    from shmmmu.mmu.tracepoints import FORMATS as OURS
+    assert OURS == FORMATS
+
+
+# ---------------------------------------------------------------- helpers
+
+def shmmmu(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture
+def tmpenv(tmp_path: Path) -> dict:
+    """TMPDIR of the runs: the tests see every temporary file a run leaves there."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    return {**os.environ, "TMPDIR": str(d)}
+
+
+def no_leftovers(env: dict) -> None:
+    assert os.listdir(env["TMPDIR"]) == [], "a run left its converted trace or tracepoint parts"
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("shmmmu: error: "), p.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# ---------------------------------------------------------------- independent readers of the samples
+
+def lackey_accesses(path: Path) -> list[tuple[int, int]]:
+    """(page, kind) of a lackey trace: I fetch, L read, S write, M read then write; a page-spanning access both."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("==") or not line.strip():
+            continue
+        k, rest = line.split()
+        addr, size = rest.split(",")
+        a, n = int(addr, 16), int(size)
+        pages = range(a >> 12, ((a + n - 1) >> 12) + 1)
+        for kind in {"I": [2], "L": [0], "S": [1], "M": [0, 1]}[k]:
+            out += [(p, kind) for p in pages]
+    return out
+
+
+def expected(sample: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """(format, [(thread, page, kind)]) of a sample, read here without shmmmu's readers."""
+    path = DATA / sample
+    text = path.read_text().splitlines()
+    if sample.startswith("lackey"):
+        return "lackey", [(0, p, k) for p, k in lackey_accesses(path)]
+    if sample.startswith("pinatrace"):
+        return "pinatrace", [(0, int(l.split()[2], 16) >> 12, 1 if l.split()[1] == "W" else 0)
+                             for l in text if l and not l.startswith("#")]
+    if sample == "perf-page-faults.txt":          # comm tid time: event: addr ip (no access kind: reads)
+        return "perf", [(int(l.split()[1]), int(l.split()[4], 16) >> 12, 0) for l in text]
+    if sample == "perf-page-fault-user.txt":      # ... exceptions:page_fault_user: address= ip= error_code=
+        out = []
+        for l in text:
+            kv = dict(f.split("=") for f in l.split() if "=" in f)
+            err = int(kv["error_code"], 16)
+            out.append((int(l.split()[1]), int(kv["address"], 16) >> 12, 2 if err & 0x10 else 1 if err & 2 else 0))
+        return "perf", out
+    if sample.startswith("kvm-page-fault"):
+        out = []
+        for l in text:
+            if "kvm_page_fault:" not in l:
+                continue
+            tid = int(l.split("[")[0].rsplit("-", 1)[1]) if "trace-cmd" in sample else int(l.split()[2])
+            addr, err = int(l.split("address ")[1].split()[0], 16), int(l.split("error_code ")[1], 16)
+            out.append((tid, addr >> 12, 1 if err & 2 else 2 if err & 4 else 0))
+        return "kvm", out
+    assert sample == "plain.txt"
+    return "plain", [(0, int(l.split()[1], 0) >> 12, "RWX".index(l.split()[0].upper()))
+                     for l in text if l.strip() and not l.startswith("#")]
+
+
+SAMPLES = ["lackey-true.txt", "pinatrace.out", "perf-page-faults.txt", "perf-page-fault-user.txt",
+           "kvm-page-fault.trace-cmd.txt", "kvm-page-fault.perf.txt", "plain.txt"]
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_every_format_detected_and_converted(sample: str, tmp_path: Path) -> None:
+    fmt, acc = expected(sample)
+    out = tmp_path / "t.bin"
+    p = shmmmu("trace", "convert", str(DATA / sample), "-o", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    threads = list(dict.fromkeys(t for t, _, _ in acc))
+    assert d["format"] == fmt
+    assert d["accesses"] == len(acc)
+    assert d["pages"] == len({pg for _, pg, _ in acc})
+    assert [t["tid"] for t in d["threads"]] == (threads if len(threads) > 1 else [0])
+    assert [t["accesses"] for t in d["threads"]] == [sum(1 for t, _, _ in acc if t == u) for u in threads]
+    # the words: first-touch guest pages (in order of first touch over all threads) and the kinds, per thread
+    import numpy as np
+    from shmmmu.trace.store import HEADER_BYTES
+    words = np.fromfile(out, dtype=np.uint64, offset=HEADER_BYTES)
+    first: dict[int, int] = {}
+    for _, pg, _ in acc:
+        first.setdefault(pg, len(first))
+    want = [first[pg] << 2 | k for u in threads for t, pg, k in acc if t == u]
+    assert words.tolist() == want
+    # forced, the same; forced to another format, a one-line error naming the line
+    p = shmmmu("trace", "convert", str(DATA / sample), "-o", str(out), "--json", "--trace-format", fmt)
+    assert p.returncode == 0 and json.loads(p.stdout)["accesses"] == len(acc)
+    other = "lackey" if fmt != "lackey" else "plain"
+    p = shmmmu("trace", "convert", str(DATA / sample), "-o", str(out), "--trace-format", other)
+    one_line_error(p, "line ")
+
+
+# ---------------------------------------------------------------- replays
+
+def run_json(p: subprocess.CompletedProcess[str]) -> dict:
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def test_replay_takes_one_fault_per_distinct_page(tmpenv: dict, vm_name: str) -> None:
+    pages = len({p for p, _ in lackey_accesses(DATA / "lackey-true.txt")})
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(DATA / "lackey-true.txt"), "--vcpus", "1",
+                        "--backing", "4k", "--memory", "1M", "--iterations", "2", "--json", env=tmpenv))
+    assert d["faults"] == d["stats"]["fixed"] == pages
+    assert d["stats"]["accesses"] == 2 * len(lackey_accesses(DATA / "lackey-true.txt"))
+    assert d["options"]["trace"] == {"format": "lackey", "accesses": d["stats"]["accesses"] // 2, "pages": pages,
+                                     "threads": 1}
+    no_leftovers(tmpenv)
+
+
+def test_threads_become_vcpus_of_one_shared_range(tmpenv: dict, vm_name: str) -> None:
+    _, acc = expected("kvm-page-fault.trace-cmd.txt")
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(DATA / "kvm-page-fault.trace-cmd.txt"),
+                        "--backing", "4k", "--memory", "1M", "--iterations", "1", "--json", env=tmpenv))
+    assert d["options"]["vcpus"] == 2
+    assert d["stats"]["fixed"] == len({pg for _, pg, _ in acc})
+    assert d["stats"]["accesses"] == len(acc)
+    one_line_error(shmmmu("run", "--name", vm_name, "--trace", str(DATA / "kvm-page-fault.trace-cmd.txt"),
+                          "--vcpus", "3", env=tmpenv), "2 threads", "--vcpus 2")
+    no_leftovers(tmpenv)
+
+
+def test_a_trace_without_threads_replays_on_every_vcpu(tmpenv: dict, vm_name: str, tmp_path: Path) -> None:
+    pages = len({pg for _, pg, _ in expected("pinatrace.out")[1]})
+    conv = tmp_path / "pin.bin"
+    assert shmmmu("trace", "convert", str(DATA / "pinatrace.out"), "-o", str(conv)).returncode == 0
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(conv), "--vcpus", "3", "--backing", "4k",
+                        "--memory", "1M", "--iterations", "1", "--json", env=tmpenv))
+    assert d["faults"] == d["stats"]["fixed"] == 3 * pages             # a range each
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(conv), "--vcpus", "3", "--backing", "4k",
+                        "--memory", "1M", "--iterations", "1", "-o", "--json", env=tmpenv))
+    assert d["stats"]["fixed"] == pages                                # one shared range
+    assert conv.exists()                                               # a converted trace is the user's: kept
+    no_leftovers(tmpenv)
+
+
+def test_guest_memory_must_hold_the_distinct_pages(tmpenv: dict, tmp_path: Path) -> None:
+    t = tmp_path / "wide.txt"
+    t.write_text("".join(f"W {i * 4096:#x}\n" for i in range(300)))
+    one_line_error(shmmmu("run", "--trace", str(t), "--vcpus", "1", "--memory", "1M", env=tmpenv),
+                   "300 distinct pages", "--memory 2M")
+    no_leftovers(tmpenv)
+
+
+# ---------------------------------------------------------------- bad traces: one line, exit 2, nothing left
+
+BAD = [
+    ("unknown-kind.txt", b"R 0x1000\nW 0x2000\nQ 0x3000\n", "line 3: unknown access kind 'Q'"),
+    ("lackey-kind.txt", b"==1== Lackey\nI  04016a90,3\n Z 04016a90,3\n", "line 3: expected 'I|L|S|M ADDR,SIZE'"),
+    ("past-64.txt", b"R 0x1000\nR 0x10000000000000000\n", "line 2: address '0x10000000000000000' is past 64 bits"),
+    ("lackey-past-64.txt", b"I  ffffffffffffffff,4\n", "line 1: access ffffffffffffffff,4 ends past 64 bits"),
+    ("negative.txt", b"W -0x10\n", "line 1: negative address '-0x10'"),
+    ("pin-negative.txt", b"0x4011: R 0x7ff0\n0x4012: W -0x8\n", "line 2: negative address '-0x8'"),
+    ("garbage-nul.bin", bytes(range(256)) * 8, "line 1: binary data (a NUL byte)"),
+    ("garbage-utf8.bin", b"R 0x1000\n" + bytes(range(128, 256)) * 4 + b"\n", "line 2: binary data (not UTF-8 text)"),
+    ("long-line.txt", b"R 0x1000\n" + b"7" * 100000, "line 2: longer than 4096 bytes"),
+    ("empty.txt", b"\n# nothing\n", "no accesses"),
+    ("unknown-format.txt", b"hello world, this is not a trace\n", "cannot tell the trace's format"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_traces_one_line_with_the_line_number(name: str, content: bytes, message: str, tmpenv: dict,
+                                                  tmp_path: Path) -> None:
+    t = tmp_path / name
+    t.write_bytes(content)
+    one_line_error(shmmmu("run", "--trace", str(t), "--vcpus", "1", env=tmpenv, timeout=60), message)
+    one_line_error(shmmmu("trace", "convert", str(t), "-o", str(tmp_path / "o.bin"), env=tmpenv), message)
+    assert not (tmp_path / "o.bin").exists()
+    no_leftovers(tmpenv)
+
+
+def test_endless_input_and_missing_files(tmpenv: dict, tmp_path: Path) -> None:
+    one_line_error(shmmmu("run", "--trace", "/dev/zero", "--vcpus", "1", env=tmpenv, timeout=60),
+                   "/dev/zero: line 1: binary data")
+    one_line_error(shmmmu("run", "--trace", str(tmp_path / "nope"), env=tmpenv), "cannot read trace", "nope")
+    one_line_error(shmmmu("run", "--trace", str(DATA / "plain.txt"), "--trace-format", "bogus", env=tmpenv),
+                   "unknown trace format 'bogus'")
+    one_line_error(shmmmu("run", "-w", "trace", env=tmpenv), "--workload trace needs --trace FILE")
+    no_leftovers(tmpenv)
+
+
+# ---------------------------------------------------------------- tracepoints out
+
+def test_tracepoints_of_a_run_match_the_kernels_formats(tmpenv: dict, vm_name: str, tmp_path: Path) -> None:
+    _, acc = expected("plain.txt")
+    out = tmp_path / "run.trace"
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(DATA / "plain.txt"), "--vcpus", "2",
+                        "--backing", "4k", "--memory", "1M", "--iterations", "1", "--json",
+                        "--tracepoints", str(out), env=tmpenv))
+    counts = check_lines(out)
+    first: dict[int, int] = {}
+    for _, pg, k in acc:
+        first.setdefault(pg, k)                  # a page faults once, with the kind of its first access
+    pages = len(first)
+    assert d["stats"]["fixed"] == 2 * pages
+    assert counts["kvm_page_fault"] == d["faults"]            # retried faults too: each is an EPT violation
+    assert counts["kvm_mmu_spte_requested"] >= d["stats"]["fixed"]
+    assert counts["kvm_mmu_get_page"] >= 4 and counts["kvm_mmu_prepare_zap_page"] >= 3    # tables; destroy zaps
+    p = shmmmu("trace", "summary", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["events"] == counts
+    assert s["leaves_installed_by_level"] == {"1": 2 * pages} == s["leaves_removed_by_level"]
+    if d["faults"] == d["stats"]["fixed"]:                                # no retried fault
+        want = {name: 2 * sum(1 for k in first.values() if k == kind)
+                for kind, name in enumerate(("read", "write", "fetch"))}
+        assert s["page_faults"] == {k: v for k, v in want.items() if v}
+    assert s["tasks"] == 3                                                # two vCPUs and the supervisor
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".shmmmu-tracepoints")] == []
+    no_leftovers(tmpenv)
+
+
+def test_tracepoints_of_stress(tmp_path: Path) -> None:
+    out = tmp_path / "stress.trace"
+    p = shmmmu("stress", "--duration", "1.5", "--vcpus", "2", "--seed", "3", "--json", "--tracepoints", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    counts = check_lines(out)
+    assert set(counts) == set(FORMATS)
+    text = out.read_text()
+    # shared mode: handle_removed_tdp_mmu_page exchanges every entry of a removed table to REMOVED_SPTE (0x5a0)
+    assert re.search(r"kvm_tdp_mmu_spte_changed: +as id 0 gfn [0-9a-f]+ level 1 old_spte 0 new_spte 5a0$", text, re.M)
+    p = shmmmu("trace", "summary", str(out))
+    assert p.returncode == 0 and "kvm_mmu_prepare_zap_page" in p.stdout
+
+
+def test_tracepoints_cost_nothing_when_off(vm_name: str) -> None:
+    """Without --tracepoints no function of the Mmu is wrapped: the fault path is the class's own."""
+    from shmmmu.layout import MemslotSpec, VMConfig
+    from shmmmu.mmu import Mmu
+    from shmmmu.mmu.mmu import MmuFault
+    from shmmmu.mmu.tdp_mmu import TdpMmu
+    from shmmmu.vm import create_vm
+    with create_vm(VMConfig(name=vm_name, n_vcpus=1, memslots=[MemslotSpec(0, 512, 1)])) as vm:
+        m = Mmu(vm, 0)
+        assert m.tracepoints is None
+        assert m.page_fault.__func__ is MmuFault.kvm_tdp_mmu_page_fault
+        for f in ("handle_changed_spte", "kvm_tdp_mmu_map", "_remove_table", "freeze_removed_entries"):
+            assert getattr(m, f).__func__ is getattr(TdpMmu, f), f
+        assert "alloc" not in vars(m.pool)
+
+
+@pytest.mark.parametrize("sample", ["kvmmmu.trace-cmd.txt", "kvmmmu.perf.txt"])
+def test_summary_reads_the_kernels_output(sample: str) -> None:
+    p = shmmmu("trace", "summary", str(DATA / sample), "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["events"] == {"kvm_mmu_get_page": 4, "kvm_page_fault": 2, "kvm_mmu_spte_requested": 2,
+                           "kvm_tdp_mmu_spte_changed": 10, "kvm_mmu_prepare_zap_page": 2}
+    assert s["huge_pages_split_by_level"] == {"2": 1}
+    assert s["pages_zapped_by_level"] == {"1": 1, "2": 1}
+    assert s["page_faults"] == {"read": 1, "write": 1}
+    assert s["most_changed_gfns"][0] == ["40200", 5]
+    text = shmmmu("trace", "summary", str(DATA / sample)).stdout
+    assert "huge pages split by level       L2:1" in text
+
+
+def test_summary_refuses_what_is_not_a_tracepoint_file(tmp_path: Path) -> None:
+    one_line_error(shmmmu("trace", "summary", str(DATA / "plain.txt")), "no kvm or kvmmmu tracepoint events")
+    one_line_error(shmmmu("trace", "summary", "/dev/zero", timeout=60), "binary data")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("  CPU 0/KVM-1  [000]  1.000000: kvm_tdp_mmu_spte_changed: as id 0 gfn zz\n")
+    one_line_error(shmmmu("trace", "summary", str(bad)), "line 1", "not in its format")
+
+
+# ---------------------------------------------------------------- trace record, and a real program's million accesses
+
+def test_record_without_valgrind_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}          # nothing on PATH: no valgrind
+    one_line_error(shmmmu("trace", "record", "-o", str(tmp_path / "t"), "--", "true", env=env),
+                   "valgrind is not installed", "apt-get install valgrind")
+    one_line_error(shmmmu("trace", "record", "-o", str(tmp_path / "t")), "needs a command")
+
+
+needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+
+
+@needs_valgrind
+def test_record_then_replay_a_million_accesses(tmp_path: Path, tmpenv: dict, vm_name: str) -> None:
+    """`sort` of 300 lines under lackey: about 1.24 M accesses, replayed on one vCPU with 4 KiB backing: the faults
+    are the distinct pages, counted here from the trace text."""
+    words = tmp_path / "in.txt"
+    words.write_text("".join(f"{(i * 7919) % 300:05d} line\n" for i in range(300)))
+    trace = tmp_path / "sort.lackey"
+    p = shmmmu("trace", "record", "-o", str(trace), "--", "sort", str(words), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Lackey" in trace.open().readline() + trace.open().read(300)
+    n, pages = 0, set()
+    with trace.open() as f:
+        for line in f:
+            if line.startswith("=="):
+                continue
+            k, rest = line.split()
+            a, s = rest.split(",")
+            lo, hi = int(a, 16) >> 12, (int(a, 16) + int(s) - 1) >> 12
+            n += (2 if k == "M" else 1) * (hi - lo + 1)
+            pages.update(range(lo, hi + 1))
+    assert n >= 1_000_000
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(trace), "--vcpus", "1", "--backing", "4k",
+                        "--memory", "8M", "--iterations", "1", "--json", env=tmpenv, timeout=600))
+    assert d["stats"]["accesses"] == n
+    assert d["faults"] == d["stats"]["fixed"] == len(pages)
+    no_leftovers(tmpenv)
