@@ -522,7 +522,20 @@ Processor_batch(Processor *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 result(int reason, Py_ssize_t i, unsigned long long a, unsigned long long b, unsigned long long c)
 {
-    return Py_BuildValue("(inKKK)", reason, i, a, b, c);
+    /* built by hand: Py_BuildValue parses its format on every call, and this is once per fault */
+    PyObject *t = PyTuple_New(5);
+    if (t == NULL) return NULL;
+    PyObject *v[5] = {PyLong_FromLong(reason), PyLong_FromSsize_t(i), PyLong_FromUnsignedLongLong(a),
+                      PyLong_FromUnsignedLongLong(b), PyLong_FromUnsignedLongLong(c)};
+    for (int k = 0; k < 5; k++) {
+        if (v[k] == NULL) {
+            for (int j = k; j < 5; j++) Py_XDECREF(v[j]);
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, k, v[k]);
+    }
+    return t;
 }
 
 /* run(start, end, vbase, acked, root, phase) -> (reason, index, a, b, c)

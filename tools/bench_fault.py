@@ -17,6 +17,11 @@ frequency) is the one closest to the path's own cost.
     .venv/bin/python tools/bench_fault.py [--faults 65536] [--repeat 5] [--mode shared|exclusive|both]
         [--max-us 3.0]
 
+Then, in shared mode, the same first-touch writes through a vCPU (Vcpu.run_batch: the C
+processor, and its Python reference): what they cost beyond the fault is the
+processor's side (the walk that finds nothing, leaving and re-entering guest
+mode, the walk again, the TLB fill, the data write, the counters).
+
 With --max-us the script exits 1 when a shared-mode fault costs more than that.
 """
 from __future__ import annotations
@@ -189,6 +194,47 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
     return out
 
 
+def guest_populate(n: int, mode: str, processor: str) -> float:
+    """CPU seconds for n first-touch guest writes through a Vcpu (each one an EPT violation, the fault, the
+    walk again, the TLB fill and the data write), as workers/vcpu.py runs them: chunks of 256 through
+    Vcpu.run_batch with the C processor or its Python reference (per-access Vcpu.write where the tree has
+    no run_batch, as its vcpu.py did)."""
+    from shmmmu.guest import Vcpu
+    from shmmmu.workloads import make_value
+    cfg = VMConfig(name=f"benchpv-{os.getpid()}-{mode}", n_vcpus=1, bits=9, memslots=[MemslotSpec(0, n, 1)],
+                   lock_mode=mode)
+    with create_vm(cfg) as vm:
+        vm.register(0, 1)
+        batched = hasattr(Vcpu, "run_batch_reference")
+        v = Vcpu(vm, 0, processor=processor) if batched else Vcpu(vm, 0)
+        try:
+            gfns = np.arange(n, dtype=np.int64)
+            v.enter()
+            if batched:
+                v.load_batch(gfns, np.ones(n, dtype=np.int8))
+                vbase, run_batch = make_value(0, 0, 1), v.run_batch
+
+                def accesses() -> None:
+                    for k in range(0, n, 256):
+                        run_batch(k, min(n, k + 256), vbase)
+            else:
+                write = v.write
+
+                def accesses() -> None:
+                    for g in range(n):
+                        write(g, make_value(g, 0, 1))
+            dt = timed(accesses)
+            v.exit()
+            if v.mmu.st[STAT["fixed"]] != n:
+                raise RuntimeError(f"expected {n} fixed faults, got {v.mmu.st[STAT['fixed']]}")
+            return dt
+        finally:
+            if getattr(v, "proc", None) is not None:
+                v.proc.release()
+            v.tables_mv.release()
+            del v
+
+
 def bare_walk_floor(n: int) -> float:
     """The floor: a straight-line 4-level walk (4 loads, index arithmetic) and one CAS per fault, no calls."""
     with new_vm(n, "shared") as vm:
@@ -261,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         results[mode] = run(args.faults, args.repeat, mode)
         print(table(mode, results[mode]))
+        print()
+    if "shared" in results:
+        # the processor's side of a fault: a populate access through the vCPU less the fault itself
+        fault = results["shared"]["total"]
+        print("| shared mode, populate access through the vCPU | µs per access | the processor's side |")
+        print("|---|---:|---:|")
+        for proc in ("c", "python"):
+            a = min(guest_populate(args.faults, "shared", proc) for _ in range(args.repeat)) / args.faults
+            print(f"| {'C loop' if proc == 'c' else 'Python reference'} (fault included) | {a * 1e6:.2f} | "
+                  f"{(a - fault) * 1e6:.2f} |")
         print()
     floor = min(bare_walk_floor(args.faults) for _ in range(args.repeat)) / args.faults
     print(f"floor: a straight-line 4-level walk with one CAS, no calls: {floor * 1e6:.2f} µs per fault")

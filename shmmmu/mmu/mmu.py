@@ -32,7 +32,8 @@ _ST_EMULATED = STAT["emulated"]
 _ST_FIXED = STAT["fixed"]
 _ST_SPURIOUS = STAT["spurious"]
 _ST_RETRIES = STAT["retries"]
-_ST_RESULT = {RET_PF_RETRY: _ST_RETRIES, RET_PF_FIXED: _ST_FIXED, RET_PF_SPURIOUS: _ST_SPURIOUS}
+_ST_RESULT = [0] * 5                     # RET_PF_* -> its counter (a list: the values are 0..4)
+_ST_RESULT[RET_PF_RETRY], _ST_RESULT[RET_PF_FIXED], _ST_RESULT[RET_PF_SPURIOUS] = _ST_RETRIES, _ST_FIXED, _ST_SPURIOUS
 _ST_NOTIFIER_RETRIES = STAT["notifier_retries"]
 _ST_STALE_ROOT = STAT["stale_root_retries"]
 _ST_DURING_FAST_ZAP = STAT["faults_during_fast_zap"]
@@ -68,6 +69,13 @@ class Fault:
 
 class MmuFault(NxHugePages):
     """The fault entry of mmu.c over the TDP MMU."""
+
+    def __init__(self, vm, worker: int, tlb=None):
+        super().__init__(vm, worker, tlb)
+        # struct kvm_page_fault lives on the fault's stack in the kernel: one record per process, filled
+        # in afresh by each fault (a fault never outlives its call, and a process takes one at a time)
+        self.fault_record = Fault(0, False, False)
+        self._memslot_gen = self.slots.rows.load
 
     # ------------------------------------------------------------------ the vCPU's root
 
@@ -152,7 +160,7 @@ class MmuFault(NxHugePages):
         if ctl.load(_C_SEQ) != fault.mmu_seq:
             return True
         slot = fault.slot
-        return self.slots.rows.load(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
+        return self._memslot_gen(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
 
     def make_mmu_pages_available(self) -> None:
         """Legacy shadow-page reclaim: it needs the write lock (CVE-2022-45869 ran it under the read lock)."""
@@ -167,7 +175,8 @@ class MmuFault(NxHugePages):
         st[_ST_FAULTS] += 1
         if self.root_row < 0:
             self.kvm_mmu_load()
-        fault = Fault(gfn, write, exec_fault)
+        fault = self.fault_record
+        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
             return RET_PF_EMULATE
@@ -194,7 +203,8 @@ class MmuFault(NxHugePages):
         st[_ST_FAULTS] += 1
         if self.root_row < 0:
             self.kvm_mmu_load()
-        fault = Fault(gfn, write, exec_fault)
+        fault = self.fault_record
+        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
             return RET_PF_EMULATE
@@ -224,7 +234,8 @@ class MmuFault(NxHugePages):
         st[_ST_FAULTS] += 1
         if self.root_row < 0:
             self.kvm_mmu_load()
-        fault = Fault(gfn, write, exec_fault)
+        fault = self.fault_record
+        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
             return RET_PF_EMULATE

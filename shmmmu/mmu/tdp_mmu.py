@@ -81,6 +81,8 @@ class TdpMmu(TdpMmuRoots):
         # (spte.make_leaf ORs it in), so a fault ORs its page into this instead of rebuilding the bits
         self.leaf_template = [0] + [S.make_leaf(0, level, writable=True, exec_ok=not (self.nx and level > 1))
                                     for level in range(1, self.root_level + 1)]
+        # per level: the mask that rounds a host page down to the first page of a leaf of that level
+        self.level_pfn_mask = [0] + [~((1 << (self.bits * (level - 1))) - 1) for level in range(1, self.root_level + 1)]
 
     # ------------------------------------------------------------------ setters (KVM_TDP_MMU.md §5)
 
@@ -451,6 +453,7 @@ class TdpMmu(TdpMmuRoots):
             gfn = fault.gfn
             level = fault.goal_level
             it = self.fault_walk.start(self.root, 1, gfn)
+            step = it.next
             nx = self.nx
             while it.valid and it.gfn <= gfn:
                 spte = it.old_spte
@@ -460,7 +463,7 @@ class TdpMmu(TdpMmuRoots):
                     level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
                 if spte & _P:
                     if not spte & _L:
-                        it.next()                    # a present non-leaf: step down into it
+                        step()                       # a present non-leaf: step down into it
                         continue
                     # a huge page above the target level: zap it so it can be split
                     if shared:
@@ -480,7 +483,7 @@ class TdpMmu(TdpMmuRoots):
                         self.tdp_mmu_free_sp(child)          # lost the race: never visible, back to the cache
                         break
                     self.st[_ST_LINKED] += 1
-                it.next()
+                step()
             if not it.valid or it.level != level:
                 return RET_PF_RETRY
             fault.goal_level = level
@@ -503,7 +506,7 @@ class TdpMmu(TdpMmuRoots):
     def tdp_mmu_map_handle_target_level(self, fault: "Fault", it: TdpIter, shared: bool) -> int:
         """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf (5.12's FIXED, not its RETRY)."""
         level = fault.goal_level
-        pfn_base = fault.pfn & ~((1 << (self.bits * (level - 1))) - 1)
+        pfn_base = fault.pfn & self.level_pfn_mask[level]
         new = self.leaf_template[level] | (pfn_base << _PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)
         if new == it.old_spte:
             return RET_PF_SPURIOUS
