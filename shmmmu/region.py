@@ -9,13 +9,26 @@ header so `unlink` (and `shmmmu rm`) removes every object a VM created.
 
 One `Region` object owns the mmap and every view made of it; `close()` drops
 the views before unmapping (numpy views on an mmap otherwise keep it exported).
+
+/dev/shm is writable by every local user, so an entry under our prefix may be
+anything: every look goes through `look()` (lstat, never follows a link) and
+every open through `open_entry()` (O_NOFOLLOW|O_NONBLOCK, regular files of this
+user only), so a directory, link, FIFO, socket or another user's file is
+reported, never opened in a way that can block or fail with a traceback.  A
+header is validated against the file's size before anything is mapped or
+allocated from it.  A creator records the inode of every object it made and its
+teardown unlinks only those (`Region.unlink`), so removing a VM by name and
+re-using the name never lets the old teardown destroy the new VM.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import pwd
 import re
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -30,10 +43,13 @@ LAYOUT_VERSION = 1
 PREFIX = "shmmmu-"
 HEADER_BYTES = 64 * 1024
 SECTION_ALIGN = 4096
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")     # used with fullmatch: no trailing newline
+PURPOSE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+SHM_DIR = "/dev/shm"                                 # where glibc's shm_open and sem_open put objects
 
-# header words
-H_MAGIC, H_VERSION, H_JSON_LEN, H_SIZE, H_PID, H_CREATED_NS, H_STATE = range(7)
+# header words; H_PID_START: the creator's start time (clock ticks since boot, /proc/PID/stat field 22), so a
+# reused or forged pid is not taken for the creator
+H_MAGIC, H_VERSION, H_JSON_LEN, H_SIZE, H_PID, H_CREATED_NS, H_STATE, H_PID_START = range(8)
 H_JSON_OFFSET = 64
 STATE_CREATING, STATE_READY = 0, 1
 
@@ -43,7 +59,7 @@ class RegionError(Exception):
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RegionError(f"invalid VM name {name!r}: use 1-64 letters, digits, '-' or '_'")
     return name
 
@@ -57,6 +73,148 @@ SEM_SEP = "."        # not allowed in VM names: VM "a" can never claim a semapho
 
 def semaphore_name(name: str, purpose: str) -> str:
     return "/" + PREFIX + validate_name(name) + SEM_SEP + purpose
+
+
+def segment_file(name: str) -> str:
+    """The segment's entry in /dev/shm (what shm_open names it)."""
+    return PREFIX + validate_name(name)
+
+
+def semaphore_file(name: str, purpose: str) -> str:
+    """A semaphore's entry in /dev/shm (sem_open prefixes 'sem.')."""
+    return "sem." + PREFIX + validate_name(name) + SEM_SEP + purpose
+
+
+# ---- one safe way to look at /dev/shm entries
+
+KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO",
+         stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What an lstat of one /dev/shm entry says (never follows a link, never opens)."""
+
+    file: str
+    kind: str               # file, directory, symbolic link, FIFO, socket, ... ; "missing"
+    uid: int = -1
+    size: int = 0
+    ident: tuple[int, int] = (0, 0)     # (st_dev, st_ino): which object, whatever its name
+    ctime: float = 0.0
+
+    @property
+    def exists(self) -> bool:
+        return self.kind != "missing"
+
+    @property
+    def mine(self) -> bool:
+        """A regular file of this user: the only kind of entry shmmmu opens or unlinks."""
+        return self.kind == "file" and self.uid == os.geteuid()
+
+    def why_not(self) -> str:
+        """Why this entry is not one of ours to open, in words ('' if it is)."""
+        if self.kind == "missing":
+            return "it does not exist"
+        if self.kind != "file":
+            return f"it is a {self.kind}, not a shared-memory object shmmmu made"
+        if self.uid != os.geteuid():
+            return f"it belongs to user {user_name(self.uid)}"
+        return ""
+
+
+def user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def look(file: str) -> Entry:
+    """lstat one /dev/shm entry by its file name."""
+    try:
+        st = os.lstat(os.path.join(SHM_DIR, file))
+    except OSError:
+        return Entry(file, "missing")
+    return Entry(file, KINDS.get(stat.S_IFMT(st.st_mode), "special file"), st.st_uid, st.st_size,
+                 (st.st_dev, st.st_ino), st.st_ctime)
+
+
+def open_entry(file: str, writable: bool = False) -> tuple[int, os.stat_result]:
+    """Open a /dev/shm entry that must be a regular file of this user: never follows a link, never blocks
+    (O_NONBLOCK: a FIFO would otherwise wait for a writer); raises RegionError saying what it is instead."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(os.path.join(SHM_DIR, file), flags)
+    except FileNotFoundError:
+        raise RegionError(f"{SHM_DIR}/{file} does not exist") from None
+    except OSError as e:
+        e2 = look(file)
+        why = e2.why_not() or (e.strerror or str(e)).lower()
+        raise RegionError(f"cannot open {SHM_DIR}/{file}: {why}") from None
+    st = os.fstat(fd)
+    entry = Entry(file, KINDS.get(stat.S_IFMT(st.st_mode), "special file"), st.st_uid)
+    if not entry.mine:
+        os.close(fd)
+        raise RegionError(f"cannot open {SHM_DIR}/{file}: {entry.why_not()}")
+    return fd, st
+
+
+def unlink_entry(file: str, ident: tuple[int, int] | None = None) -> bool:
+    """Unlink one /dev/shm entry if it is a regular file of this user (and, given `ident`, that very object)."""
+    e = look(file)
+    if not e.mine or (ident is not None and e.ident != ident):
+        return False
+    try:
+        os.unlink(os.path.join(SHM_DIR, file))
+    except OSError:
+        return False
+    return True
+
+
+def shm_space() -> tuple[int, int]:
+    """(free bytes, total bytes) of the file system under /dev/shm, (0, 0) if unknown."""
+    try:
+        v = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0, 0
+    return v.f_bavail * v.f_frsize, v.f_blocks * v.f_frsize
+
+
+def _human(n: int) -> str:
+    return f"{-(-n // 1024)} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _no_room(size: int, what: str) -> RegionError:
+    free, total = shm_space()
+    need_mib = -(-(total - free + size) // (1 << 20))
+    return RegionError(f"{SHM_DIR} has {_human(free)} free of {_human(total)} and {what} needs {_human(size)}: "
+                       f"{SHM_DIR} must be at least {need_mib} MiB (docker run --shm-size={need_mib}m, "
+                       f"or mount -o remount,size={need_mib}m {SHM_DIR})")
+
+
+def _create_error(e: OSError, what: str, size: int = 0) -> RegionError:
+    """One sentence for a failed create in /dev/shm (read-only, not writable, out of space or inodes)."""
+    if e.errno == errno.ENOSPC:
+        free, _ = shm_space()
+        if size and free < size:
+            return _no_room(size, what)
+        return RegionError(f"{SHM_DIR} is out of space or inodes: cannot create {what} (shmmmu ls lists VMs; "
+                           f"shmmmu rm --stale removes abandoned ones)")
+    if e.errno == errno.EROFS:
+        return RegionError(f"cannot create {what}: {SHM_DIR} is mounted read-only")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return RegionError(f"cannot create {what}: {SHM_DIR} is not writable by this user")
+    return RegionError(f"cannot create {what}: {e.strerror or e}")
+
+
+def process_start(pid: int) -> int:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22); 0 if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_ = f.read()
+        return int(stat_[stat_.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -83,13 +241,68 @@ def plan_sections(shapes: dict[str, tuple[int, ...]]) -> tuple[list[Section], in
     return out, off
 
 
+def _read_header(name: str, head: mmap.mmap, size: int) -> dict[str, Any]:
+    """The header's document, every field checked for type and every section against the file's size:
+    a header that parses but lies is refused here, before a view or a copy is made from it."""
+    h = np.frombuffer(head, dtype=np.uint64, count=8, offset=0).copy()
+    seg = f"{SHM_DIR}/{PREFIX}{name}"
+    if int(h[H_MAGIC]) != MAGIC:
+        raise RegionError(f"{seg} is not a shmmmu region (bad magic)")
+    if int(h[H_VERSION]) != LAYOUT_VERSION:
+        raise RegionError(f"the VM {name!r} has region layout version {int(h[H_VERSION])}, "
+                          f"this shmmmu reads version {LAYOUT_VERSION}")
+
+    def damaged(why: str) -> RegionError:
+        return RegionError(f"the region of VM {name!r} has a damaged header: {why}")
+
+    n = int(h[H_JSON_LEN])
+    if int(h[H_SIZE]) != size:
+        raise damaged(f"it records {int(h[H_SIZE])} bytes but the segment has {size}")
+    if not 0 < n <= HEADER_BYTES - H_JSON_OFFSET:
+        raise damaged("its configuration length is out of range")
+    try:
+        doc = json.loads(bytes(head[H_JSON_OFFSET:H_JSON_OFFSET + n]))
+    except (ValueError, RecursionError):
+        raise damaged("its configuration is not JSON") from None
+    if not isinstance(doc, dict) or not {"config", "sections", "semaphores"} <= doc.keys():
+        raise damaged("its configuration lacks config, sections or semaphores")
+    if not isinstance(doc["config"], dict):
+        raise damaged("config is not an object")
+    if not isinstance(doc["sections"], list) or not isinstance(doc["semaphores"], list):
+        raise damaged("sections and semaphores must be lists")
+    seen: set[str] = set()
+    for s in doc["sections"]:
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not s["name"]:
+            raise damaged("a section has no name")
+        sname, off, shape = s["name"], s.get("offset"), s.get("shape")
+        if sname in seen:
+            raise damaged(f"section {sname!r} appears twice")
+        seen.add(sname)
+        if type(off) is not int or off < HEADER_BYTES or off % 8:
+            raise damaged(f"section {sname!r} has offset {off!r}")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
+                or any(type(x) is not int or x < 0 for x in shape)):
+            raise damaged(f"section {sname!r} has shape {shape!r}")
+        nbytes = 8
+        for x in shape:
+            nbytes *= x
+        if off + nbytes > size:
+            raise damaged(f"section {sname!r} ({nbytes} bytes at {off:#x}) runs past the segment's "
+                          f"{size} bytes")
+    if any(not isinstance(p, str) or not PURPOSE_RE.fullmatch(p) for p in doc["semaphores"]):
+        raise damaged("a semaphore name is not valid")
+    return doc
+
+
 class Region:
     """A mapped VM region.  Use `Region.create(...)` / `Region.attach(...)`, or as a context manager."""
 
-    def __init__(self, name: str, mm: mmap.mmap, doc: dict[str, Any], readonly: bool, owner: bool):
+    def __init__(self, name: str, mm: mmap.mmap, doc: dict[str, Any], readonly: bool, owner: bool,
+                 made: dict[str, tuple[int, int]] | None = None):
         self.name = name
         self.readonly = readonly
         self.owner = owner                   # created it: unlinks on context exit
+        self.made: dict[str, tuple[int, int]] = dict(made or {})   # /dev/shm file -> (dev, inode) we created
         self._mm: mmap.mmap | None = mm
         self.doc = doc
         self.config: dict[str, Any] = doc["config"]
@@ -108,8 +321,12 @@ class Region:
     @classmethod
     def create(cls, name: str, shapes: dict[str, tuple[int, ...]], config: dict[str, Any],
                semaphores: list[str] = (), replace: bool = False) -> "Region":
-        """Create the segment (mode 0600) and its semaphores; fails if the name exists unless `replace`."""
-        seg = segment_name(name)
+        """Create the segment (mode 0600) and its semaphores; fails if the name exists unless `replace`.
+
+        The whole size is reserved up front (posix_fallocate) once the cleanup is armed, so a /dev/shm
+        too small for the region is one sentence here, not a SIGBUS at the first touch of a missing page.
+        """
+        seg = segment_file(name)
         sections, size = plan_sections(shapes)
         doc = {"layout_version": LAYOUT_VERSION, "config": config,
                "sections": [{"name": s.name, "offset": s.offset, "shape": list(s.shape)} for s in sections],
@@ -117,83 +334,104 @@ class Region:
         blob = json.dumps(doc).encode()
         if len(blob) > HEADER_BYTES - H_JSON_OFFSET:
             raise RegionError("the region's configuration does not fit its header")
+        for p in semaphores:
+            if not PURPOSE_RE.fullmatch(p):
+                raise RegionError(f"invalid semaphore purpose {p!r}")
         if replace:
             unlink_all(name)
+        made: dict[str, tuple[int, int]] = {}
+        mm = None
         try:
-            shm = posix_ipc.SharedMemory(seg, posix_ipc.O_CREX, mode=0o600, size=size)
-        except posix_ipc.ExistentialError:
-            raise RegionError(f"a VM named {name!r} already exists (shmmmu rm {name} removes a stale one)") from None
-        try:
-            mm = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
-        try:
-            created: list[str] = []
+            try:
+                fd = os.open(os.path.join(SHM_DIR, seg), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                e = look(seg)
+                why = "" if e.mine else f" ({e.why_not()})"
+                raise RegionError(f"a VM named {name!r} already exists{why}"
+                                  + (f" (shmmmu rm {name} removes a stale one)" if not why else "")) from None
+            except OSError as e:
+                raise _create_error(e, f"the region of VM {name!r}", size) from None
+            try:
+                st = os.fstat(fd)
+                made[seg] = (st.st_dev, st.st_ino)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise _no_room(size, f"the region of VM {name!r}") from None
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise _create_error(e, f"the region of VM {name!r}", size) from None
+                    os.ftruncate(fd, size)          # a file system without fallocate: sized, not reserved
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
             for purpose in semaphores:
+                sem = semaphore_file(name, purpose)
+                old = look(sem)
+                if old.exists:
+                    # a leftover of an earlier VM of this name (the segment was free, so none runs): ours
+                    # goes; anything else stops us before we touch it
+                    if not old.mine or not unlink_entry(sem, old.ident):
+                        raise RegionError(f"cannot create VM {name!r}: {SHM_DIR}/{sem} already exists and "
+                                          f"{old.why_not() or 'cannot be removed'}; choose another name")
                 try:
                     s = posix_ipc.Semaphore(semaphore_name(name, purpose), posix_ipc.O_CREX, mode=0o600,
                                             initial_value=0)
                 except posix_ipc.ExistentialError:
-                    posix_ipc.unlink_semaphore(semaphore_name(name, purpose))
-                    s = posix_ipc.Semaphore(semaphore_name(name, purpose), posix_ipc.O_CREX, mode=0o600,
-                                            initial_value=0)
-                created.append(purpose)
+                    raise RegionError(f"cannot create VM {name!r}: {SHM_DIR}/{sem} was created by someone "
+                                      f"else meanwhile; choose another name") from None
+                except (posix_ipc.Error, OSError) as e:
+                    err = OSError(getattr(e, "errno", None) or errno.EACCES, str(e))
+                    if isinstance(e, posix_ipc.PermissionsError):
+                        err.errno = errno.EACCES
+                    elif "space" in str(e).lower():
+                        err.errno = errno.ENOSPC
+                    raise _create_error(err, f"the semaphore {sem}") from None
                 s.close()
+                e2 = look(sem)
+                if e2.exists:
+                    made[sem] = e2.ident
             header = np.frombuffer(mm, dtype=np.uint64, count=8, offset=0)
             mm[H_JSON_OFFSET:H_JSON_OFFSET + len(blob)] = blob
             header[H_VERSION] = LAYOUT_VERSION
             header[H_JSON_LEN] = len(blob)
             header[H_SIZE] = size
             header[H_PID] = os.getpid()
+            header[H_PID_START] = process_start(os.getpid())
             header[H_CREATED_NS] = time.time_ns()
             header[H_STATE] = STATE_READY
             header[H_MAGIC] = MAGIC            # last: a half-made region never looks like ours
             del header
         except BaseException:
-            mm.close()
-            unlink_all(name)
+            if mm is not None:
+                mm.close()
+            for file, ident in made.items():
+                unlink_entry(file, ident)
             raise
-        return cls(name, mm, doc, readonly=False, owner=True)
+        return cls(name, mm, doc, readonly=False, owner=True, made=made)
 
     @classmethod
     def attach(cls, name: str, readonly: bool = False) -> "Region":
-        """Map an existing region; refuses a missing segment, a foreign one or another layout version."""
-        seg = segment_name(name)
+        """Map an existing region; refuses a missing segment, a foreign one, another layout version, or a
+        header whose sections do not fit the file (checked before anything is mapped beyond the header)."""
+        seg = segment_file(name)
+        if not look(seg).exists:
+            raise RegionError(f"no VM named {name!r} is running (shmmmu ls lists them)")
+        fd, st = open_entry(seg, writable=not readonly)
         try:
-            shm = posix_ipc.SharedMemory(seg, read_only=readonly)
-        except posix_ipc.ExistentialError:
-            raise RegionError(f"no VM named {name!r} is running (shmmmu ls lists them)") from None
-        except posix_ipc.PermissionsError:
-            raise RegionError(f"no permission to open the VM {name!r}") from None
-        try:
-            size = shm.size
+            size = st.st_size
             if size < HEADER_BYTES:
-                raise RegionError(f"/dev/shm{seg} is not a shmmmu region (too small)")
+                raise RegionError(f"{SHM_DIR}/{seg} is not a shmmmu region (too small)")
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-            mm = mmap.mmap(shm.fd, size, prot=prot)
-        finally:
-            shm.close_fd()
-        header = np.frombuffer(mm, dtype=np.uint64, count=8, offset=0)
-        try:
-            if int(header[H_MAGIC]) != MAGIC:
-                raise RegionError(f"/dev/shm{seg} is not a shmmmu region (bad magic)")
-            if int(header[H_VERSION]) != LAYOUT_VERSION:
-                raise RegionError(f"the VM {name!r} has region layout version {int(header[H_VERSION])}, "
-                                  f"this shmmmu reads version {LAYOUT_VERSION}")
-            n = int(header[H_JSON_LEN])
-            if int(header[H_SIZE]) != size or not 0 < n <= HEADER_BYTES - H_JSON_OFFSET:
-                raise RegionError(f"the region of VM {name!r} has a damaged header")
+            head = mmap.mmap(fd, HEADER_BYTES, prot=mmap.PROT_READ)
             try:
-                doc = json.loads(bytes(mm[H_JSON_OFFSET:H_JSON_OFFSET + n]))
-            except ValueError:
-                raise RegionError(f"the region of VM {name!r} has a damaged header") from None
-            if not isinstance(doc, dict) or not {"config", "sections", "semaphores"} <= doc.keys():
-                raise RegionError(f"the region of VM {name!r} has a damaged header")
-        except RegionError:
-            del header
-            mm.close()
-            raise
-        del header
+                doc = _read_header(name, head, size)
+            finally:
+                head.close()
+            mm = mmap.mmap(fd, size, prot=prot)
+        finally:
+            os.close(fd)
         return cls(name, mm, doc, readonly=readonly, owner=False)
 
     # ---- views
@@ -234,9 +472,13 @@ class Region:
         if s is None:
             if purpose not in self.semaphore_purposes:
                 raise KeyError(f"region {self.name} has no semaphore {purpose!r}")
+            e = look(semaphore_file(self.name, purpose))
+            if not e.mine:                   # sem_open of a FIFO would block; another user's is not ours
+                raise RegionError(f"the VM {self.name!r} lost its semaphore {purpose!r}"
+                                  + (f": {SHM_DIR}/{e.file}: {e.why_not()}" if e.exists else ""))
             try:
                 s = posix_ipc.Semaphore(semaphore_name(self.name, purpose))
-            except posix_ipc.ExistentialError:
+            except posix_ipc.Error:
                 raise RegionError(f"the VM {self.name!r} lost its semaphore {purpose!r}") from None
             self._sems[purpose] = s
         return s
@@ -244,6 +486,11 @@ class Region:
     @property
     def creator_pid(self) -> int:
         return int(self._header[H_PID])
+
+    @property
+    def creator_start(self) -> int:
+        """The creator's start time in clock ticks since boot (0: a region made before it was recorded)."""
+        return int(self._header[H_PID_START])
 
     @property
     def created_ns(self) -> int:
@@ -280,6 +527,13 @@ class Region:
             self._mm = None
 
     def unlink(self) -> None:
+        """Unlink what this region's creator made -- the very objects (by inode), not whatever now has
+        their names, so a VM created under the same name after `shmmmu rm --force` survives our teardown.
+        An attachment that did not create the region unlinks by name."""
+        if self.made:
+            for file, ident in self.made.items():
+                unlink_entry(file, ident)
+            return
         unlink_all(self.name, self.semaphore_purposes)
 
     def __enter__(self) -> "Region":
@@ -292,7 +546,9 @@ class Region:
 
 
 def unlink_all(name: str, purposes: list[str] | None = None) -> list[str]:
-    """Unlink a VM's segment and semaphores (those listed in its header, or given); returns what went."""
+    """Unlink a VM's segment and semaphores (those listed in its header, or given); returns what went.
+
+    Only regular files of this user go: a directory, link or another user's entry under the name stays."""
     gone = []
     if purposes is None:
         purposes = []
@@ -305,29 +561,23 @@ def unlink_all(name: str, purposes: list[str] | None = None) -> list[str]:
         # also catch semaphores of a half-made region whose header was never written
         prefix = "sem." + PREFIX + name + SEM_SEP
         try:
-            for f in os.listdir("/dev/shm"):
+            for f in os.listdir(SHM_DIR):
                 if f.startswith(prefix) and f[len(prefix):] not in purposes:
                     purposes.append(f[len(prefix):])
         except OSError:
             pass
     for p in purposes:
-        try:
-            posix_ipc.unlink_semaphore(semaphore_name(name, p))
+        if PURPOSE_RE.fullmatch(p) and unlink_entry(semaphore_file(name, p)):
             gone.append(semaphore_name(name, p))
-        except posix_ipc.ExistentialError:
-            pass
-    try:
-        posix_ipc.unlink_shared_memory(segment_name(name))
+    if unlink_entry(segment_file(name)):
         gone.append(segment_name(name))
-    except posix_ipc.ExistentialError:
-        pass
     return gone
 
 
 def list_names() -> list[str]:
-    """Names of the VM segments present in /dev/shm."""
+    """Names of the VM segments present in /dev/shm (whatever kind of entry each is: see `look`)."""
     try:
-        files = os.listdir("/dev/shm")
+        files = os.listdir(SHM_DIR)
     except OSError:
         return []
-    return sorted(f[len(PREFIX):] for f in files if f.startswith(PREFIX) and NAME_RE.match(f[len(PREFIX):]))
+    return sorted(f[len(PREFIX):] for f in files if f.startswith(PREFIX) and NAME_RE.fullmatch(f[len(PREFIX):]))

@@ -29,23 +29,8 @@ BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anon
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class UsageError(ValueError):
-    """A user mistake in the options: one line, exit status 2."""
-
-
-def parse_size(text: str) -> int:
-    """'1G', '256M', '4096' -> bytes (the selftests' -b suffixes)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B") if text else ""
-    num, unit = t, ""
-    if t and t[-1] in "KMGT":
-        num, unit = t[:-1], t[-1]
-    try:
-        value = float(num) * UNITS[unit]
-    except (ValueError, KeyError):
-        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
-    if value < 4096:
-        raise UsageError(f"size {text!r} is less than one 4 KiB page")
-    return int(value)
+# one validation layer for every command's numbers (shmmmu.validate); the names stay importable from here
+from shmmmu.validate import UsageError, parse_size, seed as _check_seed  # noqa: E402
 
 
 @dataclass
@@ -75,6 +60,7 @@ class RunOptions:
             raise UsageError("--vcpus must be at most 250")
         if self.iterations < 1:
             raise UsageError("--iterations must be at least 1")
+        _check_seed(self.seed)
         if self.backing not in BACKINGS:
             raise UsageError(f"unknown backing {self.backing!r}: use 4k, 2m or 1g")
         if self.lock_mode not in ("shared", "exclusive"):

@@ -48,6 +48,7 @@ class Snapshot:
     config: VMConfig
     sections: dict[str, np.ndarray]
     creator_pid: int = 0
+    creator_start: int = 0        # the creator's start time (clock ticks since boot): a reused pid is not it
     size: int = 0
     created_ns: int = 0
     taken_ns: int = 0             # time.time_ns() when the copy began
@@ -121,10 +122,31 @@ Source = Union[Region, Snapshot, "VM"]
 
 
 def _config_of(region: Region) -> VMConfig:
+    """The region's configuration, checked against its sections: a header whose config disagrees with the
+    shapes it records (bits, table counts, workers) is refused before a walk indexes past a section."""
+    from shmmmu.layout import section_shapes
     try:
-        return VMConfig.from_json(region.config)
-    except (TypeError, ValueError, KeyError, AttributeError):
+        config = VMConfig.from_json(region.config)
+        expected = section_shapes(config)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError):
         raise RegionError(f"the VM {region.name!r} has a configuration this shmmmu cannot read") from None
+    for s in SECTIONS:
+        have = region.sections.get(s)
+        if have is not None and tuple(have.shape) != tuple(expected.get(s, ())):
+            raise RegionError(f"the region of VM {region.name!r} has a damaged header: section {s!r} has shape "
+                              f"{tuple(have.shape)} but its configuration needs {tuple(expected.get(s, ()))}")
+    return config
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
 
 
 def _copy(region: Region, section: str) -> np.ndarray:
@@ -137,6 +159,10 @@ def _copy_region(region: Region, recheck: bool) -> Snapshot:
     missing = [s for s in SECTIONS if s not in region.sections]
     if missing:
         raise RegionError(f"the region of VM {region.name!r} has no section {missing[0]!r}")
+    need = sum(region.sections[s].nbytes for s in SECTIONS) * (2 if recheck else 1)
+    if need > _available_memory():             # checked before a byte is allocated (a sparse segment can lie)
+        raise RegionError(f"copying the region of VM {region.name!r} needs {need >> 20} MiB, more than the "
+                          f"{_available_memory() >> 20} MiB of memory available")
     t_ns, t0 = time.time_ns(), time.monotonic()
     copies = {s: _copy(region, s) for s in SECTIONS}
     changed = 0
@@ -145,6 +171,7 @@ def _copy_region(region: Region, recheck: bool) -> Snapshot:
         changed = int(np.count_nonzero(again != copies["tables"]))
         del again
     return Snapshot(name=region.name, config=config, sections=copies, creator_pid=region.creator_pid,
+                    creator_start=region.creator_start,
                     size=region.size, created_ns=region.created_ns, taken_ns=t_ns, taken_mono=t0,
                     copy_s=time.monotonic() - t0, changed=changed)
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shmmmu import validate as V
 from shmmmu import violations
 from shmmmu.bugs import check_names
 from shmmmu.checks import check_all
@@ -64,8 +65,13 @@ class StressOptions:
 
     def config(self) -> VMConfig:
         check_names(self.bugs)
-        if self.duration <= 0:
-            raise ValueError("--duration must be positive")
+        V.seconds(self.duration, "--duration")
+        V.seed(self.seed)
+        V.choice(self.lock_mode, "--lock-mode", ("shared", "exclusive"))
+        if self.kill_every:
+            V.seconds(self.kill_every, "--kill-every", lo=0.05)      # 0: no kills
+        V.seconds(self.progress_bound, "progress bound")
+        V.seconds(self.gp_bound, "grace-period bound")
         if not 1 <= self.vcpus <= 64:
             raise ValueError("--vcpus must be between 1 and 64")
         if not 0 <= self.torture_delay_us <= 1_000_000:

@@ -8,12 +8,16 @@ and exit 2, never a traceback.
 """
 from __future__ import annotations
 
-import signal
 import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-import typer
+from workers import signals
+
+if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
+    signals.early()                # Ctrl-C while typer and numpy load: one line, no traceback
+
+import typer  # noqa: E402
 
 from shmmmu import __version__
 from shmmmu.region import Region, RegionError
@@ -56,12 +60,12 @@ def _running_a_vm() -> Iterator[None]:
     """Around a command that runs a VM: SIGTERM acts as Ctrl-C (stop every worker, unlink, exit 130);
     a user error is one line and exit 2; a run that could not finish (a worker died, the pool ran
     dry, a flush never completed) is one line and exit 1.  Never a traceback."""
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signals.arm()                  # SIGTERM, SIGHUP, SIGQUIT, ... act as Ctrl-C (workers/signals.py)
     try:
         yield
-    except KeyboardInterrupt:
-        print("shmmmu: interrupted; every worker stopped and the VM removed", file=sys.stderr)
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:
+        signals.report(f"shmmmu: interrupted ({signals.signal_name(e)}); every worker stopped and the VM removed")
+        raise typer.Exit(signals.exit_status(e))
     except RegionError as e:
         raise _fail(str(e))
     except typer.Exit:                           # a RuntimeError too: let it through
@@ -123,6 +127,8 @@ def run(
     keep: bool = typer.Option(False, "--keep", help="keep the VM alive after the workload until Ctrl-C."),
     debug: bool = typer.Option(False, "--debug", help="poison freed tables and check every table read."),
     json_out: bool = typer.Option(False, "--json", help="results as one JSON object on stdout."),
+    stall_timeout: float = typer.Option(30.0, "--stall-timeout", help="end the run when a vCPU makes no "
+                                        "progress for this many seconds (stopped, or stuck)."),
 ) -> None:
     """Launch a VM: vCPU processes fault its memory in, a reclaimer frees tables; print the results."""
     import json
@@ -152,6 +158,8 @@ def run(
                           lock_mode=lock_mode, overlap=overlap, workload=workload, trace=info,
                           iterations=iterations, seed=seed, debug=debug)
         opts.config()
+        from shmmmu.validate import seconds
+        seconds(stall_timeout, "--stall-timeout")
         if tracepoints:
             opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
     except (UsageError, ValueError) as e:
@@ -181,16 +189,22 @@ def run(
         if not keep:
             return
         console.print(f"VM {name} is kept alive (pid {os.getpid()}): `shmmmu inspect {name}`; Ctrl-C to stop.")
-        while True:
-            sup.check()
-            time.sleep(0.2)
+        try:
+            while True:
+                sup.check()
+                time.sleep(0.2)
+        except KeyboardInterrupt:      # the end of --keep, not of the run: tear down, check, report
+            signals.arm()
+
+    def launcher(vm):
+        return Supervisor(vm, stall_s=stall_timeout)
 
     with stack, _running_a_vm():
         if prog is not None:
             with prog:
-                result = run_vm(opts, Supervisor, progress=progress_cb, keep=keep_alive)
+                result = run_vm(opts, launcher, progress=progress_cb, keep=keep_alive)
         else:
-            result = run_vm(opts, Supervisor, keep=keep_alive)
+            result = run_vm(opts, launcher, keep=keep_alive)
     if json_out:
         print(json.dumps(result.to_json()))
     else:
@@ -367,11 +381,19 @@ torture_app = typer.Typer(help="locktorture / rcutorture of the MMU lock and RCU
 app.add_typer(torture_app, name="torture")
 
 
-def _torture_common(duration: float, seed: int | None) -> None:
-    if not duration > 0:
-        raise _fail("--duration must be more than 0 seconds")
-    if seed is not None and seed < 0:
-        raise _fail("--seed must not be negative")
+TORTURE_MAX_PROCS = 64         # readers and writers each: past this it measures the scheduler, not the lock
+
+
+def _torture_common(duration: float, seed: int | None, readers: int, writers: int) -> None:
+    from shmmmu import validate as V
+    try:
+        V.seconds(duration, "--duration", lo=0.1)        # shorter: a writer may never get its turn
+        if seed is not None:
+            V.seed(seed)
+        V.count(readers, "--readers", 0, TORTURE_MAX_PROCS)
+        V.count(writers, "--writers", 1, TORTURE_MAX_PROCS)
+    except V.UsageError as e:
+        raise _fail(str(e))
 
 
 @torture_app.command("lock")
@@ -385,7 +407,7 @@ def torture_lock(
     """locktorture of the MMU rwlock: writers must be alone, readers must overlap; exit 0 SUCCESS, 1 FAILURE."""
     from workers.torture import run_lock_torture
 
-    _torture_common(duration, seed)
+    _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 0:
         raise _fail("lock torture needs at least one writer and no negative reader count")
     with _running_a_vm():
@@ -406,7 +428,7 @@ def torture_rcu(
     """rcutorture's Reader Pipe for RCU and the reclaimer; exit 0 SUCCESS, 1 FAILURE."""
     from workers.torture import run_rcu_torture
 
-    _torture_common(duration, seed)
+    _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 1:
         raise _fail("RCU torture needs at least one reader and one writer")
     with _running_a_vm():
@@ -446,8 +468,11 @@ def inspect_cmd(
                               ("--watch", watch)) if on]
     if len(chosen) > 1:
         raise _fail(f"use one of {' / '.join(chosen)} at a time")
-    if not interval > 0:
-        raise _fail("--interval must be more than 0 seconds")
+    from shmmmu import validate as V
+    try:
+        V.seconds(interval, "--interval", hi=3600.0)
+    except V.UsageError as e:
+        raise _fail(str(e))
     if root is not None and gfn is None:
         raise _fail("--root goes with --gfn")
     try:
@@ -506,6 +531,8 @@ def inspect_cmd(
     except BrokenPipeError:
         sys.stdout = None                      # `| head`: nothing more to say
         raise typer.Exit(0)
+    except MemoryError:
+        raise _fail(f"not enough memory to copy the region of VM {name!r}", 1)
 
 
 def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
@@ -532,6 +559,9 @@ def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
                 print(f"shmmmu: the VM {name!r} is gone", file=sys.stderr)
                 return
             s = insp.summary(snap, previous=prev)
+            if not s["alive"]:                 # nobody will move it again: stop rather than refresh forever
+                raise _fail(f"the VM {name!r} is stale: its supervisor (pid {snap.creator_pid}) is gone; "
+                            f"stopped watching (shmmmu rm {name} removes it)", 1)
             if json_out:
                 print(json.dumps(insp.public(s)), flush=True)
             elif live is not None:
@@ -595,6 +625,7 @@ def rm_cmd(
 ) -> None:
     """Unlink the segment and semaphores of VMs whose processes are gone."""
     from shmmmu.inspect import describe_vm, list_vms, remove_vm
+    from shmmmu.inspect.vms import remove_log_dir, stale_log_dirs
     from shmmmu.region import validate_name
 
     names = list(names or [])
@@ -610,6 +641,12 @@ def rm_cmd(
             entries.append(e)
     else:
         entries = list_vms()
+    # another user's VM, or an entry that is not a regular file: never ours to open or unlink
+    for e in [e for e in entries if not e.removable]:
+        print(f"shmmmu: note: skipping {e.name} ({e.state}): {e.note}", file=sys.stderr)
+    if names and any(not e.removable for e in entries):
+        raise typer.Exit(EXIT_USAGE)
+    entries = [e for e in entries if e.removable]
     # a name given explicitly goes unless a running process is known to use it; --stale and --all also
     # spare an unreadable segment young enough to be still in the making
     live = [e for e in entries if (e.known_live if names else e.live)]
@@ -620,8 +657,13 @@ def rm_cmd(
         raise _fail(f"{'these VMs are' if len(live) > 1 else 'the VM'} {which} "
                     f"{'are' if len(live) > 1 else 'is'} live: stop {'them' if len(live) > 1 else 'it'} with "
                     f"Ctrl-C, or add --force to unlink anyway")
+    logs = stale_log_dirs() if (stale or all_) else []
+    for d in logs:                             # a supervisor killed by SIGKILL could not remove its own
+        if remove_log_dir(d):
+            print(f"removed log directory {d}")
     if not entries:
-        print("nothing to remove")
+        if not logs:
+            print("nothing to remove")
         return
     for e in entries:
         if e.state in ("half-made", "foreign", "damaged", "other-version"):
@@ -827,22 +869,33 @@ def trace_summary(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every usage error (an unknown command or option, a value of the wrong
     type, a RegionError) is one line, `shmmmu: error: ...`, and exit 2."""
-    from typer._click.exceptions import UsageError as ClickUsageError
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
 
+    signals.arm()
     try:
         rv = app(args=argv, prog_name="shmmmu", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except NoArgsIsHelpError as e:             # a command group alone: its help went to stdout
+        print(f"shmmmu: error: {e.ctx.command_path if e.ctx else 'shmmmu'} needs a command (listed above)",
+              file=sys.stderr)
+        code = EXIT_USAGE
     except ClickUsageError as e:
         print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        code = EXIT_USAGE
     except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("shmmmu: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt) as e:      # a signal outside a VM's run: nothing to clean up
+        signals.report(f"shmmmu: interrupted ({signals.signal_name(e)})")
+        code = signals.exit_status(e)
     except RegionError as e:
         print(f"shmmmu: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    sys.exit(rv if isinstance(rv, int) else 0)
+        code = EXIT_USAGE
+    sig = signals.received()
+    if sig is not None and code == 130:        # typer turns a KeyboardInterrupt into a silent exit 130
+        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
+        code = 128 + sig
+    signals.finished()                         # a signal during interpreter shutdown: no traceback
+    sys.exit(code)
 
 
 if __name__ == "__main__":

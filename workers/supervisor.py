@@ -5,7 +5,13 @@ The supervisor lives in the CLI process.  Workers are separate programs
 region by name; they run in their own session so Ctrl-C reaches only the
 supervisor, which stops them.  A worker that exits or is killed stops the run
 with a message naming it and its exit status (`WorkerDied`), unless the caller
-asked to recover and restart it (crash injection).
+asked to recover and restart it (crash injection).  A vCPU that stops making
+progress (stopped by SIGSTOP, or stuck) ends a run after `stall_s` seconds
+with a message naming it, as stress's forward-progress check does.
+
+The worker logs go to /tmp/shmmmu-NAME-XXXXXXXX with an `owner` file (pid and
+start time), so `shmmmu rm --stale` can remove the directory of a supervisor
+that was killed before it could (shmmmu.inspect.vms.stale_log_dirs).
 """
 from __future__ import annotations
 
@@ -20,9 +26,12 @@ import numpy as np
 
 from shmmmu.launch import LockStuck, WorkerDied
 from shmmmu.layout import STAT, Ctl, Role, WorkerStatus, WState
+from shmmmu.inspect.vms import OWNER_FILE, process_state
 from shmmmu.mmu import Mmu
+from shmmmu.region import process_start
 from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.vm import VM
+from workers import signals
 
 
 def describe_exit(code: int) -> str:
@@ -35,7 +44,7 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, vm: VM, start_timeout: float = 60.0):
+    def __init__(self, vm: VM, start_timeout: float = 60.0, stall_s: float | None = 30.0):
         self.vm = vm
         self.config = vm.config
         self.region = vm.region
@@ -49,12 +58,20 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, str] = {}
         self.start_timeout = start_timeout
+        self.stall_s = stall_s                        # a vCPU without progress this long ends the run
         self.logdir = tempfile.mkdtemp(prefix=f"shmmmu-{vm.name}-")
+        try:
+            with open(os.path.join(self.logdir, OWNER_FILE), "w") as f:
+                f.write(f"{os.getpid()} {process_start(os.getpid())}\n")
+        except BaseException:
+            self.cleanup_logs()
+            raise
         self.stopping = False
         self.iteration = 0
 
     def _on_lock_sleep(self) -> None:
-        """While the supervisor sleeps on the MMU lock: a dead worker or a stuck holder ends the wait."""
+        """While the supervisor sleeps on the MMU lock: a dead worker, a stuck holder or a signal ends the wait."""
+        signals.checkpoint()
         self.check()
         lock = self.vm.mmu_lock
         waited = time.monotonic() - lock.wait_started
@@ -89,7 +106,7 @@ class Supervisor:
         self.ws.store(worker * WState.WORDS + WState.STATUS, WorkerStatus.STARTING)
         with open(log, "ab") as f:
             self.procs[worker] = subprocess.Popen(
-                python_module_command(module, "--vm", self.vm.name, "--id", str(worker), "--parent", str(os.getpid())),
+                python_module_command(module, f"--vm={self.vm.name}", f"--id={worker}", f"--parent={os.getpid()}"),
                 stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True, env=worker_env())
 
     def start(self) -> None:
@@ -139,6 +156,8 @@ class Supervisor:
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(self.config.n_vcpus):
             word = i * WState.WORDS + WState.ITERATION
+            progress = i * WState.WORDS + WState.PROGRESS_NS
+            seen, since = self.ws.load(progress), time.monotonic()
             spins = 0
             while self.ws.load(word) != k:
                 spins += 1
@@ -146,9 +165,22 @@ class Supervisor:
                     self.check()
                     if on_wait is not None:
                         on_wait()
-                    if deadline is not None and time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if deadline is not None and now > deadline:
                         raise WorkerDied(f"vCPU {i} did not finish iteration {k} within {timeout:.0f}s")
+                    cur = self.ws.load(progress)
+                    if cur != seen:
+                        seen, since = cur, now
+                    elif self.stall_s is not None and now - since > self.stall_s:
+                        self._stalled(i, k, now - since)
                 time.sleep(0.0002 if spins < 1000 else 0.002)
+
+    def _stalled(self, vcpu: int, k: int, secs: float) -> None:
+        p = self.procs.get(vcpu)
+        state = process_state(p.pid) if p is not None else "gone"
+        why = " (its process is stopped: SIGSTOP or a debugger)" if state == "stopped" else ""
+        raise WorkerDied(f"no-forward-progress: vCPU {vcpu} (pid {p.pid if p else '-'}) made no progress in "
+                         f"iteration {k} for {secs:.0f}s{why}")
 
     def stats(self) -> dict[str, int]:
         """Counters summed over every worker's row."""
@@ -223,7 +255,7 @@ class Supervisor:
         return freed
 
     def cleanup_logs(self) -> None:
-        for log in self.logs.values():
+        for log in [*self.logs.values(), os.path.join(self.logdir, OWNER_FILE)]:
             try:
                 os.unlink(log)
             except OSError:

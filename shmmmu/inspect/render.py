@@ -78,7 +78,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     out.append("workers     slot  role        pid      process  status    iteration  heartbeat")
     for w in s["workers"]:
         out.append(f"            {w['slot']:<5d} {w['role']:<11s} {w['pid'] or '-':<8} "
-                   f"{'alive' if w['alive'] else ('-' if not w['pid'] else 'gone'):<8s} {w['status']:<9s} "
+                   f"{w['process'] if w['process'] != 'running' else 'alive':<8s} {w['status']:<9s} "
                    f"{w['iteration']:<10d} {w['heartbeat']}")
     v = s["violations"]
     out.append(f"violations  {v['count']}")

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from shmmmu.inspect.vms import pid_alive
+from shmmmu.inspect.vms import creator_alive, process_state
 from shmmmu.layout import (MAX_VIOLATIONS, Ctl, Held, Lock, Locks, MemslotFlags, Role, TableState, TMeta,
                            ViolationRow, WorkerStatus, WState)
 from shmmmu.rwlock import QR_BIAS, QW_LOCKED, QW_WAITING
@@ -69,7 +69,8 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
         status = WorkerStatus.NAMES.get(int(ws[k, WState.STATUS]), str(int(ws[k, WState.STATUS])))
         if k == c.host_worker:
             status = "-"                      # the supervisor keeps no worker status
-        workers.append({"slot": k, "role": _role(snap, k), "pid": pid, "alive": pid_alive(pid) if pid else False,
+        workers.append({"slot": k, "role": _role(snap, k), "pid": pid, "alive": process_state(pid) == "running" if pid else False,
+                        "process": process_state(pid) if pid else "-",
                         "status": status,
                         "iteration": int(ws[k, WState.ITERATION]), "heartbeat": int(ws[k, WState.HEARTBEAT]),
                         "rcu_epoch": int(ws[k, WState.RCU])})
@@ -101,7 +102,7 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
     return {
         "vm": snap.name,
         "creator_pid": snap.creator_pid,
-        "alive": pid_alive(snap.creator_pid),
+        "alive": creator_alive(snap.creator_pid, snap.creator_start, snap.created_ns),
         "region_bytes": snap.size,
         "uptime_s": max(0.0, (snap.taken_ns - snap.created_ns) / 1e9),
         "config": {"vcpus": c.n_vcpus, "lock_mode": c.lock_mode, "memory_bytes": c.guest_pages * 4096,
