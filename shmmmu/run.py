@@ -101,7 +101,7 @@ class RunOptions:
         room = wl.pages * self.vcpus if wl.overlap else wl.pages
         if tr.pages > room:
             need = -(-tr.pages * 4096 // (self.vcpus if wl.overlap else 1) // (1 << 20))
-            raise UsageError(f"the trace touches {tr.pages} distinct pages ({tr.pages * 4096 >> 20} MiB), more "
+            raise UsageError(f"the trace touches {tr.pages} distinct pages ({tr.pages * 4 / 1024:.1f} MiB), more "
                              f"than the {room} guest pages it is replayed in: give --memory {need}M or more")
 
 

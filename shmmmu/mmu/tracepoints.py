@@ -24,9 +24,10 @@ them; bits 3-5 (what the entry allowed) are left 0.
 
 Nothing of this runs unless the VM's configuration names a directory
 (`--tracepoints FILE`): then each worker writes its own part there, and
-`collect()` merges the parts by timestamp into FILE.  The timestamp is
-CLOCK_MONOTONIC; the [CPU] column is the worker slot; the task is QEMU's name
-for a vCPU thread ("CPU 0/KVM") or the role of a host process.
+`collect()` merges the parts by timestamp into FILE.  The timestamp is the
+wait layer's clock: CLOCK_MONOTONIC in a run, the step count (one step a
+microsecond) under the explorer; the [CPU] column is the worker slot; the task
+is QEMU's name for a vCPU thread ("CPU 0/KVM") or the role of a host process.
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ import heapq
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -79,20 +79,21 @@ class Writer:
     publishes its counters; a host process's go out line by line (the supervisor merges the parts
     before it exits, and its operations are few)."""
 
-    def __init__(self, path: str, comm: str, pid: int, cpu: int, buffered: bool):
+    def __init__(self, path: str, comm: str, pid: int, cpu: int, buffered: bool, clock: Callable[[], int]):
         self.f: IO[str] = open(path, "a", buffering=1 << 16 if buffered else 1)
         self.prefix = f"{comm:>16}-{pid:<5} [{cpu:03d}] "
+        self.clock = clock
         atexit.register(self.f.flush)
 
     def emit(self, event: str, text: str) -> None:
-        t = time.monotonic_ns() // 1000
+        t = self.clock() // 1000
         self.f.write(f"{self.prefix}{t // 1000000:5d}.{t % 1000000:06d}: {event + ':':<25} {text}\n")
 
 
 def install(mmu: "Mmu", directory: str) -> Writer:
     """Wrap the traced functions of one Mmu; its lines go to a part file of its own in `directory`."""
     w = Writer(os.path.join(directory, f"{mmu.worker:03d}-{os.getpid()}.txt"), task(mmu), os.getpid(), mmu.worker,
-               buffered=mmu.worker < mmu.config.n_vcpus)
+               buffered=mmu.worker < mmu.config.n_vcpus, clock=mmu.waits.now_ns)
     emit = w.emit
     tm = mmu.tm
     pages = [0] + [mmu.geometry.pages(level) for level in range(1, mmu.root_level + 1)]

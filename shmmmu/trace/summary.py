@@ -178,6 +178,6 @@ def report(s: Summary, path: str) -> list[str]:
         f"huge pages split by level       {lv(j['huge_pages_split_by_level'])}",
         f"GFNs changed                    {j['gfns_changed']}",
         "GFNs by changes (changes:GFNs)  " + (" ".join(f"{k}:{v}" for k, v in j["changes_per_gfn"].items()) or "-"),
-        "most changed GFNs              " + (" ".join(f"{g}({n})" for g, n in j["most_changed_gfns"]) or " -"),
+        "most changed GFNs               " + (" ".join(f"{g}({n})" for g, n in j["most_changed_gfns"]) or "-"),
     ]
     return out
