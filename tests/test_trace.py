@@ -332,6 +332,43 @@ def test_tracepoints_of_stress(tmp_path: Path) -> None:
     assert p.returncode == 0 and "kvm_mmu_prepare_zap_page" in p.stdout
 
 
+def test_tracepoints_of_explores_counterexample(tmp_path: Path) -> None:
+    """K18's counterexample replayed with tracepoints: the fault links the tables, the host's zap tears them
+    down (prepare_zap, every entry frozen to REMOVED_SPTE), in the order the schedule ran (step timestamps)."""
+    out = tmp_path / "k18.trace"
+    p = shmmmu("explore", "--bug", "link-after-publish", "--json", "--tracepoints", str(out))
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert json.loads(p.stdout)["result"] == "FAILURE"
+    counts = check_lines(out)
+    assert counts["kvm_page_fault"] >= 1 and counts["kvm_mmu_prepare_zap_page"] >= 1
+    text = out.read_text()
+    assert "CPU 0/KVM-" in text and re.search(r"^ +shmmmu-\d+ ", text, re.M)
+    assert text.index("kvm_mmu_get_page") < text.index("kvm_mmu_prepare_zap_page")
+    s = json.loads(shmmmu("trace", "summary", str(out), "--json").stdout)
+    assert s["events"] == counts and s["tasks"] == 2
+
+
+def test_a_signal_during_conversion_leaves_nothing(tmp_path: Path, tmpenv: dict) -> None:
+    import signal
+    import time
+    big = tmp_path / "big.txt"
+    with big.open("w") as f:
+        for k in range(40):
+            f.write("".join(f"R {(i * 4099 + k) % 100000 * 4096:#x}\n" for i in range(100_000)))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([*CMD, "run", "--trace", str(big), "--vcpus", "1"], cwd=ROOT, env=tmpenv,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not os.listdir(tmpenv["TMPDIR"]) and time.monotonic() < deadline:
+            time.sleep(0.05)                     # converting: its temporary directory exists
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        no_leftovers(tmpenv)
+
+
 def test_tracepoints_cost_nothing_when_off(vm_name: str) -> None:
     """Without --tracepoints no function of the Mmu is wrapped: the fault path is the class's own."""
     from shmmmu.layout import MemslotSpec, VMConfig

@@ -299,6 +299,8 @@ def explore(
     no_shrink: bool = typer.Option(False, "--no-shrink", help="report the first failing schedule as found."),
     list_: bool = typer.Option(False, "--list", help="list the scenarios and the bug switches each targets."),
     json_out: bool = typer.Option(False, "--json", help="the result as one JSON object on stdout."),
+    tracepoints: str = typer.Option(None, "--tracepoints", help="the counterexample's replay writes the kernel's "
+                                    "kvm/kvmmmu tracepoint lines to FILE (timestamps: steps)."),
 ) -> None:
     """Explore interleavings deterministically: find the bug's schedule, shrink it, replay it from one token.
 
@@ -333,10 +335,20 @@ def explore(
             print(f"\r{n} executions, {n / max(secs, 1e-9):.0f}/s, {found} findings   ", end="",
                   file=sys.stderr, flush=True)
 
-    with _running_a_vm():
+    from contextlib import ExitStack
+
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    stack = ExitStack()
+    tp_dir = ""
+    if tracepoints:
+        try:
+            tp_dir = stack.enter_context(tracepoint_parts(tracepoints))
+        except ValueError as e:
+            raise _fail(str(e))
+    with stack, _running_a_vm():
         if replay_token:
             try:
-                rep = run_replay(replay_token, keep=keep_here)
+                rep = run_replay(replay_token, keep=keep_here, tracepoints=tp_dir)
             except ValueError as e:
                 raise _fail(str(e))
             if json_out:
@@ -351,7 +363,7 @@ def explore(
             raise typer.Exit(1 if rep.result.finding is not None else 0)
         opts = ExploreOptions(scenario=scenario, bugs=list(bug), strategy=strategy, seed=seed, depth=depth,
                               preemptions=preemptions, executions=executions, time_limit=time_limit,
-                              mix_seed=mix_seed, atomic=list(atomic), shrink=not no_shrink)
+                              mix_seed=mix_seed, atomic=list(atomic), shrink=not no_shrink, tracepoints=tp_dir)
         try:
             opts.resolve()
         except ValueError as e:

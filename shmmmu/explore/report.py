@@ -37,6 +37,7 @@ class ExploreOptions:
     mix_seed: int = 0
     atomic: list[str] = field(default_factory=list)    # functions whose operations are no scheduling points
     shrink: bool = True
+    tracepoints: str = ""               # the counterexample's replay writes the kernel's tracepoint lines here
 
     def resolve(self) -> tuple[Scenario, str, int]:
         """The scenario, strategy and depth these options name; ValueError (one line) for bad ones."""
@@ -127,8 +128,14 @@ def _tm_level(explorer: Explorer) -> Callable[[int], int]:
     return lambda t: int(tm[t, TMeta.LEVEL]) if 0 <= t < tm.shape[0] else 0
 
 
-def _traced(explorer: Explorer, decisions: list[int]) -> tuple[Result, list[render.Run]]:
-    r = replay(explorer, decisions, trace=True)
+def _traced(explorer: Explorer, decisions: list[int], tracepoints: str = "") -> tuple[Result, list[render.Run]]:
+    """Replay with the step trace; with `tracepoints` (a directory: shmmmu.mmu.tracepoints) the actors' Mmus
+    also write the kernel's tracepoint lines, stamped with the step count."""
+    explorer.config.tracepoints = tracepoints
+    try:
+        r = replay(explorer, decisions, trace=True)
+    finally:
+        explorer.config.tracepoints = ""
     return r, render.runs(r.log, r.actors, explorer.config.geometry.entries, _tm_level(explorer))
 
 
@@ -150,6 +157,8 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[[ExploreOptions, Sce
         traced, rs = _traced(ex, best.decisions)
         if not same_failure(traced.finding, best.finding):
             traced, rs = _traced(ex, sr.first.decisions)
+        if opts.tracepoints:
+            _traced(ex, traced.decisions, opts.tracepoints)       # the same execution, its tracepoints written
         rep.found, rep.shrink_runs, rep.runs = traced, runs, rs
         rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.decisions, list(opts.atomic),
                           traced.steps, traced.finding.kind).encode()
@@ -184,7 +193,7 @@ class ReplayReport:
         return render.table_lines(title, self.runs, r.actors, str(r.finding))
 
 
-def run_replay(text: str, keep: Callable[[Explorer], None] | None = None) -> ReplayReport:
+def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracepoints: str = "") -> ReplayReport:
     """Re-execute a token's schedule exactly, with a trace; say so if its steps or finding differ."""
     t = Token.decode(text)
     for b in t.bugs:
@@ -192,7 +201,7 @@ def run_replay(text: str, keep: Callable[[Explorer], None] | None = None) -> Rep
             raise ValueError(f"the token names a bug switch this shmmmu does not have: {b!r}")
     sc = scenario_with(t.scenario, t.params)
     with Explorer(sc, t.bugs, atomic=frozenset(t.atomic)) as ex:
-        r, rs = _traced(ex, t.decisions)
+        r, rs = _traced(ex, t.decisions, tracepoints)
         diffs = []
         if r.diverged:
             diffs.append(f"the schedule diverged: {r.diverged}")

@@ -254,6 +254,11 @@ def install(mmu: "Mmu") -> Debug:
         root_gen = tm.load(root * _TM + TMeta.GEN)
         if not cond_resched(it, flush, shared):
             return False
+        # the read-side section ended at the yield: what the walk stood in before may have been freed and
+        # reused legally since, so the restarted walk records its tables afresh (a generation kept from
+        # before the yield made a CAS into a reused table look like a use after free: the soak found it)
+        d.walk_gens.clear()
+        d.last_table = -1
         if tm.load(root * _TM + TMeta.GEN) != root_gen or tm.load(root * _TM + TMeta.STATE) != _LIVE:
             # the root was freed (and maybe reused) while the lock was dropped: the walk resumes in it
             mmu.violation("use-after-free", it.next_last_level_gfn, root, root_gen)

@@ -77,7 +77,7 @@ def task(mmu: "Mmu") -> str:
 class Writer:
     """One worker's part: lines in trace-cmd report's layout.  A vCPU's are buffered and flushed when it
     publishes its counters; a host process's go out line by line (the supervisor merges the parts
-    before it exits, and its operations are few)."""
+    before it exits, and its operations are few), and so do the explorer's actors (one process)."""
 
     def __init__(self, path: str, comm: str, pid: int, cpu: int, buffered: bool, clock: Callable[[], int]):
         self.f: IO[str] = open(path, "a", buffering=1 << 16 if buffered else 1)
@@ -93,7 +93,7 @@ class Writer:
 def install(mmu: "Mmu", directory: str) -> Writer:
     """Wrap the traced functions of one Mmu; its lines go to a part file of its own in `directory`."""
     w = Writer(os.path.join(directory, f"{mmu.worker:03d}-{os.getpid()}.txt"), task(mmu), os.getpid(), mmu.worker,
-               buffered=mmu.worker < mmu.config.n_vcpus, clock=mmu.waits.now_ns)
+               buffered=mmu.worker < mmu.config.n_vcpus and not mmu.waits.deterministic, clock=mmu.waits.now_ns)
     emit = w.emit
     tm = mmu.tm
     pages = [0] + [mmu.geometry.pages(level) for level in range(1, mmu.root_level + 1)]

@@ -98,7 +98,7 @@ def summarize_stream(f: BinaryIO, name: str) -> Summary:
             s.first_ts = ts
         s.last_ts = max(s.last_ts, ts)
         s.events[event] += 1
-        s.tasks.add(m["tid"])
+        s.tasks.add((m["comm"].strip(), m["tid"]))     # the explorer's actors share one process
         if event == "kvm_tdp_mmu_spte_changed":
             c = _CHANGED.search(rest)
             if c is None:
