@@ -105,7 +105,6 @@ class RunOptions:
                              f"than the {room} guest pages it is replayed in: give --memory {need}M or more")
 
 
-
 @dataclass
 class RunResult:
     options: dict[str, Any]

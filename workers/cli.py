@@ -803,7 +803,6 @@ def bench_access_tracking(
 
 # ---------------------------------------------------------------- end of bench
 
-
 # ---------------------------------------------------------------- trace
 
 trace_app = typer.Typer(help="Real traces in (record, convert) and the kernel's tracepoint lines summarized "
