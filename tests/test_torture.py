@@ -98,8 +98,8 @@ def test_command_line() -> None:
     failing = subprocess.run([*cli, "rcu", "--readers", "2", "--duration", "1", "--seed", "3", "--no-gp"],
                              capture_output=True, text=True, timeout=120)
     assert failing.returncode == 1 and failing.stdout.strip().splitlines()[-1] == "FAILURE (seed 3)"
-    for args, words in [(["lock", "--writers", "0", "--duration", "0.1"], "at least one writer"),
-                        (["lock", "--duration", "0"], "--duration must be more than 0"),
+    for args, words in [(["lock", "--writers", "0", "--duration", "0.1"], "--writers must be between 1 and 64"),
+                        (["lock", "--duration", "0"], "--duration must be at least 0.1"),
                         (["nonsense"], "No such command 'nonsense'"), (["lock", "--bogus"], "No such option: --bogus")]:
         bad = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
