@@ -96,6 +96,10 @@ def _print_run(result, console) -> None:
         ("lock wait (total)", f"{s['lock_wait_ns'] / 1e6:.1f} ms"),
         ("guest accesses", f"{s['accesses']}"),
     ]
+    tr = result.options.get("trace")
+    if tr:
+        rows.insert(0, ("trace", f"{tr['format']}: {tr['accesses']} accesses, {tr['pages']} distinct pages, "
+                                 f"{tr['threads']} thread{'s' if tr['threads'] != 1 else ''}"))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

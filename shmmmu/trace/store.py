@@ -25,11 +25,11 @@ import os
 import tempfile
 from array import array
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from shmmmu.trace.formats import FORMATS, READERS, THREADED, TraceError, detect, text_lines
+from shmmmu.trace.formats import FORMATS, READERS, TraceError, detect, text_lines
 
 MAGIC = int.from_bytes(b"SHMMMUTR", "little")
 VERSION = 1
@@ -190,7 +190,7 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
     return conv.finish(out, fmt)
 
 
-def _chain(seen, rest):
+def _chain(seen: list[tuple[int, str]], rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
     yield from seen
     yield from rest
 
@@ -205,7 +205,3 @@ def convert(path: str, out: str, fmt: str | None = None) -> TraceInfo:
         raise TraceError(f"cannot read trace {path}: {e.strerror}") from None
     with f:
         return convert_stream(f, path, out, fmt)
-
-
-def threaded_format(fmt: str) -> bool:
-    return fmt in THREADED
