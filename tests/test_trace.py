@@ -143,6 +143,8 @@ def expected(sample: str) -> tuple[str, list[tuple[int, int, int]]]:
                              for l in text if l and not l.startswith("#")]
     if sample == "perf-page-faults.txt":          # comm tid time: event: addr ip (no access kind: reads)
         return "perf", [(int(l.split()[1]), int(l.split()[4], 16) >> 12, 0) for l in text]
+    if sample == "perf-page-faults-addr.txt":     # comm tid time: period event: addr sym (dso) ip sym (dso)
+        return "perf", [(int(l.split()[1]), int(l.split("page-faults:")[1].split()[0], 16) >> 12, 0) for l in text]
     if sample == "perf-page-fault-user.txt":      # ... exceptions:page_fault_user: address= ip= error_code=
         out = []
         for l in text:
@@ -164,7 +166,8 @@ def expected(sample: str) -> tuple[str, list[tuple[int, int, int]]]:
                      for l in text if l.strip() and not l.startswith("#")]
 
 
-SAMPLES = ["lackey-true.txt", "pinatrace.out", "perf-page-faults.txt", "perf-page-fault-user.txt",
+SAMPLES = ["lackey-true.txt", "pinatrace.out", "perf-page-faults.txt", "perf-page-faults-addr.txt",
+           "perf-page-fault-user.txt",
            "kvm-page-fault.trace-cmd.txt", "kvm-page-fault.perf.txt", "plain.txt"]
 
 
@@ -179,7 +182,7 @@ def test_every_format_detected_and_converted(sample: str, tmp_path: Path) -> Non
     assert d["format"] == fmt
     assert d["accesses"] == len(acc)
     assert d["pages"] == len({pg for _, pg, _ in acc})
-    assert [t["tid"] for t in d["threads"]] == (threads if len(threads) > 1 else [0])
+    assert [t["tid"] for t in d["threads"]] == threads
     assert [t["accesses"] for t in d["threads"]] == [sum(1 for t, _, _ in acc if t == u) for u in threads]
     # the words: first-touch guest pages (in order of first touch over all threads) and the kinds, per thread
     import numpy as np
@@ -196,6 +199,26 @@ def test_every_format_detected_and_converted(sample: str, tmp_path: Path) -> Non
     other = "lackey" if fmt != "lackey" else "plain"
     p = shmmmu("trace", "convert", str(DATA / sample), "-o", str(out), "--trace-format", other)
     one_line_error(p, "line ")
+
+
+def test_perf_samples_without_their_data_address_are_refused(tmp_path: Path) -> None:
+    """perf script's default output of a page-faults sample shows only the IP: no address to replay."""
+    one_line_error(shmmmu("trace", "convert", str(DATA / "perf-page-faults-no-addr.txt"), "-o",
+                          str(tmp_path / "o.bin")), "line 1: a page-faults sample without its data address",
+                   "perf script -F +addr")
+
+
+def test_kvm_page_fault_of_later_kernels(tmp_path: Path) -> None:
+    """6.x prints kvm_page_fault as 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx': read alike."""
+    t = tmp_path / "kvm6.txt"
+    t.write_text("".join(f" CPU {v}/KVM-{900 + v}   [00{v}] d..1. 77.{i:06d}: kvm_page_fault: vcpu {v} rip "
+                         f"0xffffffff81000{i:03x} address 0x{(0x10 + i) << 12:x} error_code 0x{0x182 if i % 2 else 0x181:x}\n"
+                         for i in range(6) for v in (0, 1)))
+    p = shmmmu("trace", "convert", str(t), "-o", str(tmp_path / "o.bin"), "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["format"] == "kvm" and d["accesses"] == 12 and d["pages"] == 6
+    assert d["threads"] == [{"tid": 900, "accesses": 6}, {"tid": 901, "accesses": 6}]
 
 
 # ---------------------------------------------------------------- replays

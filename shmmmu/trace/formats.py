@@ -127,6 +127,7 @@ _PERF_SW_FAULTS = ("page-faults", "faults", "minor-faults", "major-faults")
 _PERF_TP_FAULTS = ("exceptions:page_fault_user", "exceptions:page_fault_kernel",
                    "page_fault_user", "page_fault_kernel")
 _KV = re.compile(r"(\w+)=(\S+)")
+_HEX = re.compile(r"^(?:0x)?[0-9a-fA-F]+$")
 
 
 def event_line(line: str) -> re.Match | None:
@@ -153,11 +154,14 @@ def read_perf(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int
             kind = EXEC if err & 0x10 else WRITE if err & 0x2 else READ       # X86_PF_INSTR, X86_PF_WRITE
             add(tid, _address(kv["address"], 16, name, lineno) >> shift, kind)
         elif event in _PERF_SW_FAULTS:
-            tok = rest.split(None, 1)
-            if not tok:
-                raise TraceError(f"{name}: line {lineno}: {event} sample without an address "
-                                 f"(record with -d, print with perf script -F +addr)")
-            add(tid, _address(tok[0], 16, name, lineno) >> shift, READ)    # a software sample has no kind
+            # -F +addr prints the data address before the IP's "sym (dso)"; -F ...,addr,ip prints both bare;
+            # the default prints only the IP with its symbol: that is no data address
+            tok = rest.split()
+            hexes = [t for t in tok if _HEX.match(t)]
+            if not hexes or (len(hexes) == 1 and any(t.startswith("(") for t in tok)):
+                raise TraceError(f"{name}: line {lineno}: a {event} sample without its data address "
+                                 f"(record with perf record -d, print with perf script -F +addr)")
+            add(tid, _address(hexes[0], 16, name, lineno) >> shift, READ)  # a software sample has no kind
         # other events in the same file (a perf record of several) are not accesses
 
 
