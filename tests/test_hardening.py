@@ -515,10 +515,10 @@ def scenario_name_reuse(_: str) -> dict[str, Any]:
 def test_teardown_removes_only_what_it_created() -> None:
     res = in_namespace("scenario_name_reuse")
     assert res["rm"]["rc"] == 0, res["rm"]
-    assert res["old_end"]["rc"] == 0, res["old_end"]
+    assert res["old_end"]["rc"] == 130, res["old_end"]
     vms = json.loads(res["ls"]["out"])
     assert [(v["name"], v["state"], v["creator_pid"]) for v in vms] == [("same", "alive", res["new"])], vms
-    assert res["new_end"]["rc"] == 0 and res["after"] == [] and res["logs"] == [], res
+    assert res["new_end"]["rc"] == 130 and res["after"] == [] and res["logs"] == [], res
 
 
 def test_names_are_validated_whole_and_a_leading_dash_is_a_name() -> None:
@@ -648,9 +648,13 @@ def scenario_keep_json(_: str) -> dict[str, Any]:
 
 
 def test_keep_json_prints_its_json_after_ctrl_c() -> None:
+    """Ctrl-C ends the keeping: the VM is torn down and checked, its JSON printed, and the exit status is
+    still that of an interrupted command (130)."""
     res = in_namespace("scenario_keep_json")
     end = res["end"]
-    assert end["rc"] == 0, end
+    assert end["rc"] == 130, end
+    assert end["err"].strip().splitlines()[-1] == ("shmmmu: interrupted (SIGINT); every worker stopped and "
+                                                   "the VM removed"), end
     doc = json.loads(end["out"])
     assert doc["result"] == "SUCCESS" and doc["options"]["name"] == "kept"
     assert res["after"] == [] and res["logs"] == []

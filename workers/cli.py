@@ -197,8 +197,11 @@ def run(
             while True:
                 sup.check()
                 time.sleep(0.2)
-        except KeyboardInterrupt:      # the end of --keep, not of the run: tear down, check, report
+        except KeyboardInterrupt as e:     # the end of --keep, not of the run: tear down, check, report
+            kept_until.append(signals.exit_status(e))
             signals.arm()
+
+    kept_until: list[int] = []             # the exit status of the signal that ended --keep
 
     def launcher(vm):
         return Supervisor(vm, stall_s=stall_timeout)
@@ -215,6 +218,10 @@ def run(
         _print_run(result, Console())
     if not result.ok:
         raise typer.Exit(1)
+    if kept_until:                         # reported, then the status of a process ended by that signal
+        print(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(kept_until[0] - 128))}); every "
+              f"worker stopped and the VM removed", file=sys.stderr)
+        raise typer.Exit(kept_until[0])
 
 # ---------------------------------------------------------------- end of run
 
