@@ -59,7 +59,7 @@ class _Run:
 
     def spawn(self, worker: int, args: list[str]) -> None:
         err = tempfile.TemporaryFile(mode="w+")
-        cmd = python_module_command("workers.torture", "worker", self.program, "--region", self.config.name,
+        cmd = python_module_command("workers.torture", "worker", self.program, f"--region={self.config.name}",
                                     "--worker", str(worker), *args)
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=worker_env())
         self.procs.append((worker, p, err))
