@@ -93,8 +93,9 @@ def read_lackey(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: i
             size = int(s) if s else 1
         except ValueError:
             raise TraceError(f"{name}: line {lineno}: bad size {s!r}") from None
-        if size < 1:
+        if size < 0:
             raise TraceError(f"{name}: line {lineno}: bad size {s!r}")
+        size = max(size, 1)                       # a 0-byte access still names its page
         last = addr + size - 1
         if last > U64_MAX:
             raise TraceError(f"{name}: line {lineno}: access {a},{s} ends past 64 bits")
@@ -117,9 +118,9 @@ def read_pinatrace(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift
         add(0, _address(parts[2], 16, name, lineno) >> shift, WRITE if parts[1] == "W" else READ)
 
 
-# perf script: 'COMM TID [CPU] TIME: [PERIOD] EVENT: REST' (the CPU column only when recorded per CPU);
+# perf script: 'COMM [PID/]TID [CPU] TIME: [PERIOD] EVENT: REST' (the CPU column only when recorded per CPU);
 # trace-cmd report: 'COMM-PID [CPU] [FLAGS] TIME: EVENT: REST'
-_PERF = re.compile(r"^\s*(?P<comm>.*?)\s+(?P<tid>\d+)(?:/\d+)?\s+(?:\[\d+\]\s+)?(?:\S+\s+)?(?P<ts>\d+\.\d+):"
+_PERF = re.compile(r"^\s*(?P<comm>.*?)\s+(?:\d+/)?(?P<tid>\d+)\s+(?:\[\d+\]\s+)?(?:\S+\s+)?(?P<ts>\d+\.\d+):"
                    r"\s+(?:\d+\s+)?(?P<event>[\w:-]+):\s*(?P<rest>.*)$")
 _TRACE_CMD = re.compile(r"^\s*(?P<comm>.*?)-(?P<tid>\d+)\s+\[\d+\]\s+(?:\S+\s+)?(?P<ts>\d+\.\d+):"
                         r"\s+(?P<event>[\w:-]+):\s*(?P<rest>.*)$")
