@@ -11,7 +11,8 @@ binary data (a NUL byte, bytes that are not UTF-8) and endless input such as
              an access that spans two pages touches both; M is a read and then a write; I is a fetch
   pinatrace  Intel Pin's pinatrace tool: 'IP: R ADDR' / 'IP: W ADDR', '#eof' at the end
   perf       `perf script` of page-fault samples: the software event (perf record -e page-faults -d,
-             perf script -F +addr: the sample's data address) or the exceptions:page_fault_user /
+             perf script -F +addr or -F ...,addr,ip: the sample's data address; the default output has
+             only the IP and is refused) or the exceptions:page_fault_user /
              page_fault_kernel tracepoints (address=, error_code=: bit 1 a write, bit 4 a fetch)
   kvm        the kernel's kvm:kvm_page_fault tracepoint as trace-cmd report or perf script print it:
              5.13's 'address %lx error_code %x' (and 6.x's 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx');
