@@ -180,7 +180,7 @@ def no_tmp_leftovers() -> Iterator[None]:
     tmp = tempfile.gettempdir()
     before = {d for d in os.listdir(tmp) if d.startswith("shmmmu-")}
     yield
-    mine = re.compile(r"shmmmu-(hard|stress|run|torture|bench)")
+    mine = re.compile(r"shmmmu-(stress-\d+|liar|same|kept|stall|victim|full|big|-x|forged)-")
     new = sorted(d for d in set(os.listdir(tmp)) - before if d.startswith("shmmmu-") and mine.match(d))
     # another agent's concurrent runs make their own directories: only ours (made by a scenario of this
     # process's children, whose owner is gone) count
