@@ -102,6 +102,7 @@ class Vcpu:
         self._batch: tuple[list[int], list[int]] = ([], [])
         self._kinds = np.zeros(0, dtype=np.int8)
         self._storm_start = 0.0          # when this access's RETRY storm began (ept_violation)
+        self._mmu_publish_stats = self.mmu.publish_stats
         if processor == "c":
             r = vm.region
             self.proc = _walker.Processor(self.tlb, r.array("tables").reshape(-1), r.array("data").reshape(-1),
@@ -110,11 +111,16 @@ class Vcpu:
                                           Ctl.UNFLUSHED)
             self.run_batch = self._run_batch_c
             self.load_batch = self._load_batch_c
-            # the C loop's counters reach the Mmu's before each publication
-            self._mmu_publish_stats = self.mmu.publish_stats
+            # the C loop's counters reach the Mmu's before each publication, whoever publishes
             self.mmu.publish_stats = self.publish_stats
         else:
             self.run_batch = self.run_batch_reference
+
+    def release(self) -> None:
+        """Let go of this vCPU's views of the region (the C processor's and the walk's), so it can be unmapped."""
+        if self.proc is not None:
+            self.proc.release()
+        self.tables_mv.release()
 
     def enter(self) -> None:
         if self.tlbctl.enter_guest():

@@ -66,9 +66,7 @@ class Twin:
         }
 
     def close(self) -> None:
-        if self.v.proc is not None:
-            self.v.proc.release()
-        self.v.tables_mv.release()
+        self.v.release()
         self.v = self.host = None
 
 
@@ -206,5 +204,4 @@ def test_the_c_loop_and_tlb_refuse_bad_input(vm_name: str) -> None:
             with pytest.raises(ValueError):
                 Vcpu(vm, 0, processor="rust")
         finally:
-            v.proc.release()
-            v.tables_mv.release()
+            v.release()

@@ -229,9 +229,7 @@ def guest_populate(n: int, mode: str, processor: str) -> float:
                 raise RuntimeError(f"expected {n} fixed faults, got {v.mmu.st[STAT['fixed']]}")
             return dt
         finally:
-            if getattr(v, "proc", None) is not None:
-                v.proc.release()
-            v.tables_mv.release()
+            v.release() if hasattr(v, "release") else v.tables_mv.release()
             del v
 
 
