@@ -469,3 +469,71 @@ def test_record_then_replay_a_million_accesses(tmp_path: Path, tmpenv: dict, vm_
     assert d["stats"]["accesses"] == n
     assert d["faults"] == d["stats"]["fixed"] == len(pages)
     no_leftovers(tmpenv)
+
+
+# ---------------------------------------------------------------- the lackey fast path is the line reader, faster
+
+def _lackey_both_ways(data: bytes, block: int) -> tuple[object, object]:
+    """(what read_lackey line by line gives, what the block path gives): the words and pages, or the error."""
+    import io
+    import tempfile
+    import numpy as np
+    from shmmmu.trace import formats as F
+    from shmmmu.trace.store import Converter
+
+    def result(run) -> object:
+        with tempfile.TemporaryDirectory() as d:
+            c = Converter(d)
+            try:
+                run(c)
+            except F.TraceError as e:
+                c.close()
+                return str(e)
+            out = {}
+            for tid, p in c.parts.items():
+                p.flush()
+                p.file.seek(0)
+                out[tid] = np.frombuffer(p.file.read(), dtype=np.uint64).tolist()
+            c.close()
+            return out, dict(c.pages)
+
+    saved = F.BLOCK
+    F.BLOCK = block
+    try:
+        ref = result(lambda c: F.read_lackey(F.text_lines(io.BytesIO(data), "t"), c.add, "t", 12))
+        fast = result(lambda c: F.read_lackey_blocks(io.BytesIO(data), c.add, c.add_block, "t", 12, 0))
+    finally:
+        F.BLOCK = saved
+    return ref, fast
+
+
+def test_lackey_fast_path_equals_the_line_reader_on_the_real_sample() -> None:
+    data = (DATA / "lackey-true.txt").read_bytes()
+    for block in (1 << 20, 4096, 97):
+        ref, fast = _lackey_both_ways(data, block)
+        assert isinstance(ref, tuple) and ref == fast
+
+
+def _line() -> "object":
+    from hypothesis import strategies as st
+    addr = st.one_of(st.integers(0, 1 << 40), st.integers(0, 64).map(lambda k: (1 << 64) - k),
+                     st.integers(1, 1 << 20).map(lambda p: p * 4096 - 3))
+    good = st.builds(lambda k, a, z: f"{k}{a:08x},{z}".encode(), st.sampled_from(["I  ", " L ", " S ", " M "]),
+                     addr, st.integers(0, 5000))
+    bad = st.sampled_from([b" Z 0400,4", b"I  zz,4", b"", b"   ", b"I  -10,4", b"I  " + b"f" * 17 + b",1",
+                           b"==1== " + b"x" * 5000, b"I  0400,4\r", b" L 0400,4 extra", b"\x00", b"\xff\xfe",
+                           b"I  0400,\xc3\xa9", b"L" * 4200, b"==12== Lackey", b"I  12\rL,4"])
+    return st.one_of(good, good, good, bad)
+
+
+def test_lackey_fast_path_equals_the_line_reader_on_any_text() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(_line(), max_size=40), st.booleans(), st.sampled_from([16, 61, 200, 4096, 1 << 20]))
+    def check(lines: list[bytes], final_newline: bool, block: int) -> None:
+        data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+        ref, fast = _lackey_both_ways(data, block)
+        assert ref == fast
+    check()

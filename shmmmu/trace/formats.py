@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+import numpy as np
+
 from shmmmu.workloads import EXEC, READ, WRITE
 
 MAX_LINE = 4096                  # longer is not a trace line: binary or endless input (/dev/zero)
@@ -106,6 +108,111 @@ def read_lackey(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: i
             if last != first:                     # an access spanning a page boundary touches both pages
                 for page in range(first + 1, last + 1):
                     add(0, page, kind)
+
+
+# the fast path of a lackey trace: a block of complete lines at a time, parsed by one regex and numpy; any block
+# with a line it does not take as it is (a message, a bad line, an access past 64 bits or over two pages)
+# goes through read_lackey line by line instead, which gives the same accesses or the error with its line number
+BLOCK = 1 << 19
+_LACKEY_BLOCK = re.compile(r"^([I ][ LSM]) ([0-9a-fA-F]{1,16}),(\d{1,9})$", re.M)     # kinds checked after
+_MESSAGE = re.compile(r"^==.{0,%d}$" % (MAX_LINE // 4 - 3), re.M)    # a message line surely short enough
+_BLOCK_KINDS = {"I ": (EXEC, -1), " L": (READ, -1), " S": (WRITE, -1), " M": (READ, WRITE)}
+
+
+def text_blocks(f: BinaryIO, name: str, lineno: int) -> Iterator[tuple[int, str]]:
+    """(lines before it, text) of blocks of whole lines, about BLOCK bytes each.  Every error text_lines
+    would raise is raised here for the same line and after the same lines were yielded, except a line
+    longer than MAX_LINE inside a block, which the caller finds (`numbered`)."""
+    nl = b"\n"
+    rest = b""
+    while True:
+        data = f.read(BLOCK)
+        buf = rest + data
+        cut = buf.rfind(nl) + 1 if data else len(buf)
+        block, rest = buf[:cut], buf[cut:]
+        if block:
+            try:
+                if b"\0" in block:
+                    raise ValueError
+                text = block.decode()
+            except (ValueError, UnicodeDecodeError):
+                yield from _up_to_bad_line(block, lineno, name)
+                raise AssertionError("unreachable: _up_to_bad_line raises")
+            yield lineno, text
+            lineno += block.count(nl)
+        head = rest[:MAX_LINE + 1]                 # what text_lines' readline of the partial line would see
+        if b"\0" in head:
+            raise TraceError(f"{name}: line {lineno + 1}: binary data (a NUL byte): not a text trace")
+        if len(rest) > MAX_LINE:
+            raise TraceError(f"{name}: line {lineno + 1}: longer than {MAX_LINE} bytes: not a trace "
+                             f"(binary or endless input?)")
+        if not data:
+            return
+
+
+def _up_to_bad_line(block: bytes, lineno: int, name: str) -> Iterator[tuple[int, str]]:
+    """The lines of a block before its first bad one (a NUL byte or bytes that are not UTF-8), then that
+    line's error as text_lines gives it (a long line's first MAX_LINE + 1 bytes decide)."""
+    nl = b"\n"
+    nul = block.find(b"\0")
+    try:
+        block.decode()
+        bad = nul
+    except UnicodeDecodeError as e:
+        bad = e.start if nul < 0 else min(nul, e.start)
+    start = block.rfind(nl, 0, bad) + 1
+    if start:
+        yield lineno, block[:start].decode()
+    line_no = lineno + block.count(nl, 0, start) + 1
+    end = block.find(nl, start)
+    line = block[start:] if end < 0 else block[start:end + 1]
+    if b"\0" in line[:MAX_LINE + 1]:
+        raise TraceError(f"{name}: line {line_no}: binary data (a NUL byte): not a text trace")
+    if len(line) > MAX_LINE and not line[:MAX_LINE + 1].endswith(nl):
+        raise TraceError(f"{name}: line {line_no}: longer than {MAX_LINE} bytes: not a trace "
+                         f"(binary or endless input?)")
+    raise TraceError(f"{name}: line {line_no}: binary data (not UTF-8 text): not a text trace")
+
+
+def numbered(text: str, before: int, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a block's text, with text_lines' check of the length."""
+    parts = text.split("\n")
+    last = parts.pop()                        # "" after a final newline
+    lines = [p + "\n" for p in parts] + ([last] if last else [])
+    for i, line in enumerate(lines, before + 1):
+        if len(line) * 4 > MAX_LINE:          # (only a line this long can have more than MAX_LINE bytes)
+            raw = line.encode()[:MAX_LINE + 1]
+            if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                raise TraceError(f"{name}: line {i}: longer than {MAX_LINE} bytes: not a trace "
+                                 f"(binary or endless input?)")
+        yield i, line
+
+
+def read_lackey_blocks(f: BinaryIO, add: Sink, add_block: Callable[[np.ndarray, np.ndarray], None], name: str,
+                       shift: int, lineno: int) -> None:
+    """The rest of a lackey trace from `f` (`lineno` lines read before): whole blocks through `add_block`
+    (virtual pages, kinds), in trace order; a block the regex does not cover wholly through read_lackey."""
+    for before, text in text_blocks(f, name, lineno):
+        m = _LACKEY_BLOCK.findall(text)
+        lines = text.count("\n") + (not text.endswith("\n")) - len(_MESSAGE.findall(text))
+        kinds = _BLOCK_KINDS.get
+        if len(m) == lines and m and all(kinds(c) for c, _, _ in m):
+            a = np.array([int(a, 16) for _, a, _ in m], dtype=np.uint64)
+            z = np.maximum(np.array([int(z) for _, _, z in m], dtype=np.uint64), np.uint64(1))
+            if int(a.max()) + int(z.max()) <= U64_MAX + 1 or all(x + y <= U64_MAX + 1 for x, y in
+                                                                  zip(a.tolist(), z.tolist())):
+                first = a >> np.uint64(shift)
+                last = (a + z - np.uint64(1)) >> np.uint64(shift)
+                span = last - first
+                if int(span.max()) <= 1:
+                    k = np.array([_BLOCK_KINDS[c] for c, _, _ in m], dtype=np.int8)
+                    pages = np.stack([first, last, first, last], axis=1).ravel()
+                    kinds = np.repeat(k, 2, axis=1).ravel()
+                    two = span == 1
+                    keep = np.stack([np.ones(len(m), bool), two, k[:, 1] >= 0, (k[:, 1] >= 0) & two], axis=1).ravel()
+                    add_block(pages[keep], kinds[keep])
+                    continue
+        read_lackey(numbered(text, before, name), add, name, shift)
 
 
 def read_pinatrace(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
