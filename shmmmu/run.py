@@ -60,6 +60,8 @@ class RunOptions:
             raise UsageError("--vcpus must be at most 250")
         if self.iterations < 1:
             raise UsageError("--iterations must be at least 1")
+        if self.iterations > 1 << 32:        # the iteration number lives in one shared word, with room
+            raise UsageError(f"--iterations must be at most {1 << 32}")
         _check_seed(self.seed)
         if self.backing not in BACKINGS:
             raise UsageError(f"unknown backing {self.backing!r}: use 4k, 2m or 1g")

@@ -556,6 +556,7 @@ def scenario_dash_name(_: str) -> dict[str, Any]:
     (("torture", "rcu", "--writers", "1000"), "--writers must be between 1 and 64"),
     (("torture", "lock", "--seed", "-1"), "--seed must be between 0"),
     (("run", "--stall-timeout", "nan"), "--stall-timeout must be a finite number"),
+    (("run", "--iterations", str(10 ** 21)), "--iterations must be at most"),
     (("run", "-w", "stress"), "unknown workload 'stress'"),
     (("run", "--bogus"), "No such option: --bogus"),
     (("run", "--vcpus", "x"), "Invalid value for '--vcpus'"),
