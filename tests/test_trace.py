@@ -35,7 +35,8 @@ KVM_TDP_MMU_SPTE_CHANGED = "as id %d gfn %llx level %d old_spte %llx new_spte %l
 #   root_count, unsync ? "unsync" : "sync", 0)     -- the %c of 0 ends the string
 KVM_MMU_PAGE_PRINTK = "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s"
 ACCESS_STR = ["---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux"]
-KVM_MMU_GET_PAGE = KVM_MMU_PAGE_PRINTK + " %s"           # TP_printk("%s %s", KVM_MMU_PAGE_PRINTK(), created ? "new" : "existing")
+# TP_printk("%s %s", KVM_MMU_PAGE_PRINTK(), __entry->created ? "new" : "existing")
+KVM_MMU_GET_PAGE = KVM_MMU_PAGE_PRINTK + " %s"
 KVM_MMU_PREPARE_ZAP_PAGE = KVM_MMU_PAGE_PRINTK           # kvm_mmu_page_class: TP_printk("%s", KVM_MMU_PAGE_PRINTK())
 
 # what each %s of a format may print, in order
@@ -63,7 +64,8 @@ def printk_regex(fmt: str, strings: list[str]) -> re.Pattern:
 
 
 # trace-cmd report: "%16s-%-5d [%03d] %5lu.%06lu: %s: " then the event's printk output
-LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+\[(?P<cpu>\d{3})\]\s+(?P<ts>\d+\.\d{6}): (?P<event>\w+):\s+(?P<text>.*)$")
+LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+\[(?P<cpu>\d{3})\]\s+(?P<ts>\d+\.\d{6}): "
+                  r"(?P<event>\w+):\s+(?P<text>.*)$")
 
 
 def check_lines(path: Path) -> dict[str, int]:
@@ -212,7 +214,8 @@ def test_kvm_page_fault_of_later_kernels(tmp_path: Path) -> None:
     """6.x prints kvm_page_fault as 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx': read alike."""
     t = tmp_path / "kvm6.txt"
     t.write_text("".join(f" CPU {v}/KVM-{900 + v}   [00{v}] d..1. 77.{i:06d}: kvm_page_fault: vcpu {v} rip "
-                         f"0xffffffff81000{i:03x} address 0x{(0x10 + i) << 12:x} error_code 0x{0x182 if i % 2 else 0x181:x}\n"
+                         f"0xffffffff81000{i:03x} address 0x{(0x10 + i) << 12:x} "
+                         f"error_code 0x{0x182 if i % 2 else 0x181:x}\n"
                          for i in range(6) for v in (0, 1)))
     p = shmmmu("trace", "convert", str(t), "-o", str(tmp_path / "o.bin"), "--json")
     assert p.returncode == 0, p.stderr

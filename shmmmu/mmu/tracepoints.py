@@ -211,7 +211,8 @@ def collect(directory: str, out: str) -> int:
     try:
         with open(out, "w") as f:
             f.write("# tracer: shmmmu (kvm and kvmmmu events in the kernel's formats, Linux 5.13)\n#\n"
-                    "#           TASK-PID     CPU   TIMESTAMP  FUNCTION\n#              | |        |         |         |\n")
+                    "#           TASK-PID     CPU   TIMESTAMP  FUNCTION\n"
+                    "#              | |        |         |         |\n")
             for line in heapq.merge(*files, key=_ts):
                 f.write(line)
                 n += 1

@@ -195,8 +195,8 @@ def read_lackey_blocks(f: BinaryIO, add: Sink, add_block: Callable[[np.ndarray, 
     for before, text in text_blocks(f, name, lineno):
         m = _LACKEY_BLOCK.findall(text)
         lines = text.count("\n") + (not text.endswith("\n")) - len(_MESSAGE.findall(text))
-        kinds = _BLOCK_KINDS.get
-        if len(m) == lines and m and all(kinds(c) for c, _, _ in m):
+        known = _BLOCK_KINDS.get
+        if len(m) == lines and m and all(known(c) for c, _, _ in m):
             a = np.array([int(a, 16) for _, a, _ in m], dtype=np.uint64)
             z = np.maximum(np.array([int(z) for _, _, z in m], dtype=np.uint64), np.uint64(1))
             if int(a.max()) + int(z.max()) <= U64_MAX + 1 or all(x + y <= U64_MAX + 1 for x, y in
@@ -209,7 +209,8 @@ def read_lackey_blocks(f: BinaryIO, add: Sink, add_block: Callable[[np.ndarray, 
                     pages = np.stack([first, last, first, last], axis=1).ravel()
                     kinds = np.repeat(k, 2, axis=1).ravel()
                     two = span == 1
-                    keep = np.stack([np.ones(len(m), bool), two, k[:, 1] >= 0, (k[:, 1] >= 0) & two], axis=1).ravel()
+                    m2 = k[:, 1] >= 0                     # M: a second access, the write
+                    keep = np.stack([np.ones(len(m), bool), two, m2, m2 & two], axis=1).ravel()
                     add_block(pages[keep], kinds[keep])
                     continue
         read_lackey(numbered(text, before, name), add, name, shift)
