@@ -8,7 +8,11 @@
  * performs a batch of guest accesses (Processor.run).  The loop returns to
  * Python only for what is KVM's or the checkers': an EPT violation (the fault),
  * a flush generation that moved (KVM_REQ_TLB_FLUSH / KVM_REQ_MMU_RELOAD), a
- * violation to record, the end of the batch.
+ * violation to record, the end of the batch.  Around a fault it takes the
+ * guest-mode steps of tlb.TlbControl itself, in the same order: vcpu->mode
+ * OUTSIDE before it returns the violation; afterwards IN_GUEST, then the flush
+ * generation (a moved one goes back to Python to be flushed and acknowledged),
+ * then the roots generation.
  *
  * shmmmu/guest.py has the same steps in Python (Vcpu.hw_walk_reference,
  * tlb.Tlb, Vcpu.run_batch_reference); the explorer runs those, and the tests
@@ -369,9 +373,9 @@ static PyTypeObject TlbType = {
 /* ------------------------------------------------------------------ the access loop */
 
 /* what Processor.run returns for (guest.py's _R_* names) */
-enum { R_END, R_FLUSH, R_FAULT, R_STALE, R_POISON, R_CORRUPT };
+enum { R_END, R_FLUSH, R_FAULT, R_STALE, R_POISON, R_CORRUPT, R_ENTER_FLUSH, R_RELOAD };
 /* where run resumes the first access (guest.py's _PH_*) */
-enum { PH_NEW, PH_LOOKUP, PH_CHECKED, PH_WALK };
+enum { PH_NEW, PH_LOOKUP, PH_CHECKED, PH_WALK, PH_ENTER, PH_ENTER_ROOTS };
 /* the counters kept here (guest.py folds them into layout.STAT in this order) */
 enum { C_ACCESSES, C_READS, C_WRITES, C_HITS, C_MISSES, C_WALKS, C_FETCHES, N_COUNTERS };
 enum { K_READ, K_WRITE, K_EXEC };    /* workloads.READ, WRITE, EXEC */
@@ -379,16 +383,17 @@ enum { K_READ, K_WRITE, K_EXEC };    /* workloads.READ, WRITE, EXEC */
 typedef struct {
     PyObject_HEAD
     Tlb *tlb;
-    Py_buffer tables, data, touched, ctl, gfns, kinds;
+    Py_buffer tables, data, touched, ctl, wstate, gfns, kinds;
     int have_bufs, have_batch;
-    uint64_t *tw, *dw, *hw, *cw;
-    uint64_t tn, dn, hn, cn;
+    uint64_t *tw, *dw, *hw, *cw, *ww;
+    uint64_t tn, dn, hn, cn, wn;
     const int64_t *g;
     const int8_t *k;
     Py_ssize_t bn;
     long root_level, bits;
     int debug;
-    Py_ssize_t flush_gen_word, unflushed_word;
+    Py_ssize_t flush_gen_word, unflushed_word, roots_gen_word, mode_word;
+    uint64_t mode_outside, mode_in_guest;
     unsigned long long counters[N_COUNTERS];
 } Processor;
 
@@ -411,6 +416,7 @@ Processor_release_all(Processor *self)
         PyBuffer_Release(&self->data);
         PyBuffer_Release(&self->touched);
         PyBuffer_Release(&self->ctl);
+        PyBuffer_Release(&self->wstate);
         self->have_bufs = 0;
     }
 }
@@ -427,16 +433,18 @@ u64_buffer(PyObject *o, Py_buffer *b, const char *what)
     return 0;
 }
 
-/* Processor(tlb, tables, data, touched, ctl, root_level, bits, debug, flush_gen_word, unflushed_word) */
+/* Processor(tlb, tables, data, touched, ctl, wstate, root_level, bits, debug, flush_gen_word, unflushed_word,
+ *           roots_gen_word, mode_word, mode_outside, mode_in_guest) */
 static int
 Processor_init(Processor *self, PyObject *args, PyObject *kw)
 {
-    PyObject *tlb, *tables, *data, *touched, *ctl;
+    PyObject *tlb, *tables, *data, *touched, *ctl, *wstate;
     long root_level, bits;
     int debug;
-    Py_ssize_t fg, uf;
-    if (!PyArg_ParseTuple(args, "O!OOOOllpnn:Processor", &TlbType, &tlb, &tables, &data, &touched, &ctl,
-                          &root_level, &bits, &debug, &fg, &uf))
+    Py_ssize_t fg, uf, rg, mw;
+    unsigned long long outside, in_guest;
+    if (!PyArg_ParseTuple(args, "O!OOOOOllpnnnnKK:Processor", &TlbType, &tlb, &tables, &data, &touched, &ctl,
+                          &wstate, &root_level, &bits, &debug, &fg, &uf, &rg, &mw, &outside, &in_guest))
         return -1;
     if (bits < 1 || bits > 9 || root_level < 1 || root_level > 5) {
         PyErr_SetString(PyExc_ValueError, "bad walk geometry");
@@ -451,6 +459,7 @@ Processor_init(Processor *self, PyObject *args, PyObject *kw)
     if (u64_buffer(data, &self->data, "data") < 0) goto fail1;
     if (u64_buffer(touched, &self->touched, "touched") < 0) goto fail2;
     if (u64_buffer(ctl, &self->ctl, "ctl") < 0) goto fail3;
+    if (u64_buffer(wstate, &self->wstate, "wstate") < 0) goto fail4;
     self->have_bufs = 1;
     self->tw = self->tables.buf;
     self->tn = (uint64_t)(self->tables.len / 8);
@@ -460,8 +469,11 @@ Processor_init(Processor *self, PyObject *args, PyObject *kw)
     self->hn = (uint64_t)(self->touched.len / 8);
     self->cw = self->ctl.buf;
     self->cn = (uint64_t)(self->ctl.len / 8);
-    if (fg < 0 || uf < 0 || (uint64_t)fg >= self->cn || (uint64_t)uf >= self->cn) {
-        PyErr_SetString(PyExc_IndexError, "control word outside ctl");
+    self->ww = self->wstate.buf;
+    self->wn = (uint64_t)(self->wstate.len / 8);
+    if (fg < 0 || uf < 0 || rg < 0 || mw < 0 || (uint64_t)fg >= self->cn || (uint64_t)uf >= self->cn
+        || (uint64_t)rg >= self->cn || (uint64_t)mw >= self->wn) {
+        PyErr_SetString(PyExc_IndexError, "control word outside ctl, or mode word outside wstate");
         Processor_release_all(self);
         return -1;
     }
@@ -472,8 +484,14 @@ Processor_init(Processor *self, PyObject *args, PyObject *kw)
     self->debug = debug;
     self->flush_gen_word = fg;
     self->unflushed_word = uf;
+    self->roots_gen_word = rg;
+    self->mode_word = mw;
+    self->mode_outside = outside;
+    self->mode_in_guest = in_guest;
     memset(self->counters, 0, sizeof self->counters);
     return 0;
+fail4:
+    PyBuffer_Release(&self->ctl);
 fail3:
     PyBuffer_Release(&self->touched);
 fail2:
@@ -538,14 +556,21 @@ result(int reason, Py_ssize_t i, unsigned long long a, unsigned long long b, uns
     return t;
 }
 
-/* run(start, end, vbase, acked, root, phase) -> (reason, index, a, b, c)
+/* run(start, end, vbase, acked, root, phase, roots_gen) -> (reason, index, a, b, c)
  *
  * Performs accesses [start, end) of the batch in guest mode, as guest.Vcpu.run_batch_reference does,
  * and stops at the first thing that is not the processor's:
  *   R_END      all done (index = end)
  *   R_FLUSH    the flush generation is not `acked` before access `index` (KVM_REQ_TLB_FLUSH): the
  *              caller acknowledges (TlbControl.check_request) and resumes at index with PH_LOOKUP
- *   R_FAULT    an EPT violation at `index`: (gfn, write, exec); resume with PH_WALK after the fault
+ *   R_FAULT    an EPT violation at `index`: (gfn, write, exec), with vcpu->mode already OUTSIDE
+ *              (TlbControl.exit_guest); after the fault the caller resumes with PH_ENTER, which is
+ *              TlbControl.enter_guest's steps (mode IN_GUEST, then the flush generation, then the
+ *              roots generation against `roots_gen`) before the walk again:
+ *   R_ENTER_FLUSH  on entry the flush generation is not `acked`: the caller flushes and acknowledges
+ *              (check_request) and resumes with PH_ENTER_ROOTS (the roots generation, then the walk)
+ *   R_RELOAD   on entry the roots generation moved: the caller reloads the root (Vcpu.reload_root)
+ *              and resumes with PH_WALK
  *   R_STALE    debug: a TLB hit whose source leaf no longer grants it with no flush pending:
  *              (gfn, cached, now); resume with PH_CHECKED
  *   R_POISON   debug: the access met a poisoned host page: (gfn, host page, value); resume at index+1
@@ -554,8 +579,8 @@ result(int reason, Py_ssize_t i, unsigned long long a, unsigned long long b, uns
 static PyObject *
 Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "run(start, end, vbase, acked, root, phase)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "run(start, end, vbase, acked, root, phase, roots_gen)");
         return NULL;
     }
     if (!self->have_bufs || !self->have_batch) {
@@ -568,8 +593,9 @@ Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t acked = PyLong_AsUnsignedLongLongMask(args[3]);
     long long root = PyLong_AsLongLong(args[4]);
     long phase = PyLong_AsLong(args[5]);
+    uint64_t roots_gen = PyLong_AsUnsignedLongLongMask(args[6]);
     if (PyErr_Occurred()) return NULL;
-    if (i < 0 || end > self->bn || root < 0 || phase < PH_NEW || phase > PH_WALK) {
+    if (i < 0 || end > self->bn || root < 0 || phase < PH_NEW || phase > PH_ENTER_ROOTS) {
         PyErr_SetString(PyExc_IndexError, "run(): accesses outside the batch, or a bad root or phase");
         return NULL;
     }
@@ -583,6 +609,16 @@ Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
         int kind = self->k[i];
         int write = kind == K_WRITE, exec = kind == K_EXEC;
         uint64_t hpfn;
+        if (phase == PH_ENTER) {
+            /* vcpu_enter_guest: publish IN_GUEST_MODE, then read the requests (tlb.TlbControl.enter_guest) */
+            __atomic_store_n(&self->ww[self->mode_word], self->mode_in_guest, SEQ);
+            if (__atomic_load_n(&cw[self->flush_gen_word], SEQ) != acked) return result(R_ENTER_FLUSH, i, 0, 0, 0);
+            phase = PH_ENTER_ROOTS;
+        }
+        if (phase == PH_ENTER_ROOTS) {
+            if (__atomic_load_n(&cw[self->roots_gen_word], SEQ) != roots_gen) return result(R_RELOAD, i, 0, 0, 0);
+            phase = PH_WALK;
+        }
         if (phase == PH_NEW && __atomic_load_n(&cw[self->flush_gen_word], SEQ) != acked)
             return result(R_FLUSH, i, 0, 0, 0);
         if (phase != PH_WALK) {
@@ -614,8 +650,11 @@ Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
             long level;
             st[C_WALKS]++;
             if (!hw_walk(tw, self->tn, (uint64_t)root, self->root_level, bits, gfn, write, exec,
-                         &sptep, &spte, &level))
+                         &sptep, &spte, &level)) {
+                /* an EPT violation: the exit leaves guest mode (tlb.TlbControl.exit_guest) */
+                __atomic_store_n(&self->ww[self->mode_word], self->mode_outside, SEQ);
                 return result(R_FAULT, i, gfn, write, exec);
+            }
             /* a translation cached with D clear does not take a write: the write walks again to set D,
              * as the processor does (the D-bit assist) */
             uint64_t base = (spte & PFN_MASK) >> 12;
@@ -672,7 +711,7 @@ Processor_release(Processor *self, PyObject *unused)
 static PyMethodDef Processor_methods[] = {
     {"batch", (PyCFunction)(void (*)(void))Processor_batch, METH_FASTCALL, "batch(gfns, kinds)"},
     {"run", (PyCFunction)(void (*)(void))Processor_run, METH_FASTCALL,
-     "run(start, end, vbase, acked, root, phase) -> (reason, index, a, b, c)"},
+     "run(start, end, vbase, acked, root, phase, roots_gen) -> (reason, index, a, b, c)"},
     {"take_counters", (PyCFunction)Processor_take_counters, METH_NOARGS,
      "the counters since the last call, zeroed: (accesses, reads, writes, hits, misses, walks, fetches)"},
     {"release", (PyCFunction)Processor_release, METH_NOARGS, "let go of every buffer (the region may close)"},
@@ -689,8 +728,8 @@ static PyTypeObject ProcessorType = {
     .tp_name = "shmmmu._walker.Processor",
     .tp_basicsize = sizeof(Processor),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Processor(tlb, tables, data, touched, ctl, root_level, bits, debug, flush_gen_word, "
-              "unflushed_word): a vCPU's guest-access loop",
+    .tp_doc = "Processor(tlb, tables, data, touched, ctl, wstate, root_level, bits, debug, flush_gen_word, "
+              "unflushed_word, roots_gen_word, mode_word, mode_outside, mode_in_guest): a vCPU's guest-access loop",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Processor_init,
     .tp_dealloc = (destructor)Processor_dealloc,

@@ -13,7 +13,8 @@ that is what makes a misdirected access visible.
 
 A batch of accesses (`run_batch`) runs in C (shmmmu._walker.Processor, with the
 C TLB) in production: the loop returns to Python only for what is KVM's (the
-fault, a flush or reload request) or a checker's (a violation to record).
+fault, a flush or reload request) or a checker's (a violation to record); it
+takes the guest-mode steps around a fault itself, in TlbControl's order.
 `run_batch_reference` is the same loop in Python over `read`/`write`/`fetch`;
 the explorer runs it (every shared-word access there is a scheduling point),
 and tests/test_processor.py holds the C loop to it.
@@ -25,7 +26,7 @@ import numpy as np
 from shmmmu import _walker
 from shmmmu import spte as S
 from shmmmu._walker import walk as _walk
-from shmmmu.layout import STAT, Ctl, HostPage
+from shmmmu.layout import STAT, Ctl, HostPage, TlbMode
 from shmmmu.memslots import DATA_POISON
 from shmmmu.mmu import RET_PF_EMULATE, Mmu
 from shmmmu.tlb import Tlb
@@ -52,8 +53,8 @@ _ST_FETCHES = STAT["fetches"]
 _C_COUNTERS = (_ST_ACCESSES, _ST_READS, _ST_WRITES, _ST_HITS, _ST_MISSES, _ST_WALKS, _ST_FETCHES)
 
 # what the C loop returns for, and where it resumes an access (shmmmu/_walker.c)
-_R_END, _R_FLUSH, _R_FAULT, _R_STALE, _R_POISON, _R_CORRUPT = range(6)
-_PH_NEW, _PH_LOOKUP, _PH_CHECKED, _PH_WALK = range(4)
+_R_END, _R_FLUSH, _R_FAULT, _R_STALE, _R_POISON, _R_CORRUPT, _R_ENTER_FLUSH, _R_RELOAD = range(8)
+_PH_NEW, _PH_LOOKUP, _PH_CHECKED, _PH_WALK, _PH_ENTER, _PH_ENTER_ROOTS = range(6)
 
 assert _walker.ASSUMED == {
     "WRITABLE": S.WRITABLE, "EXECUTABLE": S.EXECUTABLE, "LARGE": S.LARGE, "ACCESSED": S.ACCESSED,
@@ -107,8 +108,9 @@ class Vcpu:
             r = vm.region
             self.proc = _walker.Processor(self.tlb, r.array("tables").reshape(-1), r.array("data").reshape(-1),
                                           r.array("touched").reshape(-1), r.array("ctl").reshape(-1),
-                                          self.root_level, self.bits, bool(self.debug), Ctl.FLUSH_GEN,
-                                          Ctl.UNFLUSHED)
+                                          r.array("wstate").reshape(-1), self.root_level, self.bits,
+                                          bool(self.debug), Ctl.FLUSH_GEN, Ctl.UNFLUSHED, Ctl.ROOTS_GEN,
+                                          self.tlbctl.mode_word, TlbMode.OUTSIDE, TlbMode.IN_GUEST)
             self.run_batch = self._run_batch_c
             self.load_batch = self._load_batch_c
             # the C loop's counters reach the Mmu's before each publication, whoever publishes
@@ -170,17 +172,22 @@ class Vcpu:
         try:
             r = self.mmu.page_fault(gfn, write, exec_)
             if tries >= 8:
-                waits = self.waits
-                if tries == 8:
-                    self._storm_start = waits.now()
-                waits.yield_cpu() if tries < 64 else waits.pause(0.0001)
-                if tries % 256 == 0 and waits.now() - self._storm_start > self.PROGRESS_BOUND_S:
-                    raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
-                                     f"in {self.PROGRESS_BOUND_S:.0f}s")
+                self.retry_storm(gfn, tries)
         finally:
             if tlbctl.enter_guest():
                 self.reload_root()
         return r
+
+    def retry_storm(self, gfn: int, tries: int) -> None:
+        """The 8th and later fault of one access, outside guest mode: let whoever holds the entry frozen run,
+        as preemption would on a real host; GuestFault past the progress bound."""
+        waits = self.waits
+        if tries == 8:
+            self._storm_start = waits.now()
+        waits.yield_cpu() if tries < 64 else waits.pause(0.0001)
+        if tries % 256 == 0 and waits.now() - self._storm_start > self.PROGRESS_BOUND_S:
+            raise GuestFault(f"vCPU {self.index}: gfn {gfn:#x} still faults after {tries} tries "
+                             f"in {self.PROGRESS_BOUND_S:.0f}s")
 
     def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
@@ -336,18 +343,38 @@ class Vcpu:
         i, phase = start, _PH_NEW
         at, tries = -1, 0
         while True:
-            r, i, a, b, c = run(i, end, vbase, tlbctl.acked, mmu.root, phase)
+            r, i, a, b, c = run(i, end, vbase, tlbctl.acked, mmu.root, phase, tlbctl.roots_gen)
             if r == _R_FAULT:
+                # ept_violation's steps, with the guest-mode ones in C: the loop left guest mode
+                # before returning, and re-enters (PH_ENTER) before it walks again
                 if i != at:
                     at, tries = i, 0
                 tries += 1
-                if self.ept_violation(a, b != 0, c != 0, tries) == RET_PF_EMULATE:
+                try:
+                    ret = mmu.page_fault(a, b != 0, c != 0)
+                    if tries >= 8:
+                        self.retry_storm(a, tries)
+                except BaseException:
+                    if tlbctl.enter_guest():
+                        self.reload_root()
+                    raise
+                if ret == RET_PF_EMULATE:
+                    if tlbctl.enter_guest():
+                        self.reload_root()
                     i += 1                          # an emulated (MMIO) access: nothing to touch
                     phase = _PH_NEW
                 else:
-                    phase = _PH_WALK
+                    phase = _PH_ENTER
             elif r == _R_END:
                 return
+            elif r == _R_ENTER_FLUSH:
+                # enter_guest found a flush requested: flush and acknowledge (check_request reads the
+                # generation again, a newer one is as good); the roots generation is read next, in C
+                tlbctl.check_request()
+                phase = _PH_ENTER_ROOTS
+            elif r == _R_RELOAD:
+                self.reload_root()
+                phase = _PH_WALK
             elif r == _R_FLUSH:
                 if tlbctl.check_request():
                     self.reload_root()

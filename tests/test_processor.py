@@ -8,7 +8,7 @@ acknowledged, leaves lose A/D or W or vanish without a flush (debug then sees
 stale translations), a host page is poisoned or holds another page's value.
 Between batches the host runs its real operations: zaps, dirty logging on and
 off with GET/CLEAR, aging, notifier unmaps with migration.  Each fault may
-also request a flush while the vCPU is outside guest mode.  After every batch
+also request a flush or a root reload while the vCPU is outside guest mode.  After every batch
 the two VMs must agree word for word (tables, guest memory, the host's and the
 guest's page state, dirty bitmaps, violations), and so must the vCPUs'
 counters, TLB contents, acknowledged flush generation and root.
@@ -23,7 +23,7 @@ import pytest
 from shmmmu import spte as S
 from shmmmu import violations
 from shmmmu.guest import Vcpu
-from shmmmu.layout import STAT, Ctl, MemslotSpec, VMConfig
+from shmmmu.layout import STAT, Ctl, MemslotSpec, TlbMode, VMConfig
 from shmmmu.memslots import DATA_POISON
 from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
@@ -45,13 +45,25 @@ class Twin:
         page_fault = self.v.mmu.page_fault
 
         def page_fault_then_maybe_flush(gfn: int, write: bool, exec_: bool = False) -> int:
+            # the fault is taken outside guest mode (a flusher does not wait for this vCPU meanwhile)
+            assert self.mode() == TlbMode.OUTSIDE
             # a remote flush issued while this vCPU is outside guest mode: seen on entry
             self.faults += 1
             r = page_fault(gfn, write, exec_)
-            if rng.random() < 0.05:
+            x = rng.random()
+            if x < 0.05:
                 self.ctl.fetch_add(Ctl.FLUSH_GEN, 1)
+            elif x < 0.06:
+                self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)       # kvm_reload_remote_mmus: the kick follows
+                self.ctl.fetch_add(Ctl.FLUSH_GEN, 1)
+            elif x < 0.07:
+                self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)       # a reload seen on entry alone
             return r
         self.v.mmu.page_fault = page_fault_then_maybe_flush
+
+    def mode(self) -> int:
+        """This vCPU's published vcpu->mode."""
+        return self.vm.region.words("wstate").load(self.v.tlbctl.mode_word)
 
     def state(self) -> dict[str, object]:
         r = self.vm.region
@@ -60,6 +72,7 @@ class Twin:
         return {
             "tables": r.array("tables").copy(), "data": r.array("data").copy(), "touched": r.array("touched").copy(),
             "host_ad": r.array("host_ad").copy(), "dirty": r.array("dirty").copy(),
+            "vcpu_row": r.array("wstate")[0].copy(),           # mode, acknowledged flush, root, RCU, cache
             "violations": [(x.kind, x.gfn, x.a, x.b) for x in violations.read_all(r)],
             "st": list(v.st), "tlb": v.tlb.snapshot(), "tlb_size": v.tlb.size, "tlb_flushes": v.tlb.flushes,
             "acked": v.tlbctl.acked, "root": v.mmu.root, "faults": self.faults,
@@ -76,6 +89,7 @@ def in_guest_event(twins: list[Twin], rng: random.Random, hot: list[int]) -> Non
     pick = rng.random()
     gfn = rng.choice(hot)
     for t in twins:
+        assert t.mode() == TlbMode.IN_GUEST                       # between chunks the vCPU is in guest mode
         r = t.vm.region
         flat = r.array("tables").reshape(-1)
         leaves = np.flatnonzero(((flat & _U(S.MMU_PRESENT)) != 0) & ((flat & _U(S.RWX)) != 0))
