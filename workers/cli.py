@@ -665,10 +665,11 @@ def rm_cmd(
     else:
         entries = list_vms()
     # another user's VM, or an entry that is not a regular file: never ours to open or unlink
+    if names and any(not e.removable for e in entries):
+        e = next(e for e in entries if not e.removable)
+        raise _fail(f"cannot remove {e.name} ({e.state}): {e.note}")
     for e in [e for e in entries if not e.removable]:
         print(f"shmmmu: note: skipping {e.name} ({e.state}): {e.note}", file=sys.stderr)
-    if names and any(not e.removable for e in entries):
-        raise typer.Exit(EXIT_USAGE)
     entries = [e for e in entries if e.removable]
     # a name given explicitly goes unless a running process is known to use it; --stale and --all also
     # spare an unreadable segment young enough to be still in the making
