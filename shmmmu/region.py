@@ -207,6 +207,16 @@ def _create_error(e: OSError, what: str, size: int = 0) -> RegionError:
     return RegionError(f"cannot create {what}: {e.strerror or e}")
 
 
+def _sem_oserror(e: Exception) -> OSError:
+    """posix_ipc reports sem_open's failures as classes and strerror text, not errno: map them back."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e).lower()
+    code = (errno.EACCES if isinstance(e, posix_ipc.PermissionsError) else errno.ENOSPC if "space" in text
+            else errno.EROFS if "read-only" in text else errno.EIO)
+    return OSError(code, str(e))
+
+
 def process_start(pid: int) -> int:
     """A process's start time in clock ticks since boot (/proc/PID/stat field 22); 0 if unknown or gone."""
     try:
@@ -382,12 +392,7 @@ class Region:
                     raise RegionError(f"cannot create VM {name!r}: {SHM_DIR}/{sem} was created by someone "
                                       f"else meanwhile; choose another name") from None
                 except (posix_ipc.Error, OSError) as e:
-                    err = OSError(getattr(e, "errno", None) or errno.EACCES, str(e))
-                    if isinstance(e, posix_ipc.PermissionsError):
-                        err.errno = errno.EACCES
-                    elif "space" in str(e).lower():
-                        err.errno = errno.ENOSPC
-                    raise _create_error(err, f"the semaphore {sem}") from None
+                    raise _create_error(_sem_oserror(e), f"the semaphore {sem}") from None
                 s.close()
                 e2 = look(sem)
                 if e2.exists:
