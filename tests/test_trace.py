@@ -314,6 +314,30 @@ def test_endless_input_and_missing_files(tmpenv: dict, tmp_path: Path) -> None:
     no_leftovers(tmpenv)
 
 
+def test_where_the_converted_trace_cannot_go(tmp_path: Path) -> None:
+    one_line_error(shmmmu("trace", "convert", str(DATA / "plain.txt"), "-o", str(tmp_path / "no" / "o.bin")),
+                   "cannot write", "No such file or directory")
+    only_exits = tmp_path / "exits.txt"
+    only_exits.write_text("cpus=1\n  CPU 0/KVM-1 [000] 1.000000: kvm_exit: reason EPT_VIOLATION\n")
+    one_line_error(shmmmu("trace", "convert", str(only_exits), "-o", str(tmp_path / "o.bin"), "--trace-format",
+                          "kvm"), "exits.txt: the trace has no accesses")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root for a private tmpfs")
+def test_a_full_disk_during_conversion(tmp_path: Path) -> None:
+    """The converted file on a 64 KiB tmpfs (a private mount namespace): one line, nothing left on it."""
+    t = tmp_path / "wide.txt"
+    t.write_text("".join(f"R {i * 4096:#x}\n" for i in range(20000)))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=64k tmpfs {mnt} && {sys.executable} -m workers.cli trace convert {t} "
+              f"-o {mnt}/o.bin; rc=$?; ls -A {mnt} >&2; exit $rc")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [f"shmmmu: error: cannot convert {t} into {mnt}/o.bin: "
+                                             f"No space left on device"]
+
+
 # ---------------------------------------------------------------- tracepoints out
 
 def test_tracepoints_of_a_run_match_the_kernels_formats(tmpenv: dict, vm_name: str, tmp_path: Path) -> None:

@@ -204,7 +204,12 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
     seen: list[tuple[int, str]] = []
     if fmt is None:
         fmt, seen = detect(lines, name)
-    conv = Converter(os.path.dirname(os.path.abspath(out)), page_shift)
+    directory = os.path.dirname(os.path.abspath(out))
+    try:
+        tempfile.TemporaryFile(dir=directory).close()        # the output's directory takes files
+    except OSError as e:
+        raise TraceError(f"cannot write {out}: {e.strerror}") from None
+    conv = Converter(directory, page_shift)
     try:
         if fmt == "lackey":
             # the lines detection read, then the rest a block at a time (read_lackey's semantics, faster)
@@ -212,10 +217,13 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
             read_lackey_blocks(f, conv.add, conv.add_block, name, page_shift, seen[-1][0] if seen else 0)
         else:
             READERS[fmt](_chain(seen, lines), conv.add, name, page_shift)
-    except BaseException:
+        if not conv.parts:
+            raise TraceError(f"{name}: the trace has no accesses")
+        return conv.finish(out, fmt)
+    except OSError as e:                                      # a read error, a full disk
+        raise TraceError(f"cannot convert {name} into {out}: {e.strerror}") from None
+    finally:
         conv.close()
-        raise
-    return conv.finish(out, fmt)
 
 
 def _chain(seen: list[tuple[int, str]], rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
