@@ -206,7 +206,7 @@ def run(
     def launcher(vm):
         return Supervisor(vm, stall_s=stall_timeout)
 
-    with stack, _running_a_vm():
+    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         if prog is not None:
             with prog:
                 result = run_vm(opts, launcher, progress=progress_cb, keep=keep_alive)
@@ -274,7 +274,7 @@ def stress(
     except ValueError as e:
         raise _fail(str(e))
     log = None if json_out else (lambda line: print(line, flush=True))
-    with stack, _running_a_vm():
+    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         result = run_stress(opts, Supervisor, log=log)
     if json_out:
         print(json.dumps(result.to_json()))
@@ -356,7 +356,7 @@ def explore(
             tp_dir = stack.enter_context(tracepoint_parts(tracepoints))
         except ValueError as e:
             raise _fail(str(e))
-    with stack, _running_a_vm():
+    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         if replay_token:
             try:
                 rep = run_replay(replay_token, keep=keep_here, tracepoints=tp_dir)

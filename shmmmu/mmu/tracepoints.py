@@ -195,8 +195,14 @@ def tracepoint_parts(out: str) -> Iterator[str]:
     finally:
         try:
             collect(d, out)
+        except OSError as e:                     # a full disk: the run's one-line error (exit 1)
+            raise TracepointsLost(f"cannot write tracepoints to {out}: {e.strerror}") from None
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class TracepointsLost(RuntimeError):
+    """The merged file could not be written."""
 
 
 def _ts(line: str) -> float:
