@@ -28,6 +28,7 @@ import mmap
 import os
 import pwd
 import re
+import signal
 import stat
 import time
 from dataclasses import dataclass
@@ -217,6 +218,22 @@ def _sem_oserror(e: Exception) -> OSError:
     return OSError(code, str(e))
 
 
+# the signals that end a process and that its handler may turn into an exception (workers/signals.py)
+_HELD = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                                "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ", "SIGPWR",
+                                                "SIGIO") if hasattr(signal, n))
+
+
+def _hold_signals() -> set[int]:
+    """Block the terminating signals (a creation in progress); returns the mask to restore."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release_signals(old: set[int]) -> None:
+    """Restore the mask: a signal that came meanwhile is handled now (and may raise right here)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def process_start(pid: int) -> int:
     """A process's start time in clock ticks since boot (/proc/PID/stat field 22); 0 if unknown or gone."""
     try:
@@ -351,6 +368,9 @@ class Region:
             unlink_all(name)
         made: dict[str, tuple[int, int]] = {}
         mm = None
+        # no handler runs between creating an object and recording it (it would leak): a signal that arrives
+        # during the creation is handled once the region is whole, where the cleanup below still reaches
+        held = _hold_signals()
         try:
             try:
                 fd = os.open(os.path.join(SHM_DIR, seg), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -408,11 +428,13 @@ class Region:
             header[H_STATE] = STATE_READY
             header[H_MAGIC] = MAGIC            # last: a half-made region never looks like ours
             del header
+            _release_signals(held)
         except BaseException:
             if mm is not None:
                 mm.close()
             for file, ident in made.items():
                 unlink_entry(file, ident)
+            _release_signals(held)
             raise
         return cls(name, mm, doc, readonly=False, owner=True, made=made)
 
