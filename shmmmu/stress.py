@@ -344,7 +344,8 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
         finally:
             sup.cleanup_logs()
     elapsed = time.monotonic() - t_begin
-    return StressResult(options={**vars(opts), "pages": pages}, ops=ops, stats=stats, rcu=rcu, pipe=pipe,
+    options = {k: v for k, v in vars(opts).items() if k != "tracepoints"}     # (a temporary directory)
+    return StressResult(options={**options, "pages": pages}, ops=ops, stats=stats, rcu=rcu, pipe=pipe,
                         problems=problems, kills=kills, duration_s=elapsed,
                         first_violation_s=first_violation if first_violation is not None
                         else (elapsed if problems else None),
