@@ -51,6 +51,7 @@ class Kvm:
         slots_end = max((m.base_gfn + m.npages for m in c.memslots), default=1)
         self.phys_max_gfn = 1 << max(0, (slots_end - 1).bit_length())
         self.host_ad = vm.region.words("host_ad")
+        self.n_host_pages = vm.region.array("host_ad").size
         self.host_ad_np = vm.region.array("host_ad")
         self.touched = vm.region.words("touched")          # debug: what the guest did (shmmmu.hostpage)
         self.touched_np = vm.region.array("touched")
@@ -127,17 +128,26 @@ class Kvm:
 
     def kvm_set_pfn_accessed(self, pfn: int, npages: int = 1) -> None:
         """kvm_set_pfn_accessed(): the host page (a huge leaf's whole folio) was referenced."""
-        if npages == 1:
+        if pfn + npages > self.n_host_pages:
+            self._host_page_garbage(pfn, npages)
+        elif npages == 1:
             self.host_ad.fetch_or(pfn, _HOST_ACCESSED)
         else:
             self.host_ad.or_range(pfn, npages, _HOST_ACCESSED)
 
     def kvm_set_pfn_dirty(self, pfn: int, npages: int = 1) -> None:
         """kvm_set_pfn_dirty(): the host page (a huge leaf's whole folio) holds data the guest wrote."""
-        if npages == 1:
+        if pfn + npages > self.n_host_pages:
+            self._host_page_garbage(pfn, npages)
+        elif npages == 1:
             self.host_ad.fetch_or(pfn, _HOST_DIRTY)
         else:
             self.host_ad.or_range(pfn, npages, _HOST_DIRTY)
+
+    def _host_page_garbage(self, pfn: int, npages: int) -> None:
+        """A leaf naming host pages past guest memory was read from a freed, recycled table (a correct MMU
+        never gets here; the kernel would touch a stranger's struct page): recorded, not followed."""
+        self.violation("use-after-free", 0, pfn, npages)
 
     # ------------------------------------------------------------------ flushing
 

@@ -74,6 +74,7 @@ class TdpMmu(TdpMmuRoots):
         self._load = self.tables.load
         self.zap_skips_invalid_roots = self.bugs.unmap_skips_invalid_roots
         self.pages = [0] + [self.geometry.pages(level) for level in range(1, self.root_level + 1)]
+        self.n_tables = self.tables_np.shape[0]
         # the fault path's walk: one iterator per process, reused (a walk never outlives its fault,
         # as the kernel's is a stack variable of kvm_tdp_mmu_map)
         self.fault_walk = self.new_iter(self.root, 1, 0)
@@ -253,9 +254,16 @@ class TdpMmu(TdpMmuRoots):
         before any is retired (5.13 flushed once per table: docs/internals.md).
         """
         self.mark_unflushed()                    # the entries are about to change under vCPUs' TLBs
+        n_tables = self.n_tables
         removed = [table]
         for t in removed:                        # grows as child tables are found
-            self._remove_table(t, shared, removed)
+            if t < n_tables:
+                self._remove_table(t, shared, removed)
+        if any(t >= n_tables for t in removed):
+            # a table number past the pool was read from a freed, recycled table (a correct MMU never
+            # gets here; the kernel would follow it): recorded, not followed
+            self.violation("use-after-free", 0, max(removed), 2)
+            removed = [t for t in removed if t < n_tables]
         # no hardware walk may still stand in the table (or the tables below it) when it is freed
         self.kvm_flush_remote_tlbs()
         for t in removed:
