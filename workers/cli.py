@@ -834,8 +834,9 @@ def trace_record(
         rc = record(list(cmd or []), out)
     except TraceError as e:
         raise _fail(str(e))
-    print(f"shmmmu: trace of {' '.join(cmd)} in {out} (replay: shmmmu run --trace {out} --vcpus 1 --backing 4k)",
-          file=sys.stderr)
+    status = f" (it exited with status {rc})" if rc else ""
+    print(f"shmmmu: trace of {' '.join(cmd)}{status} in {out} (replay: shmmmu run --trace {out} --vcpus 1 "
+          f"--backing 4k)", file=sys.stderr)
     raise typer.Exit(rc)
 
 
