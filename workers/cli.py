@@ -737,11 +737,8 @@ def bench_dirty_log(
     ratios follow.  docs/performance.md has measured output.
     Every VM is removed at the end, on errors and on Ctrl-C.
     """
-    import json
-
     from shmmmu.bench import BenchOptions, run_bench
     from shmmmu.run import UsageError, parse_size
-    from workers.supervisor import Supervisor
 
     try:
         opts = BenchOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), iterations=iterations,
@@ -750,16 +747,24 @@ def bench_dirty_log(
         opts.validate()
     except (UsageError, ValueError) as e:
         raise _fail(str(e))
-    n_runs = opts.repeat
-
-    def show(run) -> None:
-        if not json_out:
-            print("\n".join(run.lines(n_runs)) + "\n", flush=True)
-
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)
+    _run_bench(run_bench, opts, json_out)
+
+
+def _run_bench(run, opts, json_out: bool) -> None:
+    """A bench's runs, each printed as it ends, then the summary (or everything as one JSON object);
+    exit 1 if a run failed its checks."""
+    import json
+
+    from workers.supervisor import Supervisor
+
+    def show(r) -> None:
+        if not json_out:
+            print("\n".join(r.lines(opts.repeat)) + "\n", flush=True)
+
     with _running_a_vm():
-        result = run_bench(opts, Supervisor, on_run=show)
+        result = run(opts, Supervisor, on_run=show)
     if json_out:
         print(json.dumps(result.to_json()))
     elif len(result.runs) > 1:
@@ -783,15 +788,13 @@ def bench_access_tracking(
     """access_tracking_perf_test: populate, write, read, mark idle, write, mark idle, read.
 
     Marking idle is one clear_young per page (page_idle's MMU-notifier call; 5.13 ages
-    under the write lock).  After each marking no page may read young, and after the next
-    pass exactly the pages touched must: the check the selftest cannot make.  Prints the
+    under the write lock, no flush).  After each marking no page may read young, and after
+    the next pass exactly the pages whose translations the processor walked again must
+    (all of a vCPU's when its leaves overflow its TLB): the check the selftest cannot make.  Prints the
     selftest's lines per run; with --lock-mode both the exclusive/shared ratios follow.
     """
-    import json
-
     from shmmmu.access_tracking import AccessTrackingOptions, run_access_tracking
     from shmmmu.run import UsageError, parse_size
-    from workers.supervisor import Supervisor
 
     try:
         opts = AccessTrackingOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), backing=backing.lower(),
@@ -799,19 +802,7 @@ def bench_access_tracking(
         opts.validate()
     except (UsageError, ValueError) as e:
         raise _fail(str(e))
-
-    def show(run) -> None:
-        if not json_out:
-            print("\n".join(run.lines(opts.repeat)) + "\n", flush=True)
-
-    with _running_a_vm():
-        result = run_access_tracking(opts, Supervisor, on_run=show)
-    if json_out:
-        print(json.dumps(result.to_json()))
-    elif len(result.runs) > 1:
-        print("\n".join(result.summary_lines()))
-    if not result.ok:
-        raise typer.Exit(1)
+    _run_bench(run_access_tracking, opts, json_out)
 
 # ---------------------------------------------------------------- end of bench
 

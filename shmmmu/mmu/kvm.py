@@ -128,26 +128,21 @@ class Kvm:
 
     def kvm_set_pfn_accessed(self, pfn: int, npages: int = 1) -> None:
         """kvm_set_pfn_accessed(): the host page (a huge leaf's whole folio) was referenced."""
-        if pfn + npages > self.n_host_pages:
-            self._host_page_garbage(pfn, npages)
-        elif npages == 1:
-            self.host_ad.fetch_or(pfn, _HOST_ACCESSED)
-        else:
-            self.host_ad.or_range(pfn, npages, _HOST_ACCESSED)
+        self._mark_host_pages(pfn, npages, _HOST_ACCESSED)
 
     def kvm_set_pfn_dirty(self, pfn: int, npages: int = 1) -> None:
         """kvm_set_pfn_dirty(): the host page (a huge leaf's whole folio) holds data the guest wrote."""
-        if pfn + npages > self.n_host_pages:
-            self._host_page_garbage(pfn, npages)
-        elif npages == 1:
-            self.host_ad.fetch_or(pfn, _HOST_DIRTY)
-        else:
-            self.host_ad.or_range(pfn, npages, _HOST_DIRTY)
+        self._mark_host_pages(pfn, npages, _HOST_DIRTY)
 
-    def _host_page_garbage(self, pfn: int, npages: int) -> None:
-        """A leaf naming host pages past guest memory was read from a freed, recycled table (a correct MMU
-        never gets here; the kernel would touch a stranger's struct page): recorded, not followed."""
-        self.violation("use-after-free", 0, pfn, npages)
+    def _mark_host_pages(self, pfn: int, npages: int, bit: int) -> None:
+        if pfn + npages > self.n_host_pages:
+            # a leaf naming host pages past guest memory was read from a freed, recycled table (a correct
+            # MMU never gets here; the kernel would touch a stranger's struct page): recorded, not followed
+            self.violation("use-after-free", 0, pfn, npages)
+        elif npages == 1:
+            self.host_ad.fetch_or(pfn, bit)
+        else:
+            self.host_ad.or_range(pfn, npages, bit)
 
     # ------------------------------------------------------------------ flushing
 
