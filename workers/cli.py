@@ -20,7 +20,7 @@ if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
 import typer  # noqa: E402
 
 from shmmmu import __version__
-from shmmmu.region import Region, RegionError
+from shmmmu.region import RegionError
 
 EXIT_USAGE = 2
 
