@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shmmmu import spte as S
+from shmmmu.spte import spte_has_volatile_bits
 from shmmmu.layout import NIL, STAT, Ctl, TMeta
 from shmmmu.memslots import Slot
 from shmmmu.mmu.roots import TdpMmuRoots
@@ -139,9 +140,9 @@ class TdpMmu(TdpMmuRoots):
 
     def kvm_tdp_mmu_write_spte(self, sptep: int, old: int, new: int, level: int) -> int:
         """kvm_tdp_mmu_write_spte() (ba3a6120a4e7, 5.18; K14): a leaf whose A or D hardware may still set
-        (spte_has_volatile_bits) is written with xchg, and the value it really replaced is returned for the
+        (S.spte_has_volatile_bits) is written with xchg, and the value it really replaced is returned for the
         bookkeeping; anything else is a plain store."""
-        if old & _P and (level == 1 or old & _L) and (not old & _A or (old & _W and not old & _D)):
+        if spte_has_volatile_bits(old, level):
             self.torture_delay_volatile()        # the processor may set A/D meanwhile
             return self.tables.xchg(sptep, new)
         self._store(sptep, new)
@@ -150,7 +151,7 @@ class TdpMmu(TdpMmuRoots):
     def write_spte_k14_plain_store(self, sptep: int, old: int, new: int, level: int) -> int:
         """K14 (5.13, before ba3a6120a4e7): WRITE_ONCE whatever the old value; an A/D bit the processor set
         after the walk read `old` is lost, and the host page never hears of the access."""
-        if old & _P and (level == 1 or old & _L) and (not old & _A or (old & _W and not old & _D)):
+        if spte_has_volatile_bits(old, level):
             self.torture_delay_volatile()
         self._store(sptep, new)
         return old
