@@ -120,6 +120,7 @@ class RWLock:
         self.sem_w = region.semaphore(f"{self.name}.w")
         self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker, waits)
         self.mode = HELD_NONE            # this process's record, for assert_held
+        self.abandoned = HELD_NONE       # a re-acquisition given up (see reacquire): its unlock is owed
         self.stats = LockStats()
         # called each time a sleeper's wait times out (every SLEEP_TIMEOUT s): a supervisor
         # checks its workers' health there and may raise to abandon the wait
@@ -170,6 +171,8 @@ class RWLock:
 
     def read_unlock(self) -> None:
         if self.mode != HELD_READ:
+            if self._forgiven(HELD_READ):
+                return
             raise LockError(f"{self.name}: read_unlock without the read lock")
         self.mode = HELD_NONE
         self.ws.store(self.held_word, HELD_NONE)
@@ -218,6 +221,8 @@ class RWLock:
 
     def write_unlock(self) -> None:
         if self.mode != HELD_WRITE:
+            if self._forgiven(HELD_WRITE):
+                return
             raise LockError(f"{self.name}: write_unlock without the write lock")
         self.mode = HELD_NONE
         self.ws.store(self.held_word, HELD_NONE)
@@ -246,6 +251,23 @@ class RWLock:
                     back_out()
                     self.queue.release()
                     raise
+
+    def reacquire(self, shared: bool) -> None:
+        """Take the lock again after a yield (cond_resched's relock).  The caller is inside code that
+        unlocks on its way out; if the wait is given up (on_sleep raised: an interrupt at the
+        supervisor's safe point, LockStuck, a dead worker), that one unlock finds the lock not held
+        and is forgiven instead of raising over the exception that is unwinding."""
+        try:
+            self.read_lock() if shared else self.write_lock()
+        except BaseException:
+            self.abandoned = HELD_READ if shared else HELD_WRITE
+            raise
+
+    def _forgiven(self, mode: int) -> bool:
+        if self.abandoned != mode or self.mode != HELD_NONE:
+            return False
+        self.abandoned = HELD_NONE
+        return True
 
     def _waited(self, t0: int) -> None:
         dt = self.waits.now_ns() - t0

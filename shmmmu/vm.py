@@ -73,9 +73,11 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         owner = self.region.owner
-        self.close()
-        if owner:
-            self.unlink()
+        try:
+            self.close()
+        finally:
+            if owner:
+                self.unlink()
 
 
 def create_region(config: VMConfig, replace: bool = False) -> Region:

@@ -46,11 +46,16 @@ class Waits:
         time.sleep(seconds)
 
     def sem_acquire(self, sem: posix_ipc.Semaphore, timeout: float | None) -> bool:
-        """Sleep on `sem`; False when the timeout passed first."""
+        """Sleep on `sem`; False when the timeout passed first, or a signal cut the sleep short."""
         try:
             sem.acquire(timeout)
             return True
         except posix_ipc.BusyError:
+            return False
+        except posix_ipc.SignalError:
+            # EINTR: a signal whose handler returned (an interrupt deferred out of MMU code, and the
+            # recheck timer behind it).  The sleep ends as a timeout does, so the waiter reaches its
+            # safe point (the supervisor's on_sleep) instead of unwinding the MMU's code mid-operation.
             return False
 
     def sem_release(self, sem: posix_ipc.Semaphore) -> None:

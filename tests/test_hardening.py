@@ -435,6 +435,43 @@ def test_every_terminating_signal_cleans_up(signame: str) -> None:
     assert res["after"] == [] and res["logs"] == [], res
 
 
+# A signal that comes due inside a teardown (a SIGINT deferred by MMU code whose recheck lands in the VM's
+# context exit): the CLI in a child whose trace hook raises SIGINT at the first line of VM.__exit__.
+TEARDOWN_DRIVER = """
+import os, signal, sys
+from workers import cli
+import shmmmu.vm
+target = shmmmu.vm.VM.__exit__.__code__
+def hook(frame, event, arg):
+    if event == "call" and frame.f_code is target:
+        sys.settrace(None)
+        os.kill(os.getpid(), signal.SIGINT)
+    return None
+sys.settrace(hook)
+cli.main(sys.argv[1:])
+"""
+
+
+def scenario_signal_in_teardown(command: str) -> dict[str, Any]:
+    args = {"run": ["run", "--name", "teardown", "-b", "1M", "-i", "1"],
+            "stress": ["stress", "-d", "1", "-v", "2"]}[command]
+    p = subprocess.Popen([sys.executable, "-c", TEARDOWN_DRIVER, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)
+    end = finish(p, None, timeout=120)
+    return {"end": end, "after": shm(), "logs": log_dirs("teardown") + log_dirs(f"stress-{p.pid}")}
+
+
+@pytest.mark.parametrize("command", ["run", "stress"])
+def test_a_signal_that_comes_due_in_the_teardown_waits_for_it(command: str) -> None:
+    """The teardown runs to its end (nothing left in /dev/shm or /tmp); the command still ends as
+    interrupted (130, one line), after it."""
+    res = in_namespace("scenario_signal_in_teardown", "64m", command)
+    end = res["end"]
+    assert res["after"] == [] and res["logs"] == [], res
+    assert end["rc"] == 130 and "Traceback" not in end["err"], end
+    assert end["err"].strip().splitlines()[-1].startswith("shmmmu: interrupted (SIGINT)"), end
+
+
 def scenario_sigkill(_: str) -> dict[str, Any]:
     p = spawn("stress", "-d", "60", "-v", "2")
     name = f"stress-{p.pid}"
@@ -592,7 +629,7 @@ def test_a_stopped_vcpu_is_not_shown_alive() -> None:
     assert "stopped" in row and "alive" not in row, row
     w = next(w for w in res["json"]["workers"] if w["role"] == "vCPU 0")
     assert w["process"] == "stopped" and not w["alive"], w
-    assert res["end"]["rc"] == 130 and res["after"] == [] and res["logs"] == []
+    assert res["end"]["rc"] == 130 and res["after"] == [] and res["logs"] == [], res
 
 
 def scenario_run_stall(_: str) -> dict[str, Any]:

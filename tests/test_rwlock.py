@@ -324,3 +324,54 @@ def test_sigkill_while_holding_then_recover(region: Region, what: str) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ---------------------------------------------------------------- a re-acquisition given up
+
+class GiveUp(Exception):
+    pass
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_given_up_reacquire_forgives_the_one_unlock_of_the_code_unwinding(region: Region, shared: bool) -> None:
+    """cond_resched's relock, given up by on_sleep (an interrupt at the supervisor's safe point, LockStuck):
+    the caller unwinds through its unlock of a lock it no longer holds; that one unlock passes, the lock
+    is left free for the others, and a second unlock is still a LockError."""
+    holder, yielder = handles(region, 2)
+    unlock = yielder.read_unlock if shared else yielder.write_unlock
+    yielder.read_lock() if shared else yielder.write_lock()
+    unlock()                                     # the yield
+    holder.write_lock()                          # someone else got it meanwhile, and keeps it
+    calls = []
+
+    def give_up() -> None:
+        calls.append(1)
+        raise GiveUp()
+    yielder.on_sleep = give_up
+    with pytest.raises(GiveUp):
+        yielder.reacquire(shared)
+    assert calls and yielder.mode == 0
+    unlock()                                     # the caller's `finally`: forgiven
+    with pytest.raises(LockError):
+        unlock()                                 # only once
+    holder.write_unlock()
+    yielder.on_sleep = None
+    yielder.write_lock()                         # nothing of the abandoned wait is left in the lock
+    yielder.write_unlock()
+    holder.read_lock()
+    holder.read_unlock()
+
+
+def test_a_signal_whose_handler_returns_ends_a_sleep_like_a_timeout(region: Region) -> None:
+    """EINTR from a semaphore sleep (a deferred interrupt and its recheck timer) is not an exception in
+    the MMU's code: the sleep returns False, as on a timeout, and the waiter reaches its safe point."""
+    from shmmmu.wait import Waits
+    seen = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: seen.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        got = Waits().sem_acquire(region.semaphore("mmu_lock.w"), 30.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert got is False and seen == [signal.SIGALRM]

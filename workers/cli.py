@@ -906,7 +906,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shmmmu: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
     sig = signals.received()
-    if sig is not None and code == 130:        # typer turns a KeyboardInterrupt into a silent exit 130
+    late = signals.unraised()                  # held through the last teardown: the command still ends as
+    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
         signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
         code = 128 + sig
     signals.finished()                         # a signal during interpreter shutdown: no traceback

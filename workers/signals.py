@@ -11,7 +11,12 @@ section, between a table's allocation and its publication) is deferred until
 that code returns -- a KeyboardInterrupt there would leave a lock or an RCU
 nesting count for the `finally` blocks to trip over -- or until a wait in it
 reaches a safe point (`checkpoint()`, which the supervisor's lock sleep
-calls), and at most DEFER_MAX_S.  SIGKILL cannot be caught: the workers die
+calls), and at most DEFER_MAX_S.  A signal that arrives during a teardown (a
+VM's context exit, the supervisor killing its workers or removing its logs) or
+a creation (create_vm, before its `with` owns the VM) waits, without a bound,
+until that code returns: an exception raised inside a cleanup skips the rest
+of it, which is how a VM leaked its region and semaphores on an interrupt that
+had been deferred by MMU code and came due in the teardown.  SIGKILL cannot be caught: the workers die
 with the supervisor (PR_SET_PDEATHSIG) and `shmmmu rm --stale` removes what is
 left.  Before the command's modules are imported and after it has finished,
 a signal ends the process quietly with the same status (`early`, `finished`):
@@ -36,6 +41,11 @@ SAFE = ("run.py", "stress.py", "bench.py", "access_tracking.py", "torture.py", "
         "inspect" + os.sep, "explore" + os.sep, "trace" + os.sep, "__init__.py")
 DEFER_MAX_S = 5.0             # a deferred interrupt fires anyway after this long (a wait that never ends)
 RECHECK_S = 0.005
+# (file, function): the creation and teardown code an interrupt must not cut in two
+CLEANUP = {("vm.py", "__exit__"), ("vm.py", "create_vm"), ("vm.py", "close"), ("vm.py", "unlink"),
+           ("region.py", "__exit__"), ("region.py", "create"), ("region.py", "close"), ("region.py", "unlink"),
+           ("supervisor.py", "kill_all"), ("supervisor.py", "cleanup_logs")}
+_WORKERS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 TERMINATING: list[signal.Signals] = [getattr(signal, n) for n in (
     "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
@@ -72,6 +82,17 @@ def _set_all(handler) -> None:
             pass
 
 
+def in_cleanup(frame: FrameType | None) -> bool:
+    """Is the main thread creating or tearing down a VM (any frame of the stack is in CLEANUP)?"""
+    while frame is not None:
+        code = frame.f_code
+        fn = code.co_filename
+        if (fn.startswith(_PKG) or fn.startswith(_WORKERS)) and (os.path.basename(fn), code.co_name) in CLEANUP:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def in_mmu_code(frame: FrameType | None) -> bool:
     """Is the main thread inside the library's lock-holding code (any frame of the stack)?"""
     while frame is not None:
@@ -89,16 +110,21 @@ class _Policy:
         self.pending: int | None = None
         self.since = 0.0
         self.reported = False
+        self.fired = False
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pending is None:
             self.pending, self.since = signum, time.monotonic()
-        if in_mmu_code(frame) and time.monotonic() - self.since < DEFER_MAX_S:
+        if in_cleanup(frame) or (in_mmu_code(frame) and time.monotonic() - self.since < DEFER_MAX_S):
             signal.setitimer(signal.ITIMER_REAL, RECHECK_S)       # look again in a moment (SIGALRM: here)
             return
         self.fire()
 
     def fire(self) -> None:
+        """Raise the pending interrupt, once: the cleanup it starts must not meet it again."""
+        if self.fired:
+            return
+        self.fired = True
         signum = self.pending
         _set_all(signal.SIG_IGN)             # the cleanup this starts runs to its end
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -117,6 +143,12 @@ def arm() -> None:
 def received() -> int | None:
     """The terminating signal received since the last `arm()` (None: none)."""
     return _armed[0].pending if _armed else None
+
+
+def unraised() -> int | None:
+    """A terminating signal received since the last `arm()` that never became an exception: it came
+    during the command's last teardown and was held until it ended (None: none)."""
+    return _armed[0].pending if _armed and not _armed[0].fired else None
 
 
 def report(message: str) -> None:

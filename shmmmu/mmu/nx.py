@@ -125,7 +125,7 @@ class NxHugePages(TdpMmu):
                         self.kvm_flush_remote_tlbs()
                     flush = False
                     self.lock.write_unlock()
-                    self.lock.write_lock()
+                    self.lock.reacquire(False)            # cond_resched_rwlock_write()
                     self.lock.stats.yields += 1
                     self.st[STAT["yields"]] += 1
             if flush or self.holds_unflushed:

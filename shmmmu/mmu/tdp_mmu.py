@@ -548,12 +548,14 @@ class TdpMmu(TdpMmuRoots):
             self.kvm_flush_remote_tlbs()             # I6 (debug checks the unlock: K11 yields with one owed)
         if shared:
             self.lock.read_unlock()
-            self.torture_delay()                 # cond_resched(): the others run meanwhile
-            self.lock.read_lock()
         else:
             self.lock.write_unlock()
-            self.torture_delay()
-            self.lock.write_lock()
+        self.torture_delay()                     # cond_resched(): the others run meanwhile
+        try:
+            self.lock.reacquire(shared)
+        except BaseException:
+            self.rcu.read_lock()                 # the caller's rcu_read_unlock ends the section it opened
+            raise
         self.lock.stats.yields += 1
         self.st[STAT["yields"]] += 1
         self.rcu.read_lock()
