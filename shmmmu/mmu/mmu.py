@@ -21,7 +21,7 @@ request (kvm_reload_remote_mmus) reaches it; a fault taken with no root loaded
 """
 from __future__ import annotations
 
-from shmmmu.layout import STAT, Ctl, MemslotRow, RootRow
+from shmmmu.layout import STAT, Ctl, MemslotFlags, MemslotRow, RootRow
 from shmmmu.memslots import Slot
 from shmmmu.mmu.nx import NxHugePages
 from shmmmu.mmu.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
@@ -44,6 +44,7 @@ _R = RootRow.WORDS
 _C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
 _MS_GEN = MemslotRow.GEN
 _MS_WORDS = MemslotRow.WORDS
+_MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
 
 
 class Fault:
@@ -143,8 +144,13 @@ class MmuFault(NxHugePages):
         return True
 
     def kvm_mmu_hugepage_adjust(self, fault: Fault, slot: Slot) -> None:
-        """kvm_mmu_hugepage_adjust(): the largest level the slot allows (4K while logging), then the NX clamp."""
-        level = fault.max_level = fault.req_level = self.slots.max_mapping_level(slot, fault.gfn)
+        """kvm_mmu_hugepage_adjust(): the largest level the slot allows (4K while logging), then the NX clamp.
+        Like the kernel's, it returns early on a slot that tracks dirty pages (or allows only 4K) before it
+        asks for the host mapping level."""
+        if slot.huge_level == 1 or slot.flags & _MSF_LOG_DIRTY:
+            level = fault.max_level = fault.req_level = 1
+        else:
+            level = fault.max_level = fault.req_level = self.slots.max_mapping_level(slot, fault.gfn)
         if fault.exec and self.nx:
             fault.huge_page_disallowed = True
             if level > 1:
