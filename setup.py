@@ -5,7 +5,8 @@ setup(
     ext_modules=[
         Extension(
             "shmmmu._atomics",
-            sources=["shmmmu/_atomics.c"],
+            sources=["shmmmu/_atomics.c", "shmmmu/_locks.c"],
+            depends=["shmmmu/_atomics.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
         ),
         Extension(

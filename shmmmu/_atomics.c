@@ -6,20 +6,8 @@
  * Batch methods work on a run of words so range operations cost one call per
  * page table, not one per entry.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "_atomics.h"
 #include <sched.h>
-
-#define SEQ __ATOMIC_SEQ_CST
-
-typedef struct {
-    PyObject_HEAD
-    Py_buffer view;
-    uint64_t *w;
-    Py_ssize_t n;
-    int readonly;
-} Words;
 
 static int
 get_u64(PyObject *o, uint64_t *out)
@@ -364,7 +352,7 @@ static PySequenceMethods Words_as_sequence = {
     .sq_length = (lenfunc)Words_sq_len,
 };
 
-static PyTypeObject WordsType = {
+PyTypeObject WordsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmmmu._atomics.Words",
     .tp_basicsize = sizeof(Words),
@@ -396,6 +384,10 @@ PyInit__atomics(void)
     Py_INCREF(&WordsType);
     if (PyModule_AddObject(m, "Words", (PyObject *)&WordsType) < 0) {
         Py_DECREF(&WordsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (shmmmu_add_lock_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

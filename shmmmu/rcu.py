@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from shmmmu._atomics import RcuReadFast, Words
 from shmmmu.layout import Ctl, TableState, TMeta, WState
 from shmmmu.region import Region
 from shmmmu.wait import REAL, Waits
@@ -32,8 +33,19 @@ class RcuError(RuntimeError):
     pass
 
 
-class Rcu:
-    """One process's view of the VM's RCU state."""
+class Rcu(RcuReadFast):
+    """One process's view of the VM's RCU state.
+
+    The read side's fast path (read_lock, read_unlock, the `nesting` count) is the C base's
+    (shmmmu/_locks.c).  Where every word operation must be seen (the explorer), the object is an
+    `RcuReference`: the same steps in Python.
+    """
+
+    def __new__(cls, region: Region, worker: int, waits: Waits = REAL):
+        if cls is Rcu and (waits is not REAL or type(region.words("ctl")) is not Words
+                           or type(region.words("wstate")) is not Words):
+            cls = RcuReference
+        return super().__new__(cls)
 
     def __init__(self, region: Region, worker: int, waits: Waits = REAL):
         self.worker = worker
@@ -48,23 +60,13 @@ class Rcu:
         self.nesting = 0
         if self.ctl.load(Ctl.EPOCH) == 0:
             self.ctl.cas(Ctl.EPOCH, 0, 1)
+        if type(self) is Rcu:
+            self._bind_fast(self.ctl, _EPOCH, self.ws, self.slot)
 
-    # ---- read side
+    # ---- read side (the fast path: _locks.c, or RcuReference below)
 
-    def read_lock(self) -> None:
-        """rcu_read_lock(): one load and one store at the outermost level."""
-        n = self.nesting
-        if not n:
-            self.ws.store(self.slot, self.ctl.load(_EPOCH))
-        self.nesting = n + 1
-
-    def read_unlock(self) -> None:
-        n = self.nesting - 1
-        self.nesting = n
-        if not n:
-            self.ws.store(self.slot, 0)
-        elif n < 0:
-            raise RcuError("rcu_read_unlock without rcu_read_lock")
+    def _unbalanced(self) -> None:
+        raise RcuError("rcu_read_unlock without rcu_read_lock")
 
     def in_read_section(self) -> bool:
         return self.nesting > 0
@@ -198,3 +200,24 @@ def pipe_age(state: int, retire_epoch: int, reader_epoch: int, now_epoch: int) -
     if state == _RETIRED:
         return 1 + max(0, reader_epoch - retire_epoch)
     return max(2, 1 + now_epoch - retire_epoch)
+
+
+class RcuReference(Rcu):
+    """The read side in Python, step for step that of _locks.c: every word operation is a call the
+    explorer can schedule; tests/test_rcu.py holds the two equal."""
+
+    def read_lock(self) -> None:
+        """rcu_read_lock(): one load and one store at the outermost level."""
+        n = self.nesting
+        if not n:
+            self.ws.store(self.slot, self.ctl.load(_EPOCH))
+        self.nesting = n + 1
+
+    def read_unlock(self) -> None:
+        """rcu_read_unlock()."""
+        n = self.nesting - 1
+        self.nesting = n
+        if not n:
+            self.ws.store(self.slot, 0)
+        elif n < 0:
+            self._unbalanced()

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import posix_ipc
 
+from shmmmu._atomics import QrwlockFast, Words
 from shmmmu.layout import Held, Lock, Locks, WState
 from shmmmu.region import Region
 from shmmmu.wait import REAL, Waits
@@ -51,10 +52,9 @@ class LockError(AssertionError):
 
 @dataclass
 class LockStats:
-    """Acquisitions and contention counted by this process (lock_stat style)."""
+    """Contention counted by this process (lock_stat style; acquisitions are the lock's read_acquired and
+    write_acquired)."""
 
-    read_acquired: int = 0
-    write_acquired: int = 0
     contended: int = 0
     wait_ns: int = 0
     wait_max_ns: int = 0
@@ -96,13 +96,24 @@ class _WaitQueue:
         return self.w.load(self.word) != 0
 
 
-class RWLock:
+class RWLock(QrwlockFast):
     """One process's handle on a reader/writer lock that lives in a region.
 
     `worker` is this process's worker slot (for holder records).  `busted=True`
     gives locktorture's lock_busted: a writer that does not wait for readers,
     the negative control the torture test must catch.
+
+    The four fast paths (read_lock, read_unlock, write_lock, write_unlock) are
+    the C base's (shmmmu/_locks.c); they call back here on contention.  Where
+    every word operation must be seen (the explorer's waits or words) or the
+    lock is busted, the object is an `RWLockReference`: the same steps in Python.
     """
+
+    def __new__(cls, region: Region, index: int, worker: int, *, busted: bool = False, waits: Waits = REAL):
+        if cls is RWLock and (busted or waits is not REAL or type(region.words("locks")) is not Words
+                              or type(region.words("wstate")) is not Words):
+            cls = RWLockReference
+        return super().__new__(cls)
 
     def __init__(self, region: Region, index: int, worker: int, *, busted: bool = False, waits: Waits = REAL):
         self.name = Locks.NAMES[index]
@@ -126,21 +137,24 @@ class RWLock:
         # checks its workers' health there and may raise to abandon the wait
         self.on_sleep: Callable[[], None] | None = None
         self.wait_started = 0.0          # waits.now() when the current slow-path wait began
+        if type(self) is RWLock:
+            self._bind_fast(self.w, self.ws, self.held_word, worker, self.cnts, self.base + Lock.WRITER,
+                            self.base + Lock.RSLEEP, self.base + Lock.WSLEEP)
 
-    # ---- read side
+    # ---- read side (the fast paths: _locks.c, or RWLockReference below)
 
-    def read_lock(self) -> None:
+    def _read_contended(self) -> None:
+        """queued_read_lock() after its fetch_add found a writer: back out, queue, take the lock."""
         w, cnts = self.w, self.cnts
-        if w.fetch_add(cnts, QR_BIAS) & QW_WMASK:
-            # back out; if a writer is waiting for readers to drain, our bias may have
-            # been what it saw last before sleeping
-            if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-                if w.load(self.base + Lock.WSLEEP):
-                    self.waits.sem_release(self.sem_w)
-            self._read_slowpath()
+        # back out; if a writer is waiting for readers to drain, our bias may have
+        # been what it saw last before sleeping
+        if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
+            if w.load(self.base + Lock.WSLEEP):
+                self.waits.sem_release(self.sem_w)
+        self._read_slowpath()
         self.mode = HELD_READ
         self.ws.store(self.held_word, HELD_READ)
-        self.stats.read_acquired += 1
+        self.read_acquired += 1
 
     def _read_slowpath(self) -> None:
         """queued_read_lock_slowpath(): queue behind earlier waiters, then wait out the writer."""
@@ -169,27 +183,21 @@ class RWLock:
         self.queue.release()
         self._waited(t0)
 
-    def read_unlock(self) -> None:
-        if self.mode != HELD_READ:
-            if self._forgiven(HELD_READ):
-                return
-            raise LockError(f"{self.name}: read_unlock without the read lock")
-        self.mode = HELD_NONE
-        self.ws.store(self.held_word, HELD_NONE)
-        w = self.w
-        if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.base + Lock.WSLEEP):
-                self.waits.sem_release(self.sem_w)
+    def _unlock_unheld(self, mode: int) -> None:
+        """An unlock of a lock this process does not hold: the one owed by a given-up re-acquisition, or a bug."""
+        if self._forgiven(mode):
+            return
+        raise LockError(f"{self.name}: {'read' if mode == HELD_READ else 'write'}_unlock without the "
+                        f"{'read' if mode == HELD_READ else 'write'} lock")
+
+    def _wake(self, readers: bool, writer: bool) -> None:
+        """After an unlock: wake the readers asleep on the reader gate, the writer asleep on the writer gate."""
+        if readers:
+            self.waits.sem_release(self.sem_r)
+        if writer:
+            self.waits.sem_release(self.sem_w)
 
     # ---- write side
-
-    def write_lock(self) -> None:
-        if self.w.cas(self.cnts, 0, QW_LOCKED) != 0:
-            self._write_slowpath()
-        self.mode = HELD_WRITE
-        self.w.store(self.base + Lock.WRITER, self.worker + 1)
-        self.ws.store(self.held_word, HELD_WRITE)
-        self.stats.write_acquired += 1
 
     def _write_slowpath(self) -> None:
         """queued_write_lock_slowpath(): take the queue, announce WAITING, wait for readers to drain."""
@@ -218,26 +226,6 @@ class RWLock:
                 w.store(self.base + Lock.WSLEEP, 0)
         self.queue.release()
         self._waited(t0)
-
-    def write_unlock(self) -> None:
-        if self.mode != HELD_WRITE:
-            if self._forgiven(HELD_WRITE):
-                return
-            raise LockError(f"{self.name}: write_unlock without the write lock")
-        self.mode = HELD_NONE
-        self.ws.store(self.held_word, HELD_NONE)
-        w = self.w
-        w.store(self.base + Lock.WRITER, 0)
-        if self.busted:
-            old = w.fetch_and(self.cnts, ~QW_LOCKED)
-        else:
-            old = w.fetch_add(self.cnts, _NEG_LOCKED)
-        if w.load(self.base + Lock.RSLEEP):
-            self.waits.sem_release(self.sem_r)
-        # a writer queued behind us set WAITING and may sleep on the writer gate: wake it
-        # (without this it only woke on its SLEEP_TIMEOUT: write-after-write waits of 0.15-0.2 s)
-        if old & QW_WAITING and w.load(self.base + Lock.WSLEEP):
-            self.waits.sem_release(self.sem_w)
 
     def _sleep(self, gate: posix_ipc.Semaphore, flag: int, back_out: Callable[[], object]) -> None:
         """One bounded sleep on a gate.  On a timeout `on_sleep` may abandon the wait by raising:
@@ -372,6 +360,61 @@ class RWLock:
                 self.waits.sem_release(self.queue.sem)
             done.append(f"{self.name}: released the wait queue held by worker {dead}")
         return done
+
+
+class RWLockReference(RWLock):
+    """The lock's fast paths in Python, step for step those of _locks.c: every word operation is a call
+    the explorer can schedule; tests/test_rwlock.py holds the two equal.  The busted lock is one too."""
+
+    def read_lock(self) -> None:
+        """queued_read_lock()."""
+        if self.w.fetch_add(self.cnts, QR_BIAS) & QW_WMASK:
+            self._read_contended()
+            return
+        self.mode = HELD_READ
+        self.ws.store(self.held_word, HELD_READ)
+        self.read_acquired += 1
+
+    def read_unlock(self) -> None:
+        """queued_read_unlock()."""
+        if self.mode != HELD_READ:
+            self._unlock_unheld(HELD_READ)
+            return
+        self.mode = HELD_NONE
+        self.ws.store(self.held_word, HELD_NONE)
+        w = self.w
+        if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
+            if w.load(self.base + Lock.WSLEEP):
+                self._wake(False, True)
+
+    def write_lock(self) -> None:
+        """queued_write_lock()."""
+        if self.w.cas(self.cnts, 0, QW_LOCKED) != 0:
+            self._write_slowpath()
+        self.mode = HELD_WRITE
+        self.w.store(self.base + Lock.WRITER, self.worker + 1)
+        self.ws.store(self.held_word, HELD_WRITE)
+        self.write_acquired += 1
+
+    def write_unlock(self) -> None:
+        """queued_write_unlock()."""
+        if self.mode != HELD_WRITE:
+            self._unlock_unheld(HELD_WRITE)
+            return
+        self.mode = HELD_NONE
+        self.ws.store(self.held_word, HELD_NONE)
+        w = self.w
+        w.store(self.base + Lock.WRITER, 0)
+        if self.busted:
+            old = w.fetch_and(self.cnts, ~QW_LOCKED)
+        else:
+            old = w.fetch_add(self.cnts, _NEG_LOCKED)
+        # readers asleep on the reader gate; a writer queued behind us set WAITING and may sleep on the
+        # writer gate (without its wake-up it only woke on its SLEEP_TIMEOUT: waits of 0.15-0.2 s)
+        readers = w.load(self.base + Lock.RSLEEP) != 0
+        writer = bool(old & QW_WAITING) and w.load(self.base + Lock.WSLEEP) != 0
+        if readers or writer:
+            self._wake(readers, writer)
 
 
 class Mutex:

@@ -184,3 +184,38 @@ def test_sigkill_inside_a_read_section_then_recover(region: Region) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_c_read_side_does_what_the_python_reference_does(vm_name: str, seed: int) -> None:
+    """The same random stream of nested rcu_read_lock/unlock (unbalanced ones included) and epoch moves,
+    once through _locks.c and once through RcuReference: the slots and nesting counts stay equal."""
+    import random
+
+    from shmmmu.rcu import RcuReference
+    rng = random.Random(seed)
+    with create_region(torture_config(f"{vm_name}c", N, n_tables=32)) as rc, \
+            create_region(torture_config(f"{vm_name}p", N, n_tables=32)) as rp:
+        fast = rcus(rc)
+        ref = [RcuReference(rp, k) for k in range(N)]
+        assert all(type(r) is Rcu for r in fast)
+        for step in range(500):
+            k = rng.randrange(N)
+            op = rng.choice(["lock", "lock", "unlock", "unlock", "epoch"])
+            outcomes = []
+            for region, rs in ((rc, fast), (rp, ref)):
+                try:
+                    if op == "lock":
+                        rs[k].read_lock()
+                    elif op == "unlock":
+                        rs[k].read_unlock()
+                    else:
+                        region.words("ctl").fetch_add(Ctl.EPOCH, 1)
+                    outcomes.append("ok")
+                except RcuError as e:
+                    outcomes.append(str(e))
+                    rs[k].nesting = 0                # the caller's state after the bug, reset alike
+                    region.words("wstate").store(k * WState.WORDS + WState.RCU, 0)
+            assert outcomes[0] == outcomes[1], (seed, step, op, outcomes)
+            assert [slot(rc, j) for j in range(N)] == [slot(rp, j) for j in range(N)], (seed, step, op)
+            assert [r.nesting for r in fast] == [r.nesting for r in ref], (seed, step, op)

@@ -75,7 +75,7 @@ def test_read_and_write_fast_paths_update_state_and_records(region: Region) -> N
     a.write_unlock()
     assert a.state() == {"readers": 0, "write_locked": 0, "writer_waiting": 0, "queue": 0, "writer": -1,
                          "contended": 0}
-    assert a.stats.read_acquired == 1 and a.stats.write_acquired == 1 and a.stats.contended == 0
+    assert a.read_acquired == 1 and a.write_acquired == 1 and a.stats.contended == 0
 
 
 def test_held_by_names_the_pid_from_the_worker_row(region: Region) -> None:
@@ -375,3 +375,68 @@ def test_a_signal_whose_handler_returns_ends_a_sleep_like_a_timeout(region: Regi
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert got is False and seen == [signal.SIGALRM]
+
+
+# ---------------------------------------------------------------- the C fast paths and their Python reference
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_c_fast_paths_do_what_the_python_reference_does(vm_name: str, seed: int) -> None:
+    """The same random stream of uncontended operations on four handles, once through _locks.c and once
+    through RWLockReference, each on its own region: after every step the lock block, every held record,
+    the gate semaphores (wake-ups), and each handle's mode and counters are equal.  The stream has
+    unlocks of a lock not held (LockError), a given-up re-acquisition's forgiven unlock, and sleepers'
+    flags and a waiting writer's WAITING bit set in the words, so every wake-up branch is taken."""
+    import random
+
+    from shmmmu.layout import Lock
+    from shmmmu.rwlock import QW_WAITING, RWLockReference
+    rng = random.Random(seed)
+    with create_region(torture_config(f"{vm_name}c", 4)) as rc, create_region(torture_config(f"{vm_name}p", 4)) as rp:
+        fast = [RWLock(rc, Locks.MMU, k) for k in range(4)]
+        ref = [RWLockReference(rp, Locks.MMU, k) for k in range(4)]
+        assert all(type(h) is RWLock for h in fast)
+
+        def view(region: Region, hs: list[RWLock]) -> tuple:
+            w, ws = region.words("locks"), region.words("wstate")
+            block = tuple(w.load(i) for i in range(Lock.WORDS) if i not in (Lock.WAIT, Lock.WAIT_OWNER))
+            held = tuple(ws.load(k * WState.WORDS + WState.HELD + Locks.MMU) for k in range(4))
+            gates = (region.semaphore("mmu_lock.r").value, region.semaphore("mmu_lock.w").value)
+            return block, held, gates, tuple((h.mode, h.read_acquired, h.write_acquired, h.abandoned) for h in hs)
+
+        for step in range(400):
+            k = rng.randrange(4)
+            cnts = fast[k].w.load(fast[k].cnts)
+            op = rng.choice(["read", "write", "unlock", "unlock", "bad-unlock", "forgive", "flags"])
+            rsleep, wsleep = rng.random() < 0.5, rng.random() < 0.5
+            outcomes = []
+            for region, hs in ((rc, fast), (rp, ref)):
+                h, w = hs[k], hs[k].w
+                try:
+                    if op == "read" and h.mode == 0 and not cnts & 0x1FF:
+                        h.read_lock()
+                    elif op == "write" and h.mode == 0 and cnts == 0:
+                        h.write_lock()
+                    elif op == "unlock" and h.mode:
+                        h.read_unlock() if h.mode == HELD_READ else h.write_unlock()
+                    elif op == "bad-unlock" and h.mode == 0:
+                        h.read_unlock() if step & 1 else h.write_unlock()
+                    elif op == "forgive" and h.mode == 0:
+                        h.abandoned = HELD_READ if step & 1 else HELD_WRITE     # a re-acquisition given up
+                        h.read_unlock() if step & 1 else h.write_unlock()
+                    elif op == "flags":
+                        # sleepers on the gates, and (with readers in) a writer waiting for them to drain
+                        w.store(h.base + Lock.RSLEEP, rsleep)
+                        w.store(h.base + Lock.WSLEEP, wsleep)
+                        if cnts and not cnts & 0xFF and not cnts & QW_WAITING and step % 3 == 0:
+                            w.fetch_or(h.cnts, QW_WAITING)
+                        elif cnts & QW_WAITING and step % 3 == 1:
+                            w.fetch_and(h.cnts, ~QW_WAITING)
+                    outcomes.append("ok")
+                except LockError as e:
+                    outcomes.append(str(e))
+            assert outcomes[0] == outcomes[1], (seed, step, op, outcomes)
+            assert view(rc, fast) == view(rp, ref), (seed, step, op)
+        for region in (rc, rp):
+            for g in ("mmu_lock.r", "mmu_lock.w"):
+                while region.semaphore(g).value:
+                    region.semaphore(g).acquire(0)

@@ -95,8 +95,8 @@ class Kvm:
         ls = self.lock.stats
         st[STAT["lock_wait_ns"]] = ls.wait_ns
         st[STAT["lock_contended"]] = ls.contended
-        st[STAT["read_acquired"]] = ls.read_acquired
-        st[STAT["write_acquired"]] = ls.write_acquired
+        st[STAT["read_acquired"]] = self.lock.read_acquired
+        st[STAT["write_acquired"]] = self.lock.write_acquired
         st[STAT["needbreak_seen"]] = ls.needbreak_seen
         st[STAT["flushes"]] = self.tlbctl.flushes
         st[STAT["flush_wait_ns"]] = self.tlbctl.wait_ns
