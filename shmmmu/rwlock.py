@@ -297,7 +297,7 @@ class RWLock(QrwlockFast):
             return False
         self.read_unlock()
         self.waits.yield_cpu()
-        self.read_lock()
+        self.reacquire(True)
         self.stats.yields += 1
         return True
 
@@ -308,7 +308,7 @@ class RWLock(QrwlockFast):
             return False
         self.write_unlock()
         self.waits.yield_cpu()
-        self.write_lock()
+        self.reacquire(False)
         self.stats.yields += 1
         return True
 
