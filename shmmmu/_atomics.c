@@ -30,8 +30,21 @@ get_u64(PyObject *o, uint64_t *out)
 static int
 get_index(Words *self, PyObject *o, Py_ssize_t *out)
 {
-    Py_ssize_t i = PyNumber_AsSsize_t(o, PyExc_IndexError);
-    if (i == -1 && PyErr_Occurred()) return -1;
+    /* An exact int (every index the MMU computes) skips the __index__ protocol; an index too
+       large for Py_ssize_t is out of range either way, so its OverflowError becomes IndexError. */
+    Py_ssize_t i;
+    if (PyLong_CheckExact(o)) {
+        i = PyLong_AsSsize_t(o);
+        if (i == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            PyErr_Format(PyExc_IndexError, "word index %R out of range [0, %zd)", o, self->n);
+            return -1;
+        }
+    } else {
+        i = PyNumber_AsSsize_t(o, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred()) return -1;
+    }
     if (i < 0 || i >= self->n) {
         PyErr_Format(PyExc_IndexError, "word index %zd out of range [0, %zd)", i, self->n);
         return -1;

@@ -89,7 +89,6 @@ class Memslots:
         self.dirty = vm.region.words("dirty")
         self.data = vm.region.words("data")
         self.max_level = min(3, vm.config.geometry.root_level - 1)
-        self._gen_load = self.ctl.load
         self._gen = -1
         self._slots: list[Slot] = []
         self._lru: Slot | None = None           # kvm_memslots' lru_slot: the slot the last lookup found
@@ -117,7 +116,7 @@ class Memslots:
     def lookup(self, gfn: int) -> Slot | None:
         """gfn_to_memslot() (search_memslots with its lru_slot): the active slot holding gfn, or None
         (an MMIO/emulated access)."""
-        if self._gen_load(_SLOTS_GEN) != self._gen:
+        if self.ctl.load(_SLOTS_GEN) != self._gen:
             self.slots()
         s = self._lru
         if s is not None and s.base_gfn <= gfn < s.end_gfn:
@@ -132,7 +131,7 @@ class Memslots:
 
     def gfn_to_memslot_dirty_bitmap(self, gfn: int) -> Slot | None:
         """gfn_to_memslot_dirty_bitmap(): the slot holding gfn if it logs dirty pages, else None."""
-        if self._gen_load(_SLOTS_GEN) != self._gen:
+        if self.ctl.load(_SLOTS_GEN) != self._gen:
             self.slots()
         if not self._logging:
             return None

@@ -22,17 +22,20 @@ from typing import Iterator
 from shmmmu.atomics import Words
 from shmmmu.spte import LARGE, MMU_PRESENT, PFN_MASK, PFN_SHIFT, Geometry
 
+_PRESENT_OR_LARGE = MMU_PRESENT | LARGE
+
 
 class TdpIter:
     """struct tdp_iter.  Read the fields in a loop body; write through `tdp_mmu` setters.
 
     `sptep` is the flat word index of the entry the walk stands on (table * entries
-    + index), as the kernel keeps a pointer; the table it is in is pt_path[level].
+    + index), as the kernel keeps a pointer; pt_path[level] is likewise the word
+    index of the table's first entry (the kernel's pt_path holds table pointers).
     """
 
     __slots__ = ("tables", "bits", "entries", "emask", "root_level", "min_level", "pt_path", "level", "gfn",
                  "sptep", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
-                 "load", "shifts", "rmasks")
+                 "load", "shifts", "rmasks", "ptr_shift")
 
     def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
                  goal_gfn: int):
@@ -41,31 +44,34 @@ class TdpIter:
         self.bits = geometry.bits
         self.entries = geometry.entries
         self.emask = geometry.entries - 1
+        # a table entry's PFN field is the child's table index; shifted by this instead of PFN_SHIFT it is the
+        # word index of the child's first entry (tables of 2**bits words, bits <= PFN_SHIFT)
+        self.ptr_shift = PFN_SHIFT - geometry.bits
         self.root_level = root_level
         # per level: the shift of its index bits, and the mask that rounds a GFN down to its entry
         self.shifts = tuple(self.bits * (level - 1) if level else 0 for level in range(root_level + 1))
         self.rmasks = tuple(~((1 << sh) - 1) for sh in self.shifts)
-        self.pt_path = [0] * (root_level + 1)        # pt_path[level] = table index at that level
+        self.pt_path = [0] * (root_level + 1)        # pt_path[level] = first word of the table at that level
         self.start(root, min_level, goal_gfn)
 
     def start(self, root: int, min_level: int, goal_gfn: int) -> "TdpIter":
         """tdp_iter_start(): aim a (possibly reused) iterator at goal_gfn from the root."""
         self.min_level = min_level
         level = self.level = self.root_level
-        self.pt_path[level] = root
+        base = self.pt_path[level] = root * self.entries
         # restart(), written out: the fault path starts a walk per fault
         self.yielded = False
         self.next_last_level_gfn = self.yielded_gfn = goal_gfn
         self.gfn = goal_gfn & self.rmasks[level]
-        sptep = self.sptep = root * self.entries + ((goal_gfn >> self.shifts[level]) & self.emask)
-        self.old_spte = self.load(sptep)
+        sptep = self.sptep = base + ((goal_gfn >> self.shifts[level]) & self.emask)
+        self.old_spte = self.tables.load(sptep)
         self.valid = True
         return self
 
     @property
     def table(self) -> int:
-        """The table the walk stands in (pt_path[level])."""
-        return self.pt_path[self.level]
+        """The table the walk stands in (its index in the pool)."""
+        return self.sptep >> self.bits
 
     @property
     def index(self) -> int:
@@ -82,7 +88,7 @@ class TdpIter:
         goal = self.yielded_gfn = self.next_last_level_gfn
         level = self.level = self.root_level
         self.gfn = goal & self.rmasks[level]
-        sptep = self.sptep = self.pt_path[level] * self.entries + ((goal >> self.shifts[level]) & self.emask)
+        sptep = self.sptep = self.pt_path[level] + ((goal >> self.shifts[level]) & self.emask)
         self.old_spte = self.load(sptep)
         self.valid = True
 
@@ -95,10 +101,10 @@ class TdpIter:
         if not spte & MMU_PRESENT or spte & LARGE:   # level > min_level >= 1: not a 4K entry
             return False
         level = self.level = level - 1
-        table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
+        base = self.pt_path[level] = (spte & PFN_MASK) >> self.ptr_shift
         goal = self.next_last_level_gfn
         self.gfn = goal & self.rmasks[level]
-        sptep = self.sptep = table * self.entries + ((goal >> self.shifts[level]) & self.emask)
+        sptep = self.sptep = base + ((goal >> self.shifts[level]) & self.emask)
         self.old_spte = self.load(sptep)
         return True
 
@@ -119,7 +125,7 @@ class TdpIter:
             return False
         level = self.level = level + 1
         gfn = self.gfn = self.gfn & self.rmasks[level]
-        sptep = self.sptep = self.pt_path[level] * self.entries + ((gfn >> self.shifts[level]) & self.emask)
+        sptep = self.sptep = self.pt_path[level] + ((gfn >> self.shifts[level]) & self.emask)
         self.old_spte = self.load(sptep)
         return True
 
@@ -136,12 +142,12 @@ class TdpIter:
         if level != self.min_level:
             load = self.load
             spte = self.old_spte = load(self.sptep)
-            if spte & MMU_PRESENT and not spte & LARGE:    # level > min_level >= 1: not a 4K entry
+            if spte & _PRESENT_OR_LARGE == MMU_PRESENT:      # a table (level > min_level >= 1: not a 4K entry)
                 level = self.level = level - 1
-                table = self.pt_path[level] = (spte & PFN_MASK) >> PFN_SHIFT
+                base = self.pt_path[level] = (spte & PFN_MASK) >> self.ptr_shift
                 goal = self.next_last_level_gfn
                 self.gfn = goal & self.rmasks[level]
-                sptep = self.sptep = table * self.entries + ((goal >> self.shifts[level]) & self.emask)
+                sptep = self.sptep = base + ((goal >> self.shifts[level]) & self.emask)
                 self.old_spte = load(sptep)
                 return
         while True:

@@ -250,7 +250,7 @@ def install(mmu: "Mmu") -> Debug:
 
     def checked_cond_resched(it: TdpIter, flush: bool, shared: bool) -> bool:
         index, level = it.index, it.level
-        root = it.pt_path[root_level]
+        root = it.pt_path[root_level] >> mmu.bits       # the root's first word -> its table index
         root_gen = tm.load(root * _TM + TMeta.GEN)
         if not cond_resched(it, flush, shared):
             return False

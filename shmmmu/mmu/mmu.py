@@ -76,7 +76,7 @@ class MmuFault(NxHugePages):
         # struct kvm_page_fault lives on the fault's stack in the kernel: one record per process, filled
         # in afresh by each fault (a fault never outlives its call, and a process takes one at a time)
         self.fault_record = Fault(0, False, False)
-        self._memslot_gen = self.slots.rows.load
+        self.memslot_rows = self.slots.rows
 
     # ------------------------------------------------------------------ the vCPU's root
 
@@ -166,7 +166,7 @@ class MmuFault(NxHugePages):
         if ctl.load(_C_SEQ) != fault.mmu_seq:
             return True
         slot = fault.slot
-        return self._memslot_gen(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
+        return self.memslot_rows.load(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
 
     def make_mmu_pages_available(self) -> None:
         """Legacy shadow-page reclaim: it needs the write lock (CVE-2022-45869 ran it under the read lock)."""

@@ -99,7 +99,7 @@ class TdpMmu(TdpMmuRoots):
         if old == _REMOVED:
             self.st[_ST_REMOVED_SEEN] += 1
             return False
-        if self._cas(it.sptep, old, new) != old:
+        if self.tables.cas(it.sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
