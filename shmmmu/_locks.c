@@ -109,10 +109,20 @@ Qrwlock_bind(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* The lock and RCU calls are METH_FASTCALL with no arguments, not METH_NOARGS: Python 3.11 specializes the call
+   of a bound FASTCALL builtin (the fault path binds them once), not that of a bound NOARGS one. */
+static PyObject *
+takes_no_arguments(const char *name)
+{
+    PyErr_Format(PyExc_TypeError, "%s() takes no arguments", name);
+    return NULL;
+}
+
 /* queued_read_lock(): one fetch_add; a writer present or waiting: _read_contended() backs out and queues */
 static PyObject *
-Qrwlock_read_lock(Qrwlock *self, PyObject *unused)
+Qrwlock_read_lock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("read_lock");
     if (!self->locks) return not_bound();
     uint64_t old = __atomic_fetch_add(&self->locks->w[self->cnts], QR_BIAS, SEQ);
     if (old & QW_WMASK)
@@ -142,8 +152,9 @@ wake(Qrwlock *self, int readers, int writer)
 
 /* queued_read_unlock(): the last reader out wakes a writer asleep waiting for readers to drain */
 static PyObject *
-Qrwlock_read_unlock(Qrwlock *self, PyObject *unused)
+Qrwlock_read_unlock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("read_unlock");
     if (!self->locks) return not_bound();
     if (self->mode != HELD_READ) return unlock_unheld(self, HELD_READ);
     self->mode = HELD_NONE;
@@ -157,8 +168,9 @@ Qrwlock_read_unlock(Qrwlock *self, PyObject *unused)
 
 /* queued_write_lock(): one cmpxchg 0 -> LOCKED; otherwise _write_slowpath() */
 static PyObject *
-Qrwlock_write_lock(Qrwlock *self, PyObject *unused)
+Qrwlock_write_lock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("write_lock");
     if (!self->locks) return not_bound();
     uint64_t *w = self->locks->w;
     uint64_t expect = 0;
@@ -176,8 +188,9 @@ Qrwlock_write_lock(Qrwlock *self, PyObject *unused)
 
 /* queued_write_unlock(): clear the writer byte, then wake sleeping readers and a queued writer */
 static PyObject *
-Qrwlock_write_unlock(Qrwlock *self, PyObject *unused)
+Qrwlock_write_unlock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("write_unlock");
     if (!self->locks) return not_bound();
     if (self->mode != HELD_WRITE) return unlock_unheld(self, HELD_WRITE);
     self->mode = HELD_NONE;
@@ -194,10 +207,10 @@ Qrwlock_write_unlock(Qrwlock *self, PyObject *unused)
 static PyMethodDef Qrwlock_methods[] = {
     {"_bind_fast", (PyCFunction)(void (*)(void))Qrwlock_bind, METH_FASTCALL,
      "_bind_fast(locks, ws, held_word, worker, cnts, writer, rsleep, wsleep)"},
-    {"read_lock", (PyCFunction)Qrwlock_read_lock, METH_NOARGS, "read_lock(mmu_lock)"},
-    {"read_unlock", (PyCFunction)Qrwlock_read_unlock, METH_NOARGS, "read_unlock(mmu_lock)"},
-    {"write_lock", (PyCFunction)Qrwlock_write_lock, METH_NOARGS, "write_lock(mmu_lock)"},
-    {"write_unlock", (PyCFunction)Qrwlock_write_unlock, METH_NOARGS, "write_unlock(mmu_lock)"},
+    {"read_lock", (PyCFunction)(void (*)(void))Qrwlock_read_lock, METH_FASTCALL, "read_lock(mmu_lock)"},
+    {"read_unlock", (PyCFunction)(void (*)(void))Qrwlock_read_unlock, METH_FASTCALL, "read_unlock(mmu_lock)"},
+    {"write_lock", (PyCFunction)(void (*)(void))Qrwlock_write_lock, METH_FASTCALL, "write_lock(mmu_lock)"},
+    {"write_unlock", (PyCFunction)(void (*)(void))Qrwlock_write_unlock, METH_FASTCALL, "write_unlock(mmu_lock)"},
     {NULL}
 };
 
@@ -255,8 +268,9 @@ RcuRead_bind(RcuRead *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* rcu_read_lock(): the outermost level publishes the epoch it entered in */
 static PyObject *
-RcuRead_read_lock(RcuRead *self, PyObject *unused)
+RcuRead_read_lock(RcuRead *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("read_lock");
     if (!self->ctl) return not_bound();
     if (!self->nesting)
         __atomic_store_n(&self->ws->w[self->slot], __atomic_load_n(&self->ctl->w[self->epoch], SEQ), SEQ);
@@ -266,8 +280,9 @@ RcuRead_read_lock(RcuRead *self, PyObject *unused)
 
 /* rcu_read_unlock(): the outermost level publishes quiescence */
 static PyObject *
-RcuRead_read_unlock(RcuRead *self, PyObject *unused)
+RcuRead_read_unlock(RcuRead *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs) return takes_no_arguments("read_unlock");
     if (!self->ctl) return not_bound();
     int n = --self->nesting;
     if (!n)
@@ -279,8 +294,8 @@ RcuRead_read_unlock(RcuRead *self, PyObject *unused)
 
 static PyMethodDef RcuRead_methods[] = {
     {"_bind_fast", (PyCFunction)(void (*)(void))RcuRead_bind, METH_FASTCALL, "_bind_fast(ctl, epoch, ws, slot)"},
-    {"read_lock", (PyCFunction)RcuRead_read_lock, METH_NOARGS, "rcu_read_lock()"},
-    {"read_unlock", (PyCFunction)RcuRead_read_unlock, METH_NOARGS, "rcu_read_unlock()"},
+    {"read_lock", (PyCFunction)(void (*)(void))RcuRead_read_lock, METH_FASTCALL, "rcu_read_lock()"},
+    {"read_unlock", (PyCFunction)(void (*)(void))RcuRead_read_unlock, METH_FASTCALL, "rcu_read_unlock()"},
     {NULL}
 };
 

@@ -30,6 +30,7 @@ __all__ = ["Mmu", "Fault", "RET_NAMES", "RET_PF_EMULATE", "RET_PF_FIXED", "RET_P
 
 class Mmu(KvmIoctls):
     """One process's handle on the VM's TDP MMU (kvm->arch.tdp_mmu_*), as worker slot `worker`."""
+    __slots__ = ("debug_state", "tracepoints")
 
     def __init__(self, vm: VM, worker: int, tlb: Tlb | None = None):
         super().__init__(vm, worker, tlb)

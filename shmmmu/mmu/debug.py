@@ -175,6 +175,7 @@ def install(mmu: "Mmu") -> Debug:
                 mmu.violation("lock-dropped-unflushed", 0, mmu.worker, 2)     # I6
             unlock()
         setattr(lock, name, checked_unlock)
+    mmu.mmu_read_unlock = lock.read_unlock          # the fault path's bound copy (kvm.py)
 
     set_spte_atomic = mmu.tdp_mmu_set_spte_atomic
 

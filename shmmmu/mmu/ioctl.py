@@ -29,6 +29,7 @@ _LOG_DIRTY = MemslotFlags.LOG_DIRTY
 
 class KvmIoctls(MmuFault):
     """The host side's operations on the MMU, each a whole locked operation."""
+    __slots__ = ()
 
     def _lock(self, shared: bool) -> None:
         self.lock.read_lock() if shared else self.lock.write_lock()

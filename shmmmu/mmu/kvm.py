@@ -34,6 +34,16 @@ class Kvm:
     `tlb` is given by vCPUs: their own TLB is flushed with every remote flush
     they issue.  The supervisor and other host processes pass none.
     """
+    # The handles are slots, and the instance keeps a __dict__ only for what Mmu chooses per VM (the fault
+    # entry, a switch's reverted function, the debug and tracepoint wrappers).  Past 30 attributes a plain
+    # instance's dict stops sharing its class's keys, and then Python 3.11 no longer specializes a
+    # `self.method()` call: on the fault path that cost a generic method lookup per call.
+    __slots__ = ("vm", "worker", "config", "region", "waits", "geometry", "bits", "E", "root_level", "max_gfn",
+                 "phys_max_gfn", "host_ad", "n_host_pages", "host_ad_np", "touched", "touched_np", "tables",
+                 "tables_np", "tm", "ctl", "lock", "pages_lock", "rcu", "pool", "slots", "tlbctl", "stats_row",
+                 "st", "bugs", "debug", "nx", "parallel", "_torture_delay_s", "_torture_rng", "torture_delay",
+                 "torture_delay_volatile", "holds_unflushed", "mmu_read_lock", "mmu_read_unlock",
+                 "rcu_read_lock", "rcu_read_unlock", "__dict__")
 
     def __init__(self, vm: VM, worker: int, tlb: Tlb | None = None):
         self.vm = vm
@@ -65,6 +75,10 @@ class Kvm:
         self.lock = h.mmu_lock
         self.pages_lock = h.pages_lock
         self.rcu = h.rcu
+        # the fault path's lock and RCU calls, bound once: Python 3.11 specializes the call of a bound C
+        # function, not that of a C method on a subclass (RWLock and Rcu derive from their C fast paths)
+        self.mmu_read_lock, self.mmu_read_unlock = self.lock.read_lock, self.lock.read_unlock
+        self.rcu_read_lock, self.rcu_read_unlock = self.rcu.read_lock, self.rcu.read_unlock
         self.pool = h.pool
         self.slots = Memslots(vm)
         self.tlbctl = TlbControl(vm, worker, tlb)

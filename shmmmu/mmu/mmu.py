@@ -70,6 +70,7 @@ class Fault:
 
 class MmuFault(NxHugePages):
     """The fault entry of mmu.c over the TDP MMU."""
+    __slots__ = ("fault_record", "memslot_rows")
 
     def __init__(self, vm, worker: int, tlb=None):
         super().__init__(vm, worker, tlb)
@@ -187,8 +188,8 @@ class MmuFault(NxHugePages):
             st[_ST_EMULATED] += 1
             return RET_PF_EMULATE
         r = RET_PF_RETRY
-        lock = self.lock
-        lock.read_lock()
+        read_lock, read_unlock = self.mmu_read_lock, self.mmu_read_unlock      # of kvm->mmu_lock
+        read_lock()
         try:
             if self.root_is_obsolete():
                 st[_ST_STALE_ROOT] += 1
@@ -199,7 +200,7 @@ class MmuFault(NxHugePages):
                 if r == RET_PF_FIXED and self.ctl.load(_C_FAST_ZAPS):
                     st[_ST_DURING_FAST_ZAP] += 1
         finally:
-            lock.read_unlock()
+            read_unlock()
         st[_ST_RESULT[r]] += 1
         return r
 

@@ -20,6 +20,7 @@ _TM = TMeta.WORDS
 
 class NxHugePages(TdpMmu):
     """account/unaccount_huge_nx_page and kvm_recover_nx_lpages."""
+    __slots__ = ()
 
     def track_possible_nx_huge_page(self, table: int) -> None:
         """track_possible_nx_huge_page() (6.2): list_add_tail on possible_nx_huge_pages, nx_lpage_splits++.

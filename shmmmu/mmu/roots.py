@@ -46,6 +46,7 @@ _ST_ROOTS_FREED = STAT["roots_freed"]
 
 class TdpMmuRoots(Kvm):
     """The root list, its reference counts, and the walks over it."""
+    __slots__ = ("rw", "ws", "root_word", "role", "root_row", "root")
 
     def __init__(self, vm, worker: int, tlb=None):
         super().__init__(vm, worker, tlb)

@@ -41,6 +41,7 @@ RET_NAMES = {RET_PF_RETRY: "RETRY", RET_PF_EMULATE: "EMULATE", RET_PF_INVALID: "
 
 _P = S.MMU_PRESENT
 _L = S.LARGE
+_PL = _P | _L                          # present and huge: a huge leaf (present alone, above 4K: a table)
 _W = S.WRITABLE
 _A = S.ACCESSED
 _D = S.DIRTY
@@ -67,6 +68,8 @@ _C_LIST_HEAD, _C_PAGE_COUNT = Ctl.LIST_HEAD, Ctl.PAGE_COUNT
 
 class TdpMmu(TdpMmuRoots):
     """The functions of tdp_mmu.c, as methods over one process's Kvm."""
+    __slots__ = ("_cas", "_store", "_load", "zap_skips_invalid_roots", "pages", "n_tables", "fault_walk",
+                 "leaf_template", "level_pfn_mask")
 
     def __init__(self, vm, worker: int, tlb=None):
         super().__init__(vm, worker, tlb)
@@ -456,8 +459,8 @@ class TdpMmu(TdpMmuRoots):
         Shared (the series): atomic updates under the read lock.  Not shared: the
         pre-series map, plain stores under the write lock (the exclusive baseline).
         """
-        rcu = self.rcu
-        rcu.read_lock()
+        rcu_read_lock, rcu_read_unlock = self.rcu_read_lock, self.rcu_read_unlock
+        rcu_read_lock()
         try:
             gfn = fault.gfn
             level = fault.goal_level
@@ -467,13 +470,14 @@ class TdpMmu(TdpMmuRoots):
             while it.valid and it.gfn <= gfn:
                 spte = it.old_spte
                 if it.level == level:
-                    if not (nx and level > 1 and spte & _P and not spte & _L):
+                    if not (nx and level > 1 and spte & _PL == _P):
                         break
                     level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
-                if spte & _P:
-                    if not spte & _L:
-                        step()                       # a present non-leaf: step down into it
-                        continue
+                kind = spte & _PL                    # is_shadow_present_pte() and is_large_pte() in one test
+                if kind == _P:
+                    step()                           # a present non-leaf: step down into it
+                    continue
+                if kind == _PL:
                     # a huge page above the target level: zap it so it can be split
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
@@ -503,7 +507,7 @@ class TdpMmu(TdpMmuRoots):
             self.violation("use-after-free", fault.gfn, 0, 1)
             return RET_PF_RETRY
         finally:
-            rcu.read_unlock()
+            rcu_read_unlock()
 
     def tdp_mmu_free_sp(self, child: int) -> None:
         """tdp_mmu_free_sp() of a table that lost its link race: it was never visible, so it goes straight
