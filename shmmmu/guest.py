@@ -340,6 +340,7 @@ class Vcpu:
         """run_batch in C (shmmmu/_walker.c): back here for a fault, a request, a violation, the end."""
         run = self.proc.run
         tlbctl, mmu = self.tlbctl, self.mmu
+        page_fault = mmu.page_fault               # chosen when the Mmu was built (entry point, wrappers)
         i, phase = start, _PH_NEW
         at, tries = -1, 0
         while True:
@@ -351,7 +352,7 @@ class Vcpu:
                     at, tries = i, 0
                 tries += 1
                 try:
-                    ret = mmu.page_fault(a, b != 0, c != 0)
+                    ret = page_fault(a, b != 0, c != 0)
                     if tries >= 8:
                         self.retry_storm(a, tries)
                 except BaseException:

@@ -22,8 +22,12 @@ def python_module_command(module: str, *args: str) -> list[str]:
 
 
 def worker_env() -> dict[str, str]:
-    """The parent's environment with its package root first on PYTHONPATH."""
+    """The parent's environment with its package root first on PYTHONPATH, and a one-thread OpenBLAS."""
     env = dict(os.environ)
     rest = env.get("PYTHONPATH")
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + rest if rest else "")
+    # Workers do no linear algebra, but numpy's import starts OpenBLAS threads (one per further CPU) that spin for
+    # about 40 ms before it sleeps: just when a run starts, on the CPUs its vCPUs need (a user's own
+    # setting is kept)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
