@@ -498,3 +498,13 @@ def test_rm_force_unlinks_a_live_vm_and_it_still_stops_cleanly() -> None:
         assert rc == 130 and took < 5, vm.stderr()
         assert "Traceback" not in vm.stderr()
     assert not leftovers(name)
+
+
+def test_workers_get_a_one_thread_openblas_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's OpenBLAS pool spins for ~40 ms after its import, on the CPUs a run's vCPUs need: workers
+    start without it, and a user's own setting is passed through."""
+    from shmmmu.spawn import worker_env
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert worker_env()["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    assert worker_env()["OPENBLAS_NUM_THREADS"] == "4"
