@@ -18,7 +18,7 @@ import pytest
 
 from shmmmu.layout import Locks, TortureCtl, WState
 from shmmmu.region import Region
-from shmmmu.rwlock import HELD_READ, HELD_WRITE, SLEEP_TIMEOUT, LockError, Mutex, RWLock, assert_held
+from shmmmu.rwlock import HELD_NONE, HELD_READ, HELD_WRITE, SLEEP_TIMEOUT, LockError, Mutex, RWLock, assert_held
 from shmmmu.torture import dead_workers, torture_config
 from shmmmu.vm import create_region
 
@@ -102,6 +102,18 @@ def test_assert_held_and_misuse_raise_lock_error(region: Region) -> None:
         assert_held(a, HELD_WRITE)
         with pytest.raises(LockError, match="held for read"):
             a.assert_held(HELD_READ)
+
+
+def test_the_fast_calls_take_no_arguments_and_touch_nothing_when_given_some(region: Region) -> None:
+    a = handles(region)[0]
+    for call in (a.read_lock, a.read_unlock, a.write_lock, a.write_unlock):
+        with pytest.raises(TypeError, match="takes no arguments"):
+            call(1)
+    assert a.mode == HELD_NONE
+    with a.read():                          # still usable, and no reader was counted by the refused calls
+        assert a.mode == HELD_READ
+    with a.write():
+        assert a.mode == HELD_WRITE
 
 
 def test_context_managers_release_on_exception(region: Region) -> None:
