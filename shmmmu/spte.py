@@ -29,6 +29,9 @@ ACCESSED = 1 << 8            # shadow_accessed_mask (EPT A/D on)
 DIRTY = 1 << 9               # shadow_dirty_mask
 # --- KVM software bits ---
 MMU_PRESENT = 1 << 11        # SPTE_MMU_PRESENT_MASK: "present" is one bit test
+# is_shadow_present_pte() and is_large_pte() in one test: `spte & PRESENT_LARGE` is MMU_PRESENT for a table
+# (above 4K), PRESENT_LARGE for a huge leaf, anything else for an entry that is not present
+PRESENT_LARGE = MMU_PRESENT | LARGE
 PFN_SHIFT = 12
 PFN_MASK = ((1 << 52) - 1) & ~((1 << PFN_SHIFT) - 1)   # bits 51:12
 AD_TYPE_MASK = 3 << 52       # SPTE_TDP_AD_* (always ENABLED=0 here)

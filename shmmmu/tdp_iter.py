@@ -20,9 +20,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from shmmmu.atomics import Words
-from shmmmu.spte import LARGE, MMU_PRESENT, PFN_MASK, PFN_SHIFT, Geometry
-
-_PRESENT_OR_LARGE = MMU_PRESENT | LARGE
+from shmmmu.spte import LARGE, MMU_PRESENT, PFN_MASK, PFN_SHIFT, PRESENT_LARGE, Geometry
 
 
 class TdpIter:
@@ -98,7 +96,7 @@ class TdpIter:
         if level == self.min_level:
             return False
         spte = self.old_spte = self.load(self.sptep)
-        if not spte & MMU_PRESENT or spte & LARGE:   # level > min_level >= 1: not a 4K entry
+        if spte & PRESENT_LARGE != MMU_PRESENT:      # not a table (level > min_level >= 1: not a 4K entry)
             return False
         level = self.level = level - 1
         base = self.pt_path[level] = (spte & PFN_MASK) >> self.ptr_shift
@@ -142,7 +140,7 @@ class TdpIter:
         if level != self.min_level:
             load = self.load
             spte = self.old_spte = load(self.sptep)
-            if spte & _PRESENT_OR_LARGE == MMU_PRESENT:      # a table (level > min_level >= 1: not a 4K entry)
+            if spte & PRESENT_LARGE == MMU_PRESENT:      # a table (level > min_level >= 1: not a 4K entry)
                 level = self.level = level - 1
                 base = self.pt_path[level] = (spte & PFN_MASK) >> self.ptr_shift
                 goal = self.next_last_level_gfn

@@ -41,7 +41,7 @@ RET_NAMES = {RET_PF_RETRY: "RETRY", RET_PF_EMULATE: "EMULATE", RET_PF_INVALID: "
 
 _P = S.MMU_PRESENT
 _L = S.LARGE
-_PL = _P | _L                          # present and huge: a huge leaf (present alone, above 4K: a table)
+_PL = S.PRESENT_LARGE
 _W = S.WRITABLE
 _A = S.ACCESSED
 _D = S.DIRTY
@@ -68,14 +68,10 @@ _C_LIST_HEAD, _C_PAGE_COUNT = Ctl.LIST_HEAD, Ctl.PAGE_COUNT
 
 class TdpMmu(TdpMmuRoots):
     """The functions of tdp_mmu.c, as methods over one process's Kvm."""
-    __slots__ = ("_cas", "_store", "_load", "zap_skips_invalid_roots", "pages", "n_tables", "fault_walk",
-                 "leaf_template", "level_pfn_mask")
+    __slots__ = ("zap_skips_invalid_roots", "pages", "n_tables", "fault_walk", "leaf_template", "level_pfn_mask")
 
     def __init__(self, vm, worker: int, tlb=None):
         super().__init__(vm, worker, tlb)
-        self._cas = self.tables.cas
-        self._store = self.tables.store
-        self._load = self.tables.load
         self.zap_skips_invalid_roots = self.bugs.unmap_skips_invalid_roots
         self.pages = [0] + [self.geometry.pages(level) for level in range(1, self.root_level + 1)]
         self.n_tables = self.tables_np.shape[0]
@@ -114,14 +110,14 @@ class TdpMmu(TdpMmuRoots):
         if old == _REMOVED and not self.bugs.cas_over_removed:
             self.st[_ST_REMOVED_SEEN] += 1
             return False
-        self._store(it.sptep, new)
+        self.tables.store(it.sptep, new)
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
         return True
 
     def set_spte_atomic_k8_accepts_removed(self, it: TdpIter, new: int) -> bool:
         """K8: tdp_mmu_set_spte_atomic without its REMOVED check: a frozen entry is overwritten."""
         old = it.old_spte
-        if self._cas(it.sptep, old, new) != old:
+        if self.tables.cas(it.sptep, old, new) != old:
             self.st[_ST_CAS_FAIL] += 1
             return False
         self.handle_changed_spte(it.gfn, old, new, it.level, True)
@@ -148,7 +144,7 @@ class TdpMmu(TdpMmuRoots):
         if spte_has_volatile_bits(old, level):
             self.torture_delay_volatile()        # the processor may set A/D meanwhile
             return self.tables.xchg(sptep, new)
-        self._store(sptep, new)
+        self.tables.store(sptep, new)
         return old
 
     def write_spte_k14_plain_store(self, sptep: int, old: int, new: int, level: int) -> int:
@@ -156,7 +152,7 @@ class TdpMmu(TdpMmuRoots):
         after the walk read `old` is lost, and the host page never hears of the access."""
         if spte_has_volatile_bits(old, level):
             self.torture_delay_volatile()
-        self._store(sptep, new)
+        self.tables.store(sptep, new)
         return old
 
     def tdp_mmu_zap_spte_atomic(self, it: TdpIter) -> bool:
@@ -192,7 +188,7 @@ class TdpMmu(TdpMmuRoots):
 
     def clear_frozen_spte(self, sptep: int, gfn: int) -> None:
         """The freezer's closing plain store of 0: nobody else may write a REMOVED entry."""
-        self._store(sptep, 0)
+        self.tables.store(sptep, 0)
 
     # ------------------------------------------------------------------ changes (§5.4, §6)
 
@@ -487,7 +483,7 @@ class TdpMmu(TdpMmuRoots):
                         self.tdp_mmu_set_spte(it, 0)
                         self.kvm_flush_remote_tlbs()
                     self.st[_ST_SPLITS] += 1
-                    spte = it.old_spte = self._load(it.sptep)
+                    spte = it.old_spte = self.tables.load(it.sptep)
                 if not spte & _P:
                     child = self.pool.alloc(it.level - 1, it.gfn)
                     self.st[_ST_ALLOC] += 1
@@ -598,7 +594,7 @@ class TdpMmu(TdpMmuRoots):
                         break                    # partly covered table: descend instead
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
-                            it.old_spte = self._load(it.sptep)
+                            it.old_spte = self.tables.load(it.sptep)
                             continue             # goto retry
                     else:
                         self.mark_unflushed()
@@ -750,7 +746,7 @@ class TdpMmu(TdpMmuRoots):
                         flush = True                         # owed from here on, changed or not (I6)
                         if shared:
                             if not self.tdp_mmu_set_spte_atomic(it, spte & ~_W):
-                                it.old_spte = self._load(it.sptep)
+                                it.old_spte = self.tables.load(it.sptep)
                                 continue
                         else:
                             self.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
@@ -842,7 +838,7 @@ class TdpMmu(TdpMmuRoots):
                         break
                     if shared:
                         if not self.tdp_mmu_zap_spte_atomic(it):
-                            it.old_spte = self._load(it.sptep)
+                            it.old_spte = self.tables.load(it.sptep)
                             continue             # goto retry
                     else:
                         self.mark_unflushed()
