@@ -101,17 +101,21 @@ class Pool:
             if n:
                 got = self.stack[top - n: top][::-1].copy()
                 self.ctl.store(Ctl.POOL_TOP, top - n)
+                idx = got.astype(np.intp)
+                if self.debug:
+                    states = self.tmeta[idx, TMeta.STATE]
+                    if (states != TS_FREE).any():
+                        k = int(np.flatnonzero(states != TS_FREE)[0])
+                        violations.record(self.tables_region, "table-leak", self.worker, 0, int(got[k]),
+                                          int(states[k]))
+                # off the stack and owned by us in one step under the lock: a crash recovery scans
+                # under it, and must not take a table on its way into a live worker's cache for lost
+                self.tmeta[idx, TMeta.OWNER] = self.worker
+                self.tmeta[idx, TMeta.STATE] = TS_CACHED
         if not n:
             return 0
         if self.debug:
-            states = self.tmeta[got.astype(np.intp), TMeta.STATE]
-            if (states != TS_FREE).any():
-                k = int(np.flatnonzero(states != TS_FREE)[0])
-                violations.record(self.tables_region, "table-leak", self.worker, 0, int(got[k]), int(states[k]))
-            self.tables[got.astype(np.intp)] = 0          # clear the poison, still outside the MMU lock
-        idx = got.astype(np.intp)
-        self.tmeta[idx, TMeta.STATE] = TS_CACHED
-        self.tmeta[idx, TMeta.OWNER] = self.worker
+            self.tables[idx] = 0          # clear the poison, still outside the MMU lock
         self.cache[self.count: self.count + n] = got
         self.count += n
         self.ws.store(self.count_word, self.count)
@@ -174,9 +178,11 @@ class Pool:
         for table in tables:
             t = table * TMeta.WORDS
             self.tm.fetch_add(t + TMeta.GEN, 1)
-            self.tm.store(t + TMeta.STATE, TS_FREE)
             self.tm.store(t + TMeta.PARENT, NIL)
         with self.lock:
+            # FREE and on the stack in one step under the lock (a crash recovery scans under it)
+            for table in tables:
+                self.tm.store(table * TMeta.WORDS + TMeta.STATE, TS_FREE)
             top = self.ctl.load(Ctl.POOL_TOP)
             self.stack[top: top + len(tables)] = idx
             self.ctl.store(Ctl.POOL_TOP, top + len(tables))

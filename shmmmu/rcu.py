@@ -158,21 +158,25 @@ class Rcu(RcuReadFast):
             if not self.wait_for_readers(epoch, timeout, alive):
                 return 0
         self._gp_done(self.waits.now_ns() - t0)
-        freed: list[int] = []
+        n = 0
         for k in range(self.n_workers):
             base = k * WState.WORDS
             head = self.ws.load(base + WState.RETIRE_HEAD)
             tail = self.ws.load(base + WState.RETIRE_TAIL)
+            batch: list[int] = []
             while head < tail:
                 table = self.ring.load(k * self.ring_len + head % self.ring_len)
                 if self.tm.load(table * TMeta.WORDS + TMeta.RETIRE_EPOCH) > epoch:
                     break
-                freed.append(table)
+                batch.append(table)
                 head += 1
-            self.ws.store(base + WState.RETIRE_HEAD, head)
-        if freed:
-            free(freed)
-        return len(freed)
+            if batch:
+                # freed before they leave the ring: a retired table is always on a ring or free, never
+                # between (a crash recovery re-queues a retired table it finds on no ring)
+                free(batch)
+                self.ws.store(base + WState.RETIRE_HEAD, head)
+                n += len(batch)
+        return n
 
     def recover(self, dead: int) -> list[str]:
         """Clear a dead worker's read-side slot so grace periods can end."""

@@ -128,24 +128,35 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
 def _repair_pool_and_rings(mmu, dead: int | None) -> list[str]:
     """Tables the dead left between two places: taken from the free stack but not yet in its cache,
     taken from its cache but not yet live, or marked retired but not yet on its retire ring."""
+    # The MMU write lock keeps out faults and zaps, not the pool's and the reclaimer's moves, which run
+    # outside it: the scan holds the pool lock (a table leaves or joins the free stack with its state, in
+    # one step under that lock), counts a cached table not in any cache as lost only if the dead owned it
+    # (a live worker's is on its way into its cache), and reads the rings before the states (the
+    # reclaimer frees a table before it leaves the ring, so one found on no ring after that is not
+    # retired any more, or was never queued).
     done: list[str] = []
     tm = mmu.region.array("tmeta")
-    state = tm[:, TMeta.STATE].copy()
     ws = mmu.region.array("wstate")
     caches = mmu.region.array("caches")
-    in_cache = np.zeros(state.size, dtype=bool)
-    for k in range(ws.shape[0]):
-        n = int(ws[k, WState.CACHE_COUNT])
-        in_cache[caches[k, :n].astype(np.intp)] = True
-    on_stack = np.zeros(state.size, dtype=bool)
-    on_stack[mmu.region.array("pool")[: int(mmu.ctl.load(Ctl.POOL_TOP))].astype(np.intp)] = True
     ring = mmu.region.array("retire")
-    in_ring = np.zeros(state.size, dtype=bool)
-    for k in range(ws.shape[0]):
-        head, tail = int(ws[k, WState.RETIRE_HEAD]), int(ws[k, WState.RETIRE_TAIL])
-        for pos in range(head, tail):
-            in_ring[int(ring[k, pos % ring.shape[1]])] = True
-    lost = np.flatnonzero(((state == TS_CACHED) & ~in_cache) | ((state == TS_FREE) & ~on_stack))
+    with mmu.pool.lock:
+        in_ring = np.zeros(tm.shape[0], dtype=bool)
+        for k in range(ws.shape[0]):
+            head, tail = int(ws[k, WState.RETIRE_HEAD]), int(ws[k, WState.RETIRE_TAIL])
+            for pos in range(head, tail):
+                in_ring[int(ring[k, pos % ring.shape[1]])] = True
+        state = tm[:, TMeta.STATE].copy()
+        owner = tm[:, TMeta.OWNER].copy()
+        in_cache = np.zeros(state.size, dtype=bool)
+        for k in range(ws.shape[0]):
+            n = int(ws[k, WState.CACHE_COUNT])
+            in_cache[caches[k, :n].astype(np.intp)] = True
+        on_stack = np.zeros(state.size, dtype=bool)
+        on_stack[mmu.region.array("pool")[: int(mmu.ctl.load(Ctl.POOL_TOP))].astype(np.intp)] = True
+    cached_lost = (state == TS_CACHED) & ~in_cache
+    if dead is not None:
+        cached_lost &= owner == dead
+    lost = np.flatnonzero(cached_lost | ((state == TS_FREE) & ~on_stack))
     lost = lost[lost != ROOT_TABLE]
     if lost.size:
         mmu.pool.free([int(t) for t in lost], from_cache=True)
