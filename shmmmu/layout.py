@@ -117,7 +117,8 @@ class WState(Row):
      RETIRE_TAIL,
      CACHE_COUNT,              # tables in this worker's memory cache (pool.py)
      ROOT,                     # the root this worker's MMU uses: its roots row + 1 (0: none); holds a reference
-     ) = [k * 2 for k in range(13)]
+     WALK_ROOT,                # the root a yield-safe walk of this worker holds a reference on: row + 1 (0: none)
+     ) = [k * 2 for k in range(14)]
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 

@@ -69,6 +69,11 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
                 mmu.ws.store(dead * WState.WORDS + WState.ROOT, 0)
                 mmu.kvm_tdp_mmu_put_root(held - 1, False)
                 done.append(f"recovery: put the dead worker {dead}'s reference on root {held - 1}")
+            walking = mmu.ws.load(dead * WState.WORDS + WState.WALK_ROOT)
+            if walking:
+                mmu.ws.store(dead * WState.WORDS + WState.WALK_ROOT, 0)
+                mmu.kvm_tdp_mmu_put_root(walking - 1, False)
+                done.append(f"recovery: put the reference the dead worker {dead}'s walk held on root {walking - 1}")
         tables_np = mmu.region.array("tables")
         tw = mmu.tables
         E = mmu.E

@@ -46,7 +46,7 @@ _ST_ROOTS_FREED = STAT["roots_freed"]
 
 class TdpMmuRoots(Kvm):
     """The root list, its reference counts, and the walks over it."""
-    __slots__ = ("rw", "ws", "root_word", "role", "root_row", "root")
+    __slots__ = ("rw", "ws", "root_word", "walk_root_word", "role", "root_row", "root")
 
     def __init__(self, vm, worker: int, tlb=None):
         super().__init__(vm, worker, tlb)
@@ -56,6 +56,8 @@ class TdpMmuRoots(Kvm):
         # the root this process's MMU uses (a vCPU's mmu->root_hpa): its row and table; -1 / 0 none.
         # WState.ROOT records the reference it holds, for VM destruction, recovery and the checkers
         self.root_word = worker * WState.WORDS + WState.ROOT
+        # and WState.WALK_ROOT the one a yield-safe walk holds, so that recovery can put it if we die mid-walk
+        self.walk_root_word = worker * WState.WORDS + WState.WALK_ROOT
         self.role = worker % c.root_roles if worker < c.n_vcpus else 0
         held = self.ws.load(self.root_word)
         self.root_row = held - 1
@@ -203,6 +205,7 @@ class TdpMmuRoots(Kvm):
             row += 1
         else:
             row = -1
+        self.ws.store(self.walk_root_word, row + 1)     # not the kernel's: a record for crash recovery
         if prev >= 0:
             self.kvm_tdp_mmu_put_root(prev, shared)
         return row
