@@ -41,7 +41,25 @@ from shmmmu.atomics import Words
 
 MAGIC = int.from_bytes(b"SHMMMU\x00\x01", "little")
 LAYOUT_VERSION = 1
-PREFIX = "shmmmu-"
+DEFAULT_PREFIX = "shmmmu-"
+PREFIX_RE = re.compile(r"shmmmu(_[A-Za-z0-9]{1,32})?-\Z")
+
+
+def _prefix_from_environment() -> tuple[str, str]:
+    """SHMMMU_PREFIX: the start of every /dev/shm object and log directory name (default shmmmu-).
+
+    A prefix of its own keeps two sessions apart: a test run sets one, and its
+    leak checks, `shmmmu ls` and `shmmmu rm --stale` then see only its objects.
+    Returns (prefix, error); an invalid value is refused at the first name made.
+    """
+    p = os.environ.get("SHMMMU_PREFIX", DEFAULT_PREFIX)
+    if PREFIX_RE.fullmatch(p):
+        return p, ""
+    return DEFAULT_PREFIX, (f"invalid SHMMMU_PREFIX {p!r}: use 'shmmmu-' or 'shmmmu_' followed by 1-32 letters "
+                            f"or digits and '-'")
+
+
+PREFIX, PREFIX_ERROR = _prefix_from_environment()
 HEADER_BYTES = 64 * 1024
 SECTION_ALIGN = 4096
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")     # used with fullmatch: no trailing newline
@@ -60,6 +78,8 @@ class RegionError(Exception):
 
 
 def validate_name(name: str) -> str:
+    if PREFIX_ERROR:
+        raise RegionError(PREFIX_ERROR)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RegionError(f"invalid VM name {name!r}: use 1-64 letters, digits, '-' or '_'")
     return name

@@ -22,6 +22,7 @@ from shmmmu import violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
+from shmmmu.region import PREFIX
 from shmmmu.trace.store import TraceInfo
 from shmmmu.vm import create_vm
 
@@ -305,7 +306,7 @@ def converted_trace(path: str, fmt: str | None = None) -> Iterator[TraceInfo]:
     if is_converted(path):
         yield read_info(path)
         return
-    d = tempfile.mkdtemp(prefix="shmmmu-trace-")
+    d = tempfile.mkdtemp(prefix=f"{PREFIX}trace-")
     try:
         yield convert(path, os.path.join(d, "trace.bin"), fmt)
     finally:

@@ -1,28 +1,46 @@
-"""Shared fixtures: unique VM names, and a guard that no test leaves shmmmu objects in /dev/shm."""
+"""Shared fixtures: a prefix of this test session's own for every object it makes, and leak checks limited to it.
+
+Every /dev/shm segment and semaphore, supervisor log directory and worker
+process a test makes carries this session's SHMMMU_PREFIX (set here, before
+shmmmu is imported, and inherited by every child).  The leak checks look at
+that prefix only and remove only what carries it, so two test runs, or a test
+run beside a user's VMs, never see or touch each other's objects.
+"""
 from __future__ import annotations
 
 import os
-import re
+import shutil
+import signal
+import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-import posix_ipc
-import pytest
+SESSION_PREFIX = f"shmmmu_t{uuid.uuid4().hex[:12]}-"
+os.environ["SHMMMU_PREFIX"] = SESSION_PREFIX             # before any shmmmu import: region.PREFIX reads it
+
+import posix_ipc  # noqa: E402
+import pytest  # noqa: E402
+
+from shmmmu.region import PREFIX  # noqa: E402
+
+assert PREFIX == SESSION_PREFIX, "shmmmu.region was imported before conftest set the session's prefix"
 
 SHM_DIR = Path("/dev/shm")
 
 
 def shm_entries() -> set[str]:
-    """Names in /dev/shm that belong to shmmmu (segments `shmmmu-*`, semaphores `sem.shmmmu-*`)."""
+    """This session's entries in /dev/shm (segments PREFIX*, semaphores sem.PREFIX*)."""
     try:
-        return {f for f in os.listdir(SHM_DIR) if "shmmmu" in f}
+        return {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX) or f.startswith("sem." + PREFIX)}
     except OSError:
         return set()
 
 
 def remove_shm_entry(entry: str) -> None:
-    """Unlink one /dev/shm entry by its file name, with the matching posix_ipc call."""
+    """Unlink one of this session's /dev/shm entries by its file name, with the matching posix_ipc call."""
+    assert entry.startswith(PREFIX) or entry.startswith("sem." + PREFIX), entry
     try:
         if entry.startswith("sem."):
             posix_ipc.unlink_semaphore("/" + entry[len("sem."):])
@@ -32,82 +50,64 @@ def remove_shm_entry(entry: str) -> None:
         pass
 
 
-def owned_by_other_live_process(entry: str) -> bool:
-    """True for the objects of a VM whose creator is another process that is still running.
+def log_dirs() -> set[str]:
+    """This session's directories in the temporary directory (supervisor logs, converted traces)."""
+    tmp = tempfile.gettempdir()
+    try:
+        return {os.path.join(tmp, d) for d in os.listdir(tmp) if d.startswith(PREFIX)}
+    except OSError:
+        return set()
 
-    Those belong to a concurrent test run or a user's VM, not to this test: this
-    test's own VMs are created by this process or by a child that has exited.
-    """
-    from shmmmu.region import PREFIX, Region, RegionError
-    name = entry[len("sem."):] if entry.startswith("sem.") else entry
-    if not name.startswith(PREFIX):
-        return False
-    vm = name[len(PREFIX):].split(".")[0]
-    # a name made by new_vm_name() in another test session that still runs is that session's, whatever
-    # its state: stale and foreign segments are what some tests make on purpose (shmmmu ls / rm tests)
-    session = NEW_NAME_RE.match(vm)
-    if session and int(session.group(1)) != os.getpid() and not _is_our_child(int(session.group(1))):
+
+def session_processes() -> set[int]:
+    """Processes other than this one started with this session's prefix in their environment."""
+    me = os.getpid()
+    marker = f"SHMMMU_PREFIX={PREFIX}".encode() + b"\0"
+    out = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
         try:
-            os.kill(int(session.group(1)), 0)
-            return True
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return True
-    try:
-        r = Region.attach(vm, readonly=True)
-    except RegionError:
-        return False
-    try:
-        pid = r.creator_pid
-    finally:
-        r.close()
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        ppid, state = _parent_and_state(pid)
-    except (OSError, ValueError, IndexError):
-        return True
-    return not (ppid == os.getpid() or state == "Z")
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if marker in f.read() + b"\0":
+                    out.add(int(d))
+        except OSError:
+            pass                                    # gone, a zombie, or not ours to read
+    return out
 
 
-def _parent_and_state(pid: int) -> tuple[int, str]:
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[1]), rest[0]
-
-
-def _is_our_child(pid: int) -> bool:
-    """A process this test started (a CLI run): its VMs are this test's to check."""
-    try:
-        return _parent_and_state(pid)[0] == os.getpid()
-    except (OSError, ValueError, IndexError):
-        return False
+def _settle(found: Callable[[], set], before: set, grace_s: float = 10.0) -> set:
+    """What is new against `before` once things that are on their way out (an exiting worker, a teardown
+    finishing after its parent's exit status was read) have had `grace_s` to go."""
+    new = found() - before
+    deadline = time.monotonic() + grace_s
+    while new and time.monotonic() < deadline:
+        time.sleep(0.1)
+        new = found() - before
+    return new
 
 
 @pytest.fixture(autouse=True)
-def no_shm_leftovers() -> Iterator[None]:
-    """Fail a test that leaves new shmmmu segments or semaphores behind, and remove them.
-
-    The leftovers are unlinked before the failure is reported, so one leaking
-    test does not make the tests after it fail too.
-    """
-    before = shm_entries()
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves shared-memory objects, log directories or processes of this session behind,
+    and remove them (only this session's) so one leaking test does not make the tests after it fail too."""
+    before_shm, before_logs, before_procs = shm_entries(), log_dirs(), session_processes()
     yield
-    leftovers = sorted(e for e in shm_entries() - before if not owned_by_other_live_process(e))
-    for entry in leftovers:
+    procs = _settle(session_processes, before_procs)
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shm = _settle(shm_entries, before_shm, 2.0 if not procs else 5.0)
+    for entry in shm:
         remove_shm_entry(entry)
-    if leftovers:
-        pytest.fail(f"test left shared-memory objects in /dev/shm (now removed): {leftovers}")
-
-
-NEW_NAME_RE = re.compile(r"^.+-(\d+)-[0-9a-f]{10}$")     # what new_vm_name() makes: TAG-PID-HEX
+    logs = _settle(log_dirs, before_logs, 2.0)
+    for d in logs:
+        shutil.rmtree(d, ignore_errors=True)
+    left = [f"/dev/shm/{e}" for e in sorted(shm)] + sorted(logs) + [f"process {p}" for p in sorted(procs)]
+    if left:
+        pytest.fail(f"test left this session's objects behind (now removed): {left}")
 
 
 def new_vm_name(tag: str = "t") -> str:

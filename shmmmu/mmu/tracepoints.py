@@ -43,6 +43,7 @@ import numpy as np
 
 from shmmmu import spte as S
 from shmmmu.layout import TMeta
+from shmmmu.region import PREFIX
 
 if TYPE_CHECKING:
     from shmmmu.mmu import Mmu
@@ -187,7 +188,7 @@ def tracepoint_parts(out: str) -> Iterator[str]:
     try:
         with open(out, "a"):
             pass
-        d = tempfile.mkdtemp(prefix=".shmmmu-tracepoints-", dir=os.path.dirname(os.path.abspath(out)))
+        d = tempfile.mkdtemp(prefix=f".{PREFIX}tracepoints-", dir=os.path.dirname(os.path.abspath(out)))
     except OSError as e:
         raise ValueError(f"cannot write tracepoints to {out}: {e.strerror}") from None
     try:
