@@ -315,6 +315,18 @@ w_wait_while(Words *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLongLong(cur);
 }
 
+/* touch(start, n, write): nothing but the range check.  Code that reads or writes words in bulk through
+ * numpy (a freed table poisoned, a host page moved, a checker's snapshot) says so here first, so that the
+ * interleaving explorer, whose Words make this one scheduling point, sees the accesses it cannot see. */
+static PyObject *
+w_touch(Words *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t s, c;
+    if (check_args(nargs, 3, "touch") || get_run(self, args[0], args[1], &s, &c)) return NULL;
+    if (PyObject_IsTrue(args[2]) && check_writable(self)) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 w_cpu_relax(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -345,6 +357,8 @@ static PyMethodDef Words_methods[] = {
      "clear_where(start, n, test_mask, test_value, clear_mask, out) -> words changed"},
     {"wait_while", (PyCFunction)(void (*)(void))w_wait_while, METH_FASTCALL,
      "wait_while(i, value, spins) -> last value seen"},
+    {"touch", (PyCFunction)(void (*)(void))w_touch, METH_FASTCALL,
+     "touch(start, n, write): declare a bulk access made through numpy (the explorer's point)"},
     {NULL}
 };
 

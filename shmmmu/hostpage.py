@@ -38,6 +38,7 @@ def host_pages(slots: Memslots, start: int, end: int) -> tuple[np.ndarray, np.nd
         lo, hi = max(start, s.base_gfn), min(end, s.end_gfn)
         if lo < hi:
             gfns.append(np.arange(lo, hi, dtype=np.int64))
+            slots.host_map.touch(s.host_off + lo - s.base_gfn, hi - lo, False)
             pages.append(hm[s.host_off + lo - s.base_gfn: s.host_off + hi - s.base_gfn].astype(np.int64))
     if not gfns:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)

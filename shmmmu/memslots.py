@@ -189,9 +189,12 @@ class Memslots:
         for b in range(start, hi, blk):
             n = min(blk, slot.end_gfn - b)
             rel = b - slot.base_gfn
+            self.host_map.touch(slot.host_off + rel, n, True)
             old = int(hm_np[slot.host_off + rel])
             in_bank0 = old < slot.data_off + bank
             new = old + bank if in_bank0 else old - bank
+            self.data.touch(old, n, True)
+            self.data.touch(new, n, True)
             data_np[new: new + n] = data_np[old: old + n]
             hm_np[slot.host_off + rel: slot.host_off + rel + n] = np.arange(new, new + n, dtype=np.uint64)
             data_np[old: old + n] = DATA_POISON

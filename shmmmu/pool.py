@@ -110,11 +110,15 @@ class Pool:
                                           int(states[k]))
                 # off the stack and owned by us in one step under the lock: a crash recovery scans
                 # under it, and must not take a table on its way into a live worker's cache for lost
+                for t in got.tolist():
+                    self.tm.touch(int(t) * TMeta.WORDS, TMeta.WORDS, True)
                 self.tmeta[idx, TMeta.OWNER] = self.worker
                 self.tmeta[idx, TMeta.STATE] = TS_CACHED
         if not n:
             return 0
         if self.debug:
+            for t in idx.tolist():
+                self.tw.touch(t * self.entries, self.entries, True)
             self.tables[idx] = 0          # clear the poison, still outside the MMU lock
         self.cache[self.count: self.count + n] = got
         self.count += n
@@ -159,7 +163,12 @@ class Pool:
         if not tables:
             return
         idx = np.asarray(tables, dtype=np.intp)
+        E = self.entries
+        for t in tables:
+            self.tw.touch(t * E, E, True)             # the checks below read them, the poison writes them
         if self.debug:
+            for t in tables:
+                self.tm.touch(t * TMeta.WORDS, TMeta.WORDS, False)
             states = self.tmeta[idx, TMeta.STATE]
             if not from_cache and ((states == TS_FREE).any() or (states == TS_CACHED).any()):
                 k = int(np.flatnonzero((states == TS_FREE) | (states == TS_CACHED))[0])

@@ -16,7 +16,9 @@ import pytest
 
 from conftest import default_sigint, shm_entries
 from shmmmu.bugs import BUGS
-from shmmmu.explore.explorer import Explorer, Token, make_strategy, replay, search
+from shmmmu.explore import DEFAULT_EXECUTIONS
+from shmmmu.explore.explorer import Explorer, Token, make_strategy, search
+from shmmmu.explore.split import split_search
 from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
 from shmmmu.explore.scenarios import SCENARIOS, for_bug
 
@@ -38,13 +40,12 @@ def test_every_bug_switch_is_targeted_by_a_scenario() -> None:
 
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_each_bug_is_found_shrunk_and_replayed(bug: str) -> None:
-    """--bug NAME alone, the default seed: a finding within 60 s, at most 3 preemptions, a token that replays."""
-    t0 = time.monotonic()
-    rep = run_explore(ExploreOptions(bugs=[bug], time_limit=60))
+    """--bug NAME alone: a finding within the default execution budget, by the iteratively bounded DFS at the
+    lowest bound that has one, shrunk to at most that many preemptions, and a token that replays it."""
+    rep = run_explore(ExploreOptions(bugs=[bug]))
     assert rep.found is not None, f"{bug}: no finding in {rep.search.executions} executions"
-    assert rep.search.seconds < 60
-    assert rep.found.preemptions <= 3, (bug, rep.found.preemptions)
-    assert time.monotonic() - t0 < 120                 # search, shrinking and the traced replay
+    assert rep.search.executions <= DEFAULT_EXECUTIONS
+    assert rep.found.preemptions <= rep.search.bound_done + 1, (bug, rep.found.preemptions, rep.search.bound_done)
     again = run_replay(rep.token)
     assert again.same, again.differences
     assert str(again.result.finding) == str(rep.found.finding)
@@ -78,22 +79,26 @@ def test_replay_reproduces_ten_times_out_of_ten() -> None:
 def test_replay_says_so_when_the_steps_differ() -> None:
     rep = run_explore(ExploreOptions(bugs=["cas-over-removed"]))
     t = Token.decode(rep.token)
-    t.decisions = [1 - d if d in (0, 1) else d for d in t.decisions]      # another schedule
+    t.switches = [(s, k, 1 - a if a in (0, 1) else a) for s, k, a in t.switches]      # another schedule
     r = run_replay(t.encode())
     assert not r.same and r.differences
     assert "A DIFFERENT EXECUTION" in r.lines()[1]
     with pytest.raises(ValueError, match="token"):
-        run_replay("shx1-garbage!")
+        run_replay("shx2-garbage!")
 
 
 def test_fixed_code_bounded_dfs_is_exhaustive_and_clean() -> None:
-    """dfs --preemptions 2 runs every schedule of fault-vs-fault and fault-vs-zap (sleep sets prune) and finds nothing."""
+    """dfs --preemptions 2 runs every schedule of fault-vs-fault and fault-vs-zap (bounded POR) and finds
+    nothing; with too small a budget it says where it stopped instead of "exhaustive"."""
     for name in ("fault-fault", "fault-zap"):
         with Explorer(SCENARIOS[name], []) as ex:
-            sr = search(ex, make_strategy("dfs", 0, preemptions=2), max_executions=20000)
+            sr = split_search(ex, 2, 20000)
         assert sr.first is None, (name, sr.first.finding)
-        assert sr.exhausted, (name, sr.executions)
+        assert sr.exhausted and sr.bound_done == 2, (name, sr.executions)
         assert sr.executions > 100
+        with Explorer(SCENARIOS[name], []) as ex:
+            cut = split_search(ex, 2, 50)
+        assert not cut.exhausted and cut.capped == "executions" and cut.bound_done < 2
 
 
 def test_the_scheduling_points_are_real() -> None:
@@ -102,10 +107,10 @@ def test_the_scheduling_points_are_real() -> None:
     points it takes one preemption."""
     sc = for_bug("fault-plain-store")
     with Explorer(sc, ["fault-plain-store"], atomic=frozenset({"kvm_tdp_mmu_map"})) as ex:
-        sr = search(ex, make_strategy("dfs", 0, preemptions=2), max_executions=20000)
+        sr = split_search(ex, 2, 20000)
         assert sr.first is None and sr.exhausted
     with Explorer(sc, ["fault-plain-store"]) as ex:
-        sr = search(ex, make_strategy("dfs", 0, preemptions=1), max_executions=20000)
+        sr = split_search(ex, 1, 20000)
         assert sr.first is not None
 
 
@@ -118,7 +123,7 @@ def test_cli_output_svg_and_exit_codes(tmp_path) -> None:
     assert any("tdp_mmu_set_spte_atomic: cmpxchg" in ln for ln in lines)
     assert any(">> [preempts vCPU0]" in ln for ln in lines)
     assert any(ln.startswith("=> violation: table-leak") for ln in lines)
-    assert lines[-1].startswith("replay: shmmmu explore --replay shx1-")
+    assert lines[-1].startswith("replay: shmmmu explore --replay shx2-")
     text = svg.read_text()
     assert text.startswith("<svg") and text.rstrip().endswith("</svg>") and "tdp_mmu_set_spte_atomic" in text
     token = lines[-1].split()[-1]

@@ -20,6 +20,7 @@ if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
 import typer  # noqa: E402
 
 from shmmmu import __version__
+from shmmmu.explore import DEFAULT_EXECUTIONS
 from shmmmu.region import PREFIX, PREFIX_ERROR, RegionError
 
 EXIT_USAGE = 2
@@ -294,11 +295,13 @@ def explore(
                                   "scenario that targets it."),
     strategy: str = typer.Option("", "--strategy", help="random, pct or dfs (default: the scenario's)."),
     depth: int = typer.Option(0, "--depth", help="PCT's bug depth d (default: the scenario's)."),
-    preemptions: int = typer.Option(2, "--preemptions", help="DFS: explore every schedule with at most this "
-                                    "many preemptions."),
+    preemptions: int = typer.Option(3, "--preemptions", help="DFS: every schedule with 0 preemptions, then 1, "
+                                    "... up to this many (iterative bounding)."),
     seed: int = typer.Option(1, "--seed", help="seed of the random and PCT strategies."),
-    executions: int = typer.Option(0, "--executions", "-n", help="stop after this many executions (0: no limit)."),
-    time_limit: float = typer.Option(60.0, "--time", help="stop after this many seconds (0: no limit)."),
+    executions: int = typer.Option(DEFAULT_EXECUTIONS, "--executions", "-n", help="the search's budget: stop "
+                                   "after this many executions (the same answer on any machine)."),
+    time_limit: float = typer.Option(0.0, "--time", help="also stop after this many seconds (0: no cap); an "
+                                     "answer cut by time depends on the machine's speed."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="spread the search over N processes (same answer)."),
     mix_seed: int = typer.Option(0, "--mix-seed", help="the mix scenario's seed: which operations it races."),
     atomic: list[str] = typer.Option([], "--atomic", help="treat the operations inside this library function "

@@ -1,10 +1,14 @@
 """Explore: a deterministic interleaving explorer for the MMU: the real library code, one actor at a time.
 
   sched.py      the scheduler: actors as greenlets, every shared word a scheduling point, the wait layer
-  strategy.py   random, PCT, bounded-preemption DFS with sleep sets, and replay
+  strategy.py   random, PCT, iteratively bounded DFS over the conflicting words, and replay
   scenarios.py  the named scenarios and the bug switches each targets
   explorer.py   a scenario's region, executions, oracles, search, shrinking, replay tokens
   render.py     the counterexample as a step table, as SVG swimlanes, as JSON
 
 docs/explore.md shows it at work; docs/reference/EXPLORER.md is its design.
 """
+
+# the default search budget, in executions: it finds every bug switch from its scenario (docs/explore.md).
+# Here, not in report.py, so that the command line can show it without importing the explorer.
+DEFAULT_EXECUTIONS = 20_000

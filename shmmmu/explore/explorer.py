@@ -27,7 +27,7 @@ from shmmmu import violations
 from shmmmu.bugs import check_names
 from shmmmu.checks import check_all
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
-from shmmmu.explore.sched import ExploreWaits, Finding, PointWords, Scheduler, SchedRef, Step
+from shmmmu.explore.sched import ACTOR_DONE, DONE, ExploreWaits, Finding, PointWords, Scheduler, SchedRef, Step
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
@@ -37,7 +37,7 @@ from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
 from shmmmu.vm import VM, create_vm
 
-TOKEN_PREFIX = "shx1-"
+TOKEN_PREFIX = "shx2-"
 
 
 class Context:
@@ -89,10 +89,20 @@ class Context:
         self.sched.add(name, fn, daemon)
 
     def others_done(self) -> bool:
-        """Every actor but the daemons has finished (the reclaimer's cue to stop)."""
-        return all(a.state == 3 or a.daemon for a in self.sched.actors)
+        """Every actor but the daemons has finished (the reclaimer's cue to stop): a read of each actor's end,
+        so the reduction and the spinners' wake-up see it as they see a word."""
+        sched = self.sched
+        done = True
+        for a in sched.actors:
+            if not a.daemon:
+                sched.point(ACTOR_DONE, a.id, False)
+                done = done and a.state == DONE
+        return done
 
     def guest_values(self) -> np.ndarray:
+        """What the guest's memory holds now: the host reads it (one step, every page)."""
+        data = self.region.words("data")
+        data.touch(0, data.n, False)
         return guest_values(self.explorer.vm)
 
     def mmus(self) -> list[Mmu]:
@@ -101,20 +111,23 @@ class Context:
 
 @dataclass
 class Result:
-    """One execution: its finding (None: every oracle passed), how long it ran, and its decisions."""
+    """One execution: its finding (None: every oracle passed), how long it ran, and its schedule."""
 
     finding: Finding | None
     steps: int
     preemptions: int
-    decisions: list[int]
+    switches: list[tuple[int, int, int]]    # (step, k, actor): where it did not run the default actor
+    decisions: list[int] = field(default_factory=list)   # every decision's choice (the DFS tree's path)
     log: list[Step] = field(default_factory=list)
     actors: list[str] = field(default_factory=list)
     diverged: str = ""
     more: bool = True                   # the strategy has more executions to run
+    new_points: bool = False            # it met a conflicting word the explorer did not know
+    state: str = ""                     # execute(state=True): a digest of the state the actors left
 
 
-# debug instrumentation (the zap ledger, the guest's record of its accesses): not scheduling points
-UNTRACED_SECTIONS = frozenset({"zap_pending", "touched"})
+# debug instrumentation (the zap ledger, the guest's record of its accesses): noted, never a decision
+UNDECIDED_SECTIONS = frozenset({"zap_pending", "touched"})
 
 
 class Explorer:
@@ -124,6 +137,8 @@ class Explorer:
                  atomic: frozenset[str] = frozenset(), name: str | None = None, step_bound: int | None = None):
         self.scenario = scenario
         self.bugs = check_names(list(bugs))
+        # the conflicting words seen in any execution so far (section -> words): the searches' decisions
+        self.points: dict[str, set[int]] = {}
         self.no_points = no_points
         self.atomic = atomic
         self.step_bound = step_bound or scenario.step_bound
@@ -139,9 +154,9 @@ class Explorer:
             self.region = self.vm.region
             self.config = self.vm.config
             ref = self.ref
-            # the checkers' own records are no kernel step: they stay plain operations
-            self.region.wrap_words(lambda section, words: words if section in UNTRACED_SECTIONS
-                                   else PointWords(section, words, ref))
+            # the checkers' own records are no kernel step: never a place to switch, but noted
+            self.region.wrap_words(lambda section, words: PointWords(section, words, ref,
+                                                                     section not in UNDECIDED_SECTIONS))
             self.violations_np = self.region.array("violations")
             ctx = Context(self, None)
             # every vCPU has run before the race starts: each holds its root (kvm_mmu_load), so the
@@ -177,8 +192,9 @@ class Explorer:
     def reset(self) -> None:
         self.region.mm[:] = self.initial
 
-    def execute(self, strategy: Strategy, index: int = 0, trace: bool = False) -> Result:
-        """One execution from the initial state; the region is left as it ended (for --keep)."""
+    def execute(self, strategy: Strategy, index: int = 0, trace: bool = False, state: bool = False) -> Result:
+        """One execution from the initial state; the region is left as it ended (for --keep).  `state`: the
+        Result carries a digest of the MMU's state as the actors left it (before the oracles)."""
         self.reset()
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
                           atomic=self.atomic, violation_words=self.violations_np)
@@ -192,12 +208,40 @@ class Explorer:
             self.ref.sched = None
         if finding is not None and finding.kind == "violation":
             finding.message = "; ".join(str(v).removeprefix("!!! ") for v in violations.read_all(self.region)[:3])
+        digest = self.state_digest() if state and finding is None else ""
         if finding is None:
             finding = self._oracles(ctx)
-        more = strategy.end(sched)
-        return Result(finding, sched.steps, sched.preemptions, list(sched.decisions), sched.log,
-                      [a.name for a in sched.actors],
-                      strategy.diverged if isinstance(strategy, Replay) else "", more)
+        new_points = self._learn(sched.conflicts())
+        more = strategy.end(sched, new_points)
+        return Result(finding, sched.steps, sched.preemptions, list(sched.switches), list(sched.decisions),
+                      sched.log, [a.name for a in sched.actors],
+                      strategy.diverged if isinstance(strategy, Replay) else "", more, new_points, digest)
+
+    # what an execution leaves that its order decides: the tables and everything the MMU keeps about them and
+    # about guest memory (not the counters, lock statistics or the spinners' turns, which count steps)
+    STATE_SECTIONS = ("tables", "tmeta", "roots", "memslots", "host_map", "data", "dirty", "host_ad", "retire",
+                      "pool")
+
+    def state_digest(self) -> str:
+        import hashlib
+        h = hashlib.blake2b(digest_size=16)
+        for section in self.STATE_SECTIONS:
+            h.update(self.region.array(section).tobytes())
+        return h.hexdigest()
+
+    def _learn(self, conflicts: dict[str, set[int]]) -> bool:
+        """Add an execution's conflicting words to the points; True if any was new."""
+        new = False
+        points = self.points
+        for section, words in conflicts.items():
+            known = points.get(section)
+            if known is None:
+                points[section] = set(words)
+                new = True
+            elif not words <= known:
+                known |= words
+                new = True
+        return new
 
     def _drain(self, ctx: Context) -> None:
         rcu, pool = ctx.reclaimer()
@@ -228,38 +272,99 @@ class Explorer:
 
 # ---------------------------------------------------------------- tokens
 
+# a token is untrusted input (pasted from a mail or a bug report): bounded before it is decoded
+MAX_TOKEN_CHARS = 1 << 20
+MAX_TOKEN_JSON = 4 << 20
+MAX_SWITCHES = 100_000
+MAX_STEPS = 10_000_000
+
+
+def _damaged(why: str) -> ValueError:
+    return ValueError(f"the replay token is damaged ({why}); copy it whole")
+
+
+def _int(x: Any, lo: int, hi: int, what: str) -> int:
+    if type(x) is not int or not lo <= x <= hi:
+        raise _damaged(f"{what} must be an integer from {lo} to {hi}")
+    return x
+
+
+def _str(x: Any, what: str) -> str:
+    if type(x) is not str or len(x) > 200:
+        raise _damaged(f"{what} must be a short string")
+    return x
+
+
+def _strs(x: Any, what: str) -> list[str]:
+    if type(x) is not list or len(x) > 64:
+        raise _damaged(f"{what} must be a short list of strings")
+    return [_str(v, what) for v in x]
+
 
 @dataclass
 class Token:
-    """Everything needed to run one schedule again: scenario, switches, parameters, decisions, and what it found."""
+    """Everything needed to run one schedule again: scenario, switches, parameters, the schedule's switches
+    (step, k, actor), and what it found."""
 
     scenario: str
     bugs: list[str]
     params: dict
-    decisions: list[int]
+    switches: list[tuple[int, int, int]]
     atomic: list[str] = field(default_factory=list)
     steps: int = 0
     finding: str = ""
 
     def encode(self) -> str:
-        doc = {"s": self.scenario, "b": self.bugs, "p": self.params, "d": self.decisions, "a": self.atomic,
-               "t": self.steps, "f": self.finding}
+        doc = {"s": self.scenario, "b": self.bugs, "p": self.params, "w": [list(w) for w in self.switches],
+               "a": self.atomic, "t": self.steps, "f": self.finding}
         raw = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
     def decode(cls, text: str) -> "Token":
+        """The token's fields, each checked (type, range, size); ValueError in one line for anything else."""
         t = text.strip()
+        if t.startswith("shx1-"):
+            raise ValueError("this token was made by an older shmmmu (shx1-): run its search again for a new one")
         if not t.startswith(TOKEN_PREFIX):
             raise ValueError(f"not a replay token (they start with {TOKEN_PREFIX})")
+        if len(t) > MAX_TOKEN_CHARS:
+            raise _damaged(f"longer than {MAX_TOKEN_CHARS} characters")
+        body = t[len(TOKEN_PREFIX):]
         try:
-            body = t[len(TOKEN_PREFIX):]
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-            doc = json.loads(zlib.decompress(raw))
-            return cls(doc["s"], list(doc["b"]), dict(doc["p"]), [int(x) for x in doc["d"]], list(doc["a"]),
-                       int(doc["t"]), str(doc["f"]))
-        except (ValueError, KeyError, TypeError, zlib.error):
-            raise ValueError("the replay token is damaged (copy it whole)") from None
+            z = zlib.decompressobj()
+            text_json = z.decompress(raw, MAX_TOKEN_JSON)
+            if z.unconsumed_tail:
+                raise _damaged(f"it decompresses to more than {MAX_TOKEN_JSON} bytes")
+            doc = json.loads(text_json, parse_constant=lambda c: (_ for _ in ()).throw(_damaged(c)))
+        except ValueError as e:
+            raise e if str(e).startswith("the replay token") else _damaged("not base64, zlib and JSON") from None
+        except (zlib.error, RecursionError):
+            raise _damaged("not base64, zlib and JSON") from None
+        if type(doc) is not dict:
+            raise _damaged("not an object")
+        try:
+            w = doc["w"]
+            if type(w) is not list or len(w) > MAX_SWITCHES:
+                raise _damaged(f"the switches must be a list of at most {MAX_SWITCHES}")
+            switches = []
+            for x in w:
+                if type(x) is not list or len(x) != 3:
+                    raise _damaged("each switch is [step, k, actor]")
+                switches.append((_int(x[0], 0, MAX_STEPS, "a switch's step"), _int(x[1], -1, 1 << 20, "a switch's k"),
+                                 _int(x[2], 0, 31, "a switch's actor")))
+            params = doc["p"]
+            if type(params) is not dict or len(params) > 16:
+                raise _damaged("the parameters must be an object")
+            for k, v in params.items():
+                _str(k, "a parameter's name")
+                _int(v, -(1 << 62), 1 << 62, f"the parameter {k}")
+            return cls(_str(doc["s"], "the scenario"), _strs(doc["b"], "the bug switches"), dict(params), switches,
+                       _strs(doc["a"], "the atomic functions"), _int(doc["t"], 0, MAX_STEPS, "the steps"),
+                       _str(doc["f"], "the finding"))
+        except KeyError as e:
+            raise _damaged(f"no field {e.args[0]!r}") from None
 
 
 def scenario_with(name: str, params: dict) -> Scenario:
@@ -280,13 +385,30 @@ def same_failure(a: Finding | None, b: Finding) -> bool:
     return a.kind == b.kind and a.message.split(":")[0] == b.message.split(":")[0]
 
 
-def make_strategy(name: str, seed: int, depth: int = 3, preemptions: int = 2) -> Strategy:
+SEED_EXECUTIONS = 16        # random executions that seed an explorer's points before a search
+
+
+def seed_points(explorer: Explorer) -> None:
+    """Learn the conflicting words of a few random executions (the same ones every time), so that a search
+    starts with decisions where the actors meet; the searches learn the rest as they go."""
+    if explorer.points:
+        return
+    probe = RandomStrategy(0)
+    for i in range(SEED_EXECUTIONS):
+        explorer.execute(probe, i)
+
+
+def make_strategy(name: str, seed: int, depth: int = 3, preemptions: int = 2,
+                  points: dict[str, set[int]] | None = None) -> Strategy:
+    """A search strategy; `points` are its decisions' words (PCT and random take a frozen copy, DFS the
+    explorer's live set, which it snapshots at each iteration)."""
+    frozen = None if points is None else {s: set(w) for s, w in points.items()}
     if name == "random":
-        return RandomStrategy(seed)
+        return RandomStrategy(seed, frozen)
     if name == "pct":
-        return PctStrategy(seed, depth)
+        return PctStrategy(seed, depth, points=frozen)
     if name == "dfs":
-        return DfsStrategy(preemptions)
+        return DfsStrategy(preemptions, points)
     raise ValueError(f"unknown strategy {name!r}: use random, pct or dfs")
 
 
@@ -298,76 +420,83 @@ class SearchResult:
     first: Result | None                # the first failing execution
     first_index: int = -1
     exhausted: bool = False             # DFS: every schedule within the bound was run
-    pruned: int = 0
+    bound_done: int = -1                # DFS: the highest bound whose every schedule ran
+    reruns: int = 0                     # DFS: iterations run again with conflicting words they had not known
+    capped: str = ""                    # why the search stopped short: "executions" or "time" (--time)
 
     @property
     def per_second(self) -> float:
         return self.executions / self.seconds if self.seconds else 0.0
 
 
-def search(explorer: Explorer, strategy: Strategy, *, max_executions: int = 0, time_limit: float = 0.0,
+def search(explorer: Explorer, strategy: Strategy, *, max_executions: int, time_limit: float = 0.0,
            start: int = 0, stride: int = 1,
            progress: Callable[[int, float, int], None] | None = None) -> SearchResult:
-    """Executions start, start + stride, ... until a finding, a limit, or an exhausted DFS."""
+    """Executions start, start + stride, ... until a finding, `max_executions`, an exhausted DFS, or the
+    optional `time_limit` (seconds; the only limit whose answer depends on the machine)."""
     t0 = time.monotonic()
     n = 0
     steps = 0
     i = start
     last_report = t0
+
+    def result(first: Result | None, idx: int = -1, capped: str = "") -> SearchResult:
+        dfs = strategy if isinstance(strategy, DfsStrategy) else None
+        return SearchResult(n, time.monotonic() - t0, steps, first, idx,
+                            exhausted=bool(dfs and dfs.exhausted), bound_done=dfs.exhausted_bound if dfs else -1,
+                            reruns=dfs.reruns if dfs else 0, capped=capped)
+
     while True:
         r = explorer.execute(strategy, i)
         n += 1
         steps += r.steps
-        more = r.more
         if r.finding is not None:
-            return SearchResult(n, time.monotonic() - t0, steps, r, i, pruned=getattr(strategy, "pruned", 0))
+            return result(r, i)
         now = time.monotonic()
         if progress is not None and now - last_report >= 1.0:
             progress(n, now - t0, 0)
             last_report = now
-        if not more:
-            return SearchResult(n, now - t0, steps, None, exhausted=True, pruned=getattr(strategy, "pruned", 0))
-        if (max_executions and n >= max_executions) or (time_limit and now - t0 >= time_limit):
-            return SearchResult(n, now - t0, steps, None, pruned=getattr(strategy, "pruned", 0))
+        if not r.more:
+            return result(None)
+        if max_executions and n >= max_executions:
+            return result(None, capped="executions")
+        if time_limit and now - t0 >= time_limit:
+            return result(None, capped="time")
         i += stride
 
 
 # ---------------------------------------------------------------- shrinking
 
 
-def replay(explorer: Explorer, decisions: list[int], trace: bool = False) -> Result:
-    return explorer.execute(Replay(decisions), 0, trace=trace)
+def replay(explorer: Explorer, switches: list[tuple[int, int, int]], trace: bool = False) -> Result:
+    return explorer.execute(Replay(switches), 0, trace=trace)
 
 
 def shrink(explorer: Explorer, failing: Result, budget: int = 3000) -> tuple[Result, int]:
     """The same failure with the fewest preemptions, then the fewest steps; returns it and the executions run.
 
-    First iterative context bounding (CHESS): the schedules with 0, 1, ... preemptions,
-    fewer than the failing one has, are explored depth first (at most `budget` per
-    bound), and the shortest failing one of the lowest bound that has one is kept.
-    Then greedy delta debugging on its decisions: cut the tail of choices, or move a
-    switch one choice earlier (a decision of -1 is "no preemption here"), kept when
-    it fails the same way in fewer steps with no more preemptions.
+    First iterative context bounding (CHESS): every schedule with 0, then 1, ...
+    preemptions, fewer than the failing one has, depth first, at most `budget`
+    executions in all; the first that fails the same way is kept.  Then greedy
+    delta debugging on its switches: drop one, or move one earlier, kept when it
+    fails the same way in fewer steps with no more preemptions.
     """
-    best = replay(explorer, failing.decisions)
+    best = replay(explorer, failing.switches)
     runs = 1
     if not same_failure(best.finding, failing.finding):
         return failing, runs                 # not reproducible: keep what we have
     target = failing.finding
-    for bound in range(best.preemptions):
-        dfs = DfsStrategy(bound)
-        found: Result | None = None
+    if best.preemptions:
+        dfs = DfsStrategy(best.preemptions - 1, explorer.points)
         for n in range(budget):
             r = explorer.execute(dfs, n)
             runs += 1
-            if same_failure(r.finding, target) and (found is None or r.steps < found.steps):
-                found = r
+            if same_failure(r.finding, target):
+                best = replay(explorer, r.switches)
+                runs += 1
+                break
             if not r.more:
                 break
-        if found is not None:
-            best = replay(explorer, found.decisions)
-            runs += 1
-            break
 
     def better(r: Result) -> bool:
         return same_failure(r.finding, target) and (
@@ -376,18 +505,23 @@ def shrink(explorer: Explorer, failing: Result, budget: int = 3000) -> tuple[Res
     improved, spent = True, 0
     while improved and spent < budget // 4:
         improved = False
-        candidates = [best.decisions[:k] for k in range(len(best.decisions))]
-        for p in range(1, len(best.decisions)):
-            cand = list(best.decisions)
-            cand[p - 1], cand[p] = cand[p], -1
-            candidates.append(cand)
+        sw = best.switches
+        candidates = [sw[:k] + sw[k + 1:] for k in range(len(sw))]
+        for k, (step, wk, actor) in enumerate(sw):
+            if wk != -1:
+                continue                     # a wait's decision has no earlier step of its own
+            floor = sw[k - 1][0] + 1 if k else 1
+            d = 1
+            while step - d >= floor:
+                candidates.append(sw[:k] + [(step - d, -1, actor)] + sw[k + 1:])
+                d *= 2
         for cand in candidates:
             if spent >= budget // 4:
                 break
             r = replay(explorer, cand)
             spent += 1
             if better(r):
-                best, improved = replay(explorer, r.decisions), True
+                best, improved = replay(explorer, r.switches), True
                 spent += 1
                 break
     return best, runs + spent

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shmmmu.bugs import BUGS
-from shmmmu.explore import render
+from shmmmu.explore import DEFAULT_EXECUTIONS, render
 from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
-                                     scenario_with, search, shrink)
+                                     scenario_with, search, seed_points, shrink)
 from shmmmu.explore.scenarios import SCENARIOS, Scenario, for_bug
+from shmmmu.explore.split import split_search
 from shmmmu.layout import TMeta
 
 STRATEGIES = ("random", "pct", "dfs")
@@ -31,9 +32,9 @@ class ExploreOptions:
     strategy: str = ""                  # empty: the scenario's
     seed: int = 1
     depth: int = 0                      # PCT depth (0: the scenario's)
-    preemptions: int = 2                # DFS bound
-    executions: int = 0                 # 0: no limit
-    time_limit: float = 60.0            # seconds (0: no limit)
+    preemptions: int = 3                # DFS: the last bound (0, 1, ... up to it: iterative bounding)
+    executions: int = DEFAULT_EXECUTIONS    # the search's budget (the same answer on any machine)
+    time_limit: float = 0.0             # an optional cap in seconds (0: none): an answer that depends on speed
     mix_seed: int = 0
     atomic: list[str] = field(default_factory=list)    # functions whose operations are no scheduling points
     shrink: bool = True
@@ -63,13 +64,16 @@ class ExploreOptions:
             raise ValueError("--preemptions must be between 0 and 6")
         if self.depth < 0 or self.depth > 10:
             raise ValueError("--depth must be between 1 and 10")
-        if self.executions < 0 or not self.time_limit >= 0 or self.time_limit > 1e6:
-            raise ValueError("--executions and --time must not be negative")
+        if not 1 <= self.executions <= 100_000_000:
+            raise ValueError("--executions must be between 1 and 100000000")
+        if not (self.time_limit == self.time_limit and 0 <= self.time_limit <= 1e6):
+            raise ValueError("--time must be a number of seconds from 0 (no cap) to 1000000")
         return sc, strategy, self.depth or sc.depth
 
     def describe(self, strategy: str, depth: int) -> str:
-        s = {"pct": f"pct --depth {depth}", "dfs": f"dfs --preemptions {self.preemptions}",
-             "random": "random"}[strategy]
+        if strategy == "dfs":
+            return f"dfs --preemptions {self.preemptions}"          # no seed: the search is the same for all
+        s = {"pct": f"pct --depth {depth}", "random": "random"}[strategy]
         return f"{s} --seed {self.seed}"
 
 
@@ -93,10 +97,18 @@ class Report:
     def lines(self) -> list[str]:
         if self.found is None:
             s = self.search
-            what = (f"exhaustive at bound: every schedule within it ran ({s.executions} executions, "
-                    f"{s.pruned} cut short by sleep sets)" if s.exhausted else f"{s.executions} executions")
+            if s.exhausted:
+                what = f"exhaustive at bound {s.bound_done}: every schedule within it ran ({s.executions} executions)"
+            elif s.bound_done >= 0:
+                what = (f"exhaustive at bound {s.bound_done} only; stopped by the {s.capped} limit after "
+                        f"{s.executions} executions")
+            else:
+                what = f"stopped by the {s.capped} limit after {s.executions} executions" if s.capped else \
+                    f"{s.executions} executions"
+            if s.capped == "time":
+                what += " (a time cap: another machine may go further)"
             return [f"shmmmu explore: {self.scenario}" + (f" with {', '.join(self.bugs)}" if self.bugs else "")
-                    + f" by {self.strategy}: no finding; {what} in {s.seconds:.1f} s "
+                    + f" by {self.strategy}: no finding; {what}; {s.seconds:.1f} s "
                     f"({s.per_second:.0f} executions/s, {s.steps / max(s.seconds, 1e-9):.0f} steps/s)"]
         f = self.found
         return render.table_lines(self.title, self.runs, f.actors, str(f.finding)) + [
@@ -112,7 +124,8 @@ class Report:
                                "executions": s.executions, "seconds": s.seconds,
                                "executions_per_s": s.per_second, "steps": s.steps,
                                "steps_per_s": s.steps / s.seconds if s.seconds else 0.0,
-                               "exhausted": s.exhausted, "pruned": s.pruned,
+                               "exhausted": s.exhausted, "bound_done": s.bound_done, "reruns": s.reruns,
+                               "capped": s.capped,
                                "result": "SUCCESS" if self.ok else "FAILURE"}
         if self.found is not None:
             f = self.found
@@ -128,45 +141,48 @@ def _tm_level(explorer: Explorer) -> Callable[[int], int]:
     return lambda t: int(tm[t, TMeta.LEVEL]) if 0 <= t < tm.shape[0] else 0
 
 
-def _traced(explorer: Explorer, decisions: list[int], tracepoints: str = "") -> tuple[Result, list[render.Run]]:
+def _traced(explorer: Explorer, switches: list[tuple[int, int, int]],
+            tracepoints: str = "") -> tuple[Result, list[render.Run]]:
     """Replay with the step trace; with `tracepoints` (a directory: shmmmu.mmu.tracepoints) the actors' Mmus
     also write the kernel's tracepoint lines, stamped with the step count."""
     explorer.config.tracepoints = tracepoints
     try:
-        r = replay(explorer, decisions, trace=True)
+        r = replay(explorer, switches, trace=True)
     finally:
         explorer.config.tracepoints = ""
     return r, render.runs(r.log, r.actors, explorer.config.geometry.entries, _tm_level(explorer))
 
 
-def run_explore(opts: ExploreOptions, *, searcher: Callable[[ExploreOptions, Scenario, str, int], SearchResult]
-                | None = None, progress: Callable[[int, float, int], None] | None = None,
+def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] | None = None, progress: Callable[[int, float, int], None] | None = None,
                 keep: Callable[[Explorer], None] | None = None) -> Report:
     """Search, shrink, trace.  `keep(explorer)` is called with the region at the failing step (--keep)."""
     sc, strategy, depth = opts.resolve()
     with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic)) as ex:
         if searcher is not None:
-            sr = searcher(opts, sc, strategy, depth)
+            sr = searcher(opts, sc, strategy, depth, ex, progress)
+        elif strategy == "dfs":
+            sr = split_search(ex, opts.preemptions, opts.executions, progress=progress, time_limit=opts.time_limit)
         else:
-            sr = search(ex, make_strategy(strategy, opts.seed, depth, opts.preemptions),
+            seed_points(ex)
+            sr = search(ex, make_strategy(strategy, opts.seed, depth, opts.preemptions, ex.points),
                         max_executions=opts.executions, time_limit=opts.time_limit, progress=progress)
         rep = Report(sc.name, list(opts.bugs), opts.describe(strategy, depth), sr, region=ex.name)
         if sr.first is None:
             return rep
-        best, runs = (shrink(ex, sr.first) if opts.shrink else (replay(ex, sr.first.decisions), 1))
-        traced, rs = _traced(ex, best.decisions)
+        best, runs = (shrink(ex, sr.first) if opts.shrink else (replay(ex, sr.first.switches), 1))
+        traced, rs = _traced(ex, best.switches)
         if not same_failure(traced.finding, best.finding):
-            traced, rs = _traced(ex, sr.first.decisions)
+            traced, rs = _traced(ex, sr.first.switches)
         if opts.tracepoints:
-            _traced(ex, traced.decisions, opts.tracepoints)       # the same execution, its tracepoints written
+            _traced(ex, traced.switches, opts.tracepoints)       # the same execution, its tracepoints written
         rep.found, rep.shrink_runs, rep.runs = traced, runs, rs
-        rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.decisions, list(opts.atomic),
+        rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.switches, list(opts.atomic),
                           traced.steps, traced.finding.kind).encode()
         refs = ", ".join(f"{b}{' (' + BUGS[b].ref + ')' if BUGS[b].ref else ''}" for b in opts.bugs) or "the fixed code"
         rep.title = [f"shmmmu explore: scenario {sc.name} with {refs}",
                      f"{sc.summary}",
-                     f"found in {sr.seconds:.1f} s by {rep.strategy} (execution {sr.first_index} of the strategy's "
-                     f"sequence; {sr.executions} executions run); "
+                     f"found by {rep.strategy} at execution {sr.first_index + 1} of its sequence ({sr.executions} "
+                     f"executions run, {sr.seconds:.1f} s); "
                      f"shrunk in {runs} executions to {traced.preemptions} preemption"
                      f"{'s' if traced.preemptions != 1 else ''}, {traced.steps} steps"]
         if keep is not None:
@@ -201,7 +217,7 @@ def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracep
             raise ValueError(f"the token names a bug switch this shmmmu does not have: {b!r}")
     sc = scenario_with(t.scenario, t.params)
     with Explorer(sc, t.bugs, atomic=frozenset(t.atomic)) as ex:
-        r, rs = _traced(ex, t.decisions, tracepoints)
+        r, rs = _traced(ex, t.switches, tracepoints)
         diffs = []
         if r.diverged:
             diffs.append(f"the schedule diverged: {r.diverged}")

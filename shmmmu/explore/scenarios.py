@@ -41,7 +41,7 @@ class Scenario:
     n_vcpus: int = 1
     n_host: int = 1                                          # host actors (worker slots beside the reclaimer)
     root_roles: int = 1                                      # VMConfig.root_roles
-    strategy: str = "pct"                                    # the strategy --bug NAME uses by default
+    strategy: str = "dfs"                                    # the strategy --bug NAME uses by default
     depth: int = 3
     step_bound: int = 30000
     params: dict = field(default_factory=dict)
@@ -214,12 +214,12 @@ def _unmap_reload_pro(ctx: "Context") -> None:
 
 
 def _unmap_reload(ctx: "Context") -> None:
-    # the fast zap's read-lock half, an MMU notifier walking the roots (the invalid one too), vCPU0
-    # reloading (it drops the last reference to its old root), and the reclaimer ending grace periods
+    # the fast zap's read-lock half, an MMU notifier walking the roots (the invalid one too), and vCPU0
+    # reloading (it drops the last reference to its old root, whose table is retired: a walk that comes
+    # back to it from a yield reads a table retired before its read-side section began, Reader Pipe 2)
     ctx.actor("host", host_ops(ctx, [("zap_all_fast_zap",)]))
     ctx.actor("notifier", host_ops(ctx, [("host_unmap", 0, 16)], host=1))
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ)]))
-    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
 
 
 def _zap_zap(ctx: "Context") -> None:

@@ -32,9 +32,11 @@ from greenlet import greenlet
 from shmmmu.layout import Ctl, ViolationRow
 from shmmmu.wait import Waits
 
-OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release")
-LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V = range(9)
+OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
+            "touch")
+LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V, TOUCH = range(10)
 RUN, SPIN, SEM, DONE = range(4)
+ACTOR_DONE = "actor-done"    # a word of no section: actor k's end, written when it ends, read by daemons
 STATE_NAMES = ("runnable", "spinning", "asleep", "done")
 MAX_TIMEOUTS = 40            # all actors asleep this often in one execution, only timeouts moving them: a deadlock
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,8 +80,8 @@ class Step:
 class Actor:
     """One actor: a function run as a greenlet, with its scheduling state."""
 
-    __slots__ = ("id", "name", "fn", "g", "state", "dirty", "sem", "timed", "got_sem", "pending", "daemon",
-                 "sleep_seq", "backoff")
+    __slots__ = ("id", "name", "fn", "g", "state", "dirty", "reads", "sem", "timed", "got_sem", "pending",
+                 "daemon", "sleep_seq", "backoff")
 
     def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
         self.id = aid
@@ -87,7 +89,8 @@ class Actor:
         self.fn = fn
         self.g: greenlet | None = None
         self.state = RUN
-        self.dirty = True          # another actor wrote a shared word since this one last spun
+        self.dirty = True          # another actor wrote a word this one touched since it last spun
+        self.reads: set[tuple[str, int]] = set()         # the words it touched since it last spun
         self.sem = ""
         self.timed = False
         self.got_sem = False
@@ -125,8 +128,14 @@ class Scheduler:
         self.sleep_seq = 0
         self.log: list[Step] = []
         self.finding: Finding | None = None
-        self.decisions: list[int] = []       # the chosen actor at every point with a choice
+        self.decisions: list[int] = []       # the chosen actor at every decision (the DFS tree's path)
+        self.switches: list[tuple[int, int, int]] = []    # (step, k, actor) where the choice was not the default
         self.preemptions = 0
+        # every word this execution touched: section -> word -> actor bits (1 << id: read, 1 << 32 + id: write)
+        self.access: dict[str, dict[int, int]] = {}
+        self._key = (0, -1)                  # the decision being made: (step, -1) at a point, (step, k) a wait's
+        self._wait_step = -1
+        self._wait_k = 0
         self._main: greenlet | None = None
         self._preempted = -1                 # the actor a preemption just handed the processor to
 
@@ -150,7 +159,7 @@ class Scheduler:
                     en = self._unstick(None)
                     if not en:
                         break
-                nxt = self._choose(en, None)
+                nxt = self._decide(en, None, False, True)
                 self.current = nxt
                 nxt.g.switch()                   # back here when an actor ends, or the execution stops
         except Stop:
@@ -164,6 +173,9 @@ class Scheduler:
         def body() -> None:
             try:
                 a.fn()
+                # its end is a write the daemons' "are the others done" reads see (Context.others_done)
+                self._did(a, ACTOR_DONE, a.id, True)
+                self.wrote(ACTOR_DONE, a.id)
             except Abort:
                 pass
             except Stop:
@@ -196,8 +208,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ points
 
-    def point(self, section: str, word: int, write: bool) -> None:
-        """Before an operation on a shared word: let the strategy pick who runs the next operation."""
+    def point(self, section: str, word: int, write: bool, decide: bool = True) -> None:
+        """Before an operation on a shared word: let the strategy pick who runs the next operation (unless
+        `decide` is False: the debug checkers' own records), then note the operation as the actor's."""
         if self.aborting:
             raise Abort
         a = self.current
@@ -209,20 +222,45 @@ class Scheduler:
         if vio is not None and vio[0, ViolationRow.KIND]:
             self.stop(Finding("violation", "", self.steps, a.name))
         a.pending = (section, word, write)
-        if section in self.no_points or (self.atomic and _inside(self.atomic)):
-            return
-        en = self.enabled()
-        if len(en) > 1:
-            nxt = self._choose(en, a)
-            if nxt is not a:
-                self._switch(a, nxt)
+        strategy = self.strategy
+        if decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)) \
+                and strategy.is_choice(section, word):
+            en = self.enabled()
+            if len(en) > 1:
+                nxt = self._decide(en, a, True, False)
+                if nxt is not a:
+                    self._switch(a, nxt)
+        self._did(a, section, word, write)               # `a` runs its operation now
 
-    def wrote(self) -> None:
-        """A shared word changed: every other actor may now read something new (spinners wake)."""
+    def _did(self, a: Actor, section: str, word: int, write: bool) -> None:
+        """An operation of `a` runs: for the conflicting words, the spinners' wake-up and the reduction."""
+        seen = self.access.get(section)
+        if seen is None:
+            seen = self.access[section] = {}
+        seen[word] = seen.get(word, 0) | (1 << (a.id + 32 if write else a.id))
+        a.reads.add((section, word))
+        if self.strategy.wants_events:
+            self.strategy.event(a.id, section, word, write)
+
+    def touch(self, section: str, start: int, n: int, write: bool) -> None:
+        """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
+        snapshot): one scheduling point before it, and every word of it noted (and woken, if written)."""
+        self.point(section, start, write)
+        a = self.current
+        for w in range(start + 1, start + n):
+            self._did(a, section, w, write)
+        if write:
+            for w in range(start, start + n):
+                self.wrote(section, w)
+
+    def wrote(self, section: str, word: int) -> None:
+        """A word changed: an actor that touched it since it last spun may now see something new (a spinner
+        wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on."""
         self.writes += 1
         cur = self.current
+        key = (section, word)
         for a in self.actors:
-            if a is not cur:
+            if a is not cur and key in a.reads:
                 a.dirty = True
 
     def enabled(self) -> list[Actor]:
@@ -236,15 +274,43 @@ class Scheduler:
                 out.append(a)
         return out
 
-    def _choose(self, en: list[Actor], cur: Actor | None) -> Actor:
+    def _decide(self, en: list[Actor], cur: Actor | None, preemptive: bool, wait: bool) -> Actor:
+        """Ask the strategy who runs among `en`.  The default is `cur` if it is enabled, else the lowest id;
+        another choice is a preemption when `preemptive` (the current actor could go on).  A decision is
+        named by its step: (step, -1) before that step's operation, (step, k) the k-th decision of a wait
+        (a block, a spin, an actor's end) at that step count: what Replay keys its switches by."""
         if len(en) == 1:
             return en[0]
-        nxt = self.strategy.choose(self, en, cur)
+        if wait:
+            if self._wait_step == self.steps:
+                self._wait_k += 1
+            else:
+                self._wait_step, self._wait_k = self.steps, 0
+            self._key = (self.steps, self._wait_k)
+        else:
+            self._key = (self.steps, -1)
+        default = cur if cur is not None and cur in en else en[0]
+        nxt = self.strategy.choose(self, en, default, preemptive)
         self.decisions.append(nxt.id)
-        if cur is not None and cur.state == RUN and nxt is not cur:
-            self.preemptions += 1
-            self._preempted = nxt.id
+        if nxt is not default:
+            self.switches.append((self._key[0], self._key[1], nxt.id))
+            if preemptive:
+                self.preemptions += 1
+                self._preempted = nxt.id
         return nxt
+
+    def decision_key(self) -> tuple[int, int]:
+        return self._key
+
+    def conflicts(self) -> dict[str, set[int]]:
+        """The words of this execution that two actors touched, at least one of them writing."""
+        out: dict[str, set[int]] = {}
+        low = (1 << 32) - 1
+        for section, seen in self.access.items():
+            words = {w for w, m in seen.items() if m >> 32 and ((m | m >> 32) & low).bit_count() >= 2}
+            if words:
+                out[section] = words
+        return out
 
     def _switch(self, a: Actor, nxt: Actor) -> None:
         self.current = nxt
@@ -262,7 +328,7 @@ class Scheduler:
             en = self._unstick(a)
             if not en:
                 self.stop(None)
-        nxt = self._choose(en, a)
+        nxt = self._decide(en, a, False, True)
         if nxt is not a:
             self._switch(a, nxt)
         if self.aborting:
@@ -296,23 +362,22 @@ class Scheduler:
     # ------------------------------------------------------------------ the wait layer's side
 
     def spin(self, backoff: bool = False) -> None:
-        """relax (a spin on a condition): block until another actor writes a shared word.  yield / pause
+        """relax (a spin on a condition): block until another actor writes a word this one touched since its
+        last spin (until then another turn would read the same values and spin again).  yield / pause
         (`backoff`): the same, but with nobody else able to run it goes on, as sched_yield returns at once."""
         a = self.current
         self.strategy.yielded(self, a)
         if a.dirty:
-            # someone wrote since this actor's last spin (maybe between the reads of this turn of its
-            # loop): a turn must not sleep through it; the others may still run first
+            # a word it touched changed since it last spun (maybe between the reads of this turn of its
+            # loop): the turn must not sleep through it; it looks again at once (another actor may still
+            # preempt it at its next conflicting operation)
             a.dirty = False
-            en = self.enabled()
-            if len(en) > 1:
-                nxt = self._choose(en, None)
-                if nxt is not a:
-                    self._switch(a, nxt)
+            a.reads = set()
             return
         a.state, a.backoff = SPIN, backoff
         self._block()
         a.dirty = False
+        a.reads = set()
 
     def sem_acquire(self, name: str, timed: bool) -> bool:
         self.point("sem:" + name, 0, True)
@@ -334,7 +399,7 @@ class Scheduler:
         self.point("sem:" + name, 0, True)
         if self.trace:
             self.record(SEM_V, "sem:" + name, 0, (), None, self.sems.get(name, 0))
-        self.wrote()
+        self.wrote("sem:" + name, 0)
         q = self.sleepers.get(name)
         if q:
             w = q.pop(0)
@@ -382,12 +447,15 @@ def _inside(functions: frozenset[str]) -> bool:
 class PointWords:
     """A `Words` view whose every operation is a scheduling point (and a traced step)."""
 
-    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address")
+    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address", "_decide")
 
-    def __init__(self, section: str, words, sched_ref: "SchedRef"):
+    def __init__(self, section: str, words, sched_ref: "SchedRef", decide: bool = True):
+        """`decide=False`: the debug checkers' own records (what the guest touched, the zap ledger): noted,
+        so that the reduction sees them, but never a place to switch actors."""
         self._w = words
         self._sec = section
         self._s = sched_ref
+        self._decide = decide
         self.n = words.n
         self.readonly = words.readonly
         self.address = words.address
@@ -395,15 +463,23 @@ class PointWords:
     def __len__(self) -> int:
         return self.n
 
+    def touch(self, start: int, n: int, write: bool) -> None:
+        self._w.touch(start, n, write)
+        s = self._s.sched
+        if s is not None and s.on and n > 0:
+            s.touch(self._sec, start, n, write)
+            if s.trace:
+                s.record(TOUCH, self._sec, start, (n, write), None, 0)
+
     def _op(self, op: int, i: int, write: bool, fn, *args):
         s = self._s.sched
         if s is None or not s.on:
             return fn(i, *args)
-        s.point(self._sec, i, write)
+        s.point(self._sec, i, write, self._decide)
         before = self._w.load(i) if s.trace else 0
         r = fn(i, *args)
         if write and (op != CAS or r == args[0]):
-            s.wrote()
+            s.wrote(self._sec, i)
         if s.trace:
             s.record(op, self._sec, i, args, r, before)
         return r

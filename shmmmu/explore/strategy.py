@@ -1,24 +1,34 @@
-"""Strategy: who runs next at a scheduling point: random, PCT, bounded-preemption DFS with sleep sets, and replay.
+"""Strategy: who runs next where the scheduler offers a choice: random, PCT, iteratively bounded DFS, and replay.
 
-Every strategy sees, at each point with a choice, the enabled actors (in id
-order) and the actor that ran last (None if it just ended or blocked); it
-returns the actor to run.  The scheduler records every choice in
-`Scheduler.decisions`: that list, replayed by `Replay`, re-executes the same
-interleaving exactly.
+A strategy is asked at every *decision*: a scheduling point where more than
+one actor is enabled.  It sees the enabled actors (in id order), the
+`default` (the actor that goes on if nobody switches: the current actor at a
+point, else the lowest id) and whether choosing another actor is a
+*preemption* (the current actor is still enabled: it is switched away from,
+not blocked or finished).  One definition of a preemption serves the search,
+the shrinker and the report.
+
+Which scheduling points are decisions is the strategy's too (`is_choice`):
+the searches decide only before an operation on a *conflicting* word (one that
+at least two actors access, at least one of them writing, in some execution
+seen so far: `Explorer.points`); an operation on any other word commutes with
+everything the other actors do, so a switch before it reaches nothing a switch
+at the next conflicting operation does not reach, with no more preemptions.
+Replay decides at every point, so a recorded switch lands at its step whatever
+the point set was when it was recorded.
 
 - `RandomStrategy`: uniform among the enabled actors.
-- `PctStrategy` (Burckhardt et al., ASPLOS 2010): random priorities for the
-  actors, and depth-1 change points drawn over the expected length of an
-  execution; the highest-priority enabled actor runs, and at a change point
-  the running actor's priority drops below every other.  A bug of depth d is
-  found with probability at least 1/(n k^(d-1)) per execution.
-- `DfsStrategy`: every interleaving with at most `preemptions` preemptions
-  (CHESS's iterative context bounding), depth first, one execution at a time
-  from the start; sleep sets prune a choice whose next operation commutes
-  with one already explored from the same point (different words, or two
-  loads).  `exhausted` says when every schedule within the bound was run.
-- `Replay`: the recorded decisions; a decision naming an actor that is not
-  enabled is a divergence (the code or the scenario changed).
+- `PctStrategy` (Burckhardt et al., ASPLOS 2010): random priorities, and
+  depth-1 priority change points over the expected length of an execution.
+- `DfsStrategy`: every schedule with at most `bound` preemptions, by iterative
+  context bounding (CHESS): all schedules with 0 preemptions, then 1, then 2,
+  so a shallow bug never waits behind a deep subtree.  No partial-order
+  pruning: sleep sets are unsound under a preemption bound (Coons, Musuvathi
+  and McKinley, OOPSLA 2013), and the conflicting-word points are the only
+  reduction.  An iteration that met a new conflicting word is run again with
+  it, until one completes without (a fixpoint): only then is the bound
+  "exhausted".
+- `Replay`: the recorded switches (step, k, actor) of an execution.
 """
 from __future__ import annotations
 
@@ -26,10 +36,20 @@ import random
 from dataclasses import dataclass, field
 
 
+class Diverged(Exception):
+    """The same decisions gave another set of enabled actors: the scenario is not deterministic."""
+
+
 class Strategy:
     name = "?"
+    points: dict[str, set[int]] | None = None          # the decisions' words (None: every point decides)
+    wants_events = False                                # event() is called before every operation
 
-    def choose(self, sched, enabled: list, current) -> object:
+    def is_choice(self, section: str, word: int) -> bool:
+        p = self.points
+        return p is None or word in p.get(section, ())
+
+    def choose(self, sched, enabled: list, default, preemptive: bool) -> object:
         raise NotImplementedError
 
     def begin(self, execution: int) -> None:
@@ -38,33 +58,36 @@ class Strategy:
     def yielded(self, sched, actor) -> None:
         """An actor spins or backs off: it waits for the others."""
 
-    def end(self, sched) -> bool:
-        """Called after each execution; False when the strategy has nothing more to run."""
+    def end(self, sched, new_points: bool) -> bool:
+        """Called after each execution (`new_points`: it met a conflicting word outside `points`); False when
+        the strategy has nothing more to run."""
         return True
 
 
 class RandomStrategy(Strategy):
     name = "random"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, points: dict[str, set[int]] | None = None):
         self.seed = seed
+        self.points = points
         self.rng = random.Random(seed)
 
     def begin(self, execution: int) -> None:
         self.rng = random.Random(f"{self.seed}:random:{execution}")
 
-    def choose(self, sched, enabled, current):
+    def choose(self, sched, enabled, default, preemptive):
         return enabled[self.rng.randrange(len(enabled))]
 
 
 class PctStrategy(Strategy):
     name = "pct"
 
-    def __init__(self, seed: int, depth: int = 3, length: int = 400):
+    def __init__(self, seed: int, depth: int = 3, length: int = 400, points: dict[str, set[int]] | None = None):
         self.seed = seed
+        self.points = points
         self.depth = max(1, depth)
         self.length = max(1, length)        # k: the steps an execution takes (estimated from the first)
-        self.prio: dict[int, int] = {}
+        self.prio: dict[int, float] = {}
         self.change: list[int] = []
         self.rng = random.Random(seed)
 
@@ -73,15 +96,15 @@ class PctStrategy(Strategy):
         self.prio = {}
         self.change = sorted(self.rng.randrange(1, self.length + 1) for _ in range(self.depth - 1))
 
-    def choose(self, sched, enabled, current):
+    def choose(self, sched, enabled, default, preemptive):
         prio = self.prio
         for a in sched.actors:
             if a.id not in prio:
                 prio[a.id] = self.depth + self.rng.random()      # initial priorities: above every change
         while self.change and sched.steps >= self.change[0]:
             self.change.pop(0)
-            if current is not None:
-                prio[current.id] = len(self.change) + self.rng.random() * 0.5
+            if preemptive:
+                prio[default.id] = len(self.change) + self.rng.random() * 0.5
         return max(enabled, key=lambda a: prio[a.id])
 
     def yielded(self, sched, actor) -> None:
@@ -90,148 +113,258 @@ class PctStrategy(Strategy):
         if actor.id in self.prio:
             self.prio[actor.id] = min(self.prio.values()) - 1
 
-    def end(self, sched) -> bool:
+    def end(self, sched, new_points: bool) -> bool:
         self.length = max(self.length, sched.steps)
         return True
 
 
 @dataclass
 class _Node:
-    """A point with a choice in the DFS tree: what was enabled, what has been tried, and the sleep set."""
+    """A decision of the DFS tree with an alternative within the bound: what was enabled, what was tried, and
+    (with the reduction) which choices a race asked for."""
 
     enabled: list[int]
-    pending: dict[int, tuple]           # each enabled actor's next operation
-    current: int | None                 # the actor that ran last, if it is still enabled
-    preemptions: int                    # preemptions on the path before this node
+    default: int
+    preemptive: bool
+    cost: int                           # preemptions on the path before this node
     done: list[int] = field(default_factory=list)
-    sleep: set[int] = field(default_factory=set)
     chosen: int = -1
+    backtrack: set[int] = field(default_factory=set)
 
-
-def _independent(p: tuple, q: tuple) -> bool:
-    """Two pending operations commute: different words, or both reads."""
-    return (p[0], p[1]) != (q[0], q[1]) or (not p[2] and not q[2])
+    def price(self, aid: int) -> int:
+        return 1 if self.preemptive and aid != self.default else 0
 
 
 class DfsStrategy(Strategy):
     name = "dfs"
 
-    def __init__(self, preemptions: int = 2, max_executions: int = 0, *, prefix: list[int] | None = None,
-                 frozen_from: int = 0):
-        """`prefix`: explore only the subtree under these first choices (a part of a search spread over
-        processes); `frozen_from`: never backtrack at or below this depth (enumerating such prefixes)."""
-        self.bound = preemptions
-        self.max_executions = max_executions
+    def __init__(self, bound: int = 2, points: dict[str, set[int]] | None = None, *, first_bound: int = 0,
+                 prefix: list[int] | None = None, frozen_from: int = 0, iterate: bool = True,
+                 rerun: bool = True, reduce: bool = True, top: dict[tuple[int, ...], _Node] | None = None,
+                 top_depth: int = 0):
+        """Every schedule with at most `bound` preemptions, bound `first_bound` first, then one more each
+        iteration (`iterate=False`: only `bound`, in one iteration).  `points` (the explorer's learned
+        conflicting words, updated in place between executions; None: every point decides) is snapshotted
+        at each iteration's start; `rerun=False` leaves the fixpoint to the caller (a share of a search
+        spread over processes: `prefix` is the subtree's root path, and `new_points` says whether to
+        run it again).  `frozen_from`: never backtrack at or below this depth (enumerating prefixes).
+        `reduce`: bounded partial-order reduction (below); False enumerates every choice within the bound.
+        `top`: the first `top_depth` decisions kept whole across executions (shmmmu.explore.split): this
+        strategy's own nodes there are frozen, and what races ask of them goes to `top`'s nodes."""
+        self.max_bound = bound
+        self.reduce = reduce
+        self.wants_events = reduce
+        self.learned = points
+        self.rerun = rerun
+        self.new_points = False
+        self.bound = first_bound if iterate else bound
         self.prefix = list(prefix or [])
         self.frozen_from = frozen_from
+        self.top = top
+        self.top_depth = top_depth if top is not None else 0
         self.stack: list[_Node] = []
         self.depth = 0
+        self.cost = 0
         self.exhausted = False
         self.executions = 0
-        self.pruned = 0
+        self.reruns = 0                             # iterations run again because they met new conflicting words
+        self.iteration_new = False
+        self.completed: list[tuple[int, int]] = []  # (bound, executions when its iteration was exhausted)
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.points = None if self.learned is None else {s: set(w) for s, w in self.learned.items()}
 
     def begin(self, execution: int) -> None:
         self.depth = 0
+        self.cost = 0
+        self.top_path: list[int] = []               # this execution's decisions in the top
+        # the reduction's view of this execution: vector clocks, each word's last write and the reads since
+        self._clock: dict[int, list[int]] = {}
+        self._writes: dict[tuple[str, int], tuple] = {}
+        self._reads: dict[tuple[str, int], dict[int, tuple]] = {}
+        self._pending = -1                          # the node just decided: the state before the next operation
+        self._first = -1                            # the first node since the last operation: where a run begins
+        self._block: dict[int, int] = {}            # actor -> the node where its current run began
+        self._runner = -1
 
-    def _pre(self, node_current: int | None, aid: int) -> int:
-        return 1 if node_current is not None and aid != node_current else 0
-
-    def choose(self, sched, enabled, current):
+    def choose(self, sched, enabled, default, preemptive):
         ids = [a.id for a in enabled]
-        cur = current.id if current is not None and current in enabled else None
+        cost = self.cost
+        if preemptive and cost + 1 > self.bound:
+            return default                          # no alternative within the bound: not a node
         d = self.depth
         self.depth += 1
         if d < len(self.stack):
             node = self.stack[d]
-            if node.enabled != ids:
-                raise RuntimeError("the exploration diverged: the same decisions gave another set of enabled "
+            if node.enabled != ids or node.default != default.id:
+                raise Diverged("the exploration diverged: the same decisions gave another set of enabled "
+                               "actors (is the scenario deterministic?)")
+        else:
+            node = _Node(ids, default.id, preemptive, cost)
+            if d < self.top_depth:
+                # a decision of the top: frozen here, kept whole in `top` (the prefix, then the default)
+                path = tuple(n.chosen for n in self.stack)
+                shared = self.top.get(path)
+                if shared is None:
+                    shared = self.top[path] = _Node(ids, default.id, preemptive, cost, backtrack={default.id})
+                elif shared.enabled != ids or shared.default != default.id:
+                    raise Diverged("the exploration diverged: the same decisions gave another set of enabled "
                                    "actors (is the scenario deterministic?)")
-            return enabled[ids.index(node.chosen)]
-        pre = self.stack[-1].preemptions + self._pre(self.stack[-1].current, self.stack[-1].chosen) \
-            if self.stack else 0
-        parent_sleep: set[int] = set()
-        if self.stack:
-            p = self.stack[-1]
-            chosen_op = p.pending[p.chosen]
-            parent_sleep = {u for u in p.sleep if u in ids and _independent(p.pending[u], chosen_op)}
-        node = _Node(ids, {a.id: a.pending for a in enabled}, cur, pre, sleep=set(parent_sleep))
-        if d < len(self.prefix):
-            # a fixed choice of the subtree's root path: never backtracked, no sleep set across it
-            if self.prefix[d] not in ids:
-                raise RuntimeError("the subtree's prefix does not fit this scenario's execution")
-            node.chosen, node.done, node.sleep = self.prefix[d], list(ids), set()
+                node.chosen = self.prefix[d] if d < len(self.prefix) else default.id
+                if node.chosen not in ids:
+                    raise Diverged("the subtree's prefix does not fit this scenario's execution")
+                if node.chosen not in shared.done:
+                    shared.done.append(node.chosen)
+                node.done = list(ids)
+            elif d < len(self.prefix):
+                # a fixed decision of the subtree's root path: never backtracked
+                if self.prefix[d] not in ids:
+                    raise Diverged("the subtree's prefix does not fit this scenario's execution")
+                node.chosen, node.done = self.prefix[d], list(ids)
+            else:
+                node.chosen = default.id                # the first choice: no preemption
+                node.done.append(node.chosen)
+                node.backtrack.add(node.chosen)
+                if self.frozen_from and d >= self.frozen_from:
+                    node.done = list(ids)               # below the enumeration depth: one path only
             self.stack.append(node)
-            return enabled[ids.index(node.chosen)]
-        # the first choice: not a preemption if possible, and not asleep
-        order = self._order(node)
-        if not order:
-            # every enabled actor sleeps here: this schedule repeats one already run
-            self.pruned += 1
-            order = [ids[0]] if cur is None else [cur]
-        node.chosen = order[0]
-        node.done.append(node.chosen)
-        if self.frozen_from and d >= self.frozen_from:
-            node.done = list(ids)                # below the enumeration depth: one path only
-        self.stack.append(node)
+        self.cost = cost + node.price(node.chosen)
+        if d < self.top_depth:
+            self.top_path.append(node.chosen)
+        self._pending = d
+        if self._first < 0:
+            self._first = d
         return enabled[ids.index(node.chosen)]
 
-    def _order(self, node: _Node) -> list[int]:
-        """The node's untried choices within the preemption bound, not asleep, current actor first."""
-        first = [node.current] if node.current is not None else []
-        cand = first + [i for i in node.enabled if i != node.current]
-        return [i for i in cand if i not in node.done and i not in node.sleep
-                and node.preemptions + self._pre(node.current, i) <= self.bound]
+    def _untried(self, node: _Node) -> list[int]:
+        """The node's untried choices within the bound, in id order (the default was tried first): with the
+        reduction only those a race asked for."""
+        pool = node.backtrack if self.reduce else node.enabled
+        return sorted(i for i in pool if i not in node.done and node.cost + node.price(i) <= self.bound)
 
-    def end(self, sched) -> bool:
-        """Backtrack to the deepest node with an untried choice; False when there is none (exhausted)."""
+    # ------------------------------------------------------------------ the reduction
+
+    def event(self, actor: int, section: str, word: int, write: bool) -> None:
+        """An operation of `actor` on a word, about to run.  Races with earlier operations of other actors on
+        the word (one of the two writing, neither ordered before the other through a third) ask their nodes
+        to try `actor` first (DPOR, Flanagan and Godefroid 2005); and, as bounded POR requires (Coons,
+        Musuvathi and McKinley 2013), also at the node where the other actor's run began, where reversing
+        the race needs no more preemptions than the run itself took."""
+        key = (section, word)
+        q = actor
+        node, first = self._pending, self._first
+        self._pending = self._first = -1
+        if node < 0:
+            node = first = self.depth - 1       # no decision just before: the last one, within q's run
+        if q != self._runner:
+            self._runner = q
+            self._block[q] = first              # every decision since the last operation led here
+        block = self._block.get(q, -1)
+        clock = self._clock.get(q)
+        if clock is None:
+            clock = self._clock[q] = [0] * 32
+        w = self._writes.get(key)
+        deps = [w] if w is not None and w[0] != q else []
+        if write:
+            rd = self._reads.get(key)
+            if rd:
+                deps.extend(v for p, v in rd.items() if p != q)
+        for p, local, clk, pnode, pblock in deps:
+            if local > clock[p]:                        # not ordered before this operation: a race
+                self._backtrack(pnode, q)
+                if pblock != pnode:
+                    self._backtrack(pblock, q)
+        clock = list(clock)
+        clock[q] += 1
+        for dep in deps:
+            c = dep[2]
+            clock = [a if a >= b else b for a, b in zip(clock, c)]
+        self._clock[q] = clock
+        entry = (q, clock[q], clock, node, block)
+        if write:
+            self._writes[key] = entry
+            self._reads.pop(key, None)
+        else:
+            rd = self._reads.get(key)
+            if rd is None:
+                self._reads[key] = {q: entry}
+            else:
+                rd[q] = entry
+
+    def _backtrack(self, index: int, actor: int) -> None:
+        if 0 <= index < len(self.stack):
+            node = self.stack[index]
+            if index < self.top_depth:
+                node = self.top[tuple(n.chosen for n in self.stack[:index])]
+            if actor in node.enabled:
+                node.backtrack.add(actor)
+            else:
+                node.backtrack.update(node.enabled)     # it cannot run there: every other order is asked for
+
+    def end(self, sched, new_points: bool) -> bool:
+        """Backtrack to the deepest node with an untried choice.  When the iteration is over: run it again if
+        it met new conflicting words, else go on to the next bound; False when the last bound is done."""
         self.executions += 1
+        self.iteration_new |= new_points
+        self.new_points |= new_points
         del self.stack[self.depth:]
         while self.stack:
             node = self.stack[-1]
-            node.sleep.add(node.chosen)
-            order = self._order(node)
+            order = self._untried(node)
             if order:
                 node.chosen = order[0]
                 node.done.append(node.chosen)
-                break
+                return True
             self.stack.pop()
-        if not self.stack:
-            self.exhausted = True
-            return False
-        return not (self.max_executions and self.executions >= self.max_executions)
+        # this bound's tree is done (bound 0's has no decision at a point: the points do not shape it)
+        if self.iteration_new and self.rerun and self.learned is not None and self.bound > 0:
+            self.reruns += 1                        # its tree had decisions it did not know of: again
+        else:
+            self.completed.append((self.bound, self.executions))
+            if self.bound >= self.max_bound:
+                self.exhausted = True
+                return False
+            self.bound += 1
+        self.iteration_new = False
+        self._snapshot()
+        return True
+
+    @property
+    def exhausted_bound(self) -> int:
+        """The highest bound whose every schedule ran (-1: none yet)."""
+        return self.completed[-1][0] if self.completed else -1
 
 
 class Replay(Strategy):
+    """The switches (step, k, actor) of a recorded execution: at step `step` (k = -1: the point before that
+    operation; k >= 0: the k-th wait decision at that step count) `actor` runs instead of the default."""
     name = "replay"
 
-    def __init__(self, decisions: list[int]):
-        self.decisions = list(decisions)
-        self.pos = 0
+    def __init__(self, switches: list[tuple[int, int, int]]):
+        self.switches = {(s, k): a for s, k, a in switches}
+        self.used = 0
         self.diverged = ""
 
     def begin(self, execution: int) -> None:
-        self.pos = 0
+        self.used = 0
         self.diverged = ""
 
-    def choose(self, sched, enabled, current):
-        if self.pos < len(self.decisions):
-            want = self.decisions[self.pos]
-            self.pos += 1
-            for a in enabled:
-                if a.id == want:
-                    return a
-            if not self.diverged:
-                self.diverged = (f"decision {self.pos} names actor {want}, which is not enabled at step "
-                                 f"{sched.steps} (enabled: {[a.id for a in enabled]})")
-        elif not self.diverged and self.decisions:
-            # past the recorded decisions: the schedule runs longer than when it was recorded
-            self.diverged = f"the execution needs more than the {len(self.decisions)} recorded decisions"
-            self.pos += 1
-        # beyond (or off) the record: keep the current actor, as a schedule without preemptions would
-        if current is not None and current in enabled:
-            return current
-        return enabled[0]
+    def choose(self, sched, enabled, default, preemptive):
+        want = self.switches.get(sched.decision_key())
+        if want is None:
+            return default
+        self.used += 1
+        for a in enabled:
+            if a.id == want:
+                return a
+        if not self.diverged:
+            self.diverged = (f"the switch to actor {want} at step {sched.steps} finds it not enabled "
+                             f"(enabled: {[a.id for a in enabled]})")
+        return default
 
-    @property
-    def consumed_all(self) -> bool:
-        return self.pos == len(self.decisions)
+    def end(self, sched, new_points: bool) -> bool:
+        if not self.diverged and self.used != len(self.switches):
+            self.diverged = (f"{len(self.switches) - self.used} of the {len(self.switches)} recorded switches "
+                             f"were never reached (the execution ended before their steps)")
+        return True

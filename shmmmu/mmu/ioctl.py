@@ -146,10 +146,14 @@ class KvmIoctls(MmuFault):
         gfns, pages = host_pages(self.slots, start, end)
         if not pages.size:
             return
+        for page in pages.tolist():
+            self.touched.touch(page, 1, False)
         touched = self.touched_np[pages]                    # first: see hostpage.lost
         leaves = self.present_leaves(start, end)
         young = leaf_pages([(g, lv) for g, lv, v in leaves if v & S.ACCESSED], self.bits, gfns)
         dirty = leaf_pages([(g, lv) for g, lv, v in leaves if v & S.DIRTY], self.bits, gfns)
+        for page in pages.tolist():
+            self.host_ad.touch(page, 1, False)
         acc, wr = lost(touched, self.host_ad_np[pages], young, dirty)
         for i in wr[:4]:
             self.violation("host-dirty-lost", int(gfns[i]), int(pages[i]), 1 if when == "unmapped" else 2)

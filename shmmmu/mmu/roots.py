@@ -149,6 +149,7 @@ class TdpMmuRoots(Kvm):
             if ws.load(k * WState.WORDS + WState.ROOT) == row + 1:
                 self.violation("root-refcount", 0, row, k)
         if self.rw.load(row * _R + _ZAPPED):
+            self.tables.touch(table * self.E, self.E, False)
             present = np.flatnonzero(self.tables_np[table] & np.uint64(S.MMU_PRESENT))
             if present.size:
                 sh = self.bits * (self.root_level - 1)
