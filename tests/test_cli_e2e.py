@@ -509,3 +509,51 @@ def test_workers_get_a_one_thread_openblas_unless_the_user_chose_one(monkeypatch
     assert worker_env()["OPENBLAS_NUM_THREADS"] == "1"
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     assert worker_env()["OPENBLAS_NUM_THREADS"] == "4"
+
+
+# ---------------------------------------------------------------- a closed pipe, a command group alone
+
+def into_closed_pipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The command with its stdout a pipe whose reader is gone (what `| head` leaves once head exits)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([*CMD, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                              cwd=ROOT, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(w)
+
+
+def test_a_closed_pipe_ends_every_command_quietly() -> None:
+    """`shmmmu ... | head`: every command ends at once, silent, with 141 (128 + SIGPIPE), as a shell reports
+    a writer that SIGPIPE ended; a run it cut short leaves nothing behind (issue 21, item 1)."""
+    name = new_vm_name("pipe")
+    with running(name, "-b", "8M", "-i", "1", "-s", "4k"):
+        for args in (("inspect", name, "--tree", "--json"), ("inspect", name), ("inspect", name, "--tree"),
+                     ("inspect", name, "--gfn", "0x10"), ("inspect", name, "--check", "--json"),
+                     ("ls",), ("ls", "--json"), ("--help",), ("stress", "--help"), ("stress", "--list-bugs"),
+                     ("explore", "--list"), ("--version",), ("trace", "summary",
+                                                             str(ROOT / "tests/data/kvmmmu.trace-cmd.txt"))):
+            res = into_closed_pipe(*args)
+            assert (res.returncode, res.stderr) == (141, ""), (args, res.returncode, res.stderr)
+    stress = into_closed_pipe("stress", "--duration", "2", "--vcpus", "2", "--seed", "3")
+    assert (stress.returncode, stress.stderr) == (141, ""), stress.stderr
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(PREFIX + "stress-") or
+                f.startswith(f"sem.{PREFIX}stress-")]
+
+
+def test_a_command_group_alone_is_one_line_naming_its_commands() -> None:
+    """`shmmmu torture` (every group, and `shmmmu` itself): one line on stderr naming the commands, nothing on
+    stdout (the usage box went there), exit 2 (issue 21, item 5)."""
+    import typer.main
+
+    from workers.cli import app
+
+    root = typer.main.get_command(app)
+    groups = [("shmmmu", [], root)] + [(f"shmmmu {n}", [n], c) for n, c in root.commands.items()
+                                       if hasattr(c, "commands")]
+    assert len(groups) >= 4                      # shmmmu, torture, bench, trace
+    for path, args, group in groups:
+        res = shmmmu(*args)
+        assert_one_line_error(res, f"{path} needs a command: {', '.join(group.commands)}")
+        assert res.stdout == "", res.stdout

@@ -8,6 +8,7 @@ and exit 2, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -28,10 +29,27 @@ app = typer.Typer(
     name="shmmmu",
     help="An emulator of the Linux KVM x86 TDP MMU with parallel page faults, "
          "run as processes sharing one memory region.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _needs_a_command(ctx: typer.Context) -> None:
+    """A command group given no command: a usage error that names its commands (one line, no usage box;
+    typer's no_args_is_help printed the whole help on stdout before any handler could stop it)."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        from typer._click.exceptions import UsageError as ClickUsageError
+        names = ctx.command.list_commands(ctx)
+        raise ClickUsageError(f"{ctx.command_path} needs a command: {', '.join(names)}", ctx=ctx)
+
+
+def _group(name: str, help: str) -> typer.Typer:
+    """A command group of `shmmmu` (bench, torture, trace): alone, it is `_needs_a_command`'s one line."""
+    group = typer.Typer(help=help, invoke_without_command=True)
+    group.callback()(_needs_a_command)
+    app.add_typer(group, name=name)
+    return group
 
 
 def _version(value: bool) -> None:
@@ -42,10 +60,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    pass
+    _needs_a_command(ctx)
 
 
 # ---------------------------------------------------------------- run
@@ -399,9 +418,7 @@ def explore(
 
 # ---------------------------------------------------------------- torture
 
-torture_app = typer.Typer(help="locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.",
-                          no_args_is_help=True)
-app.add_typer(torture_app, name="torture")
+torture_app = _group("torture", "locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.")
 
 
 TORTURE_MAX_PROCS = 64         # readers and writers each: past this it measures the scheduler, not the lock
@@ -551,9 +568,6 @@ def inspect_cmd(
         raise _fail(str(e))
     except ValueError as e:
         raise _fail(str(e))
-    except BrokenPipeError:
-        sys.stdout = None                      # `| head`: nothing more to say
-        raise typer.Exit(0)
     except MemoryError:
         raise _fail(f"not enough memory to copy the region of VM {name!r}", 1)
 
@@ -704,8 +718,7 @@ def rm_cmd(
 
 # ---------------------------------------------------------------- bench
 
-bench_app = typer.Typer(help="Benchmarks: the kernel's own measurements on the emulator.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+bench_app = _group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
 
 
 @bench_app.command("dirty-log")
@@ -808,9 +821,8 @@ def bench_access_tracking(
 
 # ---------------------------------------------------------------- trace
 
-trace_app = typer.Typer(help="Real traces in (record, convert) and the kernel's tracepoint lines summarized "
-                             "(docs/trace.md).", no_args_is_help=True)
-app.add_typer(trace_app, name="trace")
+trace_app = _group("trace", "Real traces in (record, convert) and the kernel's tracepoint lines summarized "
+                            "(docs/trace.md).")
 
 
 @trace_app.command("record", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -884,19 +896,45 @@ def trace_summary(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every usage error (an unknown command or option, a value of the wrong
     type, a RegionError) is one line, `shmmmu: error: ...`, and exit 2."""
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
+    import typer.main
 
     signals.arm()
     if PREFIX_ERROR:
         print(f"shmmmu: error: {PREFIX_ERROR}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        rv = app(args=argv, prog_name="shmmmu", standalone_mode=False)
+        # the command is invoked here, not through typer's own main, so that what it raises reaches the
+        # handlers below as itself (typer turns a closed pipe into a bare exit 1)
+        command = typer.main.get_command(app)
+        with command.make_context("shmmmu", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            rv = command.invoke(ctx)
         code = rv if isinstance(rv, int) else 0
-    except NoArgsIsHelpError as e:             # a command group alone: its help went to stdout
-        print(f"shmmmu: error: {e.ctx.command_path if e.ctx else 'shmmmu'} needs a command (listed above)",
-              file=sys.stderr)
-        code = EXIT_USAGE
+    except BaseException as e:
+        if not signals.closed_pipe(e):
+            code = _ended(e)
+        else:
+            signals.silence()                  # `| head`: nothing more to say, not even on stderr
+            code = signals.PIPE_STATUS
+    try:
+        if not signals.flush_output():
+            code = signals.PIPE_STATUS
+    except OSError as e:                       # what was printed last never reached stdout (a full disk)
+        code = _ended(e)
+    sig = signals.received()
+    late = signals.unraised()                  # held through the last teardown: the command still ends as
+    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
+        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
+        code = 128 + sig
+    signals.finished()                         # a signal during interpreter shutdown: no traceback
+    sys.exit(code)
+
+
+def _ended(exc: BaseException) -> int:
+    """The exit status of a command that raised `exc`, its one line said on stderr (re-raised if unknown)."""
+    from typer._click.exceptions import UsageError as ClickUsageError
+
+    try:
+        raise exc
     except ClickUsageError as e:
         print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
         code = EXIT_USAGE
@@ -908,13 +946,17 @@ def main(argv: list[str] | None = None) -> None:
     except RegionError as e:
         print(f"shmmmu: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
-    sig = signals.received()
-    late = signals.unraised()                  # held through the last teardown: the command still ends as
-    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
-        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
-        code = 128 + sig
-    signals.finished()                         # a signal during interpreter shutdown: no traceback
-    sys.exit(code)
+    except OSError as e:
+        if e.filename is not None or e.errno not in _WRITE_ERRORS:
+            raise
+        # a nameless write error escaping a command is its stdout's (every file it opens is named): the
+        # work was done, its result is lost
+        print(f"shmmmu: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        code = 1
+    return code
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
 if __name__ == "__main__":
