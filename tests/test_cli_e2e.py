@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,3 +558,62 @@ def test_a_command_group_alone_is_one_line_naming_its_commands() -> None:
         res = shmmmu(*args)
         assert_one_line_error(res, f"{path} needs a command: {', '.join(group.commands)}")
         assert res.stdout == "", res.stdout
+
+
+# ---------------------------------------------------------------- output files
+
+EXPLORE_FINDS = ["explore", "--bug", "zero-removed-children"]       # a finding in about a second
+
+
+def output_commands(out: str) -> list[list[str]]:
+    """Every command that writes a file the user names, writing `out` (a short run of each)."""
+    trace = str(ROOT / "tests/data/plain.txt")
+    return [["run", "--name", new_vm_name("out"), *SMALL, "--tracepoints", out],
+            ["stress", "--duration", "0.5", "--vcpus", "1", "--tracepoints", out],
+            [*EXPLORE_FINDS, "--svg", out], [*EXPLORE_FINDS, "--tracepoints", out],
+            ["trace", "convert", trace, "-o", out]] + \
+        ([["trace", "record", "-o", out, "--", "true"]] if shutil.which("valgrind") else [])
+
+
+def test_an_output_path_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    """`ln -s /tmp/precious /tmp/evil.tp` by another user, then `shmmmu run --tracepoints /tmp/evil.tp`: the
+    link is refused in one line before the work and the file it points at keeps its bytes (issue 21, item 8)."""
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    evil = tmp_path / "evil.out"
+    evil.symlink_to(precious)
+    for args in output_commands(str(evil)):
+        res = shmmmu(*args)
+        assert_one_line_error(res, f"cannot write {evil}", "symbolic link")
+        assert res.stdout == "", (args, res.stdout)                # refused before the work
+        assert precious.read_text() == "keep me\n" and evil.is_symlink(), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.out", "precious"]
+    hard = tmp_path / "hard.out"                   # a hard link is a regular file: replaced, not written into
+    os.link(precious, hard)
+    res = shmmmu("trace", "convert", str(ROOT / "tests/data/plain.txt"), "-o", str(hard))
+    assert res.returncode == 0, res.stderr
+    assert precious.read_text() == "keep me\n" and hard.stat().st_ino != precious.stat().st_ino
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A missing directory, a directory, a FIFO: one line, exit 2, nothing done (no report on stdout)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out, words in ((tmp_path / "no" / "x.out", "No such file or directory"), (tmp_path, "is a directory"),
+                       (fifo, "is a FIFO")):
+        for args in output_commands(str(out)):
+            res = shmmmu(*args)
+            assert_one_line_error(res, f"cannot write {out}", words)
+            assert res.stdout == "", (args, res.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_a_failing_write_is_one_line() -> None:
+    """/dev/full (ENOSPC on every write): every output command says so in one line, exit 2; so does stdout
+    on /dev/full.  `trace record -o /dev/full` claimed success (issue 21, items 8 and 10)."""
+    for args in output_commands("/dev/full"):
+        res = shmmmu(*args)
+        assert_one_line_error(res, "cannot write /dev/full: No space left on device")
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([*CMD, "ls"], stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert_one_line_error(res, "cannot write the output: No space left on device")

@@ -500,6 +500,19 @@ def test_record_then_replay_a_million_accesses(tmp_path: Path, tmpenv: dict, vm_
     no_leftovers(tmpenv)
 
 
+@needs_valgrind
+def test_record_reports_the_commands_signal_death_as_a_shell_does(tmp_path: Path) -> None:
+    """`trace record -- sh -c 'kill -9 $$'` exited 247 (the negative status of Popen, modulo 256): a command
+    a signal N ended is 128 + N, as a shell reports it, and the trace is kept (issue 21, item 10)."""
+    out = tmp_path / "killed.lackey"
+    p = shmmmu("trace", "record", "-o", str(out), "--", "sh", "-c", "kill -9 $$", timeout=300)
+    assert p.returncode == 128 + 9, (p.returncode, p.stderr[-2000:])
+    assert "killed by SIGKILL" in p.stderr and "Traceback" not in p.stderr
+    assert out.stat().st_size > 0
+    p = shmmmu("trace", "record", "-o", str(out), "--", "sh", "-c", "exit 3", timeout=300)
+    assert p.returncode == 3 and "exited with status 3" in p.stderr, p.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- the lackey fast path is the line reader, faster
 
 def _lackey_both_ways(data: bytes, block: int) -> tuple[object, object]:

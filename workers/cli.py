@@ -166,8 +166,12 @@ def run(
     from shmmmu.run import RunOptions, UsageError, converted_trace, parse_size, run_vm
     from workers.supervisor import Supervisor
 
+    from shmmmu import outfile
+
     stack = ExitStack()          # the converted trace and the tracepoint parts: removed however the run ends
     try:
+        if tracepoints:
+            outfile.check(tracepoints)            # before a long conversion
         info = None
         if workload == "trace" or trace:
             if not trace:
@@ -348,6 +352,9 @@ def explore(
         return
     if not 1 <= jobs <= 64:
         raise _fail("--jobs must be between 1 and 64")
+    from shmmmu import outfile
+    if svg_file:
+        outfile.check(svg_file)                # before the search, not after it
 
     def keep_here(ex) -> None:
         if not keep:
@@ -388,8 +395,8 @@ def explore(
                 _print_lines(rep.lines())
             if svg_file and rep.result.finding is not None:
                 from shmmmu.explore import render
-                with open(svg_file, "w") as f:
-                    f.write(render.svg(rep.lines()[:2], rep.runs, rep.result.actors, str(rep.result.finding)))
+                outfile.write(svg_file, render.svg(rep.lines()[:2], rep.runs, rep.result.actors,
+                                                   str(rep.result.finding)))
             raise typer.Exit(1 if rep.result.finding is not None else 0)
         opts = ExploreOptions(scenario=scenario, bugs=list(bug), strategy=strategy, seed=seed, depth=depth,
                               preemptions=preemptions, executions=executions, time_limit=time_limit,
@@ -410,8 +417,7 @@ def explore(
     else:
         _print_lines(rep.lines())
     if svg_file and rep.found is not None:
-        with open(svg_file, "w") as f:
-            f.write(rep.svg())
+        outfile.write(svg_file, rep.svg())
     if not rep.ok:
         raise typer.Exit(1)
 
@@ -831,13 +837,19 @@ def trace_record(
     out: str = typer.Option("trace.lackey", "--output", "-o", help="the trace file to write."),
 ) -> None:
     """Run CMD under valgrind's lackey tool (--trace-mem=yes) and write its memory trace; exit with CMD's status."""
+    import signal
+
     from shmmmu.trace.formats import TraceError
     from shmmmu.trace.record import record
     try:
         rc = record(list(cmd or []), out)
     except TraceError as e:
         raise _fail(str(e))
-    status = f" (it exited with status {rc})" if rc else ""
+    status = ""
+    if rc > 128 and rc - 128 in {sg.value for sg in signal.Signals}:
+        status = f" (it was killed by {signal.Signals(rc - 128).name})"
+    elif rc:
+        status = f" (it exited with status {rc})"
     print(f"shmmmu: trace of {' '.join(cmd)}{status} in {out} (replay: shmmmu run --trace {out} --vcpus 1 "
           f"--backing 4k)", file=sys.stderr)
     raise typer.Exit(rc)
@@ -933,6 +945,8 @@ def _ended(exc: BaseException) -> int:
     """The exit status of a command that raised `exc`, its one line said on stderr (re-raised if unknown)."""
     from typer._click.exceptions import UsageError as ClickUsageError
 
+    from shmmmu.outfile import OutputError
+
     try:
         raise exc
     except ClickUsageError as e:
@@ -946,13 +960,16 @@ def _ended(exc: BaseException) -> int:
     except RegionError as e:
         print(f"shmmmu: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
+    except OutputError as e:                   # an output file refused, or its writing failed
+        print(f"shmmmu: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
     except OSError as e:
         if e.filename is not None or e.errno not in _WRITE_ERRORS:
             raise
-        # a nameless write error escaping a command is its stdout's (every file it opens is named): the
-        # work was done, its result is lost
+        # a nameless write error escaping a command is its stdout's (files are named, or written through
+        # shmmmu.outfile): one line and exit 2, as for an output file that could not be written
         print(f"shmmmu: error: cannot write the output: {e.strerror}", file=sys.stderr)
-        code = 1
+        code = EXIT_USAGE
     return code
 
 

@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from shmmmu import outfile
 from shmmmu.trace.formats import (FORMATS, READERS, TraceError, detect, read_lackey, read_lackey_blocks,
                                   text_lines)
 
@@ -134,18 +135,12 @@ class Converter:
             header[8:16] = np.frombuffer(fmt.encode()[:64].ljust(64, b"\0"), dtype=np.uint64)
             for k, (tid, off, n) in enumerate(parts):
                 header[16 + 3 * k:19 + 3 * k] = [tid & ((1 << 64) - 1), off, n]
-            tmp = f"{out}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(header.tobytes())
-                    for p in self.parts.values():
-                        p.file.seek(0)
-                        while block := p.file.read(1 << 20):
-                            f.write(block)
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with outfile.output(out, "wb") as f:
+                f.write(header.tobytes())
+                for p in self.parts.values():
+                    p.file.seek(0)
+                    while block := p.file.read(1 << 20):
+                        f.write(block)
             return TraceInfo(out, fmt, parts, len(self.pages), first)
         finally:
             self.close()
@@ -200,16 +195,12 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
     """Convert a text trace from a binary stream; `fmt` forces a format (None: detected)."""
     if fmt is not None and fmt not in FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}: use {', '.join(FORMATS)}")
+    outfile.check(out)
     lines = text_lines(f, name)
     seen: list[tuple[int, str]] = []
     if fmt is None:
         fmt, seen = detect(lines, name)
-    directory = os.path.dirname(os.path.abspath(out))
-    try:
-        tempfile.TemporaryFile(dir=directory).close()        # the output's directory takes files
-    except OSError as e:
-        raise TraceError(f"cannot write {out}: {e.strerror}") from None
-    conv = Converter(directory, page_shift)
+    conv = Converter(outfile.scratch_dir(out), page_shift)
     try:
         if fmt == "lackey":
             # the lines detection read, then the rest a block at a time (read_lackey's semantics, faster)
