@@ -37,6 +37,7 @@ from shmmmu.validate import UsageError, parse_size, seed as _check_seed  # noqa:
 @dataclass
 class RunOptions:
     name: str = "demo"
+    free_name: bool = False             # a name in use: take the first free of NAME-2, NAME-3, ... (create_vm)
     vcpus: int = 2
     memory: int = 128 << 20                 # bytes per vCPU
     backing: str = "4k"
@@ -263,7 +264,8 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
     `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there)."""
     config = opts.config()
     t_start = time.monotonic()
-    with create_vm(config) as vm:
+    with create_vm(config, free_name=opts.free_name) as vm:
+        opts.name = vm.name
         sup = launcher(vm)
         try:
             sup.start()
@@ -288,7 +290,7 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
         finally:
             sup.cleanup_logs()
     stats["populate_faults"] = log.phases[0].stats["faults"] if log.phases else 0
-    options = {k: v for k, v in vars(opts).items() if k not in ("trace", "tracepoints")}
+    options = {k: v for k, v in vars(opts).items() if k not in ("trace", "tracepoints", "free_name")}
     if opts.trace is not None:
         options["trace"] = {"format": opts.trace.format, "accesses": opts.trace.accesses,
                             "pages": opts.trace.pages, "threads": len(opts.trace.parts)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -617,3 +618,34 @@ def test_a_failing_write_is_one_line() -> None:
     with open("/dev/full", "w") as full:
         res = subprocess.run([*CMD, "ls"], stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert_one_line_error(res, "cannot write the output: No space left on device")
+
+
+# ---------------------------------------------------------------- run without --name
+
+def test_runs_without_a_name_at_once_each_take_the_next_free_name(tmp_path: Path) -> None:
+    """Three `shmmmu run` without --name started together: demo, demo-2 and demo-3 (creation is O_EXCL: a
+    taken name sends a creator on to the next), each told on stderr; the second failed before (issue 21,
+    item 4)."""
+    errs = [tmp_path / f"{k}.err" for k in range(3)]
+    procs = [subprocess.Popen([*CMD, "run", "--keep", *SMALL], preexec_fn=default_sigint, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=e.open("w"), stdin=subprocess.DEVNULL)
+             for e in errs]
+    try:
+        for p, e in zip(procs, errs):
+            wait_for(lambda: "kept alive" in e.read_text(), 120, "the VM to be kept alive", p, e)
+        names = sorted(re.search(r"^VM (\S+) is kept alive", e.read_text(), re.M).group(1) for e in errs)
+        assert names == ["demo", "demo-2", "demo-3"], [e.read_text() for e in errs]
+        for e in errs:
+            text = e.read_text()
+            if "VM demo " not in text:
+                assert "shmmmu: the VM name demo is taken: this VM is " in text, text
+        ls = json.loads(shmmmu("ls", "--json").stdout)
+        assert sorted(v["name"] for v in ls if v["name"].startswith("demo")) == names
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        rcs = [p.wait(30) for p in procs]
+    assert rcs == [130, 130, 130]
+    for n in ("demo", "demo-2", "demo-3"):
+        assert not leftovers(n)

@@ -129,7 +129,8 @@ def _print_run(result, console) -> None:
 
 @app.command()
 def run(
-    name: str = typer.Option("demo", "--name", help="VM name (the region is /dev/shm/shmmmu-NAME)."),
+    name: str = typer.Option(None, "--name", help="VM name (the region is /dev/shm/shmmmu-NAME); default "
+                             "demo, or the first free of demo-2, demo-3, ..."),
     vcpus: int = typer.Option(None, "--vcpus", "-v", help="vCPU worker processes (default 2; a trace with "
                               "threads: one per thread)."),
     memory: str = typer.Option("256M", "--memory", "-b", help="guest memory per vCPU (K, M, G suffixes)."),
@@ -181,7 +182,7 @@ def run(
             info = stack.enter_context(converted_trace(trace, trace_format))
         if vcpus is None:
             vcpus = len(info.parts) if info is not None and info.threaded else 2
-        opts = RunOptions(name=name, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
+        opts = RunOptions(name=name or "demo", free_name=name is None, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
                           lock_mode=lock_mode, overlap=overlap, workload=workload, trace=info,
                           iterations=iterations, seed=seed, debug=debug)
         opts.config()
@@ -215,6 +216,7 @@ def run(
     def keep_alive(sup) -> None:
         if not keep:
             return
+        name = sup.vm.name
         console.print(f"VM {name} is kept alive (pid {os.getpid()}): `shmmmu inspect {name}`; Ctrl-C to stop.")
         try:
             while True:
@@ -227,6 +229,9 @@ def run(
     kept_until: list[int] = []             # the exit status of the signal that ended --keep
 
     def launcher(vm):
+        if vm.name != (name or "demo"):
+            print(f"shmmmu: the VM name {name or 'demo'} is taken: this VM is {vm.name}", file=sys.stderr,
+                  flush=True)
         return Supervisor(vm, stall_s=stall_timeout)
 
     with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
