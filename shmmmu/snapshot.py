@@ -124,9 +124,12 @@ Source = Union[Region, Snapshot, "VM"]
 def _config_of(region: Region) -> VMConfig:
     """The region's configuration, checked against its sections: a header whose config disagrees with the
     shapes it records (bits, table counts, workers) is refused before a walk indexes past a section."""
-    from shmmmu.layout import section_shapes
+    from shmmmu.layout import ConfigError, section_shapes
     try:
-        config = VMConfig.from_json(region.config)
+        config = VMConfig.from_json(region.config)       # every field's type and range
+    except ConfigError as e:
+        raise RegionError(f"the region of VM {region.name!r} has a damaged header: {e}") from None
+    try:
         expected = section_shapes(config)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError):
         raise RegionError(f"the VM {region.name!r} has a configuration this shmmmu cannot read") from None
