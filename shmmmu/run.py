@@ -23,7 +23,7 @@ from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
 from shmmmu.region import PREFIX
-from shmmmu.trace.store import TraceInfo
+from shmmmu.trace.store import Progress, TraceInfo
 from shmmmu.vm import create_vm
 
 BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anonymous_hugetlb": 3}
@@ -301,15 +301,17 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
 
 
 @contextmanager
-def converted_trace(path: str, fmt: str | None = None) -> Iterator[TraceInfo]:
+def converted_trace(path: str, fmt: str | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> Iterator[TraceInfo]:
     """The trace at `path` converted (shmmmu.trace.store) into a temporary file for the run, removed after it,
-    also on an error or Ctrl-C; a file converted already (`shmmmu trace convert`) is used as it is."""
+    also on an error or Ctrl-C; a file converted already (`shmmmu trace convert`) is used as it is.
+    `progress` is told how far the conversion has come (shmmmu.trace.store.convert_stream)."""
     from shmmmu.trace.store import convert, is_converted, read_info
     if is_converted(path):
         yield read_info(path)
         return
     d = tempfile.mkdtemp(prefix=f"{PREFIX}trace-")
     try:
-        yield convert(path, os.path.join(d, "trace.bin"), fmt)
+        yield convert(path, os.path.join(d, "trace.bin"), fmt, progress=progress)
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -93,6 +93,44 @@ def _running_a_vm() -> Iterator[None]:
         raise _fail(str(e), 1)
 
 
+class _ConversionProgress:
+    """A trace conversion's progress on stderr (shmmmu.trace.store.Progress): each report over the last
+    (\\r), then one final line.  On a terminal it starts once the conversion has run about a second (a
+    short one says nothing); SHMMMU_PROGRESS=1 shows every report wherever stderr goes, SHMMMU_PROGRESS=0
+    none."""
+
+    DELAY_S = 1.0
+    EVERY_S = 0.2
+
+    def __init__(self) -> None:
+        import os
+        env = os.environ.get("SHMMMU_PROGRESS", "")
+        self.forced = env == "1"
+        self.on = self.forced or (env != "0" and sys.stderr.isatty())
+        self.open = False                       # a report is on the line, not ended by a newline
+        self.width = 0
+        self.last = 0.0
+
+    def __call__(self, p) -> None:
+        if not self.on:
+            return
+        if not self.forced:
+            if not self.open and p.seconds < self.DELAY_S:
+                return                          # final too: a quick conversion has nothing to report
+            if not p.final and p.seconds - self.last < self.EVERY_S:
+                return
+        text = p.line()
+        sys.stderr.write("\r" + text + " " * max(0, self.width - len(text)) + ("\n" if p.final else ""))
+        sys.stderr.flush()
+        self.open, self.width, self.last = not p.final, len(text), p.seconds
+
+    def end(self) -> None:
+        """The conversion stopped (an error, Ctrl-C): what follows starts on a line of its own."""
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
+
+
 def _print_run(result, console) -> None:
     from rich.table import Table
     s = result.stats
@@ -179,7 +217,11 @@ def run(
                 raise UsageError("--workload trace needs --trace FILE")
             workload = "trace"
             parse_size(memory)                    # a bad size is said before a long conversion
-            info = stack.enter_context(converted_trace(trace, trace_format))
+            shown = _ConversionProgress()
+            try:
+                info = stack.enter_context(converted_trace(trace, trace_format, progress=shown))
+            finally:
+                shown.end()
         if vcpus is None:
             vcpus = len(info.parts) if info is not None and info.threaded else 2
         opts = RunOptions(name=name or "demo", free_name=name is None, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
@@ -876,7 +918,11 @@ def trace_convert(
     try:
         if is_converted(src):
             raise TraceError(f"{src} is converted already")
-        info = convert(src, out, trace_format)
+        shown = _ConversionProgress()
+        try:
+            info = convert(src, out, trace_format, progress=shown)
+        finally:
+            shown.end()
     except TraceError as e:
         raise _fail(str(e))
     d = {"output": out, "format": info.format, "accesses": info.accesses, "pages": info.pages,
