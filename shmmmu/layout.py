@@ -11,6 +11,7 @@ offsets they use to locals or module constants.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,10 +401,82 @@ class VMConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "VMConfig":
-        d = dict(d)
-        d["memslots"] = [MemslotSpec(**m) for m in d.get("memslots", [])]
-        d["workload"] = Workload(**(d.get("workload") or {}))
+        """The configuration a header stores, every field checked for its type and range (ConfigError):
+        a header that lies in one of them is refused where the region is attached, not later where the
+        field is used (`"bugs": [5, "nope"]` was a TypeError in the inspector's summary)."""
+        d = _fields(cls, d, "config", _CONFIG_LIMITS)
+        slots = d.get("memslots", [])
+        if not isinstance(slots, list) or len(slots) > MAX_MEMSLOTS:
+            raise ConfigError(f"config field memslots must be a list of at most {MAX_MEMSLOTS}, not {_show(slots)}")
+        d["memslots"] = [MemslotSpec(**_fields(MemslotSpec, m, f"memslots[{i}]", _MEMSLOT_LIMITS))
+                         for i, m in enumerate(slots)]
+        d["workload"] = Workload(**_fields(Workload, d.get("workload", {}), "workload", _WORKLOAD_LIMITS))
         return cls(**d)
+
+
+class ConfigError(ValueError):
+    """A stored configuration with a field of the wrong type or out of its range: a damaged header."""
+
+
+_BIG = (1 << 63) - 1             # the region's words; also what numpy takes without an OverflowError
+# numbers: (lowest, highest); a field not listed takes 0 .. _BIG (an int) or 0 .. 1e9 (a float)
+_CONFIG_LIMITS: dict[str, tuple[float, float]] = {
+    "n_vcpus": (1, 256), "n_host": (1, 16), "bits": (2, 9), "n_tables": (0, 1 << 40), "tlb_entries": (1, 1 << 24),
+    "cache_capacity": (1, 1 << 16), "cache_min": (0, 1 << 16), "retire_ring": (0, 1 << 40),
+    "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32)}
+_MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "npages": (1, 1 << 52),
+                                                   "backing_level": (1, 3)}
+_WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {
+    "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_fraction": (0, 1),
+    "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52)}
+# strings with a fixed set of values
+_CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS}
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _fields(cls: type, d: Any, where: str, limits: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """A JSON object's fields for dataclass `cls`, each of the type its default has and within `limits`."""
+    from shmmmu.bugs import BUGS
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be an object, not {_show(d)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(d)
+    for k, v in d.items():
+        f = known.get(k)
+        if f is None:
+            raise ConfigError(f"{where} has an unknown field {_show(k)}")
+        if k in ("memslots", "workload") and cls is VMConfig:
+            continue                                     # checked field by field by from_json
+        kind = str(f.type)                              # the annotation's text (postponed annotations)
+        what = f"{where} field {k}"
+        if kind == "bool":
+            if type(v) is not bool:
+                raise ConfigError(f"{what} must be true or false, not {_show(v)}")
+        elif kind in ("int", "float"):
+            if kind == "int" and type(v) is not int:
+                raise ConfigError(f"{what} must be a whole number, not {_show(v)}")
+            if type(v) not in (int, float) or not math.isfinite(v):
+                raise ConfigError(f"{what} must be a finite number, not {_show(v)}")
+            lo, hi = limits.get(k, (0, _BIG if kind == "int" else 1e9))
+            if not lo <= v <= hi:
+                raise ConfigError(f"{what} must be between {lo:g} and {hi:g}, not {_show(v)}")
+        elif kind == "str":
+            if type(v) is not str or len(v) > 4096:
+                raise ConfigError(f"{what} must be a string, not {_show(v)}")
+            choices = _CHOICES.get((where, k))
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{what} must be one of {', '.join(choices)}, not {_show(v)}")
+        elif kind == "list[str]":                       # bugs: the switches' names
+            if not isinstance(v, list) or any(type(b) is not str or b not in BUGS for b in v):
+                raise ConfigError(f"{what} must be a list of bug switch names, not {_show(v)}")
+        else:                                           # a field this check does not know: a new one
+            raise ConfigError(f"{where} field {k} has a type ({kind}) this shmmmu cannot check")
+    return out
 
 
 def memslot_areas(config: VMConfig) -> list[tuple[int, int, int]]:

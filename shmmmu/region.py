@@ -77,6 +77,10 @@ class RegionError(Exception):
     """A region could not be created or attached; the message is one sentence for the user."""
 
 
+class NameInUse(RegionError):
+    """The segment of that name exists (its O_EXCL creation failed): the name is taken."""
+
+
 def validate_name(name: str) -> str:
     if PREFIX_ERROR:
         raise RegionError(PREFIX_ERROR)
@@ -398,8 +402,8 @@ class Region:
             except FileExistsError:
                 e = look(seg)
                 why = "" if e.mine else f" ({e.why_not()})"
-                raise RegionError(f"a VM named {name!r} already exists{why}"
-                                  + (f" (shmmmu rm {name} removes a stale one)" if not why else "")) from None
+                raise NameInUse(f"a VM named {name!r} already exists{why}"
+                                + (f" (shmmmu rm {name} removes a stale one)" if not why else "")) from None
             except OSError as e:
                 raise _create_error(e, f"the region of VM {name!r}", size) from None
             try:

@@ -23,7 +23,7 @@ from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
 from shmmmu.region import PREFIX
-from shmmmu.trace.store import TraceInfo
+from shmmmu.trace.store import Progress, TraceInfo
 from shmmmu.vm import create_vm
 
 BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anonymous_hugetlb": 3}
@@ -37,6 +37,7 @@ from shmmmu.validate import UsageError, parse_size, seed as _check_seed  # noqa:
 @dataclass
 class RunOptions:
     name: str = "demo"
+    free_name: bool = False             # a name in use: take the first free of NAME-2, NAME-3, ... (create_vm)
     vcpus: int = 2
     memory: int = 128 << 20                 # bytes per vCPU
     backing: str = "4k"
@@ -263,7 +264,8 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
     `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there)."""
     config = opts.config()
     t_start = time.monotonic()
-    with create_vm(config) as vm:
+    with create_vm(config, free_name=opts.free_name) as vm:
+        opts.name = vm.name
         sup = launcher(vm)
         try:
             sup.start()
@@ -288,7 +290,7 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
         finally:
             sup.cleanup_logs()
     stats["populate_faults"] = log.phases[0].stats["faults"] if log.phases else 0
-    options = {k: v for k, v in vars(opts).items() if k not in ("trace", "tracepoints")}
+    options = {k: v for k, v in vars(opts).items() if k not in ("trace", "tracepoints", "free_name")}
     if opts.trace is not None:
         options["trace"] = {"format": opts.trace.format, "accesses": opts.trace.accesses,
                             "pages": opts.trace.pages, "threads": len(opts.trace.parts)}
@@ -299,15 +301,17 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
 
 
 @contextmanager
-def converted_trace(path: str, fmt: str | None = None) -> Iterator[TraceInfo]:
+def converted_trace(path: str, fmt: str | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> Iterator[TraceInfo]:
     """The trace at `path` converted (shmmmu.trace.store) into a temporary file for the run, removed after it,
-    also on an error or Ctrl-C; a file converted already (`shmmmu trace convert`) is used as it is."""
+    also on an error or Ctrl-C; a file converted already (`shmmmu trace convert`) is used as it is.
+    `progress` is told how far the conversion has come (shmmmu.trace.store.convert_stream)."""
     from shmmmu.trace.store import convert, is_converted, read_info
     if is_converted(path):
         yield read_info(path)
         return
     d = tempfile.mkdtemp(prefix=f"{PREFIX}trace-")
     try:
-        yield convert(path, os.path.join(d, "trace.bin"), fmt)
+        yield convert(path, os.path.join(d, "trace.bin"), fmt, progress=progress)
     finally:
         shutil.rmtree(d, ignore_errors=True)

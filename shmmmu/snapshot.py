@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from shmmmu import spte as S
-from shmmmu.layout import (MAX_MEMSLOTS, MAX_ROOTS, STAT, MemslotFlags, MemslotRow, RootRow, VMConfig, WState)
+from shmmmu.layout import (MAX_MEMSLOTS, MAX_ROOTS, STAT, Ctl, Lock, Locks, MemslotFlags, MemslotRow, RootRow,
+                           VMConfig, WorkerStatus, WState)
 from shmmmu.pool import POISON
 from shmmmu.region import Region, RegionError
 
@@ -71,6 +72,32 @@ class Snapshot:
     @property
     def n_tables(self) -> int:
         return int(self.tables.shape[0])
+
+    def same_state(self, other: "Snapshot") -> bool:
+        """Did `other` copy the very same state (every section equal, a torn copy in neither)?  Two such
+        copies in a row are a consistent view of the VM: nothing moved while they were taken."""
+        return (not self.changed and not other.changed and self.sections.keys() == other.sections.keys()
+                and all(np.array_equal(a, other.sections[s]) for s, a in self.sections.items()))
+
+    def busy(self) -> str:
+        """What the copied VM is in the middle of ('' : nothing -- a quiet point, where every invariant of
+        shmmmu.checks holds): a lock held, an RCU read-side section, a walk over the roots, a vCPU inside
+        an iteration (whose counters it has not all published yet)."""
+        ws = self.wstate
+        if self.word(Ctl.STOP):
+            return "the VM is stopping"          # its workers end, its supervisor publishes and tears down
+        for k in range(ws.shape[0]):
+            for i, lock in enumerate(Locks.NAMES[:self.locks.shape[0]]):
+                if int(ws[k, WState.HELD + i]) or int(self.locks[i, Lock.CNTS]):
+                    return f"{lock} is held"
+            if int(ws[k, WState.RCU]):
+                return f"worker {k} is in an RCU read-side section"
+            if int(ws[k, WState.WALK_ROOT]):
+                return f"worker {k} is walking the roots"
+            if (k < self.config.n_vcpus and int(ws[k, WState.STATUS]) == WorkerStatus.READY
+                    and int(ws[k, WState.ITERATION]) != self.word(Ctl.ITERATION)):
+                return f"vCPU {k} is running"
+        return ""
 
     def word(self, i: int) -> int:
         """A word of the ctl section (layout.Ctl)."""
@@ -124,9 +151,12 @@ Source = Union[Region, Snapshot, "VM"]
 def _config_of(region: Region) -> VMConfig:
     """The region's configuration, checked against its sections: a header whose config disagrees with the
     shapes it records (bits, table counts, workers) is refused before a walk indexes past a section."""
-    from shmmmu.layout import section_shapes
+    from shmmmu.layout import ConfigError, section_shapes
     try:
-        config = VMConfig.from_json(region.config)
+        config = VMConfig.from_json(region.config)       # every field's type and range
+    except ConfigError as e:
+        raise RegionError(f"the region of VM {region.name!r} has a damaged header: {e}") from None
+    try:
         expected = section_shapes(config)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError):
         raise RegionError(f"the VM {region.name!r} has a configuration this shmmmu cannot read") from None

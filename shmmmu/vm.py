@@ -9,11 +9,12 @@ interleaving explorer's scheduler).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import cached_property
 
 from shmmmu.layout import Locks, VMConfig, WState, section_shapes, semaphore_purposes
-from shmmmu.region import Region, RegionError
+from shmmmu.region import NameInUse, Region, RegionError
 from shmmmu.rwlock import Mutex, RWLock
 from shmmmu.wait import REAL, Waits
 
@@ -87,9 +88,23 @@ def create_region(config: VMConfig, replace: bool = False) -> Region:
                          replace=replace)
 
 
-def create_vm(config: VMConfig, worker: int | None = None, replace: bool = False) -> VM:
-    """Create and initialise a VM region; the caller owns it (context exit unlinks it)."""
-    region = create_region(config, replace=replace)
+FREE_NAME_TRIES = 1000
+
+
+def create_vm(config: VMConfig, worker: int | None = None, replace: bool = False, free_name: bool = False) -> VM:
+    """Create and initialise a VM region; the caller owns it (context exit unlinks it).
+
+    With `free_name`, a name in use is no error: the VM takes the first free of NAME, NAME-2, NAME-3, ...
+    The segment's O_EXCL creation is what decides, so two creators at once never take the same name."""
+    base = config.name
+    for k in range(1, FREE_NAME_TRIES + 1):
+        try:
+            region = create_region(config, replace=replace)
+            break
+        except NameInUse:
+            if not free_name or k == FREE_NAME_TRIES:
+                raise
+            config = dataclasses.replace(config, name=f"{base}-{k + 1}")
     try:
         vm = VM(region, worker)
         from shmmmu.pool import Pool

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -509,3 +511,240 @@ def test_workers_get_a_one_thread_openblas_unless_the_user_chose_one(monkeypatch
     assert worker_env()["OPENBLAS_NUM_THREADS"] == "1"
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     assert worker_env()["OPENBLAS_NUM_THREADS"] == "4"
+
+
+# ---------------------------------------------------------------- a closed pipe, a command group alone
+
+def into_closed_pipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The command with its stdout a pipe whose reader is gone (what `| head` leaves once head exits)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([*CMD, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                              cwd=ROOT, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(w)
+
+
+def test_a_closed_pipe_ends_every_command_quietly() -> None:
+    """`shmmmu ... | head`: every command ends at once, silent, with 141 (128 + SIGPIPE), as a shell reports
+    a writer that SIGPIPE ended; a run it cut short leaves nothing behind (issue 21, item 1)."""
+    name = new_vm_name("pipe")
+    with running(name, "-b", "8M", "-i", "1", "-s", "4k"):
+        for args in (("inspect", name, "--tree", "--json"), ("inspect", name), ("inspect", name, "--tree"),
+                     ("inspect", name, "--gfn", "0x10"), ("inspect", name, "--check", "--json"),
+                     ("ls",), ("ls", "--json"), ("--help",), ("stress", "--help"), ("stress", "--list-bugs"),
+                     ("explore", "--list"), ("--version",), ("trace", "summary",
+                                                             str(ROOT / "tests/data/kvmmmu.trace-cmd.txt"))):
+            res = into_closed_pipe(*args)
+            assert (res.returncode, res.stderr) == (141, ""), (args, res.returncode, res.stderr)
+    stress = into_closed_pipe("stress", "--duration", "2", "--vcpus", "2", "--seed", "3")
+    assert (stress.returncode, stress.stderr) == (141, ""), stress.stderr
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(PREFIX + "stress-") or
+                f.startswith(f"sem.{PREFIX}stress-")]
+
+
+def test_a_command_group_alone_is_one_line_naming_its_commands() -> None:
+    """`shmmmu torture` (every group, and `shmmmu` itself): one line on stderr naming the commands, nothing on
+    stdout (the usage box went there), exit 2 (issue 21, item 5)."""
+    import typer.main
+
+    from workers.cli import app
+
+    root = typer.main.get_command(app)
+    groups = [("shmmmu", [], root)] + [(f"shmmmu {n}", [n], c) for n, c in root.commands.items()
+                                       if hasattr(c, "commands")]
+    assert len(groups) >= 4                      # shmmmu, torture, bench, trace
+    for path, args, group in groups:
+        res = shmmmu(*args)
+        assert_one_line_error(res, f"{path} needs a command: {', '.join(group.commands)}")
+        assert res.stdout == "", res.stdout
+
+
+# ---------------------------------------------------------------- output files
+
+EXPLORE_FINDS = ["explore", "--bug", "zero-removed-children"]       # a finding in about a second
+
+
+def output_commands(out: str) -> list[list[str]]:
+    """Every command that writes a file the user names, writing `out` (a short run of each)."""
+    trace = str(ROOT / "tests/data/plain.txt")
+    return [["run", "--name", new_vm_name("out"), *SMALL, "--tracepoints", out],
+            ["stress", "--duration", "0.5", "--vcpus", "1", "--tracepoints", out],
+            [*EXPLORE_FINDS, "--svg", out], [*EXPLORE_FINDS, "--tracepoints", out],
+            ["trace", "convert", trace, "-o", out]] + \
+        ([["trace", "record", "-o", out, "--", "true"]] if shutil.which("valgrind") else [])
+
+
+def test_an_output_path_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    """`ln -s /tmp/precious /tmp/evil.tp` by another user, then `shmmmu run --tracepoints /tmp/evil.tp`: the
+    link is refused in one line before the work and the file it points at keeps its bytes (issue 21, item 8)."""
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    evil = tmp_path / "evil.out"
+    evil.symlink_to(precious)
+    for args in output_commands(str(evil)):
+        res = shmmmu(*args)
+        assert_one_line_error(res, f"cannot write {evil}", "symbolic link")
+        assert res.stdout == "", (args, res.stdout)                # refused before the work
+        assert precious.read_text() == "keep me\n" and evil.is_symlink(), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.out", "precious"]
+    hard = tmp_path / "hard.out"                   # a hard link is a regular file: replaced, not written into
+    os.link(precious, hard)
+    res = shmmmu("trace", "convert", str(ROOT / "tests/data/plain.txt"), "-o", str(hard))
+    assert res.returncode == 0, res.stderr
+    assert precious.read_text() == "keep me\n" and hard.stat().st_ino != precious.stat().st_ino
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A missing directory, a directory, a FIFO: one line, exit 2, nothing done (no report on stdout)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out, words in ((tmp_path / "no" / "x.out", "No such file or directory"), (tmp_path, "is a directory"),
+                       (fifo, "is a FIFO")):
+        for args in output_commands(str(out)):
+            res = shmmmu(*args)
+            assert_one_line_error(res, f"cannot write {out}", words)
+            assert res.stdout == "", (args, res.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_a_failing_write_is_one_line() -> None:
+    """/dev/full (ENOSPC on every write): every output command says so in one line, exit 2; so does stdout
+    on /dev/full.  `trace record -o /dev/full` claimed success (issue 21, items 8 and 10)."""
+    for args in output_commands("/dev/full"):
+        res = shmmmu(*args)
+        assert_one_line_error(res, "cannot write /dev/full: No space left on device")
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([*CMD, "ls"], stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert_one_line_error(res, "cannot write the output: No space left on device")
+
+
+# ---------------------------------------------------------------- run without --name
+
+def test_runs_without_a_name_at_once_each_take_the_next_free_name(tmp_path: Path) -> None:
+    """Three `shmmmu run` without --name started together: demo, demo-2 and demo-3 (creation is O_EXCL: a
+    taken name sends a creator on to the next), each told on stderr; the second failed before (issue 21,
+    item 4)."""
+    errs = [tmp_path / f"{k}.err" for k in range(3)]
+    procs = [subprocess.Popen([*CMD, "run", "--keep", *SMALL], preexec_fn=default_sigint, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=e.open("w"), stdin=subprocess.DEVNULL)
+             for e in errs]
+    try:
+        for p, e in zip(procs, errs):
+            wait_for(lambda: "kept alive" in e.read_text(), 120, "the VM to be kept alive", p, e)
+        names = sorted(re.search(r"^VM (\S+) is kept alive", e.read_text(), re.M).group(1) for e in errs)
+        assert names == ["demo", "demo-2", "demo-3"], [e.read_text() for e in errs]
+        for e in errs:
+            text = e.read_text()
+            if "VM demo " not in text:
+                assert "shmmmu: the VM name demo is taken: this VM is " in text, text
+        ls = json.loads(shmmmu("ls", "--json").stdout)
+        assert sorted(v["name"] for v in ls if v["name"].startswith("demo")) == names
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        rcs = [p.wait(30) for p in procs]
+    assert rcs == [130, 130, 130]
+    for n in ("demo", "demo-2", "demo-3"):
+        assert not leftovers(n)
+
+
+# ---------------------------------------------------------------- tools/ against an installed shmmmu
+
+def _source_copy(dest: Path) -> Path:
+    """The checkout's files as a fresh clone has them (tracked and new, no build outputs: no compiled helpers)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / f.decode()
+        if src.is_file():
+            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f.decode()).write_bytes(src.read_bytes())
+    return dest
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the checkout's files")
+def test_tools_run_against_an_installed_shmmmu(tmp_path: Path) -> None:
+    """README's first command (`pip install .` into a venv), then `python tools/X.py` from the checkout:
+    sweep.py and profile_populate.py put the checkout first on sys.path and died with ModuleNotFoundError:
+    shmmmu._atomics (only an editable install builds the helpers in the tree); bench_inspect.py and
+    detect_times.py ran `-m workers.cli` from the checkout (issue 21, item 3)."""
+    src = _source_copy(tmp_path / "checkout")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    inst = subprocess.run([py, "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True, timeout=600)
+    if inst.returncode and ("No matching distribution" in inst.stderr or "connection" in inst.stderr.lower()):
+        pytest.skip(f"pip cannot fetch the dependencies here: {inst.stderr.strip().splitlines()[-1]}")
+    assert inst.returncode == 0, inst.stderr[-3000:]
+    assert not list((src / "shmmmu").glob("*.so"))                   # the checkout stays unbuilt
+    tools = sorted((src / "tools").glob("*.py"))
+    assert len(tools) >= 10
+    for tool in tools:
+        if tool.name.startswith("_"):
+            continue
+        r = subprocess.run([py, str(tool), "--help"], capture_output=True, text=True, timeout=120, cwd=src)
+        assert r.returncode == 0 and "usage:" in r.stdout, (tool.name, r.stderr[-2000:])
+    # a tool that starts the CLI: the installed one, not the checkout it runs from
+    r = subprocess.run([py, str(src / "tools" / "bench_inspect.py"), "--runs", "1", "--memory", "4M"],
+                       capture_output=True, text=True, timeout=300, cwd=src)
+    assert r.returncode == 0 and "shmmmu inspect NAME --check" in r.stdout, r.stderr[-2000:]
+    # without shmmmu installed: one line saying what to run
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True, capture_output=True, timeout=120)
+    r = subprocess.run([str(bare / "bin" / "python"), str(src / "tools" / "sweep.py"), "--help"],
+                       capture_output=True, text=True, timeout=120, cwd=src)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "pip install" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- inspect --check of a running VM
+
+def test_check_of_a_running_stress_vm_reports_no_violation() -> None:
+    """`inspect --check` on a live `stress` VM reported 2-4 violations in 6 of 6 tries (page count against the
+    tables, root counts against holders, published counters against leaves), while stress's own checkers found
+    none (issue 21, item 7): what is only seen while the VM moves is in flight, never a violation."""
+    p = subprocess.Popen([*CMD, "stress", "--duration", "14", "--vcpus", "3"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    name = f"stress-{p.pid}"
+    try:
+        wait_for(lambda: shmmmu("inspect", name, "--json").returncode == 0, 60, f"{name} to be inspectable")
+        results = []
+        for k in range(4):
+            res = shmmmu("inspect", name, "--check", *(["--json"] if k else []))
+            if p.poll() is not None:
+                break                           # the run ended meanwhile: that pass proves nothing
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+            results.append(res.stdout)
+        assert len(results) >= 3
+        assert "!!!" not in results[0] and "check: OK" in results[0], results[0][-2000:]
+        for out in results[1:]:
+            d = json.loads(out)
+            assert d["ok"] and d["violations"] == [], d
+            if d["in_flight"]:
+                assert not d["settled"] and d["busy"], d
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "End of test: SUCCESS" in out, out[-2000:] + err[-2000:]
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            p.wait(30)
+
+
+def test_check_of_a_vm_frozen_at_its_failing_step_reports_the_violations() -> None:
+    """`explore --keep` holds its region still at the failing step: a view that stays the same is taken as it
+    is, and what it shows is a violation (exit 1), not in flight."""
+    p = subprocess.Popen([*CMD, "explore", "--bug", "link-after-publish", "--keep"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_sigint)
+    try:
+        line = p.stderr.readline()
+        name = re.search(r"kept as VM (\S+):", line).group(1)
+        res = shmmmu("inspect", name, "--check", "--json")
+        assert res.returncode == 1, res.stdout + res.stderr
+        d = json.loads(res.stdout)
+        assert d["settled"] and any(v.startswith("table-leak") for v in d["violations"]), d
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=60)

@@ -187,3 +187,27 @@ def test_explore_leaves_nothing_behind() -> None:
     before = set(os.listdir("/dev/shm"))
     run_explore(ExploreOptions(scenario="fault-fault", executions=5))
     assert set(os.listdir("/dev/shm")) == before
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--time", "inf"), "--time must be a finite number of seconds, not inf"),
+    (("--time", "nan"), "--time must be a finite number of seconds, not nan"),
+    (("--time", "-1"), "--time must be a number of seconds from 0"),
+    (("--mix-seed", "-1"), "--mix-seed must be between 0 and"),
+    (("--scenario", "mix", "--mix-seed", "-1"), "--mix-seed must be between 0 and"),
+    (("--atomic", "nosuchfn"), "--atomic nosuchfn: no function of that name in the shmmmu library"),
+])
+def test_option_mistakes_say_what_is_wrong(args: tuple[str, ...], words: str) -> None:
+    """`--time inf` said "must not be negative"; `--mix-seed -1` and `--atomic nosuchfn` were accepted in
+    silence (issue 21): one line each, exit 2, before any search."""
+    p = cli("--bug", "zero-removed-children", *args, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("shmmmu: error: "), p.stderr
+    assert words in lines[0], lines[0]
+    assert p.stdout == ""
+
+
+def test_atomic_takes_any_function_of_the_library() -> None:
+    """--atomic names a function defined anywhere in the shmmmu package (a method, a nested function too)."""
+    for fn in ("kvm_tdp_mmu_map", "tdp_mmu_set_spte_atomic", "traced_alloc"):
+        ExploreOptions(bugs=["zero-removed-children"], atomic=[fn]).resolve()

@@ -297,6 +297,106 @@ def test_lying_headers_are_one_line_and_removable(how: str) -> None:
     assert res["after"] == []
 
 
+WRONG_VALUES: list[Any] = [7, "nope", [5, "nope"], None, 10 ** 30, -1, 0.5, True, {"a": 1}]
+
+
+def _config_fields(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The path of every field of a header's config: its own, the workload's, the first memslot's."""
+    cfg = doc["config"]
+    return ([(k,) for k in cfg] + [("workload", k) for k in cfg["workload"]]
+            + [("memslots", 0, k) for k in cfg["memslots"][0]])
+
+
+def _mutated(doc: dict[str, Any], path: tuple, value: Any) -> dict[str, Any]:
+    d = json.loads(json.dumps(doc))
+    node = d["config"]
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return d
+
+
+def scenario_config_mutations(_: str) -> dict[str, Any]:
+    """Every field of a real header's config set to each of WRONG_VALUES in turn: the library's inspect path
+    (attach, copy, summary, tree, checks, ls) either refuses the region with a RegionError (the CLI's one line,
+    exit 2) or reads it; anything else raised is a crash (the CLI's traceback).  Then the CLI itself on a few."""
+    import mmap
+
+    import numpy as np
+
+    from shmmmu import inspect as insp
+    from shmmmu import region as R
+    from shmmmu.run import RunOptions
+    from shmmmu.vm import create_vm
+
+    name = "liar"
+    seg = f"/dev/shm/{PREFIX}{name}"
+    vm = create_vm(RunOptions(name=name, vcpus=1, memory=1 << 20, iterations=1).config())
+    vm.close()
+    with open(seg, "rb") as f:
+        image = f.read()
+    h = np.frombuffer(image, dtype=np.uint64, count=8)
+    doc = json.loads(image[R.H_JSON_OFFSET:R.H_JSON_OFFSET + int(h[R.H_JSON_LEN])])
+
+    def write(d: dict[str, Any]) -> None:
+        with open(seg, "r+b") as f:
+            mm = mmap.mmap(f.fileno(), R.HEADER_BYTES)
+            mm[:] = image[:R.HEADER_BYTES]
+            blob = json.dumps(d).encode()
+            mm[R.H_JSON_OFFSET:R.H_JSON_OFFSET + len(blob)] = blob
+            hh = np.frombuffer(mm, dtype=np.uint64, count=8)
+            hh[R.H_JSON_LEN] = len(blob)
+            hh[R.H_PID] = 0                    # no creator: stale
+            del hh
+            mm.close()
+
+    crashes, refused, read = [], 0, 0
+    for path in _config_fields(doc):
+        for value in WRONG_VALUES:
+            write(_mutated(doc, path, value))
+            try:
+                try:
+                    snap = insp.take_snapshot(name)
+                    insp.summary_lines(insp.summary(snap))
+                    insp.tree_lines(insp.tree(snap))
+                    insp.run_checks(snap)
+                    read += 1
+                except R.RegionError:
+                    refused += 1
+                entry = insp.describe_vm(name)
+                assert entry is not None and entry.state in ("stale", "damaged"), entry
+                json.dumps(entry.to_json())
+            except Exception as e:               # what the CLI would have printed as a traceback
+                crashes.append(f"{'.'.join(map(str, path))}={value!r}: {type(e).__name__}: {e}"[:300])
+    runs = []
+    for path, value in ((("bugs",), [5, "nope"]), (("n_vcpus",), "two"), (("workload", "pages"), None),
+                        (("memslots", 0, "npages"), 10 ** 30), (("lock_mode",), [1]), (("seed",), -1)):
+        write(_mutated(doc, path, value))
+        runs += [cli(*a, timeout=60) for a in (("inspect", name), ("inspect", name, "--check"), ("ls",),
+                                              ("ls", "--json"))]
+    runs.append(cli("rm", name, timeout=60))
+    return {"crashes": crashes, "refused": refused, "read": read, "runs": runs, "after": shm()}
+
+
+def test_every_config_field_of_a_header_with_a_wrong_type_is_refused_in_one_line() -> None:
+    """`"config": {"bugs": [5, "nope"]}` made plain `inspect COPY` raise TypeError (1 of 60 header mutations,
+    issue 21, item 9): the config is checked field by field when a region is attached, so every field of a
+    real header set to an int, a string, a list, null, a huge or negative number, a float, a bool or an object
+    is refused in one line (inspect, --check) or listed as damaged (ls), never a traceback."""
+    res = in_namespace("scenario_config_mutations", "64m", timeout=600)
+    assert res["crashes"] == [], "\n".join(res["crashes"])
+    assert res["refused"] > 0
+    *runs, rm = res["runs"]
+    for insp_run, check_run, ls, ls_json in zip(runs[0::4], runs[1::4], runs[2::4], runs[3::4]):
+        for r in (insp_run, check_run):
+            assert "damaged header" in one_line_error(r), r
+        no_traceback(ls)
+        assert ls["rc"] == 0 and ls_json["rc"] == 0, (ls, ls_json)
+        assert json.loads(ls_json["out"])[0]["state"] == "damaged", ls_json
+    assert rm["rc"] == 0 and "removed liar" in rm["out"], rm
+    assert res["after"] == []
+
+
 # ---------------------------------------------------------------- other users
 
 def scenario_other_users_vm(_: str) -> dict[str, Any]:

@@ -340,6 +340,50 @@ def test_a_full_disk_during_conversion(tmp_path: Path) -> None:
                                              f"No space left on device"]
 
 
+# ---------------------------------------------------------------- conversion progress
+
+PROGRESS = re.compile(r"converting (?P<name>\S+): (?P<done>[\d.]+) of (?P<total>[\d.]+) MiB \((?P<pct>\d+)%\), "
+                      r"[\d,]+ lines/s, ETA \d+ s *$")
+FINAL = re.compile(r"converted (?P<name>\S+): (?P<total>[\d.]+) MiB, (?P<lines>[\d,]+) lines in [\d.]+ s "
+                   r"\([\d,]+ lines/s\) *\n$")
+
+
+def big_plain_trace(path: Path, lines: int = 400_000) -> Path:
+    path.write_text("".join(f"R {(i * 4099) % 50000 * 4096:#x}\n" for i in range(lines)))
+    return path
+
+
+def test_conversion_shows_its_progress_in_place_then_one_line(tmp_path: Path, tmpenv: dict, vm_name: str) -> None:
+    """A long conversion said nothing for minutes (issue 21, item 6): `trace convert` and `run --trace` show
+    bytes done of the total, lines/s and an ETA on stderr, each update over the last (\\r), then one final line.
+    On a terminal it starts after about a second; SHMMMU_PROGRESS=1 shows it always (here: stderr is a pipe),
+    and without it a pipe gets none."""
+    big = big_plain_trace(tmp_path / "big.txt")
+    size_mib = big.stat().st_size / (1 << 20)
+    forced = {**tmpenv, "SHMMMU_PROGRESS": "1"}
+    for args in (["trace", "convert", str(big), "-o", str(tmp_path / "o.bin")],
+                 ["run", "--name", vm_name, "--trace", str(big), "--vcpus", "1", "--backing", "4k", "--memory",
+                  "256M", "--iterations", "1", "--json"]):
+        p = subprocess.run([*CMD, *args], capture_output=True, timeout=180, cwd=ROOT, env=forced)   # \r kept
+        err = p.stderr.decode()
+        assert p.returncode == 0, err[-2000:]
+        shown = err.split("\r")
+        assert shown[0] == "", err[:200]                          # each update starts at the line's start
+        updates, final = shown[1:-1], shown[-1]
+        assert len(updates) >= 2, err
+        pcts = []
+        for u in updates:
+            m = PROGRESS.match(u)
+            assert m and m["name"] == str(big) and abs(float(m["total"]) - size_mib) < 0.1, repr(u)
+            pcts.append(int(m["pct"]))
+        assert pcts == sorted(pcts) and "\n" not in "".join(updates)
+        m = FINAL.match(final)
+        assert m and m["lines"].replace(",", "") == "400000", repr(final)
+        quiet = shmmmu(*args, env=tmpenv)
+        assert quiet.returncode == 0 and "convert" not in quiet.stderr, quiet.stderr[-500:]
+    no_leftovers(tmpenv)
+
+
 # ---------------------------------------------------------------- tracepoints out
 
 def test_tracepoints_of_a_run_match_the_kernels_formats(tmpenv: dict, vm_name: str, tmp_path: Path) -> None:
@@ -498,6 +542,19 @@ def test_record_then_replay_a_million_accesses(tmp_path: Path, tmpenv: dict, vm_
     assert d["stats"]["accesses"] == n
     assert d["faults"] == d["stats"]["fixed"] == len(pages)
     no_leftovers(tmpenv)
+
+
+@needs_valgrind
+def test_record_reports_the_commands_signal_death_as_a_shell_does(tmp_path: Path) -> None:
+    """`trace record -- sh -c 'kill -9 $$'` exited 247 (the negative status of Popen, modulo 256): a command
+    a signal N ended is 128 + N, as a shell reports it, and the trace is kept (issue 21, item 10)."""
+    out = tmp_path / "killed.lackey"
+    p = shmmmu("trace", "record", "-o", str(out), "--", "sh", "-c", "kill -9 $$", timeout=300)
+    assert p.returncode == 128 + 9, (p.returncode, p.stderr[-2000:])
+    assert "killed by SIGKILL" in p.stderr and "Traceback" not in p.stderr
+    assert out.stat().st_size > 0
+    p = shmmmu("trace", "record", "-o", str(out), "--", "sh", "-c", "exit 3", timeout=300)
+    assert p.returncode == 3 and "exited with status 3" in p.stderr, p.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- the lackey fast path is the line reader, faster

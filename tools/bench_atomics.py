@@ -12,6 +12,7 @@ With --max-cas-ns the script exits 1 when cas costs more than that.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import os
 import platform

@@ -36,6 +36,7 @@ costs more than that.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import os
 import platform

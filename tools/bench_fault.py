@@ -26,6 +26,7 @@ With --max-us the script exits 1 when a shared-mode fault costs more than that.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import os
 import platform

@@ -12,6 +12,7 @@ stopped and unlinked at the end, also on Ctrl-C.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import os
 import signal
@@ -22,15 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from shmmmu.spawn import python_module_command, worker_env
+
 ROOT = Path(__file__).resolve().parent.parent
-SHMMMU = [sys.executable, "-m", "workers.cli"]
+SHMMMU = python_module_command("workers.cli")          # the installed CLI, not the checkout's (cwd=ROOT)
 
 
 def timed(args: list[str], runs: int) -> tuple[float, float, float]:
     ts = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        r = subprocess.run(SHMMMU + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        r = subprocess.run(SHMMMU + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=worker_env())
         ts.append(time.perf_counter() - t0)
         if r.returncode not in (0, 1):
             raise SystemExit(f"shmmmu {' '.join(args)} failed: {r.stderr.strip()}")
@@ -65,7 +69,7 @@ def main() -> None:
     t0 = time.monotonic()
     run = subprocess.Popen(SHMMMU + ["run", "--keep", "--name", name, "-v", "2", "-b", a.memory, "-s", "4k",
                                      "-w", "populate", "-i", "1"],
-                           stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+                           stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=worker_env())
     try:
         while "kept alive" not in Path(err.name).read_text():
             if run.poll() is not None:

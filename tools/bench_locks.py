@@ -23,6 +23,7 @@ runs, throughput the best of several runs per point.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import os
 import platform

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.faults < 512:
         ap.error("--faults must be at least 512")
     if args.root:
-        sys.path.insert(0, os.path.abspath(args.root))
+        sys.path.insert(0, os.path.abspath(args.root))      # that checkout's shmmmu, built in place
+    else:
+        import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
     total, per = count(args.faults, args.mode)
     print(f"{args.mode}: {total:.1f} bytecodes per fault ({args.faults} cold faults)")
     for name, v in per[:args.top]:

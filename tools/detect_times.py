@@ -13,6 +13,7 @@ markdown table and, with --json, the raw figures.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import json
 import statistics
@@ -21,13 +22,14 @@ import sys
 import time
 
 from shmmmu.bugs import BUGS
+from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.explore.report import ExploreOptions, run_explore
 
 
 def stress_time(bug: str, seed: int, duration: float) -> float | None:
-    cmd = [sys.executable, "-m", "workers.cli", "stress", "--json", "--duration", str(duration), "--vcpus", "3",
+    cmd = [*python_module_command("workers.cli"), "stress", "--json", "--duration", str(duration), "--vcpus", "3",
            "--seed", str(seed), "--bug", bug, *BUGS[bug].stress_args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120, env=worker_env())
     if p.returncode not in (0, 1):
         raise RuntimeError(f"stress failed to run: {p.stderr[-500:]}")
     try:

@@ -22,6 +22,7 @@ inflates every call (~3x), so read its table for shares, not for times.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import cProfile
 import io
@@ -30,9 +31,6 @@ import pstats
 import sys
 import time
 import uuid
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shmmmu.guest import Vcpu  # noqa: E402
 from shmmmu.layout import Role  # noqa: E402

@@ -20,14 +20,13 @@ what it measured).  Every VM is removed, also on Ctrl-C.
 """
 from __future__ import annotations
 
+import _installed  # noqa: F401  (the installed shmmmu, or one line saying how to get it)
 import argparse
 import csv
 import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shmmmu.bench import SUMMARY_PHASES, BenchOptions, BenchRun, run_bench  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402

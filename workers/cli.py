@@ -8,6 +8,7 @@ and exit 2, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -29,10 +30,27 @@ app = typer.Typer(
     name="shmmmu",
     help="An emulator of the Linux KVM x86 TDP MMU with parallel page faults, "
          "run as processes sharing one memory region.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _needs_a_command(ctx: typer.Context) -> None:
+    """A command group given no command: a usage error that names its commands (one line, no usage box;
+    typer's no_args_is_help printed the whole help on stdout before any handler could stop it)."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        from typer._click.exceptions import UsageError as ClickUsageError
+        names = ctx.command.list_commands(ctx)
+        raise ClickUsageError(f"{ctx.command_path} needs a command: {', '.join(names)}", ctx=ctx)
+
+
+def _group(name: str, help: str) -> typer.Typer:
+    """A command group of `shmmmu` (bench, torture, trace): alone, it is `_needs_a_command`'s one line."""
+    group = typer.Typer(help=help, invoke_without_command=True)
+    group.callback()(_needs_a_command)
+    app.add_typer(group, name=name)
+    return group
 
 
 def _version(value: bool) -> None:
@@ -43,10 +61,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    pass
+    _needs_a_command(ctx)
 
 
 # ---------------------------------------------------------------- run
@@ -73,6 +92,44 @@ def _running_a_vm() -> Iterator[None]:
         raise
     except RuntimeError as e:                    # WorkerDied, PoolExhausted, FlushStuck
         raise _fail(str(e), 1)
+
+
+class _ConversionProgress:
+    """A trace conversion's progress on stderr (shmmmu.trace.store.Progress): each report over the last
+    (\\r), then one final line.  On a terminal it starts once the conversion has run about a second (a
+    short one says nothing); SHMMMU_PROGRESS=1 shows every report wherever stderr goes, SHMMMU_PROGRESS=0
+    none."""
+
+    DELAY_S = 1.0
+    EVERY_S = 0.2
+
+    def __init__(self) -> None:
+        import os
+        env = os.environ.get("SHMMMU_PROGRESS", "")
+        self.forced = env == "1"
+        self.on = self.forced or (env != "0" and sys.stderr.isatty())
+        self.open = False                       # a report is on the line, not ended by a newline
+        self.width = 0
+        self.last = 0.0
+
+    def __call__(self, p) -> None:
+        if not self.on:
+            return
+        if not self.forced:
+            if not self.open and p.seconds < self.DELAY_S:
+                return                          # final too: a quick conversion has nothing to report
+            if not p.final and p.seconds - self.last < self.EVERY_S:
+                return
+        text = p.line()
+        sys.stderr.write("\r" + text + " " * max(0, self.width - len(text)) + ("\n" if p.final else ""))
+        sys.stderr.flush()
+        self.open, self.width, self.last = not p.final, len(text), p.seconds
+
+    def end(self) -> None:
+        """The conversion stopped (an error, Ctrl-C): what follows starts on a line of its own."""
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
 
 
 def _print_run(result, console) -> None:
@@ -111,7 +168,8 @@ def _print_run(result, console) -> None:
 
 @app.command()
 def run(
-    name: str = typer.Option("demo", "--name", help="VM name (the region is /dev/shm/shmmmu-NAME)."),
+    name: str = typer.Option(None, "--name", help="VM name (the region is /dev/shm/shmmmu-NAME); default "
+                             "demo, or the first free of demo-2, demo-3, ..."),
     vcpus: int = typer.Option(None, "--vcpus", "-v", help="vCPU worker processes (default 2; a trace with "
                               "threads: one per thread)."),
     memory: str = typer.Option("256M", "--memory", "-b", help="guest memory per vCPU (K, M, G suffixes)."),
@@ -148,18 +206,26 @@ def run(
     from shmmmu.run import RunOptions, UsageError, converted_trace, parse_size, run_vm
     from workers.supervisor import Supervisor
 
+    from shmmmu import outfile
+
     stack = ExitStack()          # the converted trace and the tracepoint parts: removed however the run ends
     try:
+        if tracepoints:
+            outfile.check(tracepoints)            # before a long conversion
         info = None
         if workload == "trace" or trace:
             if not trace:
                 raise UsageError("--workload trace needs --trace FILE")
             workload = "trace"
             parse_size(memory)                    # a bad size is said before a long conversion
-            info = stack.enter_context(converted_trace(trace, trace_format))
+            shown = _ConversionProgress()
+            try:
+                info = stack.enter_context(converted_trace(trace, trace_format, progress=shown))
+            finally:
+                shown.end()
         if vcpus is None:
             vcpus = len(info.parts) if info is not None and info.threaded else 2
-        opts = RunOptions(name=name, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
+        opts = RunOptions(name=name or "demo", free_name=name is None, vcpus=vcpus, memory=parse_size(memory), backing=backing.lower(),
                           lock_mode=lock_mode, overlap=overlap, workload=workload, trace=info,
                           iterations=iterations, seed=seed, debug=debug)
         opts.config()
@@ -193,6 +259,7 @@ def run(
     def keep_alive(sup) -> None:
         if not keep:
             return
+        name = sup.vm.name
         console.print(f"VM {name} is kept alive (pid {os.getpid()}): `shmmmu inspect {name}`; Ctrl-C to stop.")
         try:
             while True:
@@ -205,6 +272,9 @@ def run(
     kept_until: list[int] = []             # the exit status of the signal that ended --keep
 
     def launcher(vm):
+        if vm.name != (name or "demo"):
+            print(f"shmmmu: the VM name {name or 'demo'} is taken: this VM is {vm.name}", file=sys.stderr,
+                  flush=True)
         return Supervisor(vm, stall_s=stall_timeout)
 
     with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
@@ -332,6 +402,9 @@ def explore(
         return
     if not 1 <= jobs <= 64:
         raise _fail("--jobs must be between 1 and 64")
+    from shmmmu import outfile
+    if svg_file:
+        outfile.check(svg_file)                # before the search, not after it
 
     def keep_here(ex) -> None:
         if not keep:
@@ -372,8 +445,8 @@ def explore(
                 _print_lines(rep.lines())
             if svg_file and rep.result.finding is not None:
                 from shmmmu.explore import render
-                with open(svg_file, "w") as f:
-                    f.write(render.svg(rep.lines()[:2], rep.runs, rep.result.actors, str(rep.result.finding)))
+                outfile.write(svg_file, render.svg(rep.lines()[:2], rep.runs, rep.result.actors,
+                                                   str(rep.result.finding)))
             raise typer.Exit(1 if rep.result.finding is not None else 0)
         opts = ExploreOptions(scenario=scenario, bugs=list(bug), strategy=strategy, seed=seed, depth=depth,
                               preemptions=preemptions, executions=executions, time_limit=time_limit,
@@ -394,17 +467,14 @@ def explore(
     else:
         _print_lines(rep.lines())
     if svg_file and rep.found is not None:
-        with open(svg_file, "w") as f:
-            f.write(rep.svg())
+        outfile.write(svg_file, rep.svg())
     if not rep.ok:
         raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- torture
 
-torture_app = typer.Typer(help="locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.",
-                          no_args_is_help=True)
-app.add_typer(torture_app, name="torture")
+torture_app = _group("torture", "locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.")
 
 
 TORTURE_MAX_PROCS = 64         # readers and writers each: past this it measures the scheduler, not the lock
@@ -507,28 +577,12 @@ def inspect_cmd(
             _inspect_watch(name, json_out, interval)
             return
         if check:
-            snap = insp.take_snapshot(name)
-            for _ in range(3):                 # a moving VM: look for a copy that did not tear
-                if not snap.changed:
-                    break
-                snap = insp.take_snapshot(name)
-            found = insp.run_checks(snap)
+            res = insp.check_vm(name)          # a running VM: passes until two agree (shmmmu/inspect/check.py)
             if json_out:
-                print(json.dumps({"vm": name, "ok": not found, "violations": found,
-                                  "changed_while_reading": snap.changed}))
+                print(json.dumps(res.to_json()))
             else:
-                lines = [f"!!! {v}" for v in found]
-                if snap.changed:
-                    lines.append(f"({snap.changed} entries changed while reading: the VM is running, "
-                                 f"so the copy may be torn)")
-                t = insp.walk_tables(snap)
-                lines.append(f"check: {len(found)} violations in VM {name} "
-                             f"({t.tables.size} tables reachable, {t.leaf_gfn.size} leaves)"
-                             if found else
-                             f"check: OK: VM {name}: {t.tables.size} tables reachable, {t.leaf_gfn.size} "
-                             f"leaves, every invariant holds")
-                _print_lines(lines)
-            if found:
+                _print_lines(insp.check_lines(res))
+            if not res.ok:
                 raise typer.Exit(1)
             return
         snap = insp.take_snapshot(name)
@@ -554,9 +608,6 @@ def inspect_cmd(
         raise _fail(str(e))
     except ValueError as e:
         raise _fail(str(e))
-    except BrokenPipeError:
-        sys.stdout = None                      # `| head`: nothing more to say
-        raise typer.Exit(0)
     except MemoryError:
         raise _fail(f"not enough memory to copy the region of VM {name!r}", 1)
 
@@ -707,8 +758,7 @@ def rm_cmd(
 
 # ---------------------------------------------------------------- bench
 
-bench_app = typer.Typer(help="Benchmarks: the kernel's own measurements on the emulator.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+bench_app = _group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
 
 
 @bench_app.command("dirty-log")
@@ -811,9 +861,8 @@ def bench_access_tracking(
 
 # ---------------------------------------------------------------- trace
 
-trace_app = typer.Typer(help="Real traces in (record, convert) and the kernel's tracepoint lines summarized "
-                             "(docs/trace.md).", no_args_is_help=True)
-app.add_typer(trace_app, name="trace")
+trace_app = _group("trace", "Real traces in (record, convert) and the kernel's tracepoint lines summarized "
+                            "(docs/trace.md).")
 
 
 @trace_app.command("record", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -822,13 +871,19 @@ def trace_record(
     out: str = typer.Option("trace.lackey", "--output", "-o", help="the trace file to write."),
 ) -> None:
     """Run CMD under valgrind's lackey tool (--trace-mem=yes) and write its memory trace; exit with CMD's status."""
+    import signal
+
     from shmmmu.trace.formats import TraceError
     from shmmmu.trace.record import record
     try:
         rc = record(list(cmd or []), out)
     except TraceError as e:
         raise _fail(str(e))
-    status = f" (it exited with status {rc})" if rc else ""
+    status = ""
+    if rc > 128 and rc - 128 in {sg.value for sg in signal.Signals}:
+        status = f" (it was killed by {signal.Signals(rc - 128).name})"
+    elif rc:
+        status = f" (it exited with status {rc})"
     print(f"shmmmu: trace of {' '.join(cmd)}{status} in {out} (replay: shmmmu run --trace {out} --vcpus 1 "
           f"--backing 4k)", file=sys.stderr)
     raise typer.Exit(rc)
@@ -850,7 +905,11 @@ def trace_convert(
     try:
         if is_converted(src):
             raise TraceError(f"{src} is converted already")
-        info = convert(src, out, trace_format)
+        shown = _ConversionProgress()
+        try:
+            info = convert(src, out, trace_format, progress=shown)
+        finally:
+            shown.end()
     except TraceError as e:
         raise _fail(str(e))
     d = {"output": out, "format": info.format, "accesses": info.accesses, "pages": info.pages,
@@ -887,19 +946,47 @@ def trace_summary(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every usage error (an unknown command or option, a value of the wrong
     type, a RegionError) is one line, `shmmmu: error: ...`, and exit 2."""
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
+    import typer.main
 
     signals.arm()
     if PREFIX_ERROR:
         print(f"shmmmu: error: {PREFIX_ERROR}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        rv = app(args=argv, prog_name="shmmmu", standalone_mode=False)
+        # the command is invoked here, not through typer's own main, so that what it raises reaches the
+        # handlers below as itself (typer turns a closed pipe into a bare exit 1)
+        command = typer.main.get_command(app)
+        with command.make_context("shmmmu", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            rv = command.invoke(ctx)
         code = rv if isinstance(rv, int) else 0
-    except NoArgsIsHelpError as e:             # a command group alone: its help went to stdout
-        print(f"shmmmu: error: {e.ctx.command_path if e.ctx else 'shmmmu'} needs a command (listed above)",
-              file=sys.stderr)
-        code = EXIT_USAGE
+    except BaseException as e:
+        if not signals.closed_pipe(e):
+            code = _ended(e)
+        else:
+            signals.silence()                  # `| head`: nothing more to say, not even on stderr
+            code = signals.PIPE_STATUS
+    try:
+        if not signals.flush_output():
+            code = signals.PIPE_STATUS
+    except OSError as e:                       # what was printed last never reached stdout (a full disk)
+        code = _ended(e)
+    sig = signals.received()
+    late = signals.unraised()                  # held through the last teardown: the command still ends as
+    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
+        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
+        code = 128 + sig
+    signals.finished()                         # a signal during interpreter shutdown: no traceback
+    sys.exit(code)
+
+
+def _ended(exc: BaseException) -> int:
+    """The exit status of a command that raised `exc`, its one line said on stderr (re-raised if unknown)."""
+    from typer._click.exceptions import UsageError as ClickUsageError
+
+    from shmmmu.outfile import OutputError
+
+    try:
+        raise exc
     except ClickUsageError as e:
         print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
         code = EXIT_USAGE
@@ -911,13 +998,20 @@ def main(argv: list[str] | None = None) -> None:
     except RegionError as e:
         print(f"shmmmu: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
-    sig = signals.received()
-    late = signals.unraised()                  # held through the last teardown: the command still ends as
-    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
-        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
-        code = 128 + sig
-    signals.finished()                         # a signal during interpreter shutdown: no traceback
-    sys.exit(code)
+    except OutputError as e:                   # an output file refused, or its writing failed
+        print(f"shmmmu: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except OSError as e:
+        if e.filename is not None or e.errno not in _WRITE_ERRORS:
+            raise
+        # a nameless write error escaping a command is its stdout's (files are named, or written through
+        # shmmmu.outfile): one line and exit 2, as for an output file that could not be written
+        print(f"shmmmu: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        code = EXIT_USAGE
+    return code
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
 if __name__ == "__main__":

@@ -21,9 +21,15 @@ with the supervisor (PR_SET_PDEATHSIG) and `shmmmu rm --stale` removes what is
 left.  Before the command's modules are imported and after it has finished,
 a signal ends the process quietly with the same status (`early`, `finished`):
 no traceback from the middle of an import or from interpreter shutdown.
+A closed pipe (`shmmmu ... | head`) is the same kind of end: Python ignores
+SIGPIPE, so the write fails with EPIPE instead; `closed_pipe()` recognises it,
+`silence()` points stdout and stderr at /dev/null so that no later write (a
+cleanup's, the interpreter's last flush) fails again, and the command exits
+PIPE_STATUS, 128 + SIGPIPE, quietly, as a shell reports a writer SIGPIPE ended.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -50,6 +56,9 @@ _WORKERS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 TERMINATING: list[signal.Signals] = [getattr(signal, n) for n in (
     "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
     "SIGXCPU", "SIGXFSZ", "SIGPWR", "SIGIO") if hasattr(signal, n)]
+
+
+PIPE_STATUS = 128 + signal.SIGPIPE        # 141: `yes | head` reports the same for `yes`
 
 
 class Interrupted(KeyboardInterrupt):
@@ -178,6 +187,47 @@ def _quiet_exit(signum: int, frame: FrameType | None) -> None:
 def early() -> None:
     """While modules load (nothing to clean up yet): a signal ends the process at once, one line, 128+N."""
     _set_all(_quiet_exit)
+
+
+def closed_pipe(exc: BaseException | None) -> bool:
+    """Did this exception, or the one it was raised from, come from writing to a pipe nobody reads any more?
+    (rich, which prints the help, turns EPIPE into a SystemExit raised while handling it)"""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            return True
+        exc = exc.__cause__ or (exc.__context__ if isinstance(exc, SystemExit) else None)
+    return False
+
+
+def silence() -> None:
+    """After a closed pipe: stdout and stderr write to /dev/null from now on (what is still buffered too),
+    so nothing that runs later -- a cleanup's warning, the interpreter's final flush -- meets EPIPE again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+
+
+def flush_output() -> bool:
+    """Flush stdout (what a command printed may still sit in its buffer); False if its reader has gone."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            silence()
+            return False
+        except ValueError:                   # closed by the command itself
+            pass
+    return True
 
 
 def finished() -> None:

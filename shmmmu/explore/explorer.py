@@ -31,7 +31,7 @@ from shmmmu.explore.sched import ACTOR_DONE, DONE, ExploreWaits, Finding, PointW
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
-from shmmmu.layout import N_STATS, Role, VMConfig
+from shmmmu.layout import Role, VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
@@ -58,16 +58,10 @@ class Context:
     def _vm(self, worker: int) -> VM:
         return VM(self.region, worker, waits=self.waits, config=self.config)
 
-    def _load_stats(self, mmu: Mmu) -> None:
-        # counters carry on from the prologue (the leaves it mapped are counted in this slot's row)
-        row = self.region.array("stats")[mmu.worker]
-        mmu.st[:] = [int(x) - (1 << 64) if int(x) >> 63 else int(x) for x in row[:N_STATS]]
-
     def vcpu(self, i: int) -> Vcpu:
         v = self._vcpus.get(i)
         if v is None:
-            v = self._vcpus[i] = Vcpu(self._vm(i), i)
-            self._load_stats(v.mmu)
+            v = self._vcpus[i] = Vcpu(self._vm(i), i)       # its counters carry on from the prologue's
         return v
 
     def host(self, k: int = 0) -> Mmu:
@@ -76,7 +70,6 @@ class Context:
             c = self.config
             worker = c.host_worker if k == 0 else c.reclaimer_worker + k
             m = self._hosts[k] = Mmu(self._vm(worker), worker)
-            self._load_stats(m)
         return m
 
     def reclaimer(self) -> tuple[Rcu, Pool]:
@@ -126,8 +119,9 @@ class Result:
     state: str = ""                     # execute(state=True): a digest of the state the actors left
 
 
-# debug instrumentation (the zap ledger, the guest's record of its accesses): noted, never a decision
-UNDECIDED_SECTIONS = frozenset({"zap_pending", "touched"})
+# debug instrumentation (the zap ledger, the guest's record of its accesses) and the counters (a root's
+# allocation is published as it happens): noted, never a decision
+UNDECIDED_SECTIONS = frozenset({"zap_pending", "touched", "stats"})
 
 
 class Explorer:

@@ -10,10 +10,15 @@ same steps and the same finding happened.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import math
+import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from shmmmu import validate
 from shmmmu.bugs import BUGS
 from shmmmu.explore import DEFAULT_EXECUTIONS, render
 from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
@@ -45,6 +50,10 @@ class ExploreOptions:
         for b in self.bugs:
             if b not in BUGS:
                 raise ValueError(f"unknown bug {b!r}; known: {', '.join(BUGS)}")
+        validate.seed(self.mix_seed, "--mix-seed")
+        for fn in self.atomic:                         # matched by name on the stack: a typo matches nothing
+            if fn not in library_functions():
+                raise ValueError(f"--atomic {fn}: no function of that name in the shmmmu library")
         if self.scenario:
             if self.scenario not in SCENARIOS:
                 raise ValueError(f"unknown scenario {self.scenario!r}; known: {', '.join(SCENARIOS)}")
@@ -66,7 +75,9 @@ class ExploreOptions:
             raise ValueError("--depth must be between 1 and 10")
         if not 1 <= self.executions <= 100_000_000:
             raise ValueError("--executions must be between 1 and 100000000")
-        if not (self.time_limit == self.time_limit and 0 <= self.time_limit <= 1e6):
+        if not math.isfinite(self.time_limit):
+            raise ValueError(f"--time must be a finite number of seconds, not {self.time_limit}")
+        if not 0 <= self.time_limit <= 1e6:
             raise ValueError("--time must be a number of seconds from 0 (no cap) to 1000000")
         return sc, strategy, self.depth or sc.depth
 
@@ -75,6 +86,18 @@ class ExploreOptions:
             return f"dfs --preemptions {self.preemptions}"          # no seed: the search is the same for all
         s = {"pct": f"pct --depth {depth}", "random": "random"}[strategy]
         return f"{s} --seed {self.seed}"
+
+
+@functools.cache
+def library_functions() -> frozenset[str]:
+    """The name of every function defined in the shmmmu package (methods and nested functions too), read
+    from its sources: what --atomic may name."""
+    names = set()
+    for path in pathlib.Path(__file__).resolve().parent.parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+    return frozenset(names)
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Rendering for `shmmmu inspect`: the summary, the page-table dump and one GFN's walk as text lines."""
+"""Rendering for `shmmmu inspect`: the summary, the page-table dump, one GFN's walk and the check's verdict as text lines."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shmmmu import spte as S
 from shmmmu.inspect.summary import BACKING_NAMES
 from shmmmu.inspect.tree import Dump
 from shmmmu.layout import MemslotFlags
+
+if TYPE_CHECKING:
+    from shmmmu.inspect.check import CheckResult
 
 
 def _mib(n: int) -> str:
@@ -154,3 +157,25 @@ def tree_lines(dump: Dump) -> list[str]:
     if dump.changed:
         out.append(f"# {dump.changed} entries changed while reading (the VM is running; a copy is not atomic)")
     return out
+
+
+IN_FLIGHT_LISTED = 10        # a running VM shows many passing differences: the first few say what they are
+
+
+def check_lines(res: "CheckResult") -> list[str]:
+    """`inspect --check`: each violation (`!!! ...`), each difference in flight, then the verdict."""
+    from shmmmu.snapshot import walk_tables
+
+    lines = [f"!!! {v}" for v in res.violations]
+    lines += [f"in flight: {p} (in {res.seen.get(p, 1)} of {res.passes} passes)"
+              for p in res.in_flight[:IN_FLIGHT_LISTED]]
+    if len(res.in_flight) > IN_FLIGHT_LISTED:
+        lines.append(f"in flight: ... and {len(res.in_flight) - IN_FLIGHT_LISTED} more (--json lists them)")
+    t = walk_tables(res.snap)
+    where = f"{t.tables.size} tables reachable, {t.leaf_gfn.size} leaves"
+    moving = (f" ({len(res.in_flight)} difference{'s' if len(res.in_flight) != 1 else ''} in flight over "
+              f"{res.passes} passes: the VM is running{': ' + res.busy if res.busy else ''}; not violations)"
+              if res.in_flight else "")
+    lines.append(f"check: {len(res.violations)} violations in VM {res.name} ({where}){moving}" if res.violations
+                 else f"check: OK: VM {res.name}: {where}, every invariant holds{moving}")
+    return lines

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from shmmmu.layout import ConfigError, VMConfig
 from shmmmu.region import (H_MAGIC, H_PID, H_PID_START, H_VERSION, LAYOUT_VERSION, MAGIC, NAME_RE, PREFIX,
                            SEM_SEP, SHM_DIR, Region, RegionError, list_names, look, open_entry, process_start,
                            unlink_all)
@@ -213,6 +214,11 @@ def describe_vm(name: str, sems: dict[str, int] | None = None) -> VmEntry | None
         e.creator_start = region.creator_start
         e.size = region.size
         cfg = region.config
+        try:
+            VMConfig.from_json(cfg)                        # a field of the wrong type or range: damaged
+        except ConfigError as err:
+            e.state, e.note = "damaged", f"the region of VM {name!r} has a damaged header: {err}"
+            return e
         n = cfg.get("n_vcpus")
         e.vcpus = n if type(n) is int else None
         mode = cfg.get("lock_mode")

@@ -20,6 +20,7 @@ from shmmmu.tlb import Tlb, TlbControl
 from shmmmu.vm import VM
 
 _U64 = (1 << 64) - 1
+_MAX_STATS = frozenset(i for name, i in STAT.items() if name.endswith("_max_ns"))
 _C_UNFLUSHED = Ctl.UNFLUSHED
 _HOST_ACCESSED, _HOST_DIRTY = HostPage.ACCESSED, HostPage.DIRTY
 
@@ -83,7 +84,11 @@ class Kvm:
         self.slots = Memslots(vm)
         self.tlbctl = TlbControl(vm, worker, tlb)
         self.stats_row = vm.region.words("stats")
-        self.st = [0] * N_STATS
+        self.st = [0] * N_STATS              # this process's own counters
+        # what earlier processes of this worker slot counted (a vCPU that stress --kill-every killed, the
+        # explorer's prologue): the row carries on from it, so no total ever goes backwards
+        # (read as plain memory: under the explorer this is no step of the kernel's)
+        self.st_carried = [int(x) for x in vm.region.array("stats")[worker][:N_STATS]]
         self.bugs = Bugs.from_names(c.bugs)
         self.debug = c.debug
         self.nx = c.nx_huge_pages
@@ -104,8 +109,9 @@ class Kvm:
         violations.record(self.region, kind, self.worker, gfn, a, b)
 
     def publish_stats(self) -> None:
-        """Copy this process's counters into its row of the region (read by the supervisor and inspector)."""
-        st, row, base = self.st, self.stats_row, self.worker * N_STATS
+        """This process's counters, on top of what its slot carried, into its row of the region (read by the
+        supervisor and inspector): sums, and the larger of the two for a maximum."""
+        st, row, base, carried = self.st, self.stats_row, self.worker * N_STATS, self.st_carried
         ls = self.lock.stats
         st[STAT["lock_wait_ns"]] = ls.wait_ns
         st[STAT["lock_contended"]] = ls.contended
@@ -118,7 +124,12 @@ class Kvm:
         st[STAT["lock_wait_max_ns"]] = ls.wait_max_ns
         st[STAT["pool_refills"]] = self.pool.refills
         for i, v in enumerate(st):
-            row.store(base + i, v & _U64)
+            row.store(base + i, (max(v, carried[i]) if i in _MAX_STATS else v + carried[i]) & _U64)
+
+    def publish_stat(self, i: int) -> None:
+        """One counter into the row now (publish_stats' sum), for a rare event that must not be lost with a
+        process killed before its next publish_stats: a root's allocation (stress checks freed <= allocated)."""
+        self.stats_row.store(self.worker * N_STATS + i, (self.st[i] + self.st_carried[i]) & _U64)
 
     def lockdep_assert_held_read(self) -> None:
         if self.lock.mode != HELD_READ:

@@ -182,6 +182,7 @@ class TdpMmuRoots(Kvm):
             self.pages_lock.release()
         self.tm.store(table * TMeta.WORDS + TMeta.OWNER, NIL)
         self.st[_ST_ROOTS_ALLOC] += 1
+        self.publish_stat(_ST_ROOTS_ALLOC)
         return row
 
     # ------------------------------------------------------------------ walks over the roots

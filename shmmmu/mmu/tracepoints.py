@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from shmmmu import outfile
 from shmmmu import spte as S
 from shmmmu.layout import TMeta
 from shmmmu.region import PREFIX
@@ -184,26 +185,20 @@ def install(mmu: "Mmu", directory: str) -> Writer:
 @contextmanager
 def tracepoint_parts(out: str) -> Iterator[str]:
     """A directory for the workers' parts beside `out`; on leaving, the parts merged into `out` and removed
-    (also on an error or Ctrl-C: what was written until then is kept)."""
+    (also on an error or Ctrl-C: what was written until then is kept).  `out` is checked first and written
+    as every output is (shmmmu.outfile: never through a link; a failure is an OutputError, exit 2)."""
+    outfile.check(out)
     try:
-        with open(out, "a"):
-            pass
         d = tempfile.mkdtemp(prefix=f".{PREFIX}tracepoints-", dir=os.path.dirname(os.path.abspath(out)))
     except OSError as e:
-        raise ValueError(f"cannot write tracepoints to {out}: {e.strerror}") from None
+        raise outfile.OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
         yield d
     finally:
         try:
             collect(d, out)
-        except OSError as e:                     # a full disk: the run's one-line error (exit 1)
-            raise TracepointsLost(f"cannot write tracepoints to {out}: {e.strerror}") from None
         finally:
             shutil.rmtree(d, ignore_errors=True)
-
-
-class TracepointsLost(RuntimeError):
-    """The merged file could not be written."""
 
 
 def _ts(line: str) -> float:
@@ -216,13 +211,19 @@ def collect(directory: str, out: str) -> int:
     files = [open(os.path.join(directory, n)) for n in names]
     n = 0
     try:
-        with open(out, "w") as f:
+        with outfile.output(out, "w") as f:
             f.write("# tracer: shmmmu (kvm and kvmmmu events in the kernel's formats, Linux 5.13)\n#\n"
                     "#           TASK-PID     CPU   TIMESTAMP  FUNCTION\n"
                     "#              | |        |         |         |\n")
+            batch: list[str] = []
             for line in heapq.merge(*files, key=_ts):
-                f.write(line)
-                n += 1
+                batch.append(line)
+                if len(batch) >= 4096:
+                    f.write("".join(batch))
+                    n += len(batch)
+                    batch.clear()
+            f.write("".join(batch))
+            n += len(batch)
     finally:
         for fh in files:
             fh.close()

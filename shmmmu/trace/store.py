@@ -22,13 +22,16 @@ The file: an 8 KiB header of uint64 words, then the parts, one per thread
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import time
 from array import array
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from shmmmu import outfile
 from shmmmu.trace.formats import (FORMATS, READERS, TraceError, detect, read_lackey, read_lackey_blocks,
                                   text_lines)
 
@@ -134,18 +137,12 @@ class Converter:
             header[8:16] = np.frombuffer(fmt.encode()[:64].ljust(64, b"\0"), dtype=np.uint64)
             for k, (tid, off, n) in enumerate(parts):
                 header[16 + 3 * k:19 + 3 * k] = [tid & ((1 << 64) - 1), off, n]
-            tmp = f"{out}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(header.tobytes())
-                    for p in self.parts.values():
-                        p.file.seek(0)
-                        while block := p.file.read(1 << 20):
-                            f.write(block)
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with outfile.output(out, "wb") as f:
+                f.write(header.tobytes())
+                for p in self.parts.values():
+                    p.file.seek(0)
+                    while block := p.file.read(1 << 20):
+                        f.write(block)
             return TraceInfo(out, fmt, parts, len(self.pages), first)
         finally:
             self.close()
@@ -195,21 +192,85 @@ def read_chunk(path: str, part: int, index: int, chunk: int = CHUNK) -> np.ndarr
     return np.fromfile(path, dtype=np.uint64, count=min(chunk, count - lo), offset=HEADER_BYTES + 8 * (first + lo))
 
 
-def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
-                   page_shift: int = PAGE_SHIFT) -> TraceInfo:
-    """Convert a text trace from a binary stream; `fmt` forces a format (None: detected)."""
+@dataclass
+class Progress:
+    """How far a conversion has come: bytes of the source read (of `total`; 0: unknown, a pipe), lines, seconds."""
+
+    name: str
+    done: int
+    total: int
+    lines: int
+    seconds: float
+    final: bool = False                  # the conversion is complete: the last report
+
+    def line(self) -> str:
+        """The report in words: bytes done of the total, lines/s, ETA (or, when final, what it took)."""
+        rate = self.lines / self.seconds if self.seconds > 0 else 0.0
+        mib = self.done / (1 << 20)
+        if self.final:
+            return (f"converted {self.name}: {mib:.1f} MiB, {self.lines:,} lines in {self.seconds:.1f} s "
+                    f"({rate:,.0f} lines/s)")
+        if not self.total:
+            return f"converting {self.name}: {mib:.1f} MiB, {rate:,.0f} lines/s"
+        left = self.seconds * (self.total - self.done) / self.done if self.done else 0.0
+        return (f"converting {self.name}: {mib:.1f} of {self.total / (1 << 20):.1f} MiB "
+                f"({100 * self.done // self.total}%), {rate:,.0f} lines/s, ETA {left:.0f} s")
+
+
+PROGRESS_BYTES = 1 << 20         # a report per MiB of the source read
+
+
+class _Counted:
+    """The source stream as the readers take it (readline, read), bytes and lines counted: `progress` is
+    told every PROGRESS_BYTES."""
+
+    def __init__(self, f: BinaryIO, name: str, total: int, progress: Callable[[Progress], None]):
+        self.f, self.name, self.total, self.progress = f, name, total, progress
+        self.done = self.lines = 0
+        self.next = PROGRESS_BYTES
+        self.t0 = time.monotonic()
+
+    def readline(self, size: int = -1) -> bytes:
+        raw = self.f.readline(size)
+        self.done += len(raw)
+        self.lines += bool(raw)
+        if self.done >= self.next:
+            self.tell()
+        return raw
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.done += len(data)
+        self.lines += data.count(b"\n")
+        if self.done >= self.next:
+            self.tell()
+        return data
+
+    def tell(self, final: bool = False) -> None:
+        self.next = self.done + PROGRESS_BYTES
+        self.progress(Progress(self.name, self.done, self.total, self.lines, time.monotonic() - self.t0, final))
+
+
+def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None, page_shift: int = PAGE_SHIFT,
+                   progress: Callable[[Progress], None] | None = None) -> TraceInfo:
+    """Convert a text trace from a binary stream; `fmt` forces a format (None: detected); `progress` is told
+    how far it has come every MiB of the source, and once more at the end (`Progress.final`)."""
     if fmt is not None and fmt not in FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}: use {', '.join(FORMATS)}")
+    outfile.check(out)
+    counted = None
+    if progress is not None:
+        try:
+            st = os.fstat(f.fileno())
+            total = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        except (OSError, AttributeError, ValueError):
+            total = 0
+        f = counted = _Counted(f, name, total, progress)    # type: ignore[assignment]
     lines = text_lines(f, name)
     seen: list[tuple[int, str]] = []
     if fmt is None:
         fmt, seen = detect(lines, name)
-    directory = os.path.dirname(os.path.abspath(out))
-    try:
-        tempfile.TemporaryFile(dir=directory).close()        # the output's directory takes files
-    except OSError as e:
-        raise TraceError(f"cannot write {out}: {e.strerror}") from None
-    conv = Converter(directory, page_shift)
+    conv = Converter(outfile.scratch_dir(out), page_shift)
     try:
         if fmt == "lackey":
             # the lines detection read, then the rest a block at a time (read_lackey's semantics, faster)
@@ -219,7 +280,10 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None,
             READERS[fmt](_chain(seen, lines), conv.add, name, page_shift)
         if not conv.parts:
             raise TraceError(f"{name}: the trace has no accesses")
-        return conv.finish(out, fmt)
+        info = conv.finish(out, fmt)
+        if counted is not None:
+            counted.tell(final=True)
+        return info
     except OSError as e:                                      # a read error, a full disk
         raise TraceError(f"cannot convert {name} into {out}: {e.strerror}") from None
     finally:
@@ -231,8 +295,10 @@ def _chain(seen: list[tuple[int, str]], rest: Iterator[tuple[int, str]]) -> Iter
     yield from rest
 
 
-def convert(path: str, out: str, fmt: str | None = None) -> TraceInfo:
-    """Convert the trace file at `path` into `out`; a converted trace is only checked (and reused as it is)."""
+def convert(path: str, out: str, fmt: str | None = None,
+            progress: Callable[[Progress], None] | None = None) -> TraceInfo:
+    """Convert the trace file at `path` into `out`; a converted trace is only checked (and reused as it is).
+    `progress`: see convert_stream (every command that converts shows it the same way)."""
     if is_converted(path):
         return read_info(path)
     try:
@@ -240,4 +306,4 @@ def convert(path: str, out: str, fmt: str | None = None) -> TraceInfo:
     except OSError as e:
         raise TraceError(f"cannot read trace {path}: {e.strerror}") from None
     with f:
-        return convert_stream(f, path, out, fmt)
+        return convert_stream(f, path, out, fmt, progress=progress)
