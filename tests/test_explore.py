@@ -161,7 +161,10 @@ def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
         insp = subprocess.run([sys.executable, "-m", "workers.cli", "inspect", name, "--json"],
                               capture_output=True, text=True, timeout=60)
         assert insp.returncode == 0, insp.stderr
-        assert json.loads(insp.stdout)["vm"] == name
+        summary = json.loads(insp.stdout)
+        assert summary["vm"] == name
+        # the oracles' problems are counted where the summary counts violations (it said 0, issue 21)
+        assert summary["violations"]["count"] >= 1, summary["violations"]
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -211,3 +214,55 @@ def test_atomic_takes_any_function_of_the_library() -> None:
     """--atomic names a function defined anywhere in the shmmmu package (a method, a nested function too)."""
     for fn in ("kvm_tdp_mmu_map", "tdp_mmu_set_spte_atomic", "traced_alloc"):
         ExploreOptions(bugs=["zero-removed-children"], atomic=[fn]).resolve()
+
+
+def test_replay_takes_no_search_option_and_says_when_it_ran_something_else(tmp_path) -> None:
+    """`--replay TOKEN --scenario X` ignored --scenario (issue 21): one line, exit 2.  A token whose replay runs
+    another execution than it recorded exits 3, not 0; --svg with nothing found says no picture was written."""
+    rep = run_explore(ExploreOptions(bugs=["cas-over-removed"]))
+    p = cli("--replay", rep.token, "--scenario", "fault-fault", "--seed", "3", timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "--scenario, --seed cannot go with it" in p.stderr
+    t = Token.decode(rep.token)
+    t.switches = t.switches[1:]                       # drop the preemption: the bug's schedule is gone
+    d = cli("--replay", t.encode(), timeout=120)
+    assert d.returncode == 3 and "A DIFFERENT EXECUTION" in d.stdout, (d.returncode, d.stdout)
+    svg = tmp_path / "none.svg"
+    c = cli("--scenario", "fault-fault", "-n", "3", "--svg", str(svg), timeout=120)
+    assert c.returncode == 0 and not svg.exists()
+    assert f"no finding: no picture written to {svg}" in c.stderr
+
+
+@pytest.mark.parametrize("doc, words", [
+    ({"s": "fault-zap", "b": [], "p": {}, "w": [[1e400, -1, 0]], "a": [], "t": 1, "f": ""}, "step must be"),
+    ({"s": "fault-zap", "b": [], "p": {}, "w": [], "a": [], "t": 1e400, "f": ""}, "the steps must be"),
+    ({"s": [1], "b": [], "p": {}, "w": [], "a": [], "t": 1, "f": ""}, "the scenario must be"),
+    ({"s": "fault-zap", "b": [[1]], "p": {}, "w": [], "a": [], "t": 1, "f": ""}, "the bug switches must be"),
+    ({"s": "fault-zap", "b": [], "p": {}, "w": [[1, -1]], "a": [], "t": 1, "f": ""}, "[step, k, actor]"),
+    ({"s": "fault-zap", "b": [], "p": {"seed": "x"}, "w": [], "a": [], "t": 1, "f": ""}, "parameter seed"),
+    ([1, 2], "not an object"),
+])
+def test_a_hostile_token_is_one_line_and_exit_2(doc, words: str) -> None:
+    """A replay token is untrusted input (issue 21): wrong types, huge numbers and missing fields are refused in
+    one line, never an OverflowError or TypeError."""
+    import base64
+    import zlib
+    raw = json.dumps(doc).replace("Infinity", "1e400").encode()      # a literal JSON reads as inf
+    token = "shx2-" + base64.urlsafe_b64encode(zlib.compress(raw)).decode().rstrip("=")
+    p = cli("--replay", token, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert words in p.stderr, p.stderr
+
+
+def test_a_token_that_decompresses_to_too_much_is_refused_at_once() -> None:
+    """122 KB of token decompressing to 40 M decisions took 700 MB and 12 s (issue 21): the decompressed size is
+    capped before anything is parsed."""
+    import base64
+    import resource
+    import zlib
+    raw = b'{"s":"fault-zap","b":[],"p":{},"a":[],"t":1,"f":"","w":[' + b"[1,-1,0]," * 5_000_000 + b"[1,-1,0]]}"
+    token = "shx2-" + base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+    assert len(token) < 1 << 20
+    p = subprocess.run([*CLI, "--replay", token], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)))
+    assert p.returncode == 2 and "decompresses to more than" in p.stderr, p.stderr

@@ -25,6 +25,7 @@ from shmmmu.explore import DEFAULT_EXECUTIONS
 from shmmmu.region import PREFIX, PREFIX_ERROR, RegionError
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3          # explore --replay ran another execution than its token recorded
 
 app = typer.Typer(
     name="shmmmu",
@@ -390,7 +391,8 @@ def explore(
 
     The actors (vCPUs, host operations, the reclaimer) run the library's real code in one process, one
     at a time; every shared-word operation is a scheduling point.  Exit 0: nothing found; 1: a finding;
-    2: bad usage.  docs/explore.md has examples.
+    2: bad usage; 3: a replay that ran a different execution than its token recorded.  docs/explore.md
+    has examples.
     """
     import json
     import time
@@ -402,6 +404,16 @@ def explore(
         return
     if not 1 <= jobs <= 64:
         raise _fail("--jobs must be between 1 and 64")
+    if replay_token:
+        given = [name for name, value, default in (
+            ("--scenario", scenario, ""), ("--bug", list(bug), []), ("--strategy", strategy, ""),
+            ("--depth", depth, 0), ("--preemptions", preemptions, 3), ("--seed", seed, 1),
+            ("--executions", executions, DEFAULT_EXECUTIONS), ("--time", time_limit, 0.0), ("--jobs", jobs, 1),
+            ("--mix-seed", mix_seed, 0), ("--atomic", list(atomic), []), ("--no-shrink", no_shrink, False))
+            if value != default]
+        if given:
+            raise _fail(f"--replay runs the token's own scenario, switches and schedule: {', '.join(given)} "
+                        f"cannot go with it")
     from shmmmu import outfile
     if svg_file:
         outfile.check(svg_file)                # before the search, not after it
@@ -447,6 +459,10 @@ def explore(
                 from shmmmu.explore import render
                 outfile.write(svg_file, render.svg(rep.lines()[:2], rep.runs, rep.result.actors,
                                                    str(rep.result.finding)))
+            elif svg_file:
+                print(f"shmmmu: the replay found nothing: no picture written to {svg_file}", file=sys.stderr)
+            if not rep.same:
+                raise typer.Exit(EXIT_DIVERGED)
             raise typer.Exit(1 if rep.result.finding is not None else 0)
         opts = ExploreOptions(scenario=scenario, bugs=list(bug), strategy=strategy, seed=seed, depth=depth,
                               preemptions=preemptions, executions=executions, time_limit=time_limit,
@@ -468,6 +484,8 @@ def explore(
         _print_lines(rep.lines())
     if svg_file and rep.found is not None:
         outfile.write(svg_file, rep.svg())
+    elif svg_file:
+        print(f"shmmmu: no finding: no picture written to {svg_file}", file=sys.stderr)
     if not rep.ok:
         raise typer.Exit(1)
 

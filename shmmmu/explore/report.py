@@ -209,8 +209,22 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] |
                      f"shrunk in {runs} executions to {traced.preemptions} preemption"
                      f"{'s' if traced.preemptions != 1 else ''}, {traced.steps} steps"]
         if keep is not None:
+            _record_oracle_problems(ex, traced)
             keep(ex)
         return rep
+
+
+def _record_oracle_problems(explorer: Explorer, r: Result) -> None:
+    """Before a region is kept (--keep): what the end-of-execution oracles found goes into its violation record
+    too, so that `shmmmu inspect` counts what `inspect --check` lists (the checkers' own are there already)."""
+    if r.finding is None or r.finding.kind != "check":
+        return
+    from shmmmu import violations
+    from shmmmu.checks import check_all
+    from shmmmu.integrity import check_guest_memory
+    for problem in [str(p) for p in check_all(explorer.vm)] + check_guest_memory(explorer.vm):
+        kind = problem.split(":")[0].strip()
+        violations.record(explorer.region, kind if kind in violations.KIND else "invariant", 0)
 
 
 @dataclass
@@ -250,6 +264,7 @@ def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracep
         if kind != t.finding:
             diffs.append(f"finding {kind or 'none'}, the token recorded {t.finding or 'none'}")
         if keep is not None and r.finding is not None:
+            _record_oracle_problems(ex, r)
             keep(ex)
         return ReplayReport(t, r, rs, not diffs, diffs)
 
