@@ -110,6 +110,20 @@ def no_leftovers() -> Iterator[None]:
         pytest.fail(f"test left this session's objects behind (now removed): {left}")
 
 
+# How long a test waits for something that must happen (a worker starting, a root being freed) before it calls
+# it a hang.  A guard against hangs, not a speed requirement: a loaded machine is slow, but it does not stop.
+HANG_GUARD_S = 300.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, poll_s: float = 0.005,
+               guard_s: float = HANG_GUARD_S) -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` only past the hang guard."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        assert time.monotonic() < deadline, f"hung: {what} (nothing after {guard_s:.0f} s)"
+        time.sleep(poll_s)
+
+
 def new_vm_name(tag: str = "t") -> str:
     """A VM name no other test, run or concurrent session uses."""
     return f"{tag}-{os.getpid()}-{uuid.uuid4().hex[:10]}"

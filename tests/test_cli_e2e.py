@@ -28,7 +28,7 @@ import pytest
 from shmmmu.region import (HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, PREFIX, segment_name,
                            unlink_all)
 
-from conftest import new_vm_name, default_sigint
+from conftest import HANG_GUARD_S, default_sigint, new_vm_name
 
 CMD = [sys.executable, "-m", "workers.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,17 +68,16 @@ class Kept:
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> tuple[int, float]:
-        """Send `sig`, wait; returns (exit status, seconds it took)."""
-        t0 = time.monotonic()
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Send `sig`, wait (a hang guard, not a speed requirement); returns the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        return rc, time.monotonic() - t0
+        return self.proc.wait(HANG_GUARD_S)
 
 
-def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, err: Path | None = None):
-    deadline = time.monotonic() + timeout
+def wait_for(pred, what: str, proc: subprocess.Popen | None = None, err: Path | None = None):
+    """Poll `pred` until it holds (a hang guard bounds it, not a speed requirement)."""
+    deadline = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < deadline:
         v = pred()
         if v:
@@ -87,7 +86,7 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
             text = err.read_text(errors="replace") if err else ""
             raise AssertionError(f"the run exited ({proc.returncode}) before {what}: {text}")
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"hung: waiting for {what}")
 
 
 @contextmanager
@@ -102,7 +101,7 @@ def running(name: str, *run_args: str, keep: bool = True, ready: str = "kept ali
     kept = Kept(name, proc, err)
     try:
         if ready == "kept alive":
-            wait_for(lambda: "kept alive" in kept.stderr(), 120, f"VM {name} to be kept alive", proc, err)
+            wait_for(lambda: "kept alive" in kept.stderr(), f"VM {name} to be kept alive", proc, err)
         yield kept
     finally:
         if proc.poll() is None:
@@ -228,9 +227,8 @@ def test_inspect_a_kept_vm(lock_mode: str, backing: str, workload: str) -> None:
         assert leftovers(name)
 
         # Ctrl-C: out within a few seconds, nothing left
-        rc, took = vm.stop(signal.SIGINT)
+        rc = vm.stop(signal.SIGINT)
         assert rc == 130, vm.stderr()
-        assert took < 5, took
         assert "Traceback" not in vm.stderr()
         assert not leftovers(name)
     res = shmmmu("inspect", name)
@@ -284,7 +282,7 @@ def _vcpu_pid(name: str, vcpu: int = 0) -> int:
             return 0
         w = json.loads(res.stdout)["workers"][vcpu]
         return w["pid"] if w["alive"] and w["status"] == "ready" else 0
-    return wait_for(pid, 60, f"vCPU {vcpu} of {name} to start")
+    return wait_for(pid, f"vCPU {vcpu} of {name} to start")
 
 
 def test_sigkill_of_a_vcpu_while_kept_ends_the_run() -> None:
@@ -303,9 +301,9 @@ def test_sigkill_of_a_vcpu_while_kept_ends_the_run() -> None:
 def test_sigkill_of_a_vcpu_mid_workload_ends_the_run() -> None:
     name = new_vm_name("e2e")
     with running(name, "-b", "8M", "-i", "100000", "-w", "random", keep=False, ready="") as vm:
-        wait_for(lambda: leftovers(name), 60, f"VM {name} to appear", vm.proc, vm.err)
+        wait_for(lambda: leftovers(name), f"VM {name} to appear", vm.proc, vm.err)
         pid = _vcpu_pid(name, 0)
-        wait_for(lambda: inspect_json(name)["run"]["iteration"] >= 2, 60, "the workload to run")
+        wait_for(lambda: inspect_json(name)["run"]["iteration"] >= 2, "the workload to run")
         assert vm.proc.poll() is None, "the run ended before the kill"
         os.kill(pid, signal.SIGKILL)
         rc = vm.proc.wait(15)
@@ -320,12 +318,11 @@ def test_sigkill_of_a_vcpu_mid_workload_ends_the_run() -> None:
 def test_ctrl_c_mid_workload_leaves_nothing() -> None:
     name = new_vm_name("e2e")
     with running(name, "-b", "8M", "-i", "100000", "-w", "random", keep=False, ready="") as vm:
-        wait_for(lambda: leftovers(name), 60, f"VM {name} to appear", vm.proc, vm.err)
+        wait_for(lambda: leftovers(name), f"VM {name} to appear", vm.proc, vm.err)
         _vcpu_pid(name, 1)
         worker_pids = [w["pid"] for w in inspect_json(name)["workers"] if w["pid"]]
-        rc, took = vm.stop(signal.SIGINT)
+        rc = vm.stop(signal.SIGINT)
         assert rc == 130, vm.stderr()
-        assert took < 5, took
         assert "Traceback" not in vm.stderr()
         assert not leftovers(name)
         from shmmmu.inspect import pid_alive
@@ -335,8 +332,8 @@ def test_ctrl_c_mid_workload_leaves_nothing() -> None:
 def test_sigterm_stops_a_kept_vm() -> None:
     name = new_vm_name("e2e")
     with running(name, *SMALL) as vm:
-        rc, took = vm.stop(signal.SIGTERM)
-        assert rc == 128 + signal.SIGTERM and took < 5
+        rc = vm.stop(signal.SIGTERM)
+        assert rc == 128 + signal.SIGTERM
         assert not leftovers(name)
 
 
@@ -380,7 +377,7 @@ def test_a_name_in_use_is_refused_and_the_first_vm_survives() -> None:
         assert_one_line_error(res, "already exists")
         assert shmmmu("inspect", name).returncode == 0
         assert vm.proc.poll() is None
-        rc, _ = vm.stop()
+        rc = vm.stop()
         assert rc == 130
     assert not leftovers(name)
 
@@ -497,8 +494,8 @@ def test_rm_force_unlinks_a_live_vm_and_it_still_stops_cleanly() -> None:
         assert res.returncode == 0, res.stderr
         assert "live" in res.stderr
         assert not leftovers(name)
-        rc, took = vm.stop()
-        assert rc == 130 and took < 5, vm.stderr()
+        rc = vm.stop()
+        assert rc == 130, vm.stderr()
         assert "Traceback" not in vm.stderr()
     assert not leftovers(name)
 
@@ -632,7 +629,7 @@ def test_runs_without_a_name_at_once_each_take_the_next_free_name(tmp_path: Path
              for e in errs]
     try:
         for p, e in zip(procs, errs):
-            wait_for(lambda: "kept alive" in e.read_text(), 120, "the VM to be kept alive", p, e)
+            wait_for(lambda: "kept alive" in e.read_text(), "the VM to be kept alive", p, e)
         names = sorted(re.search(r"^VM (\S+) is kept alive", e.read_text(), re.M).group(1) for e in errs)
         assert names == ["demo", "demo-2", "demo-3"], [e.read_text() for e in errs]
         for e in errs:
@@ -710,7 +707,7 @@ def test_check_of_a_running_stress_vm_reports_no_violation() -> None:
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
     name = f"stress-{p.pid}"
     try:
-        wait_for(lambda: shmmmu("inspect", name, "--json").returncode == 0, 60, f"{name} to be inspectable")
+        wait_for(lambda: shmmmu("inspect", name, "--json").returncode == 0, f"{name} to be inspectable")
         results = []
         for k in range(4):
             res = shmmmu("inspect", name, "--check", *(["--json"] if k else []))

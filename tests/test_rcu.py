@@ -80,9 +80,9 @@ def test_wait_for_readers_gives_up_when_not_alive(region: Region) -> None:
     a, b = rcus(region)[:2]
     b.read_lock()
     epoch = region.words("ctl").fetch_add(Ctl.EPOCH, 1)
-    t0 = time.monotonic()
-    assert a.wait_for_readers(epoch, timeout=None, alive=lambda: False) is False
-    assert time.monotonic() - t0 < 1.0
+    asked: list[int] = []
+    assert a.wait_for_readers(epoch, timeout=None, alive=lambda: bool(asked.append(1))) is False
+    assert asked == [1]                           # it gave up the first time it asked, not after a timeout
     b.read_unlock()
     assert a.wait_for_readers(epoch, timeout=1.0)
 
@@ -165,7 +165,7 @@ def test_sigkill_inside_a_read_section_then_recover(region: Region) -> None:
     p = subprocess.Popen([sys.executable, "-m", "workers.torture", "worker", "hold", "--region", region.name,
                           "--worker", "2", "--role", "rcu"], stdin=subprocess.DEVNULL)
     try:
-        end = time.monotonic() + 30
+        end = time.monotonic() + 300               # a hang guard
         while region.words("tables").load(TortureCtl.HOLDING) == holding and p.poll() is None and time.monotonic() < end:
             time.sleep(0.005)
         assert p.poll() is None and slot(region, 2) != 0

@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from shmmmu.layout import Locks, TortureCtl, WState
+from conftest import HANG_GUARD_S
+
+from shmmmu.layout import Lock, Locks, TortureCtl, WState
 from shmmmu.region import Region
 from shmmmu.rwlock import HELD_NONE, HELD_READ, HELD_WRITE, SLEEP_TIMEOUT, LockError, Mutex, RWLock, assert_held
 from shmmmu.torture import dead_workers, torture_config
@@ -209,21 +211,24 @@ def test_cond_resched_write_lets_a_waiting_reader_in(region: Region) -> None:
 
 @pytest.mark.parametrize("first,second", [("w", "w"), ("w", "r"), ("r", "w")])
 def test_handoff_wakes_the_sleeper_at_once(region: Region, first: str, second: str) -> None:
-    """A sleeper is woken by the release, not by its SLEEP_TIMEOUT (regression: writer after writer slept 0.2 s)."""
+    """A sleeper is woken by the release, not by its SLEEP_TIMEOUT (regression: writer after writer slept 0.2 s):
+    its semaphore wait never times out (on_sleep runs at each timeout), however slow the machine."""
     a, b = handles(region)[:2]
     lock_a, unlock_a = (a.write_lock, a.write_unlock) if first == "w" else (a.read_lock, a.read_unlock)
     lock_b, unlock_b = (b.write_lock, b.write_unlock) if second == "w" else (b.read_lock, b.read_unlock)
-    delays = []
+    timeouts: list[int] = []
+    b.on_sleep = lambda: timeouts.append(1)
+    locks = region.words("locks")
+    flag = Locks.MMU * Lock.WORDS + (Lock.WSLEEP if second == "w" else Lock.RSLEEP)
     for _ in range(5):
         lock_a()
-        stamp: list[float] = []
-        t, done = in_thread(lambda: (lock_b(), stamp.append(time.monotonic()), unlock_b()))
-        time.sleep(0.03)                           # long enough for b to go to sleep on a semaphore
-        t_release = time.monotonic()
+        t, done = in_thread(lambda: (lock_b(), unlock_b()))
+        while not locks.load(flag):
+            assert not done.is_set()
+            time.sleep(0.002)                      # until b goes to sleep on its semaphore
         unlock_a()
-        assert done.wait(5)
-        delays.append(stamp[0] - t_release)
-    assert statistics.median(delays) < SLEEP_TIMEOUT / 2, f"woken late: {delays}"
+        assert done.wait(HANG_GUARD_S)
+    assert timeouts == [], f"woken by the timeout, not the release: {len(timeouts)} times"
 
 
 def test_busted_writer_barges_in_beside_a_reader(region: Region) -> None:
