@@ -334,6 +334,8 @@ w_cpu_relax(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *w_column(Words *self, PyObject *const *args, Py_ssize_t nargs);
+
 static PyMethodDef Words_methods[] = {
     {"load", (PyCFunction)(void (*)(void))w_load, METH_FASTCALL, "load(i) -> value"},
     {"store", (PyCFunction)(void (*)(void))w_store, METH_FASTCALL, "store(i, value)"},
@@ -359,6 +361,8 @@ static PyMethodDef Words_methods[] = {
      "wait_while(i, value, spins) -> last value seen"},
     {"touch", (PyCFunction)(void (*)(void))w_touch, METH_FASTCALL,
      "touch(start, n, write): declare a bulk access made through numpy (the explorer's point)"},
+    {"column", (PyCFunction)(void (*)(void))w_column, METH_FASTCALL,
+     "column(width, field) -> Column: that field of every row of `width` words"},
     {NULL}
 };
 
@@ -392,6 +396,192 @@ PyTypeObject WordsType = {
     .tp_new = Words_new,
 };
 
+/* ---- Column: one field of every row of a section (word = row * width + field) ----
+ *
+ * Rows are laid out row-major in a section (shmmmu.layout): a Column names one of their words, so code
+ * says `tmeta.level.load(table)` instead of computing `table * TMeta.WORDS + TMeta.LEVEL` by hand, and
+ * the multiplication happens here, for nothing.  It keeps its Words (and so the buffer) alive. */
+
+typedef struct {
+    PyObject_HEAD
+    Words *words;
+    uint64_t *w;            /* &words->w[field] */
+    Py_ssize_t width;
+    Py_ssize_t field;
+    Py_ssize_t rows;
+    int readonly;
+} Column;
+
+static PyTypeObject ColumnType;
+
+static int
+col_index(Column *self, PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t i;
+    if (PyLong_CheckExact(o)) {
+        i = PyLong_AsSsize_t(o);
+        if (i == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            PyErr_Format(PyExc_IndexError, "row %R out of range [0, %zd)", o, self->rows);
+            return -1;
+        }
+    } else {
+        i = PyNumber_AsSsize_t(o, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred()) return -1;
+    }
+    if (i < 0 || i >= self->rows) {
+        PyErr_Format(PyExc_IndexError, "row %zd out of range [0, %zd)", i, self->rows);
+        return -1;
+    }
+    *out = i * self->width;
+    return 0;
+}
+
+static int
+col_writable(Column *self)
+{
+    if (self->readonly) {
+        PyErr_SetString(PyExc_PermissionError, "these words are mapped read-only");
+        return -1;
+    }
+    return 0;
+}
+
+/* Words.column(width, field): the field of every row of `width` words */
+static PyObject *
+w_column(Words *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_args(nargs, 2, "column")) return NULL;
+    Py_ssize_t width = PyNumber_AsSsize_t(args[0], PyExc_ValueError);
+    if (width == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t field = PyNumber_AsSsize_t(args[1], PyExc_ValueError);
+    if (field == -1 && PyErr_Occurred()) return NULL;
+    if (width < 1 || field < 0 || field >= width) {
+        PyErr_Format(PyExc_ValueError, "column: field %zd of rows of %zd words", field, width);
+        return NULL;
+    }
+    Column *c = PyObject_New(Column, &ColumnType);
+    if (!c) return NULL;
+    Py_INCREF(self);
+    c->words = self;
+    c->w = self->w + field;
+    c->width = width;
+    c->field = field;
+    c->rows = self->n / width;
+    c->readonly = self->readonly;
+    return (PyObject *)c;
+}
+
+static void
+Column_dealloc(Column *self)
+{
+    Py_XDECREF(self->words);
+    PyObject_Free(self);
+}
+
+static PyObject *
+c_load(Column *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i;
+    if (check_args(nargs, 1, "load") || col_index(self, args[0], &i)) return NULL;
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->w[i], SEQ));
+}
+
+static PyObject *
+c_store(Column *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i;
+    uint64_t v;
+    if (check_args(nargs, 2, "store") || col_writable(self) || col_index(self, args[0], &i)
+        || get_u64(args[1], &v)) return NULL;
+    __atomic_store_n(&self->w[i], v, SEQ);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+c_cas(Column *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i;
+    uint64_t old, new;
+    if (check_args(nargs, 3, "cas") || col_writable(self) || col_index(self, args[0], &i)
+        || get_u64(args[1], &old) || get_u64(args[2], &new)) return NULL;
+    __atomic_compare_exchange_n(&self->w[i], &old, new, 0, SEQ, SEQ);
+    return PyLong_FromUnsignedLongLong(old);
+}
+
+#define COL_RMW_OP(NAME, BUILTIN)                                                      \
+static PyObject *                                                                      \
+c_##NAME(Column *self, PyObject *const *args, Py_ssize_t nargs)                        \
+{                                                                                      \
+    Py_ssize_t i;                                                                      \
+    uint64_t v;                                                                        \
+    if (check_args(nargs, 2, #NAME) || col_writable(self) || col_index(self, args[0], &i) \
+        || get_u64(args[1], &v)) return NULL;                                          \
+    return PyLong_FromUnsignedLongLong(BUILTIN(&self->w[i], v, SEQ));                  \
+}
+
+COL_RMW_OP(xchg, __atomic_exchange_n)
+COL_RMW_OP(fetch_add, __atomic_fetch_add)
+COL_RMW_OP(fetch_or, __atomic_fetch_or)
+COL_RMW_OP(fetch_and, __atomic_fetch_and)
+
+static PyObject *
+c_word(Column *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i;
+    if (check_args(nargs, 1, "word") || col_index(self, args[0], &i)) return NULL;
+    return PyLong_FromSsize_t(i + self->field);
+}
+
+static PyMethodDef Column_methods[] = {
+    {"load", (PyCFunction)(void (*)(void))c_load, METH_FASTCALL, "load(row) -> value"},
+    {"store", (PyCFunction)(void (*)(void))c_store, METH_FASTCALL, "store(row, value)"},
+    {"cas", (PyCFunction)(void (*)(void))c_cas, METH_FASTCALL, "cas(row, expected, new) -> value seen"},
+    {"xchg", (PyCFunction)(void (*)(void))c_xchg, METH_FASTCALL, "xchg(row, value) -> old"},
+    {"fetch_add", (PyCFunction)(void (*)(void))c_fetch_add, METH_FASTCALL, "fetch_add(row, delta) -> old"},
+    {"fetch_or", (PyCFunction)(void (*)(void))c_fetch_or, METH_FASTCALL, "fetch_or(row, mask) -> old"},
+    {"fetch_and", (PyCFunction)(void (*)(void))c_fetch_and, METH_FASTCALL, "fetch_and(row, mask) -> old"},
+    {"word", (PyCFunction)(void (*)(void))c_word, METH_FASTCALL, "word(row) -> the section's word index"},
+    {NULL}
+};
+
+static PyObject *
+Column_rows(Column *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->rows);
+}
+
+static PyObject *
+Column_width(Column *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->width);
+}
+
+static PyObject *
+Column_field(Column *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->field);
+}
+
+static PyGetSetDef Column_getset[] = {
+    {"rows", (getter)Column_rows, NULL, "number of rows", NULL},
+    {"width", (getter)Column_width, NULL, "words per row", NULL},
+    {"field", (getter)Column_field, NULL, "the field's offset in its row", NULL},
+    {NULL}
+};
+
+static PyTypeObject ColumnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmmmu._atomics.Column",
+    .tp_basicsize = sizeof(Column),
+    .tp_dealloc = (destructor)Column_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A field of every row of a section: Words.column(width, field).",
+    .tp_methods = Column_methods,
+    .tp_getset = Column_getset,
+};
+
 static PyMethodDef module_methods[] = {
     {"cpu_relax", (PyCFunction)(void (*)(void))w_cpu_relax, METH_FASTCALL, "one pause instruction"},
     {NULL}
@@ -405,12 +595,18 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC
 PyInit__atomics(void)
 {
-    if (PyType_Ready(&WordsType) < 0) return NULL;
+    if (PyType_Ready(&WordsType) < 0 || PyType_Ready(&ColumnType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&WordsType);
     if (PyModule_AddObject(m, "Words", (PyObject *)&WordsType) < 0) {
         Py_DECREF(&WordsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ColumnType);
+    if (PyModule_AddObject(m, "Column", (PyObject *)&ColumnType) < 0) {
+        Py_DECREF(&ColumnType);
         Py_DECREF(m);
         return NULL;
     }

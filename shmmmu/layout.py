@@ -37,6 +37,22 @@ class Row:
         return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
+class Columns:
+    """Every word of a row type as a column of its section, named in lower case: `tmeta.level.load(table)`
+    reads word LEVEL of row `table` (Words.column: the row offset is computed in C, never by hand)."""
+
+    def __init__(self, row: type[Row], words: Any):
+        self.row = row
+        for name, offset in row.fields().items():
+            setattr(self, name.lower(), words.column(row.WORDS, offset))
+
+    def start(self, i: int) -> int:
+        """The section's word index of row i's first word (a bulk access to the whole row: Words.touch)."""
+        return i * self.row.WORDS
+
+
+READ, WRITE, EXEC = 0, 1, 2      # a guest access's kind (an EXEC is an instruction fetch): workloads, traces
+
 # ---------------------------------------------------------------- the ctl section: VM-global words
 
 class Ctl(Row):

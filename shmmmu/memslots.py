@@ -85,6 +85,7 @@ class Memslots:
         self.bits = vm.config.bits
         self.ctl = vm.region.words("ctl")
         self.rows = vm.region.words("memslots")
+        self.slot_rows = vm.region.columns("memslots", MS)
         self.host_map = vm.region.words("host_map")
         self.dirty = vm.region.words("dirty")
         self.data = vm.region.words("data")
@@ -104,7 +105,7 @@ class Memslots:
         return self._slots
 
     def read(self, k: int) -> Slot:
-        r = [self.rows.load(k * MS.WORDS + i) for i in range(8)]
+        r = [self.rows.load(self.slot_rows.start(k) + i) for i in range(8)]
         base, npages, backing = r[MS.BASE_GFN], r[MS.NPAGES], r[MS.BACKING_LEVEL]
         huge = 1
         for level in range(2, min(backing, self.max_level) + 1):
@@ -161,10 +162,10 @@ class Memslots:
 
     def set_flags(self, k: int, set_mask: int = 0, clear_mask: int = 0) -> None:
         """Change a slot's flags and bump its generation and the global slots generation (the host, under the lock)."""
-        w = k * MS.WORDS
-        f = self.rows.load(w + MS.FLAGS)
-        self.rows.store(w + MS.FLAGS, (f | set_mask) & ~clear_mask)
-        self.rows.fetch_add(w + MS.GEN, 1)
+        flags = self.slot_rows.flags
+        f = flags.load(k)
+        flags.store(k, (f | set_mask) & ~clear_mask)
+        self.slot_rows.gen.fetch_add(k, 1)
         self.ctl.fetch_add(_SLOTS_GEN, 1)
 
     def dirty_words(self, slot: Slot) -> int:

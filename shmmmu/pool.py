@@ -42,14 +42,16 @@ class Pool:
         self.tables = region.array("tables")
         self.tables_region = region
         self.tw = region.words("tables")
-        self.tmeta = region.array("tmeta")
+        self.tmeta_np = region.array("tmeta")
         self.tm = region.words("tmeta")
+        self.tmeta = region.columns("tmeta", TMeta)
         self.stack = region.array("pool")
         self.ctl = region.words("ctl")
         self.ws = region.words("wstate")
         self.caches = region.array("caches")
         self.cache = self.caches[worker]
-        self.count_word = worker * WState.WORDS + WState.CACHE_COUNT
+        self.cache_count = region.columns("wstate", WState).cache_count
+        self.count_word = self.cache_count.word(worker)
         self.count = self.ws.load(self.count_word)
         self.capacity = config.cache_capacity
         self.min = config.cache_min
@@ -63,12 +65,12 @@ class Pool:
         n = self.tables.shape[0]
         self.tables[:] = POISON if self.debug else 0
         self.tables[ROOT_TABLE] = 0
-        self.tmeta[:] = 0
-        self.tmeta[:, TMeta.PARENT] = NIL
-        self.tmeta[:, TMeta.PREV] = NIL
-        self.tmeta[:, TMeta.NEXT] = NIL
-        self.tmeta[:, TMeta.OWNER] = NIL
-        self.tmeta[:, TMeta.GEN] = 1
+        self.tmeta_np[:] = 0
+        self.tmeta_np[:, TMeta.PARENT] = NIL
+        self.tmeta_np[:, TMeta.PREV] = NIL
+        self.tmeta_np[:, TMeta.NEXT] = NIL
+        self.tmeta_np[:, TMeta.OWNER] = NIL
+        self.tmeta_np[:, TMeta.GEN] = 1
         # table 0 is never handed out: 0 means "no table" in the roots rows (roots are pool tables,
         # allocated by the vCPU that first needs one)
         free = np.arange(n - 1, 0, -1, dtype=np.uint64)
@@ -103,7 +105,7 @@ class Pool:
                 self.ctl.store(Ctl.POOL_TOP, top - n)
                 idx = got.astype(np.intp)
                 if self.debug:
-                    states = self.tmeta[idx, TMeta.STATE]
+                    states = self.tmeta_np[idx, TMeta.STATE]
                     if (states != TS_FREE).any():
                         k = int(np.flatnonzero(states != TS_FREE)[0])
                         violations.record(self.tables_region, "table-leak", self.worker, 0, int(got[k]),
@@ -111,9 +113,9 @@ class Pool:
                 # off the stack and owned by us in one step under the lock: a crash recovery scans
                 # under it, and must not take a table on its way into a live worker's cache for lost
                 for t in got.tolist():
-                    self.tm.touch(int(t) * TMeta.WORDS, TMeta.WORDS, True)
-                self.tmeta[idx, TMeta.OWNER] = self.worker
-                self.tmeta[idx, TMeta.STATE] = TS_CACHED
+                    self.tm.touch(self.tmeta.start(int(t)), TMeta.WORDS, True)
+                self.tmeta_np[idx, TMeta.OWNER] = self.worker
+                self.tmeta_np[idx, TMeta.STATE] = TS_CACHED
         if not n:
             return 0
         if self.debug:
@@ -134,20 +136,18 @@ class Pool:
         self.count -= 1
         table = int(self.cache[self.count])
         self.ws.store(self.count_word, self.count)
-        t = table * TMeta.WORDS
-        tm = self.tm
-        tm.store(t + TMeta.LEVEL, level)
-        tm.store(t + TMeta.GFN, gfn)
-        tm.store(t + TMeta.NX, 0)
-        tm.store(t + TMeta.OWNER, self.worker)    # cleared once linked (tdp_mmu_link_page)
-        tm.store(t + TMeta.STATE, TS_LIVE)
+        tmeta = self.tmeta
+        tmeta.level.store(table, level)
+        tmeta.gfn.store(table, gfn)
+        tmeta.nx.store(table, 0)
+        tmeta.owner.store(table, self.worker)     # cleared once linked (tdp_mmu_link_page)
+        tmeta.state.store(table, TS_LIVE)
         return table
 
     def unalloc(self, table: int) -> None:
         """Give back a table that was never made visible (a lost link race): it is still zeroed."""
-        t = table * TMeta.WORDS
-        self.tm.store(t + TMeta.STATE, TS_CACHED)
-        self.tm.store(t + TMeta.OWNER, self.worker)
+        self.tmeta.state.store(table, TS_CACHED)
+        self.tmeta.owner.store(table, self.worker)
         self.cache[self.count] = table
         self.count += 1
         self.ws.store(self.count_word, self.count)
@@ -168,8 +168,8 @@ class Pool:
             self.tw.touch(t * E, E, True)             # the checks below read them, the poison writes them
         if self.debug:
             for t in tables:
-                self.tm.touch(t * TMeta.WORDS, TMeta.WORDS, False)
-            states = self.tmeta[idx, TMeta.STATE]
+                self.tm.touch(self.tmeta.start(t), TMeta.WORDS, False)
+            states = self.tmeta_np[idx, TMeta.STATE]
             if not from_cache and ((states == TS_FREE).any() or (states == TS_CACHED).any()):
                 k = int(np.flatnonzero((states == TS_FREE) | (states == TS_CACHED))[0])
                 violations.record(self.tables_region, "table-leak", self.worker, 1, int(idx[k]), int(states[k]))
@@ -180,29 +180,28 @@ class Pool:
                 row, col = (int(x) for x in bad[0])
                 val = int(snap[row, col])
                 child = S.pfn(val)
-                linker = int(self.tmeta[child, TMeta.LINKER]) if child < self.tmeta.shape[0] else -1
+                linker = int(self.tmeta_np[child, TMeta.LINKER]) if child < self.tmeta_np.shape[0] else -1
                 violations.record(self.tables_region, "install-into-dead-table", self.worker,
                                   (int(idx[row]) << 16) | col, val, linker)
         self.tables[idx] = POISON if self.debug else 0
+        tmeta = self.tmeta
         for table in tables:
-            t = table * TMeta.WORDS
-            self.tm.fetch_add(t + TMeta.GEN, 1)
-            self.tm.store(t + TMeta.PARENT, NIL)
+            tmeta.gen.fetch_add(table, 1)
+            tmeta.parent.store(table, NIL)
         with self.lock:
             # FREE and on the stack in one step under the lock (a crash recovery scans under it)
             for table in tables:
-                self.tm.store(table * TMeta.WORDS + TMeta.STATE, TS_FREE)
+                tmeta.state.store(table, TS_FREE)
             top = self.ctl.load(Ctl.POOL_TOP)
             self.stack[top: top + len(tables)] = idx
             self.ctl.store(Ctl.POOL_TOP, top + len(tables))
 
     def recover(self, dead: int) -> int:
         """Return a dead worker's cached tables to the pool; returns how many."""
-        base = dead * WState.WORDS + WState.CACHE_COUNT
-        n = self.ws.load(base)
+        n = self.cache_count.load(dead)
         if n:
             cached = [int(x) for x in self.caches[dead, :n]]
-            self.ws.store(base, 0)
+            self.cache_count.store(dead, 0)
             self.free(cached, from_cache=True)
         return n
 

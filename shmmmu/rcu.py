@@ -56,7 +56,9 @@ class Rcu(RcuReadFast):
         self.ring = region.words("retire")
         self.ring_len = region.array("retire").shape[1]
         self.n_workers = region.array("wstate").shape[0]
-        self.slot = worker * WState.WORDS + WState.RCU
+        self.wstate = region.columns("wstate", WState)
+        self.tmeta = region.columns("tmeta", TMeta)
+        self.slot = self.wstate.rcu.word(worker)
         self.nesting = 0
         if self.ctl.load(Ctl.EPOCH) == 0:
             self.ctl.cas(Ctl.EPOCH, 0, 1)
@@ -75,22 +77,25 @@ class Rcu(RcuReadFast):
 
     def call_rcu(self, table: int) -> None:
         """Retire a table: it is freed after a grace period (tdp_mmu_free_sp_rcu_callback)."""
-        base = self.worker * WState.WORDS
-        tail = self.ws.load(base + WState.RETIRE_TAIL)
-        head = self.ws.load(base + WState.RETIRE_HEAD)
+        ws, me = self.wstate, self.worker
+        tail = ws.retire_tail.load(me)
+        head = ws.retire_head.load(me)
         if tail - head >= self.ring_len:
             raise RcuError(f"worker {self.worker}'s retire ring is full ({self.ring_len} tables)")
-        t = table * TMeta.WORDS
-        self.tm.store(t + TMeta.RETIRE_EPOCH, self.ctl.load(Ctl.EPOCH))
-        self.tm.store(t + TMeta.STATE, _RETIRED)
-        self.ring.store(self.worker * self.ring_len + tail % self.ring_len, table)
-        self.ws.store(base + WState.RETIRE_TAIL, tail + 1)
+        self.tmeta.retire_epoch.store(table, self.ctl.load(Ctl.EPOCH))
+        self.tmeta.state.store(table, _RETIRED)
+        self.ring.store(self._ring_word(me, tail), table)
+        ws.retire_tail.store(me, tail + 1)
+
+    def _ring_word(self, worker: int, position: int) -> int:
+        """The word of `worker`'s retire ring (its row of the retire section) that holds entry `position`."""
+        return worker * self.ring_len + position % self.ring_len
 
     def backlog(self) -> int:
         n = 0
+        ws = self.wstate
         for k in range(self.n_workers):
-            base = k * WState.WORDS
-            n += self.ws.load(base + WState.RETIRE_TAIL) - self.ws.load(base + WState.RETIRE_HEAD)
+            n += ws.retire_tail.load(k) - ws.retire_head.load(k)
         return n
 
     def wait_for_readers(self, epoch: int, timeout: float | None = None,
@@ -98,14 +103,13 @@ class Rcu(RcuReadFast):
         """Wait until every slot is quiescent or entered after `epoch` (advanced past already)."""
         waits = self.waits
         t_end = None if timeout is None else waits.now() + timeout
-        ws, n = self.ws, self.n_workers
+        rcu, n = self.wstate.rcu, self.n_workers
         for k in range(n):
             if k == self.worker:
                 continue
-            word = k * WState.WORDS + WState.RCU
             spins = 0
             while True:
-                v = ws.load(word)
+                v = rcu.load(k)
                 if v == 0 or v > epoch:
                     break
                 spins += 1
@@ -159,14 +163,14 @@ class Rcu(RcuReadFast):
                 return 0
         self._gp_done(self.waits.now_ns() - t0)
         n = 0
+        ws, retire_epoch = self.wstate, self.tmeta.retire_epoch
         for k in range(self.n_workers):
-            base = k * WState.WORDS
-            head = self.ws.load(base + WState.RETIRE_HEAD)
-            tail = self.ws.load(base + WState.RETIRE_TAIL)
+            head = ws.retire_head.load(k)
+            tail = ws.retire_tail.load(k)
             batch: list[int] = []
             while head < tail:
-                table = self.ring.load(k * self.ring_len + head % self.ring_len)
-                if self.tm.load(table * TMeta.WORDS + TMeta.RETIRE_EPOCH) > epoch:
+                table = self.ring.load(self._ring_word(k, head))
+                if retire_epoch.load(table) > epoch:
                     break
                 batch.append(table)
                 head += 1
@@ -174,15 +178,14 @@ class Rcu(RcuReadFast):
                 # freed before they leave the ring: a retired table is always on a ring or free, never
                 # between (a crash recovery re-queues a retired table it finds on no ring)
                 free(batch)
-                self.ws.store(base + WState.RETIRE_HEAD, head)
+                ws.retire_head.store(k, head)
                 n += len(batch)
         return n
 
     def recover(self, dead: int) -> list[str]:
         """Clear a dead worker's read-side slot so grace periods can end."""
-        word = dead * WState.WORDS + WState.RCU
-        if self.ws.load(word):
-            self.ws.store(word, 0)
+        if self.wstate.rcu.load(dead):
+            self.wstate.rcu.store(dead, 0)
             return [f"rcu: cleared the read-side section of dead worker {dead}"]
         return []
 

@@ -64,15 +64,16 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
     lock.write_lock()
     try:
         if dead is not None:
-            held = mmu.ws.load(dead * WState.WORDS + WState.ROOT)
+            ws = mmu.wstate
+            held = ws.root.load(dead)
             if held:
-                mmu.ws.store(dead * WState.WORDS + WState.ROOT, 0)
-                mmu.kvm_tdp_mmu_put_root(held - 1, False)
+                ws.root.store(dead, 0)
+                mmu.roots.kvm_tdp_mmu_put_root(held - 1, False)
                 done.append(f"recovery: put the dead worker {dead}'s reference on root {held - 1}")
-            walking = mmu.ws.load(dead * WState.WORDS + WState.WALK_ROOT)
+            walking = ws.walk_root.load(dead)
             if walking:
-                mmu.ws.store(dead * WState.WORDS + WState.WALK_ROOT, 0)
-                mmu.kvm_tdp_mmu_put_root(walking - 1, False)
+                ws.walk_root.store(dead, 0)
+                mmu.roots.kvm_tdp_mmu_put_root(walking - 1, False)
                 done.append(f"recovery: put the reference the dead worker {dead}'s walk held on root {walking - 1}")
         tables_np = mmu.region.array("tables")
         tw = mmu.tables
@@ -93,7 +94,7 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
             mmu.mark_unflushed()
             mmu.kvm_flush_remote_tlbs()
             for t in orphans:
-                mmu.free_sp(int(t))
+                mmu.tdp.free_sp(int(t))
             done.append(f"recovery: retired {orphans.size} live tables no entry reached any more")
         done += _repair_pool_and_rings(mmu, dead)
         done += _mark_logging_slots_dirty(mmu)
@@ -110,15 +111,15 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
         live = np.flatnonzero(reach)
         live = live[~np.isin(live, roots)]
         ctl = mmu.ctl
-        if mmu.bugs.link_after_publish:
-            tmw = mmu.tm
+        if "link-after-publish" in mmu.config.bugs:
+            tmeta = mmu.tmeta
             prev = NIL
             for t in live[::-1]:
                 t = int(t)
-                tmw.store(t * TMeta.WORDS + TMeta.NEXT, prev if prev != NIL else NIL)
-                tmw.store(t * TMeta.WORDS + TMeta.PREV, NIL)
+                tmeta.next.store(t, prev if prev != NIL else NIL)
+                tmeta.prev.store(t, NIL)
                 if prev != NIL:
-                    tmw.store((prev - 1) * TMeta.WORDS + TMeta.PREV, t + 1)
+                    tmeta.prev.store(prev - 1, t + 1)
                 prev = t + 1
             ctl.store(Ctl.LIST_HEAD, prev if prev != NIL else 0)
         ctl.store(Ctl.PAGE_COUNT, int(live.size))
@@ -196,7 +197,7 @@ def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
     half-written, and the orphans retired above were never taken off it.
     Returns what changed ("" if nothing).
     """
-    tm, ctl = mmu.tm, mmu.ctl
+    cols, ctl = mmu.tmeta, mmu.ctl
     n = reach.size
     order: list[int] = []
     seen: set[int] = set()
@@ -204,7 +205,7 @@ def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
     while cur and 0 < cur <= n and len(order) <= n and cur - 1 not in seen:
         order.append(cur - 1)
         seen.add(cur - 1)
-        cur = tm.load((cur - 1) * TMeta.WORDS + TMeta.NX_NEXT)
+        cur = cols.nx_next.load(cur - 1)
     tmeta = mmu.region.array("tmeta")
     marked = np.flatnonzero(tmeta[:, TMeta.NX_LISTED] != 0)
     keep = [t for t in order if reach[t] and tmeta[t, TMeta.NX_LISTED]]
@@ -212,14 +213,14 @@ def rebuild_nx_list(mmu, reach: np.ndarray) -> str:
     dropped = [int(t) for t in marked if not reach[t]]
     before = (order, ctl.load(Ctl.NX_COUNT))
     for t in dropped:
-        tm.store(t * TMeta.WORDS + TMeta.NX_LISTED, 0)
-        tm.store(t * TMeta.WORDS + TMeta.NX, 0)
+        cols.nx_listed.store(t, 0)
+        cols.nx.store(t, 0)
     prev = 0
     for t in keep:
-        tm.store(t * TMeta.WORDS + TMeta.NX_PREV, prev)
-        tm.store(t * TMeta.WORDS + TMeta.NX_NEXT, 0)
+        cols.nx_prev.store(t, prev)
+        cols.nx_next.store(t, 0)
         if prev:
-            tm.store((prev - 1) * TMeta.WORDS + TMeta.NX_NEXT, t + 1)
+            cols.nx_next.store(prev - 1, t + 1)
         prev = t + 1
     ctl.store(Ctl.NX_HEAD, keep[0] + 1 if keep else 0)
     ctl.store(Ctl.NX_TAIL, prev)

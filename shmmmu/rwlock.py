@@ -65,10 +65,10 @@ class LockStats:
 class _WaitQueue:
     """A sleeping mutex on one word (Drepper's three-state mutex with a semaphore for the futex)."""
 
-    def __init__(self, words, base: int, sem: posix_ipc.Semaphore, me: int, waits: Waits):
+    def __init__(self, words, word: int, owner: int, sem: posix_ipc.Semaphore, me: int, waits: Waits):
         self.w = words
-        self.word = base + Lock.WAIT
-        self.owner = base + Lock.WAIT_OWNER
+        self.word = word                 # the lock block's WAIT word
+        self.owner = owner               # ... and its WAIT_OWNER
         self.sem = sem
         self.me = me + 1
         self.waits = waits
@@ -122,14 +122,16 @@ class RWLock(QrwlockFast):
         self.worker = worker
         self.busted = busted
         self.w = region.words("locks")
-        self.base = index * Lock.WORDS
-        self.cnts = self.base + Lock.CNTS
+        self._words_of(region, index)
         self.ws = region.words("wstate")
-        self.held_word = worker * WState.WORDS + WState.HELD + index
+        self.held = self.ws.column(WState.WORDS, WState.HELD + index)   # each worker's hold of this lock
+        self.pid = region.columns("wstate", WState).pid
+        self.held_word = self.held.word(worker)
         self.n_workers = region.array("wstate").shape[0]
         self.sem_r = region.semaphore(f"{self.name}.r")
         self.sem_w = region.semaphore(f"{self.name}.w")
-        self.queue = _WaitQueue(self.w, self.base, region.semaphore(f"{self.name}.q"), worker, waits)
+        self.queue = _WaitQueue(self.w, self.wait, self.wait_owner, region.semaphore(f"{self.name}.q"), worker,
+                                waits)
         self.mode = HELD_NONE            # this process's record, for assert_held
         self.abandoned = HELD_NONE       # a re-acquisition given up (see reacquire): its unlock is owed
         self.stats = LockStats()
@@ -138,8 +140,8 @@ class RWLock(QrwlockFast):
         self.on_sleep: Callable[[], None] | None = None
         self.wait_started = 0.0          # waits.now() when the current slow-path wait began
         if type(self) is RWLock:
-            self._bind_fast(self.w, self.ws, self.held_word, worker, self.cnts, self.base + Lock.WRITER,
-                            self.base + Lock.RSLEEP, self.base + Lock.WSLEEP)
+            self._bind_fast(self.w, self.ws, self.held_word, worker, self.cnts, self.writer, self.rsleep,
+                            self.wsleep)
 
     # ---- read side (the fast paths: _locks.c, or RWLockReference below)
 
@@ -149,7 +151,7 @@ class RWLock(QrwlockFast):
         # back out; if a writer is waiting for readers to drain, our bias may have
         # been what it saw last before sleeping
         if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.base + Lock.WSLEEP):
+            if w.load(self.wsleep):
                 self.waits.sem_release(self.sem_w)
         self._read_slowpath()
         self.mode = HELD_READ
@@ -163,7 +165,7 @@ class RWLock(QrwlockFast):
         t0 = waits.now_ns()
         self.wait_started = waits.now()
         self.stats.contended += 1
-        w.fetch_add(self.base + Lock.CONTENDED, 1)
+        w.fetch_add(self.contended, 1)
         self.queue.acquire()
         w.fetch_add(cnts, QR_BIAS)
         # our bias is in: record it now, so that `recover` takes it back if we die while we wait
@@ -175,11 +177,11 @@ class RWLock(QrwlockFast):
                 waits.relax()
             else:
                 while True:
-                    w.store(self.base + Lock.RSLEEP, 1)
+                    w.store(self.rsleep, 1)
                     if not w.load(cnts) & QW_LOCKED:
                         break
-                    self._sleep(self.sem_r, Lock.RSLEEP, lambda: w.fetch_add(cnts, _NEG_BIAS))
-                w.store(self.base + Lock.RSLEEP, 0)
+                    self._sleep(self.sem_r, self.rsleep, lambda: w.fetch_add(cnts, _NEG_BIAS))
+                w.store(self.rsleep, 0)
         self.queue.release()
         self._waited(t0)
 
@@ -206,7 +208,7 @@ class RWLock(QrwlockFast):
         t0 = waits.now_ns()
         self.wait_started = waits.now()
         self.stats.contended += 1
-        w.fetch_add(self.base + Lock.CONTENDED, 1)
+        w.fetch_add(self.contended, 1)
         self.queue.acquire()
         if w.cas(cnts, 0, QW_LOCKED) != 0:
             if self.busted:
@@ -219,11 +221,11 @@ class RWLock(QrwlockFast):
                     if spins < spin_max:
                         waits.relax()
                         continue
-                    w.store(self.base + Lock.WSLEEP, 1)
+                    w.store(self.wsleep, 1)
                     if w.load(cnts) == QW_WAITING:
                         continue
-                    self._sleep(self.sem_w, Lock.WSLEEP, lambda: w.fetch_and(cnts, ~QW_WAITING))
-                w.store(self.base + Lock.WSLEEP, 0)
+                    self._sleep(self.sem_w, self.wsleep, lambda: w.fetch_and(cnts, ~QW_WAITING))
+                w.store(self.wsleep, 0)
         self.queue.release()
         self._waited(t0)
 
@@ -235,7 +237,7 @@ class RWLock(QrwlockFast):
                 try:
                     self.on_sleep()
                 except BaseException:
-                    self.w.store(self.base + flag, 0)
+                    self.w.store(flag, 0)
                     back_out()
                     self.queue.release()
                     raise
@@ -321,42 +323,49 @@ class RWLock(QrwlockFast):
             have = {HELD_NONE: "not held", HELD_READ: "held for read", HELD_WRITE: "held for write"}[self.mode]
             raise LockError(f"{self.name} must be {want} here, but it is {have} by this process")
 
+    def _words_of(self, region: Region, index: int) -> None:
+        """The words of this lock's block in the locks section (shmmmu.layout.Lock), by name."""
+        lk = region.columns("locks", Lock)
+        self.cnts, self.wait, self.wait_owner = lk.cnts.word(index), lk.wait.word(index), lk.wait_owner.word(index)
+        self.writer, self.rsleep, self.wsleep = lk.writer.word(index), lk.rsleep.word(index), lk.wsleep.word(index)
+        self.contended = lk.contended.word(index)
+
     def held_by(self) -> list[tuple[int, int, int]]:
         """(worker, pid, mode) for every worker whose record says it holds this lock."""
         out = []
         for k in range(self.n_workers):
-            mode = self.ws.load(k * WState.WORDS + WState.HELD + self.index)
+            mode = self.held.load(k)
             if mode:
-                out.append((k, self.ws.load(k * WState.WORDS + WState.PID), mode))
+                out.append((k, self.pid.load(k), mode))
         return out
 
     def state(self) -> dict[str, int]:
         c = self.w.load(self.cnts)
         return {"readers": c // QR_BIAS, "write_locked": int(c & QW_LOCKED == QW_LOCKED),
-                "writer_waiting": int(bool(c & QW_WAITING)), "queue": self.w.load(self.base + Lock.WAIT),
-                "writer": self.w.load(self.base + Lock.WRITER) - 1, "contended": self.w.load(self.base + Lock.CONTENDED)}
+                "writer_waiting": int(bool(c & QW_WAITING)), "queue": self.w.load(self.wait),
+                "writer": self.w.load(self.writer) - 1, "contended": self.w.load(self.contended)}
 
     def recover(self, dead: int) -> list[str]:
         """Release whatever the dead worker `dead` held (the supervisor calls this); returns what it did."""
         done = []
-        w, ws = self.w, self.ws
-        mode = ws.load(dead * WState.WORDS + WState.HELD + self.index)
+        w = self.w
+        mode = self.held.load(dead)
         if mode == HELD_READ:
             if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
                 self.waits.sem_release(self.sem_w)
             done.append(f"{self.name}: dropped the read hold of worker {dead}")
-        elif mode == HELD_WRITE or w.load(self.base + Lock.WRITER) == dead + 1:
-            w.store(self.base + Lock.WRITER, 0)
+        elif mode == HELD_WRITE or w.load(self.writer) == dead + 1:
+            w.store(self.writer, 0)
             if w.fetch_and(self.cnts, ~QW_LOCKED) & QW_WAITING:
                 self.waits.sem_release(self.sem_w)         # a writer queued behind the dead one
             self.waits.sem_release(self.sem_r)
             done.append(f"{self.name}: dropped the write hold of worker {dead}")
-        ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
-        if w.load(self.base + Lock.WAIT_OWNER) == dead + 1:
+        self.held.store(dead, HELD_NONE)
+        if w.load(self.wait_owner) == dead + 1:
             # it died in a slow path: take back a WAITING it announced, and its queue slot
             w.fetch_and(self.cnts, ~QW_WAITING)
-            w.store(self.base + Lock.WAIT_OWNER, 0)
-            if w.xchg(self.base + Lock.WAIT, 0) == 2:
+            w.store(self.wait_owner, 0)
+            if w.xchg(self.wait, 0) == 2:
                 self.waits.sem_release(self.queue.sem)
             done.append(f"{self.name}: released the wait queue held by worker {dead}")
         return done
@@ -384,7 +393,7 @@ class RWLockReference(RWLock):
         self.ws.store(self.held_word, HELD_NONE)
         w = self.w
         if (w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.base + Lock.WSLEEP):
+            if w.load(self.wsleep):
                 self._wake(False, True)
 
     def write_lock(self) -> None:
@@ -392,7 +401,7 @@ class RWLockReference(RWLock):
         if self.w.cas(self.cnts, 0, QW_LOCKED) != 0:
             self._write_slowpath()
         self.mode = HELD_WRITE
-        self.w.store(self.base + Lock.WRITER, self.worker + 1)
+        self.w.store(self.writer, self.worker + 1)
         self.ws.store(self.held_word, HELD_WRITE)
         self.write_acquired += 1
 
@@ -404,15 +413,15 @@ class RWLockReference(RWLock):
         self.mode = HELD_NONE
         self.ws.store(self.held_word, HELD_NONE)
         w = self.w
-        w.store(self.base + Lock.WRITER, 0)
+        w.store(self.writer, 0)
         if self.busted:
             old = w.fetch_and(self.cnts, ~QW_LOCKED)
         else:
             old = w.fetch_add(self.cnts, _NEG_LOCKED)
         # readers asleep on the reader gate; a writer queued behind us set WAITING and may sleep on the
         # writer gate (without its wake-up it only woke on its SLEEP_TIMEOUT: waits of 0.15-0.2 s)
-        readers = w.load(self.base + Lock.RSLEEP) != 0
-        writer = bool(old & QW_WAITING) and w.load(self.base + Lock.WSLEEP) != 0
+        readers = w.load(self.rsleep) != 0
+        writer = bool(old & QW_WAITING) and w.load(self.wsleep) != 0
         if readers or writer:
             self._wake(readers, writer)
 
@@ -426,10 +435,12 @@ class Mutex:
         self.worker = worker
         self.waits = waits
         w = region.words("locks")
-        self.base = index * Lock.WORDS
-        self.queue = _WaitQueue(w, self.base, region.semaphore(f"{self.name}.q"), worker, waits)
+        lk = region.columns("locks", Lock)
+        self.wait, self.wait_owner = lk.wait.word(index), lk.wait_owner.word(index)
+        self.queue = _WaitQueue(w, self.wait, self.wait_owner, region.semaphore(f"{self.name}.q"), worker, waits)
         self.ws = region.words("wstate")
-        self.held_word = worker * WState.WORDS + WState.HELD + index
+        self.held = self.ws.column(WState.WORDS, WState.HELD + index)
+        self.held_word = self.held.word(worker)
         self.is_held = False
 
     def acquire(self) -> None:
@@ -456,13 +467,13 @@ class Mutex:
             raise LockError(f"{self.name} must be held here")
 
     def recover(self, dead: int) -> list[str]:
-        if self.queue.w.load(self.base + Lock.WAIT_OWNER) == dead + 1:
-            self.queue.w.store(self.base + Lock.WAIT_OWNER, 0)
-            if self.queue.w.xchg(self.base + Lock.WAIT, 0) == 2:
+        if self.queue.w.load(self.wait_owner) == dead + 1:
+            self.queue.w.store(self.wait_owner, 0)
+            if self.queue.w.xchg(self.wait, 0) == 2:
                 self.waits.sem_release(self.queue.sem)
-            self.ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
+            self.held.store(dead, HELD_NONE)
             return [f"{self.name}: released the hold of worker {dead}"]
-        self.ws.store(dead * WState.WORDS + WState.HELD + self.index, HELD_NONE)
+        self.held.store(dead, HELD_NONE)
         return []
 
 

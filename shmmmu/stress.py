@@ -236,7 +236,7 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
             sup.start()
             sup.lock_bound = opts.progress_bound
             mmu = sup.mmu
-            ws = vm.region.words("wstate")
+            progress_ns = vm.region.columns("wstate", WState).progress_ns
             vm.region.words("ctl").store(Ctl.ITERATION, 1)     # a stress iteration runs until Ctl.STOP
             logging = False
             manual = False
@@ -298,7 +298,7 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
                 now = time.monotonic()
                 # forward progress: every vCPU advanced within the bound
                 for i in range(opts.vcpus):
-                    last = ws.load(i * WState.WORDS + WState.PROGRESS_NS)
+                    last = progress_ns.load(i)
                     if last and now * 1e9 - last > opts.progress_bound * 1e9:
                         violations.record(vm.region, "no-forward-progress", i, 0, last, int(now * 1e9))
                 if next_kill is not None and now >= next_kill:

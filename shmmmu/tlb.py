@@ -89,8 +89,9 @@ class TlbControl:
         self.n_vcpus = vm.config.n_vcpus
         self.worker = worker
         self.tlb = tlb
-        self.mode_word = worker * WState.WORDS + WState.TLB_MODE
-        self.ack_word = worker * WState.WORDS + WState.TLB_ACK
+        self.wstate = vm.region.columns("wstate", WState)
+        self.mode_word = self.wstate.tlb_mode.word(worker)
+        self.ack_word = self.wstate.tlb_ack.word(worker)
         self.acked = self.ws.load(self.ack_word)
         self.roots_gen = -1          # the reload requests answered by the vCPU's root (Mmu.kvm_mmu_load sets it)
         self.flushes = 0
@@ -137,20 +138,19 @@ class TlbControl:
             self.tlb.flush_local()
             self.acked = gen
             self.ws.store(self.ack_word, gen)
-        ws = self.ws
+        mode, ack = self.wstate.tlb_mode, self.wstate.tlb_ack
         for k in range(self.n_vcpus):
             if k == self.worker:
                 continue
-            base = k * WState.WORDS
             spins = 0
-            while ws.load(base + WState.TLB_MODE) == TLB_IN_GUEST and ws.load(base + WState.TLB_ACK) < gen:
+            while mode.load(k) == TLB_IN_GUEST and ack.load(k) < gen:
                 spins += 1
                 if spins > 64:
                     waits.yield_cpu()
                 else:
                     waits.relax()
                 if spins & 0xFFF == 0 and waits.now_ns() - t0 > timeout * 1e9:
-                    raise FlushStuck(f"vCPU {k} (pid {ws.load(base + WState.PID)}) has not acknowledged "
+                    raise FlushStuck(f"vCPU {k} (pid {self.wstate.pid.load(k)}) has not acknowledged "
                                      f"TLB flush {gen} after {timeout:.0f}s in guest mode")
         self.flushes += 1
         dt = waits.now_ns() - t0
@@ -160,4 +160,4 @@ class TlbControl:
 
     def recover(self, dead: int) -> None:
         """A dead vCPU is outside guest mode for good."""
-        self.ws.store(dead * WState.WORDS + WState.TLB_MODE, TLB_OUTSIDE)
+        self.wstate.tlb_mode.store(dead, TLB_OUTSIDE)

@@ -82,10 +82,10 @@ def torture_config(name: str, n_workers: int, *, debug: bool = False, n_tables: 
 
 def dead_workers(region: Region) -> list[tuple[int, int]]:
     """(worker, pid) of every worker slot whose recorded pid is no longer a live process (reaped)."""
-    ws = region.words("wstate")
+    pids = region.columns("wstate", WState).pid
     out = []
-    for k in range(region.array("wstate").shape[0]):
-        pid = ws.load(k * WState.WORDS + WState.PID)
+    for k in range(pids.rows):
+        pid = pids.load(k)
         if pid == 0 or pid == os.getpid():
             continue
         try:

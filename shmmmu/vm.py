@@ -57,9 +57,9 @@ class VM:
     def register(self, worker: int, role: int) -> None:
         """Claim a worker slot: record pid and role so the supervisor and `held_by` can name us."""
         self.worker = worker
-        ws = self.region.words("wstate")
-        ws.store(worker * WState.WORDS + WState.PID, os.getpid())
-        ws.store(worker * WState.WORDS + WState.ROLE, role)
+        ws = self.region.columns("wstate", WState)
+        ws.pid.store(worker, os.getpid())
+        ws.role.store(worker, role)
 
     def close(self) -> None:
         for k in ("mmu_lock", "pages_lock", "rcu", "pool"):

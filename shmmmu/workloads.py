@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmmmu.layout import Workload
+from shmmmu.layout import EXEC, READ, WRITE, Workload  # noqa: F401  (the access kinds: importers take them here)
 
 ITER_SHIFT = 40
 VCPU_SHIFT = 32
 GFN_MASK = (1 << 32) - 1
 ITER_MASK = (1 << 23) - 1        # bits 40-62: bit 63 marks a written value
-READ, WRITE, EXEC = 0, 1, 2      # access kinds (an EXEC is an instruction fetch)
 # access_tracking_perf_test's iterations: populate, write, read, (mark idle), write, (mark idle), read
 ACCESS_TRACKING_WRITES = (1, 2, 4)
 

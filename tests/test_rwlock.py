@@ -442,8 +442,8 @@ def test_the_c_fast_paths_do_what_the_python_reference_does(vm_name: str, seed: 
                         h.read_unlock() if step & 1 else h.write_unlock()
                     elif op == "flags":
                         # sleepers on the gates, and (with readers in) a writer waiting for them to drain
-                        w.store(h.base + Lock.RSLEEP, rsleep)
-                        w.store(h.base + Lock.WSLEEP, wsleep)
+                        w.store(h.rsleep, rsleep)
+                        w.store(h.wsleep, wsleep)
                         if cnts and not cnts & 0xFF and not cnts & QW_WAITING and step % 3 == 0:
                             w.fetch_or(h.cnts, QW_WAITING)
                         elif cnts & QW_WAITING and step % 3 == 1:

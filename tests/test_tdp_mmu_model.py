@@ -535,7 +535,7 @@ def test_fault_leaf_template_is_make_spte(vm_name: str, nx: bool) -> None:
             for pfn in (0, 1, 512, 0x12345 << 9, (1 << 40) - 512):
                 pfn &= ~((1 << (9 * (level - 1))) - 1)
                 want = S.make_leaf(pfn, level, writable=True, exec_ok=not (nx and level > 1))
-                assert mmu.leaf_template[level] | (pfn << S.PFN_SHIFT) == want
+                assert mmu.map.leaf_template[level] | (pfn << S.PFN_SHIFT) == want
 
 
 # ---------------------------------------------------------------- the same operations as a state machine

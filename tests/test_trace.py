@@ -469,16 +469,20 @@ def test_tracepoints_cost_nothing_when_off(vm_name: str) -> None:
     """Without --tracepoints no function of the Mmu is wrapped: the fault path is the class's own."""
     from shmmmu.layout import MemslotSpec, VMConfig
     from shmmmu.mmu import Mmu
+    from shmmmu.mmu.instruments import kinds_of
     from shmmmu.mmu.mmu import MmuFault
-    from shmmmu.mmu.tdp_mmu import TdpMmu
+    from shmmmu.mmu.tracepoints import TRACE
     from shmmmu.vm import create_vm
     with create_vm(VMConfig(name=vm_name, n_vcpus=1, memslots=[MemslotSpec(0, 512, 1)])) as vm:
         m = Mmu(vm, 0)
         assert m.tracepoints is None
         assert m.page_fault.__func__ is MmuFault.kvm_tdp_mmu_page_fault
-        for f in ("handle_changed_spte", "kvm_tdp_mmu_map", "_remove_table", "freeze_removed_entries"):
-            assert getattr(m, f).__func__ is getattr(TdpMmu, f), f
-        assert "alloc" not in vars(m.pool)
+        for key in TRACE:                       # every tracepoint's site is the class's own function
+            owner, f = key.split(".")
+            target = m.kvm if owner == "kvm" else getattr(m, owner)
+            if key != "fault.page_fault":       # the entry point is chosen at build: checked above
+                assert getattr(target, f).__func__ is getattr(type(target), f), key
+                assert "trace" in kinds_of(getattr(type(target), f)), key
 
 
 @pytest.mark.parametrize("sample", ["kvmmmu.trace-cmd.txt", "kvmmmu.perf.txt"])

@@ -134,10 +134,10 @@ def wrprot_per_entry_iter(mmu: Mmu, start: int, end: int) -> int:
                 if spte & _W:
                     mmu.mark_unflushed()
                     if shared:
-                        if mmu.tdp_mmu_set_spte_atomic(it, spte & ~_W):
+                        if mmu.tdp.tdp_mmu_set_spte_atomic(it, spte & ~_W):
                             changed += 1
                     else:
-                        mmu.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                        mmu.tdp.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
                         changed += 1
         finally:
             mmu.rcu.read_unlock()

@@ -90,7 +90,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
             raise RuntimeError(f"expected {n} fixed faults, got {mmu.st[STAT['fixed']]}")
 
         # ---- walk: the tree now exists, so the map loop only walks down to the leaf entry
-        it = mmu.fault_walk
+        it = mmu.fault.fault_walk
         start, root = it.start, mmu.root
         P, L = S.MMU_PRESENT, S.LARGE
 
@@ -108,8 +108,8 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
         out["walk"] = timed(walk)
 
         # ---- entry change: make_spte + handle_changed_spte, over entries that really change
-        handle = mmu.handle_changed_spte
-        template, shift = mmu.leaf_template[1], S.PFN_SHIFT
+        handle = mmu.tdp.handle_changed_spte
+        template, shift = mmu.map.leaf_template[1], S.PFN_SHIFT
         shared = mode == "shared"
 
         def change() -> None:
@@ -119,7 +119,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
         out["entry change"] = timed(change)
 
         # ---- memslot + notifier
-        faultin, recheck = mmu.kvm_faultin_pfn, mmu.mmu_notifier_retry_hva
+        faultin, recheck = mmu.fault.kvm_faultin_pfn, mmu.fault.mmu_notifier_retry_hva
 
         def memslot() -> None:
             for g in gfns:
@@ -138,7 +138,7 @@ def measure_once(n: int, mode: str) -> dict[str, float]:
                     lk()
                     ulk()
         else:
-            lk, ulk, avail = lock.write_lock, lock.write_unlock, mmu.make_mmu_pages_available
+            lk, ulk, avail = lock.write_lock, lock.write_unlock, mmu.fault.make_mmu_pages_available
 
             def locking() -> None:
                 for g in gfns:

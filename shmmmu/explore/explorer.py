@@ -27,11 +27,12 @@ from shmmmu import violations
 from shmmmu.bugs import check_names
 from shmmmu.checks import check_all
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
-from shmmmu.explore.sched import ACTOR_DONE, DONE, ExploreWaits, Finding, PointWords, Scheduler, SchedRef, Step
+from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
+from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
-from shmmmu.layout import Role, VMConfig
+from shmmmu.layout import VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu

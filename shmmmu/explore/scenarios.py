@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from shmmmu.layout import MemslotSpec
 from shmmmu.workloads import EXEC, READ, WRITE, make_value
 
-if TYPE_CHECKING:
-    from shmmmu.explore.explorer import Context
+Context = Any                # shmmmu.explore.explorer.Context (not imported: the explorer imports this module)
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,9 @@ class Scenario:
     name: str
     summary: str
     targets: tuple[str, ...]
-    build: Callable[["Context"], None]                       # adds the racing actors
-    prologue: Callable[["Context"], None] | None = None      # run alone, before the snapshot
-    oracle: Callable[["Context"], list[str]] | None = None   # extra end-of-execution checks
+    build: Callable[[Context], None]                       # adds the racing actors
+    prologue: Callable[[Context], None] | None = None      # run alone, before the snapshot
+    oracle: Callable[[Context], list[str]] | None = None   # extra end-of-execution checks
     lock_mode: str = "shared"
     memslots: tuple[tuple[int, int, int], ...] = ((0, 64, 1),)
     n_vcpus: int = 1
@@ -53,7 +52,7 @@ class Scenario:
 # ---------------------------------------------------------------- actor bodies
 
 
-def accesses(ctx: "Context", vcpu_id: int, ops: list[tuple[int, int]]) -> Callable[[], None]:
+def accesses(ctx: Context, vcpu_id: int, ops: list[tuple[int, int]]) -> Callable[[], None]:
     """A vCPU actor: guest accesses (gfn, READ/WRITE/EXEC) in guest mode, as workers/vcpu.py runs them."""
     def run() -> None:
         v = ctx.vcpu(vcpu_id)
@@ -71,7 +70,7 @@ def accesses(ctx: "Context", vcpu_id: int, ops: list[tuple[int, int]]) -> Callab
     return run
 
 
-def host_ops(ctx: "Context", ops: list[tuple], host: int = 0) -> Callable[[], None]:
+def host_ops(ctx: Context, ops: list[tuple], host: int = 0) -> Callable[[], None]:
     """A host actor: Mmu entry points, by name, with their arguments."""
     def run() -> None:
         mmu = ctx.host(host)
@@ -80,7 +79,7 @@ def host_ops(ctx: "Context", ops: list[tuple], host: int = 0) -> Callable[[], No
     return run
 
 
-def reclaimer(ctx: "Context") -> Callable[[], None]:
+def reclaimer(ctx: Context) -> Callable[[], None]:
     """The reclaimer: grace periods and frees while the others run (a daemon: it ends when they have)."""
     def run() -> None:
         rcu, pool = ctx.reclaimer()
@@ -93,18 +92,18 @@ def reclaimer(ctx: "Context") -> Callable[[], None]:
 # ---------------------------------------------------------------- the scenarios
 
 
-def _fault_fault(ctx: "Context") -> None:
+def _fault_fault(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
     ctx.actor("vCPU1", accesses(ctx, 1, [(2, WRITE)]))
 
 
-def _fault_zap(ctx: "Context") -> None:
+def _fault_zap(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
     ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 64)]))
 
 
-def _premap(gfns: list[int], write: bool = True) -> Callable[["Context"], None]:
-    def pro(ctx: "Context") -> None:
+def _premap(gfns: list[int], write: bool = True) -> Callable[[Context], None]:
+    def pro(ctx: Context) -> None:
         v = ctx.vcpu(0)
         v.enter()
         for g in gfns:
@@ -113,41 +112,41 @@ def _premap(gfns: list[int], write: bool = True) -> Callable[["Context"], None]:
     return pro
 
 
-def _walk_zap_reclaim(ctx: "Context") -> None:
+def _walk_zap_reclaim(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(9, WRITE)]))
     ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 64)]))
     ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
 
 
-def _split_huge(ctx: "Context") -> None:
+def _split_huge(ctx: Context) -> None:
     # vCPU1 uses the huge translation it cached while vCPU0's write fault splits the huge page
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE)]))
     ctx.actor("vCPU1", accesses(ctx, 1, [(2, READ), (3, READ), (2, WRITE)]))
 
 
-def _split_pro(ctx: "Context") -> None:
+def _split_pro(ctx: Context) -> None:
     _premap([1], write=False)(ctx)
     ctx.host(0).enable_dirty_logging(0)
 
 
-def _fault_unmap(ctx: "Context") -> None:
+def _fault_unmap(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE), (1, READ)]))
     ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
 
 
-def _zap_yield(ctx: "Context") -> None:
+def _zap_yield(ctx: Context) -> None:
     # vCPU0 caches translations of 1 and 2, waits on the lock with a fault on 20, then uses them again;
     # the host zaps the 4K leaves of 1-3 (a range that covers no whole table, so nothing is torn down)
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ), (20, WRITE), (1, READ), (2, READ)]))
     ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 1, 4)]))
 
 
-def _zap_all_yield(ctx: "Context") -> None:
+def _zap_all_yield(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(700, WRITE)]))
     ctx.actor("host", host_ops(ctx, [("zap_all",)]))
 
 
-def _dirty_log(ctx: "Context") -> None:
+def _dirty_log(ctx: Context) -> None:
     def host() -> None:
         mmu = ctx.host(0)
         mmu.enable_dirty_logging(0)
@@ -157,7 +156,7 @@ def _dirty_log(ctx: "Context") -> None:
     ctx.actor("host", host)
 
 
-def _dirty_log_oracle(ctx: "Context") -> list[str]:
+def _dirty_log_oracle(ctx: Context) -> list[str]:
     """dirty_log_test's rule: a page written after logging was enabled is reported by the next collection."""
     before = ctx.notes.get("after_enable")
     if before is None:
@@ -169,7 +168,7 @@ def _dirty_log_oracle(ctx: "Context") -> list[str]:
             for g in np.flatnonzero(changed & ~bits)[:4]]
 
 
-def _manual_clear_pro(ctx: "Context") -> None:
+def _manual_clear_pro(ctx: Context) -> None:
     """A page written, logged, harvested and re-protected; logging off and on again with INITIALLY_SET:
     its bit is set again while its leaf is already write-protected (what K3 trips on)."""
     _premap([0, 1, 2, 3])(ctx)
@@ -179,7 +178,7 @@ def _manual_clear_pro(ctx: "Context") -> None:
     mmu.disable_dirty_logging(0)
 
 
-def _manual_clear(ctx: "Context") -> None:
+def _manual_clear(ctx: Context) -> None:
     def host() -> None:
         mmu = ctx.host(0)
         mmu.enable_dirty_logging(0, initially_set=True)
@@ -189,31 +188,31 @@ def _manual_clear(ctx: "Context") -> None:
     ctx.actor("host", host)
 
 
-def _destroy_small(ctx: "Context") -> None:
+def _destroy_small(ctx: Context) -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(5, WRITE)]))
     ctx.actor("host", host_ops(ctx, [("zap_all",)]))
 
 
-def _memslot_fault(ctx: "Context") -> None:
+def _memslot_fault(ctx: Context) -> None:
     # vCPU0 is on its way into a fault when the hot-plug slot is deleted: its root is invalidated and
     # zapped under the read lock while its fault (read lock too) walks that root
     ctx.actor("vCPU0", accesses(ctx, 0, [(2, WRITE), (3, READ)]))
     ctx.actor("host", host_ops(ctx, [("delete_memslot", 1)]))
 
 
-def _memslot_unmap(ctx: "Context") -> None:
+def _memslot_unmap(ctx: Context) -> None:
     # the fast zapper of the deleted slot yields; an MMU notifier for the slot's pages runs meanwhile
     ctx.actor("host", host_ops(ctx, [("delete_memslot", 1)]))
     ctx.actor("notifier", host_ops(ctx, [("host_unmap", 32, 48)], host=1))
 
 
-def _unmap_reload_pro(ctx: "Context") -> None:
+def _unmap_reload_pro(ctx: Context) -> None:
     """Pages mapped, then the write-lock half of a fast zap: every root invalid, the zap still to come."""
     _premap([1, 9, 12])(ctx)
     ctx.host(0).zap_all_fast_invalidate()
 
 
-def _unmap_reload(ctx: "Context") -> None:
+def _unmap_reload(ctx: Context) -> None:
     # the fast zap's read-lock half, an MMU notifier walking the roots (the invalid one too), and vCPU0
     # reloading (it drops the last reference to its old root, whose table is retired: a walk that comes
     # back to it from a yield reads a table retired before its read-side section began, Reader Pipe 2)
@@ -222,26 +221,26 @@ def _unmap_reload(ctx: "Context") -> None:
     ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ)]))
 
 
-def _zap_zap(ctx: "Context") -> None:
+def _zap_zap(ctx: Context) -> None:
     # two range zaps under the read lock (kvm_zap_gfn_range from two threads) walk the same roots,
     # each taking and dropping a reference on every root it visits
     ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 8)]))
     ctx.actor("host1", host_ops(ctx, [("zap_gfn_range_locked", 8, 16)], host=1))
 
 
-def _aged_pro(ctx: "Context") -> None:
+def _aged_pro(ctx: Context) -> None:
     """Pages mapped, then aged (clear_flush_young): their leaves have A clear, which the processor may set."""
     _premap([1, 2, 3])(ctx)
     ctx.host(0).clear_young(0, 8)
 
 
-def _age_unmap(ctx: "Context") -> None:
+def _age_unmap(ctx: Context) -> None:
     # the guest touches an aged page (the processor sets A) while the host unmaps it under the write lock
     ctx.actor("vCPU0", accesses(ctx, 0, [(2, READ)]))
     ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
 
 
-def _zap_roots_pro(ctx: "Context") -> None:
+def _zap_roots_pro(ctx: Context) -> None:
     """vCPU0's root (role 0) maps 1-3, vCPU1's (role 1) only 3: the second root's walk over [1, 4) makes
     progress over empty entries before it zaps anything."""
     for i, gfns in ((0, [1, 2, 3]), (1, [3])):
@@ -252,7 +251,7 @@ def _zap_roots_pro(ctx: "Context") -> None:
         v.exit()
 
 
-def _zap_roots_yield(ctx: "Context") -> None:
+def _zap_roots_yield(ctx: Context) -> None:
     # an MMU notifier (write lock) zaps 4K leaves in both roots (no table torn down: the flush is owed);
     # vCPU0 faults and waits for the lock, so the walk of the second root yields
     ctx.actor("vCPU0", accesses(ctx, 0, [(20, WRITE)]))
@@ -262,7 +261,7 @@ def _zap_roots_yield(ctx: "Context") -> None:
 MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log", "memslot"]
 
 
-def _mix(ctx: "Context") -> None:
+def _mix(ctx: Context) -> None:
     rng = random.Random(f"mix:{ctx.scenario.params.get('seed', 0)}")
     for v in range(2):
         ops = [(rng.randrange(24), rng.choice([READ, WRITE, WRITE])) for _ in range(rng.randint(1, 3))]

@@ -1,16 +1,14 @@
-"""Sched: the explorer's scheduler: actors as greenlets, every shared-word operation a scheduling point, every wait bound to it.
+"""Sched: the explorer's scheduler: actors as greenlets, one at a time, switched at scheduling points by a strategy.
 
 One execution runs a few actors (vCPUs, host operations, the reclaimer) as
 greenlets in this process, exactly one at a time.  Every operation on a word of
-the region goes through a `PointWords` (the region's `word_wrapper`), which
-first calls `Scheduler.point`: there the strategy picks which enabled actor
-performs its next operation, and the greenlet switch hands it the processor.
-Batch operations over a table (xchg_range, clear_where, ...) are split into one
-point per entry, as the kernel does them entry by entry.
+the region goes through a PointWords (shmmmu.explore.points), which first calls
+`Scheduler.point`: there the strategy picks which enabled actor performs its
+next operation, and the greenlet switch hands it the processor.
 
-Every wait of the library goes through `ExploreWaits` (shmmmu.wait's names): a
-spin, a yield or a bounded sleep blocks the actor until another actor writes a
-shared word; a semaphore is a counter of the scheduler's own; the clock counts
+Every wait of the library goes through ExploreWaits (points.py): a spin, a
+yield or a bounded sleep blocks the actor until another actor writes a word it
+read; a semaphore is a counter of the scheduler's own; the clock counts
 steps.  An execution in which every actor is blocked is a deadlock (timed
 semaphore sleeps time out first, a bounded number of times); one longer than
 the step bound is a livelock.  A violation recorded by a checker, or an
@@ -23,14 +21,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 from greenlet import greenlet
 
-from shmmmu.layout import Ctl, ViolationRow
-from shmmmu.wait import Waits
+from shmmmu.layout import ViolationRow
 
 OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
             "touch")
@@ -442,172 +439,3 @@ def _inside(functions: frozenset[str]) -> bool:
             return True
         f = f.f_back
     return False
-
-
-class PointWords:
-    """A `Words` view whose every operation is a scheduling point (and a traced step)."""
-
-    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address", "_decide")
-
-    def __init__(self, section: str, words, sched_ref: "SchedRef", decide: bool = True):
-        """`decide=False`: the debug checkers' own records (what the guest touched, the zap ledger): noted,
-        so that the reduction sees them, but never a place to switch actors."""
-        self._w = words
-        self._sec = section
-        self._s = sched_ref
-        self._decide = decide
-        self.n = words.n
-        self.readonly = words.readonly
-        self.address = words.address
-
-    def __len__(self) -> int:
-        return self.n
-
-    def touch(self, start: int, n: int, write: bool) -> None:
-        self._w.touch(start, n, write)
-        s = self._s.sched
-        if s is not None and s.on and n > 0:
-            s.touch(self._sec, start, n, write)
-            if s.trace:
-                s.record(TOUCH, self._sec, start, (n, write), None, 0)
-
-    def _op(self, op: int, i: int, write: bool, fn, *args):
-        s = self._s.sched
-        if s is None or not s.on:
-            return fn(i, *args)
-        s.point(self._sec, i, write, self._decide)
-        before = self._w.load(i) if s.trace else 0
-        r = fn(i, *args)
-        if write and (op != CAS or r == args[0]):
-            s.wrote(self._sec, i)
-        if s.trace:
-            s.record(op, self._sec, i, args, r, before)
-        return r
-
-    def load(self, i: int) -> int:
-        return self._op(LOAD, i, False, self._w.load)
-
-    def store(self, i: int, value: int) -> None:
-        return self._op(STORE, i, True, self._w.store, value)
-
-    def cas(self, i: int, expected: int, new: int) -> int:
-        return self._op(CAS, i, True, self._w.cas, expected, new)
-
-    def xchg(self, i: int, value: int) -> int:
-        return self._op(XCHG, i, True, self._w.xchg, value)
-
-    def fetch_add(self, i: int, delta: int) -> int:
-        return self._op(ADD, i, True, self._w.fetch_add, delta)
-
-    def fetch_or(self, i: int, mask: int) -> int:
-        return self._op(OR, i, True, self._w.fetch_or, mask)
-
-    def fetch_and(self, i: int, mask: int) -> int:
-        return self._op(AND, i, True, self._w.fetch_and, mask)
-
-    # batch forms: one point per entry, as the kernel does them entry by entry
-
-    def load_range(self, start: int, n: int, out: np.ndarray) -> None:
-        for k in range(n):
-            out[k] = self.load(start + k)
-
-    def fill_range(self, start: int, n: int, value: int) -> None:
-        for k in range(n):
-            self.store(start + k, value)
-
-    def xchg_range(self, start: int, n: int, value: int, out: np.ndarray) -> None:
-        for k in range(n):
-            out[k] = self.xchg(start + k, value)
-
-    def and_range(self, start: int, n: int, mask: int) -> int:
-        return sum(1 for k in range(n) if self.fetch_and(start + k, mask) & ~mask & ((1 << 64) - 1))
-
-    def or_range(self, start: int, n: int, mask: int) -> int:
-        return sum(1 for k in range(n) if ~self.fetch_or(start + k, mask) & mask)
-
-    def clear_where(self, start: int, n: int, test_mask: int, test_value: int, clear_mask: int,
-                    out: np.ndarray) -> int:
-        changed = 0
-        for k in range(n):
-            out[k] = 0
-            old = self.load(start + k)
-            while (old & test_mask) == test_value and old & clear_mask:
-                seen = self.cas(start + k, old, old & ~clear_mask & ((1 << 64) - 1))
-                if seen == old:
-                    out[k] = old
-                    changed += 1
-                    break
-                old = seen
-        return changed
-
-    def wait_while(self, i: int, value: int, spins: int) -> int:
-        return self.load(i)
-
-
-class SchedRef:
-    """The scheduler the region's PointWords consult (None between executions: every operation passes through)."""
-
-    __slots__ = ("sched",)
-
-    def __init__(self) -> None:
-        self.sched: Scheduler | None = None
-
-
-class ExploreWaits(Waits):
-    """shmmmu.wait's names bound to the scheduler; outside an execution they do nothing and never sleep."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, ref: SchedRef):
-        self.ref = ref
-
-    def _sched(self) -> Scheduler | None:
-        s = self.ref.sched
-        if s is not None and s.aborting:
-            raise Abort
-        return s if s is not None and s.on else None
-
-    def relax(self) -> None:
-        s = self._sched()
-        if s is not None:
-            s.spin()
-
-    def yield_cpu(self) -> None:
-        s = self._sched()
-        if s is not None:
-            s.spin(backoff=True)
-
-    def pause(self, seconds: float) -> None:
-        self.yield_cpu()
-
-    def sem_acquire(self, sem, timeout: float | None) -> bool:
-        s = self._sched()
-        if s is None:
-            return True
-        return s.sem_acquire(sem.name, timeout is not None)
-
-    def sem_release(self, sem) -> None:
-        s = self._sched()
-        if s is not None:
-            s.sem_release(sem.name)
-
-    def wait_while(self, words: Any, i: int, value: int, spins: int) -> int:
-        v = words.load(i)
-        if v == value:
-            self.relax()
-        return v
-
-    def spins(self, n: int) -> int:
-        return 1
-
-    def now(self) -> float:
-        s = self.ref.sched
-        return s.steps * 1e-6 if s is not None else 0.0
-
-    def now_ns(self) -> int:
-        s = self.ref.sched
-        return s.steps * 1000 if s is not None else 0
-
-    @property
-    def deterministic(self) -> bool:
-        return True

@@ -16,7 +16,7 @@ The invariant checks are shmmmu.checks on the same snapshot and walk.
 from __future__ import annotations
 
 from shmmmu import checks
-from shmmmu.inspect.check import CheckResult, check_vm
+from shmmmu.inspect.check import CheckResult, check_vm, run_checks
 from shmmmu.inspect.gfn import gfn_walk, parse_gfn
 from shmmmu.inspect.render import check_lines, gfn_lines, summary_lines, tree_lines
 from shmmmu.inspect.summary import lock_states, public, summary
@@ -30,11 +30,3 @@ __all__ = ["CheckResult", "Dump", "Snapshot", "check_lines", "check_vm", "VmEntr
            "take_snapshot", "tree", "tree_lines", "walk_tables"]
 
 
-def run_checks(snap: Snapshot) -> list[str]:
-    """`shmmmu inspect --check`: every invariant checker of shmmmu.checks on this snapshot, one sentence each,
-    and the violations the VM recorded while running."""
-    found = [str(p) for p in checks.check_all(snap)]
-    nv = snap.word(Ctl.VIOLATIONS)
-    if nv:
-        found.append(f"the VM recorded {nv} violations while running (shmmmu inspect {snap.name} lists them)")
-    return found

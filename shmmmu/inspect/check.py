@@ -27,6 +27,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from shmmmu import checks
+from shmmmu.layout import Ctl
 from shmmmu.snapshot import Snapshot, take_snapshot
 
 SETTLE_S = 1.0          # a state unchanged this long, even mid-operation, is taken as it is
@@ -57,11 +59,19 @@ class CheckResult:
                 "changed_while_reading": self.snap.changed}
 
 
+def run_checks(snap: Snapshot) -> list[str]:
+    """`shmmmu inspect --check`: every invariant checker of shmmmu.checks on this snapshot, one sentence each,
+    and the violations the VM recorded while running."""
+    found = [str(p) for p in checks.check_all(snap)]
+    nv = snap.word(Ctl.VIOLATIONS)
+    if nv:
+        found.append(f"the VM recorded {nv} violations while running (shmmmu inspect {snap.name} lists them)")
+    return found
+
+
 def check_vm(name: str, settle_s: float = SETTLE_S, max_s: float = MAX_S) -> CheckResult:
     """Check the VM `name` (shmmmu.inspect.run_checks) pass after pass until the view is consistent, or
     until `max_s`: then what it showed is in flight."""
-    from shmmmu.inspect import run_checks
-
     seen: dict[str, int] = {}
     t0 = time.monotonic()
     prev: Snapshot | None = None

@@ -27,18 +27,16 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
 from __future__ import annotations
 
 import sys
-
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from shmmmu import spte as S
-from shmmmu.layout import PIPE_LEN, Ctl, TableState, TMeta, WState
+from shmmmu.layout import PIPE_LEN, Ctl, TableState
+from shmmmu.mmu.instruments import site_target
 from shmmmu.rcu import pipe_age
 from shmmmu.tdp_iter import TdpIter
 
-if TYPE_CHECKING:
-    from shmmmu.mmu import Mmu
+Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports this module)
 
-_TM = TMeta.WORDS
 _LIVE = TableState.LIVE
 
 
@@ -63,14 +61,18 @@ class CheckedTdpIter(TdpIter):
 
 
 class Debug:
-    """One Mmu's debug state: the tables the current walk stood in, and the root entries a zap-all visited."""
+    """One Mmu's debug state: the tables the current walk stood in, the root entries a zap-all visited, and the
+    zap ledger (the entries this process zapped whose flush has not returned yet)."""
 
-    def __init__(self, mmu: "Mmu"):
+    def __init__(self, mmu: Mmu):
         self.mmu = mmu
-        self.tm = mmu.tm
+        self.tmeta = mmu.kvm.tmeta
+        self.pending_w = mmu.region.words("zap_pending")
+        self.pending: list[int] = []
+        self.epoch = 1
         self.pipe = mmu.region.words("pipe")
-        self.pipe_base = mmu.worker * PIPE_LEN
-        self.rcu_word = mmu.worker * WState.WORDS + WState.RCU
+        self.pipe_base = mmu.worker * PIPE_LEN          # this worker's row of the Reader Pipe
+        self.rcu_epoch = mmu.kvm.wstate.rcu
         self.walk_gens: dict[int, int] = {}
         self.last_table = -1
         self.root_visits: set[int] | None = None
@@ -83,20 +85,19 @@ class Debug:
         if table == self.last_table:
             return
         self.last_table = table
-        t = table * _TM
-        tm = self.tm
+        tmeta = self.tmeta
         if table not in self.walk_gens:
-            self.walk_gens[table] = tm.load(t + TMeta.GEN)
-        state = tm.load(t + TMeta.STATE)
+            self.walk_gens[table] = tmeta.gen.load(table)
+        state = tmeta.state.load(table)
         if state == _LIVE:
             age = 0
         else:
             mmu = self.mmu
-            age = pipe_age(state, tm.load(t + TMeta.RETIRE_EPOCH), mmu.rcu.ws.load(self.rcu_word),
+            age = pipe_age(state, tmeta.retire_epoch.load(table), self.rcu_epoch.load(mmu.worker),
                            mmu.ctl.load(Ctl.EPOCH))
         self.pipe.fetch_add(self.pipe_base + min(age, PIPE_LEN - 1), 1)
         if age >= 2:
-            self.mmu.violation("use-after-free", it.gfn, table, age)
+            self.mmu.kvm.violation("use-after-free", it.gfn, table, age)
 
     def new_walk(self) -> None:
         self.walk_gens.clear()
@@ -104,130 +105,147 @@ class Debug:
 
     def check_walk_gens(self, gfn: int) -> None:
         """No table the walk stood in was freed meanwhile (a grace period cannot end while we are inside)."""
-        tm = self.tm
+        gen_col = self.tmeta.gen
         for table, gen in self.walk_gens.items():
-            if tm.load(table * _TM + TMeta.GEN) != gen:
-                self.mmu.violation("use-after-free", gfn, table, gen)
+            if gen_col.load(table) != gen:
+                self.mmu.kvm.violation("use-after-free", gfn, table, gen)
 
 
-def install(mmu: "Mmu") -> Debug:
-    """Wrap the functions of one Mmu that the debug checkers watch; returns the debug state."""
-    d = Debug(mmu)
-    tm = mmu.tm
-    E = mmu.E
-    geometry, root_level, tables = mmu.geometry, mmu.root_level, mmu.tables
+    # ---- the zap ledger: an entry a zap made non-present holds the zapper's token (worker + 1, and the
+    # number of flushes that worker has done, so a later mark is told from an earlier one) until that
+    # worker's flush returns.  An install over a non-present entry is one too early if the same token stood
+    # there before its store and still stands after it: the zap came before the install, the flush after it.
 
-    def new_iter(root: int, min_level: int, start: int) -> TdpIter:
+    def ledger_before(self, old: int, sptep: int) -> int:
+        return 0 if old & S.MMU_PRESENT else self.pending_w.load(sptep)
+
+    def zap_ledger(self, sptep: int, gfn: int, old: int, new: int, before: int) -> None:
+        if new & S.MMU_PRESENT:
+            if before and self.pending_w.load(sptep) == before:
+                self.mmu.kvm.violation("install-before-flush", gfn, sptep, (before & 0xff) - 1)
+        elif old & S.MMU_PRESENT:
+            self.pending_w.store(sptep, (self.epoch << 8) | (self.mmu.worker + 1))
+            self.pending.append(sptep)
+
+    def flushed(self) -> None:
+        """This worker's flush returned: its marks are cleared (a later zap's mark stays)."""
+        token = (self.epoch << 8) | (self.mmu.worker + 1)
+        for sptep in self.pending:
+            self.pending_w.cas(sptep, token, 0)
+        self.pending.clear()
+        self.epoch += 1
+
+
+# ---------------------------------------------------------------- the checks, by site ("part.function")
+
+Wrap = Callable[[Mmu, Debug, Callable], Callable]
+
+
+def _new_iter(mmu: Mmu, d: Debug, new_iter: Callable) -> Callable:
+    """Every walk reports the tables it stands in (Reader-Pipe age, generation)."""
+    kvm = mmu.kvm
+
+    def checked_new_iter(root: int, min_level: int, start: int) -> TdpIter:
         d.new_walk()
-        return CheckedTdpIter(d.arrive, tables, geometry, root, root_level, min_level, start)
-    mmu.new_iter = new_iter
-    # made before this process has a root: it reports from its first start() on, not on construction
-    mmu.fault_walk = CheckedTdpIter(lambda it: None, tables, geometry, mmu.root, root_level, 1, 0)
-    mmu.fault_walk.arrive = d.arrive
+        # made reporting nothing: the iterator's own start() in its constructor is no walk yet
+        it = CheckedTdpIter(lambda _it: None, kvm.tables, kvm.geometry, root, kvm.root_level, min_level, start)
+        it.arrive = d.arrive
+        return it
+    return checked_new_iter
 
-    # The zap ledger: an entry a zap made non-present holds the zapper's token (worker + 1, and the number
-    # of flushes that worker has done, so a later mark is told from an earlier one) until that worker's
-    # flush returns.  An install over a non-present entry is one too early if the same token stood there
-    # before its store and still stands after it: the zap came before the install, and the flush after it.
-    pending_w = mmu.region.words("zap_pending")
-    pending: list[int] = []
-    present = S.MMU_PRESENT
-    epoch = [1]
 
-    def ledger_before(old: int, sptep: int) -> int:
-        return 0 if old & present else pending_w.load(sptep)
-
-    def zap_ledger(sptep: int, gfn: int, old: int, new: int, before: int) -> None:
-        if new & present:
-            if before and pending_w.load(sptep) == before:
-                mmu.violation("install-before-flush", gfn, sptep, (before & 0xff) - 1)
-        elif old & present:
-            pending_w.store(sptep, (epoch[0] << 8) | (mmu.worker + 1))
-            pending.append(sptep)
-
-    flush_remote = mmu.kvm_flush_remote_tlbs
-
+def _flush(mmu: Mmu, d: Debug, flush_remote: Callable) -> Callable:
     def checked_flush() -> None:
         flush_remote()
-        token = (epoch[0] << 8) | (mmu.worker + 1)
-        for sptep in pending:
-            pending_w.cas(sptep, token, 0)          # a later zap's mark stays
-        pending.clear()
-        epoch[0] += 1
-    mmu.kvm_flush_remote_tlbs = checked_flush
+        d.flushed()
+    return checked_flush
 
-    set_spte = mmu.tdp_mmu_set_spte
 
+def _set_spte(mmu: Mmu, d: Debug, set_spte: Callable) -> Callable:
     def checked_set_spte(it: TdpIter, new: int, record_dirty_log: bool = True,
                          record_acc_track: bool = True) -> None:
         sptep, gfn, old = it.sptep, it.gfn, it.old_spte
-        before = ledger_before(old, sptep)
+        before = d.ledger_before(old, sptep)
         set_spte(it, new, record_dirty_log, record_acc_track)
-        zap_ledger(sptep, gfn, old, new, before)
-    mmu.tdp_mmu_set_spte = checked_set_spte
+        d.zap_ledger(sptep, gfn, old, new, before)
+    return checked_set_spte
 
-    lock = mmu.lock
-    for name in ("read_unlock", "write_unlock"):
-        def checked_unlock(unlock=getattr(lock, name)) -> None:
-            # not while an exception unwinds the holder (the explorer aborting an actor, a crash):
-            # the kernel's code has no such path
-            if mmu.holds_unflushed and sys.exc_info()[0] is None:
-                mmu.violation("lock-dropped-unflushed", 0, mmu.worker, 2)     # I6
-            unlock()
-        setattr(lock, name, checked_unlock)
-    mmu.mmu_read_unlock = lock.read_unlock          # the fault path's bound copy (kvm.py)
 
-    set_spte_atomic = mmu.tdp_mmu_set_spte_atomic
+def _unlock(mmu: Mmu, d: Debug, unlock: Callable) -> Callable:
+    kvm = mmu.kvm
+
+    def checked_unlock() -> None:
+        # not while an exception unwinds the holder (the explorer aborting an actor, a crash):
+        # the kernel's code has no such path
+        if kvm.holds_unflushed and sys.exc_info()[0] is None:
+            kvm.violation("lock-dropped-unflushed", 0, kvm.worker, 2)     # I6
+        unlock()
+    return checked_unlock
+
+
+def _set_spte_atomic(mmu: Mmu, d: Debug, set_spte_atomic: Callable) -> Callable:
+    tmeta = mmu.kvm.tmeta
 
     def checked_set_spte_atomic(it: TdpIter, new: int) -> bool:
         # sampled before the CAS: a table retires only after all its entries are frozen,
         # so a CAS can succeed on a table that was already dead only if freezing is broken
-        state_before = tm.load(it.table * _TM + TMeta.STATE)
+        state_before = tmeta.state.load(it.table)
         old = it.old_spte
-        before = ledger_before(old, it.sptep)
+        before = d.ledger_before(old, it.sptep)
         if not set_spte_atomic(it, new):
             return False
-        zap_ledger(it.sptep, it.gfn, old, new, before)
+        d.zap_ledger(it.sptep, it.gfn, old, new, before)
         if state_before != _LIVE and new & S.MMU_PRESENT:
-            mmu.violation("install-into-dead-table", it.gfn, it.table, state_before)
+            mmu.kvm.violation("install-into-dead-table", it.gfn, it.table, state_before)
         gen = d.walk_gens.get(it.table)
-        if gen is not None and gen != tm.load(it.table * _TM + TMeta.GEN):
+        if gen is not None and gen != tmeta.gen.load(it.table):
             # the table was freed (and maybe reused) while this RCU reader held it
-            mmu.violation("use-after-free", it.gfn, it.table, gen)
+            mmu.kvm.violation("use-after-free", it.gfn, it.table, gen)
         return True
-    mmu.tdp_mmu_set_spte_atomic = checked_set_spte_atomic
+    return checked_set_spte_atomic
 
-    kvm_tdp_mmu_map = mmu.kvm_tdp_mmu_map
 
-    def checked_map(fault, shared: bool) -> int:
+def _map(mmu: Mmu, d: Debug, kvm_tdp_mmu_map: Callable) -> Callable:
+    rcu = mmu.kvm.rcu
+
+    def checked_map(vcpu, fault, shared: bool) -> int:
         # an outer read-side section, so that the end-of-section check is still inside it
-        mmu.rcu.read_lock()
+        rcu.read_lock()
         try:
             d.new_walk()
-            r = kvm_tdp_mmu_map(fault, shared)
+            r = kvm_tdp_mmu_map(vcpu, fault, shared)
             d.check_walk_gens(fault.gfn)
         finally:
-            mmu.rcu.read_unlock()
+            rcu.read_unlock()
         return r
-    mmu.kvm_tdp_mmu_map = checked_map
+    return checked_map
+
+
+def _clear_frozen_spte(mmu: Mmu, d: Debug, clear: Callable) -> Callable:
+    tables = mmu.kvm.tables
 
     def checked_clear_frozen_spte(sptep: int, gfn: int) -> None:
-        seen = tables.xchg(sptep, 0)
+        seen = tables.xchg(sptep, 0)                 # an exchange, to see what it overwrites
         if seen != S.REMOVED:
-            mmu.violation("frozen-entry-overwritten", gfn, seen, 0)
-    mmu.clear_frozen_spte = checked_clear_frozen_spte
+            mmu.kvm.violation("frozen-entry-overwritten", gfn, seen, 0)
+    return checked_clear_frozen_spte
 
-    free_sp = mmu.free_sp
+
+def _free_sp(mmu: Mmu, d: Debug, free_sp: Callable) -> Callable:
+    state_col = mmu.kvm.tmeta.state
 
     def checked_free_sp(table: int) -> None:
-        state = tm.load(table * _TM + TMeta.STATE)
+        state = state_col.load(table)
         if state != _LIVE:
-            mmu.violation("table-leak", 0, table, state)     # torn down twice, or not live
+            mmu.kvm.violation("table-leak", 0, table, state)     # torn down twice, or not live
             return
         free_sp(table)
-    mmu.free_sp = checked_free_sp
+    return checked_free_sp
 
-    zap_gfn_range = mmu.zap_gfn_range
+
+def _zap_gfn_range(mmu: Mmu, d: Debug, zap_gfn_range: Callable) -> Callable:
+    kvm = mmu.kvm
+    root_level, E = kvm.root_level, kvm.E
 
     def checked_zap_gfn_range(root: int, start: int, end: int, can_yield: bool, flush: bool, shared: bool,
                               min_level: int = 1, zap_all: bool = False) -> bool:
@@ -239,20 +257,23 @@ def install(mmu: "Mmu") -> Debug:
             visited = d.root_visits
         finally:
             d.root_visits = None
-        sh = mmu.bits * (root_level - 1)
+        sh = kvm.bits * (root_level - 1)
         missed = sorted(set(range(start >> sh, min(E, -(-end >> sh)))) - visited)
         for idx in missed[:4]:
             # a walk of the root level must visit every entry of its range (CVE-2021-47094)
-            mmu.violation("invariant", idx << sh, idx, len(missed))
+            kvm.violation("invariant", idx << sh, idx, len(missed))
         return flush
-    mmu.zap_gfn_range = checked_zap_gfn_range
+    return checked_zap_gfn_range
 
-    cond_resched = mmu.tdp_mmu_iter_cond_resched
+
+def _cond_resched(mmu: Mmu, d: Debug, cond_resched: Callable) -> Callable:
+    kvm = mmu.kvm
+    root_level, tmeta = kvm.root_level, kvm.tmeta
 
     def checked_cond_resched(it: TdpIter, flush: bool, shared: bool) -> bool:
         index, level = it.index, it.level
-        root = it.pt_path[root_level] >> mmu.bits       # the root's first word -> its table index
-        root_gen = tm.load(root * _TM + TMeta.GEN)
+        root = it.pt_path[root_level] >> kvm.bits       # the root's first word -> its table index
+        root_gen = tmeta.gen.load(root)
         if not cond_resched(it, flush, shared):
             return False
         # the read-side section ended at the yield: what the walk stood in before may have been freed and
@@ -260,11 +281,35 @@ def install(mmu: "Mmu") -> Debug:
         # before the yield made a CAS into a reused table look like a use after free: the soak found it)
         d.walk_gens.clear()
         d.last_table = -1
-        if tm.load(root * _TM + TMeta.GEN) != root_gen or tm.load(root * _TM + TMeta.STATE) != _LIVE:
+        if tmeta.gen.load(root) != root_gen or tmeta.state.load(root) != _LIVE:
             # the root was freed (and maybe reused) while the lock was dropped: the walk resumes in it
-            mmu.violation("use-after-free", it.next_last_level_gfn, root, root_gen)
+            kvm.violation("use-after-free", it.next_last_level_gfn, root, root_gen)
         if d.root_visits is not None and level == root_level:
             d.root_visits.discard(index)         # not processed yet: the restart must come back to it
         return True
-    mmu.tdp_mmu_iter_cond_resched = checked_cond_resched
+    return checked_cond_resched
+
+
+WRAPPERS: dict[str, Wrap] = {
+    "kvm.new_iter": _new_iter,
+    "kvm.kvm_flush_remote_tlbs": _flush,
+    "lock.read_unlock": _unlock,
+    "lock.write_unlock": _unlock,
+    "tdp.tdp_mmu_set_spte": _set_spte,
+    "tdp.tdp_mmu_set_spte_atomic": _set_spte_atomic,
+    "tdp.clear_frozen_spte": _clear_frozen_spte,
+    "tdp.free_sp": _free_sp,
+    "tdp.tdp_mmu_iter_cond_resched": _cond_resched,
+    "map.kvm_tdp_mmu_map": _map,
+    "zap.zap_gfn_range": _zap_gfn_range,
+}
+
+
+def install(mmu: Mmu) -> Debug:
+    """Put every check in place over its site of this one Mmu; returns the debug state."""
+    d = Debug(mmu)
+    for key, wrap in WRAPPERS.items():
+        target = site_target(mmu, key, "debug")
+        name = key.split(".")[1]
+        setattr(target, name, wrap(mmu, d, getattr(target, name)))
     return d

@@ -1,19 +1,23 @@
 """Kvm: one process's view of `struct kvm` for the MMU: its handles, counters, violations and pending flushes.
 
-Every MMU file (tdp_mmu.py, mmu.py, nx.py, ioctl.py) is a mixin over this
-class, the way every kernel function takes `struct kvm *kvm`: the handles are
-made once here, for this process's worker slot, and nothing else keeps state
-between calls.  Per-operation state (a fault's `Fault` record, a teardown's
-list of removed tables, a walk's iterator) is passed as arguments.
+Every kernel function of the MMU takes `struct kvm *kvm`; here every part of
+the MMU (shmmmu.mmu: roots, tdp_mmu, tdp_map, tdp_zap, tdp_dirty, nx, mmu,
+notifier, ioctl) is built over one `Kvm`, made once for this process's
+worker slot.  A part copies the handles it uses (`Part`) and keeps nothing
+else of its own between calls but what its kernel file keeps; per-operation
+state (a fault's `Fault` record, a teardown's list of removed tables, a walk's
+iterator) is passed as arguments.  The state a kernel would keep in struct
+kvm itself and that several parts change (the flush this process owes, the
+counters) is here, in one place.
 """
 from __future__ import annotations
 
 import random
 
 from shmmmu import violations
-from shmmmu.bugs import Bugs
-from shmmmu.layout import N_STATS, STAT, Ctl, HostPage
+from shmmmu.layout import N_STATS, STAT, Ctl, HostPage, RootRow, TMeta, WState
 from shmmmu.memslots import Memslots
+from shmmmu.mmu.instruments import site
 from shmmmu.rwlock import HELD_READ, HELD_WRITE, LockError
 from shmmmu.tdp_iter import TdpIter
 from shmmmu.tlb import Tlb, TlbControl
@@ -30,21 +34,11 @@ def _no_delay() -> None:
 
 
 class Kvm:
-    """The handles every MMU function uses, made for worker slot `worker` of `vm`.
+    """The handles every MMU part uses, made for worker slot `worker` of `vm`.
 
     `tlb` is given by vCPUs: their own TLB is flushed with every remote flush
     they issue.  The supervisor and other host processes pass none.
     """
-    # The handles are slots, and the instance keeps a __dict__ only for what Mmu chooses per VM (the fault
-    # entry, a switch's reverted function, the debug and tracepoint wrappers).  Past 30 attributes a plain
-    # instance's dict stops sharing its class's keys, and then Python 3.11 no longer specializes a
-    # `self.method()` call: on the fault path that cost a generic method lookup per call.
-    __slots__ = ("vm", "worker", "config", "region", "waits", "geometry", "bits", "E", "root_level", "max_gfn",
-                 "phys_max_gfn", "host_ad", "n_host_pages", "host_ad_np", "touched", "touched_np", "tables",
-                 "tables_np", "tm", "ctl", "lock", "pages_lock", "rcu", "pool", "slots", "tlbctl", "stats_row",
-                 "st", "bugs", "debug", "nx", "parallel", "_torture_delay_s", "_torture_rng", "torture_delay",
-                 "torture_delay_volatile", "holds_unflushed", "mmu_read_lock", "mmu_read_unlock",
-                 "rcu_read_lock", "rcu_read_unlock", "__dict__")
 
     def __init__(self, vm: VM, worker: int, tlb: Tlb | None = None):
         self.vm = vm
@@ -57,39 +51,40 @@ class Kvm:
         self.E = g.entries
         self.root_level = g.root_level
         self.max_gfn = g.max_gfn
+        self.pages = [0] + [g.pages(level) for level in range(1, self.root_level + 1)]
         # 1 << (shadow_phys_bits - 12): the host's physical address width, modelled as the
         # smallest that holds every memslot (5.13's zap-all ended there: K17)
         slots_end = max((m.base_gfn + m.npages for m in c.memslots), default=1)
         self.phys_max_gfn = 1 << max(0, (slots_end - 1).bit_length())
-        self.host_ad = vm.region.words("host_ad")
-        self.n_host_pages = vm.region.array("host_ad").size
-        self.host_ad_np = vm.region.array("host_ad")
-        self.touched = vm.region.words("touched")          # debug: what the guest did (shmmmu.hostpage)
-        self.touched_np = vm.region.array("touched")
-        self.tables = vm.region.words("tables")
-        self.tables_np = vm.region.array("tables")
-        self.tm = vm.region.words("tmeta")
-        self.ctl = vm.region.words("ctl")
+        r = vm.region
+        self.host_ad = r.words("host_ad")
+        self.n_host_pages = r.array("host_ad").size
+        self.host_ad_np = r.array("host_ad")
+        self.touched = r.words("touched")          # debug: what the guest did (shmmmu.hostpage)
+        self.touched_np = r.array("touched")
+        self.tables = r.words("tables")
+        self.tables_np = r.array("tables")
+        self.tm = r.words("tmeta")
+        self.tmeta = r.columns("tmeta", TMeta)     # each field of struct kvm_mmu_page, by table
+        self.root_rows = r.columns("roots", RootRow)     # each field of a root, by row
+        self.ws = r.words("wstate")
+        self.wstate = r.columns("wstate", WState)  # each field of a worker's row, by worker
+        self.ctl = r.words("ctl")
         # the lock, RCU slot and memory cache are this worker's, even when `vm` is attached as
         # another worker (one process may drive a vCPU and the host: each needs its own slot)
         h = vm if vm.worker == worker else VM(vm.region, worker, waits=vm.waits, config=vm.config)
         self.lock = h.mmu_lock
         self.pages_lock = h.pages_lock
         self.rcu = h.rcu
-        # the fault path's lock and RCU calls, bound once: Python 3.11 specializes the call of a bound C
-        # function, not that of a C method on a subclass (RWLock and Rcu derive from their C fast paths)
-        self.mmu_read_lock, self.mmu_read_unlock = self.lock.read_lock, self.lock.read_unlock
-        self.rcu_read_lock, self.rcu_read_unlock = self.rcu.read_lock, self.rcu.read_unlock
         self.pool = h.pool
         self.slots = Memslots(vm)
         self.tlbctl = TlbControl(vm, worker, tlb)
-        self.stats_row = vm.region.words("stats")
+        self.stats_row = r.words("stats")
         self.st = [0] * N_STATS              # this process's own counters
         # what earlier processes of this worker slot counted (a vCPU that stress --kill-every killed, the
         # explorer's prologue): the row carries on from it, so no total ever goes backwards
         # (read as plain memory: under the explorer this is no step of the kernel's)
         self.st_carried = [int(x) for x in vm.region.array("stats")[worker][:N_STATS]]
-        self.bugs = Bugs.from_names(c.bugs)
         self.debug = c.debug
         self.nx = c.nx_huge_pages
         # the VM's design: the series (faults and range operations under the read lock, tables
@@ -108,6 +103,7 @@ class Kvm:
     def violation(self, kind: str, gfn: int = 0, a: int = 0, b: int = 0) -> None:
         violations.record(self.region, kind, self.worker, gfn, a, b)
 
+    @site("trace")
     def publish_stats(self) -> None:
         """This process's counters, on top of what its slot carried, into its row of the region (read by the
         supervisor and inspector): sums, and the larger of the two for a maximum."""
@@ -149,6 +145,13 @@ class Kvm:
         self.lock.assert_held(want)
         raise LockError(f"{self.lock.name} held in the wrong mode")      # assert_held raised already
 
+    def mmu_lock(self, shared: bool) -> None:
+        """read_lock or write_lock(&kvm->mmu_lock), as `shared` says."""
+        self.lock.read_lock() if shared else self.lock.write_lock()
+
+    def mmu_unlock(self, shared: bool) -> None:
+        self.lock.read_unlock() if shared else self.lock.write_unlock()
+
     # ------------------------------------------------------------------ the host page (C7)
 
     def kvm_set_pfn_accessed(self, pfn: int, npages: int = 1) -> None:
@@ -183,13 +186,13 @@ class Kvm:
             self.holds_unflushed = False
             self.ctl.fetch_add(_C_UNFLUSHED, _U64)
 
+    @site("debug")
     def kvm_flush_remote_tlbs(self) -> None:
         """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before; settles our changes."""
         self.tlbctl.flush_remote_tlbs()
         if self.holds_unflushed:
             self.holds_unflushed = False
             self.ctl.fetch_add(_C_UNFLUSHED, _U64)
-
 
     def _torture_pause(self) -> None:
         self.waits.pause(self._torture_delay_s)
@@ -207,7 +210,25 @@ class Kvm:
 
     # ------------------------------------------------------------------ walks
 
+    @site("debug")
     def new_iter(self, root: int, min_level: int, start: int) -> TdpIter:
-        """A TDP iterator over the tables from `root` (the debug module may hand out its checked form)."""
+        """A TDP iterator over the tables from `root` (the debug checkers hand out their checked form)."""
         return TdpIter(self.tables, self.geometry, root, self.root_level, min_level, start)
 
+
+class Part:
+    """One kernel file's functions over one Kvm: the handles they use, copied once (a handle reached
+    through `self.kvm` would cost the fault path a lookup per use), and the Kvm for its shared state.
+
+    The Mmu front (shmmmu.mmu) makes the parts and then hands each the siblings whose functions it calls,
+    as the kernel's files call each other's functions: by name, with nothing inherited."""
+
+    __slots__ = ("kvm", "worker", "config", "region", "waits", "geometry", "bits", "E", "root_level", "max_gfn",
+                 "pages", "tables", "tables_np", "tm", "tmeta", "root_rows", "ws", "wstate", "ctl", "lock",
+                 "pages_lock", "rcu", "pool", "slots", "tlbctl", "st", "debug", "nx", "parallel", "__dict__")
+
+    def __init__(self, kvm: Kvm):
+        self.kvm = kvm
+        for name in Part.__slots__:
+            if name not in ("kvm", "__dict__"):
+                setattr(self, name, getattr(kvm, name))

@@ -1,16 +1,15 @@
-"""MMU fault entry: arch/x86/kvm/mmu/mmu.c's side of a TDP page fault, from the EPT violation to kvm_tdp_mmu_map.
+"""MMU fault: arch/x86/kvm/mmu/mmu.c's side of a TDP page fault, from the EPT violation to kvm_tdp_mmu_map, and a vCPU's root.
 
 A fault is described by one `Fault` record (struct kvm_page_fault): the vCPU
 fills in what it knows (gfn, write, exec), the prologue adds the memslot, the
 host page, the notifier sequence and the levels, and kvm_tdp_mmu_map
-(tdp_mmu.py) works from it.  The entry point is chosen when the Mmu is built:
+(tdp_map.py) works from it.  The entry point is chosen when the Mmu is built:
 
 - `kvm_tdp_mmu_page_fault` (the series, lock_mode shared): read lock, the
   notifier recheck, map; make_mmu_pages_available is not called, as after the
   fix of CVE-2022-45869;
 - `direct_page_fault` (the pre-series baseline, lock_mode exclusive): write
-  lock, make_mmu_pages_available, the same recheck and map with plain stores;
-- the variants of a bug switch beside them.
+  lock, make_mmu_pages_available, the same recheck and map with plain stores.
 
 Both entries retry a fault whose root was invalidated while it was on its way
 to the lock (is_page_fault_stale, a955cad84cda): the vCPU then takes its
@@ -18,13 +17,18 @@ reload request on the way back into the guest.  A vCPU's root is loaded
 (kvm_mmu_load) on guest entry when it has none, and unloaded when a reload
 request (kvm_reload_remote_mmus) reaches it; a fault taken with no root loaded
 (a caller driving the MMU without a Vcpu) loads one first, as the entry would.
+This part holds what struct kvm_mmu holds for the vCPU: its root, and the
+fault's walk and record, made once and reused (the kernel's are on the stack).
 """
 from __future__ import annotations
 
-from shmmmu.layout import STAT, Ctl, MemslotFlags, MemslotRow, RootRow
+from typing import Any
+
+from shmmmu.layout import STAT, Ctl, MemslotFlags
 from shmmmu.memslots import Slot
-from shmmmu.mmu.nx import NxHugePages
-from shmmmu.mmu.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
+from shmmmu.mmu.instruments import site
+from shmmmu.mmu.kvm import Kvm, Part
+from shmmmu.mmu.records import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, Fault
 from shmmmu.rwlock import HELD_WRITE
 
 _ST_FAULTS = STAT["faults"]
@@ -39,45 +43,46 @@ _ST_STALE_ROOT = STAT["stale_root_retries"]
 _ST_DURING_FAST_ZAP = STAT["faults_during_fast_zap"]
 _ST_RELOADS = STAT["root_reloads"]
 _C_FAST_ZAPS = Ctl.FAST_ZAPS
-_R_INVALID = RootRow.INVALID
-_R = RootRow.WORDS
 _C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
-_MS_GEN = MemslotRow.GEN
-_MS_WORDS = MemslotRow.WORDS
 _MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
 
 
-class Fault:
-    """struct kvm_page_fault: one EPT violation and what the fault path learns about it."""
+class MmuFault(Part):
+    """The fault entry of mmu.c over the TDP MMU, and the vCPU's root (vcpu->arch.mmu)."""
 
-    __slots__ = ("gfn", "write", "exec", "slot", "pfn", "mmu_seq", "max_level", "req_level", "goal_level",
-                 "huge_page_disallowed")
+    __slots__ = ("roots", "map", "role", "root_row", "root", "fault_record", "fault_walk", "memslot_gen",
+                 "invalid_col", "mmu_read_lock", "mmu_read_unlock", "rcu_read_lock", "rcu_read_unlock")
+    roots: Any                      # the roots part
+    map: Any                        # the tdp_map part: kvm_tdp_mmu_map
 
-    slot: Slot | None
-    pfn: int                      # the host page backing gfn (the GUP)
-    mmu_seq: int                  # mmu_notifier_seq before the GUP
-    max_level: int                # what the memslot and its backing allow
-    req_level: int                # the level before the NX clamp (for NX accounting)
-    goal_level: int               # the level the leaf is installed at
-
-    def __init__(self, gfn: int, write: bool, exec_: bool):
-        # the rest is filled in by kvm_faultin_pfn and kvm_mmu_hugepage_adjust before anything reads it
-        self.gfn = gfn
-        self.write = write
-        self.exec = exec_
-        self.huge_page_disallowed = False
-
-
-class MmuFault(NxHugePages):
-    """The fault entry of mmu.c over the TDP MMU."""
-    __slots__ = ("fault_record", "memslot_rows")
-
-    def __init__(self, vm, worker: int, tlb=None):
-        super().__init__(vm, worker, tlb)
+    def __init__(self, kvm: Kvm):
+        super().__init__(kvm)
+        c = self.config
+        self.role = self.worker % c.root_roles if self.worker < c.n_vcpus else 0
+        # the root this process's MMU uses (a vCPU's mmu->root_hpa): its row and table; -1 / 0 none.
+        # WState.ROOT records the reference it holds, for VM destruction, recovery and the checkers
+        held = self.wstate.root.load(self.worker)
+        self.root_row = held - 1
+        self.root = self.root_rows.table.load(self.root_row) if held else 0
+        self.invalid_col = self.root_rows.invalid
+        # the reload requests (kvm_reload_remote_mmus) this root answers (TlbControl.roots_gen, which
+        # guest entry compares); an invalid or missing root answers none.  The generation is read first:
+        # an invalidation between the two reads then shows as a generation that moved
+        gen = self.ctl.load(Ctl.ROOTS_GEN)
+        self.tlbctl.roots_gen = gen if held and not self.invalid_col.load(self.root_row) else -1
         # struct kvm_page_fault lives on the fault's stack in the kernel: one record per process, filled
         # in afresh by each fault (a fault never outlives its call, and a process takes one at a time)
         self.fault_record = Fault(0, False, False)
-        self.memslot_rows = self.slots.rows
+        self.memslot_gen = self.slots.slot_rows.gen
+        self.bind_fast_paths()
+
+    def bind_fast_paths(self) -> None:
+        """The fault path's walk, and its lock and RCU calls bound once (Python 3.11 specializes the call of
+        a bound C function, not that of a C method on a subclass; RWLock and Rcu derive from their C fast
+        paths).  The Mmu front binds them again once the instruments are in place."""
+        self.fault_walk = self.kvm.new_iter(self.root, 1, 0)
+        self.mmu_read_lock, self.mmu_read_unlock = self.lock.read_lock, self.lock.read_unlock
+        self.rcu_read_lock, self.rcu_read_unlock = self.rcu.read_lock, self.rcu.read_unlock
 
     # ------------------------------------------------------------------ the vCPU's root
 
@@ -89,12 +94,12 @@ class MmuFault(NxHugePages):
         lock.write_lock()
         try:
             gen = self.ctl.load(Ctl.ROOTS_GEN)      # every reload request before this one is answered
-            row = self.kvm_tdp_mmu_get_vcpu_root(self.role)
-            self.ws.store(self.root_word, row + 1)
+            row = self.roots.kvm_tdp_mmu_get_vcpu_root(self.role)
+            self.wstate.root.store(self.worker, row + 1)
         finally:
             lock.write_unlock()
         self.root_row = row
-        self.root = self.root_table(row)
+        self.root = self.roots.root_table(row)
         self.tlbctl.roots_gen = gen
         self.tlbctl.flush_current()
         self.st[_ST_RELOADS] += 1
@@ -107,8 +112,8 @@ class MmuFault(NxHugePages):
         lock = self.lock
         lock.write_lock()
         try:
-            self.ws.store(self.root_word, 0)
-            self.kvm_tdp_mmu_put_root(row, False)
+            self.wstate.root.store(self.worker, 0)
+            self.roots.kvm_tdp_mmu_put_root(row, False)
         finally:
             lock.write_unlock()
         self.root_row = -1
@@ -121,13 +126,19 @@ class MmuFault(NxHugePages):
         if self.root_row < 0:
             self.kvm_mmu_load()
 
+    def forget_root(self) -> None:
+        """The root this process held was put by someone else (VM destruction puts every vCPU's)."""
+        self.root_row, self.root = -1, 0
+
     def root_is_obsolete(self) -> bool:
         """is_obsolete_sp(vcpu->arch.mmu->root_hpa): the root was invalidated (a955cad84cda)."""
-        return self.rw.load(self.root_row * _R + _R_INVALID) != 0
+        return self.invalid_col.load(self.root_row) != 0
 
-    def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
-        """An EPT violation on gfn; returns a RET_PF_* value (bound to the entry point this VM uses)."""
-        raise NotImplementedError("the Mmu binds page_fault to its entry point when it is built")
+    def root_never_obsolete(self) -> bool:
+        """Variant fault-into-invalid-root (5.13 before a955cad84cda): no check of the root under the lock."""
+        return False
+
+    # ------------------------------------------------------------------ the fault's prologue
 
     def kvm_faultin_pfn(self, fault: Fault) -> bool:
         """The fault's prologue, outside the lock: top up the caches, read mmu_seq, find the slot and the
@@ -167,18 +178,41 @@ class MmuFault(NxHugePages):
         if ctl.load(_C_SEQ) != fault.mmu_seq:
             return True
         slot = fault.slot
-        return self.memslot_rows.load(slot.id * _MS_WORDS + _MS_GEN) != slot.gen
+        return self.memslot_gen.load(slot.id) != slot.gen
+
+    def notifier_retry_never(self, fault: Fault) -> bool:
+        """Variant no-notifier-recheck: no mmu_notifier_retry_hva under the lock; a fault that resolved its
+        host page before an unmap installs it afterwards."""
+        return False
 
     def make_mmu_pages_available(self) -> None:
         """Legacy shadow-page reclaim: it needs the write lock (CVE-2022-45869 ran it under the read lock)."""
         if self.lock.mode != HELD_WRITE:
-            self._lockdep(HELD_WRITE)
+            self.kvm._lockdep(HELD_WRITE)
 
     # ------------------------------------------------------------------ the entry points
 
+    @site("trace")
+    def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """An EPT violation on gfn; returns a RET_PF_* value (the Mmu front binds it to its VM's entry)."""
+        raise NotImplementedError("the Mmu binds page_fault to its entry point when it is built")
+
+    def _begin(self, gfn: int, write: bool, exec_fault: bool) -> Fault | None:
+        """What both entries do before the lock: count, load a root if none, fill in the record, faultin."""
+        st = self.st
+        st[_ST_FAULTS] += 1
+        if self.root_row < 0:
+            self.kvm_mmu_load()
+        fault = self.fault_record
+        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
+        if not self.kvm_faultin_pfn(fault):
+            st[_ST_EMULATED] += 1
+            return None
+        return fault
+
     def kvm_tdp_mmu_page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """kvm_tdp_mmu_page_fault() (the series, after the CVE-2022-45869 fix): the map under the read lock."""
-        st = self.st
+        st = self.st                                     # _begin(), written out: the fault path's own
         st[_ST_FAULTS] += 1
         if self.root_row < 0:
             self.kvm_mmu_load()
@@ -196,7 +230,7 @@ class MmuFault(NxHugePages):
             elif self.mmu_notifier_retry_hva(fault):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
-                r = self.kvm_tdp_mmu_map(fault, True)
+                r = self.map.kvm_tdp_mmu_map(self, fault, True)
                 if r == RET_PF_FIXED and self.ctl.load(_C_FAST_ZAPS):
                     st[_ST_DURING_FAST_ZAP] += 1
         finally:
@@ -204,17 +238,34 @@ class MmuFault(NxHugePages):
         st[_ST_RESULT[r]] += 1
         return r
 
+    def page_fault_k15_reclaim_under_read_lock(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """Variant pages-lock-in-read-fault (K15, CVE-2022-45869): 5.13's direct_page_fault for a TDP fault,
+        make_mmu_pages_available (write-lock-only reclaim) under the read lock."""
+        fault = self._begin(gfn, write, exec_fault)
+        if fault is None:
+            return RET_PF_EMULATE
+        st = self.st
+        r = RET_PF_RETRY
+        self.lock.read_lock()
+        try:
+            if self.root_is_obsolete():
+                st[_ST_STALE_ROOT] += 1
+            elif self.mmu_notifier_retry_hva(fault):
+                st[_ST_NOTIFIER_RETRIES] += 1
+            else:
+                self.make_mmu_pages_available()
+                r = self.map.kvm_tdp_mmu_map(self, fault, True)
+        finally:
+            self.lock.read_unlock()
+        st[_ST_RESULT[r]] += 1
+        return r
+
     def direct_page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """direct_page_fault() of the pre-series MMU (the exclusive baseline): everything under the write lock."""
-        st = self.st
-        st[_ST_FAULTS] += 1
-        if self.root_row < 0:
-            self.kvm_mmu_load()
-        fault = self.fault_record
-        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
-        if not self.kvm_faultin_pfn(fault):
-            st[_ST_EMULATED] += 1
+        fault = self._begin(gfn, write, exec_fault)
+        if fault is None:
             return RET_PF_EMULATE
+        st = self.st
         r = RET_PF_RETRY
         lock = self.lock
         lock.write_lock()
@@ -225,42 +276,8 @@ class MmuFault(NxHugePages):
                 st[_ST_NOTIFIER_RETRIES] += 1
             else:
                 self.make_mmu_pages_available()
-                r = self.kvm_tdp_mmu_map(fault, False)
+                r = self.map.kvm_tdp_mmu_map(self, fault, False)
         finally:
             lock.write_unlock()
-        st[_ST_RESULT[r]] += 1
-        return r
-
-    def page_fault_reverted(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
-        """The fault entry with a fault-entry switch on: K15 (5.13's direct_page_fault for a TDP fault:
-        make_mmu_pages_available under the read lock, CVE-2022-45869), no mmu_notifier_retry_hva, and/or
-        no check of the root (5.13 before a955cad84cda)."""
-        bugs = self.bugs
-        shared = self.parallel
-        st = self.st
-        st[_ST_FAULTS] += 1
-        if self.root_row < 0:
-            self.kvm_mmu_load()
-        fault = self.fault_record
-        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
-        if not self.kvm_faultin_pfn(fault):
-            st[_ST_EMULATED] += 1
-            return RET_PF_EMULATE
-        r = RET_PF_RETRY
-        lock = self.lock
-        lock.read_lock() if shared else lock.write_lock()
-        try:
-            if not bugs.fault_into_invalid_root and self.root_is_obsolete():
-                st[_ST_STALE_ROOT] += 1
-            elif not bugs.no_notifier_recheck and self.mmu_notifier_retry_hva(fault):
-                st[_ST_NOTIFIER_RETRIES] += 1
-            else:
-                if bugs.pages_lock_in_read_fault or not shared:
-                    self.make_mmu_pages_available()
-                r = self.kvm_tdp_mmu_map(fault, shared)
-                if r == RET_PF_FIXED and self.ctl.load(_C_FAST_ZAPS):
-                    st[_ST_DURING_FAST_ZAP] += 1
-        finally:
-            lock.read_unlock() if shared else lock.write_unlock()
         st[_ST_RESULT[r]] += 1
         return r

@@ -37,17 +37,16 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
 from shmmmu import outfile
 from shmmmu import spte as S
-from shmmmu.layout import TMeta
+from shmmmu.mmu.instruments import site_target
 from shmmmu.region import PREFIX
 
-if TYPE_CHECKING:
-    from shmmmu.mmu import Mmu
+Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports this module)
 
 # the printk formats, as the kernel's headers have them (tests check every line against these)
 KVM_MMU_PAGE_PRINTK = "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s"
@@ -60,7 +59,6 @@ FORMATS = {
 }
 EPT_READ, EPT_WRITE, EPT_FETCH = 0x1, 0x2, 0x4
 EPT_GLA = 0x180                  # bits 7 and 8: a translation of a valid guest linear address
-_TM = TMeta.WORDS
 
 
 def _sp(gfn: int, level: int) -> str:
@@ -68,9 +66,9 @@ def _sp(gfn: int, level: int) -> str:
     return f"sp gen 0 gfn {gfn:x} l{level} 8-byte q0 direct wux !nxe ad root 0 sync"
 
 
-def task(mmu: "Mmu") -> str:
+def task(kvm) -> str:
     """The task name a line carries: QEMU's name of a vCPU thread, or the host process's role."""
-    c, w = mmu.config, mmu.worker
+    c, w = kvm.config, kvm.worker
     if w < c.n_vcpus:
         return f"CPU {w}/KVM"
     return {c.host_worker: "shmmmu", c.reclaimer_worker: "shmmmu-reclaim"}.get(w, "shmmmu-notifier")
@@ -92,92 +90,110 @@ class Writer:
         self.f.write(f"{self.prefix}{t // 1000000:5d}.{t % 1000000:06d}: {event + ':':<25} {text}\n")
 
 
-def install(mmu: "Mmu", directory: str) -> Writer:
-    """Wrap the traced functions of one Mmu; its lines go to a part file of its own in `directory`."""
-    w = Writer(os.path.join(directory, f"{mmu.worker:03d}-{os.getpid()}.txt"), task(mmu), os.getpid(), mmu.worker,
-               buffered=mmu.worker < mmu.config.n_vcpus and not mmu.waits.deterministic, clock=mmu.waits.now_ns)
-    emit = w.emit
-    tm = mmu.tm
-    pages = [0] + [mmu.geometry.pages(level) for level in range(1, mmu.root_level + 1)]
-    removed = S.REMOVED
+def install(mmu: Mmu, directory: str) -> Writer:
+    """Put every tracepoint in place over its site of this one Mmu; its lines go to a part file of its own
+    in `directory`."""
+    kvm = mmu.kvm
+    w = Writer(os.path.join(directory, f"{kvm.worker:03d}-{os.getpid()}.txt"), task(kvm), os.getpid(), kvm.worker,
+               buffered=kvm.worker < kvm.config.n_vcpus and not kvm.waits.deterministic, clock=kvm.waits.now_ns)
+    for key, wrap in TRACE.items():
+        target = site_target(mmu, key, "trace")
+        name = key.split(".")[1]
+        setattr(target, name, wrap(kvm, w, getattr(target, name)))
+    return w
 
-    page_fault = mmu.page_fault
 
+def _spte_changed(w: Writer, gfn: int, level: int, old: int, new: int) -> None:
+    w.emit("kvm_tdp_mmu_spte_changed", f"as id 0 gfn {gfn:x} level {level} old_spte {old:x} new_spte {new:x}")
+
+
+def _page_fault(kvm, w: Writer, page_fault: Callable) -> Callable:
     def traced_page_fault(gfn: int, write: bool, exec_fault: bool = False) -> int:
         code = EPT_GLA | (EPT_WRITE if write else EPT_FETCH if exec_fault else EPT_READ)
-        emit("kvm_page_fault", f"address {gfn << 12:x} error_code {code:x}")
+        w.emit("kvm_page_fault", f"address {gfn << 12:x} error_code {code:x}")
         return page_fault(gfn, write, exec_fault)
-    mmu.page_fault = traced_page_fault
+    return traced_page_fault
 
-    tdp_map = mmu.kvm_tdp_mmu_map
 
-    def traced_map(fault, shared: bool) -> int:
+def _map(kvm, w: Writer, tdp_map: Callable) -> Callable:
+    pages = kvm.pages
+
+    def traced_map(vcpu, fault, shared: bool) -> int:
         level = fault.goal_level
-        emit("kvm_mmu_spte_requested",
-             f"gfn {fault.gfn:x} pfn {fault.pfn | (fault.gfn & (pages[level] - 1)):x} level {level}")
-        return tdp_map(fault, shared)
-    mmu.kvm_tdp_mmu_map = traced_map
+        w.emit("kvm_mmu_spte_requested",
+               f"gfn {fault.gfn:x} pfn {fault.pfn | (fault.gfn & (pages[level] - 1)):x} level {level}")
+        return tdp_map(vcpu, fault, shared)
+    return traced_map
 
-    def spte_changed(gfn: int, level: int, old: int, new: int) -> None:
-        emit("kvm_tdp_mmu_spte_changed", f"as id 0 gfn {gfn:x} level {level} old_spte {old:x} new_spte {new:x}")
 
-    handle_changed = mmu.handle_changed_spte
-
+def _handle_changed(kvm, w: Writer, handle_changed: Callable) -> Callable:
     def traced_handle_changed(gfn: int, old: int, new: int, level: int, shared: bool,
                               record_dirty_log: bool = True, record_acc_track: bool = True) -> None:
         if old != new:                           # __handle_changed_spte returns before its trace when equal
-            spte_changed(gfn, level, old, new)
+            _spte_changed(w, gfn, level, old, new)
         handle_changed(gfn, old, new, level, shared, record_dirty_log, record_acc_track)
-    mmu.handle_changed_spte = traced_handle_changed
+    return traced_handle_changed
 
-    # handle_removed_tdp_mmu_page: trace_kvm_mmu_prepare_zap_page(sp), then every entry it freezes goes
-    # through handle_changed_spte (shared: all of them, exchanged to REMOVED; exclusive: the present ones)
-    remove_table = mmu._remove_table
-    E = mmu.E
-    tables = mmu.tables
+
+def _remove_table(kvm, w: Writer, remove_table: Callable) -> Callable:
+    """handle_removed_tdp_mmu_page: trace_kvm_mmu_prepare_zap_page(sp), then every entry it freezes goes
+    through handle_changed_spte (shared: all of them, exchanged to REMOVED, traced by the freeze below;
+    exclusive: the present ones)."""
+    tmeta, tables, E, pages = kvm.tmeta, kvm.tables, kvm.E, kvm.pages
 
     def traced_remove_table(table: int, shared: bool, removed_list: list[int]) -> None:
-        level = tm.load(table * _TM + TMeta.LEVEL)
-        base = tm.load(table * _TM + TMeta.GFN)
-        emit("kvm_mmu_prepare_zap_page", _sp(base, level))
+        level = tmeta.level.load(table)
+        base = tmeta.gfn.load(table)
+        w.emit("kvm_mmu_prepare_zap_page", _sp(base, level))
         if shared:
-            remove_table(table, shared, removed_list)      # the freeze below traces each entry
+            remove_table(table, shared, removed_list)
             return
         before = np.empty(E, dtype=np.uint64)
         tables.load_range(table * E, E, before)
         remove_table(table, shared, removed_list)
         for i in np.flatnonzero(before & np.uint64(S.MMU_PRESENT)).tolist():
-            spte_changed(base + i * pages[level], level, int(before[i]), removed)
-    mmu._remove_table = traced_remove_table
+            _spte_changed(w, base + i * pages[level], level, int(before[i]), S.REMOVED)
+    return traced_remove_table
 
-    freeze = mmu.freeze_removed_entries
+
+def _freeze(kvm, w: Writer, freeze: Callable) -> Callable:
+    tmeta, tables, pages = kvm.tmeta, kvm.tables, kvm.pages
 
     def traced_freeze(start: int, base: int, table: int, old: np.ndarray) -> None:
         freeze(start, base, table, old)
-        level = tm.load(table * _TM + TMeta.LEVEL)
+        level = tmeta.level.load(table)
         after = tables.load(start)                       # REMOVED (or 0 with K6)
         step = pages[level]
         for i, v in enumerate(old.tolist()):
             if v != after:
-                spte_changed(base + i * step, level, v, after)
-    mmu.freeze_removed_entries = traced_freeze
+                _spte_changed(w, base + i * step, level, v, after)
+    return traced_freeze
 
-    pool = mmu.pool
-    alloc = pool.alloc
 
+def _alloc(kvm, w: Writer, alloc: Callable) -> Callable:
     def traced_alloc(level: int, gfn: int) -> int:
         table = alloc(level, gfn)
-        emit("kvm_mmu_get_page", _sp(gfn, level) + " new")
+        w.emit("kvm_mmu_get_page", _sp(gfn, level) + " new")
         return table
-    pool.alloc = traced_alloc
+    return traced_alloc
 
-    publish = mmu.publish_stats
 
+def _publish(kvm, w: Writer, publish: Callable) -> Callable:
     def traced_publish() -> None:
         publish()
         w.f.flush()
-    mmu.publish_stats = traced_publish
-    return w
+    return traced_publish
+
+
+TRACE: dict[str, Callable] = {
+    "fault.page_fault": _page_fault,
+    "map.kvm_tdp_mmu_map": _map,
+    "tdp.handle_changed_spte": _handle_changed,
+    "tdp.remove_table": _remove_table,
+    "tdp.freeze_removed_entries": _freeze,
+    "map.alloc_tdp_mmu_page": _alloc,
+    "kvm.publish_stats": _publish,
+}
 
 
 # ---------------------------------------------------------------- the file: parts made, merged, removed

@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-from shmmmu.workloads import EXEC, READ, WRITE
+from shmmmu.layout import EXEC, READ, WRITE
 
 MAX_LINE = 4096                  # longer is not a trace line: binary or endless input (/dev/zero)
 DETECT_LINES = 200               # lines read to tell the format

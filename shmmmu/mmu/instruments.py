@@ -1,0 +1,58 @@
+"""Instruments: where the debug checkers and the tracepoints attach, declared at the functions they watch.
+
+A function of an MMU part that a checker or a tracepoint watches carries
+`@site("debug")`, `@site("trace")` or both, at its definition, where a reader
+of the kernel function looks.  What runs there lives in shmmmu.mmu.debug
+(DEBUG) and shmmmu.mmu.tracepoints (TRACE), keyed "part.function"; when an Mmu
+is built with debug on or --tracepoints, each is installed over that one
+instance's function (whatever variant it is), and with both off nothing is
+wrapped: the sites cost nothing.  tests check that every site has its wrapper
+and every wrapper its site.
+
+A few things watched are not functions of a part: the lock's unlocks (the
+I6 check) are methods of the MMU lock object, declared in OBJECT_SITES.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+KINDS = ("debug", "trace")
+
+# watched methods of objects that are no MMU part: "handle.method" -> kinds (the handle is an attribute of Kvm)
+OBJECT_SITES: dict[str, tuple[str, ...]] = {
+    "lock.read_unlock": ("debug",),            # I6: never drop mmu_lock with changes unflushed
+    "lock.write_unlock": ("debug",),
+}
+
+
+def site(*kinds: str) -> Callable[[F], F]:
+    """Mark a function as a place where the instruments of `kinds` attach."""
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown instrument kind {k!r}")
+
+    def mark(fn: F) -> F:
+        fn.instrument_site = frozenset(kinds)           # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+def kinds_of(fn: object) -> frozenset[str]:
+    """The instrument kinds a function is a site of (none: not a site)."""
+    return getattr(getattr(fn, "__func__", fn), "instrument_site", frozenset())
+
+
+def site_target(mmu: Any, key: str, kind: str) -> Any:
+    """The object whose function `key` ("part.function", "kvm.function" or an OBJECT_SITES "handle.method")
+    an instrument of `kind` replaces; ValueError if that function is not declared a site of `kind`."""
+    owner, name = key.split(".")
+    if key in OBJECT_SITES:
+        if kind not in OBJECT_SITES[key]:
+            raise ValueError(f"{key} is not a {kind} site")
+        return getattr(mmu.kvm, owner)
+    target = mmu.kvm if owner == "kvm" else getattr(mmu, owner)
+    if kind not in kinds_of(getattr(type(target), name, None)):
+        raise ValueError(f"{key} is not declared a {kind} site (@site({kind!r}) at its definition)")
+    return target

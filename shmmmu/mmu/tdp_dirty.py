@@ -1,0 +1,190 @@
+"""TDP dirty: tdp_mmu.c's write protection, dirty-log re-protection and aging (the A bit).
+
+Write protection at dirty-log enable runs under the read lock with
+compare-exchange (5.13, 24ae4cfaaaa2); the masked re-protection of
+KVM_GET/CLEAR_DIRTY_LOG and aging (the MMU notifier's clear/test_young) run
+under the write lock without yielding, through the exclusive setter.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shmmmu import spte as S
+from shmmmu.layout import STAT
+from shmmmu.memslots import Slot
+from shmmmu.mmu.kvm import Kvm, Part
+from shmmmu.tdp_iter import for_each_leaf, for_each_pte
+
+_P = S.MMU_PRESENT
+_L = S.LARGE
+_W = S.WRITABLE
+_A = S.ACCESSED
+_PFN_MASK = S.PFN_MASK
+_PFN_SHIFT = S.PFN_SHIFT
+
+
+class TdpDirty(Part):
+    """wrprot_gfn_range, clear_dirty_pt_masked, age_gfn_range and their walks over roots."""
+
+    __slots__ = ("tdp", "roots")
+    tdp: Any                        # the tdp_mmu part: setters and the yield
+    roots: Any                      # the roots part
+
+    def __init__(self, kvm: Kvm):
+        super().__init__(kvm)
+
+    # ------------------------------------------------------------------ aging (C9: the notifier's clear/test_young)
+
+    def age_gfn_range(self, root: int, start: int, end: int) -> list[tuple[int, int]]:
+        """age_gfn_range() (5.13, through kvm_tdp_mmu_handle_gfn: write lock, no yield): clear A on every
+        accessed leaf of [start, end) with tdp_mmu_set_spte_no_acc_track; returns the leaves that were young."""
+        self.kvm.lockdep_assert_held_write()
+        young = []
+        self.rcu.read_lock()
+        try:
+            for it in for_each_leaf(self.kvm.new_iter(root, 1, start), end):
+                old = it.old_spte
+                if not old & _A:
+                    continue                     # a non-accessed entry need not change
+                young.append((it.gfn, it.level))
+                self.tdp.tdp_mmu_set_spte(it, old & ~_A, record_acc_track=False)
+        finally:
+            self.rcu.read_unlock()
+        return young
+
+    def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> list[tuple[int, int]]:
+        """kvm_tdp_mmu_age_gfn_range(): age_gfn_range on every root (for_each_tdp_mmu_root)."""
+        roots = self.roots
+        young = []
+        for row in roots.for_each_tdp_mmu_root():
+            young += self.age_gfn_range(roots.root_table(row), start, end)
+        return young
+
+    def kvm_tdp_mmu_test_age_gfn(self, start: int, end: int) -> bool:
+        """kvm_tdp_mmu_test_age_gfn(): is any leaf of [start, end) accessed, in any root."""
+        self.kvm.lockdep_assert_held_write()
+        roots = self.roots
+        self.rcu.read_lock()
+        try:
+            for row in roots.for_each_tdp_mmu_root():
+                for it in for_each_leaf(self.kvm.new_iter(roots.root_table(row), 1, start), end):
+                    if it.old_spte & _A:
+                        return True
+        finally:
+            self.rcu.read_unlock()
+        return False
+
+    # ------------------------------------------------------------------ write protection (§9)
+
+    def wrprot_gfn_range(self, root: int, start: int, end: int, min_level: int, shared: bool) -> int:
+        """wrprot_gfn_range(): clear W on every present leaf at min_level or above in [start, end).
+
+        Walks to level 2 with the iterator (yielding with forward progress); each 4K
+        table below is write-protected with one compare-exchange loop in C; huge
+        leaves are protected one by one.  Returns the number of leaves changed.
+        """
+        kvm, tdp = self.kvm, self.tdp
+        kvm.lockdep_assert_held(shared)
+        changed = 0
+        flush = False
+        E = self.E
+        old = np.empty(E, dtype=np.uint64)
+        self.rcu.read_lock()
+        try:
+            it = kvm.new_iter(root, min(2, self.root_level), start)
+            for it in for_each_pte(it, end):
+                while True:
+                    if tdp.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    if not spte & _P:
+                        break
+                    if spte & _L:                                     # a huge leaf
+                        if not spte & _W:
+                            break
+                        kvm.mark_unflushed()                 # before the change a vCPU may observe
+                        flush = True                         # owed from here on, changed or not (I6)
+                        if shared:
+                            if not tdp.tdp_mmu_set_spte_atomic(it, spte & ~_W):
+                                it.old_spte = self.tables.load(it.sptep)
+                                continue
+                        else:
+                            tdp.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                        changed += 1
+                        break
+                    if it.level == 2 and min_level == 1:              # a table of 4K leaves: one batch
+                        child = (spte & _PFN_MASK) >> _PFN_SHIFT
+                        kvm.mark_unflushed()
+                        flush = True
+                        changed += self.tables.clear_where(child * E, E, _P, _P, _W, old)
+                    break
+        finally:
+            self.rcu.read_unlock()
+        if flush or kvm.holds_unflushed:
+            kvm.kvm_flush_remote_tlbs()
+        self.st[STAT["wrprot_leaves"]] += changed
+        return changed
+
+    def kvm_tdp_mmu_wrprot_slot(self, slot: Slot, min_level: int, shared: bool) -> int:
+        """kvm_tdp_mmu_wrprot_slot(): wrprot_gfn_range over the slot, on every valid root (yield-safe)."""
+        roots = self.roots
+        return sum(self.wrprot_gfn_range(roots.root_table(row), slot.base_gfn, slot.end_gfn, min_level, shared)
+                   for row in roots.for_each_tdp_mmu_root_yield_safe(shared))
+
+    def clear_dirty_pt_masked(self, root: int, gfn: int, mask: int) -> bool:
+        """clear_dirty_pt_masked(): write-protect the 4K leaves of [gfn, gfn+64) named by mask (write lock).
+        The mask bit is cleared before the skip of an already protected leaf (f1b3b06a058b), so the walk
+        stops as soon as the mask is done."""
+        return self._clear_dirty_pt_masked(root, gfn, mask, False)
+
+    def clear_dirty_pt_masked_k3_late_clear(self, root: int, gfn: int, mask: int) -> bool:
+        """Variant dirty-mask-late-clear (K3, before f1b3b06a058b): the mask bit is cleared only after the skip
+        of an already protected leaf, so the walk cannot stop early and runs on past the mask."""
+        return self._clear_dirty_pt_masked(root, gfn, mask, True)
+
+    def _clear_dirty_pt_masked(self, root: int, gfn: int, mask: int, late: bool) -> bool:
+        kvm = self.kvm
+        kvm.lockdep_assert_held_write()
+        if not mask:
+            return False
+        first = (mask & -mask).bit_length() - 1
+        changed = False
+        visited = 0
+        self.rcu.read_lock()
+        try:
+            for it in for_each_leaf(kvm.new_iter(root, 1, gfn + first), gfn + 64):
+                if not mask:
+                    break
+                if it.level > 1:
+                    continue                                  # huge leaves: protected at enable (may start below gfn)
+                bit = 1 << (it.gfn - gfn)
+                if not mask & bit:
+                    continue
+                visited |= bit
+                if not late:
+                    mask &= ~bit                              # f1b3b06a058b: before the early continue
+                spte = it.old_spte
+                if not spte & _W:
+                    continue
+                if late:
+                    mask &= ~bit                              # K3: only after it
+                kvm.mark_unflushed()
+                self.tdp.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                changed = True
+            if mask & visited:
+                # the mask must only name leaves not yet handled, or the walk cannot stop early (K3)
+                kvm.violation("mask-walk-overrun", gfn, mask & visited, mask)
+        finally:
+            self.rcu.read_unlock()
+        return changed
+
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Slot, gfn: int, mask: int) -> bool:
+        """kvm_tdp_mmu_clear_dirty_pt_masked(): clear_dirty_pt_masked on every root (write lock, no yield)."""
+        roots = self.roots
+        changed = False
+        for row in roots.for_each_tdp_mmu_root():
+            changed |= self.clear_dirty_pt_masked(roots.root_table(row), gfn, mask)
+        return changed

@@ -1,0 +1,230 @@
+"""TDP zap: tdp_mmu.c's zapping: a GFN range of one root or of all of them, zap-all, one table, a whole root, collapsible leaves.
+
+Shared (5.13): each entry is frozen, flushed and cleared
+(tdp_mmu_zap_spte_atomic), and a lost compare-exchange re-reads the entry and
+tries again (`goto retry`).  Exclusive: plain stores, and the flush is the
+caller's.  A walk that may yield threads its pending flush through every
+yield (a835429cda91) and through every root.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from shmmmu import spte as S
+from shmmmu.layout import STAT
+from shmmmu.memslots import Slot
+from shmmmu.mmu.instruments import site
+from shmmmu.mmu.kvm import Kvm, Part
+from shmmmu.tdp_iter import for_each_pte
+
+_P = S.MMU_PRESENT
+_L = S.LARGE
+
+
+class TdpZap(Part):
+    """zap_gfn_range and the walks that call it."""
+
+    __slots__ = ("tdp", "roots", "phys_max_gfn")
+    tdp: Any                        # the tdp_mmu part: setters and the yield
+    roots: Any                 # the roots part: the walks over roots
+
+    def __init__(self, kvm: Kvm):
+        super().__init__(kvm)
+        self.phys_max_gfn = kvm.phys_max_gfn
+
+    @site("debug")
+    def zap_gfn_range(self, root: int, start: int, end: int, can_yield: bool, flush: bool, shared: bool,
+                      min_level: int = 1, zap_all: bool = False) -> bool:
+        """zap_gfn_range(): clear every entry covering [start, end); returns whether a flush is pending.
+
+        A non-leaf entry the range covers only in part is descended into, unless this is
+        a zap of everything (524a1e4e381f: zap-all zaps every root entry whole).
+        """
+        kvm, tdp = self.kvm, self.tdp
+        kvm.lockdep_assert_held(shared)
+        self.rcu.read_lock()
+        try:
+            bits = self.bits
+            for it in for_each_pte(kvm.new_iter(root, min_level, start), end):
+                while True:                      # retry:
+                    if can_yield and tdp.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    if not spte & _P:
+                        break
+                    level = it.level
+                    if (not zap_all and not (level == 1 or spte & _L)
+                            and (it.gfn < start or it.gfn + (1 << (bits * (level - 1))) > end)):
+                        break                    # partly covered table: descend instead
+                    if shared:
+                        if not tdp.tdp_mmu_zap_spte_atomic(it):
+                            it.old_spte = self.tables.load(it.sptep)
+                            continue             # goto retry
+                    else:
+                        kvm.mark_unflushed()
+                        tdp.tdp_mmu_set_spte(it, 0)
+                        flush = True
+                    break
+        finally:
+            self.rcu.read_unlock()
+        return flush
+
+    def kvm_tdp_mmu_zap_gfn_range(self, start: int, end: int, can_yield: bool, flush: bool,
+                                  shared: bool) -> bool:
+        """__kvm_tdp_mmu_zap_gfn_range(): zap_gfn_range over every root, valid or invalid, a reference held
+        across yields, the pending flush threaded through (a835429cda91: a flush owed from one root is
+        honoured before yielding in the next).  d62007edf01f walks the invalid roots too."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root_yield_safe(shared, False):
+            flush = self.zap_gfn_range(roots.root_table(row), start, end, can_yield, flush, shared)
+        return flush
+
+    def zap_gfn_range_k11_flush_not_passed(self, start: int, end: int, can_yield: bool, flush: bool,
+                                           shared: bool) -> bool:
+        """Variant yield-with-owed-flush (K11, before a835429cda91): `flush |= zap_gfn_range(root, ...,
+        flush=false)`: each root's walk starts owing nothing, so a yield in a later root drops the lock with
+        an earlier root's zaps unflushed; the caller flushes at the end."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root_yield_safe(shared, False):
+            flush |= self.zap_gfn_range(roots.root_table(row), start, end, can_yield, False, shared)
+        return flush
+
+    def zap_gfn_range_valid_roots_only(self, start: int, end: int, can_yield: bool, flush: bool,
+                                       shared: bool) -> bool:
+        """Variant unmap-skips-invalid-roots: the yield-safe walk skips invalid roots (kvm_tdp_mmu_get_root's
+        check), as before d62007edf01f: an invalid root whose zapper yielded still maps the range when the
+        MMU notifier returns."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root_yield_safe(shared, True):
+            flush = self.zap_gfn_range(roots.root_table(row), start, end, can_yield, flush, shared)
+        return flush
+
+    def kvm_tdp_mmu_unmap_gfn_range(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
+        """kvm_tdp_mmu_unmap_gfn_range() (the MMU notifier, write lock): __kvm_tdp_mmu_zap_gfn_range with
+        can_yield = range->may_block (7533377215b6: the yield-safe root walk)."""
+        return self.kvm_tdp_mmu_zap_gfn_range(start, end, may_block, flush, False)
+
+    def unmap_gfn_range_unsafe_root_walk(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
+        """Variant notifier-unsafe-root-walk (5.13 as released, before 7533377215b6): for_each_tdp_mmu_root,
+        no reference on the root, yet zap_gfn_range may yield (may_block, e1eed5847b09); while the lock is
+        dropped the root's last reference can go and its table be freed, and the walk resumes in it."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root():
+            table = roots.root_table(row)             # the root pointer the list walk holds
+            if table:
+                flush |= self.zap_gfn_range(table, start, end, may_block, flush, False)
+        return flush
+
+    # ------------------------------------------------------------------ everything
+
+    def kvm_tdp_mmu_zap_all(self) -> None:
+        """kvm_tdp_mmu_zap_all(): every root entry zapped whole (524a1e4e381f), with the write lock held, the
+        pending flush threaded through the roots, then the flush."""
+        kvm, roots = self.kvm, self.roots
+        kvm.lockdep_assert_held_write()
+        flush = False
+        for row in roots.for_each_tdp_mmu_root_yield_safe(False, False):
+            flush = self.zap_gfn_range(roots.root_table(row), 0, self.max_gfn, True, flush, False, 1, True)
+        if flush or kvm.holds_unflushed:
+            kvm.kvm_flush_remote_tlbs()
+
+    def _zap_all_with(self, end: int, min_level: int, pass_flush: bool, only_valid: bool, whole: bool) -> None:
+        """kvm_tdp_mmu_zap_all as the variants below have it: an end, a first level, whether the pending
+        flush is passed to the next root, whether invalid roots are skipped, whether root entries the range
+        covers in part are zapped whole."""
+        kvm, roots = self.kvm, self.roots
+        kvm.lockdep_assert_held_write()
+        flush = False
+        for row in roots.for_each_tdp_mmu_root_yield_safe(False, only_valid):
+            done = self.zap_gfn_range(roots.root_table(row), 0, end, True, flush if pass_flush else False, False,
+                                      min_level, whole)
+            flush = done if pass_flush else flush or done
+        if flush or kvm.holds_unflushed:
+            kvm.kvm_flush_remote_tlbs()
+
+    def zap_all_k9_root_entries(self) -> None:
+        """Variant advance-after-restart (K9): 5.14's zap-all, which walks the root entries only (0103098fb4f1),
+        the form in which advancing after a restart skips a whole subtree (CVE-2021-47094)."""
+        self._zap_all_with(self.max_gfn, self.root_level, True, False, True)
+
+    def zap_all_k11_flush_not_passed(self) -> None:
+        """Variant yield-with-owed-flush (K11): each root's zap starts owing nothing."""
+        self._zap_all_with(self.max_gfn, 1, False, False, True)
+
+    def zap_all_k17_phys_end(self) -> None:
+        """Variant zap-all-phys-end (K17, before 524a1e4e381f): 5.13's zap-all ends at the host's physical
+        limit (1 << (shadow_phys_bits - PAGE_SHIFT)) and skips a root entry that reaches past it."""
+        self._zap_all_with(self.phys_max_gfn, 1, True, False, False)
+
+    def zap_all_valid_roots_only(self) -> None:
+        """Variant unmap-skips-invalid-roots: zap-all's root walk skips invalid roots too."""
+        self._zap_all_with(self.max_gfn, 1, True, True, True)
+
+    def tdp_mmu_zap_root(self, table: int, can_yield: bool, flush: bool, shared: bool) -> bool:
+        """zap_gfn_range(kvm, root, 0, -1ull, ...): every root entry zapped whole (524a1e4e381f)."""
+        return self.zap_gfn_range(table, 0, self.max_gfn, can_yield, flush, shared, zap_all=True)
+
+    def zap_root_k17_phys_end(self, table: int, can_yield: bool, flush: bool, shared: bool) -> bool:
+        """Variant zap-all-phys-end (K17): a root's zap ends at the host's physical limit."""
+        return self.zap_gfn_range(table, 0, self.phys_max_gfn, can_yield, flush, shared)
+
+    def kvm_tdp_mmu_zap_sp(self, table: int) -> bool:
+        """kvm_tdp_mmu_zap_sp(): zap a table's span without yielding (the caller may hold a pending flush,
+        33a3164161fc); returns whether a flush is owed (048f49809c52)."""
+        tmeta = self.tmeta
+        gfn = tmeta.gfn.load(table)
+        span = 1 << (self.bits * tmeta.level.load(table))
+        return self.kvm_tdp_mmu_zap_gfn_range(gfn, gfn + span, False, False, False)
+
+    # ------------------------------------------------------------------ collapsible leaves (dirty logging off)
+
+    def zap_collapsible_spte_range(self, root: int, slot: Slot, flush: bool, shared: bool) -> tuple[int, bool]:
+        """zap_collapsible_spte_range() (5.13): zap every leaf below the level its slot could now map,
+        each with its own freeze and flush (tdp_mmu_zap_spte_atomic); a later fault maps the huge page
+        over the empty table, which tears it down.  Returns (leaves zapped, flush pending)."""
+        kvm, tdp = self.kvm, self.tdp
+        kvm.lockdep_assert_held(shared)
+        if slot.huge_level < 2:
+            return 0, flush
+        zapped = 0
+        max_level = self.slots.max_mapping_level
+        self.rcu.read_lock()
+        try:
+            for it in for_each_pte(kvm.new_iter(root, 1, slot.base_gfn), slot.end_gfn):
+                while True:                      # retry:
+                    if tdp.tdp_mmu_iter_cond_resched(it, flush, shared):
+                        flush = False
+                        break
+                    spte = it.old_spte
+                    level = it.level
+                    if not spte & _P or not (level == 1 or spte & _L):
+                        break
+                    if level >= max_level(slot, it.gfn):
+                        break
+                    if shared:
+                        if not tdp.tdp_mmu_zap_spte_atomic(it):
+                            it.old_spte = self.tables.load(it.sptep)
+                            continue             # goto retry
+                    else:
+                        kvm.mark_unflushed()
+                        tdp.tdp_mmu_set_spte(it, 0)
+                    flush = True
+                    zapped += 1
+                    break
+        finally:
+            self.rcu.read_unlock()
+        self.st[STAT["collapsible_zaps"]] += zapped
+        return zapped, flush
+
+    def kvm_tdp_mmu_zap_collapsible_sptes(self, slot: Slot, shared: bool) -> int:
+        """kvm_tdp_mmu_zap_collapsible_sptes(): zap_collapsible_spte_range on every valid root (yield-safe),
+        the pending flush threaded through and done at the end; returns the leaves zapped."""
+        roots = self.roots
+        total, flush = 0, False
+        for row in roots.for_each_tdp_mmu_root_yield_safe(shared):
+            n, flush = self.zap_collapsible_spte_range(roots.root_table(row), slot, flush, shared)
+            total += n
+        if flush or self.kvm.holds_unflushed:
+            self.kvm.kvm_flush_remote_tlbs()
+        return total
