@@ -73,11 +73,15 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "08f07c800e9d KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler",
         "the fault path clears a huge leaf to 0 with the atomic setter and only then flushes; in between "
         "another vCPU installs a new translation of the address while a TLB still holds the huge one "
-        "(install-before-flush: two live translations of one address)"),
+        "(install-before-flush: two live translations of one address). The switch replaces the atomic zap "
+        "everywhere, so 5.13's read-lock zaps (zap range, collapsible zaps, the zap of invalidated roots) "
+        "also clear before they flush, which no kernel did: they came in 5.13, after the fix"),
     Bug("fault-plain-store", "K4", "fault_plain_store",
         "9a77daacc87d KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map",
         "the fault path installs entries with plain stores under the read lock; racing vCPUs overwrite each "
-        "other's tables (leaked tables, lost mappings)"),
+        "other's tables (leaked tables, lost mappings). The switch replaces the atomic setter everywhere, so "
+        "5.13's read-lock zaps and write protection store plainly too, which no kernel did: they came in 5.13, "
+        "after the fix"),
     Bug("cas-over-removed", "K8", "cas_over_removed",
         "the REMOVED check in tdp_mmu_set_spte_atomic (08f07c800e9d)",
         "the atomic setter accepts a frozen entry as its old value and overwrites it (frozen entry "
@@ -102,7 +106,7 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "from the value it read before: the access is lost to the host (host-accessed-lost at the next aging "
         "or unmap)"),
     Bug("dirty-mask-late-clear", "K3", "dirty_mask_late_clear",
-        "f1b3b06a058b KVM: x86/mmu: Clear dirty bitmap bit before the early break",
+        "f1b3b06a058b KVM: x86/mmu: Clear dirtied pages mask bit before early break",
         "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "
         "(wasted walk past the mask: a work bound, not a correctness bug)"),
     Bug("no-notifier-recheck", "", "no_notifier_recheck",
@@ -124,7 +128,7 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
         "leaks every table (table-leak: the page list is not empty after destroy)", ("--bits", "9")),
     Bug("root-refcount-not-atomic", "", "root_refcount_plain",
-        "11cccf5c0d8b KVM: x86/mmu: Make TDP MMU root refcount atomic (5.13)",
+        "11cccf5c0472 KVM: x86/mmu: Make TDP MMU root refcount atomic (5.13)",
         "5.12's plain root count, incremented and decremented by walkers that now run under the read lock: "
         "a lost update frees a root a vCPU still uses, or leaks one (root-refcount: freed while held, count "
         "!= holders)"),
@@ -133,13 +137,15 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "a vCPU that took its fault before the invalidation installs into its invalid root behind the "
         "zapper, which has already emptied it (install-into-invalid-root: a zapped root holds entries)"),
     Bug("notifier-unsafe-root-walk", "", "notifier_unsafe_root_walk",
-        "7533377215b6 KVM: x86/mmu: Use yield-safe TDP MMU root iter in MMU notifier unmapping (5.14)",
+        "7533377215b6 KVM: x86/mmu: Use yield-safe TDP MMU root iter in MMU notifier unmapping (5.16)",
         "5.13's notifier walks the roots without a reference and yields (may_block); the root's last "
         "reference goes meanwhile and the walk resumes in a freed table (use-after-free, Reader Pipe)"),
     Bug("unmap-skips-invalid-roots", "", "unmap_skips_invalid_roots",
-        "d62007edf01f KVM: x86/mmu: Zap _all_ roots when unmapping gfn range in TDP MMU (5.17)",
+        "d62007edf01f KVM: x86/mmu: Zap _all_ roots when unmapping gfn range in TDP MMU (5.18)",
         "the zaps' yield-safe root walk skips invalid roots; an MMU notifier returns while an invalid root "
-        "whose zapper yielded still maps the range (mapping-after-unmap)"),
+        "whose zapper yielded still maps the range (mapping-after-unmap). This is 5.16-5.17's notifier "
+        "(7533377215b6 without the fix) grafted onto 5.13, whose own notifier walked every root; 5.13's "
+        "valid-only walk was in zap range and zap-all, which the switch also reverts"),
     Bug("pages-lock-in-read-fault", "K15", "pages_lock_in_read_fault",
         "47b0c2e4c220 KVM: x86/mmu: Fix race condition in direct_page_fault (CVE-2022-45869): "
         "make_mmu_pages_available under the read lock",

@@ -513,7 +513,8 @@ class TdpMmu(TdpMmuRoots):
         self.st[_ST_LINK_RACE] += 1
 
     def tdp_mmu_map_handle_target_level(self, fault: "Fault", it: TdpIter, shared: bool) -> int:
-        """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf (5.12's FIXED, not its RETRY)."""
+        """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf.  Returns FIXED for a changed
+        leaf where 5.13 returned 0 (= RETRY; 57a3e96d6d17 fixed it in 5.14): internals.md departure 10."""
         level = fault.goal_level
         pfn_base = fault.pfn & self.level_pfn_mask[level]
         new = self.leaf_template[level] | (pfn_base << _PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)
@@ -611,9 +612,11 @@ class TdpMmu(TdpMmuRoots):
         across yields, the pending flush threaded through (a835429cda91: a flush owed from one root is
         honoured before yielding in the next).
 
-        5.13's yield-safe walk skipped invalid roots; d62007edf01f (5.17) walks them too: an
-        invalid root whose zapper yielded still maps the range, and the MMU notifier must
-        not return while any root does (switch unmap-skips-invalid-roots).
+        5.13's yield-safe walk skipped invalid roots (zap range, zap-all); 5.13's notifier did
+        not use it (it walked every root, unsafe_root_walk below) until 7533377215b6 (5.16).
+        d62007edf01f (5.18) walks invalid roots too: an invalid root whose zapper yielded
+        still maps the range, and the MMU notifier must not return while any root does
+        (switch unmap-skips-invalid-roots: 5.16-5.17's notifier on 5.13's code).
         """
         only_valid = self.zap_skips_invalid_roots
         for row in self.for_each_tdp_mmu_root_yield_safe(shared, only_valid):
