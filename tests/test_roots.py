@@ -236,7 +236,8 @@ def test_host_unmap_leaves_no_root_mapping_the_range(vm_name: str) -> None:
 
 @pytest.mark.parametrize("bug, kind", [("unmap-skips-invalid-roots", "mapping-after-unmap")])
 def test_the_unmap_checker_catches_a_skipped_invalid_root(vm_name: str, bug: str, kind: str) -> None:
-    """The same sequence with the 5.14-5.16 root walk: the notifier returns while the invalid roots map it."""
+    """The same sequence with 5.16-5.17's notifier root walk (7533377215b6 without d62007edf01f): the notifier
+    returns while the invalid roots map it."""
     cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], debug=True, bugs=[bug])
     with create_vm(cfg) as vm:
         v = Vcpu(vm, 0)

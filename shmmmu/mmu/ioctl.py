@@ -115,8 +115,8 @@ class Ioctls(Part):
 
     def kvm_mmu_zap_all_fast(self) -> None:
         """kvm_mmu_zap_all_fast() (5.13, b7cccd397f31): every root invalidated and every vCPU asked to reload
-        under the write lock; then the invalidated roots zapped under the read lock while the vCPUs fault
-        into their new roots (the exclusive baseline keeps the write lock for both halves)."""
+        under the write lock; then the invalidated roots zapped under the read lock (4c6654bd160d) while the
+        vCPUs fault into their new roots (the exclusive baseline keeps the write lock for both halves)."""
         self.zap_all_fast_invalidate()
         self.zap_all_fast_zap()
 

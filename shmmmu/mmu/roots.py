@@ -2,8 +2,10 @@
 
 A root is a pool table plus a row of the region's roots section (RootRow):
 its role, tdp_mmu_root_count and role.invalid.  As in 5.13 (Ben Gardon's
-"More parallel operations for the TDP MMU": the atomic root refcount, the
-RCU-protected root list, b7cccd397f31 fast invalidation):
+"More parallel operations for the TDP MMU": 11cccf5c0472 atomic root
+refcount, c0e64238ac53 RCU-protected root list, b7cccd397f31 fast invalidation,
+4c6654bd160d invalidated roots zapped under the read lock before the fast zap
+returns; ids in docs/reference/commits.md):
 
 - a vCPU gets its root under the write lock (kvm_tdp_mmu_get_vcpu_root_hpa):
   a valid root of its role gains a reference, else one is allocated from the
@@ -65,7 +67,7 @@ class Roots(Part):
         return 0
 
     def refcount_inc_not_zero(self, row: int) -> bool:
-        """refcount_inc_not_zero(&root->tdp_mmu_root_count): a compare-exchange loop (5.13's atomic count)."""
+        """refcount_inc_not_zero(&root->tdp_mmu_root_count): a compare-exchange loop (11cccf5c0472)."""
         count = self.count_col
         c = count.load(row)
         while c:
@@ -80,8 +82,9 @@ class Roots(Part):
         return self.count_col.fetch_add(row, _U64) == 1
 
     def refcount_inc_not_zero_plain(self, row: int) -> bool:
-        """Variant root-refcount-not-atomic: 5.12's ++root->root_count, a load and a store, safe only under
-        the write lock; here it also runs under the read lock, and two increments can make one."""
+        """Variant root-refcount-not-atomic: 5.12's ++root->root_count (before 11cccf5c0472), a load and a
+        store, safe only under the write lock; here it also runs under the read lock, and two increments can
+        make one."""
         count = self.count_col
         c = count.load(row)
         if not c:
@@ -176,7 +179,7 @@ class Roots(Part):
     def tdp_mmu_next_root(self, prev: int, shared: bool, only_valid: bool) -> int:
         """tdp_mmu_next_root(): the next root after `prev` (-1: the first) with a reference taken, and the
         reference on `prev` dropped; -1 at the end.  `only_valid` skips invalid roots (5.13's
-        kvm_tdp_mmu_get_root; the zaps walk every root since d62007edf01f)."""
+        kvm_tdp_mmu_get_root refused them, b7cccd397f31; the zaps walk every root since d62007edf01f, 5.18)."""
         table, invalid = self.table_col, self.invalid_col
         row = prev + 1
         while row < MAX_ROOTS:
@@ -217,7 +220,7 @@ class Roots(Part):
 
     def kvm_tdp_mmu_zap_invalidated_roots(self, shared: bool) -> None:
         """kvm_tdp_mmu_zap_invalidated_roots(): zap each invalidated root whole, yielding, then drop the
-        reference kvm_tdp_mmu_invalidate_all_roots took (5.13: under the read lock, shared)."""
+        reference kvm_tdp_mmu_invalidate_all_roots took (5.13, 4c6654bd160d: under the read lock, shared)."""
         kvm = self.kvm
         kvm.lockdep_assert_held(shared)
         flush = False

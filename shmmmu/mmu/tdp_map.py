@@ -107,7 +107,8 @@ class TdpMap(Part):
             rcu_read_unlock()
 
     def tdp_mmu_map_handle_target_level(self, fault: Fault, it: TdpIter, shared: bool) -> int:
-        """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf (5.12's FIXED, not its RETRY)."""
+        """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf.  Returns FIXED for a changed
+        leaf where 5.13 returned 0 (= RETRY; 57a3e96d6d17 fixed it in 5.14): internals.md departure 10."""
         level = fault.goal_level
         pfn_base = fault.pfn & self.level_pfn_mask[level]
         new = self.leaf_template[level] | (pfn_base << _PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)

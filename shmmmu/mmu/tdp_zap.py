@@ -74,7 +74,13 @@ class TdpZap(Part):
                                   shared: bool) -> bool:
         """__kvm_tdp_mmu_zap_gfn_range(): zap_gfn_range over every root, valid or invalid, a reference held
         across yields, the pending flush threaded through (a835429cda91: a flush owed from one root is
-        honoured before yielding in the next).  d62007edf01f walks the invalid roots too."""
+        honoured before yielding in the next).
+
+        5.13's yield-safe walk skipped invalid roots (zap range, zap-all); 5.13's notifier did
+        not use it (it walked every root, unsafe_root_walk below) until 7533377215b6 (5.16).
+        d62007edf01f (5.18) walks invalid roots too: an invalid root whose zapper yielded
+        still maps the range, and the MMU notifier must not return while any root does
+        (switch unmap-skips-invalid-roots: 5.16-5.17's notifier on 5.13's code)."""
         roots = self.roots
         for row in roots.for_each_tdp_mmu_root_yield_safe(shared, False):
             flush = self.zap_gfn_range(roots.root_table(row), start, end, can_yield, flush, shared)
