@@ -14,7 +14,8 @@ SCRIPT = Path(sys.executable).parent / "shmmmu"
 
 
 def shmmmu_cmd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", *args], capture_output=True, text=True,
+                          timeout=60)
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="the console script is not installed next to this Python")

@@ -30,7 +30,7 @@ from shmmmu.region import (HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERS
 
 from conftest import HANG_GUARD_S, default_sigint, new_vm_name
 
-CMD = [sys.executable, "-m", "workers.cli"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["-b", "8M", "-i", "2"]
 
@@ -139,10 +139,10 @@ def test_run_each_lock_mode_and_backing(lock_mode: str, backing: str) -> None:
 
 
 def test_workers_run_the_installed_package_not_the_current_directory(tmp_path: Path) -> None:
-    """Started from a directory holding other `shmmmu` and `workers` packages (a source checkout
-    after `pip install .` has no compiled helpers), the console script and its workers must all
+    """Started from a directory holding other `shmmmu`, `shmmmu.workers` and `workers` packages (a source
+    checkout after `pip install .` has no compiled helpers), the console script and its workers must all
     run the package the script imported."""
-    for pkg in ("shmmmu", "workers"):
+    for pkg in ("shmmmu", "shmmmu/workers", "workers"):
         (tmp_path / pkg).mkdir()
         for mod in ("__init__", "cli", "vcpu", "reclaimer"):
             (tmp_path / pkg / f"{mod}.py").write_text(
@@ -546,7 +546,7 @@ def test_a_command_group_alone_is_one_line_naming_its_commands() -> None:
     stdout (the usage box went there), exit 2 (issue 21, item 5)."""
     import typer.main
 
-    from workers.cli import app
+    from shmmmu.workers.cli import app
 
     root = typer.main.get_command(app)
     groups = [("shmmmu", [], root)] + [(f"shmmmu {n}", [n], c) for n, c in root.commands.items()

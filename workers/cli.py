@@ -2,7 +2,7 @@
 
 It lives beside the worker programs because it is one: the library (shmmmu)
 starts no processes, and the commands that run a VM hand it their launcher,
-workers.supervisor.Supervisor.  Errors a user can cause (a bad VM name, a VM
+shmmmu.workers.supervisor.Supervisor.  Errors a user can cause (a bad VM name, a VM
 that exists or does not) are `RegionError`s: they print one line on stderr
 and exit 2, never a traceback.
 """
@@ -13,7 +13,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from workers import signals
+from shmmmu.workers import signals
 
 if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
     signals.early()                # Ctrl-C while typer and numpy load: one line, no traceback
@@ -205,7 +205,7 @@ def run(
 
     from shmmmu.mmu.tracepoints import tracepoint_parts
     from shmmmu.run import RunOptions, UsageError, converted_trace, parse_size, run_vm
-    from workers.supervisor import Supervisor
+    from shmmmu.workers.supervisor import Supervisor
 
     from shmmmu import outfile
 
@@ -326,7 +326,7 @@ def stress(
 
     from shmmmu.bugs import BUGS
     from shmmmu.stress import StressOptions, run_stress
-    from workers.supervisor import Supervisor
+    from shmmmu.workers.supervisor import Supervisor
 
     if list_bugs:
         for b in BUGS.values():
@@ -473,7 +473,7 @@ def explore(
             raise _fail(str(e))
         searcher = None
         if jobs > 1:
-            from workers.explore import parallel_search
+            from shmmmu.workers.explore import parallel_search
             searcher = parallel_search(jobs)
         rep = run_explore(opts, searcher=searcher, progress=show_progress, keep=keep_here)
         if sys.stderr.isatty() and not json_out:
@@ -519,7 +519,7 @@ def torture_lock(
     seed: int = typer.Option(None, "--seed", help="random seed (default: drawn and printed)."),
 ) -> None:
     """locktorture of the MMU rwlock: writers must be alone, readers must overlap; exit 0 SUCCESS, 1 FAILURE."""
-    from workers.torture import run_lock_torture
+    from shmmmu.workers.torture import run_lock_torture
 
     _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 0:
@@ -540,7 +540,7 @@ def torture_rcu(
     seed: int = typer.Option(None, "--seed", help="random seed (default: drawn and printed)."),
 ) -> None:
     """rcutorture's Reader Pipe for RCU and the reclaimer; exit 0 SUCCESS, 1 FAILURE."""
-    from workers.torture import run_rcu_torture
+    from shmmmu.workers.torture import run_rcu_torture
 
     _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 1:
@@ -828,7 +828,7 @@ def _run_bench(run, opts, json_out: bool) -> None:
     exit 1 if a run failed its checks."""
     import json
 
-    from workers.supervisor import Supervisor
+    from shmmmu.workers.supervisor import Supervisor
 
     def show(r) -> None:
         if not json_out:
