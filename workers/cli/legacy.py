@@ -1,136 +1,20 @@
-"""The `shmmmu` command line (a typer app): the program a user starts, which becomes the supervisor of a VM.
+"""Legacy: the commands not yet moved into a module of their own (typer.Option defaults, their orchestration inline).
 
-It lives beside the worker programs because it is one: the library (shmmmu)
-starts no processes, and the commands that run a VM hand it their launcher,
-shmmmu.workers.supervisor.Supervisor.  Errors a user can cause (a bad VM name, a VM
-that exists or does not) are `RegionError`s: they print one line on stderr
-and exit 2, never a traceback.
+Each later commit moves a group of them out, into a module that parses its
+options, calls the library once and prints; this module then goes.
 """
 from __future__ import annotations
 
-import errno
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
-from shmmmu.workers import signals
+import typer
 
-if __name__ == "__main__" or sys.argv[0].endswith("shmmmu"):
-    signals.early()                # Ctrl-C while typer and numpy load: one line, no traceback
-
-import typer  # noqa: E402
-
-from shmmmu import __version__
 from shmmmu.explore import DEFAULT_EXECUTIONS
-from shmmmu.region import PREFIX, PREFIX_ERROR, RegionError
+from shmmmu.region import PREFIX, RegionError
+from shmmmu.workers import signals
+from shmmmu.workers.cli.common import ConversionProgress, app, fail, group, print_lines, running_a_vm
 
-EXIT_USAGE = 2
 EXIT_DIVERGED = 3          # explore --replay ran another execution than its token recorded
-
-app = typer.Typer(
-    name="shmmmu",
-    help="An emulator of the Linux KVM x86 TDP MMU with parallel page faults, "
-         "run as processes sharing one memory region.",
-    invoke_without_command=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _needs_a_command(ctx: typer.Context) -> None:
-    """A command group given no command: a usage error that names its commands (one line, no usage box;
-    typer's no_args_is_help printed the whole help on stdout before any handler could stop it)."""
-    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
-        from typer._click.exceptions import UsageError as ClickUsageError
-        names = ctx.command.list_commands(ctx)
-        raise ClickUsageError(f"{ctx.command_path} needs a command: {', '.join(names)}", ctx=ctx)
-
-
-def _group(name: str, help: str) -> typer.Typer:
-    """A command group of `shmmmu` (bench, torture, trace): alone, it is `_needs_a_command`'s one line."""
-    group = typer.Typer(help=help, invoke_without_command=True)
-    group.callback()(_needs_a_command)
-    app.add_typer(group, name=name)
-    return group
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"shmmmu {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    ctx: typer.Context,
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    _needs_a_command(ctx)
-
-
-# ---------------------------------------------------------------- run
-
-def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
-    print(f"shmmmu: error: {message}", file=sys.stderr)
-    return typer.Exit(code)
-
-
-@contextmanager
-def _running_a_vm() -> Iterator[None]:
-    """Around a command that runs a VM: SIGTERM acts as Ctrl-C (stop every worker, unlink, exit 130);
-    a user error is one line and exit 2; a run that could not finish (a worker died, the pool ran
-    dry, a flush never completed) is one line and exit 1.  Never a traceback."""
-    signals.arm()                  # SIGTERM, SIGHUP, SIGQUIT, ... act as Ctrl-C (workers/signals.py)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        signals.report(f"shmmmu: interrupted ({signals.signal_name(e)}); every worker stopped and the VM removed")
-        raise typer.Exit(signals.exit_status(e))
-    except RegionError as e:
-        raise _fail(str(e))
-    except typer.Exit:                           # a RuntimeError too: let it through
-        raise
-    except RuntimeError as e:                    # WorkerDied, PoolExhausted, FlushStuck
-        raise _fail(str(e), 1)
-
-
-class _ConversionProgress:
-    """A trace conversion's progress on stderr (shmmmu.trace.store.Progress): each report over the last
-    (\\r), then one final line.  On a terminal it starts once the conversion has run about a second (a
-    short one says nothing); SHMMMU_PROGRESS=1 shows every report wherever stderr goes, SHMMMU_PROGRESS=0
-    none."""
-
-    DELAY_S = 1.0
-    EVERY_S = 0.2
-
-    def __init__(self) -> None:
-        import os
-        env = os.environ.get("SHMMMU_PROGRESS", "")
-        self.forced = env == "1"
-        self.on = self.forced or (env != "0" and sys.stderr.isatty())
-        self.open = False                       # a report is on the line, not ended by a newline
-        self.width = 0
-        self.last = 0.0
-
-    def __call__(self, p) -> None:
-        if not self.on:
-            return
-        if not self.forced:
-            if not self.open and p.seconds < self.DELAY_S:
-                return                          # final too: a quick conversion has nothing to report
-            if not p.final and p.seconds - self.last < self.EVERY_S:
-                return
-        text = p.line()
-        sys.stderr.write("\r" + text + " " * max(0, self.width - len(text)) + ("\n" if p.final else ""))
-        sys.stderr.flush()
-        self.open, self.width, self.last = not p.final, len(text), p.seconds
-
-    def end(self) -> None:
-        """The conversion stopped (an error, Ctrl-C): what follows starts on a line of its own."""
-        if self.open:
-            sys.stderr.write("\n")
-            self.open = False
 
 
 def _print_run(result, console) -> None:
@@ -219,7 +103,7 @@ def run(
                 raise UsageError("--workload trace needs --trace FILE")
             workload = "trace"
             parse_size(memory)                    # a bad size is said before a long conversion
-            shown = _ConversionProgress()
+            shown = ConversionProgress()
             try:
                 info = stack.enter_context(converted_trace(trace, trace_format, progress=shown))
             finally:
@@ -236,7 +120,7 @@ def run(
             opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
     except (UsageError, ValueError) as e:
         stack.close()
-        raise _fail(str(e))
+        raise fail(str(e))
     except BaseException:
         stack.close()
         raise
@@ -278,7 +162,7 @@ def run(
                   flush=True)
         return Supervisor(vm, stall_s=stall_timeout)
 
-    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
+    with running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         if prog is not None:
             with prog:
                 result = run_vm(opts, launcher, progress=progress_cb, keep=keep_alive)
@@ -344,9 +228,9 @@ def stress(
         if tracepoints:
             opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
     except ValueError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     log = None if json_out else (lambda line: print(line, flush=True))
-    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
+    with running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         result = run_stress(opts, Supervisor, log=log)
     if json_out:
         print(json.dumps(result.to_json()))
@@ -400,10 +284,10 @@ def explore(
     from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
 
     if list_:
-        _print_lines(list_lines())
+        print_lines(list_lines())
         return
     if not 1 <= jobs <= 64:
-        raise _fail("--jobs must be between 1 and 64")
+        raise fail("--jobs must be between 1 and 64")
     if replay_token:
         given = [name for name, value, default in (
             ("--scenario", scenario, ""), ("--bug", list(bug), []), ("--strategy", strategy, ""),
@@ -412,7 +296,7 @@ def explore(
             ("--mix-seed", mix_seed, 0), ("--atomic", list(atomic), []), ("--no-shrink", no_shrink, False))
             if value != default]
         if given:
-            raise _fail(f"--replay runs the token's own scenario, switches and schedule: {', '.join(given)} "
+            raise fail(f"--replay runs the token's own scenario, switches and schedule: {', '.join(given)} "
                         f"cannot go with it")
     from shmmmu import outfile
     if svg_file:
@@ -443,18 +327,18 @@ def explore(
         try:
             tp_dir = stack.enter_context(tracepoint_parts(tracepoints))
         except ValueError as e:
-            raise _fail(str(e))
-    with _running_a_vm(), stack:        # the parts merged (or the trace removed) inside
+            raise fail(str(e))
+    with running_a_vm(), stack:        # the parts merged (or the trace removed) inside
         if replay_token:
             try:
                 rep = run_replay(replay_token, keep=keep_here, tracepoints=tp_dir)
             except ValueError as e:
-                raise _fail(str(e))
+                raise fail(str(e))
             if json_out:
                 print(json.dumps({"same": rep.same, "differences": rep.differences, "steps": rep.result.steps,
                                   "finding": str(rep.result.finding) if rep.result.finding else None}))
             else:
-                _print_lines(rep.lines())
+                print_lines(rep.lines())
             if svg_file and rep.result.finding is not None:
                 from shmmmu.explore import render
                 outfile.write(svg_file, render.svg(rep.lines()[:2], rep.runs, rep.result.actors,
@@ -470,7 +354,7 @@ def explore(
         try:
             opts.resolve()
         except ValueError as e:
-            raise _fail(str(e))
+            raise fail(str(e))
         searcher = None
         if jobs > 1:
             from shmmmu.workers.explore import parallel_search
@@ -481,7 +365,7 @@ def explore(
     if json_out:
         print(json.dumps(rep.to_json()))
     else:
-        _print_lines(rep.lines())
+        print_lines(rep.lines())
     if svg_file and rep.found is not None:
         outfile.write(svg_file, rep.svg())
     elif svg_file:
@@ -492,7 +376,7 @@ def explore(
 
 # ---------------------------------------------------------------- torture
 
-torture_app = _group("torture", "locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.")
+torture_app = group("torture", "locktorture / rcutorture of the MMU lock and RCU alone: SUCCESS or FAILURE.")
 
 
 TORTURE_MAX_PROCS = 64         # readers and writers each: past this it measures the scheduler, not the lock
@@ -507,7 +391,7 @@ def _torture_common(duration: float, seed: int | None, readers: int, writers: in
         V.count(readers, "--readers", 0, TORTURE_MAX_PROCS)
         V.count(writers, "--writers", 1, TORTURE_MAX_PROCS)
     except V.UsageError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
 
 
 @torture_app.command("lock")
@@ -523,8 +407,8 @@ def torture_lock(
 
     _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 0:
-        raise _fail("lock torture needs at least one writer and no negative reader count")
-    with _running_a_vm():
+        raise fail("lock torture needs at least one writer and no negative reader count")
+    with running_a_vm():
         res = run_lock_torture(readers, writers, duration, seed, busted)
     print(res.report())
     if not res.ok:
@@ -544,8 +428,8 @@ def torture_rcu(
 
     _torture_common(duration, seed, readers, writers)
     if writers < 1 or readers < 1:
-        raise _fail("RCU torture needs at least one reader and one writer")
-    with _running_a_vm():
+        raise fail("RCU torture needs at least one reader and one writer")
+    with running_a_vm():
         res = run_rcu_torture(readers, writers, duration, seed, not no_gp)
     print(res.report())
     if not res.ok:
@@ -553,10 +437,6 @@ def torture_rcu(
 
 
 # ---------------------------------------------------------------- inspect, ls, rm
-
-def _print_lines(lines: list[str]) -> None:
-    sys.stdout.write("\n".join(lines) + "\n")
-
 
 @app.command("inspect")
 def inspect_cmd(
@@ -581,14 +461,14 @@ def inspect_cmd(
     chosen = [o for o, on in (("--tree", tree), ("--gfn", gfn is not None), ("--check", check),
                               ("--watch", watch)) if on]
     if len(chosen) > 1:
-        raise _fail(f"use one of {' / '.join(chosen)} at a time")
+        raise fail(f"use one of {' / '.join(chosen)} at a time")
     from shmmmu import validate as V
     try:
         V.seconds(interval, "--interval", hi=3600.0)
     except V.UsageError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     if root is not None and gfn is None:
-        raise _fail("--root goes with --gfn")
+        raise fail("--root goes with --gfn")
     try:
         g = insp.parse_gfn(gfn) if gfn is not None else None
         if watch:
@@ -599,7 +479,7 @@ def inspect_cmd(
             if json_out:
                 print(json.dumps(res.to_json()))
             else:
-                _print_lines(insp.check_lines(res))
+                print_lines(insp.check_lines(res))
             if not res.ok:
                 raise typer.Exit(1)
             return
@@ -609,25 +489,25 @@ def inspect_cmd(
             if json_out:
                 print(json.dumps(w))
             else:
-                _print_lines(insp.gfn_lines(w))
+                print_lines(insp.gfn_lines(w))
         elif tree:
             t = insp.tree(snap)
             if json_out:
                 print(json.dumps(t.to_json()))
             else:
-                _print_lines(insp.tree_lines(t))
+                print_lines(insp.tree_lines(t))
         else:
             s = insp.summary(snap)
             if json_out:
                 print(json.dumps(insp.public(s)))
             else:
-                _print_lines(insp.summary_lines(s))
+                print_lines(insp.summary_lines(s))
     except RegionError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     except ValueError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     except MemoryError:
-        raise _fail(f"not enough memory to copy the region of VM {name!r}", 1)
+        raise fail(f"not enough memory to copy the region of VM {name!r}", 1)
 
 
 def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
@@ -655,7 +535,7 @@ def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
                 return
             s = insp.summary(snap, previous=prev)
             if not s["alive"]:                 # nobody will move it again: stop rather than refresh forever
-                raise _fail(f"the VM {name!r} is stale: its supervisor (pid {snap.creator_pid}) is gone; "
+                raise fail(f"the VM {name!r} is stale: its supervisor (pid {snap.creator_pid}) is gone; "
                             f"stopped watching (shmmmu rm {name} removes it)", 1)
             if json_out:
                 print(json.dumps(insp.public(s)), flush=True)
@@ -664,7 +544,7 @@ def _inspect_watch(name: str, json_out: bool, interval: float) -> None:
                 live.update(Text("\n".join(insp.summary_lines(s)) + "\n(Ctrl-C to stop)"), refresh=True)
             else:
                 print(time.strftime("# %H:%M:%S"))
-                _print_lines(insp.summary_lines(s) + [""])
+                print_lines(insp.summary_lines(s) + [""])
                 sys.stdout.flush()
             prev = s
             time.sleep(max(0.0, interval - (time.monotonic() - t0)))
@@ -725,21 +605,21 @@ def rm_cmd(
 
     names = list(names or [])
     if sum([bool(names), stale, all_]) != 1:
-        raise _fail("name the VMs to remove, or give --stale or --all")
+        raise fail("name the VMs to remove, or give --stale or --all")
     if names:
         entries = []
         for n in names:
             validate_name(n)
             e = describe_vm(n)
             if e is None:
-                raise _fail(f"no VM named {n!r} is in /dev/shm (shmmmu ls lists them)")
+                raise fail(f"no VM named {n!r} is in /dev/shm (shmmmu ls lists them)")
             entries.append(e)
     else:
         entries = list_vms()
     # another user's VM, or an entry that is not a regular file: never ours to open or unlink
     if names and any(not e.removable for e in entries):
         e = next(e for e in entries if not e.removable)
-        raise _fail(f"cannot remove {e.name} ({e.state}): {e.note}")
+        raise fail(f"cannot remove {e.name} ({e.state}): {e.note}")
     for e in [e for e in entries if not e.removable]:
         print(f"shmmmu: note: skipping {e.name} ({e.state}): {e.note}", file=sys.stderr)
     entries = [e for e in entries if e.removable]
@@ -750,7 +630,7 @@ def rm_cmd(
         entries = [e for e in entries if not e.live]
     elif live and not force:
         which = ", ".join(f"{e.name}" + (f" (pid {e.creator_pid})" if e.creator_pid else "") for e in live)
-        raise _fail(f"{'these VMs are' if len(live) > 1 else 'the VM'} {which} "
+        raise fail(f"{'these VMs are' if len(live) > 1 else 'the VM'} {which} "
                     f"{'are' if len(live) > 1 else 'is'} live: stop {'them' if len(live) > 1 else 'it'} with "
                     f"Ctrl-C, or add --force to unlink anyway")
     logs = stale_log_dirs() if (stale or all_) else []
@@ -773,10 +653,9 @@ def rm_cmd(
         print(f"removed {e.name} ({e.state}): {len(gone)} object{'' if len(gone) == 1 else 's'}")
 
 
-
 # ---------------------------------------------------------------- bench
 
-bench_app = _group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
+bench_app = group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
 
 
 @bench_app.command("dirty-log")
@@ -817,7 +696,7 @@ def bench_dirty_log(
                             manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed)
         opts.validate()
     except (UsageError, ValueError) as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)
     _run_bench(run_bench, opts, json_out)
@@ -834,7 +713,7 @@ def _run_bench(run, opts, json_out: bool) -> None:
         if not json_out:
             print("\n".join(r.lines(opts.repeat)) + "\n", flush=True)
 
-    with _running_a_vm():
+    with running_a_vm():
         result = run(opts, Supervisor, on_run=show)
     if json_out:
         print(json.dumps(result.to_json()))
@@ -872,14 +751,14 @@ def bench_access_tracking(
                                      overlap=overlap, lock_mode=lock_mode, repeat=repeat, seed=seed)
         opts.validate()
     except (UsageError, ValueError) as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     _run_bench(run_access_tracking, opts, json_out)
 
 # ---------------------------------------------------------------- end of bench
 
 # ---------------------------------------------------------------- trace
 
-trace_app = _group("trace", "Real traces in (record, convert) and the kernel's tracepoint lines summarized "
+trace_app = group("trace", "Real traces in (record, convert) and the kernel's tracepoint lines summarized "
                             "(docs/trace.md).")
 
 
@@ -896,7 +775,7 @@ def trace_record(
     try:
         rc = record(list(cmd or []), out)
     except TraceError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     status = ""
     if rc > 128 and rc - 128 in {sg.value for sg in signal.Signals}:
         status = f" (it was killed by {signal.Signals(rc - 128).name})"
@@ -923,13 +802,13 @@ def trace_convert(
     try:
         if is_converted(src):
             raise TraceError(f"{src} is converted already")
-        shown = _ConversionProgress()
+        shown = ConversionProgress()
         try:
             info = convert(src, out, trace_format, progress=shown)
         finally:
             shown.end()
     except TraceError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     d = {"output": out, "format": info.format, "accesses": info.accesses, "pages": info.pages,
          "threads": [{"tid": t, "accesses": n} for t, _, n in info.parts]}
     if json_out:
@@ -952,85 +831,10 @@ def trace_summary(
     try:
         s = summarize(path)
     except TraceError as e:
-        raise _fail(str(e))
+        raise fail(str(e))
     if json_out:
         print(json.dumps(s.to_json()))
     else:
         print("\n".join(report(s, path)))
 
 # ---------------------------------------------------------------- end of trace
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: every usage error (an unknown command or option, a value of the wrong
-    type, a RegionError) is one line, `shmmmu: error: ...`, and exit 2."""
-    import typer.main
-
-    signals.arm()
-    if PREFIX_ERROR:
-        print(f"shmmmu: error: {PREFIX_ERROR}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    try:
-        # the command is invoked here, not through typer's own main, so that what it raises reaches the
-        # handlers below as itself (typer turns a closed pipe into a bare exit 1)
-        command = typer.main.get_command(app)
-        with command.make_context("shmmmu", list(sys.argv[1:] if argv is None else argv)) as ctx:
-            rv = command.invoke(ctx)
-        code = rv if isinstance(rv, int) else 0
-    except BaseException as e:
-        if not signals.closed_pipe(e):
-            code = _ended(e)
-        else:
-            signals.silence()                  # `| head`: nothing more to say, not even on stderr
-            code = signals.PIPE_STATUS
-    try:
-        if not signals.flush_output():
-            code = signals.PIPE_STATUS
-    except OSError as e:                       # what was printed last never reached stdout (a full disk)
-        code = _ended(e)
-    sig = signals.received()
-    late = signals.unraised()                  # held through the last teardown: the command still ends as
-    if sig is not None and (code == 130 or late is not None):     # interrupted (typer: a silent 130)
-        signals.report(f"shmmmu: interrupted ({signals.signal_name(signals.Interrupted(sig))})")
-        code = 128 + sig
-    signals.finished()                         # a signal during interpreter shutdown: no traceback
-    sys.exit(code)
-
-
-def _ended(exc: BaseException) -> int:
-    """The exit status of a command that raised `exc`, its one line said on stderr (re-raised if unknown)."""
-    from typer._click.exceptions import UsageError as ClickUsageError
-
-    from shmmmu.outfile import OutputError
-
-    try:
-        raise exc
-    except ClickUsageError as e:
-        print(f"shmmmu: error: {e.format_message()}", file=sys.stderr)
-        code = EXIT_USAGE
-    except typer.Exit as e:
-        code = e.exit_code
-    except (typer.Abort, KeyboardInterrupt) as e:      # a signal outside a VM's run: nothing to clean up
-        signals.report(f"shmmmu: interrupted ({signals.signal_name(e)})")
-        code = signals.exit_status(e)
-    except RegionError as e:
-        print(f"shmmmu: error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
-    except OutputError as e:                   # an output file refused, or its writing failed
-        print(f"shmmmu: error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
-    except OSError as e:
-        if e.filename is not None or e.errno not in _WRITE_ERRORS:
-            raise
-        # a nameless write error escaping a command is its stdout's (files are named, or written through
-        # shmmmu.outfile): one line and exit 2, as for an output file that could not be written
-        print(f"shmmmu: error: cannot write the output: {e.strerror}", file=sys.stderr)
-        code = EXIT_USAGE
-    return code
-
-
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
-
-
-if __name__ == "__main__":
-    main()
