@@ -4,7 +4,7 @@
 (shmmmu.torture.torture_config), start their workers as `python -m
 shmmmu.workers.torture worker lock|rcu|hold ...`, let them run for the duration,
 stop and join them, and return the result shmmmu.torture reports.  The
-`shmmmu torture lock|rcu` command (workers/cli.py) calls them.
+`shmmmu torture lock|rcu` command (workers/cli/torture.py) calls them.
 """
 from __future__ import annotations
 
