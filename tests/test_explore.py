@@ -6,7 +6,6 @@ also tests of the MMU: a finding in the fixed code would be a real race.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from shmmmu.explore.split import split_search
 from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
 from shmmmu.explore.scenarios import SCENARIOS, for_bug
 
-CLI = [sys.executable, "-m", "workers.cli", "explore"]
+CLI = [sys.executable, "-m", "shmmmu.workers.cli", "explore"]
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -62,7 +61,7 @@ def test_the_same_arguments_give_the_same_counterexample_and_token() -> None:
 
 def test_jobs_give_the_same_answer_as_one_process() -> None:
     one = run_explore(ExploreOptions(bugs=["link-after-publish"], shrink=False))
-    from workers.explore import parallel_search
+    from shmmmu.workers.explore import parallel_search
     two = run_explore(ExploreOptions(bugs=["link-after-publish"], shrink=False), searcher=parallel_search(2))
     assert one.search.first_index == two.search.first_index
     assert one.token == two.token
@@ -158,7 +157,7 @@ def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
         line = p.stderr.readline()
         assert "is kept as VM" in line, line
         name = line.split("VM ")[1].split(":")[0]
-        insp = subprocess.run([sys.executable, "-m", "workers.cli", "inspect", name, "--json"],
+        insp = subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", "inspect", name, "--json"],
                               capture_output=True, text=True, timeout=60)
         assert insp.returncode == 0, insp.stderr
         summary = json.loads(insp.stdout)
@@ -179,7 +178,7 @@ def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 @pytest.mark.parametrize("strategy", ["pct", "random"])
 def test_fixed_code_ten_thousand_executions_clean(name: str, strategy: str) -> None:
-    from workers.explore import parallel_search
+    from shmmmu.workers.explore import parallel_search
     rep = run_explore(ExploreOptions(scenario=name, strategy=strategy, executions=10000, time_limit=0),
                       searcher=parallel_search(2))
     assert rep.found is None, rep.lines()[:40]
@@ -187,9 +186,9 @@ def test_fixed_code_ten_thousand_executions_clean(name: str, strategy: str) -> N
 
 
 def test_explore_leaves_nothing_behind() -> None:
-    before = set(os.listdir("/dev/shm"))
+    before = shm_entries()                     # this session's: another run on the machine makes its own
     run_explore(ExploreOptions(scenario="fault-fault", executions=5))
-    assert set(os.listdir("/dev/shm")) == before
+    assert shm_entries() == before
 
 
 @pytest.mark.parametrize("args,words", [
