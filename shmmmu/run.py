@@ -19,7 +19,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 from shmmmu import outfile, violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values

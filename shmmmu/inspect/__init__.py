@@ -17,7 +17,6 @@ The invariant checks are shmmmu.checks on the same snapshot and walk.
 """
 from __future__ import annotations
 
-from shmmmu import checks
 from shmmmu.inspect.check import CheckResult, check_vm, run_checks
 from shmmmu.inspect.gfn import gfn_walk, parse_gfn
 from shmmmu.inspect.removal import remove_vms
@@ -26,7 +25,6 @@ from shmmmu.inspect.summary import lock_states, public, summary
 from shmmmu.inspect.tree import Dump, tree
 from shmmmu.inspect.view import InspectRequest, StaleVM, View, look, watch
 from shmmmu.inspect.vms import VmEntry, describe_vm, list_vms, pid_alive, remove_vm
-from shmmmu.layout import Ctl
 from shmmmu.snapshot import Snapshot, take_snapshot, walk_tables
 
 __all__ = ["CheckResult", "Dump", "InspectRequest", "Snapshot", "StaleVM", "View", "check_lines", "check_vm", "VmEntry",
