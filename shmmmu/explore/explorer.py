@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from shmmmu import violations
-from shmmmu.bugs import check_names
+from shmmmu.variants import check_names
 from shmmmu.checks import check_all
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
 from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
