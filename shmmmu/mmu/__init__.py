@@ -74,7 +74,7 @@ ENTRY_POINTS = {
     "notifier": ("host_unmap", "clear_young", "test_young", "young_pages", "present_leaves", "kvm_inc_notifier_count",
                  "kvm_dec_notifier_count", "check_range_unmapped"),
     "nx_part": ("recover_nx_lpages", "nx_list"),
-    "roots": ("root_table", "valid_root", "for_each_tdp_mmu_root"),
+    "roots": ("root_table", "valid_root", "for_each_tdp_mmu_root", "listed_roots"),
 }
 
 
