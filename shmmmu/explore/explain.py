@@ -95,9 +95,30 @@ class Explained:
                        f"{log[src].index} ({d.op(log[src])})")
         return out
 
+    def decisive_line(self) -> str:
+        """The decisive pair in one line (docs/explore.md lists it for every switch)."""
+        m, rec, d = self.bug.marks, self.bug.rec, self.bug.describe
+        log, names = rec.log, rec.actors
+        if m.pairs:
+            p = m.pairs[0]
+            first = (f"step {log[p.first_pos].index}" if p.first_pos is not None
+                     else f"never run: stopped at step {log[p.preemption].index}")
+            more = (f"; and {len(m.pairs) - 1} more on " + ", ".join(d.word(q.later.section, q.later.word)
+                                                                    for q in m.pairs[1:])) if len(m.pairs) > 1 else ""
+            return (f"decisive pair: {names[p.later.actor]}'s {d.step(p.later)} (step {p.later.index}) before "
+                    f"{names[p.first.actor]}'s {d.step(p.first)} ({first}){more}")
+        if m.sources:
+            src, read = m.sources[0]
+            return (f"decisive pair: {names[log[src].actor]}'s {d.step(log[src])} (step {log[src].index}), read by "
+                    f"{names[log[read].actor]}'s check {d.step(log[read])} (step {log[read].index}); no preemption "
+                    f"reordered it")
+        pre = rec.result.preemptions
+        return (f"decisive pair: none: {'no preemption' if not pre else 'no reordered access the check read'}; the "
+                f"order without {'any switch' if not pre else 'them'} fails, so the bug is in one actor's own steps")
+
     def finding_lines(self) -> list[str]:
         f = self.bug.rec.result.finding
-        return [str(f)] + self.sentences() if f is not None else ["no finding"]
+        return [str(f)] + self.sentences() + [self.decisive_line()] if f is not None else ["no finding"]
 
     # ---------------------------------------------------------------- forms
 

@@ -138,7 +138,7 @@ def _execution(side: Side, name: str, s: Strings, divergence: int | None) -> dic
         if section in flat:
             init += [c, s(d.value(section, word, int(flat[section][word]), -1))]
     deltas: list[int] = []
-    last: dict[int, int] = {c: init[k + 1] for k, c in enumerate(init[::2])}
+    last: dict[int, int] = dict(zip(init[::2], init[1::2]))     # each cell's value so far
     for step, section, word, _old, new in rec.deltas:
         c = cells.of.get((section, word))
         if c is None:
