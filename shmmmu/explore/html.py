@@ -22,6 +22,7 @@ from typing import Any
 from shmmmu import __version__
 from shmmmu.explore import render
 from shmmmu.explore.explain import Explained, Side
+from shmmmu.pool import POISON
 from shmmmu.layout import Ctl, Lock, Locks, RootRow, TableState, TMeta, WState
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explain.html")
@@ -76,12 +77,14 @@ def _tables_shown(side: Side) -> list[int]:
     tm, tb = rec.initial["tmeta"], rec.initial["tables"]
     shown = set()
     for t in range(len(tm) // TMeta.WORDS):
-        if int(tm[t * TMeta.WORDS + TMeta.STATE]) in (TableState.LIVE, TableState.RETIRED) or tb[t * E:(t + 1) * E].any():
+        entries = tb[t * E:(t + 1) * E]
+        if int(tm[t * TMeta.WORDS + TMeta.STATE]) in (TableState.LIVE, TableState.RETIRED) or \
+                ((entries != 0) & (entries != POISON)).any():
             shown.add(t)
     for _step, section, word, _old, new in rec.deltas:
         if section == "tmeta" and word % TMeta.WORDS == TMeta.STATE and new in (TableState.LIVE, TableState.RETIRED):
             shown.add(word // TMeta.WORDS)
-        elif section == "tables" and new:
+        elif section == "tables" and new not in (0, POISON):
             shown.add(word // E)
     shown.discard(0)                 # table 0 is never handed out
     return sorted(shown)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from shmmmu import spte as S
 from shmmmu.explore.sched import Step
 from shmmmu.layout import NIL, Ctl, Held, Lock, Locks, RootRow, Row, TableState, TMeta, ViolationRow, WState
+from shmmmu.pool import POISON
 from shmmmu.violations import KINDS, SITES
 
 # kernel names for the library's functions where the Python name is not the kernel's
@@ -139,6 +140,8 @@ def spte_text(v: int, level: int) -> str:
         return "0 (not present)"
     if v == S.REMOVED:
         return f"{v:#x} (REMOVED: frozen)"
+    if v == POISON:
+        return f"{v:#x} (poison: a freed table)"
     d = S.decode(v, level)
     if d.kind == "nonleaf":
         flags = " ".join(n for bit, n in ((S.READABLE, "R"), (S.WRITABLE, "W"), (S.EXECUTABLE, "X"),
