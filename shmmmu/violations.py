@@ -292,6 +292,10 @@ class Violation:
         return (f"{who(self.worker)} recorded {self.kind} ({what}) for gfn {self.gfn:#x} with the values "
                 f"{self.a:#x} and {self.b:#x}")
 
+    def explained(self, who: Callable[[int], str] = default_names, entries: int = 0) -> str:
+        """The raw record, then what it means: `!!! kind: worker W gfn G (A, B): sentence`."""
+        return f"{self}: {self.sentence(who, entries)}"
+
     def to_json(self, who: Callable[[int], str] = default_names, entries: int = 0) -> dict:
         return {"kind": self.kind, "worker": self.worker, "gfn": self.gfn, "a": self.a, "b": self.b,
                 "site": self.where, "sentence": self.sentence(who, entries)}

@@ -25,7 +25,7 @@ from shmmmu.explore import html as page_html
 from shmmmu.explore.decisive import MARKS, written
 from shmmmu.explore.explain import explain
 from shmmmu.explore.explorer import Explorer, Token, replay, scenario_with
-from shmmmu.explore.report import ExploreOptions, ReplayReport, run_explore, run_replay
+from shmmmu.explore.report import ExploreOptions, ReplayReport, run_explore
 from shmmmu.explore.scenarios import SCENARIOS, accesses, host_ops
 from shmmmu.workloads import READ, WRITE
 
@@ -177,7 +177,7 @@ def test_the_svg_has_every_row_and_the_marks(k18) -> None:
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "…" not in svg and "setup, folded" in svg
     for letter in ("T", "P", "D", "!"):
-        assert f'class="m" fill="' in svg and f">{letter}</text>" in svg.replace("&gt;", ">"), letter
+        assert 'class="m" fill="' in svg and f">{letter}</text>" in svg.replace("&gt;", ">"), letter
     assert "read t5.prev = none" in svg
 
 

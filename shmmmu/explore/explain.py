@@ -196,7 +196,7 @@ def _verb(steps, form: str = "past") -> str:
     if kinds == {False}:
         return "read"
     if kinds == {True}:
-        return "wrote" if form == "past" else "wrote"
+        return "wrote"
     return "read and wrote" if form == "past" else "touched"
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmmmu import __version__
-from shmmmu.explore import render
+from shmmmu.explore.decisive import MARKS
 from shmmmu.explore.explain import Explained, Side
 from shmmmu.pool import POISON
 from shmmmu.layout import Ctl, Lock, Locks, RootRow, TableState, TMeta, WState
@@ -226,13 +226,8 @@ def data(e: Explained, title: list[str], token: str, command: str) -> dict[str, 
                                "no finding with the fix: the same decisions end cleanly" if f is None else
                                f"!!! THE FIXED CODE FAILS UNDER THE SAME DECISIONS: {f} (a bug of shmmmu)"]
     return {"meta": {"title": title, "token": token, "command": command, "version": __version__, "commit": commit(),
-                     "finding": e.finding_lines(), "fix": fix_words, "marks": render_marks(e)},
+                     "finding": e.finding_lines(), "fix": fix_words, "marks": dict(MARKS)},
             "actors": e.actors, "s": s.items, "runs": runs}
-
-
-def render_marks(e: Explained) -> dict[str, str]:
-    from shmmmu.explore.decisive import MARKS
-    return dict(MARKS)
 
 
 def page(e: Explained, title: list[str], token: str, command: str) -> str:

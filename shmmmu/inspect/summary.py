@@ -7,11 +7,10 @@ import numpy as np
 
 from shmmmu.inspect.vms import creator_alive, process_state
 from shmmmu.layout import (MAX_VIOLATIONS, Ctl, Held, Lock, Locks, MemslotFlags, Role, TableState, TMeta,
-                           ViolationRow, WorkerStatus, WState)
+                           WorkerStatus, WState)
 from shmmmu.rwlock import QR_BIAS, QW_LOCKED, QW_WAITING
 from shmmmu.snapshot import Snapshot, Walk, walk_tables
 from shmmmu import violations
-from shmmmu.violations import KINDS
 
 _U = np.uint64
 BACKING_NAMES = {1: "4K", 2: "2M", 3: "1G"}
@@ -89,7 +88,6 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
                  for k in ("faults", "retries", "cas_failures", "accesses")}
     vio = []
     nv = snap.word(Ctl.VIOLATIONS)
-    V = ViolationRow
     who = violations.worker_names(snap.config)
     for row in snap.violations[:min(nv, MAX_VIOLATIONS, 20)]:
         vio.append(violations.from_row([int(x) for x in row]).to_json(who, g.entries))
