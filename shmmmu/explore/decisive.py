@@ -195,10 +195,11 @@ def reordered(explorer: Explorer, rec: Recording, open_words: frozenset = frozen
 
     def seen(t: Step) -> bool:
         return not is_hidden(t) or any((t.section, w) in open_words for w in words_of(t))
-    for step, k, _b in rec.result.switches:
-        start = next((i for i, s in enumerate(log) if s.index > step), None)
+    for step, k, b in rec.result.switches:
+        # the preempting actor's first step: numbered `step` if it resumes a pending operation, later if it starts
+        start = next((i for i, s in enumerate(log) if s.index >= step and s.actor == b), None)
         if not start or not log[start].preempted:
-            continue
+            continue                 # not a preemption (the running actor waited or ended): nothing reordered
         a = log[start - 1].actor
         cf = _counterfactual(explorer, rec, (step, k))
         cf_keys = _keys(cf)
