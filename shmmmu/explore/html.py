@@ -163,7 +163,8 @@ def _execution(side: Side, name: str, s: Strings, divergence: int | None) -> dic
         if last.get(c) != text:
             deltas += [step, c, last.get(c, s("")), text]
             last[c] = text
-    # a change charged before the first row is part of the initial state
+    # in position order (stable: one cell's changes keep theirs), as the page applies them forward and undoes them
+    # backward; a change charged at -1 (before the first step) is always applied
     order = sorted(range(0, len(deltas), 4), key=lambda k: deltas[k])
     deltas = [x for k in order for x in deltas[k:k + 4]]
     marks = side.marks
