@@ -106,6 +106,27 @@ walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nKl)", at, (unsigned long long)spte, leaf_level);
 }
 
+/* guest.Vcpu._split_still_maps: a huge leaf split in place (6.12's eager split: no flush, the translation
+ * is unchanged) left a non-leaf at the cached entry; below it, gfn's leaf maps the same host page */
+static inline int
+split_still_maps(uint64_t *w, uint64_t n, uint64_t now, uint64_t cached, long level, long bits, uint64_t gfn,
+                 int write)
+{
+    uint64_t entries = 1ULL << bits;
+    uint64_t want = ((cached & PFN_MASK) >> 12) + (gfn & ((1ULL << (bits * (level - 1))) - 1));
+    uint64_t spte = now;
+    while (level > 1 && (spte & BIT_PRESENT) && !(spte & BIT_LARGE)) {
+        uint64_t table = (spte & PFN_MASK) >> 12;
+        level--;
+        uint64_t at = table * entries + ((gfn >> (bits * (level - 1))) & (entries - 1));
+        if (table >= n / entries || at >= n) return 0;
+        spte = __atomic_load_n(&w[at], SEQ);
+    }
+    if (!(spte & BIT_PRESENT) || (level > 1 && !(spte & BIT_LARGE)) || now == spte) return 0;
+    uint64_t got = ((spte & PFN_MASK) >> 12) + (gfn & ((1ULL << (bits * (level - 1))) - 1));
+    return got == want && ((spte & BIT_W) || !write);
+}
+
 /* ------------------------------------------------------------------ the TLB */
 
 /* One translation.  `gen` is the flush generation it was made in: a flush makes every entry stale at
@@ -633,7 +654,8 @@ Processor_run(Processor *self, PyObject *const *args, Py_ssize_t nargs)
                         uint64_t cached = e->spte;
                         uint64_t now = __atomic_load_n(&tw[e->src], SEQ);
                         if (!(now == cached || ((now & BIT_PRESENT) && (now & PFN_MASK) == (cached & PFN_MASK)
-                                                && ((now & BIT_W) || !write)))
+                                                && ((now & BIT_W) || !write))
+                              || split_still_maps(tw, self->tn, now, cached, level, bits, gfn, write))
                             && !__atomic_load_n(&cw[self->unflushed_word], SEQ)
                             && __atomic_load_n(&cw[self->flush_gen_word], SEQ) == acked)
                             return result(R_STALE, i, gfn, cached, now);

@@ -54,6 +54,7 @@ class ExploreRequest:
     with_fix: bool = False              # also run the counterexample's decisions with its bug switches off
     unfold: bool = False                # show the setup steps instead of folding them
     tracepoints: str = ""               # the counterexample's replay writes its tracepoint lines here
+    kernel: str = ""                    # the kernel profile (empty: the default, or the bug's own)
 
     def search_options_given(self) -> list[str]:
         """The search options given other than at their defaults."""
@@ -64,7 +65,8 @@ class ExploreRequest:
         return ExploreOptions(scenario=self.scenario, bugs=list(self.bugs), strategy=self.strategy, seed=self.seed,
                               depth=self.depth, preemptions=self.preemptions, executions=self.executions,
                               time_limit=self.time_limit, mix_seed=self.mix_seed, atomic=list(self.atomic),
-                              shrink=self.shrink, tracepoints=tracepoints, with_fix=self.with_fix or bool(self.html))
+                              shrink=self.shrink, tracepoints=tracepoints, with_fix=self.with_fix or bool(self.html),
+                              kernel=self.kernel)
 
 
 class PreparedExplore:

@@ -28,6 +28,7 @@ from shmmmu import spte as S
 from shmmmu._walker import walk as _walk
 from shmmmu.layout import STAT, Ctl, HostPage, TlbMode
 from shmmmu.memslots import DATA_POISON
+from shmmmu.pool import POISON as _TABLE_POISON
 from shmmmu.mmu import RET_PF_EMULATE, Mmu
 from shmmmu.tlb import Tlb
 from shmmmu.workloads import EXEC, GFN_MASK, READ, WRITE
@@ -215,6 +216,10 @@ class Vcpu:
             sptep = table * E + idx
             spte = tables.load(sptep)
             if not spte & _RWX:
+                if spte == _TABLE_POISON and self.debug:
+                    # the walk stood in a table that was freed: only a flush ends a walk, so a table may be
+                    # freed only once the flush that covers its unlink is done (B1's order broke it)
+                    self.mmu.violation("use-after-free", gfn, table, level)
                 return None
             if level == 1 or spte & _L:
                 break
@@ -258,12 +263,28 @@ class Vcpu:
         if now == cached or (now & _P and (now & _PFN_MASK) == (cached & _PFN_MASK)
                              and (now & _W or not write)):
             return
+        if self._split_still_maps(now, cached, level, gfn, write):
+            return
         ctl = self.mmu.ctl
         if ctl.load(Ctl.UNFLUSHED):
             return
         if ctl.load(Ctl.FLUSH_GEN) != self.tlbctl.acked:
             return
         self.mmu.violation("stale-translation", gfn, cached, now)
+
+    def _split_still_maps(self, now: int, cached: int, level: int, gfn: int, write: bool) -> bool:
+        """A huge leaf split in place (6.12's eager split: no flush, the translation is unchanged) left a
+        non-leaf where the cached leaf was; below it, gfn's leaf maps the same host page."""
+        bits, E, tables = self.bits, self.E, self.tables
+        want = ((cached & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
+        spte = now
+        while level > 1 and spte & _P and not spte & _L:
+            level -= 1
+            spte = tables.load(((spte & _PFN_MASK) >> S.PFN_SHIFT) * E + ((gfn >> (bits * (level - 1))) & (E - 1)))
+        if not spte & _P or (level > 1 and not spte & _L) or spte == now:
+            return False
+        got = ((spte & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
+        return got == want and bool(spte & _W or not write)
 
     # ---- guest memory
 

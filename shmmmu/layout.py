@@ -215,6 +215,7 @@ class MemslotRow(Row):
 class MemslotFlags:
     ACTIVE = 1                 # the slot exists (deleting it clears this)
     LOG_DIRTY = 2              # KVM_MEM_LOG_DIRTY_PAGES
+    INITIALLY_SET = 4          # logging enabled with manual protect + KVM_DIRTY_LOG_INITIALLY_SET (this period)
 
 
 MAX_MEMSLOTS = 8
@@ -241,11 +242,12 @@ STAT_NAMES = [
     "lock_wait_max_ns", "flush_wait_max_ns",          # maxima: summed over workers as max, not +
     "emulated",                                       # faults outside any memslot (MMIO, deleted slot)
     "roots_allocated", "roots_freed", "root_reloads",  # kvm_tdp_mmu_get_vcpu_root / put_root / kvm_mmu_load
+    "fast_pf_fixed",                                  # 6.12: write faults fixed by fast_page_fault
     "fast_zaps", "faults_during_fast_zap",            # kvm_mmu_zap_all_fast, and faults fixed while one zapped
     "stale_root_retries",                             # faults retried because their root was invalid
     "aged_young",                                     # leaves clear_young found young
 ]
-N_STATS = 48
+N_STATS = 56
 assert len(STAT_NAMES) <= N_STATS
 STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 
@@ -338,6 +340,9 @@ class VMConfig:
     memslots: list[MemslotSpec] = field(default_factory=list)
     lock_mode: str = "shared"            # "shared" (the series) or "exclusive" (the baseline)
     kernel: str = "5.13"                 # the kernel profile (shmmmu.variants.PROFILES)
+    # the invalidation sequence's first value (mmu_notifier_seq / 6.x mmu_invalidate_seq): a VM that has seen
+    # that many invalidations already (B10 shows near 2^31)
+    mmu_seq_start: int = 0
     bugs: list[str] = field(default_factory=list)
     debug: bool = False                  # the debug checkers (shmmmu.mmu.debug), poisoned freed tables
     tlb_entries: int = 4096

@@ -26,6 +26,7 @@ from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
 from shmmmu.region import PREFIX
 from shmmmu.trace.store import Progress, TraceInfo
+from shmmmu.variants import PROFILE_NAMES
 from shmmmu.vm import create_vm
 
 BACKINGS = {"4k": 1, "2m": 2, "1g": 3, "anonymous": 1, "anonymous_thp": 2, "anonymous_hugetlb": 3}
@@ -56,8 +57,11 @@ class RunOptions:
     accesses: int = 0
     manual_protect: bool = False        # dirty-log collections as GET (copy) + CLEAR, logging INITIALLY_SET
     tracepoints: str = ""               # where workers write their tracepoint lines (shmmmu.mmu.tracepoints)
+    kernel: str = "5.13"                # the kernel profile (shmmmu.variants)
 
     def config(self) -> VMConfig:
+        if self.kernel not in PROFILE_NAMES:
+            raise UsageError(f"unknown kernel {self.kernel!r}; known: {', '.join(PROFILE_NAMES)}")
         if self.vcpus < 1:
             raise UsageError("--vcpus must be at least 1")
         if self.vcpus > 250:
@@ -90,7 +94,7 @@ class RunOptions:
             self._trace_workload(wl)
         return VMConfig(name=self.name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(base, slot_pages, level)], debug=self.debug, bugs=list(self.bugs),
-                        seed=self.seed, workload=wl, tracepoints=self.tracepoints)
+                        seed=self.seed, workload=wl, tracepoints=self.tracepoints, kernel=self.kernel)
 
     def _trace_workload(self, wl: Workload) -> None:
         """A trace's fields of the workload: threads on vCPUs of one shared range, or the one part on every
@@ -361,6 +365,7 @@ class RunRequest:
     seed: int = 1
     debug: bool = False
     stall_timeout: float = 30.0
+    kernel: str = "5.13"
 
 
 class PreparedRun:
@@ -402,7 +407,7 @@ def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = N
         opts = RunOptions(name=req.name or "demo", free_name=req.name is None, vcpus=vcpus,
                           memory=parse_size(req.memory), backing=req.backing.lower(), lock_mode=req.lock_mode,
                           overlap=req.overlap, workload=workload, trace=info, iterations=req.iterations,
-                          seed=req.seed, debug=req.debug)
+                          seed=req.seed, debug=req.debug, kernel=req.kernel)
         opts.config()
         seconds(req.stall_timeout, "--stall-timeout")
         if req.tracepoints:

@@ -66,9 +66,13 @@ class StressOptions:
     torture_delay_us: int = 200         # rcutorture-style pauses inside windows (VMConfig.torture_delay_us)
     root_roles: int = 2                 # vCPU i uses root role i % root_roles
     tracepoints: str = ""               # --tracepoints: where workers write their parts (shmmmu.mmu.tracepoints)
+    kernel: str = "5.13"                # --kernel: the profile (shmmmu.variants)
+    mmu_seq_start: int = 0              # --mmu-seq-start: VMConfig.mmu_seq_start
 
     def config(self) -> VMConfig:
-        check_names(self.bugs)
+        check_names(self.bugs, self.kernel)
+        if not 0 <= self.mmu_seq_start < 1 << 62:
+            raise ValueError("--mmu-seq-start must be between 0 and 2^62")
         V.seconds(self.duration, "--duration")
         V.seed(self.seed)
         V.choice(self.lock_mode, "--lock-mode", ("shared", "exclusive"))
@@ -100,11 +104,16 @@ class StressOptions:
                         debug=True, bugs=list(self.bugs), root_roles=self.root_roles,
                         seed=self.seed, workload=wl, tlb_entries=256, nx_huge_pages=self.nx_huge_pages,
                         nx_recovery_period_s=self.nx_recovery_period, torture_delay_us=self.torture_delay_us,
-                        gp_stall_s=self.gp_bound, tracepoints=self.tracepoints)
+                        gp_stall_s=self.gp_bound, tracepoints=self.tracepoints, kernel=self.kernel,
+                        mmu_seq_start=self.mmu_seq_start)
 
     def replay_command(self) -> str:
         cmd = (f"shmmmu stress --seed {self.seed} --vcpus {self.vcpus} --duration {self.duration:g} "
                f"--bits {self.bits} --lock-mode {self.lock_mode}")
+        if self.kernel != StressOptions.kernel:
+            cmd += f" --kernel {self.kernel}"
+        if self.mmu_seq_start:
+            cmd += f" --mmu-seq-start {self.mmu_seq_start}"
         for b in self.bugs:
             cmd += f" --bug {b}"
         if self.kill_every:
@@ -137,7 +146,8 @@ def hot_pages(pages: int) -> int:
 def start_line(o: dict[str, Any]) -> str:
     """rcutorture's "--- Start of test" line: every parameter of the run."""
     return (f"--- Start of test: vcpus={o['vcpus']} duration={o['duration']} seed={o['seed']} "
-            f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} bugs={','.join(o['bugs']) or '-'} "
+            f"bits={o['bits']} pages={o['pages']} lock_mode={o['lock_mode']} kernel={o.get('kernel', '5.13')} "
+            f"bugs={','.join(o['bugs']) or '-'} "
             f"kill_every={o['kill_every']} nx_huge_pages={o['nx_huge_pages']} "
             f"torture_delay_us={o['torture_delay_us']} root_roles={o['root_roles']} ops={','.join(o['ops'])}")
 
@@ -223,11 +233,18 @@ class _DirtyOracle:
         return problems
 
 
-def harvest(mmu, manual: bool) -> np.ndarray:
-    """One collection: KVM_GET_DIRTY_LOG, or with manual protect GET (copy) then CLEAR (re-protect)."""
+def harvest(mmu, manual: bool, rng: random.Random | None = None) -> np.ndarray:
+    """One collection: KVM_GET_DIRTY_LOG, or with manual protect GET (copy) then CLEAR (re-protect).  With
+    `rng`, CLEAR goes in two calls, each word's bits split at a random point, as a VMM that clears what it has
+    copied so far does: the masks then end at any page, not only at a word's last."""
     if manual:
         bitmap = mmu.get_dirty_log(0, clear=False)
-        mmu.clear_dirty_log(0, 0, bitmap)
+        if rng is None:
+            mmu.clear_dirty_log(0, 0, bitmap)
+        else:
+            low = np.array([(1 << rng.randrange(1, 64)) - 1 for _ in range(bitmap.size)], dtype=np.uint64)
+            mmu.clear_dirty_log(0, 0, bitmap & low)
+            mmu.clear_dirty_log(0, 0, bitmap & ~low)
         return bitmap
     return mmu.get_dirty_log(0)
 
@@ -293,7 +310,7 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
                             oracle = _DirtyOracle(vm)
                             logging = True
                         else:
-                            problems += oracle.collect(harvest(mmu, manual), 0)
+                            problems += oracle.collect(harvest(mmu, manual, rng), 0)
                             if rng.random() < 0.25:
                                 mmu.disable_dirty_logging(0)
                                 logging = False
@@ -333,7 +350,7 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
                         f"violations={violations.count(vm.region)}")
                     last_report = now
             if logging and not stuck:
-                problems += oracle.collect(harvest(mmu, manual), 0)
+                problems += oracle.collect(harvest(mmu, manual, rng), 0)
                 mmu.disable_dirty_logging(0)
             sup.stop()
             sup.drain()

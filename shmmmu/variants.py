@@ -53,6 +53,12 @@ COMMITS: dict[str, Commit] = {c.id: c for c in [
     Commit("47b0c2e4c220", "KVM: x86/mmu: Fix race condition in direct_page_fault", "6.1"),
     Commit("d25ceb926436", "KVM: x86/mmu: Track the number of TDP MMU pages, but not the actual pages", "6.2"),
     Commit("61f94478547b", "KVM: x86/mmu: Set disallowed_nx_huge_page in TDP MMU before setting SPTE", "6.2"),
+    Commit("6e8eb2060cc7", "KVM: x86/mmu: fast_page_fault support for the TDP MMU", "5.14"),
+    Commit("a3fe5dbda0a4", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU when dirty logging is enabled",
+           "5.18"),
+    Commit("cb00a70bd4b7", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU during KVM_CLEAR_DIRTY_LOG", "5.18"),
+    Commit("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR", "6.8"),
+    Commit("d75c1b7bdedd", "KVM: x86/mmu: Fix an sign-extension bug with mmu_seq that hangs vCPUs", "6.1.50"),
 ]}
 
 
@@ -71,6 +77,8 @@ class Variant:
     replaces: tuple[tuple[str, str], ...] = ()
     stress_args: tuple[str, ...] = ()  # what `shmmmu stress` needs to give it its contention or geometry
     traits: frozenset[str] = field(default_factory=frozenset)   # what checkers must know of a VM with it on
+    # "part.function" of the kernel functions its replacements call that run only with it (coverage's universe)
+    helpers: tuple[str, ...] = ()
 
     def reverts(self) -> str:
         """The commits and the change, in one line: `ID SUBJECT (VERSION)`, ... then the words."""
@@ -90,12 +98,39 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("5.13", "Linux 5.13 as released, with each known 5.13 bug's later fix (docs/internals.md)"),
+    Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
+                    "(docs/internals.md, \"Which kernel: 6.12\")",
+            variants=("fast-page-fault", "eager-page-split")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
 _513 = ("5.13",)
+_612 = ("6.12",)
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    # ---- the 6.12 profile's own functions (always on in it)
+    Variant("fast-page-fault", KERNEL, _612, "", ("6e8eb2060cc7",),
+            "a write fault on a present leaf that is MMU-writable but write-protected (dirty logging) is fixed by "
+            "one cmpxchg of W under RCU only, without mmu_lock, before the fault path proper "
+            "(fast_page_fault, kvm_tdp_mmu_fast_pf_get_last_sptep)",
+            "",
+            replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_fast_first"),),
+            helpers=("fault.fast_page_fault", "fault.kvm_tdp_mmu_fast_pf_get_last_sptep")),
+    Variant("eager-page-split", KERNEL, _612, "", ("a3fe5dbda0a4", "cb00a70bd4b7"),
+            "enabling dirty logging first splits every huge leaf of the slot into a full table of the next level "
+            "under the read lock (tdp_mmu_split_huge_pages_root: the lock and RCU dropped to allocate, one "
+            "cmpxchg to link, no TLB flush since the translation is unchanged), then write-protects at 4K; "
+            "before either it waits out the faults that saw the slot without the flag (the memslot update's "
+            "synchronize_srcu: the fast page fault runs without mmu_lock); with manual protect and "
+            "INITIALLY_SET nothing is done at enable, and KVM_CLEAR_DIRTY_LOG splits the range it names "
+            "(cb00a70bd4b7, under the write lock) and protects the huge leaves left at its ends",
+            "",
+            replaces=(("ioctl.kvm_mmu_slot_remove_write_access", "slot_apply_flags_612"),
+                      ("ioctl.kvm_arch_mmu_enable_log_dirty_pt_masked", "enable_log_dirty_pt_masked_612")),
+            traits=frozenset({"eager-split"}),
+            helpers=("dirty.kvm_tdp_mmu_try_split_huge_pages", "dirty.tdp_mmu_split_huge_pages_root",
+                     "dirty.tdp_mmu_split_huge_page", "ioctl._split_protect_masked",
+                     "ioctl.kvm_mmu_slot_gfn_write_protect")),
     Variant("rcu-free-immediately", BUG, _513, "K7", ("7cca2d0b7e7d",), "",
             "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
             "recycled table (Reader Pipe age >= 2, poison read)",
@@ -194,6 +229,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "valid-only walk was in zap range and zap-all, which the switch also reverts",
             replaces=(("zap.kvm_tdp_mmu_zap_gfn_range", "zap_gfn_range_valid_roots_only"),
                       ("zap.kvm_tdp_mmu_zap_all", "zap_all_valid_roots_only"))),
+    Variant("mmu-seq-int-snapshot", BUG, _612, "B10", ("d75c1b7bdedd",), "",
+            "the fault keeps its mmu_invalidate_seq snapshot in an int: once the sequence passes 2^31 the "
+            "sign-extended snapshot never equals it, every fault looks stale and is retried for ever (a fault "
+            "retried with no invalidation since its snapshot: vCPUs hang)",
+            replaces=(("fault.mmu_notifier_retry_hva", "mmu_notifier_retry_hva_b10_int_snapshot"),),
+            stress_args=("--mmu-seq-start", str((1 << 31) - 64))),
+    Variant("clear-split-off-by-one", BUG, _612, "B5", ("1aa4bb916808",), "",
+            "KVM_CLEAR_DIRTY_LOG splits [first, last) of the mask's pages instead of [first, last]: the huge page "
+            "holding the last page is left whole and write-protected; a 4K mapping was promised for every page "
+            "the clear named (huge-page-after-clear, dirty_log_page_splitting_test's assertion)",
+            replaces=(("ioctl.kvm_arch_mmu_enable_log_dirty_pt_masked", "enable_log_dirty_pt_masked_b5_off_by_one"),),
+            helpers=("ioctl._split_protect_masked",)),
     Variant("pages-lock-in-read-fault", BUG, _513, "K15", ("47b0c2e4c220",),
             "CVE-2022-45869: make_mmu_pages_available under the read lock",
             "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "

@@ -51,6 +51,8 @@ KINDS = [
     "install-before-flush",           # an entry installed where a zap's flush had not completed (K5)
     "lock-dropped-unflushed",         # mmu_lock dropped with changes not yet flushed (I6, K11)
     "rcu-dereference",                # a page table read outside an RCU read-side section (rcu_dereference)
+    "fault-retry-without-cause",      # a fault retried as stale though nothing invalidated since its snapshot
+    "huge-page-after-clear",          # a huge leaf left in a range KVM_CLEAR_DIRTY_LOG split (6.12)
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 
@@ -230,6 +232,20 @@ SITES: list[tuple[str, str, Sentence]] = [
     ("*", "report.py:_record_oracle_problems", lambda f:
         f"the end-of-execution checks of the explorer found a {f.kind} problem (shmmmu inspect --check says "
         f"which)"),
+    ("rcu-dereference", "debug.py:Debug.rcu_dereference", lambda f:
+        f"{f.w} read table t{f.a} (gfn {f.gfn:#x}) outside an RCU read-side section of the MMU's own, holding "
+        f"mmu_lock {_HELD.get(f.b, f.b)}: the kernel's rcu_dereference of a tdp_ptep_t needs rcu_read_lock"),
+    ("use-after-free", "guest.py:Vcpu.hw_walk_reference", lambda f:
+        f"{f.w}'s hardware walk for gfn {f.gfn:#x} read table t{f.a} (level {f.b}) after it was freed: the table "
+        f"was freed before the TLB flush that covers its unlink had completed, while the walk still stood in it"),
+    ("fault-retry-without-cause", "debug.py:_notifier_retry.<locals>.checked_mmu_notifier_retry_hva", lambda f:
+        f"{f.w}'s fault on gfn {f.gfn:#x} was retried as stale, but no invalidation covers it, none completed "
+        f"since its snapshot of the sequence ({f.a:#x}, still {f.b:#x}) and its memslot is unchanged: the fault "
+        f"will be retried for ever (B10)"),
+    ("huge-page-after-clear", "debug.py:_enable_log_masked.<locals>.checked_enable_log_dirty_pt_masked",
+        lambda f: f"{f.w}'s KVM_CLEAR_DIRTY_LOG of gfn {f.gfn:#x}..{f.a:#x} (manual protect, INITIALLY_SET) "
+        f"left a huge leaf mapping gfn {f.b:#x}: the range it named was not split to 4K "
+        f"(dirty_log_page_splitting_test: no huge page after the first CLEAR pass)"),
 ]
 _SITE_IDS = {(kind, where): i for i, (kind, where, _) in enumerate(SITES)}
 _SKIP = frozenset({"violation", "record", "_violation"})

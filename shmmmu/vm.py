@@ -111,6 +111,9 @@ def create_vm(config: VMConfig, worker: int | None = None, replace: bool = False
         Pool(region, vm.config.host_worker, vm.config).init_all_free()
         from shmmmu.memslots import init_memslots
         init_memslots(vm)
+        if vm.config.mmu_seq_start:
+            from shmmmu.layout import Ctl
+            vm.region.words("ctl").store(Ctl.NOTIFIER_SEQ, vm.config.mmu_seq_start)
     except BaseException:
         region.close()
         region.unlink()

@@ -116,7 +116,8 @@ def expected_last_values(wl: dict, base_gfn: int, n_vcpus: int, iterations: int,
 
 
 def run_dirty_log_test(name: str, vcpus: int, backing: str, lock_mode: str, bugs: tuple[str, ...] = (),
-                       iterations: int = 9, seed: int = 1, toggle_every: int = 3) -> DirtyLogReport:
+                       iterations: int = 9, seed: int = 1, toggle_every: int = 3,
+                       kernel: str = "5.13") -> DirtyLogReport:
     """One case: populate, then `iterations` iterations with concurrent collections; logging is turned off and
     on again at the start of every `toggle_every`-th one (the writers running).  An amount of work, not of
     time: the same on a loaded machine."""
@@ -124,7 +125,7 @@ def run_dirty_log_test(name: str, vcpus: int, backing: str, lock_mode: str, bugs
     wl = Workload(kind="random", pages=pages // vcpus, overlap=True, n_vcpus=vcpus, accesses=192,
                   write_fraction=1.0, populate_first=True)
     cfg = VMConfig(name=name, n_vcpus=vcpus, bits=bits, lock_mode=lock_mode, memslots=[MemslotSpec(0, pages, level)],
-                   debug=True, bugs=list(bugs), seed=seed, workload=wl, tlb_entries=256)
+                   debug=True, bugs=list(bugs), seed=seed, workload=wl, tlb_entries=256, kernel=kernel)
     rep = DirtyLogReport()
     rng = random.Random(seed)
     with create_vm(cfg) as vm:
@@ -270,6 +271,13 @@ def test_dirty_log_quick(vm_name: str, vcpus: int, backing: str, lock_mode: str)
 @pytest.mark.parametrize("vcpus,backing,lock_mode", [c for c in MATRIX if c not in QUICK])
 def test_dirty_log_matrix(vm_name: str, vcpus: int, backing: str, lock_mode: str) -> None:
     _assert_clean(run_dirty_log_test(vm_name, vcpus, backing, lock_mode, iterations=12), iterations=12)
+
+
+@pytest.mark.parametrize("vcpus,backing", [(2, "2m"), (4, "1g")])
+def test_dirty_log_612(vm_name: str, vcpus: int, backing: str) -> None:
+    """The 6.12 profile: enabling splits the huge pages eagerly, and write faults on the protected leaves are fixed
+    by the lockless fast page fault, while the host collects and toggles logging under the writers."""
+    _assert_clean(run_dirty_log_test(vm_name, vcpus, backing, "shared", kernel="6.12"))
 
 
 def test_no_wrprot_on_enable_fails(vm_name: str) -> None:

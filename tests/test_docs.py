@@ -32,6 +32,26 @@ def test_the_which_kernel_table_names_every_switch_and_its_commit() -> None:
             assert f"`{b.name}`" in table, f"the switch {b.name} is not in the table"
 
 
+def test_the_per_profile_tables_are_generated_from_the_variant_table() -> None:
+    """docs/internals.md's per-profile tables are tools/variant_tables.py's output, and the check fails on a
+    table edited by hand."""
+    tool = [sys.executable, str(ROOT / "tools" / "variant_tables.py")]
+    r = subprocess.run([*tool, "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("mmu-seq-int-snapshot", "fast-page-fault", "eager-page-split"):
+        assert f"`{name}`" in (ROOT / "docs" / "internals.md").read_text()
+
+
+def test_the_variant_table_check_fails_on_a_hand_edit(tmp_path: Path) -> None:
+    doc = tmp_path / "internals.md"
+    doc.write_text((ROOT / "docs" / "internals.md").read_text().replace("`mmu-seq-int-snapshot` | B10", "`x` | B10"))
+    tool = [sys.executable, str(ROOT / "tools" / "variant_tables.py")]
+    r = subprocess.run([*tool, "--check", str(doc)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "differ" in r.stdout
+    r = subprocess.run([*tool, "--check", str(tmp_path / "none.md")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
 def test_the_table_covers_every_area_the_issue_names() -> None:
     table = _which_kernel().lower()
     for area in ("fault path", "teardown", "iterator restart", "zap range", "zap all", "collapsible zaps",
@@ -92,18 +112,23 @@ CONVERTED = ["README.md", "docs/cli.md", "docs/trace.md", "docs/stress.md", "doc
 FENCE = re.compile(r"^(```+|~~~+)")
 
 
+# the tool's sessions started by this test run are named under this root, so the leak checks below count only
+# them (another capture run on the machine has its own)
+DOC_ROOT = f"shmmmu_doc{os.getpid()}t"
+
+
 def _tool(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """tools/capture_docs.py as a user runs it, with this Python (whose bin directory holds the shmmmu it runs)."""
     return subprocess.run([sys.executable, str(CAPTURE_TOOL), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=dict(os.environ, SHMMMU_DOC_PREFIX=DOC_ROOT))
 
 
 def _tool_objects() -> set[str]:
-    """What the tool's sessions (prefix shmmmu_doc...) hold in /dev/shm and the temporary directory."""
+    """What this run's tool sessions (prefix DOC_ROOT) hold in /dev/shm and the temporary directory."""
     import tempfile
-    found = {f"/dev/shm/{e}" for e in os.listdir("/dev/shm") if e.startswith(("shmmmu_doc", "sem.shmmmu_doc"))}
+    found = {f"/dev/shm/{e}" for e in os.listdir("/dev/shm") if e.startswith((DOC_ROOT, "sem." + DOC_ROOT))}
     tmp = tempfile.gettempdir()
-    return found | {os.path.join(tmp, e) for e in os.listdir(tmp) if e.startswith("shmmmu_doc")}
+    return found | {os.path.join(tmp, e) for e in os.listdir(tmp) if e.startswith(DOC_ROOT)}
 
 
 def _fenced_blocks(path: Path) -> list[tuple[int, str, str]]:

@@ -118,7 +118,7 @@ def test_cli_output_svg_and_exit_codes(tmp_path) -> None:
     p = cli("--bug", "link-after-publish", "--svg", str(svg))
     assert p.returncode == 1, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0] == "shmmmu explore: scenario fault-zap with link-after-publish (K18)"
+    assert lines[0] == "shmmmu explore: scenario fault-zap with link-after-publish (K18), kernel 5.13"
     assert any("tdp_mmu_set_spte_atomic: cmpxchg" in ln for ln in lines)
     assert any(">> [preempts vCPU0]" in ln for ln in lines)
     assert any(ln.startswith("=> violation: table-leak") for ln in lines)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shmmmu.variants import BUGS
+from shmmmu.variants import BUGS, PROFILE_NAMES
 from shmmmu.mmu import PARTS, Mmu
 from shmmmu.variants import replaced_functions
 from shmmmu.mmu.debug import WRAPPERS as DEBUG
@@ -110,13 +110,18 @@ def test_no_bug_switch_is_tested_inside_the_mmu() -> None:
     assert offences == []
 
 
-@pytest.mark.parametrize("bug", sorted(BUGS))
-def test_each_switch_puts_its_functions_in_place_and_nothing_else(bug: str, vm_name: str) -> None:
-    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], bugs=[bug])
+@pytest.mark.parametrize("kernel,bug", [(k, b) for b in sorted(BUGS) for k in BUGS[b].profiles] +
+                         [(k, None) for k in PROFILE_NAMES])
+def test_each_switch_puts_its_functions_in_place_and_nothing_else(kernel: str, bug: str | None,
+                                                                   vm_name: str) -> None:
+    """Each profile's own variants and each switch in each profile it exists in: exactly the functions the
+    table names are replaced, each by the function it names."""
+    bugs = [bug] if bug else []
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], bugs=bugs, kernel=kernel)
     with create_vm(cfg) as vm:
         m = Mmu(vm, 0)
-        replaced = replaced_functions("5.13", [bug])
-        assert replaced
+        replaced = replaced_functions(kernel, bugs)
+        assert replaced or (not bug and kernel == "5.13")
         for part_name, cls in PARTS.items():
             part = getattr(m, part_name)
             for fn in dir(cls):

@@ -387,7 +387,8 @@ class Session:
     """One document's bash: job control on, a scratch directory, a SHMMMU_PREFIX of its own."""
 
     def __init__(self) -> None:
-        self.prefix = f"shmmmu_doc{uuid.uuid4().hex[:12]}-"
+        # SHMMMU_DOC_PREFIX: a caller's own root for the sessions' names (a test counts only its own)
+        self.prefix = f"{os.environ.get('SHMMMU_DOC_PREFIX', 'shmmmu_doc')}{uuid.uuid4().hex[:12]}-"
         tmp = tempfile.gettempdir()
         self.ctl = Path(tempfile.mkdtemp(prefix=f"{self.prefix}ctl-", dir=tmp))
         self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.prefix}cwd-", dir=tmp))

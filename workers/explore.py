@@ -36,7 +36,7 @@ def _quit_on_sigterm() -> None:
 
 def _explorer(opts: ExploreOptions) -> Explorer:
     sc = opts.resolve()[0]
-    return Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic))
+    return Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic), kernel=opts.kernel)
 
 
 def _subtree_worker(opts: ExploreOptions, tasks, results, best) -> None:
@@ -101,7 +101,7 @@ class SubtreePool:
 def _strided(args) -> SearchResult:
     opts, j, n, best, deadline = args
     sc, strategy, depth = opts.resolve()
-    with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic)) as ex:
+    with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic), kernel=opts.kernel) as ex:
         seed_points(ex)                           # the same points one process starts from
         strat = make_strategy(strategy, opts.seed, depth, opts.preemptions, ex.points)
         t0, count, steps, i = time.monotonic(), 0, 0, j

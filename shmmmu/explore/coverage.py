@@ -154,10 +154,12 @@ def kernel_functions(bugs: list[str], kernel: str = "5.13") -> dict[CodeType, st
 
     from shmmmu.mmu import PARTS
     from shmmmu.mmu.kvm import Kvm
-    from shmmmu.variants import VARIANTS, replaced_functions
+    from shmmmu.variants import VARIANTS, replaced_functions, variants_on
 
     on = replaced_functions(kernel, bugs)
     replacements = {r for v in VARIANTS.values() for _, r in v.replaces} - set(on.values())
+    helping = {h.split(".")[1] for v in variants_on(kernel, bugs) for h in v.helpers}
+    replacements |= {h.split(".")[1] for v in VARIANTS.values() for h in v.helpers} - helping
     replaced = {t.split(".")[1] for t in on}
     classes: list[type] = list(PARTS.values()) + [Kvm]
     for mod, names in _KERNEL_CLASSES.items():

@@ -22,11 +22,11 @@ class ScenarioCoverage:
 
 
 def cover(scenario: str, bugs: list[str], strategy: str, preemptions: int, seed: int, depth: int,
-          executions: int) -> ScenarioCoverage:
+          executions: int, kernel: str = "5.13") -> ScenarioCoverage:
     """One scenario's search (the strategy and budget a search would use) with coverage recorded."""
     sc = SCENARIOS[scenario]
     name = strategy or sc.strategy
-    with Explorer(sc, bugs) as ex:
+    with Explorer(sc, bugs, kernel=kernel) as ex:
         ex.coverage = Coverage()
         seed_points(ex)
         strat = make_strategy(name, seed, depth or sc.depth, preemptions, points=ex.points)
@@ -39,10 +39,10 @@ def cover(scenario: str, bugs: list[str], strategy: str, preemptions: int, seed:
 
 
 def coverage_report(scenarios: list[str], bugs: list[str], strategy: str, preemptions: int, seed: int,
-                    depth: int, executions: int) -> dict[str, Any]:
+                    depth: int, executions: int, kernel: str = "5.13") -> dict[str, Any]:
     """Per scenario: the pairs, their orders, the functions it never ran; over all: those no scenario ran."""
-    universe = kernel_functions(bugs)
-    per = [cover(s, bugs, strategy, preemptions, seed, depth, executions) for s in scenarios]
+    universe = kernel_functions(bugs, kernel)
+    per = [cover(s, bugs, strategy, preemptions, seed, depth, executions, kernel) for s in scenarios]
     ran_any: set = set().union(*(c.ran for c in per)) if per else set()
     return {
         "scenarios": [{"scenario": c.scenario, "strategy": c.strategy, "executions": c.executions,
@@ -88,7 +88,7 @@ def coverage_lines(report: dict[str, Any], detail: bool) -> list[str]:
 
 
 def coverage_command(scenario: str, bugs: list[str], strategy: str, preemptions: int, seed: int, depth: int,
-                     executions: int, jobs: int, as_json: bool) -> int:
+                     executions: int, jobs: int, as_json: bool, kernel: str = "") -> int:
     """`shmmmu explore --coverage`: print the report (ValueError: bad usage, one line)."""
     import json
     from shmmmu.variants import check_names
@@ -100,9 +100,10 @@ def coverage_command(scenario: str, bugs: list[str], strategy: str, preemptions:
         raise ValueError(f"unknown strategy {strategy!r}: use random, pct or dfs")
     if executions < 1:
         raise ValueError("--executions must be at least 1")
-    check_names(bugs)
+    kernel = kernel or "5.13"
+    check_names(bugs, kernel)
     names = [scenario] if scenario else list(SCENARIOS)
-    report = coverage_report(names, bugs, strategy, preemptions, seed, depth, executions)
+    report = coverage_report(names, bugs, strategy, preemptions, seed, depth, executions, kernel)
     if as_json:
         print(json.dumps(report))
     else:

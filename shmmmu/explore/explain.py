@@ -216,7 +216,7 @@ def explain(explorer: Explorer, switches: list[tuple[int, int, int]], with_fix: 
     out = Explained(Side(rec, describe, marks, render.step_rows(rec.log, describe, rec.actors, marks)),
                     list(explorer.bugs))
     if with_fix:
-        with Explorer(explorer.scenario, [], atomic=explorer.atomic) as fx:
+        with Explorer(explorer.scenario, [], atomic=explorer.atomic, kernel=explorer.kernel) as fx:
             fixed = record(fx, None, rec.anchors)
         out.divergence = first_difference(rec.log, fixed.log)
         fm = dec.Marks()

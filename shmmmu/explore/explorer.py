@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from shmmmu import violations
-from shmmmu.variants import check_names
+from shmmmu.variants import DEFAULT_PROFILE, PROFILE_NAMES, check_names
 from shmmmu.checks import check_all
 from shmmmu.explore.coverage import Coverage
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
@@ -132,9 +132,11 @@ class Explorer:
     """A scenario's region, reset and executed as often as a search needs."""
 
     def __init__(self, scenario: Scenario, bugs: list[str], *, no_points: frozenset[str] = frozenset(),
-                 atomic: frozenset[str] = frozenset(), name: str | None = None, step_bound: int | None = None):
+                 atomic: frozenset[str] = frozenset(), name: str | None = None, step_bound: int | None = None,
+                 kernel: str = DEFAULT_PROFILE):
         self.scenario = scenario
-        self.bugs = check_names(list(bugs))
+        self.kernel = kernel
+        self.bugs = check_names(list(bugs), kernel)
         # the conflicting words seen in any execution so far (section -> words): the searches' decisions
         self.points: dict[str, set[int]] = {}
         self.no_points = no_points
@@ -145,7 +147,8 @@ class Explorer:
         self.waits = ExploreWaits(self.ref)
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
-                       memslots=scenario.memslot_specs(), lock_mode=scenario.lock_mode, bugs=self.bugs,
+                       memslots=scenario.memslot_specs(), lock_mode=scenario.lock_mode, bugs=self.bugs, kernel=kernel,
+                       mmu_seq_start=scenario.mmu_seq_start,
                        root_roles=scenario.root_roles, nx_huge_pages=scenario.nx_huge_pages,
                        debug=True, tlb_entries=64, cache_capacity=8, cache_min=5)
         self.vm = create_vm(cfg)
@@ -319,10 +322,13 @@ class Token:
     atomic: list[str] = field(default_factory=list)
     steps: int = 0
     finding: str = ""
+    kernel: str = DEFAULT_PROFILE
 
     def encode(self) -> str:
         doc = {"s": self.scenario, "b": self.bugs, "p": self.params, "w": [list(w) for w in self.switches],
                "a": self.atomic, "t": self.steps, "f": self.finding}
+        if self.kernel != DEFAULT_PROFILE:
+            doc["k"] = self.kernel                   # tokens of the default profile stay as they were
         raw = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -366,9 +372,12 @@ class Token:
             for k, v in params.items():
                 _str(k, "a parameter's name")
                 _int(v, -(1 << 62), 1 << 62, f"the parameter {k}")
+            kernel = _str(doc.get("k", DEFAULT_PROFILE), "the kernel")
+            if kernel not in PROFILE_NAMES:
+                raise _damaged(f"kernel {kernel!r} is none of {', '.join(PROFILE_NAMES)}")
             return cls(_str(doc["s"], "the scenario"), _strs(doc["b"], "the bug switches"), dict(params), switches,
                        _strs(doc["a"], "the atomic functions"), _int(doc["t"], 0, MAX_STEPS, "the steps"),
-                       _str(doc["f"], "the finding"))
+                       _str(doc["f"], "the finding"), kernel)
         except KeyError as e:
             raise _damaged(f"no field {e.args[0]!r}") from None
 

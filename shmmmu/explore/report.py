@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shmmmu import validate
-from shmmmu.variants import BUGS
+from shmmmu.variants import BUGS, DEFAULT_PROFILE, check_names
 from shmmmu.explore import DEFAULT_EXECUTIONS
 from shmmmu.explore.explain import Explained, explain
 from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
@@ -46,12 +46,19 @@ class ExploreOptions:
     shrink: bool = True
     tracepoints: str = ""               # the counterexample's replay writes the kernel's tracepoint lines here
     with_fix: bool = False              # also run the counterexample's decisions with the bug switches off
+    kernel: str = ""                    # the kernel profile; empty: the default, or the first bug's own profile
 
     def resolve(self) -> tuple[Scenario, str, int]:
         """The scenario, strategy and depth these options name; ValueError (one line) for bad ones."""
         for b in self.bugs:
             if b not in BUGS:
                 raise ValueError(f"unknown bug {b!r}; known: {', '.join(BUGS)}")
+        if not self.kernel:
+            # a switch that exists in one profile only picks it (--bug mmu-seq-int-snapshot: 6.12)
+            self.kernel = DEFAULT_PROFILE
+            if self.bugs and DEFAULT_PROFILE not in BUGS[self.bugs[0]].profiles:
+                self.kernel = BUGS[self.bugs[0]].profiles[0]
+        check_names(list(self.bugs), self.kernel)
         validate.seed(self.mix_seed, "--mix-seed")
         for fn in self.atomic:                         # matched by name on the stack: a typo matches nothing
             if fn not in library_functions():
@@ -194,7 +201,7 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] |
                 keep: Callable[[Explorer], None] | None = None) -> Report:
     """Search, shrink, trace.  `keep(explorer)` is called with the region at the failing step (--keep)."""
     sc, strategy, depth = opts.resolve()
-    with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic)) as ex:
+    with Explorer(sc, opts.bugs, atomic=frozenset(opts.atomic), kernel=opts.kernel) as ex:
         if searcher is not None:
             sr = searcher(opts, sc, strategy, depth, ex, progress)
         elif strategy == "dfs":
@@ -213,9 +220,9 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] |
         traced = exp.bug.rec.result
         rep.found, rep.shrink_runs, rep.explained = traced, runs, exp
         rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.switches, list(opts.atomic),
-                          traced.steps, traced.finding.kind).encode()
+                          traced.steps, traced.finding.kind, opts.kernel).encode()
         refs = ", ".join(f"{b}{' (' + BUGS[b].ref + ')' if BUGS[b].ref else ''}" for b in opts.bugs) or "the fixed code"
-        rep.title = [f"shmmmu explore: scenario {sc.name} with {refs}",
+        rep.title = [f"shmmmu explore: scenario {sc.name} with {refs}, kernel {opts.kernel}",
                      f"{sc.summary}",
                      f"found by {rep.strategy} at execution {sr.first_index + 1} of its sequence ({sr.executions} "
                      f"executions run, {sr.seconds:.1f} s); "
@@ -258,7 +265,8 @@ class ReplayReport:
 
     def title(self) -> list[str]:
         t, r = self.token, self.result
-        title = [f"shmmmu explore --replay: scenario {t.scenario} with {', '.join(t.bugs) or 'the fixed code'}",
+        title = [f"shmmmu explore --replay: scenario {t.scenario} with {', '.join(t.bugs) or 'the fixed code'}, "
+                 f"kernel {t.kernel}",
                  ("the same execution: " if self.same else "A DIFFERENT EXECUTION: ")
                  + f"{r.steps} steps, {r.preemptions} preemptions, finding: {r.finding.kind if r.finding else 'none'}"]
         return title + [f"  {d}" for d in self.differences]
@@ -291,7 +299,7 @@ def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracep
         if b not in BUGS:
             raise ValueError(f"the token names a bug switch this shmmmu does not have: {b!r}")
     sc = scenario_with(t.scenario, t.params)
-    with Explorer(sc, t.bugs, atomic=frozenset(t.atomic)) as ex:
+    with Explorer(sc, t.bugs, atomic=frozenset(t.atomic), kernel=t.kernel) as ex:
         exp = _explained(ex, t.switches, with_fix, tracepoints)
         r = exp.bug.rec.result
         diffs = []

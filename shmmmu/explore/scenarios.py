@@ -44,6 +44,7 @@ class Scenario:
     depth: int = 3
     step_bound: int = 30000
     nx_huge_pages: bool = False                              # VMConfig.nx_huge_pages (an exec fault maps 4K)
+    mmu_seq_start: int = 0                                   # VMConfig.mmu_seq_start
     params: dict = field(default_factory=dict)
 
     def memslot_specs(self) -> list[MemslotSpec]:
@@ -376,6 +377,51 @@ def _mix(ctx: Context) -> None:
         ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
 
 
+def _seq_wrap_pro(ctx: Context) -> None:
+    """The sequence one below 2^31 (VMConfig.mmu_seq_start); one unmap takes it there."""
+    ctx.host(0).host_unmap(40, 48)
+
+
+def _seq_wrap(ctx: Context) -> None:
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 48, 56)]))
+
+
+def _split_log_pro(ctx: Context) -> None:
+    _premap([1, 9, 17], write=True)(ctx)
+
+
+def _split_log(ctx: Context) -> None:
+    # enabling dirty logging splits the huge leaves (6.12: eagerly, under the read lock) and write-protects;
+    # vCPU0 writes through what it cached and faults (6.12: the fast path fixes the write-protected leaf);
+    # the harvest re-protects
+    def host() -> None:
+        mmu = ctx.host(0)
+        mmu.enable_dirty_logging(0)
+        ctx.notes["after_enable"] = ctx.guest_values()
+        ctx.notes["bitmap"] = mmu.get_dirty_log(0)
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE), (2, WRITE), (10, WRITE)]))
+    ctx.actor("host", host)
+
+
+def _clear_split_pro(ctx: Context) -> None:
+    """Huge leaves over gfn 0-7 and 8-15 (2 MiB-backed slot), logging enabled with manual protect and
+    INITIALLY_SET (6.12: nothing split or protected yet)."""
+    _premap([1, 9])(ctx)
+    ctx.host(0).enable_dirty_logging(0, initially_set=True)
+
+
+def _clear_split(ctx: Context) -> None:
+    # CLEAR_DIRTY_LOG names pages 2..8, across both huge pages (6.12 splits both: the last page named is the
+    # first of the second); vCPU0 writes into each
+    def host() -> None:
+        bitmap = np.zeros(1, dtype=np.uint64)
+        bitmap[0] = sum(1 << g for g in range(2, 9))
+        ctx.host(0).clear_dirty_log(0, 0, bitmap)
+    ctx.actor("vCPU0", accesses(ctx, 0, [(3, WRITE), (9, WRITE)]))
+    ctx.actor("host", host)
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
              ("fault-plain-store", "pages-lock-in-read-fault"), _fault_fault, n_vcpus=2),
@@ -422,6 +468,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("zap-roots-yield", "an MMU notifier zaps two roots and yields in the second to a faulting vCPU",
              ("yield-with-owed-flush",), _zap_roots_yield, prologue=_zap_roots_pro, n_vcpus=2,
              root_roles=2),
+    Scenario("seq-wrap", "a fault while the invalidation sequence passes 2^31 (a VM that has seen that many "
+             "invalidations)", ("mmu-seq-int-snapshot",), _seq_wrap, prologue=_seq_wrap_pro,
+             mmu_seq_start=(1 << 31) - 1),
+    Scenario("split-log", "enabling dirty logging on huge-backed memory while a vCPU writes through its cached "
+             "translations, then a harvest (6.12: eager split and the fast page fault)", (), _split_log,
+             prologue=_split_log_pro, memslots=((0, 64, 2),), oracle=_dirty_log_oracle),
+    Scenario("clear-split", "KVM_CLEAR_DIRTY_LOG across two huge pages with manual protect and INITIALLY_SET while "
+             "a vCPU writes into both (6.12: split at CLEAR)", ("clear-split-off-by-one",), _clear_split,
+             prologue=_clear_split_pro, memslots=((0, 64, 2),)),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
     *_cover_scenarios(),

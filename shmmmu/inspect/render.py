@@ -26,7 +26,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     out = [f"VM {s['vm']}: creator pid {s['creator_pid']} ({'alive' if s['alive'] else 'stale: not running'}), "
            f"region {_mib(s['region_bytes'])}, up {s['uptime_s']:.1f} s"]
     backing = "/".join(c["backing"]) or "-"
-    out.append(f"config      {c['vcpus']} vCPUs, lock mode {c['lock_mode']}, memory {_mib(c['memory_bytes'])} "
+    out.append(f"config      kernel {c.get('kernel', '5.13')}, {c['vcpus']} vCPUs, lock mode {c['lock_mode']}, "
+               f"memory {_mib(c['memory_bytes'])} "
                f"backed by {backing} pages, workload {c['workload'] or '-'}"
                + (" (overlapping)" if c["overlap"] else "") + f", seed {c['seed']}"
                + (f", bugs {','.join(c['bugs'])}" if c["bugs"] else "") + (", debug" if c["debug"] else ""))
@@ -198,10 +199,10 @@ def vm_list_lines(vms: list[VmEntry]) -> list[str]:
     """`shmmmu ls`: one aligned row per VM under a header (the note last, unpadded)."""
     if not vms:
         return ["no VMs in /dev/shm"]
-    rows = [("NAME", "PID", "STATE", "REGION", "MEMORY", "VCPUS", "LOCK MODE", "NOTE")]
+    rows = [("NAME", "PID", "STATE", "REGION", "MEMORY", "VCPUS", "LOCK MODE", "KERNEL", "NOTE")]
     for v in vms:
         rows.append((v.name, str(v.creator_pid or "-"), v.state, fmt_bytes(v.size or None),
                      fmt_bytes(v.memory_bytes), str(v.vcpus) if v.vcpus is not None else "-", v.lock_mode or "-",
-                     v.note))
+                     v.kernel or "-", v.note))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, width)) + ("  " + r[-1] if r[-1] else "") for r in rows]

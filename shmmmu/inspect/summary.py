@@ -103,7 +103,7 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
         "alive": creator_alive(snap.creator_pid, snap.creator_start, snap.created_ns),
         "region_bytes": snap.size,
         "uptime_s": max(0.0, (snap.taken_ns - snap.created_ns) / 1e9),
-        "config": {"vcpus": c.n_vcpus, "lock_mode": c.lock_mode, "memory_bytes": c.guest_pages * 4096,
+        "config": {"kernel": c.kernel, "vcpus": c.n_vcpus, "lock_mode": c.lock_mode, "memory_bytes": c.guest_pages * 4096,
                    "backing": [BACKING_NAMES.get(m.backing_level, "?") for m in c.memslots],
                    "workload": c.workload.kind, "overlap": c.workload.overlap,
                    "table_bits": c.bits, "pool_tables": c.n_tables, "debug": c.debug, "bugs": list(c.bugs),

@@ -100,6 +100,7 @@ class VmEntry:
     size: int = 0
     vcpus: int | None = None
     lock_mode: str | None = None
+    kernel: str | None = None           # the kernel profile the VM follows
     memory_bytes: int | None = None
     age_s: float | None = None
     note: str = ""
@@ -223,6 +224,8 @@ def describe_vm(name: str, sems: dict[str, int] | None = None) -> VmEntry | None
         e.vcpus = n if type(n) is int else None
         mode = cfg.get("lock_mode")
         e.lock_mode = mode if isinstance(mode, str) else None
+        kernel = cfg.get("kernel", "5.13")
+        e.kernel = kernel if isinstance(kernel, str) else None
         try:
             e.memory_bytes = sum(int(m["npages"]) for m in cfg.get("memslots", [])) * 4096
         except (TypeError, KeyError, ValueError, AttributeError):

@@ -58,7 +58,7 @@ SIBLINGS = {
     "tdp": ("map",),
     "map": ("tdp", "nx_part"),
     "zap": ("tdp", "roots"),
-    "dirty": ("tdp", "roots"),
+    "dirty": ("tdp", "roots", "map"),
     "nx_part": ("zap",),
     "fault": ("roots", "map"),
     "notifier": ("zap", "dirty", "roots"),

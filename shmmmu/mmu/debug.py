@@ -23,6 +23,11 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
   returns; a present value installed there before that is two live
   translations of one address (K5's aliasing, and K11's install in a yield);
 - mmu_lock is never dropped while this worker holds unflushed changes (I6);
+- a KVM_CLEAR_DIRTY_LOG that splits (6.12, INITIALLY_SET) leaves no huge leaf
+  in the range it named (dirty_log_page_splitting_test's assertion: B5);
+- a fault retried as stale has a cause: an invalidation covering it, one
+  completed since its snapshot, or a memslot change (B10's sign-extended
+  snapshot retries for ever);
 - every table a walk or a teardown reads is read inside an RCU read-side
   section: the kernel's `rcu_dereference` of each `tdp_ptep_t` (tdp_iter.c,
   handle_removed_tdp_mmu_page); the exclusive baseline, which had no RCU,
@@ -324,6 +329,56 @@ def _cond_resched(mmu: Mmu, d: Debug, cond_resched: Callable) -> Callable:
     return checked_cond_resched
 
 
+def _notifier_retry(mmu: Mmu, d: Debug, retry: Callable) -> Callable:
+    kvm = mmu.kvm
+    ctl, memslot_gen = kvm.ctl, mmu.fault.memslot_gen
+
+    def checked_mmu_notifier_retry_hva(fault: Any) -> bool:
+        if not retry(fault):
+            return False
+        # a stale fault needs a cause, or it is retried for ever (B10): an invalidation covering it in
+        # progress, one completed since the snapshot, or its memslot changed.  Read after the check, so a
+        # cause that came and went has moved the sequence (kvm_dec_notifier_count bumps it first).
+        seq = ctl.load(Ctl.NOTIFIER_SEQ)
+        covered = ctl.load(Ctl.NOTIFIER_COUNT) and \
+            ctl.load(Ctl.NOTIFIER_START) <= fault.gfn < ctl.load(Ctl.NOTIFIER_END)
+        if not covered and seq == fault.mmu_seq and memslot_gen.load(fault.slot.id) == fault.slot.gen:
+            kvm.violation("fault-retry-without-cause", fault.gfn, fault.mmu_seq, seq)
+        return True
+    return checked_mmu_notifier_retry_hva
+
+
+def _enable_log_masked(mmu: Mmu, d: Debug, enable: Callable) -> Callable:
+    from shmmmu.layout import MemslotFlags
+    from shmmmu.variants import traits
+    kvm = mmu.kvm
+    if "eager-split" not in traits(kvm.config.kernel, []):     # the profile's own: no switch adds a split
+        return enable                             # no split at CLEAR in this kernel: nothing to check
+    want = MemslotFlags.LOG_DIRTY | MemslotFlags.INITIALLY_SET
+
+    def checked_enable_log_dirty_pt_masked(slot: Any, gfn: int, mask: int) -> bool:
+        changed = enable(slot, gfn, mask)
+        if mask and mmu.slots.read(slot.id).flags & want == want:
+            start = gfn + (mask & -mask).bit_length() - 1
+            end = gfn + mask.bit_length() - 1
+            roots = mmu.roots
+            mmu.rcu.read_lock()
+            try:
+                for row in roots.listed_roots():
+                    if roots.invalid_col.load(row):
+                        continue
+                    it = TdpIter(kvm.tables, kvm.geometry, roots.root_table(row), kvm.root_level, 2, start)
+                    while it.valid and it.gfn <= end:
+                        if it.old_spte & S.MMU_PRESENT and it.old_spte & S.LARGE:
+                            kvm.violation("huge-page-after-clear", start, end, max(it.gfn, start))
+                            return changed
+                        it.next()
+            finally:
+                mmu.rcu.read_unlock()
+        return changed
+    return checked_enable_log_dirty_pt_masked
+
+
 WRAPPERS: dict[str, Wrap] = {
     "kvm.new_iter": _new_iter,
     "kvm.kvm_flush_remote_tlbs": _flush,
@@ -337,6 +392,8 @@ WRAPPERS: dict[str, Wrap] = {
     "tdp.tdp_mmu_iter_cond_resched": _cond_resched,
     "map.kvm_tdp_mmu_map": _map,
     "zap.zap_gfn_range": _zap_gfn_range,
+    "fault.mmu_notifier_retry_hva": _notifier_retry,
+    "ioctl.kvm_arch_mmu_enable_log_dirty_pt_masked": _enable_log_masked,
 }
 
 

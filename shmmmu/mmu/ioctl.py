@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from shmmmu.layout import STAT, Ctl, MemslotFlags
+from shmmmu.mmu.instruments import site
 from shmmmu.mmu.kvm import Kvm, Part
 
 _U64 = (1 << 64) - 1
 _LOG_DIRTY = MemslotFlags.LOG_DIRTY
+_INIT_SET = MemslotFlags.INITIALLY_SET
 
 
 class Ioctls(Part):
@@ -185,7 +187,7 @@ class Ioctls(Part):
                     for k in range(slots.dirty_words(slot)):
                         bits = min(64, slot.npages - 64 * k)
                         slots.dirty.store(slot.dirty_off + k, (1 << bits) - 1)
-            slots.set_flags(slot_id, set_mask=_LOG_DIRTY)
+            slots.set_flags(slot_id, set_mask=_LOG_DIRTY | (_INIT_SET if initially_set else 0))
         finally:
             self.lock.write_unlock()
         return self.kvm_mmu_slot_remove_write_access(slot_id, initially_set)
@@ -203,6 +205,26 @@ class Ioctls(Part):
             return self.dirty.kvm_tdp_mmu_wrprot_slot(slot, 2 if initially_set else 1, shared)
         finally:
             self.kvm.mmu_unlock(shared)
+
+    def slot_apply_flags_612(self, slot_id: int, initially_set: bool) -> int:
+        """6.12's kvm_mmu_slot_apply_flags() on enabling logging (profile 6.12): wait out the faults that
+        looked at the slot before the flag (kvm_swap_active_memslots' synchronize_srcu: the fast page fault
+        runs without mmu_lock, so the write lock around the flag no longer orders it), split every huge leaf
+        eagerly under the read lock (a3fe5dbda0a4), then write-protect at 4K.
+
+        With INITIALLY_SET it returns before either: every page counts as dirty, and KVM_CLEAR_DIRTY_LOG splits
+        and protects what it names (enable_log_dirty_pt_masked_612, cb00a70bd4b7)."""
+        self.rcu.synchronize()
+        if initially_set:
+            return 0
+        slot = self.slots.read(slot_id)
+        shared = self.parallel
+        self.kvm.mmu_lock(shared)
+        try:
+            self.dirty.kvm_tdp_mmu_try_split_huge_pages(slot, slot.base_gfn, slot.end_gfn, 1, shared)
+        finally:
+            self.kvm.mmu_unlock(shared)
+        return Ioctls.kvm_mmu_slot_remove_write_access(self, slot_id, False)
 
     def slot_remove_write_access_skipped(self, slot_id: int, initially_set: bool) -> int:
         """Variant no-wrprot-on-enable: enabling dirty logging leaves the slot's writable mappings as they are."""
@@ -229,7 +251,7 @@ class Ioctls(Part):
                 mask = dirty.xchg(slot.dirty_off + k, 0)
                 out[k] = mask
                 if mask:
-                    flush |= self.dirty.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + 64 * k, mask)
+                    flush |= self.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, slot.base_gfn + 64 * k, mask)
             if flush or self.kvm.holds_unflushed:
                 self.kvm.kvm_flush_remote_tlbs()
         finally:
@@ -252,18 +274,59 @@ class Ioctls(Part):
                 mask = m & dirty.fetch_and(word, ~m & _U64)   # mask &= atomic_fetch_andnot(mask, word)
                 if mask:
                     cleared += bin(mask).count("1")
-                    flush |= self.dirty.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + first + 64 * k, mask)
+                    flush |= self.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, slot.base_gfn + first + 64 * k,
+                                                                           mask)
             if flush or self.kvm.holds_unflushed:
                 self.kvm.kvm_flush_remote_tlbs()
         finally:
             self.lock.write_unlock()
         return cleared
 
+    @site("debug")
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot: Any, gfn: int, mask: int) -> bool:
+        """kvm_arch_mmu_enable_log_dirty_pt_masked() (write lock): re-protect the 4K pages of [gfn, gfn+64) that
+        `mask` names (5.13: huge leaves were protected at enable, see enable_dirty_logging)."""
+        return self.dirty.kvm_tdp_mmu_clear_dirty_pt_masked(slot, gfn, mask)
+
+    def enable_log_dirty_pt_masked_612(self, slot: Any, gfn: int, mask: int) -> bool:
+        """6.12's kvm_arch_mmu_enable_log_dirty_pt_masked(): with INITIALLY_SET, first split the huge pages of
+        [first, last] of the mask down to 4K (cb00a70bd4b7: eager splitting at CLEAR, lock dropped to
+        allocate) and write-protect the huge leaves still at either end; then the 4K pages."""
+        return self._split_protect_masked(slot, gfn, mask, 1)
+
+    def enable_log_dirty_pt_masked_b5_off_by_one(self, slot: Any, gfn: int, mask: int) -> bool:
+        """Variant clear-split-off-by-one (B5, before 1aa4bb916808): the split range ends at the mask's last
+        page, exclusive, so the huge page holding that page is left unsplit (write-protected instead)."""
+        return self._split_protect_masked(slot, gfn, mask, 0)
+
+    def _split_protect_masked(self, slot: Any, gfn: int, mask: int, past_end: int) -> bool:
+        if mask and self.slots.read(slot.id).flags & _INIT_SET:
+            start = gfn + (mask & -mask).bit_length() - 1           # __ffs(mask)
+            end = gfn + mask.bit_length() - 1                        # __fls(mask)
+            if self.kvm.holds_unflushed:
+                # departure: the split may drop the lock (to allocate, or to yield), and 6.12 does so with the
+                # write protections of the words before unflushed (it flushes after its unlock); shmmmu flushes
+                # them first, as its I6 check allows no unflushed change across a lock drop
+                self.kvm.kvm_flush_remote_tlbs()
+            self.dirty.kvm_tdp_mmu_try_split_huge_pages(slot, start, end + past_end, 1, False)   # write lock
+            self.kvm_mmu_slot_gfn_write_protect(slot, start)
+            huge = self.E                                            # pages of a level-2 leaf (PMD_SIZE)
+            if start // huge != end // huge:                         # crosses two large pages
+                self.kvm_mmu_slot_gfn_write_protect(slot, end)
+        return self.dirty.kvm_tdp_mmu_clear_dirty_pt_masked(slot, gfn, mask)
+
+    def kvm_mmu_slot_gfn_write_protect(self, slot: Any, gfn: int) -> bool:
+        """kvm_mmu_slot_gfn_write_protect(kvm, slot, gfn, PG_LEVEL_2M): write-protect a huge leaf mapping gfn in
+        every root (write lock)."""
+        roots = self.roots
+        return any([self.dirty.wrprot_gfn_range(roots.root_table(row), gfn, gfn + 1, 2, False)
+                    for row in roots.for_each_tdp_mmu_root()])
+
     def disable_dirty_logging(self, slot_id: int) -> int:
         """Clear the flag and zap collapsible mappings (5.13: under the read lock, vCPUs running)."""
         self.lock.write_lock()
         try:
-            self.slots.set_flags(slot_id, clear_mask=_LOG_DIRTY)
+            self.slots.set_flags(slot_id, clear_mask=_LOG_DIRTY | _INIT_SET)
         finally:
             self.lock.write_unlock()
         slot = self.slots.read(slot_id)

@@ -28,7 +28,8 @@ from shmmmu.layout import STAT, Ctl, MemslotFlags
 from shmmmu.memslots import Slot
 from shmmmu.mmu.instruments import site
 from shmmmu.mmu.kvm import Kvm, Part
-from shmmmu.mmu.records import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, Fault
+from shmmmu import spte as S
+from shmmmu.mmu.records import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, Fault
 from shmmmu.rwlock import HELD_WRITE
 
 _ST_FAULTS = STAT["faults"]
@@ -45,6 +46,9 @@ _ST_RELOADS = STAT["root_reloads"]
 _C_FAST_ZAPS = Ctl.FAST_ZAPS
 _C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
 _MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
+_ST_FAST_FIXED = STAT["fast_pf_fixed"]
+_P, _L, _W, _X, _MMU_W = S.MMU_PRESENT, S.LARGE, S.WRITABLE, S.EXECUTABLE, S.MMU_WRITABLE
+_U32_SIGN = 1 << 31
 
 
 class MmuFault(Part):
@@ -169,6 +173,7 @@ class MmuFault(Part):
                 level = 1                         # the iTLB multihit workaround (nx_huge_pages)
         fault.goal_level = level
 
+    @site("debug")
     def mmu_notifier_retry_hva(self, fault: Fault) -> bool:
         """mmu_notifier_retry_hva(): an invalidation in progress covers the page, or one completed since
         mmu_seq was read; plus the memslot-generation recheck (the kernel uses SRCU for the latter)."""
@@ -176,6 +181,21 @@ class MmuFault(Part):
         if ctl.load(_C_COUNT) and ctl.load(_C_START) <= fault.gfn < ctl.load(_C_END):
             return True
         if ctl.load(_C_SEQ) != fault.mmu_seq:
+            return True
+        slot = fault.slot
+        return self.memslot_gen.load(slot.id) != slot.gen
+
+    def mmu_notifier_retry_hva_b10_int_snapshot(self, fault: Fault) -> bool:
+        """Variant mmu-seq-int-snapshot (B10, 6.1.y before d75c1b7bdedd): the fault's snapshot of
+        mmu_invalidate_seq is an int, compared with the unsigned long sequence after sign extension; from
+        2^31 on they never match, and every fault is stale."""
+        ctl = self.ctl
+        if ctl.load(_C_COUNT) and ctl.load(_C_START) <= fault.gfn < ctl.load(_C_END):
+            return True
+        snapshot = fault.mmu_seq & 0xFFFFFFFF                 # int mmu_seq = kvm->mmu_invalidate_seq
+        if snapshot & _U32_SIGN:
+            snapshot |= ~0xFFFFFFFF & 0xFFFFFFFFFFFFFFFF        # (unsigned long)mmu_seq: sign-extended
+        if ctl.load(_C_SEQ) != snapshot:
             return True
         slot = fault.slot
         return self.memslot_gen.load(slot.id) != slot.gen
@@ -237,6 +257,76 @@ class MmuFault(Part):
             read_unlock()
         st[_ST_RESULT[r]] += 1
         return r
+
+    # ------------------------------------------------------------------ 6.12: the lockless fast page fault
+
+    def page_fault_fast_first(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """6.12's direct_page_fault over the TDP MMU (profile 6.12): fast_page_fault first, and the fault path
+        proper (kvm_tdp_mmu_page_fault, as 5.13 has it) only if that could not fix the fault."""
+        r = self.fast_page_fault(gfn, write, exec_fault)
+        if r != RET_PF_INVALID:
+            st = self.st
+            st[_ST_FAULTS] += 1
+            st[_ST_RESULT[r]] += 1
+            return r
+        return MmuFault.kvm_tdp_mmu_page_fault(self, gfn, write, exec_fault)
+
+    def fast_page_fault(self, gfn: int, write: bool, exec_fault: bool) -> int:
+        """fast_page_fault() (mmu.c; the TDP MMU's since 6e8eb2060cc7): without mmu_lock, inside an RCU
+        read-side section (kvm_tdp_mmu_walk_lockless_begin), find the last entry on gfn's path; a write to a
+        present leaf that is MMU-writable but not writable (write-protected for dirty logging) is fixed by
+        one cmpxchg that sets W, and the page is then logged dirty (fast_pf_fix_direct_spte).  A huge leaf
+        in a slot that logs is left to the slow path, which splits it.  RET_PF_INVALID: not fixed here."""
+        if not write:                              # page_fault_can_be_fast(): A/D bits on, so only a write
+            return RET_PF_INVALID
+        slot = self.slots.lookup(gfn)              # fault->slot, looked up before the fast path
+        if slot is None:
+            return RET_PF_INVALID
+        ret = RET_PF_INVALID
+        tables = self.tables
+        self.rcu_read_lock()
+        try:
+            retry_count = 0
+            while True:
+                sptep, spte, level = self.kvm_tdp_mmu_fast_pf_get_last_sptep(gfn)
+                if not spte & _P:
+                    break
+                if not (level == 1 or spte & _L):
+                    break                          # !is_last_spte()
+                if spte & _W and (not exec_fault or spte & _X):
+                    ret = RET_PF_SPURIOUS          # is_access_allowed(): fixed already, or a lazy TLB
+                    break
+                new = spte
+                if spte & _MMU_W:
+                    new |= _W
+                    if level > 1 and slot.flags & _MSF_LOG_DIRTY:
+                        break                      # a huge page in a logging slot: the slow path splits it
+                if new == spte or (exec_fault and not new & _X):
+                    break
+                if tables.cas(sptep, spte, new) == spte:     # fast_pf_fix_direct_spte()
+                    if new & _W and not spte & _W and slot.flags & _MSF_LOG_DIRTY:
+                        self.slots.mark_dirty(slot, gfn)    # mark_page_dirty_in_slot(fault->slot)
+                    self.st[_ST_FAST_FIXED] += 1
+                    ret = RET_PF_FIXED
+                    break
+                retry_count += 1
+                if retry_count > 4:                # "Fast #PF retrying more than 4 times."
+                    break
+        finally:
+            self.rcu_read_unlock()
+        return ret
+
+    def kvm_tdp_mmu_fast_pf_get_last_sptep(self, gfn: int) -> tuple[int, int, int]:
+        """kvm_tdp_mmu_fast_pf_get_last_sptep(): walk this vCPU's root towards gfn (caller in an RCU read-side
+        section, no lock) and return the last entry reached: (sptep, value, level)."""
+        it = self.fault_walk.start(self.root, 1, gfn)     # the slow path's walk, unused until it runs
+        sptep, spte, level = it.sptep, it.old_spte, it.level
+        while it.valid and it.gfn <= gfn:
+            sptep, spte, level = it.sptep, it.old_spte, it.level
+            if not spte & _P or level == 1 or spte & _L:
+                break
+            it.next()
+        return sptep, spte, level
 
     def page_fault_k15_reclaim_under_read_lock(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """Variant pages-lock-in-read-fault (K15, CVE-2022-45869): 5.13's direct_page_fault for a TDP fault,

@@ -3,7 +3,9 @@
 Write protection at dirty-log enable runs under the read lock with
 compare-exchange (5.13, 24ae4cfaaaa2); the masked re-protection of
 KVM_GET/CLEAR_DIRTY_LOG and aging (the MMU notifier's clear/test_young) run
-under the write lock without yielding, through the exclusive setter.
+under the write lock without yielding, through the exclusive setter.  The 6.12
+profile splits huge leaves eagerly when logging is enabled (a3fe5dbda0a4):
+`kvm_tdp_mmu_try_split_huge_pages`.
 """
 from __future__ import annotations
 
@@ -23,14 +25,19 @@ _W = S.WRITABLE
 _A = S.ACCESSED
 _PFN_MASK = S.PFN_MASK
 _PFN_SHIFT = S.PFN_SHIFT
+_PL = _P | _L
+_ST_MAPPED = [0, STAT["mapped_4k"], STAT["mapped_2m"], STAT["mapped_1g"], STAT["mapped_1g"]]
+_ST_ZAPPED = STAT["zapped_leaves"]
+_ST_SPLITS = STAT["huge_splits"]
 
 
 class TdpDirty(Part):
     """wrprot_gfn_range, clear_dirty_pt_masked, age_gfn_range and their walks over roots."""
 
-    __slots__ = ("tdp", "roots")
+    __slots__ = ("tdp", "roots", "map")
     tdp: Any                        # the tdp_mmu part: setters and the yield
     roots: Any                      # the roots part
+    map: Any                        # the tdp_map part: allocating and linking a split's table
 
     def __init__(self, kvm: Kvm):
         super().__init__(kvm)
@@ -188,3 +195,79 @@ class TdpDirty(Part):
         for row in roots.for_each_tdp_mmu_root():
             changed |= self.clear_dirty_pt_masked(roots.root_table(row), gfn, mask)
         return changed
+
+    # ------------------------------------------------------------------ eager page splitting (6.12)
+
+    def kvm_tdp_mmu_try_split_huge_pages(self, slot: Slot, start: int, end: int, target_level: int,
+                                         shared: bool) -> int:
+        """kvm_tdp_mmu_try_split_huge_pages() (a3fe5dbda0a4): split every huge leaf of [start, end) of the slot
+        down to target_level, on every valid root (yield-safe).  Returns the number of huge leaves split."""
+        roots = self.roots
+        self.kvm.lockdep_assert_held(shared)
+        return sum(self.tdp_mmu_split_huge_pages_root(roots.root_table(row), start, end, target_level, shared)
+                   for row in roots.for_each_tdp_mmu_root_yield_safe(shared))
+
+    def tdp_mmu_split_huge_pages_root(self, root: int, start: int, end: int, target_level: int,
+                                      shared: bool) -> int:
+        """tdp_mmu_split_huge_pages_root(): walk [start, end) above target_level in pre-order, replacing each
+        huge leaf by a table of the next level (so a 1G leaf's new 2M leaves are split in turn as the walk
+        steps down into them).  A table is allocated with mmu_lock and RCU dropped, as the kernel's
+        GFP_KERNEL_ACCOUNT allocation may sleep; the walk then restarts as after a yield."""
+        kvm, tdp, pool = self.kvm, self.tdp, self.pool
+        split = 0
+        sp = -1
+        self.rcu.read_lock()
+        try:
+            it = kvm.new_iter(root, target_level + 1, start)
+            for it in for_each_pte(it, end):
+                while True:                                      # retry:
+                    if tdp.tdp_mmu_iter_cond_resched(it, False, shared):
+                        break
+                    spte = it.old_spte
+                    if spte & _PL != _PL:
+                        break                                    # not a present huge leaf
+                    if sp < 0:
+                        self.rcu.read_unlock()
+                        kvm.mmu_unlock(shared)
+                        if pool.count < pool.min:
+                            pool.topup()                         # tdp_mmu_alloc_sp_for_split(): may sleep
+                        sp = self.map.alloc_tdp_mmu_page(it.level - 1, it.gfn)
+                        kvm.mmu_lock(shared)
+                        self.rcu.read_lock()
+                        it.mark_yielded()                        # iter.yielded = true: restart from the root
+                        break
+                    if self.tdp_mmu_split_huge_page(it, sp, shared):
+                        sp = -1
+                        split += 1
+                        break
+                    it.old_spte = self.tables.load(it.sptep)     # the link lost: look again (goto retry)
+        finally:
+            self.rcu.read_unlock()
+        if sp >= 0:
+            self.map.tdp_mmu_free_sp(sp)                         # never linked: back to the cache
+        return split
+
+    def tdp_mmu_split_huge_page(self, it: Any, sp: int, shared: bool) -> bool:
+        """tdp_mmu_split_huge_page(): fill `sp` with the huge leaf's translation at the next level
+        (make_huge_page_split_spte: the same bits and host pages, PS cleared at 4K), then link it in place of
+        the leaf with one cmpxchg.  No flush: the translation of every address is unchanged."""
+        huge = it.old_spte
+        level = it.level
+        child_level = level - 1
+        E = self.E
+        step = 1 << (self.bits * (child_level - 1))          # host pages per child entry
+        base = huge & ~_PFN_MASK
+        if child_level == 1:
+            base &= ~_L
+        pfn = (huge & _PFN_MASK) >> _PFN_SHIFT
+        store = self.tables.store
+        for i in range(E):                                       # sp is not visible yet: plain stores
+            store(sp * E + i, base | ((pfn + i * step) << _PFN_SHIFT))
+        if not self.map.tdp_mmu_link_sp(it, sp, False, False, shared):
+            self.tables.fill_range(sp * E, E, 0)                 # unlinked: the cache hands out zeroed tables
+            return False
+        st = self.st
+        st[_ST_MAPPED[child_level]] += E                         # kvm_update_page_stats(kvm, level - 1, 512)
+        st[_ST_ZAPPED] -= 1                     # handle_changed_spte counted the leaf gone: replaced, not zapped
+        st[_ST_SPLITS] += 1
+        return True

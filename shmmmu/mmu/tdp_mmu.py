@@ -375,11 +375,19 @@ class TdpMmu(Part):
         return True
 
     def _yield(self, flush: bool, shared: bool) -> None:
-        """The yield of tdp_mmu_iter_cond_resched: end the read-side section, flush what is owed, drop and
-        retake mmu_lock (cond_resched_rwlock_read/write), begin a new section."""
+        """The yield of tdp_mmu_iter_cond_resched (5.13's order): end the read-side section, flush what is
+        owed, drop and retake mmu_lock (cond_resched_rwlock_read/write), begin a new section.
+
+        5.18 put the flush before rcu_read_unlock (bd29677952fa) ahead of deferring the teardown's flush to
+        the caller (bb95dfb9e2df); 5.13 flushes inside the teardown, before call_rcu, so no table it frees
+        can be reached once the section ends and the order here changes nothing (docs/internals.md, 6.12)."""
         self.rcu.read_unlock()
         if flush:
             self.kvm.kvm_flush_remote_tlbs()         # I6 (debug checks the unlock: K11 yields with one owed)
+        self._drop_and_retake(shared)
+
+    def _drop_and_retake(self, shared: bool) -> None:
+        """cond_resched_rwlock_read/write, then a new read-side section."""
         if shared:
             self.lock.read_unlock()
         else:

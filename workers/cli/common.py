@@ -62,6 +62,10 @@ def _root(
     needs_a_command(ctx)
 
 
+KERNEL_HELP = ("the kernel profile to follow: 5.13 (the series, the default) or 6.12 (LTS: the fast page fault, "
+               "eager page splitting, its bug switches); docs/internals.md has both.")
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Say `message` as the command's one error line; the exit to raise (2: the user's mistake)."""
     print(f"shmmmu: error: {message}", file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shmmmu.explore import DEFAULT_EXECUTIONS
-from shmmmu.workers.cli.common import app, fail_on, print_lines, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, app, fail_on, print_lines, running_a_vm
 
 
 @app.command()
@@ -16,6 +16,8 @@ def explore(
     scenario: Annotated[str, typer.Option("--scenario", help="the scenario to explore (--list shows them).")] = "",
     bug: Annotated[list[str] | None, typer.Option("--bug", help="re-inject a fixed bug (repeatable); alone it "
                                                   "picks the scenario that targets it.")] = None,
+    kernel: Annotated[str, typer.Option("--kernel", help=KERNEL_HELP + " Default: 5.13, or the profile of a "
+                                        "--bug that exists only in 6.12.")] = "",
     strategy: Annotated[str, typer.Option("--strategy", help="random, pct or dfs (default: the scenario's).")] = "",
     depth: Annotated[int, typer.Option("--depth", help="PCT's bug depth d (default: the scenario's).")] = 0,
     preemptions: Annotated[int, typer.Option("--preemptions", help="DFS: every schedule with 0 preemptions, "
@@ -76,12 +78,12 @@ def explore(
         from shmmmu.explore.coverage_report import coverage_command
         with fail_on(ValueError):
             raise typer.Exit(coverage_command(scenario, list(bug or []), strategy, preemptions, seed, depth,
-                                              executions, jobs, json_out))
+                                              executions, jobs, json_out, kernel))
     req = ExploreRequest(scenario=scenario, bugs=list(bug or []), strategy=strategy, depth=depth,
                          preemptions=preemptions, seed=seed, executions=executions, time_limit=time_limit,
                          jobs=jobs, mix_seed=mix_seed, atomic=list(atomic or []), shrink=not no_shrink,
                          replay=replay_token, svg=svg_file, html=html_file, with_fix=with_fix, unfold=unfold,
-                         tracepoints=tracepoints or "")
+                         tracepoints=tracepoints or "", kernel=kernel)
     with fail_on(ValueError):
         prepared = prepare_explore(req)
     shown = _SearchProgress(quiet=json_out)

@@ -9,7 +9,7 @@ from typing import Annotated, Callable, Iterator
 import typer
 
 from shmmmu.workers import signals
-from shmmmu.workers.cli.common import app, conversion_progress, fail_on, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, app, conversion_progress, fail_on, running_a_vm
 
 
 @app.command()
@@ -23,6 +23,7 @@ def run(
                                          "1g.")] = "2m",
     lock_mode: Annotated[str, typer.Option("--lock-mode", help="shared (the series) or exclusive "
                                            "(baseline).")] = "shared",
+    kernel: Annotated[str, typer.Option("--kernel", help=KERNEL_HELP)] = "5.13",
     overlap: Annotated[bool, typer.Option("--overlap", "-o", help="all vCPUs share one range instead of one "
                                           "each.")] = False,
     workload: Annotated[str, typer.Option("--workload", "-w", help="populate, random, dirty-log or trace (with "
@@ -55,7 +56,8 @@ def run(
 
     req = RunRequest(name=name, vcpus=vcpus, memory=memory, backing=backing, lock_mode=lock_mode, overlap=overlap,
                      workload=workload, trace=trace, trace_format=trace_format, tracepoints=tracepoints,
-                     iterations=iterations, seed=seed, debug=debug, stall_timeout=stall_timeout)
+                     iterations=iterations, seed=seed, debug=debug, stall_timeout=stall_timeout,
+                     kernel=kernel)
     with fail_on(ValueError), conversion_progress() as shown:
         prepared = prepare_run(req, progress=shown)
     console = Console(stderr=True)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from shmmmu.workers.cli.common import app, fail_on, print_lines, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, app, fail_on, print_lines, running_a_vm
 
 
 @app.command()
@@ -31,7 +31,11 @@ def stress(
                                                   "none.")] = 200,
     root_roles: Annotated[int, typer.Option("--root-roles", help="root roles: vCPU i uses role i mod N, so N "
                                             "valid roots coexist (1: one shared root).")] = 2,
-    list_bugs: Annotated[bool, typer.Option("--list-bugs", help="describe every bug switch and exit.")] = False,
+    kernel: Annotated[str, typer.Option("--kernel", help=KERNEL_HELP)] = "5.13",
+    mmu_seq_start: Annotated[int, typer.Option("--mmu-seq-start", help="the invalidation sequence's first value, "
+                                               "as if the VM had seen that many invalidations.")] = 0,
+    list_bugs: Annotated[bool, typer.Option("--list-bugs", help="describe every bug switch of --kernel and "
+                                            "exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="the report as one JSON object on stdout.")] = False,
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="write the kernel's kvm/kvmmmu "
                                                     "tracepoint lines (trace-cmd report's form) to FILE; `shmmmu "
@@ -45,12 +49,15 @@ def stress(
     from shmmmu.workers.supervisor import Supervisor
 
     if list_bugs:
-        for text in bug_lines():
+        with fail_on(ValueError):
+            lines = bug_lines(kernel)
+        for text in lines:
             typer.echo(text)
         return
     opts = StressOptions(duration=duration, vcpus=vcpus, seed=seed, bits=bits, lock_mode=lock_mode,
                          bugs=list(bug or []), kill_every=kill_every, nx_huge_pages=nx_huge_pages,
-                         torture_delay_us=torture_delay_us, root_roles=root_roles)
+                         torture_delay_us=torture_delay_us, root_roles=root_roles, kernel=kernel,
+                         mmu_seq_start=mmu_seq_start)
     with fail_on(ValueError):
         parts = prepare_stress(opts, tracepoints)
     log = None if json_out else (lambda line: print(line, flush=True))

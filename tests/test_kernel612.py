@@ -1,0 +1,148 @@
+"""The 6.12 profile (--kernel 6.12): eager page splitting, the lockless fast page fault, B10, and the plumbing.
+
+Each mechanism is shown doing what 6.12 does (through a VM and its vCPU), side by side with 5.13 where they
+differ, and each is raced: the dirty_log_test of tests/test_dirty_log.py with real vCPU processes, and the
+explorer's scenarios under the profile.  The switch B10 (mmu-seq-int-snapshot) is caught by its checker in
+the explorer and in stress, and the fixed code with the same sequence is not.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shmmmu import checks
+from shmmmu.explore.explorer import Explorer, Token
+from shmmmu.explore.report import ExploreOptions, run_explore, run_replay
+from shmmmu.explore.scenarios import SCENARIOS
+from shmmmu.explore.split import split_search
+from shmmmu.guest import Vcpu
+from shmmmu.layout import STAT, MemslotSpec, VMConfig
+from shmmmu.mmu import Mmu
+from shmmmu.snapshot import walk_tables
+from shmmmu.variants import bugs_of
+from shmmmu.vm import create_vm
+
+CLI = [sys.executable, "-m", "shmmmu.workers.cli"]
+
+
+def _leaves(vm, start: int, end: int) -> dict[int, int]:
+    """gfn -> level of every leaf mapping [start, end) in any root."""
+    w = walk_tables(vm)
+    hit = (w.leaf_gfn >= start) & (w.leaf_gfn < end)
+    return dict(zip(w.leaf_gfn[hit].tolist(), w.leaf_level[hit].tolist()))
+
+
+@pytest.mark.parametrize("kernel", ["5.13", "6.12"])
+def test_enabling_dirty_logging_splits_huge_pages_eagerly_in_612_only(vm_name: str, kernel: str) -> None:
+    """6.12 (a3fe5dbda0a4): enabling logging replaces every huge leaf by 4K leaves of the same host pages, without
+    a fault; 5.13 write-protects the huge leaves and leaves the split to the write faults."""
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 2)], debug=True, kernel=kernel)
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0)
+        host = Mmu(vm, cfg.host_worker)
+        v.enter()
+        for g in (1, 9, 17):
+            v.write(g, 0x100 + g)
+        v.exit()                                 # out of guest mode: the host's flushes need no acknowledgement
+        before = _leaves(vm, 0, 64)
+        assert sorted(before.values()) == [2, 2, 2]
+        host.enable_dirty_logging(0)
+        v.enter()
+        after = _leaves(vm, 0, 64)
+        if kernel == "6.12":
+            assert set(after.values()) == {1} and len(after) == 24           # 3 huge pages of 8
+            assert host.st[STAT["huge_splits"]] == 3
+        else:
+            assert after == before
+        for g in (1, 9, 17):                                              # the same host pages, every value kept
+            assert v.read(g) == 0x100 + g
+        v.exit()
+        v.publish_stats()
+        host.publish_stats()
+        assert checks.check_all(vm) == []
+
+
+def test_the_fast_page_fault_fixes_a_write_protected_leaf_without_the_lock(vm_name: str) -> None:
+    """6.12 (6e8eb2060cc7): a write to a 4K leaf that dirty logging write-protected is fixed by one cmpxchg on the
+    fast path (no mmu_lock taken) and logged; 5.13 takes the read lock for the same fault."""
+    counts = {}
+    for kernel in ("5.13", "6.12"):
+        cfg = VMConfig(name=f"{vm_name}-{kernel.replace('.', '')}", n_vcpus=1, bits=3,
+                       memslots=[MemslotSpec(0, 64, 1)], debug=True, kernel=kernel)
+        with create_vm(cfg) as vm:
+            v = Vcpu(vm, 0)
+            host = Mmu(vm, cfg.host_worker)
+            v.enter()
+            v.write(3, 7)
+            v.exit()
+            host.enable_dirty_logging(0)
+            v.enter()
+            reads = v.mmu.lock.read_acquired
+            v.write(3, 8)
+            counts[kernel] = (v.mmu.st[STAT["fast_pf_fixed"]], v.mmu.lock.read_acquired - reads)
+            v.exit()
+            bitmap = host.get_dirty_log(0)
+            assert int(bitmap[0]) >> 3 & 1, kernel                       # logged either way
+            v.publish_stats()
+            host.publish_stats()
+            assert checks.check_all(vm) == []
+    assert counts["6.12"] == (1, 0) and counts["5.13"] == (0, 1), counts
+
+
+def test_list_bugs_names_each_profile_and_bad_kernels_are_one_line() -> None:
+    r = subprocess.run([*CLI, "stress", "--kernel", "6.12", "--list-bugs"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "mmu-seq-int-snapshot (B10)  [kernel 6.12]" in r.stdout
+    assert "d75c1b7bdedd" in r.stdout
+    r5 = subprocess.run([*CLI, "stress", "--list-bugs"], capture_output=True, text=True, timeout=120)
+    assert "mmu-seq-int-snapshot" not in r5.stdout and "link-after-publish" in r5.stdout
+    assert set(bugs_of("6.12")) == {"mmu-seq-int-snapshot", "clear-split-off-by-one"}
+    assert "clear-split-off-by-one (B5)  [kernel 6.12]" in r.stdout and "1aa4bb916808" in r.stdout
+    for args in (["stress", "--kernel", "9.9", "-d", "1"], ["explore", "--kernel", "9.9", "--scenario", "fault-fault"],
+                 ["stress", "--kernel", "5.13", "--bug", "mmu-seq-int-snapshot", "-d", "1"]):
+        r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_b10_is_found_by_the_explorer_with_a_token_that_carries_the_kernel() -> None:
+    rep = run_explore(ExploreOptions(bugs=["mmu-seq-int-snapshot"]))          # the switch picks 6.12
+    assert rep.found is not None and rep.found.finding.kind == "violation"
+    assert "fault-retry-without-cause" in str(rep.found.finding)
+    assert Token.decode(rep.token).kernel == "6.12"
+    again = run_replay(rep.token)
+    assert again.same and "kernel 6.12" in again.lines()[0]
+
+
+def test_the_fixed_612_code_passes_the_wrapping_sequence_exhaustively() -> None:
+    """The same scenario (the sequence crossing 2^31) without the switch: no finding in every schedule of up to
+    two preemptions (and the token of a 5.13 search has no kernel field: older tokens still decode)."""
+    with Explorer(SCENARIOS["seq-wrap"], [], kernel="6.12") as ex:
+        sr = split_search(ex, 2, 20000)
+    assert sr.first is None and sr.exhausted and sr.bound_done == 2, sr
+
+
+@pytest.mark.parametrize("scenario", ["split-log", "clear-split", "manual-clear", "dirty-log", "split-huge",
+                                      "fault-zap", "fault-unmap"])
+def test_the_612_profile_is_clean_in_every_schedule_of_its_scenarios(scenario: str) -> None:
+    with Explorer(SCENARIOS[scenario], [], kernel="6.12") as ex:
+        sr = split_search(ex, 2, 20000)
+    assert sr.first is None, sr.first.finding
+    assert sr.exhausted and sr.bound_done == 2
+
+
+def test_b5_is_caught_at_clear_and_the_fixed_split_leaves_only_4k() -> None:
+    rep = run_explore(ExploreOptions(bugs=["clear-split-off-by-one"]))
+    assert rep.found is not None and "huge-page-after-clear" in str(rep.found.finding)
+    assert run_replay(rep.token).same
+
+
+def test_stress_catches_b10_and_the_fixed_code_passes_with_the_same_sequence() -> None:
+    base = [*CLI, "stress", "--kernel", "6.12", "-d", "3", "-v", "2", "--seed", "1", "--mmu-seq-start",
+            str((1 << 31) - 64)]
+    bad = subprocess.run([*base, "--bug", "mmu-seq-int-snapshot"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "fault-retry-without-cause" in bad.stdout, bad.stdout[-2000:]
+    assert "--kernel 6.12 --mmu-seq-start" in bad.stdout                     # the replay line carries both
+    good = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout[-2000:]
