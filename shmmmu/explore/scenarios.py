@@ -258,6 +258,22 @@ def _zap_roots_yield(ctx: Context) -> None:
     ctx.actor("host", host_ops(ctx, [("host_unmap", 1, 4)]))
 
 
+def _kick_unmap(ctx: Context) -> None:
+    # vCPU0 caches the translation of 1 and uses it again; the host unmaps and migrates the page (MMU
+    # notifier): its flush must wait until vCPU0 takes the kick, at an access boundary
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (1, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+
+
+def _psc_free(ctx: Context) -> None:
+    # vCPU0's first access caches the non-leaf entries on the path of 1; its second (a TLB miss on 2, in
+    # the same 4K table) starts its walk from the cached entry, while the host tears the tables down under
+    # the read lock and the reclaimer frees them after a grace period the hardware walk is no part of
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 8)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
 MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log", "memslot"]
 
 
@@ -332,6 +348,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              root_roles=2),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
+    Scenario("kick-unmap", "a vCPU uses its cached translation again while the host unmaps the page: the "
+             "notifier's flush returns only after the vCPU took its kick", (), _kick_unmap,
+             prologue=_premap([1, 2])),
+    Scenario("psc-free", "a vCPU's walk starts from a paging-structure-cache entry while the host tears the "
+             "tables down and the reclaimer frees them", (), _psc_free, prologue=_premap([1, 2])),
 ]}
 
 
