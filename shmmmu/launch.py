@@ -2,8 +2,8 @@
 
 `run_vm`, `run_stress` and `run_bench` drive a VM through a `Launcher`, made
 for the VM by the factory their caller passes: the `shmmmu` command and the
-tests pass `workers.supervisor.Supervisor`, which spawns the vCPU and
-reclaimer processes, watches them and recovers them.
+tests pass `shmmmu.workers.supervisor.Supervisor`, which spawns the vCPU
+and reclaimer processes, watches them and recovers them.
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@
 too: both drive the same phases (`drive_phases`, dirty_log_perf_test's).  The
 worker processes are started by the launcher the caller passes
 (shmmmu.launch).  It always unlinks the region and semaphores it created, also
-when a worker dies or the user presses Ctrl-C.
+when a worker dies or the user presses Ctrl-C.  `shmmmu run` itself is
+`prepare_run(RunRequest)` (its command line checked, a trace converted, the
+tracepoint directory made, before any VM exists), then `run_prepared`, then
+`RunResult.rows()` printed.
 """
 from __future__ import annotations
 
@@ -12,13 +15,12 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
-from shmmmu import violations
+from shmmmu import outfile, violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
@@ -31,7 +33,7 @@ UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 # one validation layer for every command's numbers (shmmmu.validate); the names stay importable from here
-from shmmmu.validate import UsageError, parse_size, seed as _check_seed  # noqa: E402
+from shmmmu.validate import UsageError, parse_size, seconds, seed as _check_seed  # noqa: E402
 
 
 @dataclass
@@ -124,6 +126,28 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.problems and not self.violations
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The results table of `shmmmu run` (measure, value): the phases' times, then the counters."""
+        s, j = self.stats, self.to_json()
+        rows = [(f"{name} time", f"{secs:.6f}s") for name, secs in self.phases]
+        tr = self.options.get("trace")
+        if tr:
+            rows.append(("trace", f"{tr['format']}: {tr['accesses']} accesses, {tr['pages']} distinct pages, "
+                                  f"{tr['threads']} thread{'s' if tr['threads'] != 1 else ''}"))
+        return rows + [
+            ("faults", f"{s['faults']}"),
+            ("faults/s (populate)", f"{j['faults_per_s']:.0f}"),
+            ("fixed / spurious / retries", f"{s['fixed']} / {s['spurious']} / {s['retries']}"),
+            ("CAS failures", f"{s['cas_failures']}"),
+            ("tables allocated / in use", f"{s['tables_allocated']} / {self.tables['live']}"),
+            ("tables retired / freed at once", f"{s['tables_retired']} / {s['tables_freed']}"),
+            ("huge pages split / collapsible zaps", f"{s['huge_splits']} / {s['collapsible_zaps']}"),
+            ("grace periods (longest)", f"{self.rcu['grace_periods']} ({self.rcu['gp_max_ns'] / 1e6:.2f} ms)"),
+            ("TLB flushes", f"{s['flushes']}"),
+            ("lock wait (total)", f"{s['lock_wait_ns'] / 1e6:.1f} ms"),
+            ("guest accesses", f"{s['accesses']}"),
+        ]
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -315,3 +339,98 @@ def converted_trace(path: str, fmt: str | None = None,
         yield convert(path, os.path.join(d, "trace.bin"), fmt, progress=progress)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- `shmmmu run`: its command line, prepared, run
+
+@dataclass
+class RunRequest:
+    """`shmmmu run`'s command line as given: the size as text, what was left out as None."""
+    name: str | None = None             # None: demo, or the first free of demo-2, demo-3, ...
+    vcpus: int | None = None            # None: 2, or one per thread of a threaded trace
+    memory: str = "256M"
+    backing: str = "2m"
+    lock_mode: str = "shared"
+    overlap: bool = False
+    workload: str = "dirty-log"
+    trace: str | None = None
+    trace_format: str | None = None
+    tracepoints: str | None = None
+    iterations: int = 3
+    seed: int = 1
+    debug: bool = False
+    stall_timeout: float = 30.0
+
+
+class PreparedRun:
+    """A run made ready: its options checked, its trace converted, its tracepoint directory made.  Leaving it
+    (`with`) removes the converted trace and merges the tracepoint parts, however the run ended."""
+
+    def __init__(self, options: RunOptions, stack: ExitStack):
+        self.options = options
+        self.asked_name = options.name
+        self._stack = stack
+
+    def __enter__(self) -> PreparedRun:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+
+def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = None) -> PreparedRun:
+    """Check `req` and make ready what its run needs, before any VM exists, in the order a user wants to hear
+    of a mistake: an unwritable --tracepoints file and a bad size before a long trace conversion, the rest
+    after it.  Raises a ValueError (UsageError, OutputError, TraceError) carrying the one line to say, and
+    then leaves nothing behind.  `progress` is told how far the conversion has come."""
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    stack = ExitStack()
+    try:
+        if req.tracepoints:
+            outfile.check(req.tracepoints)
+        info, workload = None, req.workload
+        if workload == "trace" or req.trace:
+            if not req.trace:
+                raise UsageError("--workload trace needs --trace FILE")
+            workload = "trace"
+            parse_size(req.memory)
+            info = stack.enter_context(converted_trace(req.trace, req.trace_format, progress=progress))
+        vcpus = req.vcpus
+        if vcpus is None:
+            vcpus = len(info.parts) if info is not None and info.threaded else 2
+        opts = RunOptions(name=req.name or "demo", free_name=req.name is None, vcpus=vcpus,
+                          memory=parse_size(req.memory), backing=req.backing.lower(), lock_mode=req.lock_mode,
+                          overlap=req.overlap, workload=workload, trace=info, iterations=req.iterations,
+                          seed=req.seed, debug=req.debug)
+        opts.config()
+        seconds(req.stall_timeout, "--stall-timeout")
+        if req.tracepoints:
+            opts.tracepoints = stack.enter_context(tracepoint_parts(req.tracepoints))
+    except BaseException:
+        stack.close()
+        raise
+    return PreparedRun(opts, stack)
+
+
+def run_prepared(prepared: PreparedRun, launcher: LauncherFactory,
+                 progress: Callable[[str, int, int], None] | None = None,
+                 keep: Callable[[Launcher], None] | None = None,
+                 renamed: Callable[[str, str], None] | None = None) -> RunResult:
+    """`run_vm` of a prepared run; `renamed(asked, name)` is told, before any process starts, that the name
+    asked for was taken and the VM got the next free one."""
+    def launch(vm) -> Launcher:
+        if renamed is not None and vm.name != prepared.asked_name:
+            renamed(prepared.asked_name, vm.name)
+        return launcher(vm)
+    return run_vm(prepared.options, launch, progress=progress, keep=keep)
+
+
+def keep_until_interrupted(sup: Launcher, period: float = 0.2) -> KeyboardInterrupt:
+    """`run --keep`: watch the kept VM's processes (one that dies ends the wait as its error) until an
+    interrupt, which is returned, not raised: the run goes on to stop, check and report."""
+    try:
+        while True:
+            sup.check()
+            time.sleep(period)
+    except KeyboardInterrupt as e:
+        return e

@@ -1,10 +1,14 @@
 """Spawn: the command line that starts a worker process on the very shmmmu its parent imported.
 
-`python -m workers.vcpu` alone would put the current directory first on the
-worker's sys.path: started from a source checkout after `pip install .`, the
-workers would import the checkout (which has no compiled helpers) instead of
-the installed package the parent runs. `-P` (Python 3.11+) drops that entry
-and PYTHONPATH names the parent's package root instead.
+`python -m shmmmu.workers.vcpu` alone would put the current directory first
+on the worker's sys.path: started from a source checkout after `pip install
+.`, the workers would import the checkout (which has no compiled helpers, and
+no shmmmu/workers/) instead of the installed package the parent runs. `-P`
+(Python 3.11+) drops that entry and PYTHONPATH names the parent's package root
+instead.  In an editable install that root is the checkout, and
+`shmmmu.workers` is its workers/ folder through the install's import finder
+(pyproject.toml's package-dir), which the worker's interpreter loads as its
+parent's did.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ a page whose contents changed between two collections must be reported by
 one of them or the next.
 
 The same seed, vCPU count and duration give the same operation streams.
+`shmmmu stress` is `prepare_stress` (the options checked, the tracepoint
+directory made), then `run_stress`, then the report; `--list-bugs` is
+`shmmmu.variants.bug_lines()`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import os
 import random
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +36,7 @@ import numpy as np
 
 from shmmmu import validate as V
 from shmmmu import violations
-from shmmmu.bugs import check_names
+from shmmmu.variants import check_names
 from shmmmu.checks import check_all
 from shmmmu.integrity import check_guest_memory, guest_values
 from shmmmu.launch import LauncherFactory, LockStuck, WorkerDied
@@ -112,6 +116,17 @@ class StressOptions:
         if self.root_roles != StressOptions.root_roles:
             cmd += f" --root-roles {self.root_roles}"
         return cmd
+
+
+def prepare_stress(opts: StressOptions, tracepoints: str | None = None) -> ExitStack:
+    """Check the options (a ValueError carrying the one line to say) and make the directory the workers write
+    their tracepoint parts in (opts.tracepoints); leaving the returned stack merges them into `tracepoints`."""
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    stack = ExitStack()
+    opts.config()
+    if tracepoints:
+        opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
+    return stack
 
 
 def hot_pages(pages: int) -> int:

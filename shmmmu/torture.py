@@ -32,6 +32,7 @@ workers, N the parent, N+1 the reclaimer.
 
 Each process draws from `random.Random(f"{seed}:{program}:{worker}")`, so the
 same seed, worker counts and roles replay the same random streams.
+`check_options` is what the command checks before a torture run starts.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from shmmmu import validate as V
 from shmmmu.layout import PIPE_LEN, ROOT_TABLE, TableState, TMeta, VMConfig, WState
 from shmmmu.region import Region
 
@@ -68,6 +70,22 @@ def fmt_ms(ns: int) -> str:
 
 def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
+
+
+MAX_PROCS = 64          # readers and writers each: past this it measures the scheduler, not the lock
+
+
+def check_options(program: str, readers: int, writers: int, duration: float, seed: int | None) -> None:
+    """`shmmmu torture lock|rcu`'s numbers, checked before anything starts (UsageError: the one line to say)."""
+    V.seconds(duration, "--duration", lo=0.1)        # shorter: a writer may never get its turn
+    if seed is not None:
+        V.seed(seed)
+    V.count(readers, "--readers", 0, MAX_PROCS)
+    V.count(writers, "--writers", 1, MAX_PROCS)
+    if program == "lock" and (writers < 1 or readers < 0):
+        raise V.UsageError("lock torture needs at least one writer and no negative reader count")
+    if program == "rcu" and (writers < 1 or readers < 1):
+        raise V.UsageError("RCU torture needs at least one reader and one writer")
 
 
 def torture_config(name: str, n_workers: int, *, debug: bool = False, n_tables: int = 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -144,3 +145,16 @@ def default_sigint() -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
+
+def source_copy(dest: Path) -> Path:
+    """The checkout's files as a fresh clone has them (tracked and new, no build outputs: no compiled helpers)."""
+    root = Path(__file__).resolve().parent.parent
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = root / f.decode()
+        if src.is_file():
+            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f.decode()).write_bytes(src.read_bytes())
+    return dest

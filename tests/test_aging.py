@@ -20,10 +20,10 @@ from shmmmu import spte as S
 from shmmmu import violations
 from shmmmu.layout import HostPage, MemslotSpec, VMConfig, Workload
 from shmmmu.vm import create_vm
-from workers.supervisor import Supervisor
+from shmmmu.workers.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-m", "workers.cli", "bench", "access-tracking"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli", "bench", "access-tracking"]
 SELFTEST_LINES = ["Populating memory", "Writing to populated memory", "Reading from populated memory",
                   "Mark memory idle", "Writing to idle memory", "Mark memory idle", "Reading from idle memory"]
 

@@ -25,7 +25,7 @@ from shmmmu.layout import Workload
 from shmmmu.run import Phase, RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-m", "workers.cli", "bench", "dirty-log"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli", "bench", "dirty-log"]
 SMALL = ["-b", "8M", "-i", "2", "-v", "2"]
 TS = r"\d+\.\d{9}s"
 

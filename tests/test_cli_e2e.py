@@ -28,9 +28,9 @@ import pytest
 from shmmmu.region import (HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERSION, MAGIC, PREFIX, segment_name,
                            unlink_all)
 
-from conftest import HANG_GUARD_S, default_sigint, new_vm_name
+from conftest import HANG_GUARD_S, default_sigint, new_vm_name, source_copy
 
-CMD = [sys.executable, "-m", "workers.cli"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["-b", "8M", "-i", "2"]
 
@@ -139,10 +139,10 @@ def test_run_each_lock_mode_and_backing(lock_mode: str, backing: str) -> None:
 
 
 def test_workers_run_the_installed_package_not_the_current_directory(tmp_path: Path) -> None:
-    """Started from a directory holding other `shmmmu` and `workers` packages (a source checkout
-    after `pip install .` has no compiled helpers), the console script and its workers must all
+    """Started from a directory holding other `shmmmu`, `shmmmu.workers` and `workers` packages (a source
+    checkout after `pip install .` has no compiled helpers), the console script and its workers must all
     run the package the script imported."""
-    for pkg in ("shmmmu", "workers"):
+    for pkg in ("shmmmu", "shmmmu/workers", "workers"):
         (tmp_path / pkg).mkdir()
         for mod in ("__init__", "cli", "vcpu", "reclaimer"):
             (tmp_path / pkg / f"{mod}.py").write_text(
@@ -546,7 +546,7 @@ def test_a_command_group_alone_is_one_line_naming_its_commands() -> None:
     stdout (the usage box went there), exit 2 (issue 21, item 5)."""
     import typer.main
 
-    from workers.cli import app
+    from shmmmu.workers.cli import app
 
     root = typer.main.get_command(app)
     groups = [("shmmmu", [], root)] + [(f"shmmmu {n}", [n], c) for n, c in root.commands.items()
@@ -650,25 +650,13 @@ def test_runs_without_a_name_at_once_each_take_the_next_free_name(tmp_path: Path
 
 # ---------------------------------------------------------------- tools/ against an installed shmmmu
 
-def _source_copy(dest: Path) -> Path:
-    """The checkout's files as a fresh clone has them (tracked and new, no build outputs: no compiled helpers)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.split(b"\0")
-    for f in filter(None, files):
-        src = ROOT / f.decode()
-        if src.is_file():
-            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
-            (dest / f.decode()).write_bytes(src.read_bytes())
-    return dest
-
-
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the checkout's files")
 def test_tools_run_against_an_installed_shmmmu(tmp_path: Path) -> None:
     """README's first command (`pip install .` into a venv), then `python tools/X.py` from the checkout:
     sweep.py and profile_populate.py put the checkout first on sys.path and died with ModuleNotFoundError:
     shmmmu._atomics (only an editable install builds the helpers in the tree); bench_inspect.py and
     detect_times.py ran `-m workers.cli` from the checkout (issue 21, item 3)."""
-    src = _source_copy(tmp_path / "checkout")
+    src = source_copy(tmp_path / "checkout")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
     py = str(venv / "bin" / "python")

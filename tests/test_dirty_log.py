@@ -43,7 +43,7 @@ from shmmmu.stress import harvest
 from shmmmu.vm import create_vm
 from shmmmu.workloads import (GFN_MASK, ITER_MASK, ITER_SHIFT, WRITE, accesses, make_value, value_gfn,
                               value_iteration, value_vcpu)
-from workers.supervisor import Supervisor
+from shmmmu.workers.supervisor import Supervisor
 
 # backing -> (memslot backing level, index bits, guest pages): 1 GiB pages need the 8-entry test tables
 BACKINGS = {"4k": (1, 9, 2048), "2m": (2, 9, 4096), "1g": (3, 3, 1024)}

@@ -27,7 +27,7 @@ import pytest
 from shmmmu.region import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-m", "workers.cli"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 OTHER_USER = "nobody"
 
 
@@ -525,7 +525,7 @@ def test_every_terminating_signal_cleans_up(signame: str) -> None:
 # context exit): the CLI in a child whose trace hook raises SIGINT at the first line of VM.__exit__.
 TEARDOWN_DRIVER = """
 import os, signal, sys
-from workers import cli
+from shmmmu.workers import cli
 import shmmmu.vm
 target = shmmmu.vm.VM.__exit__.__code__
 def hook(frame, event, arg):

@@ -16,7 +16,7 @@ from pathlib import Path
 from conftest import SESSION_PREFIX, log_dirs, session_processes, shm_entries
 
 ROOT = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-m", "workers.cli"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 
 
 def shmmmu(*args: str, prefix: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

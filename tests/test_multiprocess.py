@@ -11,7 +11,7 @@ import pytest
 from shmmmu.checks import leaves_by_gfn
 from shmmmu.run import RunOptions, run_vm
 from shmmmu.stress import StressOptions, run_stress
-from workers.supervisor import Supervisor
+from shmmmu.workers.supervisor import Supervisor
 
 
 @pytest.mark.parametrize("vcpus", [2, 4, 8])

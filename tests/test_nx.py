@@ -209,8 +209,8 @@ def test_trace_exec_lines_and_access_kinds(tmp_path) -> None:
 
 def test_stress_with_nx_recovery_in_the_reclaimer() -> None:
     """vCPU processes fetch, read and write; the reclaimer runs recovery passes; every checker passes."""
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "stress", "--json", "--duration", "3", "--vcpus", "2",
-                        "--seed", "11", "--nx-huge-pages"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", "stress", "--json", "--duration", "3",
+                        "--vcpus", "2", "--seed", "11", "--nx-huge-pages"], capture_output=True, text=True, timeout=120)
     assert p.returncode in (0, 1), p.stderr[-2000:]
     r = json.loads(p.stdout)
     assert r["result"] == "SUCCESS", r["problems"][:10]

@@ -162,7 +162,7 @@ def test_sigkill_inside_a_read_section_then_recover(region: Region) -> None:
     """A process killed inside a read section pins grace periods until recover(); then they complete."""
     a = rcus(region)[0]
     holding = region.words("tables").load(TortureCtl.HOLDING)
-    p = subprocess.Popen([sys.executable, "-m", "workers.torture", "worker", "hold", "--region", region.name,
+    p = subprocess.Popen([sys.executable, "-m", "shmmmu.workers.torture", "worker", "hold", "--region", region.name,
                           "--worker", "2", "--role", "rcu"], stdin=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 300               # a hang guard

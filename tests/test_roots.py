@@ -24,7 +24,7 @@ from shmmmu.mmu import RET_PF_FIXED, RET_PF_RETRY, Mmu
 from shmmmu.snapshot import snapshot, walk_tables
 from shmmmu.vm import create_vm
 from shmmmu.workloads import WRITE, make_value
-from workers.supervisor import Supervisor
+from shmmmu.workers.supervisor import Supervisor
 
 
 def _two_slots(name: str, vcpus: int, **kw) -> VMConfig:

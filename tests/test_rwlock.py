@@ -297,7 +297,7 @@ def test_mutex_recover_releases_a_dead_holder(region: Region) -> None:
 def spawn_holder(region: Region, worker: int, what: str) -> subprocess.Popen:
     """A process that takes `what` (write, read, rcu) in slot `worker` and keeps it until killed."""
     holding = region.words("tables").load(TortureCtl.HOLDING)
-    p = subprocess.Popen([sys.executable, "-m", "workers.torture", "worker", "hold", "--region", region.name,
+    p = subprocess.Popen([sys.executable, "-m", "shmmmu.workers.torture", "worker", "hold", "--region", region.name,
                           "--worker", str(worker), "--role", what], stdin=subprocess.DEVNULL)
     if not wait_for(lambda: region.words("tables").load(TortureCtl.HOLDING) > holding or p.poll() is not None, 30):
         p.kill()

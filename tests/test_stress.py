@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 
 # what the report must name for each bug, or one of several (the lock mode and geometry each needs are
 # its stress_args)
@@ -48,7 +48,7 @@ SEEDS = (3, 4, 5)
 
 
 def stress(*args: str, timeout: float = 120) -> tuple[int, dict]:
-    cmd = [sys.executable, "-m", "workers.cli", "stress", "--json", *args]
+    cmd = [sys.executable, "-m", "shmmmu.workers.cli", "stress", "--json", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert p.returncode in (0, 1), f"exit {p.returncode}: {p.stderr[-2000:]}"
     return p.returncode, json.loads(p.stdout)
@@ -125,14 +125,14 @@ def test_kill_every_recovers() -> None:
 @pytest.mark.parametrize("args, message", [(["--bug", "nope"], "unknown bug"),
                                            (["--torture-delay-us", "-1"], "--torture-delay-us must be")])
 def test_bad_usage_exit_2(args: list[str], message: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "stress", *args], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", "stress", *args], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and message in p.stderr
 
 
 def test_text_report_starts_with_every_parameter_and_ends_with_the_verdict() -> None:
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "stress", "--duration", "1.5", "--vcpus", "2",
+    p = subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", "stress", "--duration", "1.5", "--vcpus", "2",
                         "--seed", "4", "--torture-delay-us", "50"], capture_output=True, text=True, timeout=120)
     lines = p.stdout.splitlines()
     assert p.returncode == 0, p.stdout[-2000:]
@@ -152,13 +152,13 @@ def test_kill_every_keeps_the_killed_workers_counters_in_the_totals() -> None:
     import re
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "workers.cli", "stress", "--duration", "11", "--vcpus", "3",
+    p = subprocess.Popen([sys.executable, "-m", "shmmmu.workers.cli", "stress", "--duration", "11", "--vcpus", "3",
                           "--kill-every", "1", "--seed", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     name = f"stress-{p.pid}"
     seen: list[tuple[int, int, int]] = []           # (faults, accesses, roots_allocated) as inspect saw them
     while p.poll() is None:
-        r = subprocess.run([sys.executable, "-m", "workers.cli", "inspect", name, "--json"], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "shmmmu.workers.cli", "inspect", name, "--json"], capture_output=True,
                            text=True, timeout=60)
         if r.returncode == 0:
             c = json.loads(r.stdout)["counters"]

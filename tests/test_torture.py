@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from shmmmu.torture import LockTortureResult, RcuTortureResult, max_min_line, torture_rng
-from workers.torture import run_lock_torture, run_rcu_torture
+from shmmmu.workers.torture import run_lock_torture, run_rcu_torture
 
 DURATION = 1.2
 
@@ -90,7 +90,7 @@ def test_results_judge_what_they_hold() -> None:
 
 
 def test_command_line() -> None:
-    cli = [sys.executable, "-m", "workers.cli", "torture"]
+    cli = [sys.executable, "-m", "shmmmu.workers.cli", "torture"]
     out = subprocess.run([*cli, "lock", "--readers", "1", "--writers", "1", "--duration", "0.3", "--seed", "99"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -22,7 +22,7 @@ from shmmmu.region import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-CMD = [sys.executable, "-m", "workers.cli"]
+CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 
 # ---------------------------------------------------------------- the kernel's formats, quoted
 
@@ -332,7 +332,7 @@ def test_a_full_disk_during_conversion(tmp_path: Path) -> None:
     t.write_text("".join(f"R {i * 4096:#x}\n" for i in range(20000)))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o size=64k tmpfs {mnt} && {sys.executable} -m workers.cli trace convert {t} "
+    script = (f"mount -t tmpfs -o size=64k tmpfs {mnt} && {sys.executable} -m shmmmu.workers.cli trace convert {t} "
               f"-o {mnt}/o.bin; rc=$?; ls -A {mnt} >&2; exit $rc")
     p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2, p.stderr

@@ -26,7 +26,7 @@ from pathlib import Path
 from shmmmu.spawn import python_module_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SHMMMU = python_module_command("workers.cli")          # the installed CLI, not the checkout's (cwd=ROOT)
+SHMMMU = python_module_command("shmmmu.workers.cli")   # the installed CLI, not the checkout's (cwd=ROOT)
 
 
 def timed(args: list[str], runs: int) -> tuple[float, float, float]:

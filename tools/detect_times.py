@@ -21,14 +21,14 @@ import subprocess
 import sys
 import time
 
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.explore.report import ExploreOptions, run_explore
 
 
 def stress_time(bug: str, seed: int, duration: float) -> float | None:
-    cmd = [*python_module_command("workers.cli"), "stress", "--json", "--duration", str(duration), "--vcpus", "3",
-           "--seed", str(seed), "--bug", bug, *BUGS[bug].stress_args]
+    cmd = [*python_module_command("shmmmu.workers.cli"), "stress", "--json", "--duration", str(duration),
+           "--vcpus", "3", "--seed", str(seed), "--bug", bug, *BUGS[bug].stress_args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120, env=worker_env())
     if p.returncode not in (0, 1):
         raise RuntimeError(f"stress failed to run: {p.stderr[-500:]}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile populate: where one vCPU's time per page goes, in-process, with the vCPU worker's own loop.
 
-Runs `workers.vcpu.run_iteration` (what a vCPU process runs) in this process
+Runs `shmmmu.workers.vcpu.run_iteration` (what a vCPU process runs) in this process
 on a fresh VM, for one vCPU:
 
   populate   iteration 1: every page faults (TLB miss, failed hardware walk,
@@ -38,7 +38,7 @@ from shmmmu.memslots import Memslots  # noqa: E402
 from shmmmu.run import RunOptions  # noqa: E402
 from shmmmu.mmu import Mmu  # noqa: E402
 from shmmmu.vm import create_vm  # noqa: E402
-from workers.vcpu import run_iteration  # noqa: E402
+from shmmmu.workers.vcpu import run_iteration  # noqa: E402
 
 
 def _vm(mode: str, pages: int):

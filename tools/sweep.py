@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from shmmmu.bench import SUMMARY_PHASES, BenchOptions, BenchRun, run_bench  # noqa: E402
-from workers.supervisor import Supervisor  # noqa: E402
+from shmmmu.workers.supervisor import Supervisor  # noqa: E402
 from shmmmu.run import UsageError, parse_size  # noqa: E402
 
 RATES = ["faults", "faults_per_s", "retries_per_fault", "lock_wait_share", "cpus_used", "cpu_us_per_fault",

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from shmmmu.layout import WorkerStatus, WState
+from shmmmu.layout import WState
 from shmmmu.region import RegionError
 from shmmmu.vm import VM, attach_vm
 

@@ -29,7 +29,7 @@ _NONE = 1 << 62
 
 def _quit_on_sigterm() -> None:
     """A job process: SIGTERM ends it like Ctrl-C (its Explorer unlinks its region), with its parent too."""
-    from workers.common import die_with_parent
+    from shmmmu.workers.common import die_with_parent
     die_with_parent()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 

@@ -1,6 +1,6 @@
 """Notifier worker: the host mm's side of stress, a process that migrates guest pages through the MMU notifier.
 
-Started by the supervisor as `python -m workers.notifier --vm NAME --id I`
+Started by the supervisor as `python -m shmmmu.workers.notifier --vm NAME --id I`
 when a stress run has one (VMConfig.n_host >= 3).  Until the supervisor says
 stop, it picks a random range of the memslots it is given (stress gives it the
 hot-plug slot, which the supervisor deletes and re-adds, so its invalidations
@@ -20,7 +20,7 @@ import traceback
 from shmmmu import violations
 from shmmmu.layout import Ctl, Role, WorkerStatus
 from shmmmu.mmu import Mmu
-from workers.common import set_status, start_worker
+from shmmmu.workers.common import set_status, start_worker
 
 
 def main() -> None:

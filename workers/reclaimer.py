@@ -1,6 +1,6 @@
 """Reclaimer worker: the process that ends grace periods and returns retired tables to the pool.
 
-Started as `python -m workers.reclaimer --vm NAME --id I`.  Each pass advances
+Started as `python -m shmmmu.workers.reclaimer --vm NAME --id I`.  Each pass advances
 the RCU epoch, waits for every read-side section that could hold a retired
 table, then frees the tables (zeroed, or poisoned in debug mode).  A grace
 period longer than the stall bound is reported (the RCU stall warning).
@@ -21,7 +21,7 @@ import traceback
 
 from shmmmu import violations
 from shmmmu.layout import Ctl, Role, WorkerStatus, WState
-from workers.common import set_status, start_worker
+from shmmmu.workers.common import set_status, start_worker
 
 
 def main() -> None:

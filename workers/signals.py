@@ -40,11 +40,12 @@ import shmmmu
 
 # the library's modules whose code may run while the MMU lock or an RCU section is held: an interrupt waits
 # until the main thread is outside them; every other module of the package (the drivers, the region, the
-# checks) cleans up after an exception by design
+# checks) cleans up after an exception by design, and so do the programs (shmmmu/workers/ once installed)
 _PKG = os.path.dirname(os.path.abspath(shmmmu.__file__)) + os.sep
-SAFE = ("run.py", "stress.py", "bench.py", "access_tracking.py", "torture.py", "region.py", "vm.py", "validate.py", "launch.py", "spawn.py",
-        "layout.py", "workloads.py", "integrity.py", "checks.py", "violations.py", "snapshot.py", "bugs.py",
-        "inspect" + os.sep, "explore" + os.sep, "trace" + os.sep, "__init__.py")
+SAFE = ("run.py", "stress.py", "bench.py", "access_tracking.py", "torture.py", "exploration.py", "region.py",
+        "vm.py", "validate.py", "launch.py", "spawn.py", "layout.py", "workloads.py", "integrity.py", "checks.py",
+        "violations.py", "snapshot.py", "bugs.py", "inspect" + os.sep, "explore" + os.sep, "trace" + os.sep,
+        "workers" + os.sep, "__init__.py")
 DEFER_MAX_S = 5.0             # a deferred interrupt fires anyway after this long (a wait that never ends)
 RECHECK_S = 0.005
 # (file, function): the creation and teardown code an interrupt must not cut in two

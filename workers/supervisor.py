@@ -1,7 +1,7 @@
 """Supervisor: starts a VM's worker processes, drives their iterations, notices deaths, stops and recovers them.
 
 The supervisor lives in the CLI process.  Workers are separate programs
-(`python -m workers.vcpu`, `python -m workers.reclaimer`) that attach to the
+(`python -m shmmmu.workers.vcpu`, `python -m shmmmu.workers.reclaimer`) that attach to the
 region by name; they run in their own session so Ctrl-C reaches only the
 supervisor, which stops them.  A worker that exits or is killed stops the run
 with a message naming it and its exit status (`WorkerDied`), unless the caller
@@ -31,7 +31,7 @@ from shmmmu.mmu import Mmu
 from shmmmu.region import PREFIX, process_start
 from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.vm import VM
-from workers import signals
+from shmmmu.workers import signals
 
 
 def describe_exit(code: int) -> str:
@@ -96,11 +96,11 @@ class Supervisor:
     def spawn(self, worker: int) -> None:
         c = self.config
         if worker < c.n_vcpus:
-            module = "workers.vcpu"
+            module = "shmmmu.workers.vcpu"
         elif worker == c.notifier_worker and c.n_host >= 3:
-            module = "workers.notifier"
+            module = "shmmmu.workers.notifier"
         else:
-            module = "workers.reclaimer"
+            module = "shmmmu.workers.reclaimer"
         log = os.path.join(self.logdir, f"worker{worker}.log")
         self.logs[worker] = log
         self.ws.store(worker * WState.WORDS + WState.STATUS, WorkerStatus.STARTING)

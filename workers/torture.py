@@ -2,9 +2,9 @@
 
 `run_lock_torture` and `run_rcu_torture` create a torture region
 (shmmmu.torture.torture_config), start their workers as `python -m
-workers.torture worker lock|rcu|hold ...`, let them run for the duration,
+shmmmu.workers.torture worker lock|rcu|hold ...`, let them run for the duration,
 stop and join them, and return the result shmmmu.torture reports.  The
-`shmmmu torture lock|rcu` command (workers/cli.py) calls them.
+`shmmmu torture lock|rcu` command (workers/cli/torture.py) calls them.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class _Run:
 
     def spawn(self, worker: int, args: list[str]) -> None:
         err = tempfile.TemporaryFile(mode="w+")
-        cmd = python_module_command("workers.torture", "worker", self.program, f"--region={self.config.name}",
+        cmd = python_module_command("shmmmu.workers.torture", "worker", self.program, f"--region={self.config.name}",
                                     "--worker", str(worker), *args)
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=worker_env())
         self.procs.append((worker, p, err))
@@ -506,7 +506,7 @@ def hold_worker(region_name: str, worker: int, what: str) -> None:
 
 
 def _worker_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers.torture worker")
+    p = argparse.ArgumentParser(prog="python -m shmmmu.workers.torture worker")
     p.add_argument("program", choices=["lock", "rcu", "hold"])
     p.add_argument("--region", required=True)
     p.add_argument("--worker", type=int, required=True)
@@ -528,5 +528,5 @@ def _worker_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv[:1] != ["worker"]:
-        sys.exit("usage: python -m workers.torture worker lock|rcu|hold ... (started by shmmmu torture)")
+        sys.exit("usage: python -m shmmmu.workers.torture worker lock|rcu|hold ... (started by shmmmu torture)")
     sys.exit(_worker_main(argv[1:]))

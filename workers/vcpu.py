@@ -1,6 +1,6 @@
 """vCPU worker: one process running a vCPU's guest accesses, faulting into the shared tables.
 
-Started by the supervisor as `python -m workers.vcpu --vm NAME --id I`.  It
+Started by the supervisor as `python -m shmmmu.workers.vcpu --vm NAME --id I`.  It
 waits for the supervisor to publish an iteration, runs that iteration's
 accesses (shmmmu.workloads) in guest mode, publishes its counters and
 acknowledges; `stress` iterations run until the supervisor says stop.  With
@@ -19,7 +19,7 @@ from shmmmu.guest import Vcpu
 from shmmmu.layout import Ctl, Role, WorkerStatus, WState
 from shmmmu.memslots import Memslots
 from shmmmu.workloads import accesses, make_value, trace_chunk
-from workers.common import set_status, start_worker
+from shmmmu.workers.common import set_status, start_worker
 
 CHUNK = 256
 PUBLISH_EVERY = 16       # chunks between publications of this vCPU's counters (about 2 us each)

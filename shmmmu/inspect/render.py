@@ -1,4 +1,4 @@
-"""Rendering for `shmmmu inspect`: the summary, the page-table dump, one GFN's walk and the check's verdict as text lines."""
+"""Rendering for `shmmmu inspect` and `shmmmu ls`: the summary, the page-table dump, one GFN's walk, the check's verdict and the VM list as text lines."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -10,6 +10,7 @@ from shmmmu.layout import MemslotFlags
 
 if TYPE_CHECKING:
     from shmmmu.inspect.check import CheckResult
+    from shmmmu.inspect.vms import VmEntry
 
 
 def _mib(n: int) -> str:
@@ -179,3 +180,27 @@ def check_lines(res: "CheckResult") -> list[str]:
     lines.append(f"check: {len(res.violations)} violations in VM {res.name} ({where}){moving}" if res.violations
                  else f"check: OK: VM {res.name}: {where}, every invariant holds{moving}")
     return lines
+
+
+def fmt_bytes(n: int | None) -> str:
+    """A size as `shmmmu ls` shows it: 256M, 1.5G, 512K, bytes below 1K, '-' for unknown."""
+    if n is None:
+        return "-"
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return str(n)
+
+
+def vm_list_lines(vms: list[VmEntry]) -> list[str]:
+    """`shmmmu ls`: one aligned row per VM under a header (the note last, unpadded)."""
+    if not vms:
+        return ["no VMs in /dev/shm"]
+    rows = [("NAME", "PID", "STATE", "REGION", "MEMORY", "VCPUS", "LOCK MODE", "NOTE")]
+    for v in vms:
+        rows.append((v.name, str(v.creator_pid or "-"), v.state, fmt_bytes(v.size or None),
+                     fmt_bytes(v.memory_bytes), str(v.vcpus) if v.vcpus is not None else "-", v.lock_mode or "-",
+                     v.note))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, width)) + ("  " + r[-1] if r[-1] else "") for r in rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 from shmmmu import outfile
@@ -64,3 +65,14 @@ def record(cmd: list[str], out: str, valgrind: str | None = None) -> int:
                 proc.kill()
                 proc.wait()
     return 128 - rc if rc < 0 else rc
+
+
+def recorded_line(cmd: list[str], rc: int, out: str) -> str:
+    """What `shmmmu trace record` says at the end: whose trace is where, how the command ended if not with 0,
+    and how to replay it."""
+    status = ""
+    if rc > 128 and rc - 128 in {sg.value for sg in signal.Signals}:
+        status = f" (it was killed by {signal.Signals(rc - 128).name})"
+    elif rc:
+        status = f" (it exited with status {rc})"
+    return f"trace of {' '.join(cmd)}{status} in {out} (replay: shmmmu run --trace {out} --vcpus 1 --backing 4k)"

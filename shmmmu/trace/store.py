@@ -61,6 +61,16 @@ class TraceInfo:
         """One part per thread, each replayed by its own vCPU (else one part every vCPU replays)."""
         return len(self.parts) > 1
 
+    def to_json(self) -> dict[str, object]:
+        """`shmmmu trace convert --json`: what was converted, into which file."""
+        return {"output": self.path, "format": self.format, "accesses": self.accesses, "pages": self.pages,
+                "threads": [{"tid": t, "accesses": n} for t, _, n in self.parts]}
+
+    def line(self, src: str) -> str:
+        """`shmmmu trace convert`'s line: what `src` held, converted into this file."""
+        return (f"{src}: {self.format}, {self.accesses} accesses, {self.pages} distinct pages, "
+                f"{len(self.parts)} thread{'s' if len(self.parts) != 1 else ''} -> {self.path}")
+
 
 class _Part:
     __slots__ = ("file", "buf", "count")
@@ -293,6 +303,14 @@ def convert_stream(f: BinaryIO, name: str, out: str, fmt: str | None = None, pag
 def _chain(seen: list[tuple[int, str]], rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
     yield from seen
     yield from rest
+
+
+def convert_new(path: str, out: str, fmt: str | None = None,
+                progress: Callable[[Progress], None] | None = None) -> TraceInfo:
+    """`shmmmu trace convert`: `convert`, but a trace converted already is refused (nothing to convert)."""
+    if is_converted(path):
+        raise TraceError(f"{path} is converted already")
+    return convert(path, out, fmt, progress=progress)
 
 
 def convert(path: str, out: str, fmt: str | None = None,
