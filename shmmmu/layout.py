@@ -262,7 +262,7 @@ STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 class ViolationRow(Row):
     """violations: one record per violation (violations.py names the kinds)."""
 
-    KIND, WORKER, GFN, A, B, TIME_NS = range(6)
+    KIND, WORKER, GFN, A, B, TIME_NS, SITE = range(7)     # SITE: violations.SITES index + 1 (0: unknown)
     WORDS = 8
 
 

@@ -343,7 +343,9 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
             if any(pipe[2:]):
                 problems.append(f"use-after-free: Reader Pipe has {sum(pipe[2:])} reads past bucket 1")
             recorded = violations.read_all(vm.region)
-            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})" for v in recorded]
+            who = violations.worker_names(vm.config)
+            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x}): "
+                         f"{v.sentence(who, vm.config.geometry.entries)}" for v in recorded]
             first_violation = (min(v.time_ns for v in recorded) / 1e9 - t_begin) if recorded else None
             problems += check_guest_memory(vm)
             crashed = any(p.startswith("worker-crashed") for p in problems)
