@@ -132,7 +132,7 @@ class Vcpu:
                                           r.array("wstate").reshape(-1), self.tmeta_np.reshape(-1),
                                           self.root_level, self.bits, bool(self.debug), Ctl.UNFLUSHED,
                                           Ctl.ROOTS_GEN, self.tlbctl.mode_word, self.tlbctl.req_word,
-                                          self.mmu.violation)
+                                          self.walk_report)
             self._walk_leaf = self._walk_c
             self.run_batch = self._run_batch_c
             self.load_batch = self._load_batch_c
@@ -256,13 +256,13 @@ class Vcpu:
                 table, level, gen = cached
                 st[_ST_PSC_HITS] += 1
                 if debug and self._table_gen(table) != gen:
-                    self.mmu.violation("use-after-free", gfn, table, gen)
+                    self.walk_report("use-after-free", gfn, table, gen)
             while True:
                 sptep = table * E + ((gfn >> (bits * (level - 1))) & (E - 1))
                 spte = tables.load(sptep)
                 if not spte & _RWX:
                     if debug and spte == POISON:
-                        self.mmu.violation("poison-read", gfn, sptep, level)
+                        self.walk_report("poison-read", gfn, sptep, level)
                     return None
                 if level == 1 or spte & _L:
                     break
@@ -285,6 +285,13 @@ class Vcpu:
                     continue
                 spte = want
             return sptep, spte, level
+
+    def walk_report(self, kind: str, gfn: int, a: int, b: int) -> None:
+        """Debug: what a hardware walk saw of a freed table, recorded (both processors report here)."""
+        if kind == "use-after-free":        # (gfn, the table a cached entry led to, its generation when cached)
+            self.mmu.violation("use-after-free", gfn, a, b)
+        else:                               # (gfn, the poisoned entry read, its level)
+            self.mmu.violation("poison-read", gfn, a, b)
 
     def _table_gen(self, table: int) -> int:
         """Debug: a table's generation (bumped at every free), read as the checker's, not as a step; 0 for a

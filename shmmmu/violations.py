@@ -194,6 +194,16 @@ SITES: list[tuple[str, str, Sentence]] = [
     ("mask-walk-overrun", "tdp_dirty.py:TdpDirty._clear_dirty_pt_masked", lambda f:
         f"{f.w}'s clear of dirty mask {f.b:#x} at gfn {f.gfn:#x} left the bits {f.a:#x} of leaves it had "
         f"already visited in the mask: the walk cannot stop early (K3)"),
+    ("use-after-free", "guest.py:Vcpu.walk_report", lambda f:
+        f"{f.w}'s hardware walk for gfn {f.gfn:#x} started from its paging-structure cache, whose entry led to "
+        f"table t{f.a}, freed since it was cached (its generation was {f.b}): the table was freed before the "
+        f"flush that covered it"),
+    ("poison-read", "guest.py:Vcpu.walk_report", lambda f:
+        f"{f.w}'s hardware walk for gfn {f.gfn:#x} read {f.entry(f.a)} at level {f.b} and found the poison of a "
+        f"freed table: the table was freed before the flush that covered it"),
+    ("rcu-dereference", "debug.py:Debug.rcu_dereference", lambda f:
+        f"{f.w} read table t{f.a} (gfn {f.gfn:#x}) outside an RCU read-side section, with mmu_lock "
+        f"{_HELD.get(f.b, f'in mode {f.b}')} (rcu_dereference)"),
     ("use-after-free", "tdp_map.py:TdpMap.kvm_tdp_mmu_map", lambda f:
         f"{f.w}'s fault on gfn {f.gfn:#x} followed an entry to a table outside the pool: it read garbage from a "
         f"freed or recycled table"),
