@@ -275,6 +275,14 @@ def _psc_free(ctx: Context) -> None:
     ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
 
 
+def _psc_unmap(ctx: Context) -> None:
+    # psc-free's walk beside a teardown under the write lock (an MMU notifier's unmap): the flush the table's
+    # teardown does before call_rcu is all that keeps the cached entry from outliving the table
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
 # ---------------------------------------------------------------- the coverage family (--coverage's target)
 # Each MMU operation meets a fault and guest accesses on a huge and on a 4K leaf: slot 0 is 2 MiB-backed (a
 # huge leaf maps gfn 0-7 after the prologue), slot 1 4 KiB-backed (gfn 33 mapped).  The vCPU writes the huge
@@ -445,6 +453,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              prologue=_premap([1, 2])),
     Scenario("psc-free", "a vCPU's walk starts from a paging-structure-cache entry while the host tears the "
              "tables down and the reclaimer frees them", (), _psc_free, prologue=_premap([1, 2])),
+    Scenario("psc-unmap", "psc-free with the tables torn down under the write lock (an MMU notifier's unmap): "
+             "only the teardown's flush before call_rcu keeps the cached entry from outliving the table", (),
+             _psc_unmap, prologue=_premap([1, 2])),
     *_cover_scenarios(),
 ]}
 
