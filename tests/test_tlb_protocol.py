@@ -14,8 +14,8 @@ the same searches are exhaustive at their bound and clean.
 
 The paging-structure caches make a later walk, not only one in flight, reach
 a table freed before the flush that covers it: a teardown that leaves its
-flush to its caller, after the RCU read-side section (the shape of
-bd29677952fa's bug, on 5.13's callers), is found through them under the write
+flush to its caller, after the RCU read-side section (the shape of the
+bug 5.18's "Do remote TLB flush before dropping RCU in TDP MMU resched" fixed), is found through them under the write
 lock (`psc-unmap`), and is harmless under the read lock (`psc-free`), where
 5.13's tdp_mmu_zap_spte_atomic flushes inside the section.  A lost A/D
 compare-exchange walks again inside the processor: the kernel sees no fault.
@@ -123,8 +123,8 @@ _HANDLE_REMOVED = TdpMmu.handle_removed_pt
 
 
 def handle_removed_flush_left_to_caller(self: TdpMmu, table: int, shared: bool) -> None:
-    """handle_removed_tdp_mmu_page with its flush left to the caller (as bb95dfb9e2df later did), on 5.13's
-    callers: the tables go to call_rcu owing a flush, and under the write lock the walk's RCU read-side section
+    """handle_removed_tdp_mmu_page with its flush left to the caller (as 5.18's "Defer TLB flush to caller when
+    freeing TDP MMU shadow pages" did), on 5.13's callers: the tables go to call_rcu owing a flush, and under the write lock the walk's RCU read-side section
     ends before the caller flushes, so a grace period may free them first."""
     kvm = self.kvm
     had = kvm.__dict__.get("kvm_flush_remote_tlbs")
