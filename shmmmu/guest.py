@@ -1,23 +1,33 @@
-"""Guest: a vCPU's guest accesses as the hardware performs them: TLB lookup, page walk, A/D bits, EPT violations.
+"""Guest: a vCPU's accesses as hardware makes them: kicks, TLB and paging-structure caches, walks, A/D, violations.
 
-A vCPU is in guest mode while it accesses memory.  On a TLB miss it walks the
-tables without any lock (the hardware does), sets A (and D on a write) with a
-compare-exchange on the leaf (the hardware's locked update: never over an entry
-that changed), and caches the translation.  An entry that is not present, not
-writable for a write, or not executable for an instruction fetch is an EPT
-violation: the vCPU leaves guest mode and takes the page fault
+A vCPU is in guest mode while it accesses memory.  At each access boundary it
+looks for a flusher's kick (the IPI arriving: a VM exit, after which the
+requests are taken on the way back in, tlb.TlbControl); it hears of a flush
+no other way.  On a TLB miss it walks the tables without any lock (the
+hardware does), from the deepest paging-structure-cache entry on the path
+or else from the root, caching the non-leaf entries it reads; it sets A
+(and D on a write) with a compare-exchange on the leaf (the hardware's locked
+update: never over an entry that changed), walking again at once if that
+fails (an internal re-walk, no exit), and caches the translation.  An entry
+that is not present, not writable for a write, or not executable for an
+instruction fetch is an EPT violation: the cached mappings of the address
+are dropped, the vCPU leaves guest mode and takes the page fault
 (shmmmu.mmu.Mmu.page_fault), then retries the access.
 
 The data word of the host page the translation names is where a write lands;
-that is what makes a misdirected access visible.
+that is what makes a misdirected access visible.  In debug mode a walk that
+reads a poisoned (freed) table entry, or starts from a paging-structure entry
+whose table was freed since it was cached, is a violation: a table was freed
+before the flush that covered it.
 
 A batch of accesses (`run_batch`) runs in C (shmmmu._walker.Processor, with the
 C TLB) in production: the loop returns to Python only for what is KVM's (the
-fault, a flush or reload request) or a checker's (a violation to record); it
-takes the guest-mode steps around a fault itself, in TlbControl's order.
-`run_batch_reference` is the same loop in Python over `read`/`write`/`fetch`;
-the explorer runs it (every shared-word access there is a scheduling point),
-and tests/test_processor.py holds the C loop to it.
+fault, a kick, requests or a reload at entry) or a checker's (a violation to
+record); it takes the guest-mode steps around a fault itself, in TlbControl's
+order.  `run_batch_reference` is the same loop in Python over
+`read`/`write`/`fetch` and `hw_walk_reference`; the explorer runs it (every
+shared-word access there is a scheduling point), and tests/test_processor.py
+holds the C loop to it.
 """
 from __future__ import annotations
 
@@ -25,12 +35,11 @@ import numpy as np
 
 from shmmmu import _walker
 from shmmmu import spte as S
-from shmmmu._walker import walk as _walk
-from shmmmu.layout import STAT, Ctl, HostPage, TlbMode
+from shmmmu.layout import STAT, Ctl, HostPage, Request, TlbMode, TMeta
 from shmmmu.memslots import DATA_POISON
-from shmmmu.pool import POISON as _TABLE_POISON
 from shmmmu.mmu import RET_PF_EMULATE, Mmu
-from shmmmu.tlb import Tlb
+from shmmmu.pool import POISON
+from shmmmu.tlb import PSC_SLOTS, Tlb
 from shmmmu.workloads import EXEC, GFN_MASK, READ, WRITE
 
 _P = S.MMU_PRESENT
@@ -50,18 +59,25 @@ _ST_HITS = STAT["tlb_hits"]
 _ST_MISSES = STAT["tlb_misses"]
 _ST_WALKS = STAT["hw_walks"]
 _ST_FETCHES = STAT["fetches"]
+_ST_PSC_HITS = STAT["psc_hits"]
+_ST_REWALKS = STAT["ad_rewalks"]
+_ST_KICKS = STAT["kicks"]
 # the order of _walker.Processor.take_counters()
-_C_COUNTERS = (_ST_ACCESSES, _ST_READS, _ST_WRITES, _ST_HITS, _ST_MISSES, _ST_WALKS, _ST_FETCHES)
+_C_COUNTERS = (_ST_ACCESSES, _ST_READS, _ST_WRITES, _ST_HITS, _ST_MISSES, _ST_WALKS, _ST_FETCHES, _ST_PSC_HITS,
+               _ST_REWALKS, _ST_KICKS)
 
 # what the C loop returns for, and where it resumes an access (shmmmu/_walker.c)
-_R_END, _R_FLUSH, _R_FAULT, _R_STALE, _R_POISON, _R_CORRUPT, _R_ENTER_FLUSH, _R_RELOAD = range(8)
-_PH_NEW, _PH_LOOKUP, _PH_CHECKED, _PH_WALK, _PH_ENTER, _PH_ENTER_ROOTS = range(6)
+_R_END, _R_KICK, _R_FAULT, _R_STALE, _R_POISON, _R_CORRUPT, _R_ENTER, _R_RELOAD = range(8)
+_PH_NEW, _PH_LOOKUP, _PH_CHECKED, _PH_WALK, _PH_ENTER = range(5)
 
-assert _walker.ASSUMED == {
+assert _walker.ASSUMED == dict({
     "WRITABLE": S.WRITABLE, "EXECUTABLE": S.EXECUTABLE, "LARGE": S.LARGE, "ACCESSED": S.ACCESSED,
     "DIRTY": S.DIRTY, "MMU_PRESENT": S.MMU_PRESENT, "RWX": S.RWX, "PFN_MASK": S.PFN_MASK,
     "DATA_POISON": DATA_POISON, "TOUCHED": HostPage.TOUCHED, "WRITTEN": HostPage.WRITTEN, "GFN_MASK": GFN_MASK,
-    "READ": READ, "WRITE": WRITE, "EXEC": EXEC, "N_COUNTERS": len(_C_COUNTERS)}, "_walker.c is out of date"
+    "READ": READ, "WRITE": WRITE, "EXEC": EXEC, "N_COUNTERS": len(_C_COUNTERS), "TABLE_POISON": POISON,
+    "PSC_SLOTS": PSC_SLOTS, "TMETA_WORDS": TMeta.WORDS, "TMETA_GEN": TMeta.GEN, "OUTSIDE": TlbMode.OUTSIDE,
+    "IN_GUEST": TlbMode.IN_GUEST, "EXITING": TlbMode.EXITING, "REQ_TLB_FLUSH": Request.TLB_FLUSH}), \
+    "_walker.c is out of date"
 
 
 class GuestFault(RuntimeError):
@@ -86,10 +102,8 @@ class Vcpu:
         self.mmu = Mmu(vm, index, self.tlb)
         self.tlbctl = self.mmu.tlbctl
         self.waits = vm.waits
-        if vm.waits.deterministic:
-            self._hw_walk = self._hw_walk_points
         self.tables = self.mmu.tables
-        self.tables_mv = memoryview(vm.region.array("tables").reshape(-1))   # for the C walker
+        self.tmeta_np = vm.region.array("tmeta")     # the debug checks' read of a table's generation (no step)
         self.data = self.mmu.slots.data
         self.touched = self.mmu.touched
         self.E = self.mmu.E
@@ -104,14 +118,22 @@ class Vcpu:
         self._batch: tuple[list[int], list[int]] = ([], [])
         self._kinds = np.zeros(0, dtype=np.int8)
         self._storm_start = 0.0          # when this access's RETRY storm began (ept_violation)
+        # a test seam (tests/test_processor.py; the C Processor's ad_race_every): every Nth A/D update another
+        # processor's locked update of the leaf lands before this walk's compare-exchange; 0: never
+        self.ad_race_every = 0
+        self._ad_race_count = 0
         self._mmu_publish_stats = self.mmu.publish_stats
+        # a TLB miss's walk: (sptep, spte, level) of the leaf after its A/D update, or None
+        self._walk_leaf = self.hw_walk_reference
         if processor == "c":
             r = vm.region
             self.proc = _walker.Processor(self.tlb, r.array("tables").reshape(-1), r.array("data").reshape(-1),
                                           r.array("touched").reshape(-1), r.array("ctl").reshape(-1),
-                                          r.array("wstate").reshape(-1), self.root_level, self.bits,
-                                          bool(self.debug), Ctl.FLUSH_GEN, Ctl.UNFLUSHED, Ctl.ROOTS_GEN,
-                                          self.tlbctl.mode_word, TlbMode.OUTSIDE, TlbMode.IN_GUEST)
+                                          r.array("wstate").reshape(-1), self.tmeta_np.reshape(-1),
+                                          self.root_level, self.bits, bool(self.debug), Ctl.UNFLUSHED,
+                                          Ctl.ROOTS_GEN, self.tlbctl.mode_word, self.tlbctl.req_word,
+                                          self.walk_report)
+            self._walk_leaf = self._walk_c
             self.run_batch = self._run_batch_c
             self.load_batch = self._load_batch_c
             # the C loop's counters reach the Mmu's before each publication, whoever publishes
@@ -120,10 +142,9 @@ class Vcpu:
             self.run_batch = self.run_batch_reference
 
     def release(self) -> None:
-        """Let go of this vCPU's views of the region (the C processor's and the walk's), so it can be unmapped."""
+        """Let go of the C processor's views of the region, so it can be unmapped."""
         if self.proc is not None:
             self.proc.release()
-        self.tables_mv.release()
 
     def enter(self) -> None:
         if self.tlbctl.enter_guest():
@@ -144,8 +165,9 @@ class Vcpu:
     def translate(self, gfn: int, write: bool, exec_: bool = False) -> int:
         """The host page of gfn for this access, faulting as needed (call in guest mode); -1 if no memslot."""
         st = self.st
-        if self.tlbctl.check_request():
-            self.reload_root()
+        if self.tlbctl.kicked():
+            st[_ST_KICKS] += 1
+            self.take_kick()
         e = self.tlb.lookup(gfn)
         if e is not None and (e[1] or not write) and (e[3] or not exec_):
             st[_ST_HITS] += 1
@@ -162,12 +184,24 @@ class Vcpu:
             if self.ept_violation(gfn, write, exec_, tries) == RET_PF_EMULATE:
                 return -1                   # no memslot: an emulated (MMIO) access, nothing to touch
 
-    def ept_violation(self, gfn: int, write: bool, exec_: bool, tries: int) -> int:
-        """Leave guest mode, take the fault, come back in (reloading the root if asked); the RET_PF_* value.
+    def take_kick(self) -> None:
+        """A flusher's kick arrived at an access boundary: the VM exit (its IPI taken: the flusher's wait for
+        this vCPU ends), then the entry takes the requests (and a reload, if one was asked)."""
+        self.tlbctl.exit_guest()
+        if self.tlbctl.enter_guest():
+            self.reload_root()
 
-        `tries` counts this access's faults: past 8 a RETRY storm (an entry frozen across a slow
-        flush) lets the freezer run, as preemption would on a real host, and past the progress
-        bound the access gives up."""
+    def ept_violation(self, gfn: int, write: bool, exec_: bool, tries: int) -> int:
+        """Drop gfn's cached mappings, leave guest mode, take the fault, come back in (reloading the root if
+        asked); the RET_PF_* value.
+
+        An EPT violation invalidates the translations and paging-structure entries that
+        would translate its address (Intel SDM, "Operations that invalidate cached
+        mappings"): the walk after the fault starts from what the fault left, not from
+        the cached entry that led to the violation.  `tries` counts this access's faults:
+        past 8 a RETRY storm (an entry frozen across a slow flush) lets the freezer run,
+        as preemption would on a real host, and past the progress bound the access gives up."""
+        self.tlb.invalidate(gfn)
         tlbctl = self.tlbctl
         tlbctl.exit_guest()
         try:
@@ -191,51 +225,78 @@ class Vcpu:
                              f"in {self.PROGRESS_BOUND_S:.0f}s")
 
     def _hw_walk(self, gfn: int, write: bool, exec_: bool = False) -> int:
-        """The hardware page walk (in C: shmmmu/_walker.c): returns the host page, or -1 for an EPT violation."""
-        self.st[_ST_WALKS] += 1
-        found = _walk(self.tables_mv, self.mmu.root, self.root_level, self.bits, gfn, write, exec_)
+        """The hardware page walk (C: Processor.walk; Python: hw_walk_reference, the explorer's, each load
+        and cmpxchg a scheduling point): the host page, caching the translation, or -1 for an EPT violation."""
+        found = self._walk_leaf(gfn, write, exec_)
         if found is None:
             return -1
         return self._use_leaf(gfn, *found)
 
-    def _hw_walk_points(self, gfn: int, write: bool, exec_: bool = False) -> int:
-        """The walk in Python (the explorer's: each of its loads and its A/D cmpxchg is a scheduling point)."""
-        self.st[_ST_WALKS] += 1
-        found = self.hw_walk_reference(gfn, write, exec_)
-        if found is None:
-            return -1
-        return self._use_leaf(gfn, *found)
+    def _walk_c(self, gfn: int, write: bool, exec_: bool = False) -> tuple[int, int, int] | None:
+        """hw_walk_reference in C, with the C caches and counters (Processor.walk)."""
+        return self.proc.walk(gfn, write, exec_, self.mmu.root)
 
     def hw_walk_reference(self, gfn: int, write: bool, exec_: bool = False) -> tuple[int, int, int] | None:
-        """The same walk in Python, step for step: (sptep, spte, level) or None.  Tests hold _walker to it."""
-        tables, E, bits = self.tables, self.E, self.bits
-        table = self.mmu.root
-        level = self.root_level
+        """The walk in Python, step for step: (sptep, spte, level) of the leaf after its A/D update, or None
+        for an EPT violation.  Tests hold _walker's Processor.walk to it.
+
+        It starts at the deepest paging-structure-cache entry on gfn's path (else the root) and
+        caches every non-leaf entry it reads.  A lost A/D compare-exchange walks again at once,
+        inside the processor (no exit: the kernel never hears of it), counted in ad_rewalks.
+        Debug: a cached entry whose table was freed since (its generation moved) is a use after
+        free, a poisoned entry read is a read of a freed table: both mean a table was freed
+        before the flush that covered it."""
+        st, tlb, tables, E, bits, debug = self.st, self.tlb, self.tables, self.E, self.bits, self.debug
+        st[_ST_WALKS] += 1
         while True:
-            idx = (gfn >> (bits * (level - 1))) & (E - 1)
-            sptep = table * E + idx
-            spte = tables.load(sptep)
-            if not spte & _RWX:
-                if spte == _TABLE_POISON and self.debug:
-                    # the walk stood in a table that was freed: only a flush ends a walk, so a table may be
-                    # freed only once the flush that covers its unlink is done (B1's order broke it)
-                    self.mmu.violation("use-after-free", gfn, table, level)
+            cached = tlb.psc_lookup(gfn)
+            if cached is None:
+                table, level = self.mmu.root, self.root_level
+            else:
+                table, level, gen = cached
+                st[_ST_PSC_HITS] += 1
+                if debug and self._table_gen(table) != gen:
+                    self.walk_report("use-after-free", gfn, table, gen)
+            while True:
+                sptep = table * E + ((gfn >> (bits * (level - 1))) & (E - 1))
+                spte = tables.load(sptep)
+                if not spte & _RWX:
+                    if debug and spte == POISON:
+                        self.walk_report("poison-read", gfn, sptep, level)
+                    return None
+                if level == 1 or spte & _L:
+                    break
+                table = (spte & _PFN_MASK) >> S.PFN_SHIFT
+                tlb.psc_insert(level, gfn, table, self._table_gen(table) if debug else 0)
+                level -= 1
+            if write and not spte & _W:
                 return None
-            if level == 1 or spte & _L:
-                break
-            table = (spte & _PFN_MASK) >> S.PFN_SHIFT
-            level -= 1
-        if write and not spte & _W:
-            return None
-        if exec_ and not spte & _X:
-            return None                     # an instruction fetch from a non-executable leaf (NX huge page)
-        want = spte | _A | (_D if write else 0)
-        if want != spte:
-            # the hardware's locked A/D update: only over the entry it read
-            if tables.cas(sptep, spte, want) != spte:
-                return None                 # changed under us: walk again (as a retried access)
-            spte = want
-        return sptep, spte, level
+            if exec_ and not spte & _X:
+                return None                 # an instruction fetch from a non-executable leaf (NX huge page)
+            want = spte | _A | (_D if write else 0)
+            if want != spte:
+                if self.ad_race_every:
+                    self._ad_race_count += 1
+                    if self._ad_race_count % self.ad_race_every == 0:
+                        tables.fetch_or(sptep, _A | (_D if spte & _W else 0))
+                # the hardware's locked A/D update: only over the entry it read
+                if tables.cas(sptep, spte, want) != spte:
+                    st[_ST_REWALKS] += 1
+                    continue
+                spte = want
+            return sptep, spte, level
+
+    def walk_report(self, kind: str, gfn: int, a: int, b: int) -> None:
+        """Debug: what a hardware walk saw of a freed table, recorded (both processors report here)."""
+        if kind == "use-after-free":        # (gfn, the table a cached entry led to, its generation when cached)
+            self.mmu.violation("use-after-free", gfn, a, b)
+        else:                               # (gfn, the poisoned entry read, its level)
+            self.mmu.violation("poison-read", gfn, a, b)
+
+    def _table_gen(self, table: int) -> int:
+        """Debug: a table's generation (bumped at every free), read as the checker's, not as a step; 0 for a
+        number past the pool (read from garbage: the next step's load says what it is)."""
+        return int(self.tmeta_np[table, TMeta.GEN]) if table < len(self.tmeta_np) else 0
 
     def _use_leaf(self, gfn: int, sptep: int, spte: int, level: int) -> int:
         """Cache the translation the walk found and return gfn's host page."""
@@ -249,11 +310,12 @@ class Vcpu:
         return base + (gfn & ((1 << shift) - 1))
 
     def _check_fresh(self, gfn: int, level: int, write: bool) -> None:
-        """Debug, on a TLB hit: if the source entry no longer grants this access, a flush must be pending.
+        """Debug, on a TLB hit: if the source entry no longer grants this access, a flush must be in progress.
 
-        Pending means: a change not yet flushed (the region's unflushed count), or a flush
-        issued that this vCPU has not yet acknowledged.  Otherwise a zap completed without
-        a flush and this vCPU uses a stale translation.
+        In progress means: a change whose flush has not returned (the region's unflushed
+        count: every changer holds it from before its change until its flush returns).
+        Otherwise the change was flushed, or never was, and this vCPU uses a stale
+        translation: kvm_flush_remote_tlbs returned while this vCPU could still use it.
         """
         src = self.sources.get((level, gfn >> (self.bits * (level - 1))))
         if src is None:
@@ -265,10 +327,7 @@ class Vcpu:
             return
         if self._split_still_maps(now, cached, level, gfn, write):
             return
-        ctl = self.mmu.ctl
-        if ctl.load(Ctl.UNFLUSHED):
-            return
-        if ctl.load(Ctl.FLUSH_GEN) != self.tlbctl.acked:
+        if self.mmu.ctl.load(Ctl.UNFLUSHED):
             return
         self.mmu.violation("stale-translation", gfn, cached, now)
 
@@ -358,17 +417,18 @@ class Vcpu:
                     self.mmu.violation("guest-memory-corrupt", g, v, 0)
 
     def _run_batch_c(self, start: int, end: int, vbase: int) -> None:
-        """run_batch in C (shmmmu/_walker.c): back here for a fault, a request, a violation, the end."""
+        """run_batch in C (shmmmu/_walker.c): back here for a fault, a kick, requests or a reload at entry, a
+        violation, the end."""
         run = self.proc.run
         tlbctl, mmu = self.tlbctl, self.mmu
         page_fault = mmu.page_fault               # chosen when the Mmu was built (entry point, wrappers)
         i, phase = start, _PH_NEW
         at, tries = -1, 0
         while True:
-            r, i, a, b, c = run(i, end, vbase, tlbctl.acked, mmu.root, phase, tlbctl.roots_gen)
+            r, i, a, b, c = run(i, end, vbase, mmu.root, phase, tlbctl.roots_gen)
             if r == _R_FAULT:
-                # ept_violation's steps, with the guest-mode ones in C: the loop left guest mode
-                # before returning, and re-enters (PH_ENTER) before it walks again
+                # ept_violation's steps, with the guest-mode ones in C: the loop dropped gfn's cached
+                # mappings and left guest mode before returning, and re-enters (PH_ENTER) before it walks again
                 if i != at:
                     at, tries = i, 0
                 tries += 1
@@ -389,18 +449,19 @@ class Vcpu:
                     phase = _PH_ENTER
             elif r == _R_END:
                 return
-            elif r == _R_ENTER_FLUSH:
-                # enter_guest found a flush requested: flush and acknowledge (check_request reads the
-                # generation again, a newer one is as good); the roots generation is read next, in C
-                tlbctl.check_request()
-                phase = _PH_ENTER_ROOTS
+            elif r == _R_KICK:
+                # the kick's VM exit was taken in C (take_kick's first step): the entry, then this access
+                if tlbctl.enter_guest():
+                    self.reload_root()
+                phase = _PH_LOOKUP
+            elif r == _R_ENTER:
+                # the entry after a fault found requests (vCPU outside guest mode again): the whole entry here
+                if tlbctl.enter_guest():
+                    self.reload_root()
+                phase = _PH_WALK
             elif r == _R_RELOAD:
                 self.reload_root()
                 phase = _PH_WALK
-            elif r == _R_FLUSH:
-                if tlbctl.check_request():
-                    self.reload_root()
-                phase = _PH_LOOKUP
             elif r == _R_STALE:
                 mmu.violation("stale-translation", a, b, c)
                 phase = _PH_CHECKED

@@ -68,7 +68,6 @@ class Ctl(Row):
      NOTIFIER_COUNT,        # mmu_notifier_count: invalidations in progress
      NOTIFIER_START,        # the range of the invalidation in progress (merged)
      NOTIFIER_END,
-     FLUSH_GEN,             # remote TLB flush generation (tlb.py)
      UNFLUSHED,             # workers holding changes not yet flushed (the stale-translation checker)
      POOL_TOP,              # height of the free stack of page tables (pool.py)
      PAGE_COUNT,            # tdp_mmu_pages: non-root tables linked (6.2's atomic count)
@@ -82,7 +81,7 @@ class Ctl(Row):
      ITERATION,             # run control: the iteration vCPUs are asked to run
      STOP,                  # run control: every worker stops
      VIOLATIONS,            # violation records written (violations.py)
-     ) = _on_lines(23)
+     ) = _on_lines(22)
     WORDS = 64 * LINE
 
 
@@ -126,8 +125,8 @@ class WState(Row):
      ROLE,                     # Role.*
      STATUS,                   # WorkerStatus.*
      RCU,                      # RCU read side: the epoch it entered in, 0 quiescent
-     TLB_MODE,                 # vcpu->mode: TlbMode.*
-     TLB_ACK,                  # the flush generation this vCPU last acknowledged
+     TLB_MODE,                 # vcpu->mode: TlbMode.* (a flusher's kick turns IN_GUEST into EXITING)
+     TLB_REQUESTS,             # vcpu->requests: KVM_REQ_* bits others set, the vCPU clears as it takes them
      HEARTBEAT,                # bumped by a worker loop
      PROGRESS_NS,              # when a vCPU last made progress (monotonic ns)
      ITERATION,                # the iteration a vCPU last finished
@@ -156,9 +155,15 @@ class WorkerStatus:
 
 
 class TlbMode:
-    """vcpu->mode as the TLB protocol needs it."""
+    """vcpu->mode as the TLB protocol needs it: EXITING is IN_GUEST kicked by a flusher (its IPI not yet taken)."""
 
-    OUTSIDE, IN_GUEST = 0, 1
+    OUTSIDE, IN_GUEST, EXITING = 0, 1, 2
+
+
+class Request:
+    """vcpu->requests bits (WState.TLB_REQUESTS): what kvm_make_all_cpus_request asks of a vCPU."""
+
+    TLB_FLUSH = 1              # KVM_REQ_TLB_FLUSH
 
 
 # ---------------------------------------------------------------- per-table metadata (tmeta section)
@@ -246,6 +251,9 @@ STAT_NAMES = [
     "fast_zaps", "faults_during_fast_zap",            # kvm_mmu_zap_all_fast, and faults fixed while one zapped
     "stale_root_retries",                             # faults retried because their root was invalid
     "aged_young",                                     # leaves clear_young found young
+    "psc_hits",                                       # hardware walks started from a paging-structure cache entry
+    "ad_rewalks",                                     # walks the processor redid after losing its A/D cmpxchg
+    "kicks",                                          # VM exits on a flusher's kick (its IPI) at an access boundary
 ]
 N_STATS = 56
 assert len(STAT_NAMES) <= N_STATS

@@ -196,6 +196,16 @@ SITES: list[tuple[str, str, Sentence]] = [
     ("mask-walk-overrun", "tdp_dirty.py:TdpDirty._clear_dirty_pt_masked", lambda f:
         f"{f.w}'s clear of dirty mask {f.b:#x} at gfn {f.gfn:#x} left the bits {f.a:#x} of leaves it had "
         f"already visited in the mask: the walk cannot stop early (K3)"),
+    ("use-after-free", "guest.py:Vcpu.walk_report", lambda f:
+        f"{f.w}'s hardware walk for gfn {f.gfn:#x} started from its paging-structure cache, whose entry led to "
+        f"table t{f.a}, freed since it was cached (its generation was {f.b}): the table was freed before the "
+        f"flush that covered it"),
+    ("poison-read", "guest.py:Vcpu.walk_report", lambda f:
+        f"{f.w}'s hardware walk for gfn {f.gfn:#x} read {f.entry(f.a)} at level {f.b} and found the poison of a "
+        f"freed table: the table was freed before the flush that covered it"),
+    ("rcu-dereference", "debug.py:Debug.rcu_dereference", lambda f:
+        f"{f.w} read table t{f.a} (gfn {f.gfn:#x}) outside an RCU read-side section, with mmu_lock "
+        f"{_HELD.get(f.b, f'in mode {f.b}')} (rcu_dereference)"),
     ("use-after-free", "tdp_map.py:TdpMap.kvm_tdp_mmu_map", lambda f:
         f"{f.w}'s fault on gfn {f.gfn:#x} followed an entry to a table outside the pool: it read garbage from a "
         f"freed or recycled table"),
@@ -232,12 +242,6 @@ SITES: list[tuple[str, str, Sentence]] = [
     ("*", "report.py:_record_oracle_problems", lambda f:
         f"the end-of-execution checks of the explorer found a {f.kind} problem (shmmmu inspect --check says "
         f"which)"),
-    ("rcu-dereference", "debug.py:Debug.rcu_dereference", lambda f:
-        f"{f.w} read table t{f.a} (gfn {f.gfn:#x}) outside an RCU read-side section of the MMU's own, holding "
-        f"mmu_lock {_HELD.get(f.b, f.b)}: the kernel's rcu_dereference of a tdp_ptep_t needs rcu_read_lock"),
-    ("use-after-free", "guest.py:Vcpu.hw_walk_reference", lambda f:
-        f"{f.w}'s hardware walk for gfn {f.gfn:#x} read table t{f.a} (level {f.b}) after it was freed: the table "
-        f"was freed before the TLB flush that covers its unlink had completed, while the walk still stood in it"),
     ("fault-retry-without-cause", "debug.py:_notifier_retry.<locals>.checked_mmu_notifier_retry_hva", lambda f:
         f"{f.w}'s fault on gfn {f.gfn:#x} was retried as stale, but no invalidation covers it, none completed "
         f"since its snapshot of the sequence ({f.a:#x}, still {f.b:#x}) and its memslot is unchanged: the fault "

@@ -3,15 +3,21 @@
 Two VMs built alike run the same random access streams, one through the C loop
 (Vcpu(processor="c")) and one through Vcpu.run_batch_reference.  Between chunks
 of a batch, while the vCPUs are in guest mode, the same things happen to both
-behind their backs: a flush or a root reload is requested and not yet
-acknowledged, leaves lose A/D or W or vanish without a flush (debug then sees
-stale translations), a host page is poisoned or holds another page's value.
-Between batches the host runs its real operations: zaps, dirty logging on and
-off with GET/CLEAR, aging, notifier unmaps with migration.  Each fault may
-also request a flush or a root reload while the vCPU is outside guest mode.  After every batch
-the two VMs must agree word for word (tables, guest memory, the host's and the
-guest's page state, dirty bitmaps, violations), and so must the vCPUs'
-counters, TLB contents, acknowledged flush generation and root.
+behind their backs: a flush or a root reload is requested and the vCPU kicked
+(kvm_make_all_cpus_request, its wait left out), a bare kick, leaves lose A/D
+or W or vanish without a flush (debug then sees stale translations), a table
+is freed before any flush (cut from its parent, poisoned, its generation
+moved: a walk that reaches it through a paging-structure-cache entry reads a
+freed table), a host page is poisoned or holds another page's value.  Every
+third A/D update loses its compare-exchange to another processor's update
+(the test seam ad_race_every), so the walks redo themselves inside the
+processor.  Between batches the host runs its real operations: zaps, dirty
+logging on and off with GET/CLEAR, aging, notifier unmaps with migration.
+Each fault may also request a flush or a root reload while the vCPU is
+outside guest mode.  After every batch the two VMs must agree word for word
+(tables, guest memory, the host's and the guest's page state, dirty bitmaps,
+violations), and so must the vCPUs' counters, TLB and paging-structure-cache
+contents, mode and request words, and root.
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ import pytest
 from shmmmu import spte as S
 from shmmmu import violations
 from shmmmu.guest import Vcpu
-from shmmmu.layout import STAT, Ctl, MemslotSpec, TlbMode, VMConfig
+from shmmmu.layout import STAT, Ctl, MemslotSpec, TableState, TlbMode, TMeta, VMConfig
 from shmmmu.memslots import DATA_POISON
 from shmmmu.mmu import Mmu
+from shmmmu.pool import POISON
 from shmmmu.vm import create_vm
 from shmmmu.workloads import EXEC, READ, WRITE, make_value
 
@@ -38,6 +45,10 @@ class Twin:
     def __init__(self, vm, processor: str, seed: int):
         self.vm = vm
         self.v = Vcpu(vm, 0, processor=processor)
+        if processor == "c":
+            self.v.proc.ad_race_every = 3
+        else:
+            self.v.ad_race_every = 3
         self.host = Mmu(vm, vm.config.host_worker)
         self.ctl = vm.region.words("ctl")
         self.faults = 0
@@ -47,15 +58,15 @@ class Twin:
         def page_fault_then_maybe_flush(gfn: int, write: bool, exec_: bool = False) -> int:
             # the fault is taken outside guest mode (a flusher does not wait for this vCPU meanwhile)
             assert self.mode() == TlbMode.OUTSIDE
-            # a remote flush issued while this vCPU is outside guest mode: seen on entry
+            # a remote flush issued while this vCPU is outside guest mode: a request, no kick, seen on entry
             self.faults += 1
             r = page_fault(gfn, write, exec_)
             x = rng.random()
             if x < 0.05:
-                self.ctl.fetch_add(Ctl.FLUSH_GEN, 1)
+                assert self.host.tlbctl.make_all_cpus_request() == []
             elif x < 0.06:
-                self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)       # kvm_reload_remote_mmus: the kick follows
-                self.ctl.fetch_add(Ctl.FLUSH_GEN, 1)
+                self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)       # kvm_reload_remote_mmus: the request follows
+                self.host.tlbctl.make_all_cpus_request()
             elif x < 0.07:
                 self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)       # a reload seen on entry alone
             return r
@@ -75,7 +86,7 @@ class Twin:
             "vcpu_row": r.array("wstate")[0].copy(),           # mode, acknowledged flush, root, RCU, cache
             "violations": [(x.kind, x.gfn, x.a, x.b) for x in violations.read_all(r)],
             "st": list(v.st), "tlb": v.tlb.snapshot(), "tlb_size": v.tlb.size, "tlb_flushes": v.tlb.flushes,
-            "acked": v.tlbctl.acked, "root": v.mmu.root, "faults": self.faults,
+            "psc": v.tlb.psc_snapshot(), "root": v.mmu.root, "faults": self.faults,
         }
 
     def close(self) -> None:
@@ -85,7 +96,7 @@ class Twin:
 
 def in_guest_event(twins: list[Twin], rng: random.Random, hot: list[int]) -> None:
     """Something another CPU does while the vCPUs are in guest mode, alike in both VMs."""
-    what = rng.choice(["flush", "reload", "age", "wrprot", "zap", "poison", "foreign", "none"])
+    what = rng.choice(["flush", "reload", "kick", "age", "wrprot", "zap", "free-table", "poison", "foreign", "none"])
     pick = rng.random()
     gfn = rng.choice(hot)
     for t in twins:
@@ -96,10 +107,12 @@ def in_guest_event(twins: list[Twin], rng: random.Random, hot: list[int]) -> Non
         data = r.array("data")
         page = int(r.array("host_map")[gfn])                      # the host page backing gfn now (slot 0)
         if what == "flush":
-            t.ctl.fetch_add(Ctl.FLUSH_GEN, 1)                     # kvm_flush_remote_tlbs, its wait pending
+            assert t.host.tlbctl.make_all_cpus_request() == [0]   # kvm_flush_remote_tlbs, its wait left out
         elif what == "reload":
-            t.ctl.fetch_add(Ctl.ROOTS_GEN, 1)                     # kvm_reload_remote_mmus, its kick pending
-            t.ctl.fetch_add(Ctl.FLUSH_GEN, 1)
+            t.ctl.fetch_add(Ctl.ROOTS_GEN, 1)                     # kvm_reload_remote_mmus, its wait left out
+            t.host.tlbctl.make_all_cpus_request()
+        elif what == "kick":
+            t.host.tlbctl.wstate.tlb_mode.cas(0, TlbMode.IN_GUEST, TlbMode.EXITING)     # a kick, no request
         elif what == "age" and leaves.size:
             flat[leaves[::3]] &= ~_U(S.ACCESSED | S.DIRTY)        # hardware sets them again on the next walk
         elif what == "wrprot" and leaves.size:
@@ -107,10 +120,31 @@ def in_guest_event(twins: list[Twin], rng: random.Random, hot: list[int]) -> Non
         elif what == "zap" and leaves.size:
             k = leaves[int(pick * leaves.size)]
             flat[k] = 0                                           # no flush: TLB hits go stale
+        elif what == "free-table":
+            free_table_unflushed(t, gfn)
         elif what == "poison":
             data[page] = _U(DATA_POISON)
         elif what == "foreign":
             data[page] = _U(make_value(gfn + 1, 3, 1))              # a value naming another page
+
+
+def free_table_unflushed(t: Twin, gfn: int) -> None:
+    """The lowest table on gfn's path is cut from its parent and freed (poisoned, its generation moved, as
+    Pool.free leaves it in debug mode), with no flush: a paging-structure-cache entry still leads there."""
+    r = t.vm.region
+    tables, tmeta = r.array("tables"), r.array("tmeta")
+    E, bits, level, table = tables.shape[1], t.vm.config.bits, t.v.root_level, t.v.mmu.root
+    parent = -1
+    while level > 1:
+        e = int(tables[table, (gfn >> (bits * (level - 1))) & (E - 1)])
+        if not e & S.MMU_PRESENT or e & S.LARGE:
+            break
+        parent, table, level = table * E + ((gfn >> (bits * (level - 1))) & (E - 1)), S.pfn(e), level - 1
+    if parent < 0 or tmeta[table, TMeta.STATE] != TableState.LIVE:
+        return
+    tables.reshape(-1)[parent] = 0
+    tables[table] = _U(POISON)
+    tmeta[table, TMeta.GEN] += 1
 
 
 def host_event(twins: list[Twin], rng: random.Random, npages: int) -> None:
@@ -189,10 +223,11 @@ def test_c_processor_matches_the_reference(vm_name: str, case: str) -> None:
             # the stream reached the paths it is meant to compare
             st = sc["st"]
             assert sc["faults"] > 100 and sc["tlb_flushes"] > 5
-            assert min(st[STAT[k]] for k in ("tlb_hits", "tlb_misses", "hw_walks", "reads", "writes", "fetches")) > 0
+            assert min(st[STAT[k]] for k in ("tlb_hits", "tlb_misses", "hw_walks", "reads", "writes", "fetches",
+                                             "psc_hits", "ad_rewalks", "kicks")) > 0
             assert "guest-memory-corrupt" in saw
             if debug:
-                assert {"stale-translation", "write-to-unmapped-host-page"} <= saw
+                assert {"stale-translation", "write-to-unmapped-host-page", "poison-read", "use-after-free"} <= saw
         finally:
             for t in twins:
                 t.close()

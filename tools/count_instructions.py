@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Count instructions: the machine-independent cost of the fault path (callgrind), per fault.
+"""Count instructions: the machine-independent cost of the fault path and of a guest access (callgrind), per operation.
 
 A figure in seconds moves with the CPU, its frequency and whoever else runs;
 the number of instructions a piece of code executes does not.  This runs a
@@ -7,14 +7,20 @@ driver under `valgrind --tool=callgrind` twice, with N1 and N2 operations,
 and prints (I(N2) - I(N1)) / (N2 - N1): the cost of one operation with the
 start-up (interpreter, imports, VM creation) taken off.
 
-    python tools/count_instructions.py [--what fault|fault-exclusive|explore:SCENARIO] [--n1 8192] [--n2 24576]
+    python tools/count_instructions.py [--what fault|fault-exclusive|access-hit|access-hit-debug|explore:SCENARIO]
+                                       [--n1 8192] [--n2 24576]
 
 `fault`: Mmu.page_fault(gfn, write=True) over consecutive GFNs of a fresh VM
 with 512-entry tables and 4 KiB backing (cold tables: every fault maps a new
 page, one new leaf table per 512 faults), shared mode; `fault-exclusive` the
-same under the write lock; `explore:SCENARIO` one execution of the scenario's DFS at 2 preemptions (the
-first n executions of the search, after the 16 that seed its points).  OPENBLAS_NUM_THREADS=1, as the
-workers run.
+same under the write lock.  `access-hit`: guest reads that all hit the TLB,
+through the C access loop (Vcpu.run_batch, shmmmu/_walker.c) in one call: 64
+pages written once, then N reads cycling over them (the batch arrays are
+built at the largest size whatever N, so only the loop's work differs between
+the two runs); `access-hit-debug` the same with the debug checkers on (the
+stale-translation test of every hit).  `explore:SCENARIO` one execution of the
+scenario's DFS at 2 preemptions (the first n executions of the search, after
+the 16 that seed its points).  OPENBLAS_NUM_THREADS=1, as the workers run.
 """
 from __future__ import annotations
 
@@ -40,6 +46,23 @@ from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
 what, n = sys.argv[1], int(sys.argv[2])
+if what.startswith("access-hit"):
+    import numpy as np
+    from shmmmu.guest import Vcpu
+    cfg = VMConfig(name=f"countins-{os.getpid()}", n_vcpus=1, bits=9, memslots=[MemslotSpec(0, 64, 1)],
+                   debug=what.endswith("-debug"))
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0, processor="c")
+        gfns = np.arange(1 << 20, dtype=np.int64) % 64
+        kinds = np.zeros(1 << 20, dtype=np.int8)
+        kinds[:64] = 1                                    # the first pass writes: every later read hits
+        v.load_batch(gfns, kinds)
+        v.enter()
+        v.run_batch(0, 64, 1 << 63)
+        v.run_batch(64, 64 + n, 1 << 63)
+        v.exit()
+        v.release()
+    sys.exit(0)
 mode = "exclusive" if what == "fault-exclusive" else "shared"
 cfg = VMConfig(name=f"countins-{os.getpid()}", n_vcpus=1, bits=9, memslots=[MemslotSpec(0, n, 1)], lock_mode=mode)
 with create_vm(cfg, worker=0) as vm:
@@ -67,16 +90,17 @@ def instructions(what: str, n: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", default="fault", help="fault, fault-exclusive or explore:SCENARIO")
+    ap.add_argument("--what", default="fault",
+                    help="fault, fault-exclusive, access-hit, access-hit-debug or explore:SCENARIO")
     ap.add_argument("--n1", type=int, default=8192)
     ap.add_argument("--n2", type=int, default=24576)
     a = ap.parse_args()
     if not 0 < a.n1 < a.n2:
         ap.error("need 0 < --n1 < --n2")
-    if a.what not in ("fault", "fault-exclusive") and not a.what.startswith("explore:"):
+    if a.what not in ("fault", "fault-exclusive", "access-hit", "access-hit-debug") and not a.what.startswith("explore:"):
         ap.error(f"--what: unknown {a.what!r}")
     i1, i2 = instructions(a.what, a.n1), instructions(a.what, a.n2)
-    print(f"{a.what}: {(i2 - i1) / (a.n2 - a.n1):,.0f} instructions per operation "
+    print(f"{a.what}: {(i2 - i1) / (a.n2 - a.n1):,.1f} instructions per operation "
           f"(callgrind: {i1:,} at {a.n1}, {i2:,} at {a.n2})")
 
 

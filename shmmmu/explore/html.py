@@ -30,10 +30,10 @@ PLACEHOLDER = "/*__SHMMMU_DATA__*/null"
 
 # the VM words the page shows (ctl), and a worker's words (wstate) beside its held locks
 CTL_SHOWN = (("epoch", Ctl.EPOCH), ("gp_count", Ctl.GP_COUNT), ("page_count", Ctl.PAGE_COUNT),
-             ("list_head", Ctl.LIST_HEAD), ("flush_gen", Ctl.FLUSH_GEN), ("unflushed", Ctl.UNFLUSHED),
+             ("list_head", Ctl.LIST_HEAD), ("unflushed", Ctl.UNFLUSHED),
              ("notifier_seq", Ctl.NOTIFIER_SEQ), ("notifier_count", Ctl.NOTIFIER_COUNT), ("nx_count", Ctl.NX_COUNT),
              ("roots_gen", Ctl.ROOTS_GEN), ("pool_top", Ctl.POOL_TOP))
-WSTATE_SHOWN = (("rcu", WState.RCU), ("tlb_mode", WState.TLB_MODE), ("tlb_ack", WState.TLB_ACK),
+WSTATE_SHOWN = (("rcu", WState.RCU), ("tlb_mode", WState.TLB_MODE), ("tlb_requests", WState.TLB_REQUESTS),
                 ("root", WState.ROOT), ("walk_root", WState.WALK_ROOT))
 TMETA_SHOWN = (("state", TMeta.STATE), ("level", TMeta.LEVEL), ("gfn", TMeta.GFN), ("prev", TMeta.PREV),
                ("next", TMeta.NEXT), ("nx", TMeta.NX), ("gen", TMeta.GEN))

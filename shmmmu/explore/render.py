@@ -49,8 +49,9 @@ KERNEL_NAMES = {
     "rcu.py:Rcu.call_rcu": "call_rcu", "rcu.py:Rcu.reclaim_pass": "rcu reclaim (grace period + free)",
     "rcu.py:Rcu.wait_for_readers": "synchronize_rcu (wait for readers)",
     "tlb.py:TlbControl.flush_remote_tlbs": "kvm_flush_remote_tlbs", "tlb.py:TlbControl.enter_guest": "vcpu_enter_guest",
-    "tlb.py:TlbControl.exit_guest": "vcpu exits guest mode", "tlb.py:TlbControl.check_request":
-        "kvm_check_request(KVM_REQ_TLB_FLUSH)",
+    "tlb.py:TlbControl.exit_guest": "vcpu exits guest mode", "tlb.py:TlbControl.process_requests":
+        "kvm_check_request(KVM_REQ_TLB_FLUSH)", "tlb.py:TlbControl.kicked": "the kick's IPI (a VM exit)?",
+    "tlb.py:TlbControl.make_all_cpus_request": "kvm_make_all_cpus_request (request, kick)",
     "pool.py:Pool.alloc": "alloc_tdp_mmu_page", "pool.py:Pool.unalloc": "tdp_mmu_free_sp (never visible)",
     "pool.py:Pool.free": "tdp_mmu_free_sp_rcu_callback", "pool.py:Pool._take": "mmu_topup_memory_caches",
     "memslots.py:Memslots.lookup": "gfn_to_memslot", "memslots.py:Memslots.gfn_to_pfn": "__gfn_to_pfn_memslot",

@@ -260,6 +260,30 @@ def _zap_roots_yield(ctx: Context) -> None:
     ctx.actor("host", host_ops(ctx, [("host_unmap", 1, 4)]))
 
 
+def _kick_unmap(ctx: Context) -> None:
+    # vCPU0 caches the translation of 1 and uses it again; the host unmaps and migrates the page (MMU
+    # notifier): its flush must wait until vCPU0 takes the kick, at an access boundary
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (1, WRITE)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+
+
+def _psc_free(ctx: Context) -> None:
+    # vCPU0's first access caches the non-leaf entries on the path of 1; its second (a TLB miss on 2, in
+    # the same 4K table) starts its walk from the cached entry, while the host tears the tables down under
+    # the read lock and the reclaimer frees them after a grace period the hardware walk is no part of
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 8)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
+def _psc_unmap(ctx: Context) -> None:
+    # psc-free's walk beside a teardown under the write lock (an MMU notifier's unmap): the flush the table's
+    # teardown does before call_rcu is all that keeps the cached entry from outliving the table
+    ctx.actor("vCPU0", accesses(ctx, 0, [(1, READ), (2, READ)]))
+    ctx.actor("host", host_ops(ctx, [("host_unmap", 0, 8)]))
+    ctx.actor("reclaimer", reclaimer(ctx), daemon=True)
+
+
 # ---------------------------------------------------------------- the coverage family (--coverage's target)
 # Each MMU operation meets a fault and guest accesses on a huge and on a 4K leaf: slot 0 is 2 MiB-backed (a
 # huge leaf maps gfn 0-7 after the prologue), slot 1 4 KiB-backed (gfn 33 mapped).  The vCPU writes the huge
@@ -479,6 +503,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              prologue=_clear_split_pro, memslots=((0, 64, 2),)),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
+    Scenario("kick-unmap", "a vCPU uses its cached translation again while the host unmaps the page: the "
+             "notifier's flush returns only after the vCPU took its kick", (), _kick_unmap,
+             prologue=_premap([1, 2])),
+    Scenario("psc-free", "a vCPU's walk starts from a paging-structure-cache entry while the host tears the "
+             "tables down and the reclaimer frees them", (), _psc_free, prologue=_premap([1, 2])),
+    Scenario("psc-unmap", "psc-free with the tables torn down under the write lock (an MMU notifier's unmap): "
+             "only the teardown's flush before call_rcu keeps the cached entry from outliving the table", (),
+             _psc_unmap, prologue=_premap([1, 2])),
     *_cover_scenarios(),
 ]}
 
