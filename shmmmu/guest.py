@@ -325,25 +325,11 @@ class Vcpu:
         if now == cached or (now & _P and (now & _PFN_MASK) == (cached & _PFN_MASK)
                              and (now & _W or not write)):
             return
-        if self._split_still_maps(now, cached, level, gfn, write):
+        if split_still_maps(self.tables, self.E, self.bits, now, cached, level, gfn, write):
             return
         if self.mmu.ctl.load(Ctl.UNFLUSHED):
             return
         self.mmu.violation("stale-translation", gfn, cached, now)
-
-    def _split_still_maps(self, now: int, cached: int, level: int, gfn: int, write: bool) -> bool:
-        """A huge leaf split in place (6.12's eager split: no flush, the translation is unchanged) left a
-        non-leaf where the cached leaf was; below it, gfn's leaf maps the same host page."""
-        bits, E, tables = self.bits, self.E, self.tables
-        want = ((cached & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
-        spte = now
-        while level > 1 and spte & _P and not spte & _L:
-            level -= 1
-            spte = tables.load(((spte & _PFN_MASK) >> S.PFN_SHIFT) * E + ((gfn >> (bits * (level - 1))) & (E - 1)))
-        if not spte & _P or (level > 1 and not spte & _L) or spte == now:
-            return False
-        got = ((spte & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
-        return got == want and bool(spte & _W or not write)
 
     # ---- guest memory
 
@@ -487,3 +473,17 @@ class Vcpu:
             st = self.st
             for k, v in zip(_C_COUNTERS, self.proc.take_counters()):
                 st[k] += v
+
+
+def split_still_maps(tables, E: int, bits: int, now: int, cached: int, level: int, gfn: int, write: bool) -> bool:
+    """A huge leaf split in place (6.12's eager split: no flush, the translation is unchanged) left a non-leaf
+    where the cached leaf was; below it, gfn's leaf maps the same host page (_walker.c has the same test)."""
+    want = ((cached & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
+    spte = now
+    while level > 1 and spte & _P and not spte & _L:
+        level -= 1
+        spte = tables.load(((spte & _PFN_MASK) >> S.PFN_SHIFT) * E + ((gfn >> (bits * (level - 1))) & (E - 1)))
+    if not spte & _P or (level > 1 and not spte & _L) or spte == now:
+        return False
+    got = ((spte & _PFN_MASK) >> S.PFN_SHIFT) + (gfn & ((1 << (bits * (level - 1))) - 1))
+    return got == want and bool(spte & _W or not write)
