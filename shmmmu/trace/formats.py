@@ -17,7 +17,7 @@ binary data (a NUL byte, bytes that are not UTF-8) and endless input such as
   kvm        the kernel's kvm:kvm_page_fault tracepoint as trace-cmd report or perf script print it:
              5.13's 'address %lx error_code %x' (and 6.x's 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx');
              the address is guest-physical, the error code VMX's EPT-violation exit qualification
-             (bit 1 a write, bit 2 a fetch)
+             (bit 1 a write, bit 2 a fetch), or SVM's 64-bit #NPF error code (fault_kind)
   plain      ours: 'R ADDR', 'W ADDR' or 'X ADDR' (hex with 0x, or decimal); '#' starts a comment
 
 perf and kvm lines carry the thread (the task's pid in trace-cmd's comm-pid, perf's tid):
@@ -278,6 +278,15 @@ def read_perf(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int
 _KVM_PF = re.compile(r"address (?:0x)?(?P<addr>-?[0-9a-fA-F]+)\s+error_code (?:0x)?(?P<err>[0-9a-fA-F]+)")
 
 
+def fault_kind(err: int) -> str:
+    """read, write or fetch of kvm_page_fault's error code: VMX's EPT-violation exit qualification (bit 1 a
+    write, bit 2 a fetch), or SVM's #NPF error code when bits 32-63 say so (6.x records it whole and the CPU sets
+    bit 32 or 33 in every one; there bit 1 is a write and bit 4 a fetch)."""
+    if err >> 32:
+        return "write" if err & 0x2 else "fetch" if err & 0x10 else "read"
+    return "write" if err & 0x2 else "fetch" if err & 0x4 else "read"
+
+
 def read_kvm(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
     for lineno, line in lines:
         if "kvm_page_fault:" not in line:
@@ -287,9 +296,7 @@ def read_kvm(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int)
         if m is None or f is None:
             raise TraceError(f"{name}: line {lineno}: a kvm_page_fault line not in the kernel's format "
                              f"('address %lx error_code %x'): {line.strip()[:100]!r}")
-        err = int(f["err"], 16)
-        # VMX's exit qualification of an EPT violation: bit 0 a read, bit 1 a write, bit 2 a fetch
-        kind = WRITE if err & 0x2 else EXEC if err & 0x4 else READ
+        kind = {"read": READ, "write": WRITE, "fetch": EXEC}[fault_kind(int(f["err"], 16))]
         add(int(m["tid"]), _address(f["addr"], 16, name, lineno) >> shift, kind)
 
 

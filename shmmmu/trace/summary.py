@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from shmmmu.trace.formats import TraceError
+from shmmmu.trace.formats import TraceError, fault_kind
 from shmmmu.trace.kernel_lines import KNOWN, Reader
 
 _RWX, _LARGE = 0x7, 0x80
@@ -148,13 +148,6 @@ def _count(s: Summary, event: str, f: dict[str, Any]) -> None:
     elif event == "kvm_mmu_split_huge_page":
         s.split_huge[f["level"]] += 1
         s.split_errors += f["errno"] != 0
-
-
-def fault_kind(err: int) -> str:
-    """read, write or fetch: of VMX's exit qualification, or of SVM's #NPF error code when bits 32-63 say so."""
-    if err >> 32:
-        return "write" if err & 0x2 else "fetch" if err & 0x10 else "read"
-    return "write" if err & 0x2 else "fetch" if err & 0x4 else "read"
 
 
 def is_frozen(spte: int) -> bool:
