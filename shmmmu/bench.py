@@ -55,11 +55,15 @@ class BenchOptions:
     iterations: int = 2                  # -i: dirty-memory iterations after the populate pass
     backing: str = "anonymous"           # -s
     overlap: bool = False                # -o
-    write_every: int = 1                 # -f: write 1 page of every N, read the rest
+    write_every: int = 1                 # -f (5.13-6.1): write 1 page of every N, read the rest
+    write_percent: int = -1              # -w (6.2 on): each access a write with this chance in %; -1: -f decides
+    random_access: bool = False          # -a (6.2 on): pages accessed in random order
+    slots: int = 1                       # -x: the memory split into this many memslots
+    run_while_disabling: bool = False    # -e: vCPUs keep dirtying memory while logging is disabled
     manual_protect: bool = True          # not -g: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + INITIALLY_SET
     lock_mode: str = "both"              # shared | exclusive | both
     repeat: int = 1                      # runs per mode; the summary takes their median
-    seed: int = 1
+    seed: int = 1                        # -r (6.2 on; 1 is the selftest's default too)
 
     def modes(self) -> list[str]:
         return list(MODES) if self.lock_mode == "both" else [self.lock_mode]
@@ -75,6 +79,11 @@ class BenchOptions:
                              f"anonymous_hugetlb (or 4k, 2m, 1g)")
         if self.write_every < 1:
             raise UsageError("-f/--write-fraction must be at least 1 (write 1 of every N pages)")
+        if not -1 <= self.write_percent <= 100:
+            raise UsageError("-w/--write-percent must be between 0 and 100 (as in the selftest)")
+        if self.write_percent >= 0 and self.write_every != 1:
+            raise UsageError("-w and -f both given: -w PERCENT is the selftest's form since 6.2, -f N the older one; "
+                             "give one")
         if self.repeat < 1:
             raise UsageError("--repeat must be at least 1")
         self.run_options("shared", "check").config()
@@ -83,7 +92,9 @@ class BenchOptions:
         return RunOptions(name=name, vcpus=self.vcpus, memory=self.bytes_per_vcpu, backing=self.backing,
                           lock_mode=mode, overlap=self.overlap, workload="dirty-log",
                           iterations=self.iterations + 1, seed=self.seed, write_every=self.write_every,
-                          manual_protect=self.manual_protect)
+                          manual_protect=self.manual_protect, write_percent=self.write_percent,
+                          random_access=self.random_access, slots=self.slots,
+                          run_while_disabling=self.run_while_disabling)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -307,7 +307,10 @@ class Workload:
     pages: int = 0               # guest pages per vCPU (the selftest's -b)
     overlap: bool = False        # all vCPUs share one range (-o) instead of a range each
     n_vcpus: int = 1             # vCPUs sharing the range (for the range arithmetic)
-    write_every: int = 1         # write 1 page of every N, read the rest (the selftest's -f)
+    write_every: int = 1         # write 1 page of every N, read the rest (the selftest's -f, 5.13-6.1)
+    write_percent: int = -1      # populate, dirty-log: each access a write with this chance in % (the
+                                 # selftest's -w, 6.2 on); -1: write_every decides
+    random_access: bool = False  # populate, dirty-log: each access to a page drawn at random (-a, 6.2 on)
     accesses: int = 0            # accesses per iteration (random, stress; 0: one per page)
     write_fraction: float = 0.5  # share of writes (random, stress)
     exec_fraction: float = 0.0   # share of instruction fetches (random, stress)
@@ -443,7 +446,8 @@ _CONFIG_LIMITS: dict[str, tuple[float, float]] = {
 _MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "npages": (1, 1 << 52),
                                                    "backing_level": (1, 3)}
 _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {
-    "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_fraction": (0, 1),
+    "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_percent": (-1, 100),
+    "write_fraction": (0, 1),
     "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52)}
 # strings with a fixed set of values
 _CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS}

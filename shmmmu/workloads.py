@@ -56,6 +56,13 @@ def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
     if kind in ("populate", "dirty-log"):
         # with overlap every vCPU walks the whole range from its first page, as perf_test_util sets it up
         # for -o (each vCPU's gva is the region's start): they fault the same pages at the same time
+        if workload.random_access or workload.write_percent >= 0:
+            # memstress (6.2 on): per access, the page drawn at random with -a, and a write with -w's chance
+            rng = np.random.default_rng([seed, vcpu, iteration])
+            idx = rng.integers(0, n, size=n, dtype=np.int64) if workload.random_access else np.arange(n)
+            writes = (rng.random(n) * 100 < workload.write_percent if workload.write_percent >= 0
+                      else idx % every == 0)
+            return start + idx, writes.astype(np.int8)
         gfns = np.arange(start, start + n, dtype=np.int64)
         writes = (np.arange(n) % every) == 0
         return gfns, writes.astype(np.int8)

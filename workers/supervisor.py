@@ -151,8 +151,16 @@ class Supervisor:
 
     def run_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
         """Publish iteration k and wait until every vCPU has acknowledged it."""
+        self.start_iteration(k)
+        self.wait_iteration(k, on_wait, timeout)
+
+    def start_iteration(self, k: int) -> None:
+        """Publish iteration k: the vCPUs start it (wait_iteration waits for them)."""
         self.iteration = k
         self.ctl.store(Ctl.ITERATION, k)
+
+    def wait_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
+        """Wait until every vCPU has acknowledged iteration k (published by start_iteration)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(self.config.n_vcpus):
             word = i * WState.WORDS + WState.ITERATION
