@@ -757,3 +757,25 @@ def test_lackey_fast_path_equals_the_line_reader_on_any_text() -> None:
         ref, fast = _lackey_both_ways(data, block)
         assert ref == fast
     check()
+
+
+def test_lackey_fast_path_with_many_pages_equals_the_line_reader() -> None:
+    """A mapping past SORTED_SEARCH pages is searched with the block's pages sorted, and new pages are inserted
+    into it block after block: the same words and mapping as the line reader, in every block size (the limit
+    lowered so a small text crosses it many times)."""
+    import random
+    from shmmmu.trace import store
+    rnd = random.Random(5)
+    lines = [f"{rnd.choice(['I  ', ' L ', ' S ', ' M '])}{rnd.randrange(1 << 36) * 4096 + rnd.randrange(4096):x},"
+             f"{rnd.choice([1, 4, 8, 16])}" for _ in range(3000)]
+    lines += [rnd.choice(lines) for _ in range(3000)]             # pages seen before, mixed in
+    data = ("\n".join(lines) + "\n").encode()
+    saved = store.SORTED_SEARCH
+    store.SORTED_SEARCH = 8
+    try:
+        for block in (4096, 1 << 16, 1 << 20):
+            ref, fast = _lackey_both_ways(data, block)
+            assert isinstance(ref, tuple) and ref == fast and len(ref[1]) > 3000
+    finally:
+        store.SORTED_SEARCH = saved
+
