@@ -51,6 +51,7 @@ class ExploreRequest:
     replay: str = ""                    # a token: re-execute it instead of searching
     svg: str = ""                       # draw the counterexample here
     tracepoints: str = ""               # the counterexample's replay writes its tracepoint lines here
+    timeline: str = ""                  # and its timeline (shmmmu.trace.timeline) here
 
     def search_options_given(self) -> list[str]:
         """The search options given other than at their defaults."""
@@ -94,7 +95,8 @@ def prepare_explore(req: ExploreRequest) -> PreparedExplore:
     if req.svg:
         outfile.check(req.svg)
     stack = ExitStack()
-    parts = stack.enter_context(tracepoint_parts(req.tracepoints)) if req.tracepoints else ""
+    parts = (stack.enter_context(tracepoint_parts(req.tracepoints or None, req.timeline or None))
+             if req.tracepoints or req.timeline else "")
     return PreparedExplore(req, parts, stack)
 
 

@@ -377,6 +377,7 @@ class RunRequest:
     trace: str | None = None
     trace_format: str | None = None
     tracepoints: str | None = None
+    timeline: str | None = None         # --timeline FILE.json (shmmmu.trace.timeline)
     iterations: int = 3
     seed: int = 1
     debug: bool = False
@@ -407,8 +408,9 @@ def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = N
     from shmmmu.mmu.tracepoints import tracepoint_parts
     stack = ExitStack()
     try:
-        if req.tracepoints:
-            outfile.check(req.tracepoints)
+        for out in (req.tracepoints, req.timeline):
+            if out:
+                outfile.check(out)
         info, workload = None, req.workload
         if workload == "trace" or req.trace:
             if not req.trace:
@@ -425,8 +427,8 @@ def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = N
                           seed=req.seed, debug=req.debug)
         opts.config()
         seconds(req.stall_timeout, "--stall-timeout")
-        if req.tracepoints:
-            opts.tracepoints = stack.enter_context(tracepoint_parts(req.tracepoints))
+        if req.tracepoints or req.timeline:
+            opts.tracepoints = stack.enter_context(tracepoint_parts(req.tracepoints or None, req.timeline or None))
     except BaseException:
         stack.close()
         raise

@@ -192,7 +192,7 @@ class MmuFault(Part):
 
     # ------------------------------------------------------------------ the entry points
 
-    @site("trace")
+    @site("trace", "timeline")
     def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """An EPT violation on gfn; returns a RET_PF_* value (the Mmu front binds it to its VM's entry)."""
         raise NotImplementedError("the Mmu binds page_fault to its entry point when it is built")

@@ -92,11 +92,21 @@ class Writer:
         self.f.write(f"{self.clock() + self.epoch} {event} {' '.join(f'{v:x}' for v in values)}\n")
 
 
-def install(mmu: Mmu, directory: str) -> Writer:
+WANT_TIMELINE = "want-timeline"       # files the parts directory holds to say which instruments it wants (the
+WANT_NO_TRACEPOINTS = "want-no-tracepoints"  # directory alone, as VMConfig.tracepoints has it: the tracepoints)
+
+
+def install(mmu: Mmu, directory: str) -> Writer | None:
     """Put every tracepoint in place over its site of this one Mmu; its lines go to a part file of its own
-    in `directory`."""
+    in `directory`.  The directory says whether it wants the timeline's records too, or only them
+    (shmmmu.trace.timeline); returns the tracepoints' Writer, None when only the timeline is wanted."""
     kvm = mmu.kvm
     explorer = kvm.waits.deterministic
+    if os.path.exists(os.path.join(directory, WANT_TIMELINE)):
+        from shmmmu.trace import timeline
+        timeline.install(mmu, directory, task(kvm), explorer)
+    if os.path.exists(os.path.join(directory, WANT_NO_TRACEPOINTS)):
+        return None
     pid = os.getpid() + 1 + kvm.worker if explorer else os.getpid()       # the explorer's actors: one process
     w = Writer(os.path.join(directory, f"{kvm.worker:03d}-{os.getpid()}.txt"), task(kvm), pid, kvm.worker,
                buffered=kvm.worker < kvm.config.n_vcpus and not explorer, clock=kvm.waits.now_ns,
@@ -208,29 +218,44 @@ def wants_dat(out: str) -> bool:
 
 
 @contextmanager
-def tracepoint_parts(out: str) -> Iterator[str]:
-    """A directory for the workers' parts beside `out`; on leaving, the parts merged into `out` and removed
-    (also on an error or Ctrl-C: what was written until then is kept).  `out` is checked first and written
-    as every output is (shmmmu.outfile: never through a link; a failure is an OutputError, exit 2); a .dat
-    needs trace-cmd, which is looked for first too."""
-    outfile.check(out)
-    if wants_dat(out):
+def tracepoint_parts(out: str | None, timeline: str | None = None) -> Iterator[str]:
+    """A directory for the workers' parts beside `out` (and `timeline`); on leaving, the parts merged into `out`
+    (the tracepoint lines, when given) and `timeline` (the trace-event JSON, shmmmu.trace.timeline, when
+    given) and removed (also on an error or Ctrl-C: what was written until then is kept).  Each output is
+    checked first and written as every output is (shmmmu.outfile: never through a link; a failure is an
+    OutputError, exit 2); a .dat needs trace-cmd, which is looked for first too."""
+    for path in (out, timeline):
+        if path is not None:
+            outfile.check(path)
+    if out is not None and wants_dat(out):
         from shmmmu.trace.tracedat import TraceDatError, trace_cmd
         try:
             trace_cmd()
         except TraceDatError as e:
             raise outfile.OutputError(str(e)) from None
+    first = out if out is not None else timeline
+    assert first is not None, "tracepoint_parts needs a tracepoint file, a timeline or both"
     try:
-        d = tempfile.mkdtemp(prefix=f".{PREFIX}tracepoints-", dir=os.path.dirname(os.path.abspath(out)))
+        d = tempfile.mkdtemp(prefix=f".{PREFIX}tracepoints-", dir=os.path.dirname(os.path.abspath(first)))
+        if timeline is not None:
+            open(os.path.join(d, WANT_TIMELINE), "w").close()
+        if out is None:
+            open(os.path.join(d, WANT_NO_TRACEPOINTS), "w").close()
     except OSError as e:
-        raise outfile.OutputError(f"cannot write {out}: {e.strerror}") from None
+        raise outfile.OutputError(f"cannot write {first}: {e.strerror}") from None
     try:
         yield d
     finally:
         try:
-            collect(d, out)
+            if out is not None:
+                collect(d, out)
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            try:
+                if timeline is not None:
+                    from shmmmu.trace.timeline import write_json
+                    write_json(d, timeline)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 Record = tuple[int, int, int, str, tuple[int, ...]]       # (timestamp ns, cpu, pid, event, field values)

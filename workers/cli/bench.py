@@ -5,7 +5,7 @@ from typing import Annotated, Any, Callable
 
 import typer
 
-from shmmmu.workers.cli.common import fail_on, group, running_a_vm
+from shmmmu.workers.cli.common import Timeline, fail_on, group, running_a_vm
 
 bench_app = group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
 
@@ -50,6 +50,7 @@ def bench_dirty_log(
     repeat: Repeat = 1,
     seed: Annotated[int, typer.Option("-r", "--seed", help="the starting random seed (dirty_log_perf_test -r, "
                                       "6.2 on; default 1 as there).")] = 1,
+    timeline: Timeline = None,
     json_out: JsonOut = False,
 ) -> None:
     """dirty_log_perf_test: populate, enable dirty logging, dirty / get / clear per iteration, disable.
@@ -70,7 +71,8 @@ def bench_dirty_log(
                             backing=backing.lower(), overlap=overlap, write_every=write_fraction,
                             write_percent=-1 if write_percent is None else write_percent, random_access=random_access, slots=slots,
                             run_while_disabling=run_while_disabling,
-                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed)
+                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed,
+                            timeline=timeline or "")
         opts.validate()
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)

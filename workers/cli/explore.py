@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shmmmu.explore import DEFAULT_EXECUTIONS
-from shmmmu.workers.cli.common import app, fail_on, print_lines, running_a_vm
+from shmmmu.workers.cli.common import Timeline, app, fail_on, print_lines, running_a_vm
 
 
 @app.command()
@@ -47,6 +47,7 @@ def explore(
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="the counterexample's replay writes the "
                                                     "kernel's kvm/kvmmmu tracepoint lines to FILE (timestamps: "
                                                     "steps).")] = None,
+    timeline: Timeline = None,
 ) -> None:
     """Explore interleavings deterministically: find the bug's schedule, shrink it, replay it from one token.
 
@@ -65,7 +66,8 @@ def explore(
     req = ExploreRequest(scenario=scenario, bugs=list(bug or []), strategy=strategy, depth=depth,
                          preemptions=preemptions, seed=seed, executions=executions, time_limit=time_limit,
                          jobs=jobs, mix_seed=mix_seed, atomic=list(atomic or []), shrink=not no_shrink,
-                         replay=replay_token, svg=svg_file, tracepoints=tracepoints or "")
+                         replay=replay_token, svg=svg_file, tracepoints=tracepoints or "",
+                         timeline=timeline or "")
     with fail_on(ValueError):
         prepared = prepare_explore(req)
     shown = _SearchProgress(quiet=json_out)
