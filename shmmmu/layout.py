@@ -300,7 +300,7 @@ class MemslotSpec:
 class Workload:
     """What the vCPUs of a VM run (shmmmu.workloads reads it).
 
-    kind: populate | random | dirty-log | trace | stress | access-tracking.
+    kind: populate | random | dirty-log | trace | stress | access-tracking | nx-huge-pages.
     """
 
     kind: str = "populate"
@@ -325,7 +325,7 @@ class Workload:
     trace_threads: bool = False  # one part per thread, thread i on vCPU i (else every vCPU replays part 0)
     trace_pages: int = 0         # distinct guest pages the trace touches
 
-    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking")
+    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking", "nx-huge-pages")
 
 
 @dataclass

@@ -201,7 +201,7 @@ class Phase:
 
     @property
     def label(self) -> str:
-        return PHASE_LABELS[self.kind].format(k=self.iteration)
+        return PHASE_LABELS.get(self.kind, "{kind} {k}").format(k=self.iteration, kind=self.kind)   # (selftests')
 
 
 @dataclass
@@ -303,10 +303,12 @@ def drive_phases(vm, sup: Launcher, opts: RunOptions,
 
 
 def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str, int, int], None] | None = None,
-           keep: Callable[[Launcher], None] | None = None) -> RunResult:
+           keep: Callable[[Launcher], None] | None = None, drive: Callable[..., PhaseLog] | None = None) -> RunResult:
     """Create the VM, start its processes with `launcher`, run the workload, check, tear down.
 
-    `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there)."""
+    `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there).  `drive(vm, launcher, opts,
+    progress)` runs the workload (default drive_phases: dirty_log_perf_test's phases; the selftest benches
+    pass their own)."""
     config = opts.config()
     t_start = time.monotonic()
     with create_vm(config, free_name=opts.free_name) as vm:
@@ -314,7 +316,7 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
         sup = launcher(vm)
         try:
             sup.start()
-            log = drive_phases(vm, sup, opts, progress)
+            log = (drive or drive_phases)(vm, sup, opts, progress)
             if keep is not None:
                 sup.stats()          # publish the supervisor's own counters first, for `shmmmu inspect`
                 keep(sup)

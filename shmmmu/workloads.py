@@ -17,6 +17,9 @@ GFN_MASK = (1 << 32) - 1
 ITER_MASK = (1 << 23) - 1        # bits 40-62: bit 63 marks a written value
 # access_tracking_perf_test's iterations: populate, write, read, (mark idle), write, (mark idle), read
 ACCESS_TRACKING_WRITES = (1, 2, 4)
+# nx_huge_pages_test's guest_code (tools/testing/selftests/kvm/x86_64/nx_huge_pages_test.c): one access per
+# vcpu_run, (huge page, kind): read hpage_1, read hpage_2, call hpage_1, call hpage_3, read hpage_1, read hpage_3
+NX_HUGE_PAGES_STEPS = ((0, READ), (1, READ), (0, EXEC), (2, EXEC), (0, READ), (2, READ))
 
 
 def make_value(gfn: int, vcpu: int, iteration: int) -> int:
@@ -66,6 +69,9 @@ def accesses(workload: Workload, base_gfn: int, vcpu: int, iteration: int,
         gfns = np.arange(start, start + n, dtype=np.int64)
         writes = (np.arange(n) % every) == 0
         return gfns, writes.astype(np.int8)
+    if kind == "nx-huge-pages":
+        page, what = NX_HUGE_PAGES_STEPS[(iteration - 1) % len(NX_HUGE_PAGES_STEPS)]
+        return np.array([base_gfn + page * 512], dtype=np.int64), np.array([what], dtype=np.int8)
     if kind == "access-tracking":
         # every page once per iteration, all written or all read (memstress with write percent 100 or 0)
         gfns = np.arange(start, start + n, dtype=np.int64)

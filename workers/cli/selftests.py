@@ -1,0 +1,88 @@
+"""Selftests: `shmmmu bench nx-huge-pages|memslot-modification`: more of the kernel's KVM selftests (shmmmu.selftests)."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from shmmmu.workers.cli.bench import bench_app
+from shmmmu.workers.cli.common import Timeline, fail_on, running_a_vm
+
+Bug = Annotated[list[str] | None, typer.Option("--bug", help="re-inject a fixed kernel bug (shmmmu stress "
+                                               "--list-bugs); repeatable.")]
+LockMode = Annotated[str, typer.Option("--lock-mode", help="shared (the series) or exclusive (the baseline).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="the run as one JSON object.")]
+
+
+@bench_app.command("nx-huge-pages")
+def bench_nx_huge_pages(
+    period_ms: Annotated[int, typer.Option("-p", help="the NX recovery period in milliseconds "
+                                           "(nx_huge_pages_test -p; its .sh passes 100).")] = 100,
+    reboot: Annotated[bool, typer.Option("-r", help="also run with NX huge pages disabled "
+                                         "(nx_huge_pages_test -r: the process may disable them).")] = False,
+    recovery_ratio: Annotated[int, typer.Option("--recovery-ratio", help="nx_huge_pages_recovery_ratio (the .sh "
+                                                "sets 1: every split page recovered; 0: none).")] = 1,
+    lock_mode: LockMode = "shared",
+    bug: Bug = None,
+    timeline: Timeline = None,
+    json_out: JsonOut = False,
+) -> None:
+    """nx_huge_pages_test (Linux 6.1, x86_64/nx_huge_pages_test.c and .sh): reads and calls on three huge pages,
+    pages_2m and nx_lpage_splits checked after each vcpu_run, then after the NX recovery; exit 1 on a mismatch."""
+    from shmmmu.selftests import NxOptions, run_nx_huge_pages
+
+    with fail_on(ValueError):
+        opts = NxOptions(period_ms=period_ms, reboot=reboot, recovery_ratio=recovery_ratio, lock_mode=lock_mode,
+                         bugs=list(bug or []), timeline=timeline or "")
+        opts.validate()
+    _finish(lambda sup: run_nx_huge_pages(opts, sup, on_run=None if json_out else _show), json_out)
+
+
+@bench_app.command("memslot-modification")
+def bench_memslot_modification(
+    vcpus: Annotated[int, typer.Option("-v", help="vCPU worker processes (the selftest's -v).")] = 1,
+    bytes_per_vcpu: Annotated[str, typer.Option("-b", help="memory each vCPU accesses, K/M/G suffixes (the "
+                                                "selftest's -b; its default 1G is too big here).")] = "64M",
+    delay_us: Annotated[int, typer.Option("-d", help="a delay between each add/delete iteration, in usec (the "
+                                          "selftest's -d).")] = 0,
+    iterations: Annotated[int, typer.Option("-i", help="iterations of adding and removing a memslot (the "
+                                            "selftest's -i, default 10).")] = 10,
+    overlap: Annotated[bool, typer.Option("-o", help="overlap the vCPUs' accesses (the selftest's -o).")] = False,
+    lock_mode: LockMode = "shared",
+    bug: Bug = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the VM's random choices.")] = 1,
+    timeline: Timeline = None,
+    json_out: JsonOut = False,
+) -> None:
+    """memslot_modification_stress_test (Linux 6.1): the vCPUs access their memory while a one-page memslot is
+    added and deleted; each deletion zaps every root (kvm_mmu_zap_all_fast).  Exit 1 on a failed check."""
+    from shmmmu.run import parse_size
+    from shmmmu.selftests import MemslotModOptions, run_memslot_modification
+
+    with fail_on(ValueError):
+        opts = MemslotModOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), delay_us=delay_us,
+                                 iterations=iterations, overlap=overlap, lock_mode=lock_mode,
+                                 bugs=list(bug or []), seed=seed, timeline=timeline or "")
+        opts.validate()
+    _finish(lambda sup: [run_memslot_modification(opts, sup)], json_out, each=not json_out)
+
+
+def _show(r: Any) -> None:
+    print("\n".join(r.report()) + "\n", flush=True)
+
+
+def _finish(run: Any, json_out: bool, each: bool = False) -> None:
+    """Run (its VMs removed on errors and Ctrl-C), print, exit 1 if any assertion failed."""
+    import json
+
+    from shmmmu.workers.supervisor import Supervisor
+
+    with running_a_vm():
+        results = run(Supervisor)
+    if json_out:
+        print(json.dumps([r.to_json() for r in results] if len(results) > 1 else results[0].to_json()))
+    elif each:
+        for r in results:
+            _show(r)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
