@@ -78,7 +78,7 @@ class NxOptions:
             raise UsageError("--recovery-ratio must be 0 (no recovery) or more")
         if self.lock_mode not in ("shared", "exclusive"):
             raise UsageError(f"unknown lock mode {self.lock_mode!r}: use shared or exclusive")
-        from shmmmu.bugs import check_names
+        from shmmmu.variants import check_names
         check_names(self.bugs)
 
 
@@ -196,7 +196,7 @@ class MemslotModOptions:
             raise UsageError("-d must not be negative")
         if self.lock_mode not in ("shared", "exclusive"):
             raise UsageError(f"unknown lock mode {self.lock_mode!r}: use shared or exclusive")
-        from shmmmu.bugs import check_names
+        from shmmmu.variants import check_names
         check_names(self.bugs)
         self.run_options("check").config()
 

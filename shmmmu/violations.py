@@ -38,6 +38,7 @@ KINDS = [
     "host-accessed-lost",             # a page the guest touched was neither host-accessed nor mapped young
     "install-before-flush",           # an entry installed where a zap's flush had not completed (K5)
     "lock-dropped-unflushed",         # mmu_lock dropped with changes not yet flushed (I6, K11)
+    "rcu-dereference",                # a page table read outside an RCU read-side section (rcu_dereference)
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shmmmu import validate
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 from shmmmu.explore import DEFAULT_EXECUTIONS, render
 from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
                                      scenario_with, search, seed_points, shrink)

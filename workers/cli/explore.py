@@ -44,6 +44,9 @@ def explore(
     list_: Annotated[bool, typer.Option("--list", help="list the scenarios and the bug switches each "
                                         "targets.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="the result as one JSON object on stdout.")] = False,
+    coverage: Annotated[bool, typer.Option("--coverage", help="report the conflicting access pairs the search "
+                                           "reached and in which orders, and the kernel functions it never ran "
+                                           "(every scenario when none is named).")] = False,
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="the counterexample's replay writes the "
                                                     "kernel's kvm/kvmmmu tracepoint lines to FILE (timestamps: "
                                                     "steps).")] = None,
@@ -63,6 +66,11 @@ def explore(
     if list_:
         print_lines(list_lines())
         return
+    if coverage:
+        from shmmmu.explore.coverage_report import coverage_command
+        with fail_on(ValueError):
+            raise typer.Exit(coverage_command(scenario, list(bug or []), strategy, preemptions, seed, depth,
+                                              executions, jobs, json_out))
     req = ExploreRequest(scenario=scenario, bugs=list(bug or []), strategy=strategy, depth=depth,
                          preemptions=preemptions, seed=seed, executions=executions, time_limit=time_limit,
                          jobs=jobs, mix_seed=mix_seed, atomic=list(atomic or []), shrink=not no_shrink,
