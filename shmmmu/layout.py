@@ -137,6 +137,9 @@ class WState(Row):
      ROOT,                     # the root this worker's MMU uses: its roots row + 1 (0: none); holds a reference
      WALK_ROOT,                # the root a yield-safe walk of this worker holds a reference on: row + 1 (0: none)
      ) = [k * 2 for k in range(14)]
+    # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
+    # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
+    UFFD = 28
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -244,8 +247,10 @@ STAT_NAMES = [
     "fast_zaps", "faults_during_fast_zap",            # kvm_mmu_zap_all_fast, and faults fixed while one zapped
     "stale_root_retries",                             # faults retried because their root was invalid
     "aged_young",                                     # leaves clear_young found young
+    "userfaults",                                     # faults that waited for a demand-paging handler
+    "uffd_copies", "uffd_eexist",                     # a handler's UFFDIO_COPYs, and pages already in
 ]
-N_STATS = 48
+N_STATS = 56
 assert len(STAT_NAMES) <= N_STATS
 STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 
@@ -359,6 +364,11 @@ class VMConfig:
     # --tracepoints: the directory where each worker's Mmu writes its part of the kernel's tracepoint
     # lines (shmmmu.mmu.tracepoints); "" installs nothing
     tracepoints: str = ""
+    # demand paging (demand_paging_test -u MISSING): handler processes serve the faults on pages not yet in
+    # (shmmmu.userfault); uffds userfaultfds (1, or one per vCPU), each read by uffd_readers processes
+    uffds: int = 0
+    uffd_readers: int = 1
+    uffd_delay_us: int = 0
     workload: Workload = field(default_factory=Workload)
 
     @property
@@ -381,6 +391,11 @@ class VMConfig:
     def notifier_worker(self) -> int:
         """The host mm's MMU-notifier process of stress (workers/notifier.py), when n_host >= 3."""
         return self.n_vcpus + 2
+
+    @property
+    def uffd_workers(self) -> range:
+        """The slots of the demand-paging handler processes (workers/uffd.py), after the reclaimer."""
+        return range(self.n_vcpus + 2, self.n_vcpus + 2 + self.uffds * self.uffd_readers)
 
     @property
     def guest_pages(self) -> int:
@@ -444,7 +459,8 @@ _BIG = (1 << 63) - 1             # the region's words; also what numpy takes wit
 _CONFIG_LIMITS: dict[str, tuple[float, float]] = {
     "n_vcpus": (1, 256), "n_host": (1, 16), "bits": (2, 9), "n_tables": (0, 1 << 40), "tlb_entries": (1, 1 << 24),
     "cache_capacity": (1, 1 << 16), "cache_min": (0, 1 << 16), "retire_ring": (0, 1 << 40),
-    "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32)}
+    "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32),
+    "uffds": (0, 256), "uffd_readers": (1, 14), "uffd_delay_us": (0, 1 << 32)}
 _MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "npages": (1, 1 << 52),
                                                    "backing_level": (1, 3)}
 _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {

@@ -285,3 +285,135 @@ def run_memslot_modification(o: MemslotModOptions, launcher: LauncherFactory) ->
                   f"guest physical test memory: [{gpa:#x}, {gpa + o.vcpus * o.bytes_per_vcpu:#x})"]
         run = run_vm(ro, launcher, drive=_drive_memslot_mod(o, lines, failed))
     return SelftestResult("memslot_modification_stress_test", lines, failed, run)
+
+
+# ---------------------------------------------------------------- demand_paging_test
+
+@dataclass
+class DemandOptions:
+    vcpus: int = 1                   # -v
+    bytes_per_vcpu: int = 64 << 20   # -b (the selftest's default 1G: too much here)
+    uffd_mode: str = ""              # -u MISSING (MINOR needs a shared-memory alias, not modelled); "": no uffd
+    single_uffd: bool = False        # -a: one uffd for all of guest memory (implied by -o)
+    delay_us: int = 0                # -d: the handler's delay before each UFFDIO_COPY
+    readers: int = 1                 # -r: reader processes per uffd
+    overlap: bool = False            # -o
+    lock_mode: str = "shared"
+    bugs: list[str] = field(default_factory=list)
+    seed: int = 1
+    timeline: str = ""
+
+    @property
+    def uffds(self) -> int:
+        if not self.uffd_mode:
+            return 0
+        return 1 if self.single_uffd or self.overlap else self.vcpus
+
+    def validate(self) -> None:
+        if self.uffd_mode not in ("", "MISSING"):
+            raise UsageError(f"-u {self.uffd_mode}: only MISSING (MINOR faults need a shared-memory alias of "
+                             "guest memory, which the emulator does not model)")
+        if self.delay_us < 0:
+            raise UsageError("-d must not be negative")
+        if self.readers < 1:
+            raise UsageError("-r must be at least 1 (readers per uffd)")
+        if self.uffds * self.readers > 14:
+            raise UsageError(f"{self.uffds} uffds x {self.readers} readers: at most 14 handler processes "
+                             "(the VM's host slots); use -a or fewer vCPUs or readers")
+        if self.lock_mode not in ("shared", "exclusive"):
+            raise UsageError(f"unknown lock mode {self.lock_mode!r}: use shared or exclusive")
+        from shmmmu.variants import check_names
+        check_names(self.bugs)
+        self.run_options("check").config()
+
+    def run_options(self, name: str, parts: str = "") -> "_DemandRun":
+        return _DemandRun(name=name, vcpus=self.vcpus, memory=self.bytes_per_vcpu, backing="4k",
+                          lock_mode=self.lock_mode, overlap=self.overlap, workload="populate", iterations=1,
+                          seed=self.seed, debug=True, bugs=list(self.bugs), tracepoints=parts,
+                          uffds=self.uffds, readers=self.readers, delay_us=self.delay_us)
+
+
+@dataclass
+class _DemandRun(RunOptions):
+    uffds: int = 0
+    readers: int = 1
+    delay_us: int = 0
+
+    def config(self) -> VMConfig:
+        c = super().config()
+        c.uffds, c.uffd_readers, c.uffd_delay_us = self.uffds, self.readers, self.delay_us
+        c.n_host = 2 + self.uffds * self.readers
+        return c
+
+
+def _drive_demand(o: DemandOptions, lines: list[str], failed: list[str]) -> Callable:
+    def drive(vm, sup: Launcher, opts: RunOptions, progress: Any = None) -> PhaseLog:
+        from shmmmu.userfault import register_missing
+        log = PhaseLog()
+        # registered before the vCPUs run (the handlers are already polling; nothing faults yet)
+        registered = register_missing(vm, 0) if o.uffd_mode else 0
+        log.base = _stats(sup)
+        lines.append("Finished creating vCPUs and starting uffd threads")
+        t0 = time.perf_counter_ns()
+        sup.start_iteration(1)
+        lines.append("Started all vCPUs")
+        sup.wait_iteration(1, timeout=HANG_S)
+        ns = time.perf_counter_ns() - t0
+        lines.append("All vCPU threads joined")
+        log.add("demand", 1, ns, _stats(sup))
+        s = log.phases[-1].delta
+        pages = opts.config().workload.pages
+        rate = pages / (ns / 1e9) if ns else 0.0
+        lines.extend([f"Total guest execution time:\t{fmt_ts(ns)}",
+                      f"Per-vcpu demand paging rate:\t{rate:f} pgs/sec/vcpu",
+                      f"Overall demand paging rate:\t{rate * o.vcpus:f} pgs/sec"])
+        if o.uffd_mode:
+            lines.append(f"uffds {o.uffds} x readers {o.readers}, delay {o.delay_us} us: userfaults "
+                         f"{s.get('userfaults', 0)}, UFFDIO_COPY {s.get('uffd_copies', 0)}, EEXIST "
+                         f"{s.get('uffd_eexist', 0)} of {registered} pages registered; faults {s.get('faults', 0)}")
+            # every page was touched, so every page was copied in exactly once (a second copy is EEXIST),
+            # and no vCPU fault went unserved (vcpu_run returned with UCALL_SYNC)
+            if s.get("uffd_copies", 0) != registered:
+                failed.append(f"UFFDIO_COPY filled {s.get('uffd_copies', 0)} pages, not the {registered} "
+                              "registered pages the guest touched")
+            if s.get("userfaults", 0) < registered:
+                failed.append(f"only {s.get('userfaults', 0)} faults waited on the handlers for {registered} "
+                              "missing pages")
+        _check_prototype(vm, failed)
+        return log
+    return drive
+
+
+def _check_prototype(vm, failed: list[str]) -> None:
+    """No page of guest memory is still out or still holds the poison (every page touched was copied in)."""
+    import numpy as np
+
+    from shmmmu.memslots import DATA_POISON, Memslots
+    from shmmmu.userfault import MISSING
+    slot = Memslots(vm).read(0)
+    hm = vm.region.array("host_map")[slot.host_off: slot.host_off + slot.npages]
+    out = int(np.count_nonzero(hm & np.uint64(MISSING)))
+    if out:
+        failed.append(f"{out} pages of guest memory were never copied in")
+    poisoned = int(np.count_nonzero(vm.region.array("data")[(hm & ~np.uint64(MISSING)).astype(np.int64)]
+                                    == np.uint64(DATA_POISON)))
+    if poisoned:
+        failed.append(f"{poisoned} pages hold no data: mapped before any copy reached them")
+
+
+def run_demand_paging(o: DemandOptions, launcher: LauncherFactory) -> SelftestResult:
+    """demand_paging_test's run_test (Linux 6.5)."""
+    from contextlib import ExitStack
+
+    from shmmmu.mmu.tracepoints import tracepoint_parts
+    o.validate()
+    lines: list[str] = []
+    failed: list[str] = []
+    with ExitStack() as stack:
+        parts = stack.enter_context(tracepoint_parts(None, o.timeline)) if o.timeline else ""
+        ro = o.run_options(new_bench_name(), parts)
+        gpa = ro.config().memslots[0].base_gfn * 4096
+        lines += ["Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages",
+                  f"guest physical test memory: [{gpa:#x}, {gpa + o.vcpus * o.bytes_per_vcpu:#x})"]
+        run = run_vm(ro, launcher, drive=_drive_demand(o, lines, failed))
+    return SelftestResult("demand_paging_test", lines, failed, run)

@@ -73,3 +73,40 @@ def test_memslot_modification_catches_faults_into_invalid_roots() -> None:
     assert p.returncode == 1, p.stderr[-2000:]
     d = json.loads(p.stdout)
     assert d["result"] == "FAILURE" and any("install-into-invalid-root" in v for v in d["violations"])
+
+
+def test_demand_paging_copies_each_page_once() -> None:
+    """demand_paging_test -u MISSING -o -r 2: two vCPUs fault the same pages, two reader processes of one uffd
+    serve them; every page is copied in once, every other wait on it is answered EEXIST, nothing is unserved."""
+    p = bench("demand-paging", "-v", "2", "-b", "2M", "-u", "MISSING", "-o", "-r", "2", "-d", "20", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(p.stdout)
+    assert d["lines"][2:5] == ["Finished creating vCPUs and starting uffd threads", "Started all vCPUs",
+                               "All vCPU threads joined"]
+    s = d["stats"]
+    assert s["uffd_copies"] == 512 * 2                            # -o: the two vCPUs share 2 x 2M
+    assert s["userfaults"] == s["uffd_copies"] + s["uffd_eexist"]  # each wait answered by one reader
+    assert d["result"] == "SUCCESS" and not d["failed"] and not d["violations"]
+
+
+def test_demand_paging_without_uffd_faults_directly() -> None:
+    """Without -u the memory is there already: no fault waits for a handler, no handler process runs."""
+    p = bench("demand-paging", "-v", "1", "-b", "1M", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(p.stdout)["stats"]
+    assert s["userfaults"] == s["uffd_copies"] == 0 and s["faults"] == 256
+
+
+def test_demand_paging_fails_with_the_read_locked_reclaim_bug() -> None:
+    """K15 (pages-lock-in-read-fault, CVE-2022-45869, the race between parallel faults in
+    direct_page_fault): lockdep's assertion ends the vCPU at its first demand fault; exit 1."""
+    p = bench("demand-paging", "-v", "2", "-b", "1M", "-u", "MISSING", "--bug", "pages-lock-in-read-fault")
+    assert p.returncode == 1
+    assert "must be held for write" in p.stderr
+
+
+def test_demand_paging_refusals() -> None:
+    for args, words in [(["-u", "MINOR"], "only MISSING"), (["-v", "20", "-u", "MISSING", "-r", "2"], "at most 14"),
+                        (["-r", "0"], "-r must be")]:
+        p = bench("demand-paging", *args)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr

@@ -89,6 +89,8 @@ class Supervisor:
             return f"vCPU {worker}"
         if worker == c.reclaimer_worker:
             return "reclaimer"
+        if worker in c.uffd_workers:
+            return f"uffd handler {worker - c.uffd_workers.start}"
         if worker == c.notifier_worker and c.n_host >= 3:
             return "notifier"
         return f"host worker {worker}"
@@ -97,6 +99,8 @@ class Supervisor:
         c = self.config
         if worker < c.n_vcpus:
             module = "shmmmu.workers.vcpu"
+        elif worker in c.uffd_workers:
+            module = "shmmmu.workers.uffd"
         elif worker == c.notifier_worker and c.n_host >= 3:
             module = "shmmmu.workers.notifier"
         else:
@@ -111,7 +115,9 @@ class Supervisor:
 
     def start(self) -> None:
         self.spawn(self.config.reclaimer_worker)
-        if self.config.n_host >= 3:
+        for w in self.config.uffd_workers:
+            self.spawn(w)
+        if self.config.n_host >= 3 and not self.config.uffds:
             self.spawn(self.config.notifier_worker)
         for i in range(self.config.n_vcpus):
             self.spawn(i)

@@ -30,6 +30,7 @@ from shmmmu.mmu.instruments import site
 from shmmmu.mmu.kvm import Kvm, Part
 from shmmmu.mmu.records import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, Fault
 from shmmmu.rwlock import HELD_WRITE
+from shmmmu.userfault import MISSING, handle_userfault
 
 _ST_FAULTS = STAT["faults"]
 _ST_EMULATED = STAT["emulated"]
@@ -45,6 +46,7 @@ _ST_RELOADS = STAT["root_reloads"]
 _C_FAST_ZAPS = Ctl.FAST_ZAPS
 _C_SEQ, _C_COUNT, _C_START, _C_END = Ctl.NOTIFIER_SEQ, Ctl.NOTIFIER_COUNT, Ctl.NOTIFIER_START, Ctl.NOTIFIER_END
 _MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
+_MISSING = MISSING
 
 
 class MmuFault(Part):
@@ -151,7 +153,9 @@ class MmuFault(Part):
         slot = fault.slot = slots.lookup(fault.gfn)
         if slot is None:
             return False
-        fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
+        pfn = fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
+        if pfn & _MISSING:
+            fault.pfn = handle_userfault(self, slot, fault.gfn)  # the GUP met a userfaultfd MISSING page
         self.kvm_mmu_hugepage_adjust(fault, slot)
         return True
 

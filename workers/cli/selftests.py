@@ -1,4 +1,4 @@
-"""Selftests: `shmmmu bench nx-huge-pages|memslot-modification`: more of the kernel's KVM selftests (shmmmu.selftests)."""
+"""Selftests: `shmmmu bench nx-huge-pages|memslot-modification|demand-paging|memslot-perf`: more of the kernel's KVM selftests (shmmmu.selftests)."""
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -65,6 +65,38 @@ def bench_memslot_modification(
                                  bugs=list(bug or []), seed=seed, timeline=timeline or "")
         opts.validate()
     _finish(lambda sup: [run_memslot_modification(opts, sup)], json_out, each=not json_out)
+
+
+@bench_app.command("demand-paging")
+def bench_demand_paging(
+    vcpus: Annotated[int, typer.Option("-v", help="vCPU worker processes (the selftest's -v).")] = 1,
+    bytes_per_vcpu: Annotated[str, typer.Option("-b", help="memory each vCPU touches, K/M/G suffixes (the "
+                                                "selftest's -b; its default 1G is too big here).")] = "64M",
+    uffd_mode: Annotated[str, typer.Option("-u", help="MISSING: faults served by userfaultfd handler processes "
+                                           "(the selftest's -u; MINOR is not modelled); left out: no uffd.")] = "",
+    single_uffd: Annotated[bool, typer.Option("-a", help="one uffd for all guest memory instead of one per "
+                                              "vCPU (the selftest's -a; implied by -o).")] = False,
+    delay_us: Annotated[int, typer.Option("-d", help="the handler's delay in usec before each copy (the "
+                                          "selftest's -d).")] = 0,
+    readers: Annotated[int, typer.Option("-r", help="reader processes per uffd (the selftest's -r, 6.5).")] = 1,
+    overlap: Annotated[bool, typer.Option("-o", help="overlap the vCPUs' memory (the selftest's -o).")] = False,
+    lock_mode: LockMode = "shared",
+    bug: Bug = None,
+    timeline: Timeline = None,
+    json_out: JsonOut = False,
+) -> None:
+    """demand_paging_test (Linux 6.5, demand_paging_test.c and lib/userfaultfd_util.c): each vCPU touches its
+    memory once; with -u MISSING every first touch waits in the fault for a handler's UFFDIO_COPY.  Exit 1 when
+    a page is not copied in exactly once, a fault goes unserved, or a check of the run fails."""
+    from shmmmu.run import parse_size
+    from shmmmu.selftests import DemandOptions, run_demand_paging
+
+    with fail_on(ValueError):
+        opts = DemandOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), uffd_mode=uffd_mode,
+                             single_uffd=single_uffd, delay_us=delay_us, readers=readers, overlap=overlap,
+                             lock_mode=lock_mode, bugs=list(bug or []), timeline=timeline or "")
+        opts.validate()
+    _finish(lambda sup: [run_demand_paging(opts, sup)], json_out, each=not json_out)
 
 
 def _show(r: Any) -> None:
