@@ -306,7 +306,7 @@ class MemslotSpec:
 class Workload:
     """What the vCPUs of a VM run (shmmmu.workloads reads it).
 
-    kind: populate | random | dirty-log | trace | stress | access-tracking | nx-huge-pages.
+    kind: populate | random | dirty-log | trace | stress | access-tracking | nx-huge-pages | memslot-perf.
     """
 
     kind: str = "populate"
@@ -331,7 +331,11 @@ class Workload:
     trace_threads: bool = False  # one part per thread, thread i on vCPU i (else every vCPU replays part 0)
     trace_pages: int = 0         # distinct guest pages the trace touches
 
-    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking", "nx-huge-pages")
+    memslot_test: int = 0        # memslot-perf: the test (shmmmu.workloads.MEMSLOT_PERF_TESTS)
+    move_area: int = 0           # memslot-perf's move tests: the move area's first page, from the range's start
+
+    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking", "nx-huge-pages",
+             "memslot-perf")
 
 
 @dataclass
@@ -466,7 +470,8 @@ _MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "np
 _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {
     "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_percent": (-1, 100),
     "write_fraction": (0, 1),
-    "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52)}
+    "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52),
+    "memslot_test": (0, 5), "move_area": (0, 1 << 52)}
 # strings with a fixed set of values
 _CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS,
             ("config", "kernel"): PROFILE_NAMES}

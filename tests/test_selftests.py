@@ -110,3 +110,35 @@ def test_demand_paging_refusals() -> None:
                         (["-r", "0"], "-r must be")]:
         p = bench("demand-paging", *args)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
+
+
+def test_memslot_perf_runs_every_test_with_its_checks() -> None:
+    """memslot_perf_test's six tests, two iterations each, values verified (-d): map refaults each half after
+    its MADV_DONTNEED (five half passes of 256 pages), the moves zap all (two fast zaps per iteration), the
+    inactive move never leaves the guest's area (no MMIO exit), RW reads back every value."""
+    p = bench("memslot-perf", "-i", "2", "-d", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = json.loads(p.stdout)
+    assert [r["lines"][0] for r in runs] == [f"Testing {t} performance with 1 runs, 2 iterations each" for t in
+                                             ("map", "unmap", "unmap chunked", "move active area",
+                                              "move inactive area", "RW")]
+    assert all(r["result"] == "SUCCESS" and r["lines"][-1].startswith("Best runtime result was ") for r in runs)
+    assert runs[0]["stats"]["fixed"] == 5 * 256                    # (a fault an unmap retried counts twice in faults)
+    assert runs[3]["stats"]["fast_zaps"] == runs[4]["stats"]["fast_zaps"] == 4
+    assert runs[4]["stats"]["emulated"] == 0
+
+
+def test_memslot_perf_move_catches_faults_into_invalid_roots() -> None:
+    """fault-into-invalid-root (reverts a955cad84cda): the vCPU writing the area a memslot move is zapping
+    installs into its invalidated root; the move active area test FAILS on the violation."""
+    p = bench("memslot-perf", "-f", "3", "-e", "3", "-i", "300", "--bug", "fault-into-invalid-root", "--json")
+    assert p.returncode == 1, p.stderr[-2000:]
+    d = json.loads(p.stdout)
+    assert d["result"] == "FAILURE" and any("install-into-invalid-root" in v for v in d["violations"])
+
+
+def test_memslot_perf_refusals() -> None:
+    for args, words in [(["-s", "12"], "-s must be 2 to 9"), (["-f", "4", "-e", "2"], "-f not after -e"),
+                        (["-r", "0"], "-r must be positive"), (["--scale", "3"], "--scale")]:
+        p = bench("memslot-perf", *args)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr

@@ -99,6 +99,36 @@ def bench_demand_paging(
     _finish(lambda sup: [run_demand_paging(opts, sup)], json_out, each=not json_out)
 
 
+@bench_app.command("memslot-perf")
+def bench_memslot_perf(
+    slots: Annotated[int, typer.Option("-s", help="the memslot count cap, slot 0 included (the selftest's -s; "
+                                       "here at most 9: 8 test memslots, the emulator's table).")] = 9,
+    first: Annotated[int, typer.Option("-f", help="the first test to run: 0 map, 1 unmap, 2 unmap chunked, "
+                                       "3 move active area, 4 move inactive area, 5 RW.")] = 0,
+    last: Annotated[int, typer.Option("-e", help="the last test to run (the selftest's -e).")] = 5,
+    seconds: Annotated[int, typer.Option("-l", help="each test's length in seconds (the selftest's -l).")] = 5,
+    iterations: Annotated[int, typer.Option("-i", help="each test's length as a count of iterations instead "
+                                            "(not in the selftest; reproducible runs).")] = 0,
+    runs: Annotated[int, typer.Option("-r", help="runs per test, the best reported (the selftest's -r).")] = 1,
+    verify: Annotated[bool, typer.Option("-d", help="check the guest's values before each unmap (the "
+                                         "selftest's -d, map_unmap_verify).")] = False,
+    scale: Annotated[int, typer.Option("--scale", help="the selftest's areas divided by this (16: 2, 8 and "
+                                       "32 MiB for map, unmap and the rest).")] = 16,
+    lock_mode: LockMode = "shared",
+    bug: Bug = None,
+    json_out: JsonOut = False,
+) -> None:
+    """memslot_perf_test (Linux 5.13): one vCPU maps, and the host unmaps (MADV_DONTNEED), moves
+    (KVM_MR_MOVE) or reads back the test area spread over the memslots.  Exit 1 on a failed check."""
+    from shmmmu.selftests import MemslotPerfOptions, run_memslot_perf
+
+    with fail_on(ValueError):
+        opts = MemslotPerfOptions(slots=slots, first=first, last=last, seconds=seconds, iterations=iterations,
+                                  runs=runs, verify=verify, scale=scale, lock_mode=lock_mode, bugs=list(bug or []))
+        opts.validate()
+    _finish(lambda sup: run_memslot_perf(opts, sup, on_test=None if json_out else _show), json_out)
+
+
 def _show(r: Any) -> None:
     print("\n".join(r.report()) + "\n", flush=True)
 
