@@ -232,3 +232,29 @@ def test_timeline_instruments_cost_nothing_when_off(vm_name: str, tmp_path: Path
             for key in set(TRACE) - set(TIMELINE):
                 obj, fn = bound(m, key)
                 assert getattr(getattr(obj, fn), "__self__", None) is obj, key      # no tracepoint either way
+
+
+@pytest.mark.slow
+def test_devtools_trace_viewer_reads_the_timeline(tmp_path: Path) -> None:
+    """The trace viewer Chromium ships (its DevTools Performance panel, headless, offline) reads a `bench
+    dirty-log -v 2 --timeline` file: its trace engine (tools/timeline_devtools.py parse) finds each vCPU's
+    track with a fault slice per fault the run took and a lock hold per fault, the host's ioctl tracks with
+    the flushes, and the flow arrows.  Skips with one line where selenium, chromium or chromedriver is
+    missing (.ci/run installs them)."""
+    out = tmp_path / "bench.json"
+    p = shmmmu("bench", "dirty-log", "-v", "2", "-b", "4M", "--lock-mode", "shared", "--json", "--timeline", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    stats = json.loads(p.stdout)["runs"][0]["stats"]
+    v = subprocess.run([sys.executable, str(ROOT / "tools" / "timeline_devtools.py"), "parse", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    if v.returncode == 2 and v.stderr.startswith("timeline_devtools: "):
+        pytest.skip(v.stderr.strip())
+    assert v.returncode == 0, v.stderr[-3000:]
+    seen = json.loads(v.stdout)
+    assert len(seen["processes"]) == 1
+    threads = {t["name"]: t["events"] for t in seen["processes"][0]["threads"]}
+    assert {"vCPU 0", "vCPU 1", "vCPU 0: mmu_lock", "vCPU 1: mmu_lock", "ioctls (host)"} <= set(threads)
+    assert threads["vCPU 0"]["page fault"] + threads["vCPU 1"]["page fault"] == stats["faults"]
+    assert sum(threads[f"vCPU {i}: mmu_lock"]["mmu_lock held (read)"] for i in (0, 1)) >= stats["faults"]
+    assert threads["ioctls (host)"]["kvm_flush_remote_tlbs"] > 0
+    assert seen["flows"] > 0
