@@ -120,7 +120,7 @@ def bench_memslot_perf(
 ) -> None:
     """memslot_perf_test (Linux 5.13): one vCPU maps, and the host unmaps (MADV_DONTNEED), moves
     (KVM_MR_MOVE) or reads back the test area spread over the memslots.  Exit 1 on a failed check."""
-    from shmmmu.selftests import MemslotPerfOptions, run_memslot_perf
+    from shmmmu.memslot_perf import MemslotPerfOptions, run_memslot_perf
 
     with fail_on(ValueError):
         opts = MemslotPerfOptions(slots=slots, first=first, last=last, seconds=seconds, iterations=iterations,
