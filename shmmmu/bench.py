@@ -55,11 +55,16 @@ class BenchOptions:
     iterations: int = 2                  # -i: dirty-memory iterations after the populate pass
     backing: str = "anonymous"           # -s
     overlap: bool = False                # -o
-    write_every: int = 1                 # -f: write 1 page of every N, read the rest
+    write_every: int = 1                 # -f (5.13-6.1): write 1 page of every N, read the rest
+    write_percent: int = -1              # -w (6.2 on): each access a write with this chance in %; -1: -f decides
+    random_access: bool = False          # -a (6.2 on): pages accessed in random order
+    slots: int = 1                       # -x: the memory split into this many memslots
+    run_while_disabling: bool = False    # -e: vCPUs keep dirtying memory while logging is disabled
     manual_protect: bool = True          # not -g: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + INITIALLY_SET
     lock_mode: str = "both"              # shared | exclusive | both
     repeat: int = 1                      # runs per mode; the summary takes their median
-    seed: int = 1
+    seed: int = 1                        # -r (6.2 on; 1 is the selftest's default too)
+    timeline: str = ""                   # --timeline FILE.json: every run's VM, one process each (shmmmu.trace.timeline)
 
     def modes(self) -> list[str]:
         return list(MODES) if self.lock_mode == "both" else [self.lock_mode]
@@ -75,15 +80,22 @@ class BenchOptions:
                              f"anonymous_hugetlb (or 4k, 2m, 1g)")
         if self.write_every < 1:
             raise UsageError("-f/--write-fraction must be at least 1 (write 1 of every N pages)")
+        if not -1 <= self.write_percent <= 100:
+            raise UsageError("-w/--write-percent must be between 0 and 100 (as in the selftest)")
+        if self.write_percent >= 0 and self.write_every != 1:
+            raise UsageError("-w and -f both given: -w PERCENT is the selftest's form since 6.2, -f N the older one; "
+                             "give one")
         if self.repeat < 1:
             raise UsageError("--repeat must be at least 1")
         self.run_options("shared", "check").config()
 
-    def run_options(self, mode: str, name: str) -> RunOptions:
+    def run_options(self, mode: str, name: str, parts: str = "") -> RunOptions:
         return RunOptions(name=name, vcpus=self.vcpus, memory=self.bytes_per_vcpu, backing=self.backing,
                           lock_mode=mode, overlap=self.overlap, workload="dirty-log",
                           iterations=self.iterations + 1, seed=self.seed, write_every=self.write_every,
-                          manual_protect=self.manual_protect)
+                          manual_protect=self.manual_protect, write_percent=self.write_percent,
+                          random_access=self.random_access, slots=self.slots,
+                          run_while_disabling=self.run_while_disabling, tracepoints=parts)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -271,16 +283,27 @@ class BenchResult:
 def run_bench(opts: BenchOptions, launcher: LauncherFactory,
               on_run: Callable[[BenchRun], None] | None = None) -> BenchResult:
     """Run every mode `repeat` times, alternating modes; `on_run` sees each run as it ends."""
+    from contextlib import ExitStack
+
+    from shmmmu.mmu.tracepoints import tracepoint_parts
     opts.validate()
     runs: list[BenchRun] = []
-    for i in range(1, opts.repeat + 1):
-        for mode in opts.modes():
-            ro = opts.run_options(mode, new_bench_name())
-            gpa = ro.config().memslots[0].base_gfn * 4096
-            result = run_vm(ro, launcher)
-            run = BenchRun(mode=mode, index=i, iterations=opts.iterations, manual_protect=opts.manual_protect,
-                           vcpus=opts.vcpus, gpa_offset=gpa, timed=result.timed, result=result)
-            runs.append(run)
-            if on_run is not None:
-                on_run(run)
+    with ExitStack() as stack:
+        parts = stack.enter_context(tracepoint_parts(None, opts.timeline)) if opts.timeline else ""
+        for i in range(1, opts.repeat + 1):
+            for mode in opts.modes():
+                runs.append(_one_run(opts, mode, i, parts, launcher, on_run))
     return BenchResult(opts, runs)
+
+
+def _one_run(opts: BenchOptions, mode: str, i: int, parts: str, launcher: LauncherFactory,
+             on_run: Callable[[BenchRun], None] | None) -> BenchRun:
+    """One VM's run in one lock mode, its workers' timeline parts (if any) in `parts`."""
+    ro = opts.run_options(mode, new_bench_name(), parts)
+    gpa = ro.config().memslots[0].base_gfn * 4096
+    result = run_vm(ro, launcher)
+    run = BenchRun(mode=mode, index=i, iterations=opts.iterations, manual_protect=opts.manual_protect,
+                   vcpus=opts.vcpus, gpa_offset=gpa, timed=result.timed, result=result)
+    if on_run is not None:
+        on_run(run)
+    return run

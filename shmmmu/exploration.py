@@ -55,6 +55,7 @@ class ExploreRequest:
     unfold: bool = False                # show the setup steps instead of folding them
     tracepoints: str = ""               # the counterexample's replay writes its tracepoint lines here
     kernel: str = ""                    # the kernel profile (empty: the default, or the bug's own)
+    timeline: str = ""                  # and its timeline (shmmmu.trace.timeline) here
 
     def search_options_given(self) -> list[str]:
         """The search options given other than at their defaults."""
@@ -100,7 +101,8 @@ def prepare_explore(req: ExploreRequest) -> PreparedExplore:
         if path:
             outfile.check(path)
     stack = ExitStack()
-    parts = stack.enter_context(tracepoint_parts(req.tracepoints)) if req.tracepoints else ""
+    parts = (stack.enter_context(tracepoint_parts(req.tracepoints or None, req.timeline or None))
+             if req.tracepoints or req.timeline else "")
     return PreparedExplore(req, parts, stack)
 
 

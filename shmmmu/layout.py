@@ -136,6 +136,9 @@ class WState(Row):
      ROOT,                     # the root this worker's MMU uses: its roots row + 1 (0: none); holds a reference
      WALK_ROOT,                # the root a yield-safe walk of this worker holds a reference on: row + 1 (0: none)
      ) = [k * 2 for k in range(14)]
+    # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
+    # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
+    UFFD = 28
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -254,6 +257,8 @@ STAT_NAMES = [
     "psc_hits",                                       # hardware walks started from a paging-structure cache entry
     "ad_rewalks",                                     # walks the processor redid after losing its A/D cmpxchg
     "kicks",                                          # VM exits on a flusher's kick (its IPI) at an access boundary
+    "userfaults",                                     # faults that waited for a demand-paging handler
+    "uffd_copies", "uffd_eexist",                     # a handler's UFFDIO_COPYs, and pages already in
 ]
 N_STATS = 56
 assert len(STAT_NAMES) <= N_STATS
@@ -311,14 +316,17 @@ class MemslotSpec:
 class Workload:
     """What the vCPUs of a VM run (shmmmu.workloads reads it).
 
-    kind: populate | random | dirty-log | trace | stress | access-tracking.
+    kind: populate | random | dirty-log | trace | stress | access-tracking | nx-huge-pages | memslot-perf.
     """
 
     kind: str = "populate"
     pages: int = 0               # guest pages per vCPU (the selftest's -b)
     overlap: bool = False        # all vCPUs share one range (-o) instead of a range each
     n_vcpus: int = 1             # vCPUs sharing the range (for the range arithmetic)
-    write_every: int = 1         # write 1 page of every N, read the rest (the selftest's -f)
+    write_every: int = 1         # write 1 page of every N, read the rest (the selftest's -f, 5.13-6.1)
+    write_percent: int = -1      # populate, dirty-log: each access a write with this chance in % (the
+                                 # selftest's -w, 6.2 on); -1: write_every decides
+    random_access: bool = False  # populate, dirty-log: each access to a page drawn at random (-a, 6.2 on)
     accesses: int = 0            # accesses per iteration (random, stress; 0: one per page)
     write_fraction: float = 0.5  # share of writes (random, stress)
     exec_fraction: float = 0.0   # share of instruction fetches (random, stress)
@@ -333,7 +341,11 @@ class Workload:
     trace_threads: bool = False  # one part per thread, thread i on vCPU i (else every vCPU replays part 0)
     trace_pages: int = 0         # distinct guest pages the trace touches
 
-    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking")
+    memslot_test: int = 0        # memslot-perf: the test (shmmmu.workloads.MEMSLOT_PERF_TESTS)
+    move_area: int = 0           # memslot-perf's move tests: the move area's first page, from the range's start
+
+    KINDS = ("populate", "random", "dirty-log", "trace", "stress", "access-tracking", "nx-huge-pages",
+             "memslot-perf")
 
 
 @dataclass
@@ -369,6 +381,11 @@ class VMConfig:
     # --tracepoints: the directory where each worker's Mmu writes its part of the kernel's tracepoint
     # lines (shmmmu.mmu.tracepoints); "" installs nothing
     tracepoints: str = ""
+    # demand paging (demand_paging_test -u MISSING): handler processes serve the faults on pages not yet in
+    # (shmmmu.userfault); uffds userfaultfds (1, or one per vCPU), each read by uffd_readers processes
+    uffds: int = 0
+    uffd_readers: int = 1
+    uffd_delay_us: int = 0
     workload: Workload = field(default_factory=Workload)
 
     @property
@@ -391,6 +408,11 @@ class VMConfig:
     def notifier_worker(self) -> int:
         """The host mm's MMU-notifier process of stress (workers/notifier.py), when n_host >= 3."""
         return self.n_vcpus + 2
+
+    @property
+    def uffd_workers(self) -> range:
+        """The slots of the demand-paging handler processes (workers/uffd.py), after the reclaimer."""
+        return range(self.n_vcpus + 2, self.n_vcpus + 2 + self.uffds * self.uffd_readers)
 
     @property
     def guest_pages(self) -> int:
@@ -454,12 +476,15 @@ _BIG = (1 << 63) - 1             # the region's words; also what numpy takes wit
 _CONFIG_LIMITS: dict[str, tuple[float, float]] = {
     "n_vcpus": (1, 256), "n_host": (1, 16), "bits": (2, 9), "n_tables": (0, 1 << 40), "tlb_entries": (1, 1 << 24),
     "cache_capacity": (1, 1 << 16), "cache_min": (0, 1 << 16), "retire_ring": (0, 1 << 40),
-    "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32)}
+    "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32),
+    "uffds": (0, 256), "uffd_readers": (1, 14), "uffd_delay_us": (0, 1 << 32)}
 _MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "npages": (1, 1 << 52),
                                                    "backing_level": (1, 3)}
 _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {
-    "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_fraction": (0, 1),
-    "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52)}
+    "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_percent": (-1, 100),
+    "write_fraction": (0, 1),
+    "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52),
+    "memslot_test": (0, 5), "move_area": (0, 1 << 52)}
 # strings with a fixed set of values
 _CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS,
             ("config", "kernel"): PROFILE_NAMES}

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from shmmmu import outfile, violations
 from shmmmu.integrity import check_guest_memory, dirty_log_missed, guest_values
 from shmmmu.launch import Launcher, LauncherFactory
-from shmmmu.layout import MemslotSpec, TableState, TMeta, VMConfig, Workload
+from shmmmu.layout import MAX_MEMSLOTS, MemslotSpec, TableState, TMeta, VMConfig, Workload
 from shmmmu.region import PREFIX
 from shmmmu.trace.store import Progress, TraceInfo
 from shmmmu.variants import PROFILE_NAMES
@@ -56,6 +56,10 @@ class RunOptions:
     bugs: list[str] = field(default_factory=list)
     accesses: int = 0
     manual_protect: bool = False        # dirty-log collections as GET (copy) + CLEAR, logging INITIALLY_SET
+    write_percent: int = -1             # the selftest's -w (6.2 on); -1: write_every
+    random_access: bool = False         # the selftest's -a (6.2 on)
+    slots: int = 1                      # the selftest's -x: the memory split into this many memslots
+    run_while_disabling: bool = False   # the selftest's -e: vCPUs keep running while logging is disabled
     tracepoints: str = ""               # where workers write their tracepoint lines (shmmmu.mmu.tracepoints)
     kernel: str = "5.13"                # the kernel profile (shmmmu.variants)
 
@@ -81,6 +85,11 @@ class RunOptions:
         limit = 1 << (self.bits * 4)
         unit = 1 << (self.bits * (level - 1))
         slot_pages = -(-total // unit) * unit
+        if not 1 <= self.slots <= MAX_MEMSLOTS:
+            raise UsageError(f"memslots (-x) must be 1 to {MAX_MEMSLOTS} (the emulator's memslot table)")
+        if slot_pages % (self.slots * unit):
+            raise UsageError(f"guest memory ({slot_pages} pages) cannot be evenly divided into {self.slots} "
+                             f"memslots of whole {unit}-page backing units")
         if slot_pages > limit // 2 or total > (64 << 30) // 4096:
             raise UsageError(f"{self.vcpus} x {self.memory >> 20} MiB is more guest memory than this emulator maps "
                              f"(at most {min(limit // 2, (64 << 30) // 4096) * 4096 >> 30} GiB)")
@@ -89,11 +98,14 @@ class RunOptions:
         if self.workload not in ("populate", "random", "dirty-log", "trace", "access-tracking"):
             raise UsageError(f"unknown workload {self.workload!r}: use populate, random, dirty-log or trace")
         wl = Workload(kind=self.workload, pages=pages, overlap=self.overlap, n_vcpus=self.vcpus,
-                      write_every=self.write_every, accesses=self.accesses or pages)
+                      write_every=self.write_every, accesses=self.accesses or pages,
+                      write_percent=self.write_percent, random_access=self.random_access)
+        per_slot = slot_pages // self.slots
         if self.workload == "trace":
             self._trace_workload(wl)
         return VMConfig(name=self.name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
-                        memslots=[MemslotSpec(base, slot_pages, level)], debug=self.debug, bugs=list(self.bugs),
+                        memslots=[MemslotSpec(base + i * per_slot, per_slot, level) for i in range(self.slots)],
+                        debug=self.debug, bugs=list(self.bugs),
                         seed=self.seed, workload=wl, tracepoints=self.tracepoints, kernel=self.kernel)
 
     def _trace_workload(self, wl: Workload) -> None:
@@ -193,7 +205,7 @@ class Phase:
 
     @property
     def label(self) -> str:
-        return PHASE_LABELS[self.kind].format(k=self.iteration)
+        return PHASE_LABELS.get(self.kind, "{kind} {k}").format(k=self.iteration, kind=self.kind)   # (selftests')
 
 
 @dataclass
@@ -252,13 +264,15 @@ def drive_phases(vm, sup: Launcher, opts: RunOptions,
     tick = (lambda: progress("faults", sup.stats()["faults"], 0)) if progress else None
     logging = opts.workload == "dirty-log"
     n_iter = opts.iterations
-    before = None
+    slots = range(len(vm.config.memslots))
+    before: list = []
     for k in range(1, n_iter + 1):
         if logging and k == 2:
             t0 = clock()
-            mmu.enable_dirty_logging(0, initially_set=opts.manual_protect)
+            for s in slots:
+                mmu.enable_dirty_logging(s, initially_set=opts.manual_protect)
             log.add("enable", 0, clock() - t0, snapshot())
-            before = guest_values(vm)
+            before = [guest_values(vm, s) for s in slots]
         t0 = clock()
         sup.run_iteration(k, on_wait=tick)
         log.add("populate" if k == 1 else "dirty", k, clock() - t0, snapshot())
@@ -266,30 +280,39 @@ def drive_phases(vm, sup: Launcher, opts: RunOptions,
             progress("iteration", k, n_iter)
         if logging and k >= 2:
             t0 = clock()
-            bitmap = mmu.get_dirty_log(0, clear=not opts.manual_protect)
+            bitmaps = [mmu.get_dirty_log(s, clear=not opts.manual_protect) for s in slots]
             log.add("get", k, clock() - t0, snapshot())
             if opts.manual_protect:
                 t0 = clock()
-                mmu.clear_dirty_log(0, 0, bitmap)
+                for s in slots:
+                    mmu.clear_dirty_log(s, 0, bitmaps[s])
                 log.add("clear", k, clock() - t0, snapshot())
-            after = guest_values(vm)
-            slot = mmu.slots.read(0)
-            missed = dirty_log_missed(before, after, bitmap, slot.base_gfn)
-            for g in missed[:10]:
-                log.problems.append(f"dirty-log-missed: gfn {g:#x} changed in iteration {k} but was not reported")
-            before = after
+            for s in slots:
+                after = guest_values(vm, s)
+                missed = dirty_log_missed(before[s], after, bitmaps[s], mmu.slots.read(s).base_gfn)
+                for g in missed[:10]:
+                    log.problems.append(f"dirty-log-missed: gfn {g:#x} changed in iteration {k} but was not "
+                                        f"reported")
+                before[s] = after
     if logging and n_iter >= 2:
+        if opts.run_while_disabling:                 # -e: the vCPUs dirty memory on while logging goes
+            sup.start_iteration(n_iter + 1)
         t0 = clock()
-        mmu.disable_dirty_logging(0)
+        for s in slots:
+            mmu.disable_dirty_logging(s)
         log.add("disable", 0, clock() - t0, snapshot())
+        if opts.run_while_disabling:
+            sup.wait_iteration(n_iter + 1, on_wait=tick)
     return log
 
 
 def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str, int, int], None] | None = None,
-           keep: Callable[[Launcher], None] | None = None) -> RunResult:
+           keep: Callable[[Launcher], None] | None = None, drive: Callable[..., PhaseLog] | None = None) -> RunResult:
     """Create the VM, start its processes with `launcher`, run the workload, check, tear down.
 
-    `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there)."""
+    `keep(launcher)` is called before stopping (`shmmmu run --keep` waits there).  `drive(vm, launcher, opts,
+    progress)` runs the workload (default drive_phases: dirty_log_perf_test's phases; the selftest benches
+    pass their own)."""
     config = opts.config()
     t_start = time.monotonic()
     with create_vm(config, free_name=opts.free_name) as vm:
@@ -297,7 +320,7 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
         sup = launcher(vm)
         try:
             sup.start()
-            log = drive_phases(vm, sup, opts, progress)
+            log = (drive or drive_phases)(vm, sup, opts, progress)
             if keep is not None:
                 sup.stats()          # publish the supervisor's own counters first, for `shmmmu inspect`
                 keep(sup)
@@ -361,6 +384,7 @@ class RunRequest:
     trace: str | None = None
     trace_format: str | None = None
     tracepoints: str | None = None
+    timeline: str | None = None         # --timeline FILE.json (shmmmu.trace.timeline)
     iterations: int = 3
     seed: int = 1
     debug: bool = False
@@ -392,8 +416,9 @@ def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = N
     from shmmmu.mmu.tracepoints import tracepoint_parts
     stack = ExitStack()
     try:
-        if req.tracepoints:
-            outfile.check(req.tracepoints)
+        for out in (req.tracepoints, req.timeline):
+            if out:
+                outfile.check(out)
         info, workload = None, req.workload
         if workload == "trace" or req.trace:
             if not req.trace:
@@ -410,8 +435,8 @@ def prepare_run(req: RunRequest, progress: Callable[[Progress], None] | None = N
                           seed=req.seed, debug=req.debug, kernel=req.kernel)
         opts.config()
         seconds(req.stall_timeout, "--stall-timeout")
-        if req.tracepoints:
-            opts.tracepoints = stack.enter_context(tracepoint_parts(req.tracepoints))
+        if req.tracepoints or req.timeline:
+            opts.tracepoints = stack.enter_context(tracepoint_parts(req.tracepoints or None, req.timeline or None))
     except BaseException:
         stack.close()
         raise

@@ -127,14 +127,15 @@ class StressOptions:
         return cmd
 
 
-def prepare_stress(opts: StressOptions, tracepoints: str | None = None) -> ExitStack:
+def prepare_stress(opts: StressOptions, tracepoints: str | None = None, timeline: str | None = None) -> ExitStack:
     """Check the options (a ValueError carrying the one line to say) and make the directory the workers write
-    their tracepoint parts in (opts.tracepoints); leaving the returned stack merges them into `tracepoints`."""
+    their tracepoint parts in (opts.tracepoints); leaving the returned stack merges them into `tracepoints`
+    and `timeline`."""
     from shmmmu.mmu.tracepoints import tracepoint_parts
     stack = ExitStack()
     opts.config()
-    if tracepoints:
-        opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints))
+    if tracepoints or timeline:
+        opts.tracepoints = stack.enter_context(tracepoint_parts(tracepoints or None, timeline or None))
     return stack
 
 

@@ -150,6 +150,10 @@ def test_json_has_every_phase_medians_and_ratios() -> None:
     (["-s", "shmem"], ["unknown backing source 'shmem'"]),
     (["--lock-mode", "sloppy"], ["unknown lock mode 'sloppy'"]),
     (["-f", "0"], ["--write-fraction"]),
+    (["-w", "101"], ["between 0 and 100"]),
+    (["-w", "50", "-f", "2"], ["-w and -f both given", "older"]),
+    (["-x", "9"], ["1 to 8"]),
+    (["-x", "3"], ["cannot be evenly divided into 3 memslots"]),
     (["--repeat", "0"], ["--repeat"]),
     (["-v", "many"], ["--vcpus", "integer"]),
     (["--frobnicate"], ["--frobnicate"]),
@@ -190,8 +194,42 @@ def test_ctrl_c_mid_run_removes_the_vm() -> None:
 def test_bench_help_names_the_selftest_options() -> None:
     res = subprocess.run([*CMD, "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0
-    for opt in ("-v", "-b", "-i", "-s", "-o", "-f", "-g", "--lock-mode", "--repeat", "--json", "128M", "1G"):
+    for opt in ("-v", "-b", "-i", "-s", "-o", "-f", "-g", "--lock-mode", "--repeat", "--json", "128M", "1G",
+                "-w", "-r", "-a", "-e", "-x"):
         assert opt in res.stdout, opt
+    text = " ".join(res.stdout.replace("│", " ").split())
+    for said in ("dirty_log_perf_test.c", "dirty_log_perf_test -w, Linux 6.2 on", "the older form of -w",
+                 "dirty_log_perf_test -f, Linux 5.13 to 6.1", "dirty_log_perf_test -r, 6.2 on",
+                 "dirty_log_perf_test -a, 6.2 on", "dirty_log_perf_test -e", "dirty_log_perf_test -x",
+                 "-i -b -v -o -s -g as in 5.13"):
+        assert said in text, said
+
+
+def _stats(*args: str) -> tuple[dict, dict]:
+    """(the run's counters, its phases by name) of one shared-mode run of 1 vCPU x 4M: 1024 pages, populate and
+    two dirty iterations."""
+    res = bench("-v", "1", "-b", "4M", "--lock-mode", "shared", "--json", *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads(res.stdout)["runs"][0]
+    assert run["result"] == "SUCCESS" and not run["problems"]
+    return run["stats"], {(p["phase"], p["iteration"]): p for p in run["phases"]}
+
+
+def test_write_percent_random_access_seed_slots_and_evil() -> None:
+    """The selftest's -w, -r, -a, -x and -e do what dirty_log_perf_test's do, counted in the VM's own counters."""
+    pages, passes = 1024, 3
+    s, _ = _stats("-w", "0")                                        # -w 0: reads only
+    assert s["accesses"] == pages * passes and s["writes"] == 0
+    s7, _ = _stats("-w", "50", "-r", "7")                         # -w 50: about half, the seed decides which
+    assert 0.4 < s7["writes"] / s7["accesses"] < 0.6
+    assert _stats("-w", "50", "-r", "7")[0]["writes"] == s7["writes"]
+    assert _stats("-w", "50", "-r", "8")[0]["writes"] != s7["writes"]
+    s, ph = _stats("-a")                                            # -a: n draws of n pages touch about 1 - 1/e
+    assert 0.5 * pages < ph[("populate", 0)]["faults"] < 0.8 * pages
+    s, _ = _stats("-x", "2")                                        # -x 2: both slots logged: every page
+    assert s["faults"] == 2 * pages                                 # write-faults once after enabling
+    s, _ = _stats("-x", "2", "-e")                                  # -e: one more pass, while logging goes
+    assert s["accesses"] == pages * (passes + 1)
 
 
 # ---------------------------------------------------------------- formulas, by hand

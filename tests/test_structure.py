@@ -13,6 +13,7 @@ from shmmmu.variants import replaced_functions
 from shmmmu.mmu.debug import WRAPPERS as DEBUG
 from shmmmu.mmu.instruments import KINDS, OBJECT_SITES, kinds_of
 from shmmmu.mmu.tracepoints import TRACE
+from shmmmu.trace.timeline import TIMELINE
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.vm import create_vm
 
@@ -139,7 +140,7 @@ def test_switches_that_replace_the_same_function_are_refused_together() -> None:
 
 
 def test_every_instrument_site_has_its_wrapper_and_every_wrapper_its_site() -> None:
-    wrappers = {"debug": set(DEBUG), "trace": set(TRACE)}
+    wrappers = {"debug": set(DEBUG), "trace": set(TRACE), "timeline": set(TIMELINE)}
     sites = {k: set() for k in KINDS}
     from shmmmu.mmu.kvm import Kvm
     for part_name, cls in [("kvm", Kvm)] + list(PARTS.items()):

@@ -33,24 +33,25 @@ KVM_MMU_SPTE_REQUESTED = "gfn %llx pfn %llx level %d"
 KVM_TDP_MMU_SPTE_CHANGED = "as id %d gfn %llx level %d old_spte %llx new_spte %llx"
 # KVM_MMU_PAGE_PRINTK(): trace_seq_printf(p, "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s" " %snxe %sad root %u %s%c",
 #   mmu_valid_gen, gfn, role.level, role.gpte_is_8_bytes ? 8 : 4, role.quadrant, role.direct ? " direct" : "",
-#   access_str[role.access], role.invalid ? " invalid" : "", role.efer_nx ? "" : "!", role.ad_disabled ? "!" : "",
+#   access_str[role.access], role.invalid ? " invalid" : "", role.nxe ? "" : "!", role.ad_disabled ? "!" : "",
 #   root_count, unsync ? "unsync" : "sync", 0)     -- the %c of 0 ends the string
 KVM_MMU_PAGE_PRINTK = "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s"
 ACCESS_STR = ["---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux"]
 # TP_printk("%s %s", KVM_MMU_PAGE_PRINTK(), __entry->created ? "new" : "existing")
-KVM_MMU_GET_PAGE = KVM_MMU_PAGE_PRINTK + " %s"
-KVM_MMU_PREPARE_ZAP_PAGE = KVM_MMU_PAGE_PRINTK           # kvm_mmu_page_class: TP_printk("%s", KVM_MMU_PAGE_PRINTK())
+PRINTK = {"kvm_page_fault": KVM_PAGE_FAULT, "kvm_mmu_spte_requested": KVM_MMU_SPTE_REQUESTED,
+          "kvm_tdp_mmu_spte_changed": KVM_TDP_MMU_SPTE_CHANGED, "kvm_mmu_get_page": KVM_MMU_PAGE_PRINTK + " %s",
+          "kvm_mmu_prepare_zap_page": KVM_MMU_PAGE_PRINTK}     # kvm_mmu_page_class: TP_printk("%s", ...)
+# what trace-cmd report prints instead for the two page events: libtraceevent's plugins/plugin_kvm.c,
+# kvm_mmu_get_page_handler: "%s " (new/existing), "sp gfn %llx ", then kvm_mmu_print_role:
+# "%u q%u%s %s%s %spae %snxe %swp%s%s%s" (level, quadrant, direct, access, invalid, pae, nxe, wp, smep, smap, smm),
+# tep_print_num_field(" root %u "), "%s%c" (unsync/sync, 0)
+PLUGIN_ROLE = "%u q%u%s %s%s %spae %snxe %swp%s%s%s root %u %s"
+REPORT = {**PRINTK, "kvm_mmu_get_page": "%s sp gfn %llx " + PLUGIN_ROLE, "kvm_mmu_prepare_zap_page": PLUGIN_ROLE}
 
 # what each %s of a format may print, in order
-STRINGS = {
-    "kvm_mmu_get_page": [r"(?: direct)?", "(?:" + "|".join(re.escape(a) for a in ACCESS_STR) + ")", r"(?: invalid)?",
-                         "!?", "!?", "(?:unsync|sync)", "(?:new|existing)"],
-    "kvm_mmu_prepare_zap_page": [r"(?: direct)?", "(?:" + "|".join(re.escape(a) for a in ACCESS_STR) + ")",
-                                 r"(?: invalid)?", "!?", "!?", "(?:unsync|sync)"],
-}
-FORMATS = {"kvm_page_fault": KVM_PAGE_FAULT, "kvm_mmu_spte_requested": KVM_MMU_SPTE_REQUESTED,
-           "kvm_tdp_mmu_spte_changed": KVM_TDP_MMU_SPTE_CHANGED, "kvm_mmu_get_page": KVM_MMU_GET_PAGE,
-           "kvm_mmu_prepare_zap_page": KVM_MMU_PREPARE_ZAP_PAGE}
+_ROLE_STRINGS = [r"(?: direct)?", "(?:" + "|".join(re.escape(a) for a in ACCESS_STR) + ")", r"(?: invalid)?",
+                 "!?", "!?", "!?", "(?: smep)?", "(?: smap)?", "(?: smm)?", "(?:unsync|sync)"]
+STRINGS = {"kvm_mmu_get_page": ["(?:new|existing)", *_ROLE_STRINGS], "kvm_mmu_prepare_zap_page": _ROLE_STRINGS}
 
 
 def printk_regex(fmt: str, strings: list[str]) -> re.Pattern:
@@ -65,23 +66,28 @@ def printk_regex(fmt: str, strings: list[str]) -> re.Pattern:
     return re.compile("^" + "".join(out) + "$")
 
 
-# trace-cmd report: "%16s-%-5d [%03d] %5lu.%06lu: %s: " then the event's printk output
-LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+\[(?P<cpu>\d{3})\]\s+(?P<ts>\d+\.\d{6}): "
-                  r"(?P<event>\w+):\s+(?P<text>.*)$")
+# trace-cmd report (libtraceevent's tep_print_event): "%16s-%-5d [%03d] %5lu.%06lu: %s: ", the event's name spaced
+# out to 20 columns ("Space out the event names evenly"), then its text
+LINE = re.compile(r"^(?P<comm>[ -~]{16,})-(?P<pid>\d+) *\[(?P<cpu>\d{3})\] +(?P<ts>\d+\.\d{6}): "
+                  r"(?P<event>\w+): (?P<pad> *)(?P<text>\S.*)$")
 
 
-def check_lines(path: Path) -> dict[str, int]:
-    """Every event line of a --tracepoints file in trace-cmd's layout and its event's kernel format."""
-    regex = {e: printk_regex(f, STRINGS.get(e, [])) for e, f in FORMATS.items()}
+def check_lines(path: Path, text: str | None = None) -> dict[str, int]:
+    """The whole of a --tracepoints file: `cpus=N`, then every event line in trace-cmd report's layout and its
+    event's text in what trace-cmd prints for it."""
+    regex = {e: printk_regex(f, STRINGS.get(e, [])) for e, f in REPORT.items()}
     counts: dict[str, int] = {}
     last = 0.0
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            continue
+    lines = (text if text is not None else path.read_text()).splitlines()
+    assert re.fullmatch(r"cpus=\d+", lines[0]), lines[0]
+    for line in lines[1:]:
         m = LINE.match(line)
         assert m, f"not a trace-cmd report line: {line!r}"
+        assert len(m["comm"]) == 16 or not m["comm"].startswith(" "), line
+        assert len(m["pad"]) == max(0, 20 - len(m["event"])), f"the name is not spaced out to 20: {line!r}"
         assert m["event"] in regex, line
-        assert regex[m["event"]].match(m["text"]), f"{m['event']} does not match {FORMATS[m['event']]!r}: {line!r}"
+        assert regex[m["event"]].match(m["text"]), f"{m['event']} does not match {REPORT[m['event']]!r}: {line!r}"
+        assert int(m["cpu"]) < int(lines[0].split("=")[1])
         assert float(m["ts"]) >= last, "the parts are merged by timestamp"
         last = float(m["ts"])
         counts[m["event"]] = counts.get(m["event"], 0) + 1
@@ -89,8 +95,15 @@ def check_lines(path: Path) -> dict[str, int]:
 
 
 def test_the_formats_are_the_kernels() -> None:
-    from shmmmu.mmu.tracepoints import FORMATS as OURS
-    assert OURS == FORMATS
+    from shmmmu.trace.events import EVENTS, PLUGIN
+    from shmmmu.trace.events import PRINTK as OURS
+    assert OURS == PRINTK
+    assert {e: PLUGIN.get(e, PRINTK[e]) for e in PRINTK} == REPORT
+    for e, ev in EVENTS.items():              # each format file's print fmt carries the kernel's printk
+        if e in ("kvm_mmu_get_page", "kvm_mmu_prepare_zap_page"):
+            assert '"sp gen %u gfn %llx l%u %u-byte q%u%s %s%s" " %snxe %sad root %u %s%c"' in ev.print_fmt
+        else:
+            assert ev.print_fmt.startswith(f'"{PRINTK[e]}", REC->')
 
 
 # ---------------------------------------------------------------- helpers
@@ -420,7 +433,7 @@ def test_tracepoints_of_stress(tmp_path: Path) -> None:
     p = shmmmu("stress", "--duration", "1.5", "--vcpus", "2", "--seed", "3", "--json", "--tracepoints", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     counts = check_lines(out)
-    assert set(counts) == set(FORMATS)
+    assert set(counts) == set(PRINTK)
     text = out.read_text()
     # shared mode: handle_removed_tdp_mmu_page exchanges every entry of a removed table to REMOVED_SPTE (0x5a0)
     assert re.search(r"kvm_tdp_mmu_spte_changed: +as id 0 gfn [0-9a-f]+ level 1 old_spte 0 new_spte 5a0$", text, re.M)
@@ -442,6 +455,122 @@ def test_tracepoints_of_explores_counterexample(tmp_path: Path) -> None:
     assert text.index("kvm_mmu_get_page") < text.index("kvm_mmu_prepare_zap_page")
     s = json.loads(shmmmu("trace", "summary", str(out), "--json").stdout)
     assert s["events"] == counts and s["tasks"] == 2
+
+
+needs_trace_cmd = pytest.mark.skipif(shutil.which("trace-cmd") is None,
+                                     reason="trace-cmd is not installed (apt-get install trace-cmd)")
+
+
+def trace_cmd_report(dat: Path) -> str:
+    p = subprocess.run(["trace-cmd", "report", "-i", str(dat)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+@needs_trace_cmd
+def test_trace_dat_is_what_the_text_file_says(tmp_path: Path) -> None:
+    """The explorer's replay is deterministic (step timestamps): its --tracepoints FILE.txt and FILE.dat, the
+    second printed by the real `trace-cmd report`, are the same lines but for the process ids."""
+    texts = []
+    for name in ("k18.txt", "k18.dat"):
+        out = tmp_path / name
+        p = shmmmu("explore", "--bug", "link-after-publish", "--json", "--tracepoints", str(out))
+        assert p.returncode == 1, p.stderr[-2000:]
+        texts.append(out.read_text() if name.endswith(".txt") else trace_cmd_report(out))
+    assert texts[1].startswith("cpus=")
+    assert check_lines(Path("-"), texts[1]) == check_lines(Path("-"), texts[0])
+
+    def no_pids(text: str) -> str:
+        return re.sub(r"-\d+( *\[)", lambda m: "-PID" + " " * (len(m[0]) - 4 - len(m[1])) + m[1], text)
+    assert no_pids(texts[1]) == no_pids(texts[0])
+    assert len(texts[0].splitlines()) >= 15
+
+
+@needs_trace_cmd
+def test_trace_dat_of_a_run(tmpenv: dict, vm_name: str, tmp_path: Path) -> None:
+    """`run --tracepoints run.dat`: trace-cmd reads the file back, every line in trace-cmd's own layout, one
+    kvm_page_fault per fault the run took; `trace summary run.dat` reads it through trace-cmd."""
+    out = tmp_path / "run.dat"
+    d = run_json(shmmmu("run", "--name", vm_name, "--trace", str(DATA / "plain.txt"), "--vcpus", "2",
+                        "--backing", "4k", "--memory", "1M", "--iterations", "1", "--json",
+                        "--tracepoints", str(out), env=tmpenv))
+    assert out.read_bytes()[:10] == b"\x17\x08\x44tracing"
+    text = trace_cmd_report(out)
+    counts = check_lines(Path("-"), text)
+    assert counts["kvm_page_fault"] == d["faults"]
+    (tmp_path / "run.txt").write_text(text)
+    via_dat = json.loads(shmmmu("trace", "summary", str(out), "--json").stdout)
+    via_txt = json.loads(shmmmu("trace", "summary", str(tmp_path / "run.txt"), "--json").stdout)
+    assert via_dat == via_txt and via_dat["events"] == counts
+    no_leftovers(tmpenv)
+
+
+def test_trace_dat_without_trace_cmd_is_refused_before_the_run(tmp_path: Path, vm_name: str) -> None:
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}       # python, no trace-cmd
+    one_line_error(shmmmu("run", "--name", vm_name, *"--vcpus 1 --memory 1M --iterations 1".split(),
+                          "--tracepoints", str(tmp_path / "r.dat"), env=env),
+                   "needs trace-cmd", "apt-get install trace-cmd")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- real kernels' lines, as people posted them
+
+REAL = sorted((DATA / "real-kernels").glob("*.txt"))
+EVENT_NAMES = ("kvm_page_fault", "kvm_mmu_spte_requested", "kvm_tdp_mmu_spte_changed", "kvm_mmu_get_page",
+               "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "fast_page_fault", "kvm_mmu_split_huge_page")
+
+
+def test_summary_reads_every_real_kernels_lines() -> None:
+    """No refusal, and each event counted as often as its name appears in the file (a mail wraps a line's text,
+    never the event's name: counted here by a regex over the raw text, independent of the reader).  The
+    library's call for each file, the command for one (and in the test below)."""
+    from shmmmu.trace.summary import summarize
+    assert len(REAL) >= 5 and (DATA / "real-kernels" / "README.md").read_text().count("https://lore.kernel.org/") \
+        >= len(REAL)
+    for path in REAL:
+        raw = path.read_text()
+        want = {e: n for e in EVENT_NAMES if (n := len(re.findall(rf"(?<![\w:]){e}:", raw)))}
+        assert dict(summarize(str(path)).events) == want, path
+    p = shmmmu("trace", "summary", str(REAL[0]), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["events"], p.stderr
+
+
+def test_summary_of_real_kernels_reads_their_fields() -> None:
+    """The fields each format carries, read from the real lines: SVM's 64-bit #NPF error code (bit 2 the user
+    bit: reads), fast_page_fault's spurious faults, the older plugin's existing pages, a 2M leaf replacing a
+    4K table, a root torn down."""
+    from shmmmu.trace.summary import summarize
+
+    def summary(name: str) -> dict:
+        return json.loads(json.dumps(summarize(str(DATA / "real-kernels" / name)).to_json()))
+    assert summary("kvm-2023-roth-snp-npf.txt")["page_faults"] == {"read": 4}
+    assert summary("kvm-2024-lefebvre-spurious-wrapped.txt")["fast_page_faults"] == {"spurious": 2}
+    assert summary("kvm-2019-kiszka-trace-cmd-quoted.txt")["pages_found_by_level"] == {"1": 2}
+    s = summary("kvm-2022-annapurve-private-mem-wrapped.txt")
+    assert s["leaves_installed_by_level"] == {"2": 1} and s["entries_frozen_by_level"] == {"1": 5}
+    assert s["set_spte_by_level"] == {"2": 1} and s["lines_skipped"] == 1
+    s = summary("kvm-2023-krause-cr0wp-trace.txt")
+    assert s["pages_zapped_by_level"] == {"1": 2, "2": 1, "3": 1}
+    assert s["first_skipped"] == {"line": 4, "text": "That's the initialization of L2's CR0 in secondary_startup_64() and"}
+    text = shmmmu("trace", "summary", str(DATA / "real-kernels" / "kvm-2023-krause-cr0wp-trace.txt")).stdout
+    assert "lines skipped (not in a known format)  4, the first: line 4:" in text
+
+
+def test_summary_reads_6x_frozen_entries_and_split_huge_page(tmp_path: Path) -> None:
+    """6.10 on: a non-present SPTE is SHADOW_NONPRESENT_VALUE (bit 63) and a frozen one FROZEN_SPTE
+    (SHADOW_NONPRESENT_VALUE | 0x5a0); kvm_mmu_split_huge_page (6.0 on) in its TP_printk format."""
+    f = tmp_path / "6x.txt"
+    nonpresent = 1 << 63
+    leaf, frozen = nonpresent | 0x100200b77, nonpresent | 0x5a0
+    f.write_text(f"  CPU 0/KVM-7  [001] .....  5.000001: kvm_tdp_mmu_spte_changed: as id 0 gfn 200 level 1 "
+                 f"old_spte {leaf:x} new_spte {frozen:x}\n"
+                 f"  CPU 0/KVM-7  [001] .....  5.000002: kvm_tdp_mmu_spte_changed: as id 0 gfn 200 level 1 "
+                 f"old_spte {frozen:x} new_spte {nonpresent:x}\n"
+                 f"  CPU 0/KVM-7  [001] .....  5.000003: kvm_mmu_split_huge_page: gfn 400 spte {0x100400bf7:x} level 2 "
+                 "errno 0\n")
+    s = json.loads(shmmmu("trace", "summary", str(f), "--json").stdout)
+    assert s["entries_frozen_by_level"] == {"1": 1} and s["leaves_removed_by_level"] == {"1": 1}
+    assert s["split_huge_page_by_level"] == {"2": 1} and s["split_huge_page_errors"] == 0
 
 
 def test_a_signal_during_conversion_leaves_nothing(tmp_path: Path, tmpenv: dict) -> None:
@@ -505,7 +634,11 @@ def test_summary_refuses_what_is_not_a_tracepoint_file(tmp_path: Path) -> None:
     one_line_error(shmmmu("trace", "summary", "/dev/zero", timeout=60), "binary data")
     bad = tmp_path / "bad.txt"
     bad.write_text("  CPU 0/KVM-1  [000]  1.000000: kvm_tdp_mmu_spte_changed: as id 0 gfn zz\n")
-    one_line_error(shmmmu("trace", "summary", str(bad)), "line 1", "not in its format")
+    one_line_error(shmmmu("trace", "summary", str(bad)), "no kvm or kvmmmu tracepoint events",
+                   "1 line not in a known format, the first: line 1:")
+    bad.write_text(bad.read_text() + "  CPU 0/KVM-1  [000]  1.000001: kvm_page_fault: address 1000 error_code 182\n")
+    p = shmmmu("trace", "summary", str(bad), "--json")                 # one readable line: read, the other counted
+    assert p.returncode == 0 and json.loads(p.stdout)["lines_skipped"] == 1
 
 
 # ---------------------------------------------------------------- trace record, and a real program's million accesses
@@ -627,3 +760,25 @@ def test_lackey_fast_path_equals_the_line_reader_on_any_text() -> None:
         ref, fast = _lackey_both_ways(data, block)
         assert ref == fast
     check()
+
+
+def test_lackey_fast_path_with_many_pages_equals_the_line_reader() -> None:
+    """A mapping past SORTED_SEARCH pages is searched with the block's pages sorted, and new pages are inserted
+    into it block after block: the same words and mapping as the line reader, in every block size (the limit
+    lowered so a small text crosses it many times)."""
+    import random
+    from shmmmu.trace import store
+    rnd = random.Random(5)
+    lines = [f"{rnd.choice(['I  ', ' L ', ' S ', ' M '])}{rnd.randrange(1 << 36) * 4096 + rnd.randrange(4096):x},"
+             f"{rnd.choice([1, 4, 8, 16])}" for _ in range(3000)]
+    lines += [rnd.choice(lines) for _ in range(3000)]             # pages seen before, mixed in
+    data = ("\n".join(lines) + "\n").encode()
+    saved = store.SORTED_SEARCH
+    store.SORTED_SEARCH = 8
+    try:
+        for block in (4096, 1 << 16, 1 << 20):
+            ref, fast = _lackey_both_ways(data, block)
+            assert isinstance(ref, tuple) and ref == fast and len(ref[1]) > 3000
+    finally:
+        store.SORTED_SEARCH = saved
+

@@ -35,7 +35,7 @@ def main() -> None:
     try:
         rcu, pool = vm.rcu, vm.pool
         mmu = None
-        if nx_period > 0:
+        if nx_period > 0 or c.tracepoints:      # NX recovery; --timeline's instruments (grace periods) too
             from shmmmu.mmu import Mmu
             mmu = Mmu(vm, me)
         next_nx = time.monotonic() + nx_period
@@ -43,7 +43,7 @@ def main() -> None:
         stalled = False
         idle = 0
         while not ctl.load(Ctl.STOP):
-            if mmu is not None and time.monotonic() >= next_nx:
+            if nx_period > 0 and mmu is not None and time.monotonic() >= next_nx:
                 mmu.recover_nx_lpages()
                 mmu.publish_stats()
                 next_nx = time.monotonic() + nx_period

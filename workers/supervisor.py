@@ -89,6 +89,8 @@ class Supervisor:
             return f"vCPU {worker}"
         if worker == c.reclaimer_worker:
             return "reclaimer"
+        if worker in c.uffd_workers:
+            return f"uffd handler {worker - c.uffd_workers.start}"
         if worker == c.notifier_worker and c.n_host >= 3:
             return "notifier"
         return f"host worker {worker}"
@@ -97,6 +99,8 @@ class Supervisor:
         c = self.config
         if worker < c.n_vcpus:
             module = "shmmmu.workers.vcpu"
+        elif worker in c.uffd_workers:
+            module = "shmmmu.workers.uffd"
         elif worker == c.notifier_worker and c.n_host >= 3:
             module = "shmmmu.workers.notifier"
         else:
@@ -111,7 +115,9 @@ class Supervisor:
 
     def start(self) -> None:
         self.spawn(self.config.reclaimer_worker)
-        if self.config.n_host >= 3:
+        for w in self.config.uffd_workers:
+            self.spawn(w)
+        if self.config.n_host >= 3 and not self.config.uffds:
             self.spawn(self.config.notifier_worker)
         for i in range(self.config.n_vcpus):
             self.spawn(i)
@@ -151,8 +157,16 @@ class Supervisor:
 
     def run_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
         """Publish iteration k and wait until every vCPU has acknowledged it."""
+        self.start_iteration(k)
+        self.wait_iteration(k, on_wait, timeout)
+
+    def start_iteration(self, k: int) -> None:
+        """Publish iteration k: the vCPUs start it (wait_iteration waits for them)."""
         self.iteration = k
         self.ctl.store(Ctl.ITERATION, k)
+
+    def wait_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
+        """Wait until every vCPU has acknowledged iteration k (published by start_iteration)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(self.config.n_vcpus):
             word = i * WState.WORDS + WState.ITERATION

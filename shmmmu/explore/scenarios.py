@@ -357,6 +357,8 @@ def _cover_scenarios() -> list[Scenario]:
         sc("unmap", "an MMU notifier unmapping both slots' pages", _ops(("host_unmap", 0, 48))),
         sc("memslot", "deleting the 4K slot (fast invalidation) and adding it back", _ops(("delete_memslot", 1),
                                                                                        ("add_memslot", 1))),
+        sc("memslot-move", "moving the 4K slot away and back (KVM_MR_MOVE: fast invalidation, a new base)",
+           _ops(("move_memslot", 1, 64), ("move_memslot", 1, 32))),
         sc("roots", "every root invalidated and zapped (kvm_mmu_zap_all_fast): the vCPU reloads its root",
            _ops(("kvm_mmu_zap_all_fast",))),
         sc("dirty-enable", "enabling dirty logging on the huge slot, then a harvest", _enable,

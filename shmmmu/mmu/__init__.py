@@ -69,6 +69,7 @@ SIBLINGS = {
 ENTRY_POINTS = {
     "fault": ("kvm_mmu_load", "kvm_mmu_unload", "kvm_mmu_reload"),
     "ioctl": ("flush_remote_tlbs", "zap_gfn_range_locked", "zap_all", "destroy", "delete_memslot", "add_memslot",
+              "move_memslot",
               "kvm_mmu_zap_all_fast", "zap_all_fast_invalidate", "zap_all_fast_zap", "enable_dirty_logging",
               "disable_dirty_logging", "get_dirty_log", "clear_dirty_log"),
     "notifier": ("host_unmap", "clear_young", "test_young", "young_pages", "present_leaves", "kvm_inc_notifier_count",

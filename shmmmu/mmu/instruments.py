@@ -1,16 +1,19 @@
 """Instruments: where the debug checkers and the tracepoints attach, declared at the functions they watch.
 
-A function of an MMU part that a checker or a tracepoint watches carries
-`@site("debug")`, `@site("trace")` or both, at its definition, where a reader
-of the kernel function looks.  What runs there lives in shmmmu.mmu.debug
-(DEBUG) and shmmmu.mmu.tracepoints (TRACE), keyed "part.function"; when an Mmu
-is built with debug on or --tracepoints, each is installed over that one
-instance's function (whatever variant it is), and with both off nothing is
+A function of an MMU part that a checker, a tracepoint or the timeline watches
+carries `@site("debug")`, `@site("trace")`, `@site("timeline")` or several, at
+its definition, where a reader of the kernel function looks.  What runs there
+lives in shmmmu.mmu.debug (DEBUG), shmmmu.mmu.tracepoints (TRACE) and
+shmmmu.trace.timeline (TIMELINE), keyed "part.function"; when an Mmu is built
+with debug on, --tracepoints or --timeline, each is installed over that one
+instance's function (whatever variant it is), and with all off nothing is
 wrapped: the sites cost nothing.  tests check that every site has its wrapper
 and every wrapper its site.
 
-A few things watched are not functions of a part: the lock's unlocks (the
-I6 check) are methods of the MMU lock object, declared in OBJECT_SITES.
+A few things watched are not functions of a part: the lock's methods (the I6
+check, the timeline's waits and holds), the TLB control's flush and
+acknowledgement, and RCU's grace period are methods of objects the Kvm holds,
+declared in OBJECT_SITES.
 """
 from __future__ import annotations
 
@@ -18,12 +21,18 @@ from typing import Any, Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-KINDS = ("debug", "trace")
+KINDS = ("debug", "trace", "timeline")
 
 # watched methods of objects that are no MMU part: "handle.method" -> kinds (the handle is an attribute of Kvm)
 OBJECT_SITES: dict[str, tuple[str, ...]] = {
-    "lock.read_unlock": ("debug",),            # I6: never drop mmu_lock with changes unflushed
-    "lock.write_unlock": ("debug",),
+    "lock.read_unlock": ("debug", "timeline"),  # I6: never drop mmu_lock with changes unflushed; holds end
+    "lock.write_unlock": ("debug", "timeline"),
+    "lock.read_lock": ("timeline",),            # waits for mmu_lock, holds begin
+    "lock.write_lock": ("timeline",),
+    "tlbctl.flush_remote_tlbs": ("timeline",),  # the flusher's wait for the vCPUs' acknowledgements
+    "tlbctl.check_request": ("timeline",),      # a vCPU acknowledging a flush
+    "rcu.synchronize": ("timeline",),           # a grace period
+    "rcu.reclaim_pass": ("timeline",),          # the reclaimer's grace period, then the frees
 }
 
 

@@ -155,6 +155,18 @@ class Ioctls(Part):
         self.ctl.fetch_add(Ctl.ROOTS_GEN, 1)
         self.tlbctl.flush_remote_tlbs()
 
+    def move_memslot(self, slot_id: int, base_gfn: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION moving a slot (5.13's kvm_set_memslot with KVM_MR_MOVE): the old slot
+        goes invalid and kvm_arch_flush_shadow_memslot zaps it (kvm_mmu_zap_all_fast, as a deletion), then the
+        slot is installed at its new base with the same host pages, contents and all."""
+        self.delete_memslot(slot_id)
+        self.lock.write_lock()
+        try:
+            self.slots.slot_rows.base_gfn.store(slot_id, base_gfn)
+            self.slots.set_flags(slot_id, set_mask=MemslotFlags.ACTIVE, clear_mask=_LOG_DIRTY)
+        finally:
+            self.lock.write_unlock()
+
     def add_memslot(self, slot_id: int) -> None:
         """Re-activate a slot (its pages keep their contents)."""
         self.lock.write_lock()

@@ -103,7 +103,7 @@ class Kvm:
     def violation(self, kind: str, gfn: int = 0, a: int = 0, b: int = 0) -> None:
         violations.record(self.region, kind, self.worker, gfn, a, b)
 
-    @site("trace")
+    @site("trace", "timeline")
     def publish_stats(self) -> None:
         """This process's counters, on top of what its slot carried, into its row of the region (read by the
         supervisor and inspector): sums, and the larger of the two for a maximum."""
@@ -186,7 +186,7 @@ class Kvm:
             self.holds_unflushed = False
             self.ctl.fetch_add(_C_UNFLUSHED, _U64)
 
-    @site("debug")
+    @site("debug", "timeline")
     def kvm_flush_remote_tlbs(self) -> None:
         """kvm_flush_remote_tlbs(): returns once no vCPU can use a translation made before; settles our changes."""
         self.tlbctl.flush_remote_tlbs()

@@ -31,6 +31,7 @@ from shmmmu.mmu.kvm import Kvm, Part
 from shmmmu import spte as S
 from shmmmu.mmu.records import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, Fault
 from shmmmu.rwlock import HELD_WRITE
+from shmmmu.userfault import MISSING, handle_userfault
 
 _ST_FAULTS = STAT["faults"]
 _ST_EMULATED = STAT["emulated"]
@@ -49,6 +50,7 @@ _MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
 _ST_FAST_FIXED = STAT["fast_pf_fixed"]
 _P, _L, _W, _X, _MMU_W = S.MMU_PRESENT, S.LARGE, S.WRITABLE, S.EXECUTABLE, S.MMU_WRITABLE
 _U32_SIGN = 1 << 31
+_MISSING = MISSING
 
 
 class MmuFault(Part):
@@ -155,7 +157,9 @@ class MmuFault(Part):
         slot = fault.slot = slots.lookup(fault.gfn)
         if slot is None:
             return False
-        fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
+        pfn = fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
+        if pfn & _MISSING:
+            fault.pfn = handle_userfault(self, slot, fault.gfn)  # the GUP met a userfaultfd MISSING page
         self.kvm_mmu_hugepage_adjust(fault, slot)
         return True
 
@@ -212,7 +216,7 @@ class MmuFault(Part):
 
     # ------------------------------------------------------------------ the entry points
 
-    @site("trace")
+    @site("trace", "timeline")
     def page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """An EPT violation on gfn; returns a RET_PF_* value (the Mmu front binds it to its VM's entry)."""
         raise NotImplementedError("the Mmu binds page_fault to its entry point when it is built")

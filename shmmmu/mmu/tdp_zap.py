@@ -32,7 +32,7 @@ class TdpZap(Part):
         super().__init__(kvm)
         self.phys_max_gfn = kvm.phys_max_gfn
 
-    @site("debug")
+    @site("debug", "timeline")
     def zap_gfn_range(self, root: int, start: int, end: int, can_yield: bool, flush: bool, shared: bool,
                       min_level: int = 1, zap_all: bool = False) -> bool:
         """zap_gfn_range(): clear every entry covering [start, end); returns whether a flush is pending.

@@ -17,7 +17,7 @@ binary data (a NUL byte, bytes that are not UTF-8) and endless input such as
   kvm        the kernel's kvm:kvm_page_fault tracepoint as trace-cmd report or perf script print it:
              5.13's 'address %lx error_code %x' (and 6.x's 'vcpu %u rip 0x%lx address 0x%lx error_code 0x%llx');
              the address is guest-physical, the error code VMX's EPT-violation exit qualification
-             (bit 1 a write, bit 2 a fetch)
+             (bit 1 a write, bit 2 a fetch), or SVM's 64-bit #NPF error code (fault_kind)
   plain      ours: 'R ADDR', 'W ADDR' or 'X ADDR' (hex with 0x, or decimal); '#' starts a comment
 
 perf and kvm lines carry the thread (the task's pid in trace-cmd's comm-pid, perf's tid):
@@ -188,11 +188,95 @@ def numbered(text: str, before: int, name: str) -> Iterator[tuple[int, str]]:
         yield i, line
 
 
+_HEX_LUT = np.full(256, -1, dtype=np.int16)
+for _c in b"0123456789":
+    _HEX_LUT[_c] = _c - 48
+for _c in b"abcdef":
+    _HEX_LUT[_c] = _c - 87
+for _c in b"ABCDEF":
+    _HEX_LUT[_c] = _c - 55
+_DEC_LUT = np.where((np.arange(256) >= 48) & (np.arange(256) <= 57), np.arange(256) - 48, -1).astype(np.int16)
+_I, _L, _S, _M, _SP, _NL, _COMMA = (ord(c) for c in "ILSM \n,")
+
+
+def lackey_block_arrays(text: str, shift: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(virtual pages, kinds) of a block of lackey lines, parsed with numpy over the bytes, in trace order, as
+    read_lackey gives them; None when any line is not a plain access 'I  ADDR,SIZE' / ' L|S|M ADDR,SIZE' of
+    1-16 hex digits and 1-9 decimal ones within one page or two (a message, a bad line, the end of the
+    trace without a newline, an access past 64 bits): the caller reads that block the slower ways."""
+    if not text.endswith("\n"):
+        return None
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    b = np.frombuffer(raw, dtype=np.uint8)
+    nl = np.flatnonzero(b == _NL)
+    commas = np.flatnonzero(b == _COMMA)
+    n = nl.size
+    if n == 0 or commas.size != n:
+        return None
+    starts = np.empty(n, dtype=np.int64)
+    starts[0], starts[1:] = 0, nl[:-1] + 1
+    alen = commas - starts - 3                            # address digits (a comma in the right line: 1..16)
+    slen = nl - commas - 1                                # size digits: 1..9
+    if alen.min() < 1 or alen.max() > 16 or slen.min() < 1 or slen.max() > 9:
+        return None
+    c0, c1, c2 = b[starts], b[starts + 1], b[starts + 2]
+    instr = (c0 == _I) & (c1 == _SP)
+    data = (c0 == _SP) & ((c1 == _L) | (c1 == _S) | (c1 == _M))
+    if not ((instr | data) & (c2 == _SP)).all():
+        return None
+    wide = int(alen.max())
+    addr = np.zeros(n, dtype=np.uint64)
+    for k in range(16 - wide, 16):                        # right-aligned: digit k of 16 ends at the comma
+        d = _HEX_LUT[b[np.maximum(commas - 16 + k, 0)]]
+        if k >= 16 - int(alen.min()):                     # every line has this digit
+            if d.min() < 0:
+                return None
+        else:
+            d = np.where(k >= 16 - alen, d, 0)
+            if d.min() < 0:
+                return None
+        addr = (addr << np.uint64(4)) | d.astype(np.uint64)
+    size = np.zeros(n, dtype=np.int64)
+    for k in range(9 - int(slen.max()), 9):
+        d = _DEC_LUT[b[nl - 9 + k]]
+        if k < 9 - int(slen.min()):
+            d = np.where(k >= 9 - slen, d, 0)
+        if d.min() < 0:
+            return None
+        size = size * 10 + d
+    extra = (np.maximum(size, 1) - 1).astype(np.uint64)  # a 0-byte access still names its page
+    if (addr > np.uint64(U64_MAX) - extra).any():
+        return None                                       # ends past 64 bits: the line reader's error
+    first = addr >> np.uint64(shift)
+    last = (addr + extra) >> np.uint64(shift)
+    span = last - first
+    if int(span.max()) > 1:
+        return None
+    k = np.full((n, 2), -1, dtype=np.int8)
+    k[instr, 0] = EXEC
+    k[c1 == _L, 0] = READ
+    k[c1 == _S, 0] = WRITE
+    mod = data & (c1 == _M)
+    k[mod, 0], k[mod, 1] = READ, WRITE                   # M: a read, then a write
+    pages = np.stack([first, last, first, last], axis=1).ravel()
+    kinds = np.repeat(k, 2, axis=1).ravel()
+    two = span == 1
+    keep = np.stack([np.ones(n, bool), two, mod, mod & two], axis=1).ravel()
+    return pages[keep], kinds[keep]
+
+
 def read_lackey_blocks(f: BinaryIO, add: Sink, add_block: Callable[[np.ndarray, np.ndarray], None], name: str,
                        shift: int, lineno: int) -> None:
     """The rest of a lackey trace from `f` (`lineno` lines read before): whole blocks through `add_block`
     (virtual pages, kinds), in trace order; a block the regex does not cover wholly through read_lackey."""
     for before, text in text_blocks(f, name, lineno):
+        fast = lackey_block_arrays(text, shift)
+        if fast is not None:
+            add_block(*fast)
+            continue
         m = _LACKEY_BLOCK.findall(text)
         lines = text.count("\n") + (not text.endswith("\n")) - len(_MESSAGE.findall(text))
         known = _BLOCK_KINDS.get
@@ -278,6 +362,15 @@ def read_perf(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int
 _KVM_PF = re.compile(r"address (?:0x)?(?P<addr>-?[0-9a-fA-F]+)\s+error_code (?:0x)?(?P<err>[0-9a-fA-F]+)")
 
 
+def fault_kind(err: int) -> str:
+    """read, write or fetch of kvm_page_fault's error code: VMX's EPT-violation exit qualification (bit 1 a
+    write, bit 2 a fetch), or SVM's #NPF error code when bits 32-63 say so (6.x records it whole and the CPU sets
+    bit 32 or 33 in every one; there bit 1 is a write and bit 4 a fetch)."""
+    if err >> 32:
+        return "write" if err & 0x2 else "fetch" if err & 0x10 else "read"
+    return "write" if err & 0x2 else "fetch" if err & 0x4 else "read"
+
+
 def read_kvm(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int) -> None:
     for lineno, line in lines:
         if "kvm_page_fault:" not in line:
@@ -287,9 +380,7 @@ def read_kvm(lines: Iterable[tuple[int, str]], add: Sink, name: str, shift: int)
         if m is None or f is None:
             raise TraceError(f"{name}: line {lineno}: a kvm_page_fault line not in the kernel's format "
                              f"('address %lx error_code %x'): {line.strip()[:100]!r}")
-        err = int(f["err"], 16)
-        # VMX's exit qualification of an EPT violation: bit 0 a read, bit 1 a write, bit 2 a fetch
-        kind = WRITE if err & 0x2 else EXEC if err & 0x4 else READ
+        kind = {"read": READ, "write": WRITE, "fetch": EXEC}[fault_kind(int(f["err"], 16))]
         add(int(m["tid"]), _address(f["addr"], 16, name, lineno) >> shift, kind)
 
 

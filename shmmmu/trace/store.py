@@ -92,8 +92,24 @@ class Converter:
     def __init__(self, directory: str, page_shift: int = PAGE_SHIFT):
         self.directory = directory
         self.page_shift = page_shift
-        self.pages: dict[int, int] = {}
+        self._pages: dict[int, int] = {}           # virtual page -> guest page, as `add` keeps it
         self.parts: dict[int, _Part] = {}
+        self._keys: np.ndarray | None = None        # add_block's sorted copy of the mapping (and _vals)
+        self._vals: np.ndarray | None = None
+        self._dict_behind = False                   # add_block added pages the dict does not have yet
+
+    @property
+    def pages(self) -> dict[int, int]:
+        """The mapping as a dict (brought up to date with what add_block added)."""
+        if self._dict_behind:
+            assert self._keys is not None and self._vals is not None
+            self._pages = dict(zip(self._keys.tolist(), self._vals.tolist()))
+            self._dict_behind = False
+        return self._pages
+
+    @property
+    def n_pages(self) -> int:
+        return self._keys.size if self._dict_behind and self._keys is not None else len(self._pages)
 
     def add(self, tid: int, vpage: int, kind: int) -> None:
         pages = self.pages
@@ -107,24 +123,40 @@ class Converter:
             part.flush()
 
     def add_block(self, vpages: np.ndarray, kinds: np.ndarray) -> None:
-        """`add` of many accesses of thread 0 at once (the lackey fast path): the same mapping, the same words."""
-        uniq, first, inverse = np.unique(vpages, return_index=True, return_inverse=True)
-        pages = self.pages
-        g = np.empty(uniq.size, dtype=np.uint64)
-        new = []
-        for j, (u, fi) in enumerate(zip(uniq.tolist(), first.tolist())):
-            v = pages.get(u)
-            if v is None:
-                new.append((fi, j, u))
-            else:
-                g[j] = v
-        for _, j, u in sorted(new):                 # first touch: in the order the block touches them
-            g[j] = pages[u] = len(pages)
+        """`add` of many accesses of thread 0 at once (the lackey fast path): the same mapping, the same words.
+        Pages seen before are looked up in a sorted copy of the mapping (a binary search each, no hashing; a
+        large mapping is searched with the block's pages sorted, which keeps the searches in cache); only a
+        block's new pages go into the dict, in the order the block first touches them."""
+        keys, vals = self._sorted()
+        idx = _search(keys, vpages)
+        np.minimum(idx, max(keys.size - 1, 0), out=idx)         # (past the end: not found, looked at the last)
+        known = keys[idx] == vpages if keys.size else np.zeros(vpages.size, bool)
+        g = vals[idx] if keys.size else np.zeros(vpages.size, dtype=np.uint64)
+        if not known.all():
+            fresh = np.flatnonzero(~known)
+            uniq, first, back = np.unique(vpages[fresh], return_index=True, return_inverse=True)
+            ids = np.empty(uniq.size, dtype=np.uint64)
+            n = self.n_pages
+            ids[np.argsort(first, kind="stable")] = np.arange(n, n + uniq.size, dtype=np.uint64)  # first touch
+            at = np.searchsorted(keys, uniq)
+            self._keys, self._vals = np.insert(keys, at, uniq), np.insert(vals, at, ids)
+            self._dict_behind = True
+            g[fresh] = ids[back.ravel()]
         part = self.parts.get(0) or self._part(0)
         part.flush()
-        words = (g[inverse.ravel()] << np.uint64(KIND_BITS)) | kinds.astype(np.uint64)
+        words = (g << np.uint64(KIND_BITS)) | kinds.astype(np.uint64)
         words.tofile(part.file)
         part.count += words.size
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mapping as (sorted virtual pages, their guest pages), rebuilt when it grew."""
+        if self._keys is None or (not self._dict_behind and self._keys.size != len(self._pages)):
+            pages = self._pages                     # `add` added pages since: the copy anew
+            keys = np.fromiter(pages.keys(), dtype=np.uint64, count=len(pages))
+            vals = np.fromiter(pages.values(), dtype=np.uint64, count=len(pages))
+            order = np.argsort(keys, kind="stable")
+            self._keys, self._vals = keys[order], vals[order]
+        return self._keys, self._vals
 
     def _part(self, tid: int) -> _Part:
         if len(self.parts) >= MAX_PARTS:
@@ -143,7 +175,7 @@ class Converter:
                 p.flush()
                 parts.append((tid, first, p.count))
                 first += p.count
-            header[0:6] = [MAGIC, VERSION, len(parts), len(self.pages), self.page_shift, first]
+            header[0:6] = [MAGIC, VERSION, len(parts), self.n_pages, self.page_shift, first]
             header[8:16] = np.frombuffer(fmt.encode()[:64].ljust(64, b"\0"), dtype=np.uint64)
             for k, (tid, off, n) in enumerate(parts):
                 header[16 + 3 * k:19 + 3 * k] = [tid & ((1 << 64) - 1), off, n]
@@ -153,13 +185,27 @@ class Converter:
                     p.file.seek(0)
                     while block := p.file.read(1 << 20):
                         f.write(block)
-            return TraceInfo(out, fmt, parts, len(self.pages), first)
+            return TraceInfo(out, fmt, parts, self.n_pages, first)
         finally:
             self.close()
 
     def close(self) -> None:
         for p in self.parts.values():
             p.file.close()
+
+
+SORTED_SEARCH = 1 << 16         # a mapping of more pages than this is searched with the queries sorted
+
+
+def _search(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """np.searchsorted(keys, queries); with many keys, the queries searched in sorted order (binary searches of
+    ascending queries touch the same few cache lines one after another) and the results put back."""
+    if keys.size <= SORTED_SEARCH:
+        return np.searchsorted(keys, queries)
+    order = np.argsort(queries, kind="stable")
+    idx = np.empty(queries.size, dtype=np.intp)
+    idx[order] = np.searchsorted(keys, queries[order])
+    return idx
 
 
 def is_converted(path: str) -> bool:

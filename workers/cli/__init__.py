@@ -11,6 +11,7 @@ exits:
   explore.py   shmmmu explore                inspect.py   shmmmu inspect
   vms.py       shmmmu ls, shmmmu rm          torture.py   shmmmu torture lock|rcu
   bench.py     shmmmu bench dirty-log|access-tracking
+  selftests.py shmmmu bench nx-huge-pages|memslot-modification
   trace.py     shmmmu trace record|convert|summary
 
 `main()` (the console script; `python -m shmmmu.workers.cli`) runs the app:
@@ -40,7 +41,7 @@ from shmmmu.region import PREFIX_ERROR, RegionError  # noqa: E402
 from shmmmu.workers.cli.common import EXIT_USAGE, app  # noqa: E402
 
 # the commands, in the order `shmmmu --help` lists them (each module adds its own to the app)
-from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, trace  # noqa: E402,F401
+from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, selftests, trace  # noqa: E402,F401,E501
 
 __all__ = ["app", "main"]
 

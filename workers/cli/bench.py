@@ -5,7 +5,7 @@ from typing import Annotated, Any, Callable
 
 import typer
 
-from shmmmu.workers.cli.common import fail_on, group, running_a_vm
+from shmmmu.workers.cli.common import Timeline, fail_on, group, running_a_vm
 
 bench_app = group("bench", "Benchmarks: the kernel's own measurements on the emulator.")
 
@@ -28,18 +28,34 @@ def bench_dirty_log(
     backing: Backing = "anonymous",
     overlap: Annotated[bool, typer.Option("-o", "--overlap", help="every vCPU walks all the memory instead of "
                                           "its own part.")] = False,
-    write_fraction: Annotated[int, typer.Option("-f", "--write-fraction", help="write 1 of every N pages, read "
-                                                "the rest.")] = 1,
+    write_percent: Annotated[int | None, typer.Option("-w", "--write-percent", help="each access a write with "
+                                                      "this chance in %, else a read (dirty_log_perf_test -w, "
+                                                      "Linux 6.2 on; default 100).", show_default=False)] = None,
+    write_fraction: Annotated[int, typer.Option("-f", "--write-fraction", help="the older form of -w "
+                                                "(dirty_log_perf_test -f, Linux 5.13 to 6.1): write 1 of every "
+                                                "N pages, read the rest.")] = 1,
+    random_access: Annotated[bool, typer.Option("-a", "--random-access", help="access memory randomly rather "
+                                                "than in order (dirty_log_perf_test -a, 6.2 on).")] = False,
+    run_while_disabling: Annotated[bool, typer.Option("-e", "--run-vcpus-while-disabling", help="the vCPUs keep dirtying memory while dirty "
+                                                      "logging is disabled (dirty_log_perf_test -e, 'e' is for "
+                                                      "evil; in 6.1, not in 5.13).")] = False,
+    slots: Annotated[int, typer.Option("-x", "--memslots", help="split the memory into this many memslots, "
+                                       "each logged on its own (dirty_log_perf_test -x, in 6.1; at most 8 "
+                                       "here).")] = 1,
     no_manual_protect: Annotated[bool, typer.Option("-g", "--no-manual-protect", help="no "
                                                     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET clears, no "
                                                     "CLEAR.")] = False,
     lock_mode: Annotated[str, typer.Option("--lock-mode", help="shared (the series), exclusive (the baseline) or "
                                            "both (alternating in one invocation, with ratios).")] = "both",
     repeat: Repeat = 1,
-    seed: Seed = 1,
+    seed: Annotated[int, typer.Option("-r", "--seed", help="the starting random seed (dirty_log_perf_test -r, "
+                                      "6.2 on; default 1 as there).")] = 1,
+    timeline: Timeline = None,
     json_out: JsonOut = False,
 ) -> None:
     """dirty_log_perf_test: populate, enable dirty logging, dirty / get / clear per iteration, disable.
+
+    Options as in tools/testing/selftests/kvm/dirty_log_perf_test.c, each marked with the kernel version it follows (-i -b -v -o -s -g as in 5.13).
 
     Prints the selftest's lines per run (times as the kernel prints them), then
     faults/s, retries per fault, lock wait share, the vCPU processes' CPU time and
@@ -53,7 +69,10 @@ def bench_dirty_log(
     with fail_on(ValueError):
         opts = BenchOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), iterations=iterations,
                             backing=backing.lower(), overlap=overlap, write_every=write_fraction,
-                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed)
+                            write_percent=-1 if write_percent is None else write_percent, random_access=random_access, slots=slots,
+                            run_while_disabling=run_while_disabling,
+                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed,
+                            timeline=timeline or "")
         opts.validate()
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)

@@ -18,6 +18,12 @@ from shmmmu import __version__
 from shmmmu.region import RegionError
 from shmmmu.workers import signals
 
+# --timeline of run, stress, explore and bench (shmmmu.trace.timeline)
+Timeline = Annotated[str | None, typer.Option("--timeline", help="write the MMU's work as Chrome trace-event JSON "
+                                              "to FILE.json: a track per vCPU and host process, faults, "
+                                              "mmu_lock waits and holds, zaps, flushes and their acks, grace "
+                                              "periods (Perfetto, chrome://tracing; docs/trace.md).")]
+
 EXIT_USAGE = 2
 
 app = typer.Typer(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shmmmu.explore import DEFAULT_EXECUTIONS
-from shmmmu.workers.cli.common import KERNEL_HELP, app, fail_on, print_lines, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, Timeline, app, fail_on, print_lines, running_a_vm
 
 
 @app.command()
@@ -59,6 +59,7 @@ def explore(
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="the counterexample's replay writes the "
                                                     "kernel's kvm/kvmmmu tracepoint lines to FILE (timestamps: "
                                                     "steps).")] = None,
+    timeline: Timeline = None,
 ) -> None:
     """Explore interleavings deterministically: find the bug's schedule, shrink it, replay it from one token.
 
@@ -83,7 +84,7 @@ def explore(
                          preemptions=preemptions, seed=seed, executions=executions, time_limit=time_limit,
                          jobs=jobs, mix_seed=mix_seed, atomic=list(atomic or []), shrink=not no_shrink,
                          replay=replay_token, svg=svg_file, html=html_file, with_fix=with_fix, unfold=unfold,
-                         tracepoints=tracepoints or "", kernel=kernel)
+                         tracepoints=tracepoints or "", kernel=kernel, timeline=timeline or "")
     with fail_on(ValueError):
         prepared = prepare_explore(req)
     shown = _SearchProgress(quiet=json_out)

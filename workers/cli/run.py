@@ -9,7 +9,7 @@ from typing import Annotated, Callable, Iterator
 import typer
 
 from shmmmu.workers import signals
-from shmmmu.workers.cli.common import KERNEL_HELP, app, conversion_progress, fail_on, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, Timeline, app, conversion_progress, fail_on, running_a_vm
 
 
 @app.command()
@@ -37,6 +37,7 @@ def run(
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="write the kernel's kvm/kvmmmu "
                                                     "tracepoint lines (trace-cmd report's form) to FILE; `shmmmu "
                                                     "trace summary FILE` reads it.")] = None,
+    timeline: Timeline = None,
     iterations: Annotated[int, typer.Option("--iterations", "-i", help="iterations (the first populates).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="seed of every random choice.")] = 1,
     keep: Annotated[bool, typer.Option("--keep", help="keep the VM alive after the workload until Ctrl-C.")] = False,
@@ -56,8 +57,8 @@ def run(
 
     req = RunRequest(name=name, vcpus=vcpus, memory=memory, backing=backing, lock_mode=lock_mode, overlap=overlap,
                      workload=workload, trace=trace, trace_format=trace_format, tracepoints=tracepoints,
-                     iterations=iterations, seed=seed, debug=debug, stall_timeout=stall_timeout,
-                     kernel=kernel)
+                     timeline=timeline, iterations=iterations, seed=seed, debug=debug,
+                     stall_timeout=stall_timeout, kernel=kernel)
     with fail_on(ValueError), conversion_progress() as shown:
         prepared = prepare_run(req, progress=shown)
     console = Console(stderr=True)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from shmmmu.workers.cli.common import KERNEL_HELP, app, fail_on, print_lines, running_a_vm
+from shmmmu.workers.cli.common import KERNEL_HELP, Timeline, app, fail_on, print_lines, running_a_vm
 
 
 @app.command()
@@ -40,6 +40,7 @@ def stress(
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="write the kernel's kvm/kvmmmu "
                                                     "tracepoint lines (trace-cmd report's form) to FILE; `shmmmu "
                                                     "trace summary FILE` reads it.")] = None,
+    timeline: Timeline = None,
 ) -> None:
     """rcutorture-style stress of the whole MMU with every checker on; SUCCESS or FAILURE (exit 0/1)."""
     import json
@@ -59,7 +60,7 @@ def stress(
                          torture_delay_us=torture_delay_us, root_roles=root_roles, kernel=kernel,
                          mmu_seq_start=mmu_seq_start)
     with fail_on(ValueError):
-        parts = prepare_stress(opts, tracepoints)
+        parts = prepare_stress(opts, tracepoints, timeline)
     log = None if json_out else (lambda line: print(line, flush=True))
     with running_a_vm(), parts:        # the tracepoint parts merged inside
         result = run_stress(opts, Supervisor, log=log)

@@ -8,8 +8,8 @@ import typer
 
 from shmmmu.workers.cli.common import conversion_progress, fail_on, group, print_lines
 
-trace_app = group("trace", "Real traces in (record, convert) and the kernel's tracepoint lines summarized "
-                           "(docs/trace.md).")
+trace_app = group("trace", "Real traces in (record, convert), the kernel's tracepoint lines summarized and "
+                           "drawn as a timeline (docs/trace.md).")
 
 
 @trace_app.command("record", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -64,3 +64,22 @@ def trace_summary(
         print(json.dumps(s.to_json()))
     else:
         print_lines(report(s, path))
+
+
+@trace_app.command("timeline")
+def trace_timeline(
+    path: Annotated[str, typer.Argument(help="a --tracepoints file (text or .dat), or any kernel's `trace-cmd "
+                                        "report` / `perf script` / trace file output.")],
+    out: Annotated[str, typer.Option("--output", "-o", help="the Chrome trace-event JSON to write (Perfetto, "
+                                     "chrome://tracing).")],
+) -> None:
+    """Draw kvm/kvmmmu tracepoint lines as a trace-event timeline: a track per task, page-fault slices, the
+    other events as instants, faults/s and page tables in use as counters."""
+    from shmmmu.outfile import OutputError
+    from shmmmu.trace.formats import TraceError
+    from shmmmu.trace.timeline import from_tracepoints
+    from shmmmu.trace.tracedat import open_text
+
+    with fail_on(TraceError, OutputError), open_text(path) as f:
+        n, skipped = from_tracepoints(f, path, out)
+    print(f"{path}: {n} trace events -> {out}" + (f" ({skipped} line{'s' if skipped != 1 else ''} skipped)" if skipped else ""))
