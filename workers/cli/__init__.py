@@ -12,6 +12,7 @@ exits:
   vms.py       shmmmu ls, shmmmu rm          torture.py   shmmmu torture lock|rcu
   bench.py     shmmmu bench dirty-log|access-tracking
   trace.py     shmmmu trace record|convert|summary
+  campaign.py  shmmmu campaign (stress seeds, explorer searches on a Dask cluster)
 
 `main()` (the console script; `python -m shmmmu.workers.cli`) runs the app:
 every usage error is one line, `shmmmu: error: ...`, and exit 2, never a
@@ -40,7 +41,7 @@ from shmmmu.region import PREFIX_ERROR, RegionError  # noqa: E402
 from shmmmu.workers.cli.common import EXIT_USAGE, app  # noqa: E402
 
 # the commands, in the order `shmmmu --help` lists them (each module adds its own to the app)
-from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, trace  # noqa: E402,F401
+from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, trace, campaign  # noqa: E402,F401
 
 __all__ = ["app", "main"]
 
