@@ -60,8 +60,9 @@ def _cap(task: Task, given: float) -> float:
     return EXPLORE_CAP_S
 
 
-def _open(req: CampaignRequest) -> tuple[ResultsDir, list[Task], dict[str, Any]]:
-    """The campaign directory and its tasks: a new one from the plan, or the plan of the one resumed."""
+def _open(req: CampaignRequest) -> tuple[ResultsDir, list[Task], dict[str, Any], bool]:
+    """The campaign directory and its tasks: a new one from the plan (created by the caller once the cluster is
+    there: a refused campaign writes nothing), or the plan of the one resumed; True for a new one."""
     if req.resume:
         rdir = ResultsDir(req.resume)
         try:
@@ -69,30 +70,34 @@ def _open(req: CampaignRequest) -> tuple[ResultsDir, list[Task], dict[str, Any]]
             tasks = [Task.from_json(t) for t in saved["tasks"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--resume {req.resume}: not a campaign directory ({e})") from None
-        return rdir, tasks, campaign_settings(saved.get("plan", {}))
+        return rdir, tasks, campaign_settings(saved.get("plan", {})), False
     tasks = plan_tasks(req.plan)
     settings = campaign_settings(req.plan)
     path = req.directory or f"campaign-{time.strftime('%Y%m%d-%H%M%S')}"
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise UsageError(f"{path} exists: give another --dir, or --resume {path} to finish that campaign")
-    rdir = ResultsDir(path)
+    return ResultsDir(path), tasks, settings, True
+
+
+def _create(rdir: ResultsDir, plan: dict[str, Any], tasks: list[Task]) -> None:
     try:
-        rdir.create(req.plan, [t.to_json() for t in tasks])
+        rdir.create(plan, [t.to_json() for t in tasks])
     except OSError as e:
-        raise UsageError(f"cannot write the campaign directory {path}: {e.strerror or e}") from None
-    return rdir, tasks, settings
+        raise UsageError(f"cannot write the campaign directory {rdir.path}: {e.strerror or e}") from None
 
 
 def run_campaign(req: CampaignRequest, shown: Callable[[Any, int, int], None] | None = None) -> CampaignOutcome:
     """Run (or finish) a campaign; `shown(counts, total, workers)` is called as results arrive (the progress bar).
     A KeyboardInterrupt (Ctrl-C, SIGTERM through the signal policy) stops it and keeps what finished."""
     from shmmmu.campaign import tasks as T
-    from shmmmu.campaign.cluster import connected, need_dask, worker_count
+    from shmmmu.campaign.cluster import check_address, connected, need_dask, worker_count
     from shmmmu.campaign.driver import Driver
     from shmmmu.region import PREFIX
 
     need_dask()
-    rdir, tasks, settings = _open(req)
+    if req.scheduler:
+        check_address(req.scheduler)
+    rdir, tasks, settings, fresh = _open(req)
     done = rdir.lines()
     todo = [t for t in tasks if done.get(t.id, {}).get("verdict") not in FINAL]
     family = T.family_of(PREFIX, "".join(secrets.choice(T.ALNUM) for _ in range(6)))
@@ -101,6 +106,8 @@ def run_campaign(req: CampaignRequest, shown: Callable[[Any, int, int], None] | 
     complete, workers = True, 0
     try:
         with connected(req.scheduler, req.workers or settings["workers"]) as client:
+            if fresh:
+                _create(rdir, req.plan, tasks)
             workers = worker_count(client)
             driver = Driver(client, rdir, family, lambda t: _cap(t, given), coordinators=workers,
                             shown=(lambda c: shown(c, len(todo), workers)) if shown else None)
