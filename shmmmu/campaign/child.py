@@ -10,10 +10,11 @@ leaves no run behind.  SIGTERM is how `shmmmu stress` and `explore` are told
 to clean up (their signal policy unlinks the region); the subtree mode makes
 it a KeyboardInterrupt, so its Explorer's `with` unlinks its region.
 
-The subtree mode reads (ExploreOptions, prefix, bound, points, top, limit) as
-a pickle on stdin, explores that subtree with shmmmu.explore.split's
-explore_subtree in an Explorer of its own (the one `explore --jobs` builds)
-and writes the SubtreeResult as a pickle on stdout.
+The subtree mode reads (ExploreOptions, prefix, bound, points, top, limit,
+the coordinator's semaphore-name stem) as a pickle on stdin, explores that
+subtree with shmmmu.explore.split's explore_subtree in an Explorer of its own
+(the one `explore --jobs` builds) and writes the SubtreeResult as a pickle on
+stdout.
 """
 from __future__ import annotations
 
@@ -37,13 +38,25 @@ def die_with(parent: int) -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
+def renamed(points: dict[str, set[int]], old: str, new: str) -> dict[str, set[int]]:
+    """Points with the semaphore words of the region whose semaphore names start `old` named as `new`'s."""
+    head = "sem:" + old
+    return {("sem:" + new + k[len(head):] if k.startswith(head) else k): set(w) for k, w in points.items()}
+
+
 def subtree() -> None:
     from shmmmu.explore.split import explore_subtree
+    from shmmmu.shm import semaphore_name
     from shmmmu.workers.explore import _explorer        # the Explorer explore --jobs builds from the options
 
-    opts, prefix, bound, points, top, limit = pickle.load(sys.stdin.buffer)
+    opts, prefix, bound, points, top, limit, theirs = pickle.load(sys.stdin.buffer)
     with _explorer(opts) as ex:
-        r = explore_subtree(ex, prefix, bound, points, top, limit)
+        # a semaphore's scheduling point is named after its region's semaphore (sched.py: "sem:" + its name),
+        # so the coordinator's points name its own region's: renamed to this region's, and back, this subtree
+        # decides at the same points as in the coordinator's process (one process's answer)
+        ours = semaphore_name(ex.name, "")
+        r = explore_subtree(ex, prefix, bound, renamed(points, theirs, ours), top, limit)
+        r.points = renamed(r.points, ours, theirs)
     sys.stdout.buffer.write(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.flush()
 

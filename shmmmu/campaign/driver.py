@@ -117,13 +117,14 @@ class Driver:
         subtree a task of the cluster."""
         from shmmmu.explore.report import ExploreOptions, run_explore
         from shmmmu.explore.split import split_search
+        from shmmmu.shm import semaphore_name
 
         t0 = time.monotonic()
         workers: set[str] = set()
         attempts = [1]
 
         def searcher(opts, sc, strategy, depth, ex, progress=None):
-            runner = _Subtrees(self, opts, workers, attempts)
+            runner = _Subtrees(self, opts, semaphore_name(ex.name, ""), workers, attempts)
             return split_search(ex, opts.preemptions, opts.executions, runner=runner.run,
                                 time_limit=opts.time_limit)
         with self.lock:
@@ -206,16 +207,16 @@ class Driver:
 class _Subtrees:
     """The runner split_search takes: a round's subtrees as tasks of the cluster, taken in the split's order."""
 
-    def __init__(self, driver: Driver, opts: Any, workers: set[str], attempts: list[int]):
-        self.d, self.opts, self.workers, self.attempts = driver, opts, workers, attempts
+    def __init__(self, driver: Driver, opts: Any, stem: str, workers: set[str], attempts: list[int]):
+        self.d, self.opts, self.stem, self.workers, self.attempts = driver, opts, stem, workers, attempts
 
     def _submit(self, payload: bytes, cap: float) -> Any:
         return self.d._submit(T.run_subtree, (payload,), cap)
 
     def run(self, prefixes, bound, points, top, limit) -> list:
         cap = self.d.caps(Task("", "explore", None, "", (), "dfs"))
-        payloads = [pickle.dumps((self.opts, p, bound, points, top, limit), protocol=pickle.HIGHEST_PROTOCOL)
-                    for p in prefixes]
+        payloads = [pickle.dumps((self.opts, p, bound, points, top, limit, self.stem),
+                                 protocol=pickle.HIGHEST_PROTOCOL) for p in prefixes]
         futs = [self._submit(p, cap) for p in payloads]
         out = []
         try:

@@ -1,4 +1,4 @@
-"""Campaign: `shmmmu campaign`: many stress runs or explorer searches on a Dask cluster, and their summary (shmmmu.campaign)."""
+"""Campaign: `shmmmu campaign`: stress runs or explorer searches as tasks of a Dask cluster (shmmmu.campaign)."""
 from __future__ import annotations
 
 import sys
