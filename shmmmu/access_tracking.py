@@ -182,7 +182,8 @@ def _run_one(opts: AccessTrackingOptions, mode: str, index: int, launcher: Launc
             left = mmu.destroy()
             if left:
                 problems.append(f"table-leak: {left} tables still on the page list after the VM was destroyed")
-            problems += [str(v) for v in violations.read_all(vm.region)]
+            who = violations.worker_names(vm.config)
+            problems += [v.explained(who, vm.config.geometry.entries) for v in violations.read_all(vm.region)]
         except BaseException:
             sup.kill_all()
             raise

@@ -24,6 +24,7 @@ from shmmmu import hostpage
 from shmmmu import spte as S
 from shmmmu.layout import N_STATS, NIL, STAT, Ctl, MemslotFlags, TableState, TMeta, WState
 from shmmmu.snapshot import Snapshot, Source, Walk, snapshot, take_snapshot, walk_tables
+from shmmmu.variants import traits
 
 __all__ = ["Problem", "Snapshot", "Walk", "Leaf", "snapshot", "take_snapshot", "walk_tables", "count_leaves",
            "leaves_by_gfn", "retired_count", "check_table_structure", "check_table_accounting",
@@ -209,7 +210,7 @@ def check_table_accounting(source: Source) -> list[Problem]:
     if count != len(below):
         problems.append(Problem("table-leak", f"the page count (tdp_mmu_pages) says {count}, {len(below)} "
                                               f"tables hang below the roots"))
-    if "link-after-publish" in snap.config.bugs:
+    if "page-list" in traits(snap.config.kernel, snap.config.bugs):
         problems += _check_page_list(snap, below)
     return problems
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shmmmu import outfile
-from shmmmu.explore import DEFAULT_EXECUTIONS, render
+from shmmmu.explore import DEFAULT_EXECUTIONS, html
 from shmmmu.explore.explorer import Explorer, SearchResult
 from shmmmu.explore.report import ExploreOptions, ReplayReport, Report, list_lines, run_explore, run_replay
 from shmmmu.validate import UsageError
@@ -50,6 +50,9 @@ class ExploreRequest:
     shrink: bool = True
     replay: str = ""                    # a token: re-execute it instead of searching
     svg: str = ""                       # draw the counterexample here
+    html: str = ""                      # the counterexample as one self-contained page here
+    with_fix: bool = False              # also run the counterexample's decisions with its bug switches off
+    unfold: bool = False                # show the setup steps instead of folding them
     tracepoints: str = ""               # the counterexample's replay writes its tracepoint lines here
 
     def search_options_given(self) -> list[str]:
@@ -61,7 +64,7 @@ class ExploreRequest:
         return ExploreOptions(scenario=self.scenario, bugs=list(self.bugs), strategy=self.strategy, seed=self.seed,
                               depth=self.depth, preemptions=self.preemptions, executions=self.executions,
                               time_limit=self.time_limit, mix_seed=self.mix_seed, atomic=list(self.atomic),
-                              shrink=self.shrink, tracepoints=tracepoints)
+                              shrink=self.shrink, tracepoints=tracepoints, with_fix=self.with_fix or bool(self.html))
 
 
 class PreparedExplore:
@@ -91,8 +94,9 @@ def prepare_explore(req: ExploreRequest) -> PreparedExplore:
         if given:
             raise UsageError(f"--replay runs the token's own scenario, switches and schedule: {', '.join(given)} "
                              f"cannot go with it")
-    if req.svg:
-        outfile.check(req.svg)
+    for path in (req.svg, req.html):
+        if path:
+            outfile.check(path)
     stack = ExitStack()
     parts = stack.enter_context(tracepoint_parts(req.tracepoints)) if req.tracepoints else ""
     return PreparedExplore(req, parts, stack)
@@ -100,15 +104,21 @@ def prepare_explore(req: ExploreRequest) -> PreparedExplore:
 
 @dataclass
 class Exploration:
-    """What an exploration ended with: a search's report, or a replay's."""
+    """What an exploration ended with: a search's report, or a replay's (`with_fix`: the replay's verdict is the
+    fix's)."""
     search: Report | None = None
     replay: ReplayReport | None = None
+    with_fix: bool = False
+    command: str = ""
 
     @property
     def status(self) -> int:
         if self.replay is not None:
             if not self.replay.same:
                 return EXIT_DIVERGED
+            if self.with_fix:
+                # what is asked is the fix's verdict: a finding with the fix is a bug of shmmmu (said loudly)
+                return 1 if self.replay.explained.fix.rec.result.finding is not None else 0
             return 1 if self.replay.result.finding is not None else 0
         return 0 if self.search.ok else 1
 
@@ -116,24 +126,37 @@ class Exploration:
         return self.replay.lines() if self.replay is not None else self.search.lines()
 
     def to_json(self) -> dict[str, Any]:
-        if self.replay is None:
-            return self.search.to_json()
-        r = self.replay
-        return {"same": r.same, "differences": r.differences, "steps": r.result.steps,
-                "finding": str(r.result.finding) if r.result.finding else None}
+        return self.search.to_json() if self.replay is None else self.replay.to_json()
 
-    def draw(self, path: str) -> str | None:
-        """Write the counterexample's swimlanes to `path` as SVG; with nothing found, the sentence that says
-        no picture was written (None: it was)."""
+    def _explained(self, what: str, path: str):
+        """The counterexample and its title, or the sentence that says why nothing was written."""
         if self.replay is not None:
             r = self.replay
             if r.result.finding is None:
-                return f"the replay found nothing: no picture written to {path}"
-            outfile.write(path, render.svg(r.lines()[:2], r.runs, r.result.actors, str(r.result.finding)))
-            return None
+                return None, f"the replay found nothing: no {what} written to {path}"
+            return (r.explained, r.title(), r.token.encode()), None
         if self.search.found is None:
-            return f"no finding: no picture written to {path}"
-        outfile.write(path, self.search.svg())
+            return None, f"no finding: no {what} written to {path}"
+        s = self.search
+        return (s.explained, s.title, s.token), None
+
+    def draw(self, path: str, unfold: bool = False) -> str | None:
+        """Write the counterexample's swimlanes to `path` as SVG; with nothing found, the sentence that says
+        no picture was written (None: it was)."""
+        got, why = self._explained("picture", path)
+        if got is None:
+            return why
+        e, title, _ = got
+        outfile.write(path, e.svg(title, unfold))
+        return None
+
+    def write_html(self, path: str) -> str | None:
+        """Write the counterexample as one self-contained HTML page (the with-fix execution beside it)."""
+        got, why = self._explained("page", path)
+        if got is None:
+            return why
+        e, title, token = got
+        outfile.write(path, html.page(e, title, token, self.command))
         return None
 
 
@@ -147,13 +170,36 @@ def explore(prepared: PreparedExplore, searcher: Callable[[int], Callable[..., S
     req = prepared.request
     if req.replay:
         try:
-            return Exploration(replay=run_replay(req.replay, keep=keep, tracepoints=prepared.tracepoints))
+            r = run_replay(req.replay, keep=keep, tracepoints=prepared.tracepoints,
+                           with_fix=req.with_fix or bool(req.html))
         except ValueError as e:
             raise UsageError(str(e)) from e
+        r.unfold, r.show_fix = req.unfold, req.with_fix
+        return Exploration(replay=r, with_fix=req.with_fix, command=command_of(req))
     opts = req.options(prepared.tracepoints)
     try:
         opts.resolve()
     except ValueError as e:
         raise UsageError(str(e)) from e
     spread = searcher(req.jobs) if searcher is not None and req.jobs > 1 else None
-    return Exploration(search=run_explore(opts, searcher=spread, progress=progress, keep=keep))
+    rep = run_explore(opts, searcher=spread, progress=progress, keep=keep)
+    rep.unfold, rep.show_fix = req.unfold, req.with_fix
+    return Exploration(search=rep, command=command_of(req))
+
+
+def command_of(req: ExploreRequest) -> str:
+    """The command line that makes this counterexample (for the page's header)."""
+    if req.replay:
+        return f"shmmmu explore --replay {req.replay}" + (" --with-fix" if req.with_fix else "")
+    words = ["shmmmu explore"]
+    for option, name in SEARCH_OPTIONS:
+        value, default = getattr(req, name), getattr(ExploreRequest(), name)
+        if value == default:
+            continue
+        if option == "--no-shrink":
+            words.append(option)
+        elif isinstance(value, list):
+            words += [f"{option} {v}" for v in value]
+        else:
+            words.append(f"{option} {value}")
+    return " ".join(words)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmmmu.spte import Geometry
+from shmmmu.variants import PROFILE_NAMES, check_names
 
 LINE = 8                       # words per 64-byte cache line: hot words get a line each
 
@@ -253,7 +254,7 @@ STAT = {n: i for i, n in enumerate(STAT_NAMES)}
 class ViolationRow(Row):
     """violations: one record per violation (violations.py names the kinds)."""
 
-    KIND, WORKER, GFN, A, B, TIME_NS = range(6)
+    KIND, WORKER, GFN, A, B, TIME_NS, SITE = range(7)     # SITE: violations.SITES index + 1 (0: unknown)
     WORDS = 8
 
 
@@ -336,6 +337,7 @@ class VMConfig:
     n_tables: int = 0                    # 0: derived from the memory size
     memslots: list[MemslotSpec] = field(default_factory=list)
     lock_mode: str = "shared"            # "shared" (the series) or "exclusive" (the baseline)
+    kernel: str = "5.13"                 # the kernel profile (shmmmu.variants.PROFILES)
     bugs: list[str] = field(default_factory=list)
     debug: bool = False                  # the debug checkers (shmmmu.mmu.debug), poisoned freed tables
     tlb_entries: int = 4096
@@ -446,7 +448,8 @@ _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {
     "pages": (0, 1 << 52), "n_vcpus": (0, 256), "write_every": (0, 1 << 32), "write_fraction": (0, 1),
     "exec_fraction": (0, 1), "hot_fraction": (0, 1), "hot_pages": (0, 1 << 52), "trace_pages": (0, 1 << 52)}
 # strings with a fixed set of values
-_CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS}
+_CHOICES = {("config", "lock_mode"): ("shared", "exclusive"), ("workload", "kind"): Workload.KINDS,
+            ("config", "kernel"): PROFILE_NAMES}
 
 
 def _show(v: Any) -> str:
@@ -456,7 +459,6 @@ def _show(v: Any) -> str:
 
 def _fields(cls: type, d: Any, where: str, limits: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """A JSON object's fields for dataclass `cls`, each of the type its default has and within `limits`."""
-    from shmmmu.bugs import BUGS
 
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be an object, not {_show(d)}")
@@ -488,8 +490,12 @@ def _fields(cls: type, d: Any, where: str, limits: dict[str, tuple[float, float]
             if choices is not None and v not in choices:
                 raise ConfigError(f"{what} must be one of {', '.join(choices)}, not {_show(v)}")
         elif kind == "list[str]":                       # bugs: the switches' names
-            if not isinstance(v, list) or any(type(b) is not str or b not in BUGS for b in v):
+            if not isinstance(v, list) or any(type(b) is not str for b in v):
                 raise ConfigError(f"{what} must be a list of bug switch names, not {_show(v)}")
+            try:
+                check_names(v, d.get("kernel", "5.13") if isinstance(d.get("kernel"), str) else "5.13")
+            except ValueError as e:
+                raise ConfigError(f"{what}: {e}") from None
         else:                                           # a field this check does not know: a new one
             raise ConfigError(f"{where} field {k} has a type ({kind}) this shmmmu cannot check")
     return out

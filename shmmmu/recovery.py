@@ -22,6 +22,7 @@ import numpy as np
 
 from shmmmu import spte as S
 from shmmmu.layout import NIL, ROOT_TABLE, Ctl, RootRow, TableState, TMeta, WState
+from shmmmu.variants import traits
 
 TS_FREE, TS_CACHED, TS_LIVE, TS_RETIRED = TableState.FREE, TableState.CACHED, TableState.LIVE, TableState.RETIRED
 
@@ -111,7 +112,7 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
         live = np.flatnonzero(reach)
         live = live[~np.isin(live, roots)]
         ctl = mmu.ctl
-        if "link-after-publish" in mmu.config.bugs:
+        if "page-list" in traits(mmu.config.kernel, mmu.config.bugs):
             tmeta = mmu.tmeta
             prev = NIL
             for t in live[::-1]:

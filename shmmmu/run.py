@@ -307,7 +307,8 @@ def run_vm(opts: RunOptions, launcher: LauncherFactory, progress: Callable[[str,
             if left:
                 problems.append(f"table-leak: {left} tables still on the page list after the VM was destroyed "
                                 f"(kvm_mmu_uninit_tdp_mmu's WARN)")
-            found = [str(v) for v in violations.read_all(vm.region)]
+            who = violations.worker_names(vm.config)
+            found = [v.explained(who, vm.config.geometry.entries) for v in violations.read_all(vm.region)]
         except BaseException:
             sup.kill_all()
             raise

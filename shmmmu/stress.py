@@ -20,7 +20,7 @@ one of them or the next.
 The same seed, vCPU count and duration give the same operation streams.
 `shmmmu stress` is `prepare_stress` (the options checked, the tracepoint
 directory made), then `run_stress`, then the report; `--list-bugs` is
-`bug_lines()`.
+`shmmmu.variants.bug_lines()`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from shmmmu import validate as V
 from shmmmu import violations
-from shmmmu.bugs import BUGS, check_names
+from shmmmu.variants import check_names
 from shmmmu.checks import check_all
 from shmmmu.integrity import check_guest_memory, guest_values
 from shmmmu.launch import LauncherFactory, LockStuck, WorkerDied
@@ -116,12 +116,6 @@ class StressOptions:
         if self.root_roles != StressOptions.root_roles:
             cmd += f" --root-roles {self.root_roles}"
         return cmd
-
-
-def bug_lines() -> list[str]:
-    """`shmmmu stress --list-bugs`: every bug switch, with the fix it reverts and what goes wrong without it."""
-    return [f"{b.name}{' (' + b.ref + ')' if b.ref else ''}\n    reverts: {b.reverts}\n    effect:  {b.effect}"
-            for b in BUGS.values()]
 
 
 def prepare_stress(opts: StressOptions, tracepoints: str | None = None) -> ExitStack:
@@ -349,7 +343,9 @@ def run_stress(opts: StressOptions, launcher: LauncherFactory,
             if any(pipe[2:]):
                 problems.append(f"use-after-free: Reader Pipe has {sum(pipe[2:])} reads past bucket 1")
             recorded = violations.read_all(vm.region)
-            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x})" for v in recorded]
+            who = violations.worker_names(vm.config)
+            problems += [f"{v.kind}: worker {v.worker} gfn {v.gfn:#x} ({v.a:#x}, {v.b:#x}): "
+                         f"{v.sentence(who, vm.config.geometry.entries)}" for v in recorded]
             first_violation = (min(v.time_ns for v in recorded) / 1e9 - t_begin) if recorded else None
             problems += check_guest_memory(vm)
             crashed = any(p.startswith("worker-crashed") for p in problems)

@@ -1,14 +1,268 @@
-"""Variants: the one table of kernel profiles and the switches each profile carries (grows into the whole table)."""
+"""Variants: the one declared table of kernel variants (bug switches, a profile's own functions) and of profiles.
+
+A variant is a named replacement of one or more kernel functions, declared
+with the kernel commits it reverts (a bug switch re-creates the code before
+the fix) or follows (a profile's version of a function), and the releases
+they shipped in.  A kernel profile is a set of variants plus constants.  The
+table is applied in one place, once, when an `Mmu` is built
+(`shmmmu.mmu.Mmu`, through `replaced_functions`): nothing on a fast path
+tests a switch.  `shmmmu stress --list-bugs`, docs/internals.md's "which
+kernel" tables and docs/stress.md are generated from or checked against it
+(tools/variant_tables.py, tests/unit/test_variants.py), as liburcu declares
+its flavours in one `rcu_flavor_struct` table.
+
+Traits say what a checker must know of a VM built with a variant: 5.13's
+page list (K18) is checked only where it exists.
+"""
 from __future__ import annotations
 
-from shmmmu.bugs import BUGS
+from dataclasses import dataclass, field
+
+BUG = "bug"              # re-creates a bug a kernel had, in its shape before the fix
+KERNEL = "kernel"        # a profile's own version of functions (always on in that profile)
+FEATURE = "feature"      # a later kernel's mechanism, turned on by name
 
 DEFAULT_PROFILE = "5.13"
-PROFILE_NAMES: tuple[str, ...] = ("5.13",)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A kernel commit as docs/reference/commits.md lists it (read beside its subject in a public source)."""
+
+    id: str          # 12 hex digits
+    subject: str
+    version: str     # the release it shipped in
+
+
+# every commit the table cites; tests/unit/test_variants.py holds each to docs/reference/commits.md
+COMMITS: dict[str, Commit] = {c.id: c for c in [
+    Commit("7cca2d0b7e7d", "KVM: x86/mmu: Protect TDP MMU page table memory with RCU", "5.12"),
+    Commit("e25f0e0cd51b", "KVM: x86/mmu: Mark SPTEs in disconnected pages as removed", "5.12"),
+    Commit("08f07c800e9d", "KVM: x86/mmu: Flush TLBs after zap in TDP MMU PF handler", "5.12"),
+    Commit("9a77daacc87d", "KVM: x86/mmu: Use atomic ops to set SPTEs in TDP MMU map", "5.12"),
+    Commit("ed5e484b79e8", "KVM: x86/mmu: Ensure forward progress when yielding in TDP MMU iter", "5.12"),
+    Commit("f1b3b06a058b", "KVM: x86/mmu: Clear dirtied pages mask bit before early break", "5.12"),
+    Commit("a835429cda91", "KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap", "5.12"),
+    Commit("11cccf5c0472", "KVM: x86/mmu: Make TDP MMU root refcount atomic", "5.13"),
+    Commit("524a1e4e381f", "KVM: x86/mmu: Don't leak non-leaf SPTEs when zapping all SPTEs", "5.14"),
+    Commit("3a0f64de479c", "KVM: x86/mmu: Don't advance iterator after restart due to yielding", "5.16"),
+    Commit("7533377215b6", "KVM: x86/mmu: Use yield-safe TDP MMU root iter in MMU notifier unmapping", "5.16"),
+    Commit("a955cad84cda", "KVM: x86/mmu: Retry page fault if root is invalidated by memslot update", "5.16"),
+    Commit("d62007edf01f", "KVM: x86/mmu: Zap _all_ roots when unmapping gfn range in TDP MMU", "5.18"),
+    Commit("ba3a6120a4e7", "KVM: x86/mmu: Use atomic XCHG to write TDP MMU SPTEs with volatile bits", "5.18"),
+    Commit("47b0c2e4c220", "KVM: x86/mmu: Fix race condition in direct_page_fault", "6.1"),
+    Commit("d25ceb926436", "KVM: x86/mmu: Track the number of TDP MMU pages, but not the actual pages", "6.2"),
+    Commit("61f94478547b", "KVM: x86/mmu: Set disallowed_nx_huge_page in TDP MMU before setting SPTE", "6.2"),
+]}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One declared replacement of kernel functions."""
+
+    name: str
+    kind: str                          # BUG, KERNEL or FEATURE
+    profiles: tuple[str, ...]          # the profiles it exists in
+    ref: str                           # K number (KVM_TDP_MMU.md §12) or B number (KERNEL_612.md §2); "" if none
+    commits: tuple[str, ...]           # the fix it reverts (BUG) or the change it follows; ids in COMMITS
+    what: str                          # the change in words: what the commits say, or the mechanism taken away
+    effect: str                        # what goes wrong with it on, and which checker sees it
+    # ("part.function", "the function beside it that replaces it"), applied when an Mmu is built
+    replaces: tuple[tuple[str, str], ...] = ()
+    stress_args: tuple[str, ...] = ()  # what `shmmmu stress` needs to give it its contention or geometry
+    traits: frozenset[str] = field(default_factory=frozenset)   # what checkers must know of a VM with it on
+
+    def reverts(self) -> str:
+        """The commits and the change, in one line: `ID SUBJECT (VERSION)`, ... then the words."""
+        cited = " + ".join(f"{c} {COMMITS[c].subject} ({COMMITS[c].version})" for c in self.commits)
+        return f"{cited}: {self.what}" if cited and self.what else cited or self.what
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named kernel: the variants it is made of and its constants."""
+
+    name: str
+    release: str                       # what it follows, in words
+    variants: tuple[str, ...] = ()     # KERNEL variants always on in it
+    constants: tuple[tuple[str, int], ...] = ()
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile("5.13", "Linux 5.13 as released, with each known 5.13 bug's later fix (docs/internals.md)"),
+]}
+PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
+
+_513 = ("5.13",)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("rcu-free-immediately", BUG, _513, "K7", ("7cca2d0b7e7d",), "",
+            "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
+            "recycled table (Reader Pipe age >= 2, poison read)",
+            replaces=(("tdp.free_sp", "free_sp_now"),)),
+    Variant("zero-removed-children", BUG, _513, "K6", ("e25f0e0cd51b",), "",
+            "entries of a disconnected table are cleared to 0 instead of REMOVED; a fault holding a pointer into "
+            "it installs into a dead table (install into a retired table, leaked tables)",
+            replaces=(("tdp.freeze_removed_entries", "freeze_k6_zero_children"),)),
+    Variant("fault-zap-flush-late", BUG, _513, "K5", ("08f07c800e9d",), "",
+            "the fault path clears a huge leaf to 0 with the atomic setter and only then flushes; in between "
+            "another vCPU installs a new translation of the address while a TLB still holds the huge one "
+            "(install-before-flush: two live translations of one address). The switch replaces the atomic zap "
+            "everywhere, so 5.13's read-lock zaps (zap range, collapsible zaps, the zap of invalidated roots) "
+            "also clear before they flush, which no kernel did: they came in 5.13, after the fix",
+            replaces=(("tdp.tdp_mmu_zap_spte_atomic", "zap_spte_atomic_k5_flush_late"),)),
+    Variant("fault-plain-store", BUG, _513, "K4", ("9a77daacc87d",), "",
+            "the fault path installs entries with plain stores under the read lock; racing vCPUs overwrite each "
+            "other's tables (leaked tables, lost mappings). The switch replaces the atomic setter everywhere, so "
+            "5.13's read-lock zaps and write protection store plainly too, which no kernel did: they came in "
+            "5.13, after the fix",
+            replaces=(("tdp.tdp_mmu_set_spte_atomic", "set_spte_atomic_k4_plain_store"),)),
+    Variant("cas-over-removed", BUG, _513, "K8", ("08f07c800e9d",),
+            "the REMOVED check in tdp_mmu_set_spte_atomic",
+            "the atomic setter accepts a frozen entry as its old value and overwrites it (frozen entry "
+            "overwritten, leaked tables)",
+            replaces=(("tdp.tdp_mmu_set_spte_atomic", "set_spte_atomic_k8_accepts_removed"),)),
+    Variant("no-forward-progress", BUG, _513, "K1", ("ed5e484b79e8",), "",
+            "a range walk yields again at the same GFN whenever the lock is contended and livelocks "
+            "(forward-progress bound exceeded)",
+            replaces=(("tdp.tdp_mmu_iter_cond_resched", "cond_resched_k1_no_progress_check"),),
+            stress_args=("--lock-mode", "exclusive")),
+    Variant("advance-after-restart", BUG, _513, "K9", ("3a0f64de479c",), "CVE-2021-47094",
+            "after yielding, the walk restarts and then advances, skipping the root-level entry "
+            "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)",
+            replaces=(("tdp.tdp_mmu_iter_cond_resched", "cond_resched_k9_restart_then_advance"),
+                      ("zap.kvm_tdp_mmu_zap_all", "zap_all_k9_root_entries")),
+            stress_args=("--lock-mode", "exclusive")),
+    Variant("yield-with-owed-flush", BUG, _513, "K11", ("a835429cda91",), "",
+            "each root's zap_gfn_range starts with no flush owed, so a yield in a later root drops mmu_lock with "
+            "an earlier root's zaps unflushed (the flush still comes at the end); faults install where the "
+            "zapped translations are still cached (lock-dropped-unflushed, I6; install-before-flush)",
+            replaces=(("zap.kvm_tdp_mmu_zap_gfn_range", "zap_gfn_range_k11_flush_not_passed"),
+                      ("zap.kvm_tdp_mmu_zap_all", "zap_all_k11_flush_not_passed"))),
+    Variant("exclusive-plain-store", BUG, _513, "K14", ("ba3a6120a4e7",), "",
+            "the write-lock setter stores over a leaf whose A bit the processor may set meanwhile (an aged "
+            "leaf), from the value it read before: the access is lost to the host (host-accessed-lost at the "
+            "next aging or unmap)",
+            replaces=(("tdp.kvm_tdp_mmu_write_spte", "write_spte_k14_plain_store"),)),
+    Variant("dirty-mask-late-clear", BUG, _513, "K3", ("f1b3b06a058b",), "",
+            "clear_dirty_pt_masked cannot stop early once the mask is done and walks the rest of the 64 GFNs "
+            "(wasted walk past the mask: a work bound, not a correctness bug)",
+            replaces=(("dirty.clear_dirty_pt_masked", "clear_dirty_pt_masked_k3_late_clear"),)),
+    Variant("no-notifier-recheck", BUG, _513, "", (),
+            "mmu_notifier_retry in the fault path (mmu_seq recheck)",
+            "a fault that resolved the host page before a host unmap installs the old page afterwards "
+            "(write through a stale mapping lands in a poisoned host page)",
+            replaces=(("fault.mmu_notifier_retry_hva", "notifier_retry_never"),)),
+    Variant("no-wrprot-on-enable", BUG, _513, "", (),
+            "kvm_mmu_slot_remove_write_access when dirty logging is enabled",
+            "enabling dirty logging leaves writable mappings; writes through them are never logged "
+            "(dirty-log false negative)",
+            replaces=(("ioctl.kvm_mmu_slot_remove_write_access", "slot_remove_write_access_skipped"),)),
+    Variant("link-after-publish", BUG, _513, "K18", ("d25ceb926436", "61f94478547b"),
+            "5.13's tdp_mmu_pages list, tdp_mmu_link_page after the cmpxchg",
+            "a zap of the new entry between the cmpxchg and list_add runs list_del on a table not yet on the "
+            "list, and the late list_add puts the freed table there (list_del of an unlisted table; page list "
+            "!= reachable tables)",
+            replaces=(("map.tdp_mmu_link_sp", "link_sp_k18_page_list"),
+                      ("map.tdp_mmu_unlink_sp", "unlink_sp_k18_page_list")),
+            traits=frozenset({"page-list"})),
+    Variant("zap-all-phys-end", BUG, _513, "K17", ("524a1e4e381f",), "",
+            "zap-all ends at the host's physical limit and skips a root entry that reaches past it; below one "
+            "root entry's span (a small VM with 512-entry tables, --bits 9) nothing is zapped and VM destruction "
+            "leaks every table (table-leak: the page list is not empty after destroy)",
+            replaces=(("zap.tdp_mmu_zap_root", "zap_root_k17_phys_end"),
+                      ("zap.kvm_tdp_mmu_zap_all", "zap_all_k17_phys_end")),
+            stress_args=("--bits", "9")),
+    Variant("root-refcount-not-atomic", BUG, _513, "", ("11cccf5c0472",), "",
+            "5.12's plain root count, incremented and decremented by walkers that now run under the read lock: "
+            "a lost update frees a root a vCPU still uses, or leaks one (root-refcount: freed while held, count "
+            "!= holders)",
+            replaces=(("roots.refcount_inc_not_zero", "refcount_inc_not_zero_plain"),
+                      ("roots.refcount_dec_and_test", "refcount_dec_and_test_plain"))),
+    Variant("fault-into-invalid-root", BUG, _513, "", ("a955cad84cda",), "",
+            "a vCPU that took its fault before the invalidation installs into its invalid root behind the "
+            "zapper, which has already emptied it (install-into-invalid-root: a zapped root holds entries)",
+            replaces=(("fault.root_is_obsolete", "root_never_obsolete"),)),
+    Variant("notifier-unsafe-root-walk", BUG, _513, "", ("7533377215b6",), "",
+            "5.13's notifier walks the roots without a reference and yields (may_block); the root's last "
+            "reference goes meanwhile and the walk resumes in a freed table (use-after-free, Reader Pipe)",
+            replaces=(("zap.kvm_tdp_mmu_unmap_gfn_range", "unmap_gfn_range_unsafe_root_walk"),)),
+    Variant("unmap-skips-invalid-roots", BUG, _513, "", ("d62007edf01f",), "",
+            "the zaps' yield-safe root walk skips invalid roots; an MMU notifier returns while an invalid root "
+            "whose zapper yielded still maps the range (mapping-after-unmap). This is 5.16-5.17's notifier "
+            "(7533377215b6 without the fix) grafted onto 5.13, whose own notifier walked every root; 5.13's "
+            "valid-only walk was in zap range and zap-all, which the switch also reverts",
+            replaces=(("zap.kvm_tdp_mmu_zap_gfn_range", "zap_gfn_range_valid_roots_only"),
+                      ("zap.kvm_tdp_mmu_zap_all", "zap_all_valid_roots_only"))),
+    Variant("pages-lock-in-read-fault", BUG, _513, "K15", ("47b0c2e4c220",),
+            "CVE-2022-45869: make_mmu_pages_available under the read lock",
+            "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
+            "for write)",
+            replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_k15_reclaim_under_read_lock"),)),
+]}
+
+# the old name of the switch table, kept for readers of earlier docs
+BUGS = {name: v for name, v in VARIANTS.items() if v.kind == BUG}
+
+
+def check_profile(profile: str) -> Profile:
+    """The profile named `profile`; ValueError names the known ones."""
+    p = PROFILES.get(profile)
+    if p is None:
+        raise ValueError(f"unknown kernel {profile!r}; known: {', '.join(PROFILES)}")
+    return p
 
 
 def bugs_of(profile: str) -> list[str]:
     """The bug switches a profile carries, in the table's order; ValueError names an unknown profile."""
-    if profile not in PROFILE_NAMES:
-        raise ValueError(f"unknown kernel profile {profile!r} (known: {', '.join(PROFILE_NAMES)})")
-    return list(BUGS)
+    check_profile(profile)
+    return [v.name for v in VARIANTS.values() if v.kind == BUG and profile in v.profiles]
+
+
+def check_names(names: list[str], profile: str = DEFAULT_PROFILE) -> list[str]:
+    """Validate switch names for a profile; ValueError names the unknown one and the known ones."""
+    check_profile(profile)
+    for n in names:
+        v = VARIANTS.get(n)
+        if v is None or v.kind == KERNEL:
+            raise ValueError(f"unknown bug {n!r}; known: {', '.join(bugs_of(profile))}")
+        if profile not in v.profiles:
+            raise ValueError(f"{n} exists only in kernel {', '.join(v.profiles)}, not in {profile}")
+    return list(names)
+
+
+def variants_on(profile: str, names: list[str]) -> list[Variant]:
+    """The variants a VM of `profile` with switches `names` is built with: the profile's own, then the switches."""
+    p = check_profile(profile)
+    return [VARIANTS[n] for n in p.variants] + [VARIANTS[n] for n in check_names(names, profile)]
+
+
+def replaced_functions(profile: str, names: list[str]) -> dict[str, str]:
+    """"part.function" -> the function that replaces it, for a profile and the switches `names` turn on.
+
+    A switch may replace a function its profile already replaced (the bug is in that kernel's version); two
+    switches replacing one function cannot be on together (ValueError)."""
+    out: dict[str, str] = {}
+    by: dict[str, str] = {}
+    p = check_profile(profile)
+    for v in variants_on(profile, names):
+        for target, replacement in v.replaces:
+            if target in out and by[target] not in p.variants:
+                raise ValueError(f"{by[target]} and {v.name} both replace {target}: turn on one of them")
+            out[target], by[target] = replacement, v.name
+    return out
+
+
+def traits(profile: str, names: list[str]) -> frozenset[str]:
+    """What the checkers must know of a VM built with these variants."""
+    out: frozenset[str] = frozenset()
+    for v in variants_on(profile, names):
+        out |= v.traits
+    return out
+
+
+def bug_lines(profile: str = DEFAULT_PROFILE) -> list[str]:
+    """`shmmmu stress --list-bugs`: every bug switch of a profile, the fix it reverts and what goes wrong."""
+    return [f"{v.name}{' (' + v.ref + ')' if v.ref else ''}  [kernel {', '.join(v.profiles)}]\n"
+            f"    reverts: {v.reverts()}\n    effect:  {v.effect}"
+            for v in (VARIANTS[n] for n in bugs_of(profile))]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,9 +26,9 @@ def _which_kernel() -> str:
 def test_the_which_kernel_table_names_every_switch_and_its_commit() -> None:
     table = _which_kernel()
     for b in BUGS.values():
-        for sha in re.findall(r"\b[0-9a-f]{12}\b", b.reverts):
+        for sha in re.findall(r"\b[0-9a-f]{12}\b", b.reverts()):
             assert sha in table, f"{b.name} reverts {sha}, which the table does not name"
-        if re.search(r"\b[0-9a-f]{12}\b", b.reverts):
+        if re.search(r"\b[0-9a-f]{12}\b", b.reverts()):
             assert f"`{b.name}`" in table, f"the switch {b.name} is not in the table"
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import default_sigint, shm_entries
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 from shmmmu.explore import DEFAULT_EXECUTIONS
 from shmmmu.explore.explorer import Explorer, Token, make_strategy, search
 from shmmmu.explore.split import split_search

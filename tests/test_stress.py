@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 
 # what the report must name for each bug, or one of several (the lock mode and geometry each needs are
 # its stress_args)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shmmmu.bugs import BUGS
-from shmmmu.mmu import PARTS, Mmu, replaced_functions
+from shmmmu.variants import BUGS
+from shmmmu.mmu import PARTS, Mmu
+from shmmmu.variants import replaced_functions
 from shmmmu.mmu.debug import WRAPPERS as DEBUG
 from shmmmu.mmu.instruments import KINDS, OBJECT_SITES, kinds_of
 from shmmmu.mmu.tracepoints import TRACE
@@ -114,7 +115,7 @@ def test_each_switch_puts_its_functions_in_place_and_nothing_else(bug: str, vm_n
     cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], bugs=[bug])
     with create_vm(cfg) as vm:
         m = Mmu(vm, 0)
-        replaced = replaced_functions([bug])
+        replaced = replaced_functions("5.13", [bug])
         assert replaced
         for part_name, cls in PARTS.items():
             part = getattr(m, part_name)
@@ -129,7 +130,7 @@ def test_each_switch_puts_its_functions_in_place_and_nothing_else(bug: str, vm_n
 
 def test_switches_that_replace_the_same_function_are_refused_together() -> None:
     with pytest.raises(ValueError, match="both replace tdp.tdp_mmu_set_spte_atomic"):
-        replaced_functions(["fault-plain-store", "cas-over-removed"])
+        replaced_functions("5.13", ["fault-plain-store", "cas-over-removed"])
 
 
 def test_every_instrument_site_has_its_wrapper_and_every_wrapper_its_site() -> None:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from shmmmu.bugs import BUGS
+from shmmmu.variants import BUGS
 from shmmmu.spawn import python_module_command, worker_env
 from shmmmu.explore.report import ExploreOptions, run_explore
 

@@ -5,6 +5,10 @@
   scenarios.py  the named scenarios and the bug switches each targets
   explorer.py   a scenario's region, executions, oracles, search, shrinking, replay tokens
   render.py     the counterexample as a step table, as SVG swimlanes, as JSON
+  recorder.py   a counterexample replayed with its state at every step; the same decisions with the fix
+  decisive.py   which steps matter: the accesses a preemption reordered, what read them, the setup
+  explain.py    the counterexample explained: its marks, its violation in words, the fix beside it
+  html.py       all of it as one self-contained page (the template explain.html)
 
 docs/explore.md shows it at work; docs/reference/EXPLORER.md is its design.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import time
 import uuid
 import zlib
@@ -24,8 +25,9 @@ from typing import Any, Callable
 import numpy as np
 
 from shmmmu import violations
-from shmmmu.bugs import check_names
+from shmmmu.variants import check_names
 from shmmmu.checks import check_all
+from shmmmu.explore.coverage import Coverage
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
 from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
 from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
@@ -51,7 +53,8 @@ class Context:
         self.region = explorer.region
         self.waits = explorer.waits
         self.sched = sched
-        self.notes: dict[str, Any] = {}
+        # what the prologue noted (a snapshot for an oracle) starts every execution's notes
+        self.notes: dict[str, Any] = dict(getattr(explorer, "prologue_notes", {}))
         self._vcpus: dict[int, Vcpu] = {}
         self._hosts: dict[int, Mmu] = {}
         self._reclaimer: tuple[Rcu, Pool] | None = None
@@ -138,11 +141,12 @@ class Explorer:
         self.atomic = atomic
         self.step_bound = step_bound or scenario.step_bound
         self.ref = SchedRef()
+        self.coverage: Coverage | None = None     # set to record what the executions reach (--coverage)
         self.waits = ExploreWaits(self.ref)
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
                        memslots=scenario.memslot_specs(), lock_mode=scenario.lock_mode, bugs=self.bugs,
-                       root_roles=scenario.root_roles,
+                       root_roles=scenario.root_roles, nx_huge_pages=scenario.nx_huge_pages,
                        debug=True, tlb_entries=64, cache_capacity=8, cache_min=5)
         self.vm = create_vm(cfg)
         try:
@@ -162,6 +166,7 @@ class Explorer:
                 v.exit()
             if scenario.prologue is not None:
                 scenario.prologue(ctx)
+            self.prologue_notes = dict(ctx.notes)
             for m in ctx.mmus():
                 m.publish_stats()
             self._drain(ctx)
@@ -191,15 +196,21 @@ class Explorer:
         """One execution from the initial state; the region is left as it ended (for --keep).  `state`: the
         Result carries a digest of the MMU's state as the actors left it (before the oracles)."""
         self.reset()
+        cov = self.coverage
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
-                          atomic=self.atomic, violation_words=self.violations_np)
+                          atomic=self.atomic, violation_words=self.violations_np, coverage=cov)
         ctx = Context(self, sched)
         strategy.begin(index)
         self.ref.sched = sched
+        if cov is not None:
+            cov.begin()
+            sys.setprofile(cov.profile)
         try:
             self.scenario.build(ctx)
             finding = sched.run()
         finally:
+            if cov is not None:
+                sys.setprofile(None)
             self.ref.sched = None
         if finding is not None and finding.kind == "violation":
             finding.message = "; ".join(str(v).removeprefix("!!! ") for v in violations.read_all(self.region)[:3])

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shmmmu import validate
-from shmmmu.bugs import BUGS
-from shmmmu.explore import DEFAULT_EXECUTIONS, render
+from shmmmu.variants import BUGS
+from shmmmu.explore import DEFAULT_EXECUTIONS
+from shmmmu.explore.explain import Explained, explain
 from shmmmu.explore.explorer import (Explorer, Result, SearchResult, Token, make_strategy, replay, same_failure,
                                      scenario_with, search, seed_points, shrink)
 from shmmmu.explore.scenarios import SCENARIOS, Scenario, for_bug
@@ -44,6 +45,7 @@ class ExploreOptions:
     atomic: list[str] = field(default_factory=list)    # functions whose operations are no scheduling points
     shrink: bool = True
     tracepoints: str = ""               # the counterexample's replay writes the kernel's tracepoint lines here
+    with_fix: bool = False              # also run the counterexample's decisions with the bug switches off
 
     def resolve(self) -> tuple[Scenario, str, int]:
         """The scenario, strategy and depth these options name; ValueError (one line) for bad ones."""
@@ -110,8 +112,10 @@ class Report:
     shrink_runs: int = 0
     token: str = ""
     title: list[str] = field(default_factory=list)
-    runs: list[render.Run] = field(default_factory=list)
+    explained: Explained | None = None
     region: str = ""
+    unfold: bool = False
+    show_fix: bool = False              # --with-fix: the lines say what the fix does with the same decisions
 
     @property
     def ok(self) -> bool:
@@ -133,13 +137,14 @@ class Report:
             return [f"shmmmu explore: {self.scenario}" + (f" with {', '.join(self.bugs)}" if self.bugs else "")
                     + f" by {self.strategy}: no finding; {what}; {s.seconds:.1f} s "
                     f"({s.per_second:.0f} executions/s, {s.steps / max(s.seconds, 1e-9):.0f} steps/s)"]
-        f = self.found
-        return render.table_lines(self.title, self.runs, f.actors, str(f.finding)) + [
-            "", f"replay: shmmmu explore --replay {self.token}"]
+        e = self.explained
+        out = e.table(self.title, self.unfold) + ["", f"replay: shmmmu explore --replay {self.token}"]
+        if e.fix is not None and self.show_fix:
+            out += ["", "the same decisions with the fix (--with-fix):"] + e.fix_lines(self.unfold)
+        return out
 
     def svg(self) -> str:
-        f = self.found
-        return render.svg(self.title, self.runs, f.actors, str(f.finding)) if f is not None else ""
+        return self.explained.svg(self.title, self.unfold) if self.found is not None else ""
 
     def to_json(self) -> dict[str, Any]:
         s = self.search
@@ -154,8 +159,11 @@ class Report:
             f = self.found
             out.update({"found_after_executions": s.first_index + 1, "finding": dataclasses.asdict(f.finding),
                         "preemptions": f.preemptions, "steps_to_failure": f.steps, "shrink_runs": self.shrink_runs,
-                        "token": self.token, "actors": f.actors, "runs": render.runs_json(self.runs, f.actors),
+                        "token": self.token, "actors": f.actors,
                         "replay": f"shmmmu explore --replay {self.token}"})
+            ex = self.explained.to_json()
+            out["runs"] = ex.pop("steps")
+            out.update(ex)
         return out
 
 
@@ -164,16 +172,22 @@ def _tm_level(explorer: Explorer) -> Callable[[int], int]:
     return lambda t: int(tm[t, TMeta.LEVEL]) if 0 <= t < tm.shape[0] else 0
 
 
-def _traced(explorer: Explorer, switches: list[tuple[int, int, int]],
-            tracepoints: str = "") -> tuple[Result, list[render.Run]]:
-    """Replay with the step trace; with `tracepoints` (a directory: shmmmu.mmu.tracepoints) the actors' Mmus
-    also write the kernel's tracepoint lines, stamped with the step count."""
+def _explained(explorer: Explorer, switches: list[tuple[int, int, int]], with_fix: bool,
+               tracepoints: str = "") -> Explained:
+    """The counterexample recorded and explained; with `tracepoints` (a directory: shmmmu.mmu.tracepoints) its
+    actors' Mmus also write the kernel's tracepoint lines, stamped with the step count."""
     explorer.config.tracepoints = tracepoints
     try:
-        r = replay(explorer, switches, trace=True)
+        return explain(explorer, switches, with_fix)
     finally:
         explorer.config.tracepoints = ""
-    return r, render.runs(r.log, r.actors, explorer.config.geometry.entries, _tm_level(explorer))
+
+
+def _keep(explorer: Explorer, r: Result, keep: Callable[[Explorer], None]) -> None:
+    """--keep: the region as the failing execution left it (the explanation ran other executions since)."""
+    replay(explorer, r.switches)
+    _record_oracle_problems(explorer, r)
+    keep(explorer)
 
 
 def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] | None = None, progress: Callable[[int, float, int], None] | None = None,
@@ -193,12 +207,11 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] |
         if sr.first is None:
             return rep
         best, runs = (shrink(ex, sr.first) if opts.shrink else (replay(ex, sr.first.switches), 1))
-        traced, rs = _traced(ex, best.switches)
-        if not same_failure(traced.finding, best.finding):
-            traced, rs = _traced(ex, sr.first.switches)
-        if opts.tracepoints:
-            _traced(ex, traced.switches, opts.tracepoints)       # the same execution, its tracepoints written
-        rep.found, rep.shrink_runs, rep.runs = traced, runs, rs
+        exp = _explained(ex, best.switches, opts.with_fix, opts.tracepoints)
+        if not same_failure(exp.bug.rec.result.finding, best.finding):
+            exp = _explained(ex, sr.first.switches, opts.with_fix, opts.tracepoints)
+        traced = exp.bug.rec.result
+        rep.found, rep.shrink_runs, rep.explained = traced, runs, exp
         rep.token = Token(sc.name, list(opts.bugs), dict(sc.params), traced.switches, list(opts.atomic),
                           traced.steps, traced.finding.kind).encode()
         refs = ", ".join(f"{b}{' (' + BUGS[b].ref + ')' if BUGS[b].ref else ''}" for b in opts.bugs) or "the fixed code"
@@ -209,8 +222,7 @@ def run_explore(opts: ExploreOptions, *, searcher: Callable[..., SearchResult] |
                      f"shrunk in {runs} executions to {traced.preemptions} preemption"
                      f"{'s' if traced.preemptions != 1 else ''}, {traced.steps} steps"]
         if keep is not None:
-            _record_oracle_problems(ex, traced)
-            keep(ex)
+            _keep(ex, traced, keep)
         return rep
 
 
@@ -230,31 +242,58 @@ def _record_oracle_problems(explorer: Explorer, r: Result) -> None:
 @dataclass
 class ReplayReport:
     token: Token
-    result: Result
-    runs: list[render.Run]
+    explained: Explained
     same: bool
     differences: list[str]
+    unfold: bool = False
+    show_fix: bool = False              # --with-fix: the lines say what the fix does with the same decisions
 
-    def lines(self) -> list[str]:
+    @property
+    def result(self) -> Result:
+        return self.explained.bug.rec.result
+
+    @property
+    def with_fix(self) -> bool:
+        return self.explained.fix is not None
+
+    def title(self) -> list[str]:
         t, r = self.token, self.result
         title = [f"shmmmu explore --replay: scenario {t.scenario} with {', '.join(t.bugs) or 'the fixed code'}",
                  ("the same execution: " if self.same else "A DIFFERENT EXECUTION: ")
                  + f"{r.steps} steps, {r.preemptions} preemptions, finding: {r.finding.kind if r.finding else 'none'}"]
-        title += [f"  {d}" for d in self.differences]
-        if r.finding is None:
-            return title
-        return render.table_lines(title, self.runs, r.actors, str(r.finding))
+        return title + [f"  {d}" for d in self.differences]
+
+    def lines(self) -> list[str]:
+        e = self.explained
+        if e.fix is not None and self.show_fix:
+            # --with-fix: the replay's verdict, then what the fix does with the same decisions
+            return self.title() + [""] + e.fix_lines(self.unfold)
+        if self.result.finding is None:
+            return self.title()
+        return e.table(self.title(), self.unfold)
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        out = {"same": self.same, "differences": self.differences, "steps": r.steps,
+               "finding": str(r.finding) if r.finding else None}
+        ex = self.explained.to_json()
+        out["runs"] = ex.pop("steps")
+        out.update(ex)
+        return out
 
 
-def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracepoints: str = "") -> ReplayReport:
-    """Re-execute a token's schedule exactly, with a trace; say so if its steps or finding differ."""
+def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracepoints: str = "",
+               with_fix: bool = False) -> ReplayReport:
+    """Re-execute a token's schedule exactly, with a trace; say so if its steps or finding differ.  `with_fix`:
+    also run the same decisions with the token's bug switches off."""
     t = Token.decode(text)
     for b in t.bugs:
         if b not in BUGS:
             raise ValueError(f"the token names a bug switch this shmmmu does not have: {b!r}")
     sc = scenario_with(t.scenario, t.params)
     with Explorer(sc, t.bugs, atomic=frozenset(t.atomic)) as ex:
-        r, rs = _traced(ex, t.switches, tracepoints)
+        exp = _explained(ex, t.switches, with_fix, tracepoints)
+        r = exp.bug.rec.result
         diffs = []
         if r.diverged:
             diffs.append(f"the schedule diverged: {r.diverged}")
@@ -264,9 +303,8 @@ def run_replay(text: str, keep: Callable[[Explorer], None] | None = None, tracep
         if kind != t.finding:
             diffs.append(f"finding {kind or 'none'}, the token recorded {t.finding or 'none'}")
         if keep is not None and r.finding is not None:
-            _record_oracle_problems(ex, r)
-            keep(ex)
-        return ReplayReport(t, r, rs, not diffs, diffs)
+            _keep(ex, r, keep)
+        return ReplayReport(t, exp, not diffs, diffs)
 
 
 def list_lines() -> list[str]:

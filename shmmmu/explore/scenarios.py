@@ -43,6 +43,7 @@ class Scenario:
     strategy: str = "dfs"                                    # the strategy --bug NAME uses by default
     depth: int = 3
     step_bound: int = 30000
+    nx_huge_pages: bool = False                              # VMConfig.nx_huge_pages (an exec fault maps 4K)
     params: dict = field(default_factory=dict)
 
     def memslot_specs(self) -> list[MemslotSpec]:
@@ -258,6 +259,97 @@ def _zap_roots_yield(ctx: Context) -> None:
     ctx.actor("host", host_ops(ctx, [("host_unmap", 1, 4)]))
 
 
+# ---------------------------------------------------------------- the coverage family (--coverage's target)
+# Each MMU operation meets a fault and guest accesses on a huge and on a 4K leaf: slot 0 is 2 MiB-backed (a
+# huge leaf maps gfn 0-7 after the prologue), slot 1 4 KiB-backed (gfn 33 mapped).  The vCPU writes the huge
+# page, faults a new 4K path (gfn 40) and reads the mapped 4K page; the host runs the operation.  The dirty-log
+# operations run with logging on for slot 0 (the huge page is split by the write), and their oracle is
+# dirty_log_test's: a page written after logging was enabled, or after a harvest, is in the next harvest.
+
+COVER_SLOTS = ((0, 32, 2), (32, 32, 1))
+_COVER_ACCESSES = [(2, WRITE), (40, WRITE), (33, READ)]
+
+
+def _cover_pro(logging: bool = False, initially_set: bool = False, nx: bool = False) -> Callable[[Context], None]:
+    def pro(ctx: Context) -> None:
+        v = ctx.vcpu(0)
+        v.enter()
+        v.write(1, make_value(1, 0, 1))
+        v.write(33, make_value(33, 0, 1))
+        if nx:
+            v.fetch(12)                          # an instruction fetch in a huge page: mapped 4K (NX split)
+        v.exit()
+        if logging:
+            mmu = ctx.host(0)
+            mmu.enable_dirty_logging(0, initially_set=initially_set)
+            ctx.notes["after_enable"] = ctx.guest_values()
+    return pro
+
+
+def _cover(host: Callable[[Context], Callable[[], None]], ops: list[tuple[int, int]] = _COVER_ACCESSES
+           ) -> Callable[[Context], None]:
+    def build(ctx: Context) -> None:
+        ctx.actor("vCPU0", accesses(ctx, 0, ops))
+        ctx.actor("host", host(ctx))
+    return build
+
+
+def _ops(*ops: tuple) -> Callable[[Context], Callable[[], None]]:
+    return lambda ctx: host_ops(ctx, list(ops))
+
+
+def _harvest(clear: bool) -> Callable[[Context], Callable[[], None]]:
+    """GET_DIRTY_LOG (and with clear=False, CLEAR_DIRTY_LOG of what it returned: manual protect)."""
+    def host(ctx: Context) -> Callable[[], None]:
+        def run() -> None:
+            mmu = ctx.host(0)
+            bitmap = mmu.get_dirty_log(0, clear=clear)
+            if not clear:
+                mmu.clear_dirty_log(0, 0, bitmap)
+            ctx.notes["bitmap"] = bitmap
+        return run
+    return host
+
+
+def _enable(ctx: Context) -> Callable[[], None]:
+    def run() -> None:
+        mmu = ctx.host(0)
+        mmu.enable_dirty_logging(0)
+        ctx.notes["after_enable"] = ctx.guest_values()
+        ctx.notes["bitmap"] = mmu.get_dirty_log(0)
+    return run
+
+
+def _cover_scenarios() -> list[Scenario]:
+    def sc(op: str, what: str, host, **kw) -> Scenario:
+        build = _cover(host, kw.pop("accesses", _COVER_ACCESSES))
+        return Scenario(f"cover-{op}", f"coverage: {what} beside a fault and accesses on huge and 4K leaves", (),
+                        build, prologue=kw.pop("prologue", _cover_pro()), memslots=COVER_SLOTS, **kw)
+    return [
+        sc("zap-range", "kvm_zap_gfn_range over both slots (read lock), then a remote flush",
+           _ops(("zap_gfn_range_locked", 0, 64), ("flush_remote_tlbs",))),
+        sc("zap-all", "zap-all (write lock)", _ops(("zap_all",))),
+        sc("unmap", "an MMU notifier unmapping both slots' pages", _ops(("host_unmap", 0, 48))),
+        sc("memslot", "deleting the 4K slot (fast invalidation) and adding it back", _ops(("delete_memslot", 1),
+                                                                                       ("add_memslot", 1))),
+        sc("roots", "every root invalidated and zapped (kvm_mmu_zap_all_fast): the vCPU reloads its root",
+           _ops(("kvm_mmu_zap_all_fast",))),
+        sc("dirty-enable", "enabling dirty logging on the huge slot, then a harvest", _enable,
+           oracle=_dirty_log_oracle),
+        sc("dirty-get", "a harvest (GET_DIRTY_LOG) with logging on", _harvest(True),
+           prologue=_cover_pro(logging=True), oracle=_dirty_log_oracle),
+        sc("dirty-clear", "a manual-protect harvest: GET then CLEAR_DIRTY_LOG", _harvest(False),
+           prologue=_cover_pro(logging=True, initially_set=True), oracle=_dirty_log_oracle),
+        sc("dirty-disable", "disabling dirty logging (the collapsible zap)", _ops(("disable_dirty_logging", 0)),
+           prologue=_cover_pro(logging=True)),
+        sc("age", "aging: clear_flush_young and test_young over both slots", _ops(("clear_young", 0, 48),
+                                                                                  ("test_young", 0, 48))),
+        sc("nx-recover", "NX huge page recovery zapping the split huge page's table",
+           _ops(("recover_nx_lpages", 1)), prologue=_cover_pro(nx=True), nx_huge_pages=True,
+           accesses=[(2, WRITE), (20, EXEC), (33, READ)]),
+    ]
+
+
 MIX_OPS = ["zap_gfn_range_locked", "host_unmap", "zap_all", "flush_remote_tlbs", "dirty-log", "memslot"]
 
 
@@ -332,6 +424,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              root_roles=2),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
+    *_cover_scenarios(),
 ]}
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from greenlet import greenlet
 
+from shmmmu.explore.coverage import Coverage, access_site
 from shmmmu.layout import ViolationRow
 
 OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
@@ -105,7 +106,8 @@ class Scheduler:
     """Runs one execution of actors under a strategy (shmmmu.explore.strategy)."""
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
-                 atomic: frozenset[str] = frozenset(), violation_words: np.ndarray | None = None):
+                 atomic: frozenset[str] = frozenset(), violation_words: np.ndarray | None = None,
+                 coverage: Coverage | None = None):
         self.strategy = strategy
         self.step_bound = step_bound
         self.trace = trace
@@ -113,6 +115,7 @@ class Scheduler:
         self.atomic = atomic                 # functions whose operations are no scheduling points (one step)
         self.vio = violation_words           # raw view of the violations section (no point when read)
         self.vio_ctl: np.ndarray | None = None
+        self.coverage = coverage             # shmmmu.explore.coverage, when --coverage asks
         self.actors: list[Actor] = []
         self.current: Actor | None = None
         self.on = False
@@ -227,6 +230,8 @@ class Scheduler:
                 nxt = self._decide(en, a, True, False)
                 if nxt is not a:
                     self._switch(a, nxt)
+        if self.coverage is not None and decide:
+            self.coverage.access(a.id, section, word, write, access_site())
         self._did(a, section, word, write)               # `a` runs its operation now
 
     def _did(self, a: Actor, section: str, word: int, write: bool) -> None:
@@ -236,15 +241,22 @@ class Scheduler:
             seen = self.access[section] = {}
         seen[word] = seen.get(word, 0) | (1 << (a.id + 32 if write else a.id))
         a.reads.add((section, word))
-        if self.strategy.wants_events:
-            self.strategy.event(a.id, section, word, write)
+        strategy = self.strategy
+        # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
+        # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
+        if strategy.wants_events and strategy.is_choice(section, word):
+            strategy.event(a.id, section, word, write)
 
     def touch(self, section: str, start: int, n: int, write: bool) -> None:
         """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
         snapshot): one scheduling point before it, and every word of it noted (and woken, if written)."""
         self.point(section, start, write)
         a = self.current
+        cov = self.coverage
+        site = access_site() if cov is not None else ""
         for w in range(start + 1, start + n):
+            if cov is not None:
+                cov.access(a.id, section, w, write, site)
             self._did(a, section, w, write)
         if write:
             for w in range(start, start + n):

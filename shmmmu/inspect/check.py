@@ -27,12 +27,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shmmmu import checks
+from shmmmu import checks, violations
 from shmmmu.layout import Ctl
 from shmmmu.snapshot import Snapshot, take_snapshot
 
 SETTLE_S = 1.0          # a state unchanged this long, even mid-operation, is taken as it is
 MAX_S = 1.5             # a VM that never settled by then is running: its differences are in flight
+SHOWN_RECORDS = 8       # the recorded violations --check says in words (inspect NAME lists 20)
 PAUSE_S = 0.1           # between passes (each copies the VM: no need to hammer it)
 
 
@@ -66,6 +67,10 @@ def run_checks(snap: Snapshot) -> list[str]:
     nv = snap.word(Ctl.VIOLATIONS)
     if nv:
         found.append(f"the VM recorded {nv} violations while running (shmmmu inspect {snap.name} lists them)")
+        who = violations.worker_names(snap.config)
+        for row in snap.violations[:min(nv, SHOWN_RECORDS)]:
+            v = violations.from_row([int(x) for x in row])
+            found.append(f"recorded: {str(v).removeprefix('!!! ')}: {v.sentence(who, snap.geometry.entries)}")
     return found
 
 

@@ -88,6 +88,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     out.append(f"violations  {v['count']}")
     for x in v["first"]:
         out.append(f"            !!! {x['kind']}: worker {x['worker']} gfn {x['gfn']:#x} ({x['a']:#x}, {x['b']:#x})")
+        out.append(f"                {x['sentence']}")
     sn = s["snapshot"]
     out.append(f"snapshot    {_mib(sn['bytes'])} copied in {sn['copy_ms']:.1f} ms"
                + (f"; {sn['changed_while_reading']} entries changed while reading" if sn["changed_while_reading"]

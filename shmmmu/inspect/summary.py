@@ -7,10 +7,10 @@ import numpy as np
 
 from shmmmu.inspect.vms import creator_alive, process_state
 from shmmmu.layout import (MAX_VIOLATIONS, Ctl, Held, Lock, Locks, MemslotFlags, Role, TableState, TMeta,
-                           ViolationRow, WorkerStatus, WState)
+                           WorkerStatus, WState)
 from shmmmu.rwlock import QR_BIAS, QW_LOCKED, QW_WAITING
 from shmmmu.snapshot import Snapshot, Walk, walk_tables
-from shmmmu.violations import KINDS
+from shmmmu import violations
 
 _U = np.uint64
 BACKING_NAMES = {1: "4K", 2: "2M", 3: "1G"}
@@ -88,11 +88,9 @@ def summary(snap: Snapshot, walk: Walk | None = None, previous: dict[str, Any] |
                  for k in ("faults", "retries", "cas_failures", "accesses")}
     vio = []
     nv = snap.word(Ctl.VIOLATIONS)
-    V = ViolationRow
+    who = violations.worker_names(snap.config)
     for row in snap.violations[:min(nv, MAX_VIOLATIONS, 20)]:
-        kind = int(row[V.KIND])
-        vio.append({"kind": KINDS[kind - 1] if 0 < kind <= len(KINDS) else "unknown", "worker": int(row[V.WORKER]),
-                    "gfn": int(row[V.GFN]), "a": int(row[V.A]), "b": int(row[V.B])})
+        vio.append(violations.from_row([int(x) for x in row]).to_json(who, g.entries))
     mapped = sum(maps[l] * g.pages(l) for l in maps) * 4096
     per_root = dict(zip(*(a.tolist() for a in np.unique(walk.t_root, return_counts=True)))) if walk.t_root.size else {}
     leaves_root = (dict(zip(*(a.tolist() for a in np.unique(walk.leaf_root, return_counts=True))))

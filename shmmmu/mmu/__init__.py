@@ -17,8 +17,9 @@
 
 Each part is an object over one `Kvm` owning one kernel file's functions;
 none inherits another's, and each holds the siblings it calls by name.  `Mmu`
-makes them and, once: puts in place the variants the VM names (bug switches:
-shmmmu.bugs, each a declared replacement of kernel functions), chooses the
+makes them and, once: puts in place the variants of the VM's kernel profile and
+the bug switches it names (shmmmu.variants: each a declared replacement of
+kernel functions), chooses the
 fault entry and the free for the VM's lock mode, and installs the debug and
 tracepoint instruments.  Nothing on the fast paths tests a switch or a flag.
 Mirrors the series "Allow parallel MMU operations with TDP MMU" as merged in
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from shmmmu.bugs import BUGS, check_names
 from shmmmu.mmu.ioctl import Ioctls
 from shmmmu.mmu.kvm import Kvm
 from shmmmu.mmu.mmu import MmuFault
@@ -42,10 +42,11 @@ from shmmmu.mmu.tdp_map import TdpMap
 from shmmmu.mmu.tdp_mmu import TdpMmu
 from shmmmu.mmu.tdp_zap import TdpZap
 from shmmmu.tlb import Tlb
+from shmmmu.variants import replaced_functions
 from shmmmu.vm import VM
 
 __all__ = ["Mmu", "Fault", "PARTS", "RET_NAMES", "RET_PF_EMULATE", "RET_PF_FIXED", "RET_PF_INVALID",
-           "RET_PF_RETRY", "RET_PF_SPURIOUS", "replaced_functions"]
+           "RET_PF_RETRY", "RET_PF_SPURIOUS"]
 
 # the parts an Mmu is made of: attribute name -> class
 PARTS = {"roots": Roots, "tdp": TdpMmu, "map": TdpMap, "zap": TdpZap, "dirty": TdpDirty, "nx_part": NxHugePages,
@@ -73,21 +74,8 @@ ENTRY_POINTS = {
     "notifier": ("host_unmap", "clear_young", "test_young", "young_pages", "present_leaves", "kvm_inc_notifier_count",
                  "kvm_dec_notifier_count", "check_range_unmapped"),
     "nx_part": ("recover_nx_lpages", "nx_list"),
-    "roots": ("root_table", "valid_root", "for_each_tdp_mmu_root"),
+    "roots": ("root_table", "valid_root", "for_each_tdp_mmu_root", "listed_roots"),
 }
-
-
-def replaced_functions(names: list[str]) -> dict[str, str]:
-    """"part.function" -> the function that replaces it, for the variants `names` turn on; ValueError when two
-    of them replace the same function (they cannot be on together)."""
-    out: dict[str, str] = {}
-    by: dict[str, str] = {}
-    for name in check_names(names):
-        for target, replacement in BUGS[name].replaces:
-            if target in out:
-                raise ValueError(f"{by[target]} and {name} both replace {target}: turn on one of them")
-            out[target], by[target] = replacement, name
-    return out
 
 
 class Mmu:
@@ -102,8 +90,8 @@ class Mmu:
             for sibling in SIBLINGS[name]:
                 setattr(part, sibling, parts[sibling])
             setattr(self, name, part)
-        # the variants this VM's configuration names, each in place of the function it replaces
-        for target, replacement in replaced_functions(list(vm.config.bugs)).items():
+        # the variants of this VM's kernel and the switches it names, each in place of the function it replaces
+        for target, replacement in replaced_functions(vm.config.kernel, list(vm.config.bugs)).items():
             part_name, fn = target.split(".")
             part = parts[part_name]
             setattr(part, fn, getattr(part, replacement))

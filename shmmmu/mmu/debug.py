@@ -22,7 +22,11 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
 - an entry a zap cleared is marked in `zap_pending` until the zapper's flush
   returns; a present value installed there before that is two live
   translations of one address (K5's aliasing, and K11's install in a yield);
-- mmu_lock is never dropped while this worker holds unflushed changes (I6).
+- mmu_lock is never dropped while this worker holds unflushed changes (I6);
+- every table a walk or a teardown reads is read inside an RCU read-side
+  section: the kernel's `rcu_dereference` of each `tdp_ptep_t` (tdp_iter.c,
+  handle_removed_tdp_mmu_page); the exclusive baseline, which had no RCU,
+  may read under the write lock instead.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from shmmmu import spte as S
 from shmmmu.layout import PIPE_LEN, Ctl, TableState
 from shmmmu.mmu.instruments import site_target
 from shmmmu.rcu import pipe_age
+from shmmmu.rwlock import HELD_WRITE
 from shmmmu.tdp_iter import TdpIter
 
 Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports this module)
@@ -76,10 +81,26 @@ class Debug:
         self.walk_gens: dict[int, int] = {}
         self.last_table = -1
         self.root_visits: set[int] | None = None
+        self.rcu = mmu.kvm.rcu
+        self.lock = mmu.kvm.lock
+        self.rcu_floor = 0              # read-side sections of this module's own (checked_map's outer one)
+        self.rcu_strict = mmu.kvm.parallel
+
+    def rcu_dereference(self, gfn: int, table: int) -> None:
+        """rcu_dereference() of a table pointer: inside an RCU read-side section of the MMU's own.  The series
+        reads every table under rcu_read_lock, write lock or not (7cca2d0b7e7d); the exclusive baseline (5.11)
+        had no RCU and read under the write lock."""
+        if self.rcu.nesting > self.rcu_floor:
+            return
+        if not self.rcu_strict and self.lock.mode == HELD_WRITE:
+            return
+        self.mmu.kvm.violation("rcu-dereference", gfn, table, self.lock.mode)
 
     def arrive(self, it: TdpIter) -> None:
         """A walk stands on an entry: Reader-Pipe age and generation of its table (once per table per walk)."""
         table = it.table
+        if self.rcu.nesting <= self.rcu_floor:
+            self.rcu_dereference(it.gfn, table)
         if self.root_visits is not None and it.level == it.root_level:
             self.root_visits.add(it.index)
         if table == self.last_table:
@@ -209,13 +230,17 @@ def _map(mmu: Mmu, d: Debug, kvm_tdp_mmu_map: Callable) -> Callable:
     rcu = mmu.kvm.rcu
 
     def checked_map(vcpu, fault, shared: bool) -> int:
-        # an outer read-side section, so that the end-of-section check is still inside it
+        # an outer read-side section, so that the end-of-section check is still inside it; the map's own
+        # section must still be there for its reads (rcu_floor)
         rcu.read_lock()
+        floor, d.rcu_floor = d.rcu_floor, rcu.nesting
         try:
             d.new_walk()
             r = kvm_tdp_mmu_map(vcpu, fault, shared)
+            d.rcu_floor = floor
             d.check_walk_gens(fault.gfn)
         finally:
+            d.rcu_floor = floor
             rcu.read_unlock()
         return r
     return checked_map
@@ -229,6 +254,15 @@ def _clear_frozen_spte(mmu: Mmu, d: Debug, clear: Callable) -> Callable:
         if seen != S.REMOVED:
             mmu.kvm.violation("frozen-entry-overwritten", gfn, seen, 0)
     return checked_clear_frozen_spte
+
+
+def _remove_table(mmu: Mmu, d: Debug, remove_table: Callable) -> Callable:
+    tmeta = mmu.kvm.tmeta
+
+    def checked_remove_table(table: int, shared: bool, removed: list[int]) -> None:
+        d.rcu_dereference(tmeta.gfn.load(table), table)     # handle_removed_tdp_mmu_page's rcu_dereference(pt)
+        remove_table(table, shared, removed)
+    return checked_remove_table
 
 
 def _free_sp(mmu: Mmu, d: Debug, free_sp: Callable) -> Callable:
@@ -299,6 +333,7 @@ WRAPPERS: dict[str, Wrap] = {
     "tdp.tdp_mmu_set_spte_atomic": _set_spte_atomic,
     "tdp.clear_frozen_spte": _clear_frozen_spte,
     "tdp.free_sp": _free_sp,
+    "tdp.remove_table": _remove_table,
     "tdp.tdp_mmu_iter_cond_resched": _cond_resched,
     "map.kvm_tdp_mmu_map": _map,
     "zap.zap_gfn_range": _zap_gfn_range,

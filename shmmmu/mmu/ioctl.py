@@ -83,7 +83,7 @@ class Ioctls(Part):
         self.fault.forget_root()
         left = self.ctl.load(Ctl.PAGE_COUNT)
         left = left - (1 << 64) if left >> 63 else left
-        roots = len(self.roots.for_each_tdp_mmu_root())
+        roots = len(self.roots.listed_roots())
         if left or roots:
             self.kvm.violation("table-leak", 0, left, roots)
         return left + roots

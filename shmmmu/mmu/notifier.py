@@ -174,7 +174,7 @@ class Notifier(Part):
         out = []
         self.rcu.read_lock()
         try:
-            for row in self.roots.for_each_tdp_mmu_root():
+            for row in self.roots.listed_roots():
                 it = TdpIter(self.tables, self.geometry, self.roots.root_table(row), self.root_level, 1, start)
                 for it in for_each_leaf(it, end):
                     out.append((it.gfn, it.level, it.old_spte))
@@ -202,7 +202,7 @@ class Notifier(Part):
         reference is needed on the roots)."""
         self.rcu.read_lock()
         try:
-            for row in self.roots.for_each_tdp_mmu_root():
+            for row in self.roots.listed_roots():
                 it = TdpIter(self.tables, self.geometry, self.roots.root_table(row), self.root_level, 1, start)
                 for it in for_each_leaf(it, end):
                     self.kvm.violation("mapping-after-unmap", it.gfn, row, it.old_spte)

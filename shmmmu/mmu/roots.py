@@ -61,7 +61,7 @@ class Roots(Part):
 
     def valid_root(self, role: int = 0) -> int:
         """The table of the valid root of `role` (0: none), for readers that walk what a vCPU sees."""
-        for row in self.for_each_tdp_mmu_root():
+        for row in self.listed_roots():
             if self.role_col.load(row) == role and not self.invalid_col.load(row):
                 return self.table_col.load(row)
         return 0
@@ -171,8 +171,14 @@ class Roots(Part):
     # ------------------------------------------------------------------ walks over the roots
 
     def for_each_tdp_mmu_root(self) -> list[int]:
-        """for_each_tdp_mmu_root(): the rows of every listed root, no reference taken (write lock held, or
-        a walk that never drops the lock)."""
+        """for_each_tdp_mmu_root(): the rows of every listed root, no reference taken.  5.13's
+        list_for_each_entry_rcu names its lockdep condition: mmu_lock held for write (or the pages lock,
+        which no caller here holds)."""
+        self.kvm.lockdep_assert_held_write()
+        return self.listed_roots()
+
+    def listed_roots(self) -> list[int]:
+        """The rows of every listed root, for shmmmu's own readers (checks, the inspector): no lock needed."""
         table = self.table_col
         return [row for row in range(MAX_ROOTS) if table.load(row)]
 

@@ -200,7 +200,10 @@ class TdpMap(Part):
 
     def tdp_mmu_unlink_sp(self, table: int, shared: bool) -> None:
         """tdp_mmu_unlink_sp() (6.2): the count down; if the table is NX-disallowed, clear that and take it
-        off the NX list if it made it there (under tdp_mmu_pages_lock)."""
+        off the NX list if it made it there (under tdp_mmu_pages_lock).  Not shared: mmu_lock held for write
+        (the lockdep assertion of 5.13's tdp_mmu_unlink_page)."""
+        if not shared:
+            self.kvm.lockdep_assert_held_write()
         self.ctl.fetch_add(_C_PAGE_COUNT, _U64)      # tdp_unaccount_mmu_page()
         nx = self.tmeta.nx
         if not nx.load(table):
@@ -219,6 +222,8 @@ class TdpMap(Part):
         the NX list) under the lock."""
         if shared:
             self.pages_lock.acquire()
+        else:
+            self.kvm.lockdep_assert_held_write()
         try:
             tmeta, ctl = self.tmeta, self.ctl
             prev, nxt = tmeta.prev.load(table), tmeta.next.load(table)

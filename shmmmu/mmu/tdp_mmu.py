@@ -257,7 +257,7 @@ class TdpMmu(Part):
         for t in removed:
             self.free_sp(t)
 
-    @site("trace")
+    @site("debug", "trace")
     def remove_table(self, table: int, shared: bool, removed: list[int]) -> None:
         """One table of a teardown: off the page list, every entry frozen, its leaves counted, its children
         queued (the loop body of handle_removed_tdp_mmu_page)."""

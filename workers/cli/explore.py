@@ -37,6 +37,13 @@ def explore(
                                               "token.")] = "",
     svg_file: Annotated[str, typer.Option("--svg", help="also draw the counterexample as swimlanes in this SVG "
                                           "file.")] = "",
+    html_file: Annotated[str, typer.Option("--html", help="also write the counterexample as one self-contained "
+                                           "HTML page: a cursor over every step, the tables at each step, the "
+                                           "fix beside it.")] = "",
+    with_fix: Annotated[bool, typer.Option("--with-fix", help="run the same decisions with the bug switches off: "
+                                           "where the executions differ, and no finding (exit 0).")] = False,
+    unfold: Annotated[bool, typer.Option("--unfold", help="show the setup steps the table folds into one "
+                                         "line.")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="stop at the failing step and keep the region for shmmmu "
                                        "inspect until Ctrl-C.")] = False,
     no_shrink: Annotated[bool, typer.Option("--no-shrink", help="report the first failing schedule as "
@@ -44,6 +51,9 @@ def explore(
     list_: Annotated[bool, typer.Option("--list", help="list the scenarios and the bug switches each "
                                         "targets.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="the result as one JSON object on stdout.")] = False,
+    coverage: Annotated[bool, typer.Option("--coverage", help="report the conflicting access pairs the search "
+                                           "reached and in which orders, and the kernel functions it never ran "
+                                           "(every scenario when none is named).")] = False,
     tracepoints: Annotated[str | None, typer.Option("--tracepoints", help="the counterexample's replay writes the "
                                                     "kernel's kvm/kvmmmu tracepoint lines to FILE (timestamps: "
                                                     "steps).")] = None,
@@ -62,10 +72,16 @@ def explore(
     if list_:
         print_lines(list_lines())
         return
+    if coverage:
+        from shmmmu.explore.coverage_report import coverage_command
+        with fail_on(ValueError):
+            raise typer.Exit(coverage_command(scenario, list(bug or []), strategy, preemptions, seed, depth,
+                                              executions, jobs, json_out))
     req = ExploreRequest(scenario=scenario, bugs=list(bug or []), strategy=strategy, depth=depth,
                          preemptions=preemptions, seed=seed, executions=executions, time_limit=time_limit,
                          jobs=jobs, mix_seed=mix_seed, atomic=list(atomic or []), shrink=not no_shrink,
-                         replay=replay_token, svg=svg_file, tracepoints=tracepoints or "")
+                         replay=replay_token, svg=svg_file, html=html_file, with_fix=with_fix, unfold=unfold,
+                         tracepoints=tracepoints or "")
     with fail_on(ValueError):
         prepared = prepare_explore(req)
     shown = _SearchProgress(quiet=json_out)
@@ -73,21 +89,22 @@ def explore(
         found = explore(prepared, searcher=parallel_search, progress=shown, keep=_keep_here if keep else None)
         shown.end()
         if found.replay is not None:       # a replay says what it ran before its tracepoints are merged
-            _show(found, json_out, svg_file)
+            _show(found, json_out, req)
     if found.replay is None:
-        _show(found, json_out, svg_file)
+        _show(found, json_out, req)
     raise typer.Exit(found.status)
 
 
-def _show(found, json_out: bool, svg_file: str) -> None:
+def _show(found, json_out: bool, req) -> None:
     import json
     if json_out:
         print(json.dumps(found.to_json()))
     else:
         print_lines(found.lines())
-    note = found.draw(svg_file) if svg_file else None
-    if note:
-        print(f"shmmmu: {note}", file=sys.stderr)
+    for note in (found.draw(req.svg, req.unfold) if req.svg else None,
+                 found.write_html(req.html) if req.html else None):
+        if note:
+            print(f"shmmmu: {note}", file=sys.stderr)
 
 
 class _SearchProgress:

@@ -40,7 +40,8 @@ def stress(
     """rcutorture-style stress of the whole MMU with every checker on; SUCCESS or FAILURE (exit 0/1)."""
     import json
 
-    from shmmmu.stress import StressOptions, bug_lines, prepare_stress, run_stress
+    from shmmmu.stress import StressOptions, prepare_stress, run_stress
+    from shmmmu.variants import bug_lines
     from shmmmu.workers.supervisor import Supervisor
 
     if list_bugs:
