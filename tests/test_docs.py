@@ -88,7 +88,7 @@ def test_check_commits_refuses_a_list_row_without_its_source(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- captured outputs (issue 21)
 
 CAPTURE_TOOL = ROOT / "tools" / "capture_docs.py"
-CONVERTED = ["README.md", "docs/cli.md", "docs/trace.md", "docs/stress.md", "docs/locks.md"]
+CONVERTED = ["README.md", "docs/cli.md", "docs/trace.md", "docs/stress.md", "docs/locks.md", "docs/campaign.md"]
 FENCE = re.compile(r"^(```+|~~~+)")
 
 
