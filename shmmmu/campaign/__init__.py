@@ -89,7 +89,7 @@ def _create(rdir: ResultsDir, plan: dict[str, Any], tasks: list[Task]) -> None:
 def run_campaign(req: CampaignRequest, shown: Callable[[Any, int, int], None] | None = None) -> CampaignOutcome:
     """Run (or finish) a campaign; `shown(counts, total, workers)` is called as results arrive (the progress bar).
     A KeyboardInterrupt (Ctrl-C, SIGTERM through the signal policy) stops it and keeps what finished."""
-    from shmmmu.campaign import tasks as T
+    import shmmmu.campaign.tasks as T
     from shmmmu.campaign.cluster import check_address, connected, need_dask, worker_count
     from shmmmu.campaign.driver import Driver
     from shmmmu.region import PREFIX

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shmmmu.campaign import tasks as T
+import shmmmu.campaign.tasks as T
 from shmmmu.campaign.plan import Task
 from shmmmu.campaign.results import ResultsDir, outcome_of_explore
 
