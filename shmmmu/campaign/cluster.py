@@ -68,7 +68,10 @@ def connected(scheduler: str, workers: int) -> Iterator[Any]:
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            # no dashboard; the scheduler's HTTP server (always started) on a free port of the loopback: the
+            # default 8787 may be another cluster's, which Dask would say in a warning on the user's terminal
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                                    silence_logs=logging.CRITICAL, memory_limit=0)
     finally:
         signal.signal(signal.SIGINT, old)
