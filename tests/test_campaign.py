@@ -184,6 +184,18 @@ def test_ctrl_c_keeps_what_finished_and_resume_finishes_it(tmp_path: Path) -> No
     assert family_objects() == set()
 
 
+def test_a_task_past_its_wall_cap_is_stopped_and_hung_never_a_finding(tmp_path: Path) -> None:
+    """A 60 s stress run under a 3 s --task-timeout: stopped (its child and the VM's processes), reported hung
+    with the cap in its text, exit 0 (no finding), and nothing of it left in /dev/shm or running."""
+    res = campaign("stress", "--seeds", "7", "-d", "60", "-v", "1", "--task-timeout", "3", "-w", "1",
+                   "-o", str(tmp_path / "c"))
+    assert res.returncode == 0, res.stderr
+    (line,) = lines_of(tmp_path / "c").values()
+    assert line["verdict"] == "hung" and "wall cap of 3 s" in line["first"], line
+    assert "0 found, 0 clean, 1 hung, 0 lost" in res.stdout and "hung: stress/5.13/none/shared/seed7" in res.stdout
+    assert family_objects() == set()
+
+
 def test_a_dfs_search_split_over_the_cluster_gives_one_process_answer(tmp_path: Path) -> None:
     """The fixed code of zap-zap-roots at bound 2 (no finding: every one of its 16 subtrees runs) and its
     switch (a finding in the third round): the same counts, finding and token as one process; and Dask's
