@@ -45,6 +45,7 @@ _PKG = os.path.dirname(os.path.abspath(shmmmu.__file__)) + os.sep
 SAFE = ("run.py", "stress.py", "bench.py", "access_tracking.py", "torture.py", "exploration.py", "region.py",
         "vm.py", "validate.py", "launch.py", "spawn.py", "layout.py", "workloads.py", "integrity.py", "checks.py",
         "violations.py", "snapshot.py", "variants.py", "inspect" + os.sep, "explore" + os.sep, "trace" + os.sep,
+        "campaign" + os.sep,
         "workers" + os.sep, "__init__.py")
 DEFER_MAX_S = 5.0             # a deferred interrupt fires anyway after this long (a wait that never ends)
 RECHECK_S = 0.005

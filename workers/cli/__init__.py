@@ -13,6 +13,7 @@ exits:
   bench.py     shmmmu bench dirty-log|access-tracking
   selftests.py shmmmu bench nx-huge-pages|memslot-modification
   trace.py     shmmmu trace record|convert|summary
+  campaign.py  shmmmu campaign (stress seeds, explorer searches on a Dask cluster)
 
 `main()` (the console script; `python -m shmmmu.workers.cli`) runs the app:
 every usage error is one line, `shmmmu: error: ...`, and exit 2, never a
@@ -41,7 +42,7 @@ from shmmmu.region import PREFIX_ERROR, RegionError  # noqa: E402
 from shmmmu.workers.cli.common import EXIT_USAGE, app  # noqa: E402
 
 # the commands, in the order `shmmmu --help` lists them (each module adds its own to the app)
-from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, selftests, trace  # noqa: E402,F401,E501
+from shmmmu.workers.cli import run, stress, explore, inspect, vms, torture, bench, selftests, trace, campaign  # noqa: E402,F401,E501
 
 __all__ = ["app", "main"]
 
