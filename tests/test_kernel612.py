@@ -146,3 +146,18 @@ def test_stress_catches_b10_and_the_fixed_code_passes_with_the_same_sequence() -
     assert "--kernel 6.12 --mmu-seq-start" in bad.stdout                     # the replay line carries both
     good = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stdout[-2000:]
+
+
+def test_bench_page_splitting_passes_the_selftests_assertions_on_612_and_refuses_513() -> None:
+    """`shmmmu bench page-splitting` (dirty_log_page_splitting_test): on 6.12 every huge page is split at enable
+    (and, with manual protect, at the first CLEAR) and comes back after logging is disabled; 5.13 has no eager
+    splitting and says so in one line."""
+    r = subprocess.run([*CLI, "bench", "page-splitting", "-b", "8M", "-s", "2m"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Page stats after enabling dirty logging: 4K: 4096 2M: 0 1G: 0 huge: 0" in r.stdout
+    assert "Page stats after clearing dirty log pass: 4K: 4096 2M: 0 1G: 0 huge: 0" in r.stdout
+    assert r.stdout.count("Page stats after repopulating memory: 4K: 0 2M: 8 1G: 0 huge: 8") == 2
+    old = subprocess.run([*CLI, "bench", "page-splitting", "--kernel", "5.13"], capture_output=True, text=True,
+                         timeout=120)
+    assert old.returncode == 2 and old.stderr.count("\n") == 1 and "no eager page splitting" in old.stderr

@@ -1,4 +1,4 @@
-"""Selftests: `shmmmu bench nx-huge-pages|memslot-modification|demand-paging|memslot-perf`: more of the kernel's KVM selftests (shmmmu.selftests)."""
+"""Selftests: `shmmmu bench nx-huge-pages|memslot-modification|demand-paging|memslot-perf|page-splitting`: more of the kernel's KVM selftests (shmmmu.selftests, shmmmu.page_splitting)."""
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -147,4 +147,29 @@ def _finish(run: Any, json_out: bool, each: bool = False) -> None:
         for r in results:
             _show(r)
     if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@bench_app.command("page-splitting")
+def bench_page_splitting(
+    kernel: Annotated[str, typer.Option("--kernel", help="the kernel profile: eager splitting is 6.12's.")] = "6.12",
+    vcpu_bytes: Annotated[str, typer.Option("-b", help="each vCPU's memory (K, M, G suffixes; the selftest's "
+                                            "default is 1G).")] = "1G",
+    backing: Annotated[str, typer.Option("-s", help="the backing: 4k, 2m or 1g.")] = "2m",
+    vcpus: Annotated[int, typer.Option("-v", help="vCPUs (the selftest runs 2).")] = 2,
+) -> None:
+    """dirty_log_page_splitting_test (6.12): page counts after each step, without and with manual protect, and
+    the selftest's assertions; exit 1 if one fails."""
+    import os
+
+    from shmmmu.page_splitting import run_page_splitting
+    from shmmmu.validate import parse_size
+
+    with fail_on(ValueError), running_a_vm():
+        runs = run_page_splitting(kernel, backing.lower(), parse_size(vcpu_bytes), vcpus, f"split-{os.getpid()}")
+    failed = [f for r in runs for f in r.failures]
+    for f in failed:
+        typer.echo(f"Assertion failed: {f}")
+    typer.echo("FAILURE" if failed else "SUCCESS: every assertion of dirty_log_page_splitting_test held")
+    if failed:
         raise typer.Exit(1)
