@@ -258,14 +258,14 @@ def _until_vcpus_moved(sup: Launcher, k: int) -> int:
     the next pass over their memory whenever all have finished the current one; returns the pass now running.
     A count, never a time, decides (HANG_S only guards against a run that stopped)."""
     from shmmmu.layout import WState
-    ws, n = sup.vm.region.words("wstate"), sup.vm.config.n_vcpus
-    beat = [ws.load(i * WState.WORDS + WState.HEARTBEAT) for i in range(n)]
+    ws, n = sup.vm.region.columns("wstate", WState), sup.vm.config.n_vcpus
+    beat = [ws.heartbeat.load(i) for i in range(n)]
     moved = [False] * n
     deadline = time.monotonic() + HANG_S
     while not all(moved):
         for i in range(n):
-            moved[i] = moved[i] or ws.load(i * WState.WORDS + WState.HEARTBEAT) != beat[i]
-        if all(ws.load(i * WState.WORDS + WState.ITERATION) == k for i in range(n)):
+            moved[i] = moved[i] or ws.heartbeat.load(i) != beat[i]
+        if all(ws.iteration.load(i) == k for i in range(n)):
             k += 1
             sup.start_iteration(k)
         sup.check()

@@ -48,4 +48,4 @@ def start_worker(description: str, role: int) -> tuple[VM, argparse.Namespace]:
 
 
 def set_status(vm: VM, worker: int, status: int) -> None:
-    vm.region.words("wstate").store(worker * WState.WORDS + WState.STATUS, status)
+    vm.region.columns("wstate", WState).status.store(worker, status)

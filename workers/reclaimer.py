@@ -28,7 +28,7 @@ def main() -> None:
     vm, args = start_worker("the reclaimer of a shmmmu VM", Role.RECLAIMER)
     me = args.id
     ctl = vm.region.words("ctl")
-    ws = vm.region.words("wstate")
+    heartbeat = vm.region.columns("wstate", WState).heartbeat
     c = vm.config
     stall = c.gp_stall_s
     nx_period = c.nx_recovery_period_s if c.nx_huge_pages and c.nx_recovery_ratio > 0 else 0.0
@@ -60,7 +60,7 @@ def main() -> None:
                 violations.record(vm.region, "grace-period-stall", me, 0, int(stall * 1000), pending)
             elif n:
                 stalled = False
-            ws.store(me * WState.WORDS + WState.HEARTBEAT, ws.load(me * WState.WORDS + WState.HEARTBEAT) + 1)
+            heartbeat.store(me, heartbeat.load(me) + 1)
         # drain what is left so the pool adds up at the end
         for _ in range(100):
             if not rcu.backlog() or not rcu.reclaim_pass(pool.free, timeout=1.0):

@@ -107,7 +107,7 @@ class Supervisor:
             module = "shmmmu.workers.reclaimer"
         log = os.path.join(self.logdir, f"worker{worker}.log")
         self.logs[worker] = log
-        self.ws.store(worker * WState.WORDS + WState.STATUS, WorkerStatus.STARTING)
+        self.vm.region.columns("wstate", WState).status.store(worker, WorkerStatus.STARTING)
         with open(log, "ab") as f:
             self.procs[worker] = subprocess.Popen(
                 python_module_command(module, f"--vm={self.vm.name}", f"--id={worker}", f"--parent={os.getpid()}"),
@@ -126,7 +126,7 @@ class Supervisor:
     def wait_ready(self, workers: list[int]) -> None:
         deadline = time.monotonic() + self.start_timeout
         for w in workers:
-            while self.ws.load(w * WState.WORDS + WState.STATUS) != WorkerStatus.READY:
+            while self.vm.region.columns("wstate", WState).status.load(w) != WorkerStatus.READY:
                 self.check()
                 if time.monotonic() > deadline:
                     raise WorkerDied(f"{self.role_name(w)} did not start within {self.start_timeout:.0f}s"
@@ -168,12 +168,11 @@ class Supervisor:
     def wait_iteration(self, k: int, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> None:
         """Wait until every vCPU has acknowledged iteration k (published by start_iteration)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        cols = self.vm.region.columns("wstate", WState)
         for i in range(self.config.n_vcpus):
-            word = i * WState.WORDS + WState.ITERATION
-            progress = i * WState.WORDS + WState.PROGRESS_NS
-            seen, since = self.ws.load(progress), time.monotonic()
+            seen, since = cols.progress_ns.load(i), time.monotonic()
             spins = 0
-            while self.ws.load(word) != k:
+            while cols.iteration.load(i) != k:
                 spins += 1
                 if spins % 64 == 0:
                     self.check()
@@ -182,7 +181,7 @@ class Supervisor:
                     now = time.monotonic()
                     if deadline is not None and now > deadline:
                         raise WorkerDied(f"vCPU {i} did not finish iteration {k} within {timeout:.0f}s")
-                    cur = self.ws.load(progress)
+                    cur = cols.progress_ns.load(i)
                     if cur != seen:
                         seen, since = cur, now
                     elif self.stall_s is not None and now - since > self.stall_s:

@@ -50,7 +50,7 @@ class _Run:
         self.ws = self.region.words("wstate")
         self.errors: list[str] = []
         self.parent = config.host_worker
-        self.ws.store(self.parent * WState.WORDS + WState.PID, os.getpid())
+        self.region.columns("wstate", WState).pid.store(self.parent, os.getpid())
         self.t_go = 0.0
         self.t_stop = 0.0
 

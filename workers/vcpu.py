@@ -27,8 +27,7 @@ PUBLISH_EVERY = 16       # chunks between publications of this vCPU's counters (
 
 def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> None:
     ctl = vm.region.words("ctl")
-    ws = vm.region.words("wstate")
-    row = me * WState.WORDS
+    row = vm.region.columns("wstate", WState)
     w = vm.config.workload
     seed = vm.config.seed
     continuous = w.kind == "stress"
@@ -57,8 +56,8 @@ def run_iteration(vm, vcpu: Vcpu, me: int, iteration: int, base_gfn: int) -> Non
                         vcpu.mmu.zap_gfn_range_locked(g, g + 8)      # update_mtrr -> kvm_zap_gfn_range
                     finally:
                         vcpu.enter()
-                ws.store(row + WState.HEARTBEAT, ws.load(row + WState.HEARTBEAT) + 1)
-                ws.store(row + WState.PROGRESS_NS, time.monotonic_ns())
+                row.heartbeat.store(me, row.heartbeat.load(me) + 1)
+                row.progress_ns.store(me, time.monotonic_ns())
                 if (k // CHUNK) % PUBLISH_EVERY == PUBLISH_EVERY - 1:
                     vcpu.mmu.publish_stats()        # counters move during a long iteration (inspect --watch)
                 if ctl.load(Ctl.STOP):
@@ -75,13 +74,13 @@ def main() -> None:
     vm, args = start_worker("a vCPU of a shmmmu VM", Role.VCPU)
     me = args.id
     ctl = vm.region.words("ctl")
-    ws = vm.region.words("wstate")
     try:
         vcpu = Vcpu(vm, me)
         slots = Memslots(vm).slots()
         base_gfn = slots[0].base_gfn if slots else 0
         set_status(vm, me, WorkerStatus.READY)
-        done = ws.load(me * WState.WORDS + WState.ITERATION)
+        iteration_col = vm.region.columns("wstate", WState).iteration
+        done = iteration_col.load(me)
         while True:
             spins = 0
             while ctl.load(Ctl.ITERATION) == done and not ctl.load(Ctl.STOP):
@@ -93,7 +92,7 @@ def main() -> None:
             run_iteration(vm, vcpu, me, target, base_gfn)
             vcpu.mmu.publish_stats()
             done = target
-            ws.store(me * WState.WORDS + WState.ITERATION, done)
+            iteration_col.store(me, done)
         vcpu.mmu.publish_stats()
         set_status(vm, me, WorkerStatus.DONE)
     except Exception:
