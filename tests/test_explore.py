@@ -174,13 +174,22 @@ def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
     assert shm_entries() == before
 
 
+# where the 6.12 profile runs other code than 5.13: a write fault on a write-protected leaf (the fast page fault;
+# only dirty logging write-protects) and enabling or clearing the log (eager splitting); elsewhere its fast
+# path only walks and hands the fault to 5.13's
+_612_PATHS = sorted({"dirty-log", "manual-clear", "split-huge", "split-log", "clear-split", "seq-wrap", "mix"}
+                    | {n for n in SCENARIOS if n.startswith("cover-dirty")})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-@pytest.mark.parametrize("strategy", ["pct", "random"])
-def test_fixed_code_ten_thousand_executions_clean(name: str, strategy: str) -> None:
+@pytest.mark.parametrize("name,kernel", [(n, "5.13") for n in sorted(SCENARIOS)] + [(n, "6.12") for n in _612_PATHS])
+def test_fixed_code_ten_thousand_executions_clean(name: str, kernel: str) -> None:
+    """The fixed code of each profile: no finding in 10,000 PCT executions of every scenario, and of every
+    scenario that reaches 6.12's own paths under 6.12 (issues 23, 28).  PCT's priority changes reach the deep
+    orders random scheduling rarely does; the DFS bounds are the crosscheck's and the bound-2 tests'."""
     from shmmmu.workers.explore import parallel_search
-    rep = run_explore(ExploreOptions(scenario=name, strategy=strategy, executions=10000, time_limit=0),
-                      searcher=parallel_search(2))
+    rep = run_explore(ExploreOptions(scenario=name, strategy="pct", executions=10000, time_limit=0,
+                                     kernel=kernel), searcher=parallel_search(2))
     assert rep.found is None, rep.lines()[:40]
     assert rep.search.executions >= 10000
 
