@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from shmmmu.launch import LauncherFactory
 from shmmmu.run import BACKINGS, Phase, RunOptions, RunResult, UsageError, run_vm
+from shmmmu.variants import PROFILE_NAMES
 
 MODES = ("shared", "exclusive")
 # the summary's phases: key -> the selftest's wording (dirty/get/clear summed over the iterations)
@@ -65,9 +66,21 @@ class BenchOptions:
     repeat: int = 1                      # runs per mode; the summary takes their median
     seed: int = 1                        # -r (6.2 on; 1 is the selftest's default too)
     timeline: str = ""                   # --timeline FILE.json: every run's VM, one process each (shmmmu.trace.timeline)
+    kernel: str = "5.13"                 # --kernel: a profile, or two ("5.13,6.12") side by side in one lock mode
+
+    def kernels(self) -> list[str]:
+        return [k.strip() for k in self.kernel.split(",")]
 
     def modes(self) -> list[str]:
+        """The columns, alternated run by run: the lock modes, or with two kernels the kernels."""
+        if len(self.kernels()) > 1:
+            return self.kernels()
         return list(MODES) if self.lock_mode == "both" else [self.lock_mode]
+
+    def column(self, col: str) -> tuple[str, str]:
+        """(lock mode, kernel) of a column."""
+        ks = self.kernels()
+        return (self.lock_mode, col) if len(ks) > 1 else (col, ks[0])
 
     def validate(self) -> None:
         """Raise UsageError (one line) for any option the selftest or the emulator refuses."""
@@ -87,11 +100,20 @@ class BenchOptions:
                              "give one")
         if self.repeat < 1:
             raise UsageError("--repeat must be at least 1")
-        self.run_options("shared", "check").config()
+        ks = self.kernels()
+        for k in ks:
+            if k not in PROFILE_NAMES:
+                raise UsageError(f"unknown kernel {k!r}; known: {', '.join(PROFILE_NAMES)}")
+        if len(ks) > 2 or len(set(ks)) != len(ks):
+            raise UsageError("--kernel takes one profile, or two different ones (5.13,6.12)")
+        if len(ks) > 1 and self.lock_mode == "both":
+            raise UsageError("two kernels are compared in one lock mode: add --lock-mode shared (or exclusive)")
+        self.run_options(self.modes()[0], "check").config()
 
-    def run_options(self, mode: str, name: str, parts: str = "") -> RunOptions:
+    def run_options(self, col: str, name: str, parts: str = "") -> RunOptions:
+        mode, kernel = self.column(col)
         return RunOptions(name=name, vcpus=self.vcpus, memory=self.bytes_per_vcpu, backing=self.backing,
-                          lock_mode=mode, overlap=self.overlap, workload="dirty-log",
+                          lock_mode=mode, kernel=kernel, overlap=self.overlap, workload="dirty-log",
                           iterations=self.iterations + 1, seed=self.seed, write_every=self.write_every,
                           manual_protect=self.manual_protect, write_percent=self.write_percent,
                           random_access=self.random_access, slots=self.slots,
@@ -161,7 +183,7 @@ class BenchRun:
     def lines(self, runs_per_mode: int = 1) -> list[str]:
         """The selftest's output for this run, then the emulator's rates."""
         n = self.iterations
-        out = [f"Lock mode: {self.mode}" + (f" (run {self.index} of {runs_per_mode})" if runs_per_mode > 1 else ""),
+        out = [(f"Kernel: {self.mode}" if self.mode not in MODES else f"Lock mode: {self.mode}") + (f" (run {self.index} of {runs_per_mode})" if runs_per_mode > 1 else ""),
                "Testing guest mode: PA-bits:48, VA-bits:48,  4K pages",
                f"guest physical test memory offset: {self.gpa_offset:#x}",
                f"Populate memory time: {fmt_ts(self.phase('populate')[0].ns)}",
@@ -229,12 +251,22 @@ class BenchResult:
             out[mode] = m
         return out
 
-    def ratios(self) -> dict[str, float]:
-        """exclusive / shared of each summary phase's median time (> 1: shared mode is faster)."""
+    def ratio_columns(self) -> tuple[str, str] | None:
+        """(numerator, denominator) of the ratio column: exclusive/shared, or the first kernel over the second."""
         med = self.medians()
-        if set(med) != set(MODES):
+        ks = self.options.kernels()
+        if len(ks) > 1:
+            return (ks[0], ks[1]) if set(med) == set(ks) else None
+        return ("exclusive", "shared") if set(med) == set(MODES) else None
+
+    def ratios(self) -> dict[str, float]:
+        """exclusive / shared (or 5.13 / 6.12) of each summary phase's median time (> 1: the second is faster)."""
+        med = self.medians()
+        cols = self.ratio_columns()
+        if cols is None:
             return {}
-        return {k: med["exclusive"][k] / med["shared"][k] if med["shared"][k] > 0 else float("nan")
+        a, b = cols
+        return {k: med[a][k] / med[b][k] if med[b][k] > 0 else float("nan")
                 for k in SUMMARY_PHASES if k != "clear" or self.options.manual_protect}
 
     def summary_lines(self) -> list[str]:
@@ -248,7 +280,8 @@ class BenchResult:
             head += f" (alternated: {', '.join(modes)}, ... in one invocation)"
         out = [head + ":"]
         w = 40
-        out.append(f"{'':<{w}}" + "".join(f"{m:>16}" for m in modes) + ("  exclusive/shared" if ratios else ""))
+        cols = self.ratio_columns()
+        out.append(f"{'':<{w}}" + "".join(f"{m:>16}" for m in modes) + (f"  {cols[0]}/{cols[1]}" if ratios else ""))
         for k, label in SUMMARY_PHASES.items():
             if k == "clear" and not self.options.manual_protect:
                 continue
@@ -266,7 +299,7 @@ class BenchResult:
                               ("runq_share", "Populate run-queue wait share", "{:.1%}"),
                               ("tlb_flushes", "TLB flushes", "{:.0f}")):
             out.append(f"{label:<{w}}" + "".join(f"{fmt.format(med[m][k]):>16}" for m in modes))
-        if ratios:
+        if ratios and cols == ("exclusive", "shared"):
             out.append(f"Populate ratio exclusive/shared: {ratios['populate']:.2f}x "
                        f"(shared mode populates {ratios['populate']:.2f} times as fast"
                        + (f"; median of {n} runs per mode)" if n > 1 else ")"))

@@ -50,6 +50,8 @@ def bench_dirty_log(
     repeat: Repeat = 1,
     seed: Annotated[int, typer.Option("-r", "--seed", help="the starting random seed (dirty_log_perf_test -r, "
                                       "6.2 on; default 1 as there).")] = 1,
+    kernel: Annotated[str, typer.Option("--kernel", help="the kernel profile, or two side by side in one lock "
+                                        "mode (5.13,6.12: alternated, with their ratio).")] = "5.13",
     timeline: Timeline = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -72,7 +74,7 @@ def bench_dirty_log(
                             write_percent=-1 if write_percent is None else write_percent, random_access=random_access, slots=slots,
                             run_while_disabling=run_while_disabling,
                             manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed,
-                            timeline=timeline or "")
+                            timeline=timeline or "", kernel=kernel)
         opts.validate()
     if not json_out:
         print(f"Test iterations: {opts.iterations}", flush=True)
