@@ -46,7 +46,8 @@ def bench_dirty_log(
                                                     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET clears, no "
                                                     "CLEAR.")] = False,
     lock_mode: Annotated[str, typer.Option("--lock-mode", help="shared (the series), exclusive (the baseline) or "
-                                           "both (alternating in one invocation, with ratios).")] = "both",
+                                           "both (alternating in one invocation, with ratios); default both, or "
+                                           "shared with two kernels.")] = "",
     repeat: Repeat = 1,
     seed: Annotated[int, typer.Option("-r", "--seed", help="the starting random seed (dirty_log_perf_test -r, "
                                       "6.2 on; default 1 as there).")] = 1,
@@ -73,7 +74,8 @@ def bench_dirty_log(
                             backing=backing.lower(), overlap=overlap, write_every=write_fraction,
                             write_percent=-1 if write_percent is None else write_percent, random_access=random_access, slots=slots,
                             run_while_disabling=run_while_disabling,
-                            manual_protect=not no_manual_protect, lock_mode=lock_mode, repeat=repeat, seed=seed,
+                            manual_protect=not no_manual_protect, repeat=repeat, seed=seed,
+                            lock_mode=lock_mode or ("shared" if "," in kernel else "both"),
                             timeline=timeline or "", kernel=kernel)
         opts.validate()
     if not json_out:
