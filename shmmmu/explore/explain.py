@@ -205,10 +205,16 @@ def _legend(m: dec.Marks) -> dict[str, str]:
     return {k: v for k, v in dec.MARKS.items() if k in used}
 
 
-def explain(explorer: Explorer, switches: list[tuple[int, int, int]], with_fix: bool = False) -> Explained:
+def explain(explorer: Explorer, switches: list[tuple[int, int, int]], with_fix: bool = False,
+            tracepoints: str = "") -> Explained:
     """Record `switches` on `explorer` (its bug switches on), mark it, and with `with_fix` run the same
-    decisions with every switch off."""
-    rec = record(explorer, switches)
+    decisions with every switch off.  `tracepoints`: the recorded execution alone writes the kernel's
+    tracepoint lines there (the other executions the marking runs write none)."""
+    explorer.config.tracepoints = tracepoints
+    try:
+        rec = record(explorer, switches)
+    finally:
+        explorer.config.tracepoints = ""
     describe = render.Describer.of(rec)
     marks = dec.decisive(explorer, rec, describe) if rec.result.finding is not None else dec.Marks()
     if rec.result.finding is None:

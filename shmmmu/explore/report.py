@@ -183,11 +183,7 @@ def _explained(explorer: Explorer, switches: list[tuple[int, int, int]], with_fi
                tracepoints: str = "") -> Explained:
     """The counterexample recorded and explained; with `tracepoints` (a directory: shmmmu.mmu.tracepoints) its
     actors' Mmus also write the kernel's tracepoint lines, stamped with the step count."""
-    explorer.config.tracepoints = tracepoints
-    try:
-        return explain(explorer, switches, with_fix)
-    finally:
-        explorer.config.tracepoints = ""
+    return explain(explorer, switches, with_fix, tracepoints)
 
 
 def _keep(explorer: Explorer, r: Result, keep: Callable[[Explorer], None]) -> None:

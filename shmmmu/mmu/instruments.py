@@ -30,7 +30,7 @@ OBJECT_SITES: dict[str, tuple[str, ...]] = {
     "lock.read_lock": ("timeline",),            # waits for mmu_lock, holds begin
     "lock.write_lock": ("timeline",),
     "tlbctl.flush_remote_tlbs": ("timeline",),  # the flusher's wait for the vCPUs' acknowledgements
-    "tlbctl.check_request": ("timeline",),      # a vCPU acknowledging a flush
+    "tlbctl.process_requests": ("timeline",),   # a vCPU taking a flush request at guest entry
     "rcu.synchronize": ("timeline",),           # a grace period
     "rcu.reclaim_pass": ("timeline",),          # the reclaimer's grace period, then the frees
 }

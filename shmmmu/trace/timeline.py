@@ -12,7 +12,7 @@ one line a record, timestamps from the wait layer's clock:
   Z  a zap of a GFN range under one root                  zap.zap_gfn_range
   Q  kvm_flush_remote_tlbs, with the flush generation     kvm.kvm_flush_remote_tlbs
   K  its wait for the vCPUs' acknowledgements             tlbctl.flush_remote_tlbs
-  A  a vCPU acknowledging flush generations               tlbctl.check_request (when it acknowledges)
+  A  a vCPU taking a flush request at guest entry         tlbctl.process_requests (when one was pending)
   G  a grace period (synchronize_rcu; the reclaimer's      rcu.synchronize, rcu.reclaim_pass
      with the tables it then freed)
   S  the worker's counters: faults, tables allocated, freed (kvm.publish_stats)
@@ -129,13 +129,12 @@ def _zap(kvm, rec: Recorder, zap: Callable) -> Callable:
 
 
 def _flush(kvm, rec: Recorder, flush: Callable) -> Callable:
-    from shmmmu.layout import Ctl
-    ctl = kvm.ctl
+    tlbctl = kvm.tlbctl
 
     def timed_flush() -> None:
-        t0, lo = rec.begin("Q"), ctl.load(Ctl.FLUSH_GEN)
+        t0, n = rec.begin("Q"), tlbctl.flushes
         flush()
-        rec.emit("Q", t0, rec.now(), lo, ctl.load(Ctl.FLUSH_GEN))
+        rec.emit("Q", t0, rec.now(), n, tlbctl.flushes)
     return timed_flush
 
 
@@ -147,16 +146,17 @@ def _ack_wait(kvm, rec: Recorder, wait: Callable) -> Callable:
     return timed_ack_wait
 
 
-def _ack(kvm, rec: Recorder, check: Callable) -> Callable:
+def _ack(kvm, rec: Recorder, process: Callable) -> Callable:
+    from shmmmu.layout import Request
     tlbctl = kvm.tlbctl
+    ws, req = tlbctl.ws, tlbctl.req_word
 
-    def timed_check_request() -> bool:
-        t0, before = rec.now(), tlbctl.acked
-        out = check()
-        if tlbctl.acked != before:
-            rec.emit("A", t0, rec.now(), before, tlbctl.acked)
-        return out
-    return timed_check_request
+    def timed_process_requests() -> None:
+        t0, pending = rec.now(), ws.load(req) & Request.TLB_FLUSH
+        process()
+        if pending:
+            rec.emit("A", t0, rec.now(), 0, 0)
+    return timed_process_requests
 
 
 def _grace_period(kvm, rec: Recorder, synchronize: Callable) -> Callable:
@@ -202,7 +202,7 @@ TIMELINE: dict[str, Callable] = {
     "zap.zap_gfn_range": _zap,
     "kvm.kvm_flush_remote_tlbs": _flush,
     "tlbctl.flush_remote_tlbs": _ack_wait,
-    "tlbctl.check_request": _ack,
+    "tlbctl.process_requests": _ack,
     "rcu.synchronize": _grace_period,
     "rcu.reclaim_pass": _reclaim,
     "kvm.publish_stats": _publish,
@@ -357,14 +357,14 @@ def _slice(js: JsonOut, code: str, v: list[int], pid: int, tid: int, flushes: di
            {"start": f"{start:#x}", "end": f"{end:#x}", "shared": bool(shared)})
     elif code == "Q":
         t0, t1, lo, hi = v
-        _x(js, "kvm_flush_remote_tlbs", "flush", t0, t1, pid, tid, {"generation": lo + 1})
+        _x(js, "kvm_flush_remote_tlbs", "flush", t0, t1, pid, tid, {"flush": lo + 1})
         flushes[pid].append((lo + 1, t0, tid))
     elif code == "K":
         _x(js, "flush: waiting for acks", "flush", v[0], v[1], pid, tid, {})
     elif code == "A":
-        t0, t1, frm, to = v
-        _x(js, "TLB flush ack", "flush", t0, t1, pid, tid, {"generations": f"{frm + 1}..{to}"})
-        acks[pid].append((frm, to, t0, tid))
+        t0, t1, _, _ = v
+        _x(js, "TLB flush ack", "flush", t0, t1, pid, tid, {"request": "KVM_REQ_TLB_FLUSH"})
+        acks[pid].append((0, 0, t0, tid))
     elif code == "G":
         args: dict[str, Any] = {"completed": bool(v[2])}
         if v[3] >= 0:
@@ -375,7 +375,8 @@ def _slice(js: JsonOut, code: str, v: list[int], pid: int, tid: int, flushes: di
 
 
 def _flows(js: JsonOut, flushes: dict, acks: dict) -> None:
-    """An arrow from each flush request to the acknowledgement that covered it on each vCPU."""
+    """An arrow from each flush request to the request's taking on each vCPU: the vCPU's first after it (the
+    request bit is one bit, so that taking covers every flush requested before it)."""
     n = 0
     for pid, reqs in flushes.items():
         by_vcpu: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -383,7 +384,7 @@ def _flows(js: JsonOut, flushes: dict, acks: dict) -> None:
             by_vcpu[tid].append((frm, to, ts))
         for gen, ts, tid in reqs:
             for vtid, lst in by_vcpu.items():
-                hit = next(((frm, to, ats) for frm, to, ats in lst if frm < gen <= to and ats >= ts), None)
+                hit = next(((frm, to, ats) for frm, to, ats in lst if ats >= ts), None)
                 if hit is None or vtid == tid:
                     continue
                 n += 1
