@@ -271,7 +271,10 @@ def test_a_campaign_on_a_dask_scheduler_detects_every_switch_as_the_local_defaul
     local = campaign(*STRESS_PLAN, "-w", "2", "-o", str(tmp_path / "local"))
     assert local.returncode == 1, local.stderr
     r, l_ = lines_of(tmp_path / "remote"), lines_of(tmp_path / "local")
-    assert len(r) == 12 and without_run_fields(r) == without_run_fields(l_)
+    # a stress run's first violation is whichever checker fired first, a matter of timing (K11 in exclusive
+    # mode: lock-dropped-unflushed or install-before-flush); the verdicts, replays and arguments are the plan's
+    same = lambda lines: {k: {f: v for f, v in d.items() if f != "violation"} for k, d in without_run_fields(lines).items()}  # noqa: E731,E501
+    assert len(r) == 12 and same(r) == same(l_)
     assert len({v["worker"] for v in r.values()}) == 2                  # both workers ran tasks
     for s in SWITCHES:
         assert any(v["switch"] == s and v["verdict"] == "found" for v in r.values()), s
