@@ -213,6 +213,7 @@ class Region:
         self.semaphore_purposes: list[str] = list(doc["semaphores"])
         self._arrays: dict[str, np.ndarray] = {}
         self._words: dict[str, Words] = {}
+        self._columns: dict[tuple[str, type], Any] = {}
         # the interleaving explorer wraps every section's words in scheduling points (shmmmu.explore)
         self.word_wrapper: Callable[[str, Words], Any] | None = None
         self._sems: dict[str, posix_ipc.Semaphore] = {}
@@ -366,13 +367,17 @@ class Region:
 
     def columns(self, section: str, row: type) -> Any:
         """The words of a section's rows, one Column per field of `row` (shmmmu.layout.Columns)."""
-        from shmmmu.layout import Columns
-        return Columns(row, self.words(section))
+        c = self._columns.get((section, row))
+        if c is None:                        # views only: one per section and row type
+            from shmmmu.layout import Columns
+            c = self._columns[(section, row)] = Columns(row, self.words(section))
+        return c
 
     def wrap_words(self, wrapper: Callable[[str, Words], Any]) -> None:
         """From now on every `words()` view of this mapping is `wrapper(section, words)` (the explorer's points)."""
         self.word_wrapper = wrapper
         self._words.clear()
+        self._columns.clear()
 
     def semaphore(self, purpose: str) -> posix_ipc.Semaphore:
         s = self._sems.get(purpose)
@@ -424,6 +429,7 @@ class Region:
                 pass
         self._sems.clear()
         self._words.clear()
+        self._columns.clear()
         self._arrays.clear()
         self._header = None
         if self._mm is not None:

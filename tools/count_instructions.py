@@ -7,12 +7,14 @@ driver under `valgrind --tool=callgrind` twice, with N1 and N2 operations,
 and prints (I(N2) - I(N1)) / (N2 - N1): the cost of one operation with the
 start-up (interpreter, imports, VM creation) taken off.
 
-    python tools/count_instructions.py [--what fault|fault-exclusive] [--n1 8192] [--n2 24576]
+    python tools/count_instructions.py [--what fault|fault-exclusive|explore:SCENARIO] [--n1 8192] [--n2 24576]
 
 `fault`: Mmu.page_fault(gfn, write=True) over consecutive GFNs of a fresh VM
 with 512-entry tables and 4 KiB backing (cold tables: every fault maps a new
 page, one new leaf table per 512 faults), shared mode; `fault-exclusive` the
-same under the write lock.  OPENBLAS_NUM_THREADS=1, as the workers run.
+same under the write lock; `explore:SCENARIO` one execution of the scenario's DFS at 2 preemptions (the
+first n executions of the search, after the 16 that seed its points).  OPENBLAS_NUM_THREADS=1, as the
+workers run.
 """
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ import tempfile
 
 DRIVER = r"""
 import os, sys
+if sys.argv[1].startswith("explore:"):         # one scenario's DFS at bound 2: n executions
+    from shmmmu.explore.explorer import Explorer, make_strategy, search, seed_points
+    from shmmmu.explore.scenarios import SCENARIOS
+    with Explorer(SCENARIOS[sys.argv[1].split(":", 1)[1]], []) as ex:
+        seed_points(ex)
+        r = search(ex, make_strategy("dfs", 1, preemptions=2, points=ex.points), max_executions=int(sys.argv[2]))
+        assert r.executions == int(sys.argv[2]), ("the search ended early", r.executions)
+    sys.exit(0)
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.vm import create_vm
@@ -45,7 +55,7 @@ def instructions(what: str, n: int) -> int:
         out = os.path.join(d, "cg.out")
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
         p = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                            sys.executable, "-c", DRIVER, what, str(n)], capture_output=True, text=True, env=env)
+                            sys.executable, "-P", "-c", DRIVER, what, str(n)], capture_output=True, text=True, env=env)
         if p.returncode != 0:
             sys.exit(f"count_instructions: the driver failed under valgrind: {p.stderr.strip().splitlines()[-1:]}")
         with open(out) as f:
@@ -57,12 +67,14 @@ def instructions(what: str, n: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=["fault", "fault-exclusive"], default="fault")
+    ap.add_argument("--what", default="fault", help="fault, fault-exclusive or explore:SCENARIO")
     ap.add_argument("--n1", type=int, default=8192)
     ap.add_argument("--n2", type=int, default=24576)
     a = ap.parse_args()
     if not 0 < a.n1 < a.n2:
         ap.error("need 0 < --n1 < --n2")
+    if a.what not in ("fault", "fault-exclusive") and not a.what.startswith("explore:"):
+        ap.error(f"--what: unknown {a.what!r}")
     i1, i2 = instructions(a.what, a.n1), instructions(a.what, a.n2)
     print(f"{a.what}: {(i2 - i1) / (a.n2 - a.n1):,.0f} instructions per operation "
           f"(callgrind: {i1:,} at {a.n1}, {i2:,} at {a.n2})")

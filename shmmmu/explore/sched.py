@@ -241,8 +241,11 @@ class Scheduler:
             seen = self.access[section] = {}
         seen[word] = seen.get(word, 0) | (1 << (a.id + 32 if write else a.id))
         a.reads.add((section, word))
-        if self.strategy.wants_events:
-            self.strategy.event(a.id, section, word, write)
+        strategy = self.strategy
+        # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
+        # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
+        if strategy.wants_events and strategy.is_choice(section, word):
+            strategy.event(a.id, section, word, write)
 
     def touch(self, section: str, start: int, n: int, write: bool) -> None:
         """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
