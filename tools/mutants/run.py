@@ -131,8 +131,10 @@ def _run(root: Path, args: list[str], prefix: str) -> tuple[int, str, str]:
 def _finding(code: int, out: str, err: str) -> str:
     if code == 1:
         try:
-            f = json.loads(out).get("finding") or {}
-            return f.get("message") or f.get("kind") or "finding"
+            d = json.loads(out)
+            f = d.get("finding") or {}                # explore's report
+            problems = d.get("problems") or []         # stress's
+            return f.get("message") or f.get("kind") or (str(problems[0]) if problems else "finding")
         except ValueError:
             lines = [ln for ln in (out + err).splitlines() if ln.startswith("!!!") or "FAILURE" in ln]
             return lines[0] if lines else (err.strip().splitlines() or ["finding"])[-1]
