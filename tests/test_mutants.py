@@ -71,7 +71,7 @@ def test_the_whole_catalogue_scores_at_least_90_percent() -> None:
     """The catalogue's measure (issue 28): at least 30 mutants, at least 90% killed, each survivor explained.
 
     Hours on two cores (every scenario, both strategies, per surviving mutant), so it is its own marker,
-    run by hand (`pytest -m catalogue`); docs/mutants.md has the figures of the last run."""
+    run by hand (`pytest -m catalogue`); docs/explore.md ("The mutation catalogue") has the figures of the last run."""
     assert len(MUTANTS) >= 30
     p = subprocess.run(RUN, capture_output=True, text=True, timeout=6 * 3600)
     score = [ln for ln in p.stdout.splitlines() if ln.startswith("score:")][0]

@@ -399,7 +399,9 @@ MUTANTS: list[Mutant] = [
            "the list is not): two vCPUs topping up at once take the same tables, and one table ends up linked "
            "in two places"),
     Mutant("pool-free-push-before-poison", "pool", "shmmmu/pool.py",
-           (("""        self.tables[idx] = POISON if self.debug else 0
+           (("""        for t in tables:                              # the poison (or clear) writes them: its own point
+            self.tw.touch(t * E, E, True)
+        self.tables[idx] = POISON if self.debug else 0
         tmeta = self.tmeta
         for table in tables:
             tmeta.gen.fetch_add(table, 1)
@@ -418,6 +420,8 @@ MUTANTS: list[Mutant] = [
             top = self.ctl.load(Ctl.POOL_TOP)
             self.stack[top: top + len(tables)] = idx
             self.ctl.store(Ctl.POOL_TOP, top + len(tables))
+        for t in tables:                              # the poison (or clear) writes them: its own point
+            self.tw.touch(t * E, E, True)
         self.tables[idx] = POISON if self.debug else 0
         for table in tables:
             tmeta.gen.fetch_add(table, 1)
