@@ -468,6 +468,11 @@ def _barged_oracle(ctx: Context) -> list[str]:
             if ctx.notes.get("barged") else [])
 
 
+def _premap_then_log(ctx: Context) -> None:
+    _premap([9])(ctx)                                   # a huge leaf over gfns 8-15
+    ctx.host(0).enable_dirty_logging(0)                 # write-protected, and no longer allowed huge
+
+
 def _logging_oracle(ctx: Context) -> list[str]:
     from shmmmu.checks import check_logging_slots
     return [str(p) for p in check_logging_slots(ctx.explorer.vm)] + _dirty_log_oracle(ctx)
@@ -480,6 +485,10 @@ SCENARIOS.update({s.name: s for s in [
     Scenario("dirty-enable-huge-fault", "a fault maps a huge page while the host enables dirty logging on its slot",
              (), lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(9, WRITE), (10, WRITE)])),
                               ctx.actor("host", _enable(ctx))), oracle=_logging_oracle, memslots=((0, 64, 2),)),
+    Scenario("dirty-split-reread", "a vCPU reads a huge page write-protected for dirty logging, writes it (its "
+             "own fault splits the page and flushes) and reads the next page of it", (),
+             lambda ctx: ctx.actor("vCPU0", accesses(ctx, 0, [(10, READ), (9, WRITE), (10, READ)])),
+             prologue=_premap_then_log, memslots=((0, 64, 2),)),
     Scenario("age-reaccess", "the guest reads a page before and after the host ages it (clear_flush_young)", (),
              lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(2, READ), (2, READ)])),
                           ctx.actor("host", host_ops(ctx, [("clear_young", 0, 8)]))), prologue=_premap([1, 2, 3])),
