@@ -38,6 +38,7 @@ import _installed  # noqa: E402,F401  (the installed shmmmu, or one line saying 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import py_compile  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -218,12 +219,16 @@ def load_verdicts(files: list[str]) -> list[Verdict]:
     return sorted(got.values(), key=lambda v: order.get(v.name, len(order)))
 
 
+# a run's own object names (/PREFIXexplore-PID-HEX.mmu_lock.w) say nothing about the mutant; the lock's name does
+_RUN_NAMES = re.compile(r"/?shmmmu_[0-9A-Za-z]+-[\w-]*?-[0-9a-f]{6,}\.")
+
+
 def table(verdicts: list[Verdict]) -> str:
     rows = ["| mutant | area | verdict | caught by | executions | first finding |", "|---|---|---|---|---|---|"]
     for v in verdicts:
         verdict = "killed" if v.killed else ("explained" if v.explained else "**survived**")
         caught = f"{v.channel} ({v.where})" if v.killed else (v.explained or "-")
-        first = v.first.replace("|", "\\|")
+        first = _RUN_NAMES.sub("", v.first).replace("|", "\\|")
         rows.append(f"| `{v.name}` | {v.area} | {verdict} | {caught} | {v.executions or '-'} | {first} |")
     killed = sum(v.killed for v in verdicts)
     rows.append("")
