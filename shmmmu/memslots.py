@@ -105,7 +105,14 @@ class Memslots:
         return self._slots
 
     def read(self, k: int) -> Slot:
-        r = [self.rows.load(self.slot_rows.start(k) + i) for i in range(8)]
+        start = self.slot_rows.start(k)
+        r = [0] * 8
+        # the generation first, as a seqlock reader does: a change landing during the read (set_flags stores the
+        # flags, then bumps the generation) then shows as a generation that moved when the fault rechecks it
+        # under the lock, never as the old flags under the new generation (the explorer found that torn read:
+        # a huge leaf installed writable beside the enabling of dirty logging)
+        for i in (MS.GEN, MS.BASE_GFN, MS.NPAGES, MS.BACKING_LEVEL, MS.FLAGS, MS.HOST_OFF, MS.DIRTY_OFF, MS.DATA_OFF):
+            r[i] = self.rows.load(start + i)
         base, npages, backing = r[MS.BASE_GFN], r[MS.NPAGES], r[MS.BACKING_LEVEL]
         huge = 1
         for level in range(2, min(backing, self.max_level) + 1):

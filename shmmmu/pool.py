@@ -164,9 +164,9 @@ class Pool:
             return
         idx = np.asarray(tables, dtype=np.intp)
         E = self.entries
-        for t in tables:
-            self.tw.touch(t * E, E, True)             # the checks below read them, the poison writes them
         if self.debug:
+            for t in tables:
+                self.tw.touch(t * E, E, False)        # the checks below read them
             for t in tables:
                 self.tm.touch(self.tmeta.start(t), TMeta.WORDS, False)
             states = self.tmeta_np[idx, TMeta.STATE]
@@ -183,6 +183,8 @@ class Pool:
                 linker = int(self.tmeta_np[child, TMeta.LINKER]) if child < self.tmeta_np.shape[0] else -1
                 violations.record(self.tables_region, "install-into-dead-table", self.worker,
                                   (int(idx[row]) << 16) | col, val, linker)
+        for t in tables:                              # the poison (or clear) writes them: its own point
+            self.tw.touch(t * E, E, True)
         self.tables[idx] = POISON if self.debug else 0
         tmeta = self.tmeta
         for table in tables:

@@ -34,7 +34,7 @@ from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
-from shmmmu.layout import VMConfig
+from shmmmu.layout import Lock, Locks, VMConfig, WState
 from shmmmu.mmu import Mmu
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
@@ -258,9 +258,31 @@ class Explorer:
             if not rcu.backlog() or not rcu.reclaim_pass(pool.free, timeout=None):
                 break
 
+    def locks_left(self) -> list[str]:
+        """Every actor has ended, so every lock is free: no qrwlock count (a reader's bias, the writer byte,
+        WAITING), no wait-queue owner, no worker's record of a hold.  A lock left taken is a finding here,
+        before the drain and the destruction below take the locks again outside the scheduler (and would
+        spin for ever on a count nobody will release)."""
+        w = self.region.words("locks")
+        lk = self.region.columns("locks", Lock)
+        ws = self.region.words("wstate")
+        found = []
+        for i, name in enumerate(Locks.NAMES):
+            cnts, wait, writer = w.load(lk.cnts.word(i)), w.load(lk.wait.word(i)), w.load(lk.writer.word(i))
+            held = ws.column(WState.WORDS, WState.HELD + i)
+            holders = [k for k in range(self.region.array("wstate").shape[0]) if held.load(k)]
+            if cnts or wait or writer or holders:
+                found.append(f"lock-left-held: {name} after every actor ended: cnts {cnts:#x}, wait queue {wait}, "
+                             f"writer {writer - 1}, held by workers {holders}")
+        return found
+
     def _oracles(self, ctx: Context) -> Finding | None:
-        """After the actors: the violations, the whole-VM invariants, guest memory, the scenario's own, destruction."""
+        """After the actors: the locks, the violations, the whole-VM invariants, guest memory, the scenario's own,
+        destruction."""
         steps = ctx.sched.steps
+        left = self.locks_left()
+        if left:
+            return Finding("check", "; ".join(left[:3]), steps)
         self._drain(ctx)
         for m in ctx.mmus():
             m.publish_stats()

@@ -523,3 +523,74 @@ def for_bug(bug: str) -> Scenario:
         if bug in s.targets:
             return s
     raise ValueError(f"no scenario targets {bug!r}")
+
+
+# ---- scenarios for mutants (helper 9)
+# Races the mutation catalogue (tools/mutants) needed and no scenario above reached, each appended to SCENARIOS:
+# the first page of an invalidation, a huge fault beside enabling dirty logging, a re-access after aging,
+# NX tracking beside a zap and beside another fault, and a reader that comes back while a writer waits.
+
+def _reader_vs_waiting_writer(ctx: Context) -> None:
+    from shmmmu.rwlock import QW_WAITING
+
+    def writer() -> None:
+        lock = ctx.host(0).lock
+        lock.write_lock()
+        lock.write_unlock()
+
+    def reader() -> None:
+        # qrwlock's fairness: a reader that finds a writer waiting for the readers to drain (_QW_WAITING)
+        # queues behind it, so it can never hold the lock while that writer still waits
+        lock = ctx.host(1).lock
+        for _ in range(3):
+            waiting = lock.w.load(lock.cnts) & QW_WAITING
+            lock.read_lock()
+            if waiting and lock.w.load(lock.cnts) & QW_WAITING:
+                ctx.notes["barged"] = True
+            lock.read_unlock()
+    ctx.actor("host", writer)
+    ctx.actor("host1", reader)
+
+
+def _barged_oracle(ctx: Context) -> list[str]:
+    return (["lock-unfair: a reader took mmu_lock past a writer waiting for the readers to drain"]
+            if ctx.notes.get("barged") else [])
+
+
+def _premap_then_log(ctx: Context) -> None:
+    _premap([9])(ctx)                                   # a huge leaf over gfns 8-15
+    ctx.host(0).enable_dirty_logging(0)                 # write-protected, and no longer allowed huge
+
+
+def _logging_oracle(ctx: Context) -> list[str]:
+    from shmmmu.checks import check_logging_slots
+    return [str(p) for p in check_logging_slots(ctx.explorer.vm)] + _dirty_log_oracle(ctx)
+
+
+SCENARIOS.update({s.name: s for s in [
+    Scenario("fault-unmap-first-page", "a fault on the first page of an MMU-notifier invalidation in progress",
+             (), lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(8, WRITE), (8, READ)])),
+                              ctx.actor("host", host_ops(ctx, [("host_unmap", 8, 16)])))),
+    Scenario("dirty-enable-huge-fault", "a fault maps a huge page while the host enables dirty logging on its slot",
+             (), lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(9, WRITE), (10, WRITE)])),
+                              ctx.actor("host", _enable(ctx))), oracle=_logging_oracle, memslots=((0, 64, 2),)),
+    Scenario("dirty-split-reread", "a vCPU reads a huge page write-protected for dirty logging, writes it (its "
+             "own fault splits the page and flushes) and reads the next page of it", (),
+             lambda ctx: ctx.actor("vCPU0", accesses(ctx, 0, [(10, READ), (9, WRITE), (10, READ)])),
+             prologue=_premap_then_log, memslots=((0, 64, 2),)),
+    Scenario("age-reaccess", "the guest reads a page before and after the host ages it (clear_flush_young)", (),
+             lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(2, READ), (2, READ)])),
+                          ctx.actor("host", host_ops(ctx, [("clear_young", 0, 8)]))), prologue=_premap([1, 2, 3])),
+    Scenario("nx-fault-zap", "an instruction fetch links an NX-disallowed table while the host zaps its range "
+             "under the read lock", (),
+             lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(20, EXEC)])),
+                          ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 16, 24)]))),
+             prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True),
+    Scenario("nx-fault-fault", "two instruction fetches link NX-disallowed tables at once (the NX list under "
+             "tdp_mmu_pages_lock)", (),
+             lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(4, EXEC)])),
+                          ctx.actor("vCPU1", accesses(ctx, 1, [(20, EXEC)]))),
+             prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True, n_vcpus=2),
+    Scenario("reader-vs-waiting-writer", "a reader takes mmu_lock again and again while a writer waits for it "
+             "(qrwlock fairness)", (), _reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
+]})

@@ -2,6 +2,7 @@
 """Mutation score: apply each mutant of the catalogue to a scratch copy of shmmmu, hunt it, print the table.
 
     .venv/bin/python tools/mutants/run.py [NAME ...] [--executions N] [--stress-seeds K] [--json FILE] [--list]
+    .venv/bin/python tools/mutants/run.py --table FILE ...     # one table and score from saved verdicts
 
 For each mutant (tools/mutants/catalogue.py), in its own scratch copy of the
 installed shmmmu (the package, its C helpers and its programs) with the
@@ -19,6 +20,12 @@ on the machine; stress is real concurrency and its verdict can (docs/stress.md).
 Every run has its own SHMMMU_PREFIX; what a run leaves in /dev/shm or as a log
 directory is removed, with nothing else.  Exit 0 when every mutant is killed
 or explained in SURVIVORS, 1 otherwise, 2 on bad input.
+
+The whole catalogue takes hours on two cores, so it can be run in batches, each
+writing its verdicts with --json; --table then prints the table and score of
+the files together (in catalogue order; a mutant missing from them is named).
+`crosscheck_mutant` runs the explorer's crosscheck (shmmmu.explore.crosscheck)
+in a mutant's scratch copy, for tests/test_mutants.py.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import _installed  # noqa: E402,F401  (the installed shmmmu, or one line saying 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import py_compile  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -124,8 +132,10 @@ def _run(root: Path, args: list[str], prefix: str) -> tuple[int, str, str]:
 def _finding(code: int, out: str, err: str) -> str:
     if code == 1:
         try:
-            f = json.loads(out).get("finding") or {}
-            return f.get("message") or f.get("kind") or "finding"
+            d = json.loads(out)
+            f = d.get("finding") or {}                # explore's report
+            problems = d.get("problems") or []         # stress's
+            return f.get("message") or f.get("kind") or (str(problems[0]) if problems else "finding")
         except ValueError:
             lines = [ln for ln in (out + err).splitlines() if ln.startswith("!!!") or "FAILURE" in ln]
             return lines[0] if lines else (err.strip().splitlines() or ["finding"])[-1]
@@ -166,17 +176,66 @@ def hunt(m: Mutant, executions: int, stress_seeds: int, stress_duration: float, 
     return v
 
 
+_CROSSCHECK = """
+import json, sys
+from shmmmu.explore.crosscheck import crosscheck
+from shmmmu.explore.scenarios import SCENARIOS
+c = crosscheck(SCENARIOS[sys.argv[1]], [], int(sys.argv[2]), budget=int(sys.argv[3]))
+print(json.dumps({"complete": c.complete, "agree": c.agree, "plain": sorted(c.plain.findings),
+                  "reduced": sorted(c.reduced.findings), "lines": c.lines()}))
+"""
+
+
+def crosscheck_mutant(m: Mutant, scenario: str, bound: int, budget: int, prefix: str) -> dict:
+    """Plain enumeration against the reduced search (crosscheck.py) of `scenario` within `bound`, run in a
+    scratch copy with `m` applied, under `prefix`: complete, agree, the findings of each, the summary lines."""
+    with tempfile.TemporaryDirectory(prefix="shmmmu-mutant-") as tmp:
+        root = scratch_copy(m, Path(tmp))
+        env = dict(os.environ, PYTHONPATH=str(root), SHMMMU_PREFIX=prefix, OPENBLAS_NUM_THREADS="1")
+        try:
+            p = subprocess.run([sys.executable, "-P", "-c", _CROSSCHECK, scenario, str(bound), str(budget)],
+                               env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        finally:
+            _cleanup(prefix)
+    if p.returncode != 0:
+        raise MutantError(f"{m.name}: the crosscheck of {scenario} failed (exit {p.returncode}): "
+                          f"{(p.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    return json.loads(p.stdout)
+
+
+def load_verdicts(files: list[str]) -> list[Verdict]:
+    """The verdicts saved by --json runs, in catalogue order (a later file's verdict of a mutant wins)."""
+    got: dict[str, Verdict] = {}
+    for f in files:
+        try:
+            for d in json.loads(Path(f).read_text()):
+                got[d["name"]] = Verdict(**d)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise MutantError(f"{f}: not a verdict file of run.py --json ({e})") from None
+    order = {m.name: i for i, m in enumerate(MUTANTS)}
+    for v in got.values():                       # a survivor's reason as the catalogue now says it
+        if not v.killed:
+            v.explained = SURVIVORS.get(v.name, "")
+    return sorted(got.values(), key=lambda v: order.get(v.name, len(order)))
+
+
+# a run's own object names (/PREFIXexplore-PID-HEX.mmu_lock.w) say nothing about the mutant; the lock's name does
+_RUN_NAMES = re.compile(r"/?shmmmu_[0-9A-Za-z]+-[\w-]*?-[0-9a-f]{6,}\.")
+
+
 def table(verdicts: list[Verdict]) -> str:
     rows = ["| mutant | area | verdict | caught by | executions | first finding |", "|---|---|---|---|---|---|"]
     for v in verdicts:
         verdict = "killed" if v.killed else ("explained" if v.explained else "**survived**")
         caught = f"{v.channel} ({v.where})" if v.killed else (v.explained or "-")
-        first = v.first.replace("|", "\\|")
+        first = _RUN_NAMES.sub("", v.first).replace("|", "\\|")
         rows.append(f"| `{v.name}` | {v.area} | {verdict} | {caught} | {v.executions or '-'} | {first} |")
     killed = sum(v.killed for v in verdicts)
     rows.append("")
     rows.append(f"score: {killed}/{len(verdicts)} killed ({100.0 * killed / max(1, len(verdicts)):.1f}%)"
                 f"; {sum(bool(v.explained) for v in verdicts)} survivors explained")
+    rows.append(f"hunt: {sum(v.runs for v in verdicts)} channel runs, "
+                f"{sum(v.seconds for v in verdicts) / 60:.0f} min in all (the machine's time, not a budget)")
     return "\n".join(rows)
 
 
@@ -188,7 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stress-duration", type=float, default=6.0)
     ap.add_argument("--json", help="write the verdicts here as JSON")
     ap.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    ap.add_argument("--table", nargs="+", metavar="FILE", help="print the table and score of saved verdicts")
     a = ap.parse_args(argv)
+    if a.table:
+        try:
+            verdicts = load_verdicts(a.table)
+        except MutantError as e:
+            print(f"run.py: error: {e}", file=sys.stderr)
+            return 2
+        missing = [m.name for m in MUTANTS if m.name not in {v.name for v in verdicts}]
+        print(table(verdicts))
+        if missing:
+            print(f"not in these files: {', '.join(missing)}")
+        return 0 if all(v.killed or v.explained for v in verdicts) and not missing else 1
     by_name = {m.name: m for m in MUTANTS}
     unknown = [n for n in a.names if n not in by_name]
     if unknown:
