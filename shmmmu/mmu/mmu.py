@@ -194,8 +194,8 @@ class MmuFault(Part):
         mmu_invalidate_seq is an int, compared with the unsigned long sequence after sign extension; from
         2^31 on they never match, and every fault is stale."""
         ctl = self.ctl
-        if ctl.load(_C_COUNT) and ctl.load(_C_START) <= fault.gfn < ctl.load(_C_END):
-            return True
+        if ctl.load(_C_COUNT) and ctl.load(_C_START) <= fault.gfn and fault.gfn < ctl.load(_C_END):
+            return True                                       # (as mmu_notifier_retry_hva)
         snapshot = fault.mmu_seq & 0xFFFFFFFF                 # int mmu_seq = kvm->mmu_invalidate_seq
         if snapshot & _U32_SIGN:
             snapshot |= ~0xFFFFFFFF & 0xFFFFFFFFFFFFFFFF        # (unsigned long)mmu_seq: sign-extended
