@@ -453,9 +453,10 @@ MUTANTS: list[Mutant] = [
 # mutants that no execution can observe, each with the reason (empty: every mutant must be killed)
 SURVIVORS: dict[str, str] = {
     "flush-own-tlb-not-flushed":
-        "equivalent since the processor became hardware-shaped (issue 28 item 5): a vCPU issues a remote flush "
-        "only from its own fault (the split of the huge leaf it faulted on), and the EPT violation that began "
-        "that fault already dropped every translation and paging-structure entry of the faulting address, "
-        "which is all that leaf mapped for it; no other zap runs on a vCPU, so its own caches hold nothing the "
-        "skipped local flush would have removed (killed at execution 1 of dirty-split-reread before the rework)",
+        "not observed since the processor became hardware-shaped (issue 28 item 5; killed at execution 1 of "
+        "dirty-split-reread before it): a vCPU flushes remotely only from its own fault, and the EPT "
+        "violation that began the fault already dropped every cached entry of the faulting address, which "
+        "is all that the split of a huge leaf removes. A fault that replaces a table by a huge leaf (mapping "
+        "huge again after logging is off) while the vCPU still caches 4K neighbours under that table would "
+        "show it; no scenario builds that yet",
 }
