@@ -275,8 +275,10 @@ def _until_vcpus_moved(sup: Launcher, k: int) -> int:
     return k
 
 
-def run_memslot_modification(o: MemslotModOptions, launcher: LauncherFactory) -> SelftestResult:
-    """memslot_modification_stress_test's run_test."""
+def _run_memstress_test(name: str, pa_bits: str, o: Any, launcher: LauncherFactory,
+                        drive: Callable[[Any, list[str], list[str]], Any]) -> SelftestResult:
+    """A memstress-based selftest's run_test: its guest-mode lines, one VM run driven by `drive(o, lines,
+    failed)`, the run's timeline if asked."""
     from contextlib import ExitStack
 
     from shmmmu.mmu.tracepoints import tracepoint_parts
@@ -287,10 +289,15 @@ def run_memslot_modification(o: MemslotModOptions, launcher: LauncherFactory) ->
         parts = stack.enter_context(tracepoint_parts(None, o.timeline)) if o.timeline else ""
         ro = o.run_options(new_bench_name(), parts)
         gpa = ro.config().memslots[0].base_gfn * 4096
-        lines += ["Testing guest mode: PA-bits:48, VA-bits:48,  4K pages",
+        lines += [f"Testing guest mode: PA-bits:{pa_bits}, VA-bits:48,  4K pages",
                   f"guest physical test memory: [{gpa:#x}, {gpa + o.vcpus * o.bytes_per_vcpu:#x})"]
-        run = run_vm(ro, launcher, drive=_drive_memslot_mod(o, lines, failed))
-    return SelftestResult("memslot_modification_stress_test", lines, failed, run)
+        run = run_vm(ro, launcher, drive=drive(o, lines, failed))
+    return SelftestResult(name, lines, failed, run)
+
+
+def run_memslot_modification(o: MemslotModOptions, launcher: LauncherFactory) -> SelftestResult:
+    """memslot_modification_stress_test's run_test."""
+    return _run_memstress_test("memslot_modification_stress_test", "48", o, launcher, _drive_memslot_mod)
 
 
 # ---------------------------------------------------------------- demand_paging_test
@@ -407,18 +414,5 @@ def _check_prototype(vm, failed: list[str]) -> None:
 
 def run_demand_paging(o: DemandOptions, launcher: LauncherFactory) -> SelftestResult:
     """demand_paging_test's run_test (Linux 6.5)."""
-    from contextlib import ExitStack
-
-    from shmmmu.mmu.tracepoints import tracepoint_parts
-    o.validate()
-    lines: list[str] = []
-    failed: list[str] = []
-    with ExitStack() as stack:
-        parts = stack.enter_context(tracepoint_parts(None, o.timeline)) if o.timeline else ""
-        ro = o.run_options(new_bench_name(), parts)
-        gpa = ro.config().memslots[0].base_gfn * 4096
-        lines += ["Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages",
-                  f"guest physical test memory: [{gpa:#x}, {gpa + o.vcpus * o.bytes_per_vcpu:#x})"]
-        run = run_vm(ro, launcher, drive=_drive_demand(o, lines, failed))
-    return SelftestResult("demand_paging_test", lines, failed, run)
+    return _run_memstress_test("demand_paging_test", "ANY", o, launcher, _drive_demand)
 
