@@ -26,7 +26,7 @@ fault, a kick, requests or a reload at entry) or a checker's (a violation to
 record); it takes the guest-mode steps around a fault itself, in TlbControl's
 order.  `run_batch_reference` is the same loop in Python over
 `read`/`write`/`fetch` and `hw_walk_reference`; the explorer runs it (every
-shared-word access there is a scheduling point), and tests/test_processor.py
+shared-word access there is a scheduling point), and tests/unit/test_processor.py
 holds the C loop to it.
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Vcpu:
         self._batch: tuple[list[int], list[int]] = ([], [])
         self._kinds = np.zeros(0, dtype=np.int8)
         self._storm_start = 0.0          # when this access's RETRY storm began (ept_violation)
-        # a test seam (tests/test_processor.py; the C Processor's ad_race_every): every Nth A/D update another
+        # a test seam (tests/unit/test_processor.py; the C Processor's ad_race_every): every Nth A/D update another
         # processor's locked update of the leaf lands before this walk's compare-exchange; 0: never
         self.ad_race_every = 0
         self._ad_race_count = 0

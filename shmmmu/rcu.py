@@ -211,7 +211,7 @@ def pipe_age(state: int, retire_epoch: int, reader_epoch: int, now_epoch: int) -
 
 class RcuReference(Rcu):
     """The read side in Python, step for step that of _locks.c: every word operation is a call the
-    explorer can schedule; tests/test_rcu.py holds the two equal."""
+    explorer can schedule; tests/unit/test_rcu.py holds the two equal."""
 
     def read_lock(self) -> None:
         """rcu_read_lock(): one load and one store at the outermost level."""

@@ -373,7 +373,7 @@ class RWLock(QrwlockFast):
 
 class RWLockReference(RWLock):
     """The lock's fast paths in Python, step for step those of _locks.c: every word operation is a call
-    the explorer can schedule; tests/test_rwlock.py holds the two equal.  The busted lock is one too."""
+    the explorer can schedule; tests/unit/test_rwlock.py holds the two equal.  The busted lock is one too."""
 
     def read_lock(self) -> None:
         """queued_read_lock()."""

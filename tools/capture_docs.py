@@ -46,7 +46,7 @@ keep, wait, interrupt and timeout apply to every command of the block;
 
 A fenced block whose commands are shown but cannot be produced here (it needs
 root or a private mount namespace) carries `<!-- not captured: REASON -->`
-instead; tests/test_docs.py checks that every block of commands in the
+instead; tests/system/test_docs.py checks that every block of commands in the
 converted documents carries one marker or the other.
 
 The session

@@ -5,7 +5,7 @@
     python tools/check_commits.py PATH ...   # these files, or the files under these folders
 
 Every commit id in the code (shmmmu/, workers/, tools/, setup.py), the tests
-(tests/*.py) and the docs (README.md, docs/**/*.md) must be 12 lowercase hex
+(tests/**/*.py) and the docs (README.md, docs/**/*.md) must be 12 lowercase hex
 digits and appear in the "Verified" table of docs/reference/commits.md, where
 each id is listed with its subject, the release it shipped in and the source
 in which it was read beside its subject.  Each offence is printed as
@@ -55,7 +55,7 @@ NOT_COMMITS = {
     "e205bd972b": "docs/cli.md: the random suffix of a VM name in `shmmmu ls` sample output",
     "d50cdc2f1d": "docs/cli.md: the random suffix of a VM name in `shmmmu ls` sample output",
     "97ff39e1": "docs/cli.md: the run token in a torture semaphore's name (sem.shmmmu-torture-lock-24243-97ff39e1)",
-    "04016a90": "tests/test_trace.py: an instruction address in a Valgrind Lackey trace line",
+    "04016a90": "tests/system/test_trace.py: an instruction address in a Valgrind Lackey trace line",
 }
 
 # Files not scanned (relative to the root), with the reason in the docstring above.

@@ -11,7 +11,7 @@ driven by chromedriver (selenium) does, offline:
                             threads (tracks) with their event names and counts, the flows, the warnings
   screenshot FILE.json PNG  the Performance panel with the file loaded, the VM's tracks expanded
 
-The test (tests/test_timeline.py) uses `parse`; docs/trace.md's picture comes
+The test (tests/system/test_timeline.py) uses `parse`; docs/trace.md's picture comes
 from `screenshot`.  Without selenium, chromium or chromedriver: one line on
 stderr, exit 2 (the test skips with that line).
 """

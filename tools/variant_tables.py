@@ -8,7 +8,7 @@ or reverts as docs/reference/commits.md lists them.  With --write the tables
 replace what stands between `<!-- variant-tables -->` and
 `<!-- end variant-tables -->` in FILE (default docs/internals.md); with
 --check the command exits 1 if FILE's tables are not what the table gives
-(tests/test_docs.py runs it), 2 on bad input.
+(tests/system/test_docs.py runs it), 2 on bad input.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ each `old` must occur exactly once in `path` and is replaced by its `new`.
 have written and what should then go wrong.  A mutant that no search and no
 stress run kills needs a scenario or a checker, or an entry in SURVIVORS
 saying why no execution can observe it.  tools/mutants/run.py applies them;
-tests/test_mutants.py holds the catalogue to its rules.
+tests/model/test_mutants.py holds the catalogue to its rules.
 """
 from __future__ import annotations
 

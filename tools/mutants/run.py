@@ -25,7 +25,7 @@ The whole catalogue takes hours on two cores, so it can be run in batches, each
 writing its verdicts with --json; --table then prints the table and score of
 the files together (in catalogue order; a mutant missing from them is named).
 `crosscheck_mutant` runs the explorer's crosscheck (shmmmu.explore.crosscheck)
-in a mutant's scratch copy, for tests/test_mutants.py.
+in a mutant's scratch copy, for tests/model/test_mutants.py.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pytest
 
 from shmmmu.region import PREFIX
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 

@@ -29,7 +29,7 @@ from shmmmu.explore.report import ExploreOptions, ReplayReport, run_explore
 from shmmmu.explore.scenarios import SCENARIOS, accesses, host_ops
 from shmmmu.workloads import READ, WRITE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "shmmmu.workers.cli"]
 K18 = "link-after-publish"
 

@@ -298,7 +298,7 @@ def test_bench_enable_dirty_tool_runs() -> None:
     import subprocess
     import sys
     from pathlib import Path
-    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_enable_dirty.py"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "bench_enable_dirty.py"
     p = subprocess.run([sys.executable, str(tool), "--gib", "0.015625", "--repeat", "2", "--max-s", "5"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -24,7 +24,7 @@ from shmmmu.region import PREFIX
 
 from conftest import new_vm_name, source_copy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _venv_site(py: Path) -> Path:

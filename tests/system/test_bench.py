@@ -24,7 +24,7 @@ from shmmmu.bench import BenchOptions, BenchResult, BenchRun, fmt_ts, rates
 from shmmmu.layout import Workload
 from shmmmu.run import Phase, RunResult
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shmmmu.workers.cli", "bench", "dirty-log"]
 SMALL = ["-b", "8M", "-i", "2", "-v", "2"]
 TS = r"\d+\.\d{9}s"

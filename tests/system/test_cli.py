@@ -80,7 +80,7 @@ def test_unknown_command_exits_2() -> None:
 
 # ---------------------------------------------------------------- the command line's shape
 
-CLI_DIR = Path(__file__).resolve().parent.parent / "workers" / "cli"
+CLI_DIR = Path(__file__).resolve().parents[2] / "workers" / "cli"
 MAX_MODULE_LINES = 200          # a module per command group, each a thin layer over the library
 MAX_COMMAND_BODY = 40           # a command's body: parsing, one call into the library, printing, exit status
 

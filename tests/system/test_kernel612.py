@@ -1,7 +1,7 @@
 """The 6.12 profile (--kernel 6.12): eager page splitting, the lockless fast page fault, B10, and the plumbing.
 
 Each mechanism is shown doing what 6.12 does (through a VM and its vCPU), side by side with 5.13 where they
-differ, and each is raced: the dirty_log_test of tests/test_dirty_log.py with real vCPU processes, and the
+differ, and each is raced: the dirty_log_test of tests/system/test_dirty_log.py with real vCPU processes, and the
 explorer's scenarios under the profile.  The switch B10 (mmu-seq-int-snapshot) is caught by its checker in
 the explorer and in stress, and the fixed code with the same sequence is not.
 """

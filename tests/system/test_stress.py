@@ -5,7 +5,7 @@ Each bug's test runs the real processes (supervisor, reclaimer, vCPUs) through
 pass: the checker is shown to catch the bug it guards.  Whether a stress run of
 a few seconds meets a bug's window is a matter of chance and of the machine's
 speed, so the default suite asserts nothing of it: there each switch is found
-by the explorer, deterministically (tests/test_explore.py).  The matrix, marked
+by the explorer, deterministically (tests/model/test_explore.py).  The matrix, marked
 `slow` (.ci/run runs it too), runs every switch at SEEDS seeds and asserts a
 detection in at least one; docs/stress.md gives each switch's measured rate
 per seed (tools/detect_times.py).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import SESSION_PREFIX, log_dirs, session_processes, shm_entries
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 
 

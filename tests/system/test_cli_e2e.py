@@ -31,7 +31,7 @@ from shmmmu.region import (HEADER_BYTES, H_MAGIC, H_SIZE, H_VERSION, LAYOUT_VERS
 from conftest import HANG_GUARD_S, default_sigint, new_vm_name, source_copy
 
 CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["-b", "8M", "-i", "2"]
 
 

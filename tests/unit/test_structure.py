@@ -17,7 +17,7 @@ from shmmmu.trace.timeline import TIMELINE
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.vm import create_vm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "shmmmu"
 MAX_CLASS, MAX_MODULE = 400, 600
 

@@ -14,7 +14,7 @@ import pytest
 
 from shmmmu.variants import BUGS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _which_kernel() -> str:

@@ -12,7 +12,7 @@ from shmmmu.layout import ConfigError, VMConfig
 from shmmmu.variants import (BUG, COMMITS, DEFAULT_PROFILE, PROFILES, VARIANTS, bug_lines, bugs_of, check_names,
                              replaced_functions, traits)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _verified() -> dict[str, tuple[str, str]]:

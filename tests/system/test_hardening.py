@@ -26,7 +26,7 @@ import pytest
 
 from shmmmu.region import PREFIX
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
 OTHER_USER = "nobody"
 

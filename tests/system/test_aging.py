@@ -22,7 +22,7 @@ from shmmmu.layout import HostPage, MemslotSpec, VMConfig, Workload
 from shmmmu.vm import create_vm
 from shmmmu.workers.supervisor import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shmmmu.workers.cli", "bench", "access-tracking"]
 SELFTEST_LINES = ["Populating memory", "Writing to populated memory", "Reading from populated memory",
                   "Mark memory idle", "Writing to idle memory", "Mark memory idle", "Reading from idle memory"]
