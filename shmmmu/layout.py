@@ -139,6 +139,8 @@ class WState(Row):
     # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
     # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
     UFFD = 28
+    # a kvm_zap_gfn_range of this worker is inside its invalidation (6.12: begun, not yet ended); for recovery
+    INVALIDATING = 30
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -274,6 +276,23 @@ class ViolationRow(Row):
 
 
 MAX_VIOLATIONS = 256
+
+
+class ZapRange(Row):
+    """zap_ranges (debug, a kernel whose kvm_zap_gfn_range takes part in the invalidation protocol: 6.12): row 0
+    counts the zaps, each other row records one of the last ZAP_RING, for the check that no fault installs a
+    mapping a zap range is removing (debug.py, B9)."""
+
+    (NUMBER,                   # row 0: zaps begun;  a record: its number + 1 (0: unused)
+     START,                    # row 0: zaps ended;  a record: the first GFN it zaps
+     END,                      # row 0: zaps in progress;  a record: the GFN after its range
+     ENDED,                    # a record: the count of zaps ended once it ended (0: still in progress)
+     WORKER,                   # a record: the worker zapping
+     ) = range(5)
+    WORDS = 8
+
+
+ZAP_RING = 8
 
 # the Reader-Pipe histogram of table ages seen by walkers (rcutorture's, PRIOR_ART A.1)
 PIPE_LEN = 11
@@ -588,6 +607,7 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         # debug: what the guest really did to each host page, and the entries whose zap awaits its flush
         "touched": (max(1, n_data) if c.debug else 1,),
         "zap_pending": (c.n_tables * g.entries if c.debug else 1,),
+        "zap_ranges": ((1 + ZAP_RING) * ZapRange.WORDS if c.debug else 1,),
         "violations": (MAX_VIOLATIONS, ViolationRow.WORDS),
     }
 

@@ -28,6 +28,11 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
 - a fault retried as stale has a cause: an invalidation covering it, one
   completed since its snapshot, or a memslot change (B10's sign-extended
   snapshot retries for ever);
+- where kvm_zap_gfn_range takes part in the invalidation protocol (6.12), no
+  fault installs a leaf for a GFN a zap range is removing: one in progress when
+  it installs, or one that ended after the fault's snapshot of the sequence
+  (B9: before 6d3085e4d89a, a fault that took mmu_lock while the zap had
+  yielded it installed);
 - every table a walk or a teardown reads is read inside an RCU read-side
   section: the kernel's `rcu_dereference` of each `tdp_ptep_t` (tdp_iter.c,
   handle_removed_tdp_mmu_page); the exclusive baseline, which had no RCU,
@@ -39,7 +44,7 @@ import sys
 from typing import Any, Callable
 
 from shmmmu import spte as S
-from shmmmu.layout import PIPE_LEN, Ctl, TableState
+from shmmmu.layout import PIPE_LEN, ZAP_RING, Ctl, TableState, ZapRange
 from shmmmu.mmu.instruments import site_target
 from shmmmu.rcu import pipe_age
 from shmmmu.rwlock import HELD_WRITE
@@ -48,6 +53,9 @@ from shmmmu.tdp_iter import TdpIter
 Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports this module)
 
 _LIVE = TableState.LIVE
+_U64 = (1 << 64) - 1
+# the zap-range records' counters (row 0 of zap_ranges: layout.ZapRange)
+_ZR_BEGUN, _ZR_ENDED, _ZR_ACTIVE = ZapRange.NUMBER, ZapRange.START, ZapRange.END
 
 
 class CheckedTdpIter(TdpIter):
@@ -90,6 +98,8 @@ class Debug:
         self.lock = mmu.kvm.lock
         self.rcu_floor = 0              # read-side sections of this module's own (checked_map's outer one)
         self.rcu_strict = mmu.kvm.parallel
+        self.zr = mmu.region.words("zap_ranges")
+        self.zaps_seen = 0              # zaps ended when this process's fault took its snapshot of the sequence
 
     def rcu_dereference(self, gfn: int, table: int) -> None:
         """rcu_dereference() of a table pointer: inside an RCU read-side section of the MMU's own.  The series
@@ -160,6 +170,59 @@ class Debug:
             self.pending_w.cas(sptep, token, 0)
         self.pending.clear()
         self.epoch += 1
+
+    # ---- the zap-range records (6.12's kvm_zap_gfn_range, B9): each zap is numbered when it begins to zap
+    # (after the invalidation began, under the write lock) and stamped with the count of zaps ended when it
+    # stops (before the invalidation ends).  A fault notes that count after it read the sequence; when it
+    # installs, a zap covering its GFN that is in progress, or that ended after the fault's note, is one the
+    # protocol must have made it retry: the invalidation in progress covers the GFN, or the sequence moved
+    # after the fault read it.  A record overwritten by later zaps (ZAP_RING of them) is no longer seen.
+
+    def zap_range_begun(self, start: int, end: int) -> int:
+        zr, w = self.zr, ZapRange.WORDS
+        n = zr.fetch_add(_ZR_BEGUN, 1)
+        base = (1 + n % ZAP_RING) * w
+        zr.store(base + ZapRange.NUMBER, 0)
+        zr.store(base + ZapRange.START, start)
+        zr.store(base + ZapRange.END, end)
+        zr.store(base + ZapRange.ENDED, 0)
+        zr.store(base + ZapRange.WORKER, self.mmu.worker + 1)
+        zr.store(base + ZapRange.NUMBER, n + 1)
+        zr.fetch_add(_ZR_ACTIVE, 1)
+        return n
+
+    def zap_range_ended(self, n: int) -> None:
+        zr = self.zr
+        stamp = zr.fetch_add(_ZR_ENDED, 1) + 1
+        base = (1 + n % ZAP_RING) * ZapRange.WORDS
+        if zr.load(base + ZapRange.NUMBER) == n + 1:
+            zr.store(base + ZapRange.ENDED, stamp)
+        zr.fetch_add(_ZR_ACTIVE, _U64)
+
+    def zap_range_abandoned(self, dead: int) -> None:
+        """Recovery: the zaps a killed worker had in progress end now."""
+        zr, w = self.zr, ZapRange.WORDS
+        for k in range(ZAP_RING):
+            base = (1 + k) * w
+            if (zr.load(base + ZapRange.NUMBER) and zr.load(base + ZapRange.WORKER) == dead + 1
+                    and not zr.load(base + ZapRange.ENDED)):
+                self.zap_range_ended(zr.load(base + ZapRange.NUMBER) - 1)
+
+    def check_zap_ranges(self, gfn: int) -> None:
+        """A fault installed a leaf for gfn (mmu_lock held, so no zap begins or ends meanwhile)."""
+        zr, seen = self.zr, self.zaps_seen
+        if not zr.load(_ZR_ACTIVE) and zr.load(_ZR_ENDED) == seen:
+            return                                       # none in progress, none ended since the snapshot
+        w = ZapRange.WORDS
+        for k in range(ZAP_RING):
+            base = (1 + k) * w
+            if not zr.load(base + ZapRange.NUMBER):
+                continue
+            ended = zr.load(base + ZapRange.ENDED)
+            start, end = zr.load(base + ZapRange.START), zr.load(base + ZapRange.END)
+            if (not ended or ended > seen) and start <= gfn < end:
+                self.mmu.kvm.violation("install-in-zapped-range", gfn, start, end | (0 if ended else 1 << 63))
+                return
 
 
 # ---------------------------------------------------------------- the checks, by site ("part.function")
@@ -232,7 +295,9 @@ def _set_spte_atomic(mmu: Mmu, d: Debug, set_spte_atomic: Callable) -> Callable:
 
 
 def _map(mmu: Mmu, d: Debug, kvm_tdp_mmu_map: Callable) -> Callable:
+    from shmmmu.mmu.records import RET_PF_FIXED
     rcu = mmu.kvm.rcu
+    zap_ranges = _zap_range_checked(mmu)
 
     def checked_map(vcpu, fault, shared: bool) -> int:
         # an outer read-side section, so that the end-of-section check is still inside it; the map's own
@@ -247,8 +312,40 @@ def _map(mmu: Mmu, d: Debug, kvm_tdp_mmu_map: Callable) -> Callable:
         finally:
             d.rcu_floor = floor
             rcu.read_unlock()
+        if zap_ranges and r == RET_PF_FIXED:
+            d.check_zap_ranges(fault.gfn)
         return r
     return checked_map
+
+
+def _zap_range_checked(mmu: Mmu) -> bool:
+    """Whether this VM's kvm_zap_gfn_range takes part in the invalidation protocol (6.12): 5.13's zap range
+    ran under the read lock with no invalidation at all (faults raced it legitimately), so it is not judged."""
+    from shmmmu.variants import traits
+    return "zap-range-invalidates" in traits(mmu.kvm.config.kernel, list(mmu.kvm.config.bugs))
+
+
+def _faultin(mmu: Mmu, d: Debug, faultin: Callable) -> Callable:
+    if not _zap_range_checked(mmu):
+        return faultin
+    ended = d.zr
+    at = _ZR_ENDED
+
+    def checked_kvm_faultin_pfn(fault: Any) -> bool:
+        out = faultin(fault)
+        d.zaps_seen = ended.load(at)         # after the sequence was read: a zap ending later moves it too
+        return out
+    return checked_kvm_faultin_pfn
+
+
+def _zap_leafs(mmu: Mmu, d: Debug, zap_leafs: Callable) -> Callable:
+    def checked_kvm_tdp_mmu_zap_leafs(start: int, end: int, flush: bool) -> bool:
+        # numbered after the caller began its invalidation, stamped before it ends it (the write lock held)
+        n = d.zap_range_begun(start, end)
+        flush = zap_leafs(start, end, flush)
+        d.zap_range_ended(n)
+        return flush
+    return checked_kvm_tdp_mmu_zap_leafs
 
 
 def _clear_frozen_spte(mmu: Mmu, d: Debug, clear: Callable) -> Callable:
@@ -393,6 +490,8 @@ WRAPPERS: dict[str, Wrap] = {
     "map.kvm_tdp_mmu_map": _map,
     "zap.zap_gfn_range": _zap_gfn_range,
     "fault.mmu_notifier_retry_hva": _notifier_retry,
+    "fault.kvm_faultin_pfn": _faultin,
+    "zap.kvm_tdp_mmu_zap_leafs": _zap_leafs,
     "ioctl.kvm_arch_mmu_enable_log_dirty_pt_masked": _enable_log_masked,
 }
 
