@@ -38,20 +38,6 @@ class Row:
         return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
-class Columns:
-    """Every word of a row type as a column of its section, named in lower case: `tmeta.level.load(table)`
-    reads word LEVEL of row `table` (Words.column: the row offset is computed in C, never by hand)."""
-
-    def __init__(self, row: type[Row], words: Any):
-        self.row = row
-        for name, offset in row.fields().items():
-            setattr(self, name.lower(), words.column(row.WORDS, offset))
-
-    def start(self, i: int) -> int:
-        """The section's word index of row i's first word (a bulk access to the whole row: Words.touch)."""
-        return i * self.row.WORDS
-
-
 READ, WRITE, EXEC = 0, 1, 2      # a guest access's kind (an EXEC is an instruction fetch): workloads, traces
 
 # ---------------------------------------------------------------- the ctl section: VM-global words
@@ -139,8 +125,7 @@ class WState(Row):
     # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
     # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
     UFFD = 28
-    # a kvm_zap_gfn_range of this worker is inside its invalidation (6.12: begun, not yet ended); for recovery
-    INVALIDATING = 30
+    INVALIDATING = 30          # inside its own kvm_zap_gfn_range's invalidation (6.12), for crash recovery
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -279,16 +264,11 @@ MAX_VIOLATIONS = 256
 
 
 class ZapRange(Row):
-    """zap_ranges (debug, a kernel whose kvm_zap_gfn_range takes part in the invalidation protocol: 6.12): row 0
-    counts the zaps, each other row records one of the last ZAP_RING, for the check that no fault installs a
-    mapping a zap range is removing (debug.py, B9)."""
+    """zap_ranges (debug, 6.12: B9's check in debug.py): row 0 counts the kvm_zap_gfn_range calls begun (NUMBER),
+    ended (START) and in progress (END); rows 1..ZAP_RING record the last ones: number + 1, GFN range [START, END),
+    ENDED: the zaps ended once it ended (0: in progress), WORKER: its worker + 1."""
 
-    (NUMBER,                   # row 0: zaps begun;  a record: its number + 1 (0: unused)
-     START,                    # row 0: zaps ended;  a record: the first GFN it zaps
-     END,                      # row 0: zaps in progress;  a record: the GFN after its range
-     ENDED,                    # a record: the count of zaps ended once it ended (0: still in progress)
-     WORKER,                   # a record: the worker zapping
-     ) = range(5)
+    NUMBER, START, END, ENDED, WORKER = range(5)
     WORDS = 8
 
 

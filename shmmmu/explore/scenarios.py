@@ -448,13 +448,6 @@ def _clear_split(ctx: Context) -> None:
     ctx.actor("host", host)
 
 
-def _zap_range_fault(ctx: Context) -> None:
-    # vCPU0 faults gfn 1 while the host runs kvm_zap_gfn_range over 0-7, whose walk zaps 2 and 3 (mapped by the
-    # prologue) and may yield mmu_lock to the waiting fault: 6.12 makes the fault retry; B9's fault installs
-    ctx.actor("vCPU0", accesses(ctx, 0, [(1, WRITE), (1, READ)]))
-    ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 0, 8)]))
-
-
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
              ("fault-plain-store", "pages-lock-in-read-fault"), _fault_fault, n_vcpus=2),
@@ -510,9 +503,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("clear-split", "KVM_CLEAR_DIRTY_LOG across two huge pages with manual protect and INITIALLY_SET while "
              "a vCPU writes into both (6.12: split at CLEAR)", ("clear-split-off-by-one",), _clear_split,
              prologue=_clear_split_pro, memslots=((0, 64, 2),)),
-    Scenario("zap-range-fault", "a vCPU faults a page while the host runs kvm_zap_gfn_range over it (6.12: under "
-             "the write lock, inside an invalidation of the range, so the fault retries)",
-             ("zap-range-faults-not-blocked",), _zap_range_fault, prologue=_premap([2, 3])),
+    Scenario("zap-range-fault", "a vCPU faults gfn 1 while kvm_zap_gfn_range zaps 2 and 3 and may yield to it (6.12: "
+             "in an invalidation of the range, so the fault retries)", ("zap-range-faults-not-blocked",), _fault_zap,
+             prologue=_premap([2, 3])),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
     Scenario("kick-unmap", "a vCPU uses its cached translation again while the host unmaps the page: the "
