@@ -320,9 +320,11 @@ def _map(mmu: Mmu, d: Debug, kvm_tdp_mmu_map: Callable) -> Callable:
 
 def _zap_range_checked(mmu: Mmu) -> bool:
     """Whether this VM's kvm_zap_gfn_range takes part in the invalidation protocol (6.12): 5.13's zap range
-    ran under the read lock with no invalidation at all (faults raced it legitimately), so it is not judged."""
+    ran under the read lock with no invalidation at all (faults raced it legitimately), so it is not judged.
+    The profile's own variant says so; a switch never adds it (B9 keeps the shape, with a range that matches
+    nothing)."""
     from shmmmu.variants import traits
-    return "zap-range-invalidates" in traits(mmu.kvm.config.kernel, list(mmu.kvm.config.bugs))
+    return "zap-range-invalidates" in traits(mmu.kvm.config.kernel, [])
 
 
 def _faultin(mmu: Mmu, d: Debug, faultin: Callable) -> Callable:
