@@ -237,3 +237,33 @@ def test_the_b9_checker_is_not_installed_on_513() -> None:
     with Explorer(SCENARIOS["zap-range-fault"], [], kernel="5.13") as ex:
         sr = split_search(ex, 2, 20000)
     assert sr.first is None and sr.exhausted and sr.bound_done == 2, sr
+
+
+def test_recovery_ends_the_invalidation_of_a_worker_that_died_inside_its_zap_range(vm_name: str) -> None:
+    """A vCPU killed inside 6.12's kvm_zap_gfn_range (stress --kill-every: a guest's zap runs in its thread) left the
+    invalidation begun: the crash recovery ends it, or every fault on the range would retry for ever."""
+    from shmmmu.recovery import repair_after_crash
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], debug=True, kernel="6.12")
+    with create_vm(cfg) as vm:
+        dead, host = Mmu(vm, 0), Mmu(vm, cfg.host_worker)
+        ctl = vm.region.words("ctl")
+        seq = ctl.load(Ctl.NOTIFIER_SEQ)
+        # where the kill came: the invalidation begun and recorded, the zap under way (the lock it held is
+        # released by the supervisor's lock recovery before the repair)
+        dead.lock.write_lock()
+        dead.notifier.kvm_inc_notifier_count(0, 8)
+        dead.wstate.invalidating.store(0, 1)
+        dead.debug_state.zap_range_begun(0, 8)
+        dead.lock.write_unlock()
+        done = repair_after_crash(host, 0)
+        assert any("ended the invalidation" in line for line in done), done
+        assert ctl.load(Ctl.NOTIFIER_COUNT) == 0 and ctl.load(Ctl.NOTIFIER_SEQ) == seq + 1
+        assert dead.wstate.invalidating.load(0) == 0
+        v = Vcpu(vm, 0)                               # the restarted vCPU: its fault on the range installs
+        v.enter()
+        v.write(3, 9)
+        assert v.read(3) == 9
+        v.exit()
+        v.publish_stats()
+        host.publish_stats()
+        assert checks.check_all(vm) == []
