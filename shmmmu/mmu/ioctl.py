@@ -69,8 +69,10 @@ class Ioctls(Part):
     def zap_gfn_range_b9_faults_not_blocked(self, start: int, end: int) -> None:
         """Variant zap-range-faults-not-blocked (B9, before 6d3085e4d89a): the invalidation is begun with the
         zap's GFNs where the helpers compare host addresses (the wrong space, and frames for bytes), so its
-        range holds no fault's address: modelled as a range that holds nothing.  The sequence still moves at
-        the end; only a fault that takes mmu_lock while the zap has yielded it is not stopped."""
+        range holds no fault's address: modelled as a range that holds nothing (merged with a notifier's range
+        in progress it adds nothing here, where the kernel's min/max widened that range down to the small GFN
+        numbers).  The sequence still moves at the end; only a fault that takes mmu_lock while the zap has
+        yielded it is not stopped."""
         self._zap_gfn_range_invalidating(start, end, _U64, 0)
 
     def _zap_gfn_range_invalidating(self, start: int, end: int, inv_start: int, inv_end: int) -> None:
@@ -79,8 +81,9 @@ class Ioctls(Part):
         lock.write_lock()
         try:
             notifier.kvm_inc_notifier_count(inv_start, inv_end)
-            # not the kernel's: a record for crash recovery, which ends the invalidation of a worker killed
-            # inside it (a kill between these two stores and the count's own leaves it begun: never ended twice)
+            # not the kernel's: a record for crash recovery, which ends the invalidation of a worker killed inside
+            # it.  Set after the count rises and cleared before it falls: a kill between the two steps leaves the
+            # invalidation begun (its faults retry), never ends it twice
             invalidating = self.wstate.invalidating
             invalidating.store(self.worker, 1)
             if self.zap.kvm_tdp_mmu_zap_leafs(start, end, False) or kvm.holds_unflushed:
