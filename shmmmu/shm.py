@@ -32,8 +32,8 @@ def _prefix_from_environment() -> tuple[str, str]:
     p = os.environ.get("SHMMMU_PREFIX", DEFAULT_PREFIX)
     if PREFIX_RE.fullmatch(p):
         return p, ""
-    return DEFAULT_PREFIX, (f"invalid SHMMMU_PREFIX {p!r}: use 'shmmmu-' or 'shmmmu_' followed by 1-32 letters "
-                            f"or digits and '-'")
+    return DEFAULT_PREFIX, (f"invalid SHMMMU_PREFIX {p!r}: use 'shmmmu-' or 'shmmmu_NAME-' (NAME: 1-32 letters or "
+                            f"digits, e.g. shmmmu_ci1-)")
 
 
 PREFIX, PREFIX_ERROR = _prefix_from_environment()

@@ -1,4 +1,4 @@
-"""Time `shmmmu inspect` on a VM with 4 GiB mapped in 4 KiB pages (docs/performance.md, "Inspector").
+"""Time `shmmmu inspect` on a VM with 4 GiB mapped in 4 KiB pages (docs/performance.md, docs/perf/history.md).
 
 Starts `shmmmu run --keep -v 2 -b 2G -s 4k -w populate -i 1` (1M faults), waits
 until it is kept alive, then times each inspector command N times as a user

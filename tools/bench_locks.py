@@ -82,12 +82,12 @@ def gp_latency(region: Region, n: int, pinned_by: int | None = None) -> tuple[fl
     figure is a grace period that really had to wait for a reader.
     """
     rcu = Rcu(region, 0)
-    ws, ctl = region.words("wstate"), region.words("ctl")
+    rcu_of, ctl = region.columns("wstate", WState).rcu, region.words("ctl")
     lat = []
     for _ in range(n):
         if pinned_by is not None:
-            word, end = pinned_by * WState.WORDS + WState.RCU, time.monotonic() + 10
-            while not 0 < ws.load(word) <= ctl.load(Ctl.EPOCH):
+            end = time.monotonic() + 10
+            while not 0 < rcu_of.load(pinned_by) <= ctl.load(Ctl.EPOCH):
                 if time.monotonic() > end:
                     raise RuntimeError("the pinning reader never entered a read section")
         t0 = time.perf_counter()
@@ -187,8 +187,7 @@ def throughput(region: Region, mode: str, nprocs: int, seconds: float) -> tuple[
 def worker(mode: str, name: str, k: int) -> None:
     """A benchmark process: sections of `mode` (read, write, rcu-pin) until the stop flag."""
     region = Region.attach(name)
-    ws = region.words("wstate")
-    ws.store(k * WState.WORDS + WState.PID, os.getpid())
+    region.columns("wstate", WState).pid.store(k, os.getpid())
     ctl = region.words("tables")
     st = region.words("stats")
     row = k * region.array("stats").shape[1]

@@ -401,9 +401,9 @@ def rcu_worker(region_name: str, worker: int, seed: int, role: str, grace_period
     pool = Pool(me.region, worker, config)
     rng, ctl = me.rng, me.ctl
     tables = me.region.array("tables")
-    tm = me.region.words("tmeta")
+    tmeta = me.region.columns("tmeta", TMeta)
     gctl = me.region.words("ctl")
-    ws = me.region.words("wstate")
+    my_rcu = me.region.columns("wstate", WState).rcu
     me.wait_go()
     if role == "writer":
         ops = fails = 0
@@ -431,10 +431,9 @@ def rcu_worker(region_name: str, worker: int, seed: int, role: str, grace_period
         ops = poison = stale = 0
         pw = me.region.words("pipe")
         prow = worker * PIPE_LEN
-        slot = worker * WState.WORDS + WState.RCU
         while not me.stopped():
             rcu.read_lock()
-            my_epoch = ws.load(slot)
+            my_epoch = my_rcu.load(worker)
             ptr = ctl.load(TC.CURRENT)
             t, seq = ptr & PTR_TABLE_MASK, ptr >> PTR_TABLE_BITS
             r = rng.random()
@@ -451,8 +450,7 @@ def rcu_worker(region_name: str, worker: int, seed: int, role: str, grace_period
                 else:
                     stale += 1
                     me.put(TR.STALE, stale)
-            base = t * TMeta.WORDS
-            age = pipe_age(tm.load(base + TMeta.STATE), tm.load(base + TMeta.RETIRE_EPOCH), my_epoch, gctl.load(Ctl.EPOCH))
+            age = pipe_age(tmeta.state.load(t), tmeta.retire_epoch.load(t), my_epoch, gctl.load(Ctl.EPOCH))
             rcu.read_unlock()
             b = prow + min(age, PIPE_LEN - 1)
             pw.store(b, pw.load(b) + 1)

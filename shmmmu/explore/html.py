@@ -23,7 +23,8 @@ from shmmmu import __version__
 from shmmmu.explore.decisive import MARKS
 from shmmmu.explore.explain import Explained, Side
 from shmmmu.pool import POISON
-from shmmmu.layout import Ctl, Lock, Locks, RootRow, TableState, TMeta, WState
+from shmmmu.atomics import Words
+from shmmmu.layout import Columns, Ctl, Lock, Locks, RootRow, TableState, TMeta, WState
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explain.html")
 PLACEHOLDER = "/*__SHMMMU_DATA__*/null"
@@ -33,10 +34,8 @@ CTL_SHOWN = (("epoch", Ctl.EPOCH), ("gp_count", Ctl.GP_COUNT), ("page_count", Ct
              ("list_head", Ctl.LIST_HEAD), ("unflushed", Ctl.UNFLUSHED),
              ("notifier_seq", Ctl.NOTIFIER_SEQ), ("notifier_count", Ctl.NOTIFIER_COUNT), ("nx_count", Ctl.NX_COUNT),
              ("roots_gen", Ctl.ROOTS_GEN), ("pool_top", Ctl.POOL_TOP))
-WSTATE_SHOWN = (("rcu", WState.RCU), ("tlb_mode", WState.TLB_MODE), ("tlb_requests", WState.TLB_REQUESTS),
-                ("root", WState.ROOT), ("walk_root", WState.WALK_ROOT))
-TMETA_SHOWN = (("state", TMeta.STATE), ("level", TMeta.LEVEL), ("gfn", TMeta.GFN), ("prev", TMeta.PREV),
-               ("next", TMeta.NEXT), ("nx", TMeta.NX), ("gen", TMeta.GEN))
+WSTATE_SHOWN = ("rcu", "tlb_mode", "tlb_requests", "root", "walk_root")          # Columns' names of the words
+TMETA_SHOWN = ("state", "level", "gfn", "prev", "next", "nx", "gen")
 
 
 @dataclass
@@ -74,11 +73,11 @@ def _tables_shown(side: Side) -> list[int]:
     """The tables that were ever live or retired, or held an entry, during the execution."""
     rec = side.rec
     E = rec.entries
-    tm, tb = rec.initial["tmeta"], rec.initial["tables"]
+    state, tb = Columns(TMeta, Words(rec.initial["tmeta"])).state, rec.initial["tables"]
     shown = set()
-    for t in range(len(tm) // TMeta.WORDS):
+    for t in range(state.rows):
         entries = tb[t * E:(t + 1) * E]
-        if int(tm[t * TMeta.WORDS + TMeta.STATE]) in (TableState.LIVE, TableState.RETIRED) or \
+        if state.load(t) in (TableState.LIVE, TableState.RETIRED) or \
                 ((entries != 0) & (entries != POISON)).any():
             shown.add(t)
     for _step, section, word, _old, new in rec.deltas:
@@ -96,11 +95,13 @@ def _execution(side: Side, name: str, s: Strings, divergence: int | None) -> dic
     cells = Cells(s)
     # the cells: the shown tables' entries and fields, the roots, the locks, the VM words, each worker's words
     listed = _list_used(rec)
+    # the rows of the recorded sections by name: a cell's key is its section's word index (Column.word)
+    tmeta, wstate = (Columns(row, Words(rec.initial[sec])) for sec, row in (("tmeta", TMeta), ("wstate", WState)))
     for t in _tables_shown(side):
-        for f, off in TMETA_SHOWN:
+        for f in TMETA_SHOWN:
             if f in ("prev", "next") and not listed:
                 continue
-            cells.add(("tmeta", t * TMeta.WORDS + off), f"t{t}", f)
+            cells.add(("tmeta", getattr(tmeta, f).word(t)), f"t{t}", f)
         for i in range(E):
             cells.add(("tables", t * E + i), f"t{t}", f"[{i}]")
     roots = rec.initial["roots"]
@@ -120,10 +121,10 @@ def _execution(side: Side, name: str, s: Strings, divergence: int | None) -> dic
     workers = sorted(rec.workers)
     for w in workers:
         who = rec.who(w)
-        for f, off in WSTATE_SHOWN:
-            cells.add(("wstate", w * WState.WORDS + off), f"actor:{who}", f)
+        for f in WSTATE_SHOWN:
+            cells.add(("wstate", getattr(wstate, f).word(w)), f"actor:{who}", f)
         for k, lock in enumerate(Locks.NAMES):
-            cells.add(("wstate", w * WState.WORDS + WState.HELD + k), f"actor:{who}", f"holds {lock}")
+            cells.add(("wstate", wstate.held.word(w) + k), f"actor:{who}", f"holds {lock}")
     for a, name_ in enumerate(rec.actors):
         cells.add(("sched", a), f"actor:{name_}", "scheduler")
     for v in sorted({v for _, v, _ in rec.tlbs}):

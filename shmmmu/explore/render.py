@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from shmmmu import spte as S
 from shmmmu.explore.sched import Step
-from shmmmu.layout import NIL, Ctl, Held, Lock, Locks, RootRow, Row, TableState, TMeta, ViolationRow, WState
+from shmmmu.atomics import Words
+from shmmmu.layout import NIL, Columns, Ctl, Held, Lock, Locks, RootRow, Row, TableState, TMeta, ViolationRow, WState
 from shmmmu.pool import POISON
 from shmmmu.violations import KINDS, SITES
 
@@ -189,10 +190,10 @@ class Describer:
     @classmethod
     def of(cls, rec: Any) -> "Describer":
         """From a recorder.Recording: the tables' levels through the execution."""
-        tm = rec.initial["tmeta"]
+        level = Columns(TMeta, Words(rec.initial["tmeta"])).level     # the snapshot's rows, by name
         levels: dict[int, list[tuple[int, int]]] = {}
-        for t in range(len(tm) // TMeta.WORDS):
-            lv = int(tm[t * TMeta.WORDS + TMeta.LEVEL])
+        for t in range(level.rows):
+            lv = level.load(t)
             if lv:
                 levels[t] = [(-1, lv)]
         for pos, section, word, _old, new in rec.deltas:

@@ -302,12 +302,12 @@ def test_the_page_in_a_headless_browser_steps_through_the_recorded_state(k18, tm
     """The K18 page in chromium: no console error, no network request but the file itself; the keys move the
     cursor; at every marked step on a page-table word the state panel shows that word's value as the step left
     it (the value the step itself read or wrote, from the explorer's log), and one step back what it was before."""
+    d = _driver()                                # skips in one line without selenium or chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     path = tmp_path / "k18.html"
     path.write_text(page_html.page(k18.explained, k18.title, k18.token, "shmmmu explore --bug link-after-publish"))
     url = path.as_uri()
-    d = _driver()
     try:
         d.get_log("performance")                 # the browser's own start page, before ours
         d.get(url)

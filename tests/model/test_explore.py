@@ -100,6 +100,28 @@ def test_fixed_code_bounded_dfs_is_exhaustive_and_clean() -> None:
         assert not cut.exhausted and cut.capped == "executions" and cut.bound_done < 2
 
 
+@pytest.mark.parametrize("bug", ["zap-all-phys-end", "link-after-publish", "no-wrprot-on-enable", ""])
+def test_end_checks_remembered_by_final_state_give_the_same_answers(bug: str) -> None:
+    """The end-of-execution checks are run once per final state (Explorer.oracle_memo): a search with the
+    memo gives the same finding at the same execution, or the same exhaustive clean bound, as one that runs
+    every check every time, and the memo is used.  The switches here are caught by the end checks (a table
+    left at destruction, a table leaked, a write the dirty log missed)."""
+    answers = []
+    for memo in (True, False):
+        sc = for_bug(bug) if bug else SCENARIOS["fault-zap"]
+        with Explorer(sc, [bug] if bug else []) as ex:
+            if not memo:
+                ex.oracle_memo = None
+            sr = split_search(ex, 2, 3000)
+            answers.append((sr.executions, sr.exhausted, sr.first and sr.first.finding.message,
+                            sr.first and sr.first.decisions))
+            if memo:
+                assert ex.oracle_memo_hits > 0
+    assert answers[0] == answers[1]
+    if not bug:
+        assert answers[0][1] and answers[0][2] is None
+
+
 def test_the_scheduling_points_are_real() -> None:
     """K4 needs two faults to interleave inside the map: with kvm_tdp_mmu_map as one step (no point inside,
     what the write lock gave before the series) no schedule of at most 2 preemptions shows it; with the

@@ -294,7 +294,7 @@ def test_dirty_mask_late_clear_fails(vm_name: str) -> None:
 
 
 def test_bench_enable_dirty_tool_runs() -> None:
-    """tools/bench_enable_dirty.py end to end on a small slot (docs/performance.md has the 4 GiB figures)."""
+    """tools/bench_enable_dirty.py end to end on a small slot (docs/perf/history.md has the 4 GiB figures)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -111,6 +111,40 @@ def test_no_bug_switch_is_tested_inside_the_mmu() -> None:
     assert offences == []
 
 
+HAND_ROWS = {"TMeta", "WState"}         # the row types read through accessors (layout.Columns), never by offset
+
+
+def hand_row_offsets(source: str) -> list[int]:
+    """The lines of `source` that multiply by TMeta.WORDS or WState.WORDS: a row offset computed by hand."""
+    lines = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
+            for side in (n.left, n.right):
+                if isinstance(side, ast.Attribute) and side.attr == "WORDS" and \
+                        isinstance(side.value, ast.Name) and side.value.id in HAND_ROWS:
+                    lines.append(n.lineno)
+    return sorted(lines)
+
+
+def test_no_row_offset_is_computed_by_hand() -> None:
+    """TMeta and WState rows are read through named accessors (`region.columns("tmeta", TMeta).level.load(t)`,
+    Column.word for a word's index); only shmmmu/layout.py, which declares the rows, multiplies by WORDS."""
+    offences = []
+    for folder in ("shmmmu", "workers", "tools"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            if p == PACKAGE / "layout.py":
+                continue
+            offences += [f"{p.relative_to(ROOT)}:{line}" for line in hand_row_offsets(p.read_text())]
+    assert offences == []
+
+
+def test_the_row_offset_check_sees_one() -> None:
+    """The check itself can fail: each way of writing a hand-computed row offset is found, a named access is not."""
+    assert hand_row_offsets("w = t * TMeta.WORDS + TMeta.LEVEL\nx = WState.WORDS*k\ny = (k + 1) * WState.WORDS") \
+        == [1, 2, 3]
+    assert hand_row_offsets("v = tmeta.level.load(t)\nn = len(tm) // TMeta.WORDS\nr = k * RootRow.WORDS") == []
+
+
 @pytest.mark.parametrize("kernel,bug", [(k, b) for b in sorted(BUGS) for k in BUGS[b].profiles] +
                          [(k, None) for k in PROFILE_NAMES])
 def test_each_switch_puts_its_functions_in_place_and_nothing_else(kernel: str, bug: str | None,

@@ -63,7 +63,7 @@ def bench_dirty_log(
     Prints the selftest's lines per run (times as the kernel prints them), then
     faults/s, retries per fault, lock wait share, the vCPU processes' CPU time and
     TLB flushes; with --lock-mode both the modes alternate and the exclusive/shared
-    ratios follow.  docs/performance.md has measured output.
+    ratios follow.  docs/performance.md has today's figures, docs/perf/history.md more output.
     Every VM is removed at the end, on errors and on Ctrl-C.
     """
     from shmmmu.bench import BenchOptions, run_bench
