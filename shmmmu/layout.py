@@ -38,6 +38,20 @@ class Row:
         return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
+class Columns:
+    """Every word of a row type as a column of its section, named in lower case: `tmeta.level.load(table)`
+    reads word LEVEL of row `table` (Words.column: the row offset is computed in C, never by hand)."""
+
+    def __init__(self, row: type[Row], words: Any):
+        self.row = row
+        for name, offset in row.fields().items():
+            setattr(self, name.lower(), words.column(row.WORDS, offset))
+
+    def start(self, i: int) -> int:
+        """The section's word index of row i's first word (a bulk access to the whole row: Words.touch)."""
+        return i * self.row.WORDS
+
+
 READ, WRITE, EXEC = 0, 1, 2      # a guest access's kind (an EXEC is an instruction fetch): workloads, traces
 
 # ---------------------------------------------------------------- the ctl section: VM-global words
@@ -124,8 +138,7 @@ class WState(Row):
      ) = [k * 2 for k in range(14)]
     # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
     # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
-    UFFD = 28
-    INVALIDATING = 30          # inside its own kvm_zap_gfn_range's invalidation (6.12), for crash recovery
+    UFFD, INVALIDATING = 28, 30  # INVALIDATING: inside its own kvm_zap_gfn_range's invalidation (6.12; recovery)
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -261,18 +274,6 @@ class ViolationRow(Row):
 
 
 MAX_VIOLATIONS = 256
-
-
-class ZapRange(Row):
-    """zap_ranges (debug, 6.12: B9's check in debug.py): row 0 counts the kvm_zap_gfn_range calls begun (NUMBER),
-    ended (START) and in progress (END); rows 1..ZAP_RING record the last ones: number + 1, GFN range [START, END),
-    ENDED: the zaps ended once it ended (0: in progress), WORKER: its worker + 1."""
-
-    NUMBER, START, END, ENDED, WORKER = range(5)
-    WORDS = 8
-
-
-ZAP_RING = 8
 
 # the Reader-Pipe histogram of table ages seen by walkers (rcutorture's, PRIOR_ART A.1)
 PIPE_LEN = 11
@@ -584,10 +585,9 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),
         "host_ad": (max(1, n_data),),
-        # debug: what the guest really did to each host page, and the entries whose zap awaits its flush
+        # debug: what the guest did to each host page; the entries whose zap awaits its flush, then B9's zap ranges
         "touched": (max(1, n_data) if c.debug else 1,),
-        "zap_pending": (c.n_tables * g.entries if c.debug else 1,),
-        "zap_ranges": ((1 + ZAP_RING) * ZapRange.WORDS if c.debug else 1,),
+        "zap_pending": (c.n_tables * g.entries + 9 * LINE if c.debug else 1,),
         "violations": (MAX_VIOLATIONS, ViolationRow.WORDS),
     }
 

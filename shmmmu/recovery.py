@@ -115,7 +115,7 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
             ctl_w.store(Ctl.UNFLUSHED, 0)
         if dead is not None and mmu.debug:
             mmu.kvm_flush_remote_tlbs()
-            zp = mmu.region.array("zap_pending")
+            zp = mmu.region.array("zap_pending")[: mmu.config.n_tables * mmu.E]     # not the zap-range records
             zp[(zp & 0xff) == dead + 1] = 0           # its tokens (debug.py's zap ledger)
         # the page count (and with K18 the 5.13 page list) covers exactly the reachable tables below the roots
         live = np.flatnonzero(reach)

@@ -119,21 +119,6 @@ def process_start(pid: int) -> int:
         return 0
 
 
-class Columns:
-    """Every word of a row type (shmmmu.layout.Row) as a column of its section, named in lower case:
-    `tmeta.level.load(table)` reads word LEVEL of row `table` (Words.column: the row offset is computed in C,
-    never by hand)."""
-
-    def __init__(self, row: Any, words: Any):
-        self.row = row
-        for name, offset in row.fields().items():
-            setattr(self, name.lower(), words.column(row.WORDS, offset))
-
-    def start(self, i: int) -> int:
-        """The section's word index of row i's first word (a bulk access to the whole row: Words.touch)."""
-        return i * self.row.WORDS
-
-
 @dataclass(frozen=True)
 class Section:
     name: str
@@ -381,9 +366,10 @@ class Region:
         return w
 
     def columns(self, section: str, row: type) -> Any:
-        """The words of a section's rows, one Column per field of `row` (a shmmmu.layout.Row: Columns)."""
+        """The words of a section's rows, one Column per field of `row` (shmmmu.layout.Columns)."""
         c = self._columns.get((section, row))
         if c is None:                        # views only: one per section and row type
+            from shmmmu.layout import Columns
             c = self._columns[(section, row)] = Columns(row, self.words(section))
         return c
 

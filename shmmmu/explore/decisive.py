@@ -41,7 +41,7 @@ from shmmmu.explore.sched import Step
 from shmmmu.layout import TMeta
 
 # the checkers' own records and the scheduler's words: never part of a pair
-NOT_PAIRED = frozenset({"pipe", "zap_pending", "zap_ranges", "touched", "stats", "violations", "locks", "wstate", "actor-done",
+NOT_PAIRED = frozenset({"pipe", "zap_pending", "touched", "stats", "violations", "locks", "wstate", "actor-done",
                         "caches", "retire"})
 FETCH_OPS = frozenset({"fetch_add", "fetch_or", "fetch_and"})
 # where a reordered pair matters most when the check read none of them: the tables, then what describes them

@@ -125,9 +125,9 @@ class Result:
     state: str = ""                     # execute(state=True): a digest of the state the actors left
 
 
-# debug instrumentation (the zap ledger, the zap-range records, the guest's record of its accesses) and the counters (a root's
+# debug instrumentation (the zap ledger, the guest's record of its accesses) and the counters (a root's
 # allocation is published as it happens): noted, never a decision
-UNDECIDED_SECTIONS = frozenset({"zap_pending", "zap_ranges", "touched", "stats"})
+UNDECIDED_SECTIONS = frozenset({"zap_pending", "touched", "stats"})
 
 
 class Explorer:

@@ -79,7 +79,6 @@ SECTION_NAMES = {"locks": "lock", "wstate": "worker state", "ctl": "VM words", "
                  "pipe": "Reader Pipe", "stats": "counters", "data": "guest memory", "host_map": "host map",
                  "dirty": "dirty bitmap", "memslots": "memslots", "retire": "retire ring", "caches": "memory cache",
                  "pool": "free stack", "violations": "violation record", "zap_pending": "zap ledger",
-                 "zap_ranges": "zap-range records",
                  "touched": "guest access record", "roots": "roots", "host_ad": "host A/D bits"}
 U64 = (1 << 64) - 1
 _LINKS = {TMeta.PREV, TMeta.NEXT, TMeta.NX_PREV, TMeta.NX_NEXT}

@@ -44,7 +44,7 @@ import sys
 from typing import Any, Callable
 
 from shmmmu import spte as S
-from shmmmu.layout import PIPE_LEN, ZAP_RING, Ctl, TableState, ZapRange
+from shmmmu.layout import LINE, PIPE_LEN, Ctl, TableState
 from shmmmu.mmu.instruments import site_target
 from shmmmu.rcu import pipe_age
 from shmmmu.rwlock import HELD_WRITE
@@ -54,8 +54,17 @@ Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports t
 
 _LIVE = TableState.LIVE
 _U64 = (1 << 64) - 1
-# the zap-range records' counters (row 0 of zap_ranges: layout.ZapRange)
-_ZR_BEGUN, _ZR_ENDED, _ZR_ACTIVE = ZapRange.NUMBER, ZapRange.START, ZapRange.END
+
+
+class ZapRange:
+    """The zap-range records after the entries of the zap ledger (layout: 9 lines of the zap_pending section):
+    line 0 counts the kvm_zap_gfn_range calls begun, ended and in progress; lines 1..RING each record one of the
+    last RING: its number + 1 (0: unused), its GFN range, the count of zaps ended once it ended (0: in
+    progress), its worker + 1."""
+
+    BEGUN, ENDED, ACTIVE = 0, 1, 2                  # line 0
+    NUMBER, START, END, ENDED_AT, WORKER = range(5)  # a record
+    RING = 8
 
 
 class CheckedTdpIter(TdpIter):
@@ -98,8 +107,9 @@ class Debug:
         self.lock = mmu.kvm.lock
         self.rcu_floor = 0              # read-side sections of this module's own (checked_map's outer one)
         self.rcu_strict = mmu.kvm.parallel
-        self.zr = mmu.region.words("zap_ranges")
         self.zaps_seen = 0              # zaps ended when this process's fault took its snapshot of the sequence
+        self.zr = self.pending_w        # the zap-range records follow the ledger's entries
+        self.zr_base = mmu.config.n_tables * mmu.kvm.E
 
     def rcu_dereference(self, gfn: int, table: int) -> None:
         """rcu_dereference() of a table pointer: inside an RCU read-side section of the MMU's own.  The series
@@ -176,50 +186,52 @@ class Debug:
     # stops (before the invalidation ends).  A fault notes that count after it read the sequence; when it
     # installs, a zap covering its GFN that is in progress, or that ended after the fault's note, is one the
     # protocol must have made it retry: the invalidation in progress covers the GFN, or the sequence moved
-    # after the fault read it.  A record overwritten by later zaps (ZAP_RING of them) is no longer seen.
+    # after the fault read it.  A record overwritten by later zaps (RING of them) is no longer seen.
+
+    def _record(self, n: int) -> int:
+        return self.zr_base + (1 + n % ZapRange.RING) * LINE
 
     def zap_range_begun(self, start: int, end: int) -> int:
-        zr, w = self.zr, ZapRange.WORDS
-        n = zr.fetch_add(_ZR_BEGUN, 1)
-        base = (1 + n % ZAP_RING) * w
-        zr.store(base + ZapRange.NUMBER, 0)
-        zr.store(base + ZapRange.START, start)
-        zr.store(base + ZapRange.END, end)
-        zr.store(base + ZapRange.ENDED, 0)
-        zr.store(base + ZapRange.WORKER, self.mmu.worker + 1)
-        zr.store(base + ZapRange.NUMBER, n + 1)
-        zr.fetch_add(_ZR_ACTIVE, 1)
+        zr, Z = self.zr, ZapRange
+        n = zr.fetch_add(self.zr_base + Z.BEGUN, 1)
+        base = self._record(n)
+        zr.store(base + Z.NUMBER, 0)
+        zr.store(base + Z.START, start)
+        zr.store(base + Z.END, end)
+        zr.store(base + Z.ENDED_AT, 0)
+        zr.store(base + Z.WORKER, self.mmu.worker + 1)
+        zr.store(base + Z.NUMBER, n + 1)
+        zr.fetch_add(self.zr_base + Z.ACTIVE, 1)
         return n
 
     def zap_range_ended(self, n: int) -> None:
-        zr = self.zr
-        stamp = zr.fetch_add(_ZR_ENDED, 1) + 1
-        base = (1 + n % ZAP_RING) * ZapRange.WORDS
-        if zr.load(base + ZapRange.NUMBER) == n + 1:
-            zr.store(base + ZapRange.ENDED, stamp)
-        zr.fetch_add(_ZR_ACTIVE, _U64)
+        zr, Z = self.zr, ZapRange
+        stamp = zr.fetch_add(self.zr_base + Z.ENDED, 1) + 1
+        base = self._record(n)
+        if zr.load(base + Z.NUMBER) == n + 1:
+            zr.store(base + Z.ENDED_AT, stamp)
+        zr.fetch_add(self.zr_base + Z.ACTIVE, _U64)
 
     def zap_range_abandoned(self, dead: int) -> None:
         """Recovery: the zaps a killed worker had in progress end now."""
-        zr, w = self.zr, ZapRange.WORDS
-        for k in range(ZAP_RING):
-            base = (1 + k) * w
-            if (zr.load(base + ZapRange.NUMBER) and zr.load(base + ZapRange.WORKER) == dead + 1
-                    and not zr.load(base + ZapRange.ENDED)):
-                self.zap_range_ended(zr.load(base + ZapRange.NUMBER) - 1)
+        zr, Z = self.zr, ZapRange
+        for k in range(Z.RING):
+            base = self._record(k)
+            n = zr.load(base + Z.NUMBER)
+            if n and zr.load(base + Z.WORKER) == dead + 1 and not zr.load(base + Z.ENDED_AT):
+                self.zap_range_ended(n - 1)
 
     def check_zap_ranges(self, gfn: int) -> None:
         """A fault installed a leaf for gfn (mmu_lock held, so no zap begins or ends meanwhile)."""
-        zr, seen = self.zr, self.zaps_seen
-        if not zr.load(_ZR_ACTIVE) and zr.load(_ZR_ENDED) == seen:
+        zr, Z, seen = self.zr, ZapRange, self.zaps_seen
+        if not zr.load(self.zr_base + Z.ACTIVE) and zr.load(self.zr_base + Z.ENDED) == seen:
             return                                       # none in progress, none ended since the snapshot
-        w = ZapRange.WORDS
-        for k in range(ZAP_RING):
-            base = (1 + k) * w
-            if not zr.load(base + ZapRange.NUMBER):
+        for k in range(Z.RING):
+            base = self._record(k)
+            if not zr.load(base + Z.NUMBER):
                 continue
-            ended = zr.load(base + ZapRange.ENDED)
-            start, end = zr.load(base + ZapRange.START), zr.load(base + ZapRange.END)
+            ended = zr.load(base + Z.ENDED_AT)
+            start, end = zr.load(base + Z.START), zr.load(base + Z.END)
             if (not ended or ended > seen) and start <= gfn < end:
                 self.mmu.kvm.violation("install-in-zapped-range", gfn, start, end | (0 if ended else 1 << 63))
                 return
@@ -330,8 +342,7 @@ def _zap_range_checked(mmu: Mmu) -> bool:
 def _faultin(mmu: Mmu, d: Debug, faultin: Callable) -> Callable:
     if not _zap_range_checked(mmu):
         return faultin
-    ended = d.zr
-    at = _ZR_ENDED
+    ended, at = d.zr, d.zr_base + ZapRange.ENDED
 
     def checked_kvm_faultin_pfn(fault: Any) -> bool:
         out = faultin(fault)
