@@ -43,6 +43,11 @@ _NEG_LOCKED = (1 << 64) - QW_LOCKED
 
 HELD_NONE, HELD_READ, HELD_WRITE = Held.NONE, Held.READ, Held.WRITE
 SPIN = 48                # loads before sleeping
+# ... and beyond them, a spin goes on while it is younger than a sleep and wake-up costs (a semaphore round trip
+# between processes: about 57 µs here).  A holder that runs hands over within a spin (a fault holds the lock a
+# few µs), as the kernel's spinning mmu_lock does; one that does not run (preempted, more processes than cores)
+# costs the waiter at most twice what sleeping at once would have: the classic competitive bound.
+SPIN_NS = 50_000
 SLEEP_TIMEOUT = 0.2      # a sleeper re-checks this often (a dead holder, a lost wake-up)
 
 
@@ -76,14 +81,19 @@ class _WaitQueue:
     def acquire(self) -> None:
         w, word = self.w, self.word
         if w.cas(word, 0, 1) != 0:
-            relax = self.waits.relax
-            for _ in range(self.waits.spins(SPIN)):
+            waits = self.waits
+            relax = waits.relax
+            turns, budget = waits.spins(SPIN), waits.spin_ns(SPIN_NS)
+            t0 = waits.now_ns() if budget else 0
+            k = 0
+            while k < turns or (budget and waits.now_ns() - t0 < budget):
+                k += 1
                 if w.load(word) == 0 and w.cas(word, 0, 1) == 0:
                     break
                 relax()
             else:
                 while w.xchg(word, 2) != 0:
-                    self.waits.sem_acquire(self.sem, SLEEP_TIMEOUT)
+                    waits.sem_acquire(self.sem, SLEEP_TIMEOUT)
         w.store(self.owner, self.me)
 
     def release(self) -> None:
@@ -171,7 +181,11 @@ class RWLock(QrwlockFast):
         # our bias is in: record it now, so that `recover` takes it back if we die while we wait
         self.ws.store(self.held_word, HELD_READ)
         if w.load(cnts) & QW_LOCKED:
-            for _ in range(waits.spins(SPIN)):
+            turns, budget = waits.spins(SPIN), waits.spin_ns(SPIN_NS)
+            t_spin = waits.now_ns() if budget else 0
+            k = 0
+            while k < turns or (budget and waits.now_ns() - t_spin < budget):
+                k += 1
                 if not w.load(cnts) & QW_LOCKED:
                     break
                 waits.relax()
@@ -215,10 +229,11 @@ class RWLock(QrwlockFast):
                 w.fetch_or(cnts, QW_LOCKED)      # lock_busted: barge in beside the readers
             else:
                 w.fetch_or(cnts, QW_WAITING)
-                spins, spin_max = 0, waits.spins(SPIN)
+                spins, spin_max, budget = 0, waits.spins(SPIN), waits.spin_ns(SPIN_NS)
+                t_spin = waits.now_ns() if budget else 0
                 while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:
                     spins += 1
-                    if spins < spin_max:
+                    if spins < spin_max or (budget and waits.now_ns() - t_spin < budget):
                         waits.relax()
                         continue
                     w.store(self.wsleep, 1)

@@ -69,6 +69,11 @@ class Waits:
         """How many turns a spin loop takes before it sleeps (n; the explorer takes one: its spins block)."""
         return n
 
+    def spin_ns(self, ns: int) -> int:
+        """How long a spin loop may go on past its turns before it sleeps (ns; the explorer: 0, its clock counts
+        steps, not time)."""
+        return ns
+
     def now(self) -> float:
         return time.monotonic()
 

@@ -220,6 +220,9 @@ class ExploreWaits(Waits):
     def spins(self, n: int) -> int:
         return 1
 
+    def spin_ns(self, ns: int) -> int:
+        return 0
+
     def now(self) -> float:
         s = self.ref.sched
         return s.steps * 1e-6 if s is not None else 0.0

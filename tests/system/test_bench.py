@@ -56,7 +56,8 @@ def selftest_block(iterations: int, manual: bool = True) -> list[str]:
     if manual:
         lines.append(rf"Clear dirty log over {iterations} iterations took {TS}\. \(Avg {TS}/iteration\)")
     lines += [r"Populate faults/s: \d+ \(\d+ faults\)", r"Populate retries per fault: \d+\.\d{4}",
-              r"Populate lock wait share: \d+\.\d% \(\d+\.\d{3}s waited / \(\d+ vCPUs x \d+\.\d{3}s\)\)",
+              r"Populate lock wait share: \d+\.\d% \(\d+\.\d{3}s waited / \(\d+ vCPUs x \d+\.\d{3}s\)\); "
+              r"hand-off \d+\.\d us per contended acquisition",
               r"Populate vCPU CPU time: \d+\.\d\d CPUs, \d+\.\d us per fault; run-queue wait share \d+\.\d%",
               r"TLB flushes: \d+", r"Result: SUCCESS"]
     return lines
