@@ -138,7 +138,7 @@ class WState(Row):
      ) = [k * 2 for k in range(14)]
     # a vCPU's userfault (demand paging): the page its fault waits on a handler process for, UFFD_REQUESTED |
     # gfn; a handler that takes it sets UFFD_CLAIMED and stores 0 once the page is in (UFFDIO_COPY's wake)
-    UFFD = 28
+    UFFD, INVALIDATING = 28, 30  # INVALIDATING: inside its own kvm_zap_gfn_range's invalidation (6.12; recovery)
     HELD = 4 * LINE            # HELD + lock index: Held.* of that lock, for this worker
     WORDS = 6 * LINE
 
@@ -585,9 +585,9 @@ def section_shapes(config: VMConfig) -> dict[str, tuple[int, ...]]:
         "dirty": (max(1, n_dirty),),
         "data": (max(1, n_data),),
         "host_ad": (max(1, n_data),),
-        # debug: what the guest really did to each host page, and the entries whose zap awaits its flush
+        # debug: what the guest did to each host page; the entries whose zap awaits its flush, then B9's zap ranges
         "touched": (max(1, n_data) if c.debug else 1,),
-        "zap_pending": (c.n_tables * g.entries if c.debug else 1,),
+        "zap_pending": (c.n_tables * g.entries + 9 * LINE if c.debug else 1,),
         "violations": (MAX_VIOLATIONS, ViolationRow.WORDS),
     }
 

@@ -6,6 +6,8 @@ its own recovery calls release:
   - the reference it held on its root (WState.ROOT): put here, as kvm_mmu_unload
     would have (a kill between the count's increment in kvm_mmu_load and the
     store that records it, two adjacent steps, would leak one reference);
+  - the invalidation its kvm_zap_gfn_range began (6.12, WState.INVALIDATING): ended
+    here, or the faults on its range would retry for ever;
   - an entry it froze (REMOVED) and never cleared: faults on it would retry forever;
   - a table it allocated and linked but never put on the page list, or a table
     it was tearing down when it died: live, but unreachable (a leak);
@@ -71,6 +73,13 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
                 ws.root.store(dead, 0)
                 mmu.roots.kvm_tdp_mmu_put_root(held - 1, False)
                 done.append(f"recovery: put the dead worker {dead}'s reference on root {held - 1}")
+            if ws.invalidating.load(dead):
+                # it died inside 6.12's kvm_zap_gfn_range: the invalidation it began is ended, as the zap would
+                ws.invalidating.store(dead, 0)
+                mmu.notifier.kvm_dec_notifier_count()
+                if mmu.debug_state is not None:
+                    mmu.debug_state.zap_range_abandoned(dead)
+                done.append(f"recovery: ended the invalidation the dead worker {dead}'s kvm_zap_gfn_range began")
             walking = ws.walk_root.load(dead)
             if walking:
                 ws.walk_root.store(dead, 0)
@@ -106,7 +115,7 @@ def repair_after_crash(mmu, dead: int | None = None) -> list[str]:
             ctl_w.store(Ctl.UNFLUSHED, 0)
         if dead is not None and mmu.debug:
             mmu.kvm_flush_remote_tlbs()
-            zp = mmu.region.array("zap_pending")
+            zp = mmu.region.array("zap_pending")[: mmu.config.n_tables * mmu.E]     # not the zap-range records
             zp[(zp & 0xff) == dead + 1] = 0           # its tokens (debug.py's zap ledger)
         # the page count (and with K18 the 5.13 page list) covers exactly the reachable tables below the roots
         live = np.flatnonzero(reach)

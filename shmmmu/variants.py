@@ -59,6 +59,7 @@ COMMITS: dict[str, Commit] = {c.id: c for c in [
     Commit("cb00a70bd4b7", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU during KVM_CLEAR_DIRTY_LOG", "5.18"),
     Commit("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR", "6.8"),
     Commit("d75c1b7bdedd", "KVM: x86/mmu: Fix an sign-extension bug with mmu_seq that hangs vCPUs", "6.1.50"),
+    Commit("6d3085e4d89a", "KVM: x86/mmu: Block all page faults during kvm_zap_gfn_range()", "6.1"),
 ]}
 
 
@@ -100,7 +101,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("5.13", "Linux 5.13 as released, with each known 5.13 bug's later fix (docs/internals.md)"),
     Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
                     "(docs/internals.md, \"Which kernel: 6.12\")",
-            variants=("fast-page-fault", "eager-page-split")),
+            variants=("fast-page-fault", "eager-page-split", "zap-range-leafs")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
@@ -131,6 +132,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             helpers=("dirty.kvm_tdp_mmu_try_split_huge_pages", "dirty.tdp_mmu_split_huge_pages_root",
                      "dirty.tdp_mmu_split_huge_page", "ioctl._split_protect_masked",
                      "ioctl.kvm_mmu_slot_gfn_write_protect")),
+    Variant("zap-range-leafs", KERNEL, _612, "", ("6d3085e4d89a",),
+            "kvm_zap_gfn_range takes the write lock and zaps inside an invalidation of its range "
+            "(kvm_mmu_invalidate_begin, kvm_mmu_invalidate_range_add ... kvm_mmu_invalidate_end), so a fault that "
+            "resolved its page before or during the zap retries; it zaps only the leaves, in every valid root "
+            "(kvm_tdp_mmu_zap_leafs: the tables stay), then flushes",
+            "",
+            replaces=(("ioctl.zap_gfn_range_locked", "zap_gfn_range_612"),),
+            traits=frozenset({"zap-range-invalidates"}),
+            helpers=("zap.kvm_tdp_mmu_zap_leafs", "zap.tdp_mmu_zap_leafs", "ioctl._zap_gfn_range_invalidating")),
     Variant("rcu-free-immediately", BUG, _513, "K7", ("7cca2d0b7e7d",), "",
             "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
             "recycled table (Reader Pipe age >= 2, poison read)",
@@ -241,6 +251,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "the clear named (huge-page-after-clear, dirty_log_page_splitting_test's assertion)",
             replaces=(("ioctl.kvm_arch_mmu_enable_log_dirty_pt_masked", "enable_log_dirty_pt_masked_b5_off_by_one"),),
             helpers=("ioctl._split_protect_masked",)),
+    Variant("zap-range-faults-not-blocked", BUG, _612, "B9", ("6d3085e4d89a",), "",
+            "kvm_zap_gfn_range begins its invalidation with its GFNs where the helpers compare host addresses "
+            "(edb298c663fc, 5.15), a range no fault falls in: the sequence still moves at the end, but a fault "
+            "that takes mmu_lock while the zap has yielded it installs a leaf the zap is removing, and keeps it "
+            "if the zap has passed it (install-in-zapped-range)",
+            replaces=(("ioctl.zap_gfn_range_locked", "zap_gfn_range_b9_faults_not_blocked"),)),
     Variant("pages-lock-in-read-fault", BUG, _513, "K15", ("47b0c2e4c220",),
             "CVE-2022-45869: make_mmu_pages_available under the read lock",
             "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "

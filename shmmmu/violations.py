@@ -53,6 +53,7 @@ KINDS = [
     "rcu-dereference",                # a page table read outside an RCU read-side section (rcu_dereference)
     "fault-retry-without-cause",      # a fault retried as stale though nothing invalidated since its snapshot
     "huge-page-after-clear",          # a huge leaf left in a range KVM_CLEAR_DIRTY_LOG split (6.12)
+    "install-in-zapped-range",        # a fault installed a leaf a kvm_zap_gfn_range was removing (6.12, B9)
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 
@@ -250,6 +251,13 @@ SITES: list[tuple[str, str, Sentence]] = [
         lambda f: f"{f.w}'s KVM_CLEAR_DIRTY_LOG of gfn {f.gfn:#x}..{f.a:#x} (manual protect, INITIALLY_SET) "
         f"left a huge leaf mapping gfn {f.b:#x}: the range it named was not split to 4K "
         f"(dirty_log_page_splitting_test: no huge page after the first CLEAR pass)"),
+    ("install-in-zapped-range", "debug.py:Debug.check_zap_ranges", lambda f:
+        f"{f.w}'s fault installed a mapping of gfn {f.gfn:#x} "
+        + ("while a kvm_zap_gfn_range of " if f.b >> 63 else "after a kvm_zap_gfn_range of ")
+        + f"gfn {f.a:#x}..{(f.b & ~(1 << 63)) - 1:#x} "
+        + ("was in progress (it had yielded mmu_lock)" if f.b >> 63 else
+           "that ended after the fault read the invalidation sequence")
+        + ": a fault installed a mapping a zap range had just removed, without retrying (B9)"),
 ]
 _SITE_IDS = {(kind, where): i for i, (kind, where, _) in enumerate(SITES)}
 _SKIP = frozenset({"violation", "record", "_violation"})

@@ -503,6 +503,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("clear-split", "KVM_CLEAR_DIRTY_LOG across two huge pages with manual protect and INITIALLY_SET while "
              "a vCPU writes into both (6.12: split at CLEAR)", ("clear-split-off-by-one",), _clear_split,
              prologue=_clear_split_pro, memslots=((0, 64, 2),)),
+    Scenario("zap-range-fault", "a vCPU faults gfn 1 while kvm_zap_gfn_range zaps 2 and 3 and may yield to it (6.12: "
+             "in an invalidation of the range, so the fault retries)", ("zap-range-faults-not-blocked",), _fault_zap,
+             prologue=_premap([2, 3])),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
     Scenario("kick-unmap", "a vCPU uses its cached translation again while the host unmaps the page: the "

@@ -57,6 +57,42 @@ class Ioctls(Part):
         finally:
             self.kvm.mmu_unlock(shared)
 
+    def zap_gfn_range_612(self, start: int, end: int) -> None:
+        """kvm_zap_gfn_range() (6.12): under the write lock, inside an invalidation of [start, end)
+        (kvm_mmu_invalidate_begin and kvm_mmu_invalidate_range_add; 6d3085e4d89a made the zap block faults),
+        the leafs of every valid root zapped (kvm_tdp_mmu_zap_leafs), the flush, then kvm_mmu_invalidate_end:
+        a fault that resolved its page before or during the zap retries (mmu_notifier_retry_hva, which is
+        6.12's mmu_invalidate_retry_gfn: the model's notifier ranges are GFNs).  The kernel flushes the range
+        (kvm_flush_remote_tlbs_range); the model has one flush for everything."""
+        self._zap_gfn_range_invalidating(start, end, start, end)
+
+    def zap_gfn_range_b9_faults_not_blocked(self, start: int, end: int) -> None:
+        """Variant zap-range-faults-not-blocked (B9, before 6d3085e4d89a): the invalidation is begun with the
+        zap's GFNs where the helpers compare host addresses (the wrong space, and frames for bytes), so its
+        range holds no fault's address: modelled as a range that holds nothing (merged with a notifier's range
+        in progress it adds nothing here, where the kernel's min/max widened that range down to the small GFN
+        numbers).  The sequence still moves at the end; only a fault that takes mmu_lock while the zap has
+        yielded it is not stopped."""
+        self._zap_gfn_range_invalidating(start, end, _U64, 0)
+
+    def _zap_gfn_range_invalidating(self, start: int, end: int, inv_start: int, inv_end: int) -> None:
+        """6.12's kvm_zap_gfn_range with the invalidation begun over [inv_start, inv_end)."""
+        lock, notifier, kvm = self.lock, self.notifier, self.kvm
+        lock.write_lock()
+        try:
+            notifier.kvm_inc_notifier_count(inv_start, inv_end)
+            # not the kernel's: a record for crash recovery, which ends the invalidation of a worker killed inside
+            # it.  Set after the count rises and cleared before it falls: a kill between the two steps leaves the
+            # invalidation begun (its faults retry), never ends it twice
+            invalidating = self.wstate.invalidating
+            invalidating.store(self.worker, 1)
+            if self.zap.kvm_tdp_mmu_zap_leafs(start, end, False) or kvm.holds_unflushed:
+                kvm.kvm_flush_remote_tlbs()
+            invalidating.store(self.worker, 0)
+            notifier.kvm_dec_notifier_count()
+        finally:
+            lock.write_unlock()
+
     def zap_all(self) -> None:
         """kvm_mmu_zap_all(): kvm_tdp_mmu_zap_all under the write lock."""
         self.lock.write_lock()

@@ -146,6 +146,7 @@ class MmuFault(Part):
 
     # ------------------------------------------------------------------ the fault's prologue
 
+    @site("debug")
     def kvm_faultin_pfn(self, fault: Fault) -> bool:
         """The fault's prologue, outside the lock: top up the caches, read mmu_seq, find the slot and the
         host page (the GUP), and the levels; False if there is no memslot (an emulated MMIO access)."""

@@ -106,6 +106,42 @@ class TdpZap(Part):
             flush = self.zap_gfn_range(roots.root_table(row), start, end, can_yield, flush, shared)
         return flush
 
+    # ------------------------------------------------------------------ 6.12: leafs only, under the write lock
+
+    def tdp_mmu_zap_leafs(self, root: int, start: int, end: int, can_yield: bool, flush: bool) -> bool:
+        """tdp_mmu_zap_leafs() (6.12; the write lock): clear every present leaf covering [start, end) and keep
+        the tables; returns whether a flush is pending.  A yield restarts the walk at the GFN it reached.
+
+        6.12 owes no flush for a root that is invalid (a vCPU flushes when it loads its next root);
+        here the walk covers valid roots only, and one invalidated during a yield is flushed too."""
+        kvm, tdp = self.kvm, self.tdp
+        kvm.lockdep_assert_held_write()
+        end = min(end, self.max_gfn)
+        self.rcu.read_lock()
+        try:
+            for it in for_each_pte(kvm.new_iter(root, 1, start), end):
+                if can_yield and tdp.tdp_mmu_iter_cond_resched(it, flush, False):
+                    flush = False
+                    continue
+                spte = it.old_spte
+                if not spte & _P or not (it.level == 1 or spte & _L):
+                    continue
+                kvm.mark_unflushed()
+                tdp.tdp_mmu_set_spte(it, 0)
+                flush = True
+        finally:
+            self.rcu.read_unlock()
+        return flush
+
+    @site("debug")
+    def kvm_tdp_mmu_zap_leafs(self, start: int, end: int, flush: bool) -> bool:
+        """kvm_tdp_mmu_zap_leafs() (6.12): tdp_mmu_zap_leafs over every valid root, yield-safe, the pending
+        flush threaded through (the write lock held)."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root_yield_safe(False, True):
+            flush = self.tdp_mmu_zap_leafs(roots.root_table(row), start, end, True, flush)
+        return flush
+
     def kvm_tdp_mmu_unmap_gfn_range(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
         """kvm_tdp_mmu_unmap_gfn_range() (the MMU notifier, write lock): __kvm_tdp_mmu_zap_gfn_range with
         can_yield = range->may_block (7533377215b6: the yield-safe root walk)."""

@@ -1,4 +1,4 @@
-"""The 6.12 profile (--kernel 6.12): eager page splitting, the lockless fast page fault, B10, and the plumbing.
+"""The 6.12 profile (--kernel 6.12): eager page splitting, the lockless fast page fault, its zap range, B10, B5, B9.
 
 Each mechanism is shown doing what 6.12 does (through a VM and its vCPU), side by side with 5.13 where they
 differ, and each is raced: the dirty_log_test of tests/system/test_dirty_log.py with real vCPU processes, and the
@@ -18,7 +18,7 @@ from shmmmu.explore.report import ExploreOptions, run_explore, run_replay
 from shmmmu.explore.scenarios import SCENARIOS
 from shmmmu.explore.split import split_search
 from shmmmu.guest import Vcpu
-from shmmmu.layout import STAT, MemslotSpec, VMConfig
+from shmmmu.layout import STAT, Ctl, MemslotSpec, VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.snapshot import walk_tables
 from shmmmu.variants import bugs_of
@@ -98,7 +98,8 @@ def test_list_bugs_names_each_profile_and_bad_kernels_are_one_line() -> None:
     assert "d75c1b7bdedd" in r.stdout
     r5 = subprocess.run([*CLI, "stress", "--list-bugs"], capture_output=True, text=True, timeout=120)
     assert "mmu-seq-int-snapshot" not in r5.stdout and "link-after-publish" in r5.stdout
-    assert set(bugs_of("6.12")) == {"mmu-seq-int-snapshot", "clear-split-off-by-one"}
+    assert set(bugs_of("6.12")) == {"mmu-seq-int-snapshot", "clear-split-off-by-one", "zap-range-faults-not-blocked"}
+    assert "zap-range-faults-not-blocked (B9)  [kernel 6.12]" in r.stdout and "6d3085e4d89a" in r.stdout
     assert "clear-split-off-by-one (B5)  [kernel 6.12]" in r.stdout and "1aa4bb916808" in r.stdout
     for args in (["stress", "--kernel", "9.9", "-d", "1"], ["explore", "--kernel", "9.9", "--scenario", "fault-fault"],
                  ["stress", "--kernel", "5.13", "--bug", "mmu-seq-int-snapshot", "-d", "1"]):
@@ -124,7 +125,7 @@ def test_the_fixed_612_code_passes_the_wrapping_sequence_exhaustively() -> None:
 
 
 @pytest.mark.parametrize("scenario", ["split-log", "clear-split", "manual-clear", "dirty-log", "split-huge",
-                                      "fault-zap", "fault-unmap"])
+                                      "fault-zap", "fault-unmap", "zap-range-fault"])
 def test_the_612_profile_is_clean_in_every_schedule_of_its_scenarios(scenario: str) -> None:
     with Explorer(SCENARIOS[scenario], [], kernel="6.12") as ex:
         sr = split_search(ex, 2, 20000)
@@ -175,3 +176,94 @@ def test_bench_dirty_log_runs_both_kernels_side_by_side_with_their_ratio() -> No
     bad = subprocess.run([*CLI, "bench", "dirty-log", "--kernel", "5.13,6.12", "--lock-mode", "both", "-b", "8M"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "one lock mode" in bad.stderr
+
+
+@pytest.mark.parametrize("kernel", ["5.13", "6.12"])
+def test_zap_range_is_612s_under_the_write_lock_inside_an_invalidation(vm_name: str, kernel: str) -> None:
+    """6.12's kvm_zap_gfn_range (6d3085e4d89a): the write lock, an invalidation of the range around the zap (the
+    sequence moves once, nothing is left in progress), only the leaves zapped (the tables stay linked); 5.13's
+    zaps under the read lock with no invalidation and tears the covered tables down."""
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], debug=True, kernel=kernel)
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0)
+        host = Mmu(vm, cfg.host_worker)
+        v.enter()
+        for g in range(16):
+            v.write(g, 0x200 + g)
+        v.exit()
+        ctl = vm.region.words("ctl")
+        seq, writes, reads = ctl.load(Ctl.NOTIFIER_SEQ), host.lock.write_acquired, host.lock.read_acquired
+        tables = int(vm.region.array("ctl")[Ctl.PAGE_COUNT])
+        host.zap_gfn_range_locked(0, 8)
+        assert _leaves(vm, 0, 16) == {g: 1 for g in range(8, 16)}
+        if kernel == "6.12":
+            assert ctl.load(Ctl.NOTIFIER_SEQ) == seq + 1 and ctl.load(Ctl.NOTIFIER_COUNT) == 0
+            assert (host.lock.write_acquired - writes, host.lock.read_acquired - reads) == (1, 0)
+            assert int(vm.region.array("ctl")[Ctl.PAGE_COUNT]) == tables           # leaves only
+        else:
+            assert ctl.load(Ctl.NOTIFIER_SEQ) == seq
+            assert (host.lock.write_acquired - writes, host.lock.read_acquired - reads) == (0, 1)
+            assert int(vm.region.array("ctl")[Ctl.PAGE_COUNT]) == tables - 1       # gfn 0-7's table went
+        v.enter()
+        for g in range(16):
+            assert v.read(g) == 0x200 + g
+        v.exit()
+        v.publish_stats()
+        host.publish_stats()
+        assert checks.check_all(vm) == []
+
+
+def test_b9_is_found_by_dfs_within_its_shrunk_preemptions_and_the_fix_runs_its_decisions_clean() -> None:
+    """zap-range-faults-not-blocked: the fault that takes mmu_lock while the zap has yielded it installs behind the
+    zap; the checker names the zap in progress.  DFS finds it again with the preemptions the counterexample was
+    shrunk to, and the same decisions without the switch end cleanly (--with-fix)."""
+    rep = run_explore(ExploreOptions(bugs=["zap-range-faults-not-blocked"]))
+    assert rep.found is not None and "install-in-zapped-range" in str(rep.found.finding)
+    text = "\n".join(rep.lines())
+    assert "while a kvm_zap_gfn_range of gfn 0x0..0x3f was in progress" in text
+    assert "a fault installed a mapping a zap range had just removed, without retrying (B9)" in text
+    assert Token.decode(rep.token).kernel == "6.12"
+    shrunk = rep.found.preemptions
+    again = run_explore(ExploreOptions(bugs=["zap-range-faults-not-blocked"], strategy="dfs", preemptions=shrunk))
+    assert again.found is not None and "install-in-zapped-range" in str(again.found.finding)
+    fix = subprocess.run([*CLI, "explore", "--replay", rep.token, "--with-fix"], capture_output=True, text=True,
+                         timeout=300)
+    assert fix.returncode == 0 and "no finding with the fix" in fix.stdout, fix.stdout[-2000:]
+
+
+def test_the_b9_checker_is_not_installed_on_513() -> None:
+    """5.13's zap range legitimately lets faults race it (no invalidation): its VMs carry no zap-range check, and
+    the scenario of B9 is clean there in every schedule of up to two preemptions."""
+    with Explorer(SCENARIOS["zap-range-fault"], [], kernel="5.13") as ex:
+        sr = split_search(ex, 2, 20000)
+    assert sr.first is None and sr.exhausted and sr.bound_done == 2, sr
+
+
+def test_recovery_ends_the_invalidation_of_a_worker_that_died_inside_its_zap_range(vm_name: str) -> None:
+    """A vCPU killed inside 6.12's kvm_zap_gfn_range (stress --kill-every: a guest's zap runs in its thread) left the
+    invalidation begun: the crash recovery ends it, or every fault on the range would retry for ever."""
+    from shmmmu.recovery import repair_after_crash
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], debug=True, kernel="6.12")
+    with create_vm(cfg) as vm:
+        dead, host = Mmu(vm, 0), Mmu(vm, cfg.host_worker)
+        ctl = vm.region.words("ctl")
+        seq = ctl.load(Ctl.NOTIFIER_SEQ)
+        # where the kill came: the invalidation begun and recorded, the zap under way (the lock it held is
+        # released by the supervisor's lock recovery before the repair)
+        dead.lock.write_lock()
+        dead.notifier.kvm_inc_notifier_count(0, 8)
+        dead.wstate.invalidating.store(0, 1)
+        dead.debug_state.zap_range_begun(0, 8)
+        dead.lock.write_unlock()
+        done = repair_after_crash(host, 0)
+        assert any("ended the invalidation" in line for line in done), done
+        assert ctl.load(Ctl.NOTIFIER_COUNT) == 0 and ctl.load(Ctl.NOTIFIER_SEQ) == seq + 1
+        assert dead.wstate.invalidating.load(0) == 0
+        v = Vcpu(vm, 0)                               # the restarted vCPU: its fault on the range installs
+        v.enter()
+        v.write(3, 9)
+        assert v.read(3) == 9
+        v.exit()
+        v.publish_stats()
+        host.publish_stats()
+        assert checks.check_all(vm) == []

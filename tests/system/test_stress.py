@@ -45,6 +45,7 @@ MATRIX: dict[str, str | tuple[str, ...]] = {
     "unmap-skips-invalid-roots": "mapping-after-unmap",
     "mmu-seq-int-snapshot": "fault-retry-without-cause",          # kernel 6.12
     "clear-split-off-by-one": "huge-page-after-clear",            # kernel 6.12
+    "zap-range-faults-not-blocked": "install-in-zapped-range",    # kernel 6.12
 }
 SEEDS = (3, 4, 5)
 
