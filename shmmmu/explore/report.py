@@ -187,8 +187,9 @@ def _explained(explorer: Explorer, switches: list[tuple[int, int, int]], with_fi
 
 
 def _keep(explorer: Explorer, r: Result, keep: Callable[[Explorer], None]) -> None:
-    """--keep: the region as the failing execution left it (the explanation ran other executions since)."""
-    replay(explorer, r.switches)
+    """--keep: the region as the failing execution left it (the explanation ran other executions since),
+    every end check run (a remembered verdict would leave the region before the destruction that found it)."""
+    replay(explorer, r.switches, trace=True)
     _record_oracle_problems(explorer, r)
     keep(explorer)
 
