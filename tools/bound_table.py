@@ -25,16 +25,12 @@ import os
 import sys
 from pathlib import Path
 
+from shmmmu.explore import PATHS_612
 from shmmmu.explore.report import ExploreOptions, run_explore
 from shmmmu.explore.scenarios import SCENARIOS
 
-# where the 6.12 profile runs other code than 5.13 (tests/model/test_explore.py's _612_PATHS)
-PATHS_612 = sorted({"dirty-log", "manual-clear", "split-huge", "split-log", "clear-split", "seq-wrap", "mix"}
-                   | {n for n in SCENARIOS if n.startswith("cover-dirty")})
-
-
 def plan(names: list[str]) -> list[tuple[str, str]]:
-    every = [(n, "5.13") for n in sorted(SCENARIOS)] + [(n, "6.12") for n in PATHS_612]
+    every = [(n, "5.13") for n in sorted(SCENARIOS)] + [(n, "6.12") for n in sorted(PATHS_612)]
     return [p for p in every if not names or p[0] in names]
 
 

@@ -9,14 +9,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import default_sigint, shm_entries
 from shmmmu.variants import BUGS
-from shmmmu.explore import DEFAULT_EXECUTIONS
-from shmmmu.explore.explorer import Explorer, Token, make_strategy, search
+from shmmmu.explore import DEFAULT_EXECUTIONS, PATHS_612
+from shmmmu.explore.explorer import Explorer, Token
 from shmmmu.explore.split import split_search
 from shmmmu.explore.report import ExploreOptions, list_lines, run_explore, run_replay
 from shmmmu.explore.scenarios import SCENARIOS, for_bug
@@ -196,13 +195,7 @@ def test_keep_leaves_the_failing_region_until_ctrl_c() -> None:
     assert shm_entries() == before
 
 
-# where the 6.12 profile runs other code than 5.13: a write fault on a write-protected leaf (the fast page fault;
-# only dirty logging write-protects), enabling or clearing the log (eager splitting) and kvm_zap_gfn_range (the
-# write lock, an invalidation, leaves only); elsewhere its fast path only walks and hands the fault to 5.13's
-_612_PATHS = sorted({"dirty-log", "manual-clear", "split-huge", "split-log", "clear-split", "seq-wrap", "mix",
-                     "zap-range-fault", "fault-zap", "fault-zap-mapped", "walk-zap-reclaim", "zap-yield",
-                     "zap-zap-roots", "psc-free", "nx-fault-zap", "cover-zap-range"}
-                    | {n for n in SCENARIOS if n.startswith("cover-dirty")})
+_612_PATHS = sorted(PATHS_612)
 
 
 @pytest.mark.slow
