@@ -12,9 +12,9 @@ Word layout of a lock block (layout.Lock, one block per lock in the region's `lo
 Fast paths are one atomic operation (a reader's fetch_add, a writer's cas).  A
 reader that finds a writer (or a waiting writer) backs out and queues on WAIT,
 so a waiting writer blocks new readers: writers are not starved (qrwlock
-fairness).  Waits spin briefly (a semaphore round trip between processes costs
-about 57 µs here, a spin on a shared word about 1 µs), then sleep on a
-semaphore: never an unbounded spin.
+fairness).  Waits spin while a sleep would cost more (a semaphore round trip
+between processes costs about 57 µs here, a spin on a shared word about 1 µs),
+then sleep on a semaphore: never an unbounded spin.
 
 Each process keeps a record of what it holds, for `assert_held` (the kernel's
 lockdep_assert_held_read/write), and publishes it in its worker row so a dead
