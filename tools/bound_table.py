@@ -47,7 +47,7 @@ def run_one(name: str, kernel: str, bound: int, executions: int, minutes: float)
 def table(rows: list[dict]) -> str:
     out = ["| scenario | kernel | bound asked | exhausted at bound | executions | time (s) | executions/s | finding |",
            "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["scenario"], r["bound"])):
         done = r["bound_done"] if r["bound_done"] >= 0 else "-"
         if r["bound_done"] < r["bound"]:
             done = f"{done} (bound {r['bound']} cut at {r['executions']:,})"
