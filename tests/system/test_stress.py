@@ -6,12 +6,14 @@ pass: the checker is shown to catch the bug it guards.  Whether a stress run of
 a few seconds meets a bug's window is a matter of chance and of the machine's
 speed, so the default suite asserts nothing of it: there each switch is found
 by the explorer, deterministically (tests/model/test_explore.py).  The matrix, marked
-`slow` (.ci/run runs it too), runs every switch at SEEDS seeds and asserts a
-detection in at least one.  Each switch's measured detection per seed
-(tools/detect_times.py, seeds 1-5) is in docs/explore.md's table "Every bug
-switch, explore next to stress": the lowest is 3 of 5 (K7, at load 5-140), a
-miss rate per seed of 0.4 and so about 6% that all three SEEDS miss on such a
-machine; every other switch was caught at 4 or 5 of 5 (at most 0.8% for 4/5).
+`slow` (.ci/run runs it too), runs every switch and asserts a
+detection: it tries SEEDS in turn until one detects.  Each switch's measured
+detection per seed (tools/detect_times.py, seeds 1-5) is in docs/explore.md's
+table "Every bug switch, explore next to stress": the lowest is 3 of 5 (K7,
+at load 5-140), a miss rate per seed of 0.4, so all six SEEDS miss with
+probability 0.4^6 = 0.4% on such a machine; every other switch was caught at 4
+or 5 of 5 (0.2^6 = 0.006% at 4 of 5).  A run that detects ends the test, so a
+switch caught at once costs one run.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ MATRIX: dict[str, str | tuple[str, ...]] = {
     "clear-split-off-by-one": "huge-page-after-clear",            # kernel 6.12
     "zap-range-faults-not-blocked": "install-in-zapped-range",    # kernel 6.12
 }
-SEEDS = (3, 4, 5)
+SEEDS = (3, 4, 5, 6, 7, 8)     # tried in turn until one detects (see the module's docstring for the miss rate)
 
 
 def stress(*args: str, timeout: float = 120) -> tuple[int, dict]:
@@ -103,8 +105,8 @@ def test_vm_destruction_leaves_the_page_list_empty_and_k17_does_not_with_aligned
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", sorted(MATRIX))
 def test_bug_detected(bug: str) -> None:
-    """Each switch fails a stress run naming what it violated, at one seed of SEEDS at least (the rate per
-    seed is in docs/stress.md); a run that detects it says so in the report's every field."""
+    """Each switch fails a stress run naming what it violated, at the first seed of SEEDS that detects it
+    (the rate per seed is in docs/explore.md); the run that detects it says so in the report's every field."""
     kind = MATRIX[bug]
     kinds = (kind,) if isinstance(kind, str) else kind
     missed = []
@@ -119,7 +121,8 @@ def test_bug_detected(bug: str) -> None:
         if kind:
             assert set(kinds) & set(r["violated"]), (kinds, r["violated"], r["problems"][:5])
         assert r["first_violation_s"] is not None and 0 <= r["first_violation_s"] <= r["duration_s"]
-    assert len(missed) < len(SEEDS), f"--bug {bug} was not detected at seeds {missed}"
+        return
+    pytest.fail(f"--bug {bug} was not detected at seeds {missed}")
 
 
 def test_kill_every_recovers() -> None:
