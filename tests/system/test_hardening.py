@@ -141,7 +141,8 @@ def in_namespace(scenario: str, shm_size: str = "64m", arg: str = "", timeout: f
     why = namespaces_usable()
     if why:
         pytest.skip(why)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_hardening as t; "
+    here = str(Path(__file__).resolve().parent)           # this file's folder: the scenario imports it by name
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_hardening as t; "
             f"t._enter({scenario!r}, {shm_size!r}, {arg!r})")
     r = subprocess.run(["unshare", "-m", sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=timeout, cwd=ROOT)
