@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -278,8 +277,9 @@ def test_html_option_writes_the_page_or_says_why_not(tmp_path: Path, k18) -> Non
 BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-def _driver():
-    """Headless Debian chromium through its chromedriver (Selenium), logging the console and the network."""
+def _driver(profile: Path):
+    """Headless Debian chromium through its chromedriver (Selenium), logging the console and the network; its
+    profile in `profile` (the test's own tmp_path: nothing is left in /tmp)."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -291,7 +291,7 @@ def _driver():
     o = webdriver.ChromeOptions()
     for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1600,1000", "--user-data-dir=" + tempfile.mkdtemp(prefix="shmmmu-chromium-")):
+              "--window-size=1600,1000", "--user-data-dir=" + str(profile)):
         o.add_argument(a)
     o.binary_location = BROWSER
     o.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
@@ -302,7 +302,7 @@ def test_the_page_in_a_headless_browser_steps_through_the_recorded_state(k18, tm
     """The K18 page in chromium: no console error, no network request but the file itself; the keys move the
     cursor; at every marked step on a page-table word the state panel shows that word's value as the step left
     it (the value the step itself read or wrote, from the explorer's log), and one step back what it was before."""
-    d = _driver()                                # skips in one line without selenium or chromium
+    d = _driver(tmp_path / "chromium")           # skips in one line without selenium or chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     path = tmp_path / "k18.html"
