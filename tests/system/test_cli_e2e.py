@@ -690,28 +690,31 @@ def test_tools_run_against_an_installed_shmmmu(tmp_path: Path) -> None:
 def test_check_of_a_running_stress_vm_reports_no_violation() -> None:
     """`inspect --check` on a live `stress` VM reported 2-4 violations in 6 of 6 tries (page count against the
     tables, root counts against holders, published counters against leaves), while stress's own checkers found
-    none (issue 21, item 7): what is only seen while the VM moves is in flight, never a violation."""
-    p = subprocess.Popen([*CMD, "stress", "--duration", "14", "--vcpus", "3"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    none (issue 21, item 7): what is only seen while the VM moves is in flight, never a violation.  The run is
+    long enough never to end under the checks, whatever the load (it did at 14 s on a loaded machine); its own
+    checkers' record is read from the live region, and Ctrl-C ends it."""
+    p = subprocess.Popen([*CMD, "stress", "--duration", "900", "--vcpus", "3"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_sigint)
     name = f"stress-{p.pid}"
     try:
         wait_for(lambda: shmmmu("inspect", name, "--json").returncode == 0, f"{name} to be inspectable")
         results = []
         for k in range(4):
             res = shmmmu("inspect", name, "--check", *(["--json"] if k else []))
-            if p.poll() is not None:
-                break                           # the run ended meanwhile: that pass proves nothing
+            assert p.poll() is None, "the stress run ended under the checks"
             assert res.returncode == 0, res.stdout[-3000:] + res.stderr
             results.append(res.stdout)
-        assert len(results) >= 3
         assert "!!!" not in results[0] and "check: OK" in results[0], results[0][-2000:]
         for out in results[1:]:
             d = json.loads(out)
             assert d["ok"] and d["violations"] == [], d
             if d["in_flight"]:
                 assert not d["settled"] and d["busy"], d
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0 and "End of test: SUCCESS" in out, out[-2000:] + err[-2000:]
+        summary = json.loads(shmmmu("inspect", name, "--json").stdout)
+        assert summary["violations"]["count"] == 0, summary["violations"]    # stress's own checkers: none
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=HANG_GUARD_S)
+        assert "interrupted (SIGINT); every worker stopped and the VM removed" in err, out[-2000:] + err[-2000:]
     finally:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
