@@ -313,7 +313,7 @@ class BenchResult:
             if ratios["populate"] > bound:
                 # serialising v vCPUs on c CPUs costs at most min(v, c) times their parallel run: the rest is
                 # the lock's hand-off or the machine's other load, not the series' parallelism
-                out.append(f"!!! note: the ratio is above the serialisation bound ({bound}.0x for "
+                out.append(f"Note: the ratio is above the serialisation bound ({bound}.0x for "
                            f"{self.options.vcpus} vCPUs on {os.cpu_count()} CPUs): a measurement artefact (lock "
                            f"hand-off {med['exclusive']['handoff_us']:.1f} us, run-queue wait "
                            f"{med['exclusive']['runq_share']:.0%}), not the series' gain")

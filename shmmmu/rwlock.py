@@ -46,7 +46,9 @@ SPIN = 48                # loads before sleeping
 # ... and beyond them, a spin goes on while it is younger than a sleep and wake-up costs (a semaphore round trip
 # between processes: about 57 µs here).  A holder that runs hands over within a spin (a fault holds the lock a
 # few µs), as the kernel's spinning mmu_lock does; one that does not run (preempted, more processes than cores)
-# costs the waiter at most twice what sleeping at once would have: the classic competitive bound.
+# costs the waiter at most twice what sleeping at once would have: the classic competitive bound.  That part
+# of the spin yields the CPU at each turn (sched_yield returns at once when nothing else is runnable), so a
+# holder preempted on the waiter's own CPU gets it back instead of waiting out the spin.
 SPIN_NS = 50_000
 SLEEP_TIMEOUT = 0.2      # a sleeper re-checks this often (a dead holder, a lost wake-up)
 
@@ -90,7 +92,7 @@ class _WaitQueue:
                 k += 1
                 if w.load(word) == 0 and w.cas(word, 0, 1) == 0:
                     break
-                relax()
+                relax() if k < turns else waits.yield_cpu()
             else:
                 while w.xchg(word, 2) != 0:
                     waits.sem_acquire(self.sem, SLEEP_TIMEOUT)
@@ -188,7 +190,7 @@ class RWLock(QrwlockFast):
                 k += 1
                 if not w.load(cnts) & QW_LOCKED:
                     break
-                waits.relax()
+                waits.relax() if k < turns else waits.yield_cpu()
             else:
                 while True:
                     w.store(self.rsleep, 1)
@@ -233,8 +235,11 @@ class RWLock(QrwlockFast):
                 t_spin = waits.now_ns() if budget else 0
                 while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:
                     spins += 1
-                    if spins < spin_max or (budget and waits.now_ns() - t_spin < budget):
+                    if spins < spin_max:
                         waits.relax()
+                        continue
+                    if budget and waits.now_ns() - t_spin < budget:
+                        waits.yield_cpu()
                         continue
                     w.store(self.wsleep, 1)
                     if w.load(cnts) == QW_WAITING:
