@@ -104,6 +104,17 @@ def in_cleanup(frame: FrameType | None) -> bool:
     return False
 
 
+def in_finalizer(frame: FrameType | None) -> bool:
+    """Is the main thread inside a finalizer or a weakref callback (`__del__`, weakref.py, _weakrefset.py)?
+    An exception raised there is printed as "Exception ignored" and lost, and the interrupt with it."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith(("/weakref.py", "/_weakrefset.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def in_mmu_code(frame: FrameType | None) -> bool:
     """Is the main thread inside the library's lock-holding code (any frame of the stack)?"""
     while frame is not None:
@@ -126,7 +137,8 @@ class _Policy:
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pending is None:
             self.pending, self.since = signum, time.monotonic()
-        if in_cleanup(frame) or (in_mmu_code(frame) and time.monotonic() - self.since < DEFER_MAX_S):
+        if in_cleanup(frame) or in_finalizer(frame) or \
+                (in_mmu_code(frame) and time.monotonic() - self.since < DEFER_MAX_S):
             signal.setitimer(signal.ITIMER_REAL, RECHECK_S)       # look again in a moment (SIGALRM: here)
             return
         self.fire()

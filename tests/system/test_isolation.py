@@ -13,7 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from conftest import SESSION_PREFIX, log_dirs, session_processes, shm_entries
+from conftest import SESSION_PREFIX, log_dirs, session_processes, shm_entries, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shmmmu.workers.cli"]
@@ -87,7 +87,9 @@ def test_the_session_checks_see_only_this_sessions_objects() -> None:
         sem.close()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert child.pid in session_processes()
+        # Popen returns once exec has closed the error pipe, a moment before the kernel records where the new
+        # program's environment is: until then /proc/PID/environ reads empty (seen on a loaded machine)
+        wait_until(lambda: child.pid in session_processes(), "the child to be found by its environment")
     finally:
         child.kill()
         child.wait()
