@@ -555,6 +555,36 @@ def _reader_vs_waiting_writer(ctx: Context) -> None:
     ctx.actor("host1", reader)
 
 
+def _readers_around_waiting_writer(ctx: Context) -> None:
+    from shmmmu.rwlock import QW_WAITING
+
+    # a reader that leaves while a writer waits for the readers to drain, and one that arrives in the moment the
+    # writer sees them drained: the arrival's bias is in the count until it backs out, which is why
+    # queued_write_lock_slowpath takes _QW_LOCKED with a cmpxchg (a plain store erases that bias)
+    def writer() -> None:
+        lock = ctx.host(0).lock
+        lock.write_lock()
+        ctx.notes["written"] = True         # set under the lock: a reader that sees it holds no read lock yet,
+        lock.write_unlock()                 # and one that does not will see the writer's WAITING in the count
+
+    def leaving() -> None:
+        # a long read-side section (a walk) that ends once the writer waits (or has been): its spin lets the
+        # writer run without a preemption, as a walk of many steps would
+        lock = ctx.host(1).lock
+        lock.read_lock()
+        while not lock.w.load(lock.cnts) & QW_WAITING and not ctx.notes.get("written"):
+            lock.waits.relax()
+        lock.read_unlock()
+
+    def arriving() -> None:
+        lock = ctx.host(2).lock
+        lock.read_lock()
+        lock.read_unlock()
+    ctx.actor("host1", leaving)
+    ctx.actor("host", writer)
+    ctx.actor("host2", arriving)
+
+
 def _barged_oracle(ctx: Context) -> list[str]:
     return (["lock-unfair: a reader took mmu_lock past a writer waiting for the readers to drain"]
             if ctx.notes.get("barged") else [])
@@ -596,4 +626,6 @@ SCENARIOS.update({s.name: s for s in [
              prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True, n_vcpus=2),
     Scenario("reader-vs-waiting-writer", "a reader takes mmu_lock again and again while a writer waits for it "
              "(qrwlock fairness)", (), _reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
+    Scenario("readers-around-writer", "a reader leaves mmu_lock while a writer waits for the readers to drain "
+             "and another arrives as the writer takes it", (), _readers_around_waiting_writer, n_host=3),
 ]})

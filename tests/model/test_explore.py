@@ -295,7 +295,8 @@ def test_a_token_that_decompresses_to_too_much_is_refused_at_once() -> None:
 
 # ---------------------------------------------------------------- the reduction is sound (issue 28)
 
-SMALL = ["fault-fault", "fault-zap", "dirty-log", "zap-zap-roots", "manual-clear", "age-unmap"]
+SMALL = ["fault-fault", "fault-zap", "dirty-log", "zap-zap-roots", "manual-clear", "age-unmap",
+         "readers-around-writer"]
 
 
 @pytest.mark.parametrize("name", SMALL)
