@@ -101,7 +101,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("5.13", "Linux 5.13 as released, with each known 5.13 bug's later fix (docs/internals.md)"),
     Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
                     "(docs/internals.md, \"Which kernel: 6.12\")",
-            variants=("fast-page-fault", "eager-page-split", "zap-range-leafs")),
+            variants=("fast-page-fault", "eager-page-split", "zap-range-leafs", "clear-spte-bits")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
@@ -141,6 +141,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             replaces=(("ioctl.zap_gfn_range_locked", "zap_gfn_range_612"),),
             traits=frozenset({"zap-range-invalidates"}),
             helpers=("zap.kvm_tdp_mmu_zap_leafs", "zap.tdp_mmu_zap_leafs", "ioctl._zap_gfn_range_invalidating")),
+    Variant("clear-spte-bits", KERNEL, _612, "", (),
+            "aging and KVM_CLEAR_DIRTY_LOG clear their one bit (A; W without PML) with tdp_mmu_clear_spte_bits, an "
+            "atomic AND where the processor may set A or D meanwhile, and skip handle_changed_spte (posting "
+            "'[PATCH v4 04/13] KVM: x86/mmu: Atomically clear SPTE dirty state in the clear-dirty-log flow', "
+            "2023; both callers so in the stored 6.9-6.10 tdp_mmu.c): an A or D the processor sets in the window "
+            "stays in the entry; the clear marks the host page dirty (kvm_set_pfn_dirty)",
+            "",
+            replaces=(("dirty.age_gfn_range", "age_gfn_range_612"),
+                      ("dirty.clear_dirty_pt_masked", "clear_dirty_pt_masked_612")),
+            helpers=("tdp.tdp_mmu_clear_spte_bits",)),
     Variant("rcu-free-immediately", BUG, _513, "K7", ("7cca2d0b7e7d",), "",
             "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
             "recycled table (Reader Pipe age >= 2, poison read)",

@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
-from shmmmu import checks
+from shmmmu import checks, violations
+from shmmmu import spte as S
 from shmmmu.explore.explorer import Explorer, Token
 from shmmmu.explore.report import ExploreOptions, run_explore, run_replay
 from shmmmu.explore.scenarios import SCENARIOS
 from shmmmu.explore.split import split_search
 from shmmmu.guest import Vcpu
-from shmmmu.layout import STAT, Ctl, MemslotSpec, VMConfig
+from shmmmu.layout import STAT, Ctl, HostPage, MemslotSpec, VMConfig
 from shmmmu.mmu import Mmu
 from shmmmu.snapshot import walk_tables
 from shmmmu.variants import bugs_of
@@ -125,7 +126,7 @@ def test_the_fixed_612_code_passes_the_wrapping_sequence_exhaustively() -> None:
 
 
 @pytest.mark.parametrize("scenario", ["split-log", "clear-split", "manual-clear", "dirty-log", "split-huge",
-                                      "fault-zap", "fault-unmap", "zap-range-fault"])
+                                      "fault-zap", "fault-unmap", "zap-range-fault", "age-reaccess"])
 def test_the_612_profile_is_clean_in_every_schedule_of_its_scenarios(scenario: str) -> None:
     with Explorer(SCENARIOS[scenario], [], kernel="6.12") as ex:
         sr = split_search(ex, 2, 20000)
@@ -267,3 +268,32 @@ def test_recovery_ends_the_invalidation_of_a_worker_that_died_inside_its_zap_ran
         v.publish_stats()
         host.publish_stats()
         assert checks.check_all(vm) == []
+
+
+@pytest.mark.parametrize("kernel", ["5.13", "6.12"])
+def test_the_harvest_and_aging_clear_one_bit_and_612s_harvest_marks_the_host_page_dirty(vm_name: str,
+                                                                                        kernel: str) -> None:
+    """6.12's clear_dirty_pt_masked and age_gfn_range clear their one bit with tdp_mmu_clear_spte_bits (an atomic
+    AND where the processor may still set A or D) and skip handle_changed_spte; the harvest marks the host page
+    dirty itself (kvm_set_pfn_dirty). 5.13 sets the whole entry, and its host page hears of D only when D goes."""
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 1)], debug=True, kernel=kernel)
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0)
+        host = Mmu(vm, cfg.host_worker)
+        host.enable_dirty_logging(0)
+        v.enter()
+        v.write(1, 0x51)                      # a writable leaf with A and D, logged
+        v.read(2)                             # a read-only leaf with A
+        v.exit()
+        hm = vm.region.array("host_map")
+        host_ad = vm.region.array("host_ad")
+        before = {g: s for g, _, s in host.present_leaves(0, 8)}
+        assert host_ad[int(hm[1])] & HostPage.DIRTY == 0
+        assert host.get_dirty_log(0)[0] & 0b10                  # gfn 1 harvested, and write-protected again
+        after = {g: s for g, _, s in host.present_leaves(0, 8)}
+        assert after[1] == before[1] & ~S.WRITABLE               # W alone went: A and D stay in the entry
+        assert bool(host_ad[int(hm[1])] & HostPage.DIRTY) == (kernel == "6.12")
+        assert host.clear_young(0, 8) is True
+        aged = {g: s for g, _, s in host.present_leaves(0, 8)}
+        assert aged == {g: s & ~S.ACCESSED for g, s in after.items()}
+        assert not violations.read_all(vm.region)
