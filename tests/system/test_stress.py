@@ -185,9 +185,10 @@ def test_kill_every_keeps_the_killed_workers_counters_in_the_totals() -> None:
     progress lines' fault count went backwards (46,401 then 35,209) and the report said `roots: allocated=19
     freed=57` (issue 21, item 2).  Every progress line, every `inspect --json` of the live VM and the final report
     must count on from what the killed processes had counted; no root is freed more often than one was made.
-    The checks need two progress lines and two live samples; how many a run of a given length gives depends on
-    the machine's speed (one progress line in 11 s with two such runs at once beside two CPU hogs), so a run
-    that gives fewer is run again twice as long: its length, never its verdict, follows the machine."""
+    The checks need live samples before the final count (three in all, progress lines and inspect samples) and
+    five kills; how many a run of a given length gives depends on the machine's speed (one progress line in
+    11 s with two such runs at once beside two CPU hogs), so a run that gives fewer is run again twice as long:
+    its length, never its verdict, follows the machine."""
     import re
 
     for duration in (11, 22, 44, 88):
@@ -202,6 +203,7 @@ def test_kill_every_keeps_the_killed_workers_counters_in_the_totals() -> None:
         roots = re.search(r"^roots: allocated=(\d+) freed=(\d+) ", out, re.M)
         assert int(roots.group(2)) <= int(roots.group(1)), roots.group(0)
         kills = int(re.search(r"kills=(\d+)", out).group(1))
-        if len(progress) >= 2 and len(seen) >= 2 and kills >= 5:
+        if len(progress) >= 1 and len(progress) + len(seen) >= 3 and kills >= 5:
             break
-    assert len(progress) >= 2 and len(seen) >= 2 and kills >= 5, (duration, progress, len(seen), kills)
+    assert len(progress) >= 1 and len(progress) + len(seen) >= 3 and kills >= 5, (duration, progress, len(seen),
+                                                                                  kills)
