@@ -148,7 +148,7 @@ def test_the_612_profile_is_clean_in_every_schedule_of_its_scenarios(scenario: s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["memslot-fault", "memslot-unmap", "age-unmap", "zap-all-yield-shared",
-                                      "fast-then-slow-fault"])
+                                      "fault-fault"])
 def test_the_scenarios_of_513s_switches_are_clean_on_612_in_every_schedule(scenario: str) -> None:
     """The scenarios that find 5.13's switches on 6.12 (fault-into-invalid-root, unmap-skips-invalid-roots, K14, K9,
     and K15's 6.12 shape) find nothing in the fixed 6.12 code, in every schedule of up to two preemptions: their
