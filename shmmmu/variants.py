@@ -276,7 +276,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_k15_reclaim_under_read_lock"),)),
     Variant("pages-lock-in-tdp-mmu-fault", BUG, _612, "K15", ("47b0c2e4c220",),
             "CVE-2022-45869 in 6.12's shape: make_mmu_pages_available under the read lock after the fast page "
-            "fault, as 5.14-6.0's direct_page_fault had it",
+            "fault, as direct_page_fault ran a TDP MMU fault before the fix",
             "the fault that the fast page fault could not fix runs write-lock-only page reclaim under the read "
             "lock, between is_page_fault_stale and kvm_tdp_mmu_map (lockdep assertion: must be held for write)",
             replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_fast_first_k15"),)),
