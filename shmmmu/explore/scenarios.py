@@ -450,7 +450,7 @@ def _clear_split(ctx: Context) -> None:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
-             ("fault-plain-store", "pages-lock-in-read-fault"), _fault_fault, n_vcpus=2),
+             ("fault-plain-store", "pages-lock-in-read-fault", "pages-lock-in-tdp-mmu-fault"), _fault_fault, n_vcpus=2),
     Scenario("fault-zap", "a fault builds a fresh path while the host zaps the range under the read lock "
              "(5.13's kvm_zap_gfn_range)", ("link-after-publish", "zero-removed-children", "cas-over-removed",
                                             "rcu-free-immediately"), _fault_zap),
@@ -466,8 +466,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-unmap", "a fault resolves its host page while the host migrates it (MMU notifier)",
              ("no-notifier-recheck",), _fault_unmap),
     Scenario("zap-yield", "an exclusive zap yields to a faulting vCPU that keeps using translations it cached",
-             ("no-forward-progress",), _zap_yield, prologue=_premap(list(range(16))),
-             lock_mode="exclusive"),
+             ("no-forward-progress",), _zap_yield, prologue=_premap(list(range(16))), lock_mode="exclusive"),
+    Scenario("zap-all-yield-shared", "zap-all-yield with its fault under the read lock, 6.12's only mode",
+             ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]), memslots=((0, 1024, 1),)),
     Scenario("zap-all-yield", "zap-all of two root entries yields to a faulting vCPU",
              ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]),
              memslots=((0, 1024, 1),), lock_mode="exclusive"),
