@@ -164,6 +164,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                       ("roots.kvm_tdp_mmu_put_root", "kvm_tdp_mmu_put_root_612"),
                       ("roots.kvm_tdp_mmu_invalidate_all_roots", "kvm_tdp_mmu_invalidate_all_roots_612"),
                       ("roots.kvm_tdp_mmu_zap_invalidated_roots", "kvm_tdp_mmu_zap_invalidated_roots_612"),
+                      # 5.18 walks the invalidated roots with the common yield-safe iterator (no caller is left)
+                      ("roots.next_invalidated_root", "tdp_mmu_next_root"),
                       ("zap.tdp_mmu_zap_root", "tdp_mmu_zap_root_612"),
                       ("roots.kvm_mmu_uninit_tdp_mmu", "kvm_mmu_uninit_tdp_mmu_612")),
             traits=frozenset({"root-held-by-tdp-mmu"}),

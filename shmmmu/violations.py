@@ -259,17 +259,17 @@ SITES: list[tuple[str, str, Sentence]] = [
         + ("was in progress (it had yielded mmu_lock)" if f.b >> 63 else
            "that ended after the fault read the invalidation sequence")
         + ": a fault installed a mapping a zap range had just removed, without retrying (B9)"),
-    ("root-zap-off-caller", "roots.py:Roots._zap_invalidated_root", lambda f:
+    ("root-zap-off-caller", "roots_612.py:Roots612._zap_invalidated_root", lambda f:
         f"root row {f.a}, invalidated by a memslot update or the VM's destruction, was zapped by {f.who(f.b)}, a "
         f"kworker of the VM's workqueue, not by the task that invalidated it and waits for it: the zap lost that "
         f"task's CPU affinity and priority, and roots zapped this way run on as many CPUs at once (B8, fixed by "
         f"zapping in the caller: 0df9dab891ff)"),
-    ("root-refcount", "roots.py:Roots._zap_invalidated_root", lambda f:
+    ("root-refcount", "roots_612.py:Roots612._zap_invalidated_root", lambda f:
         f"root row {f.a} was scheduled to zap but is valid (KVM_BUG_ON(!root->role.invalid))"),
-    ("root-refcount", "roots.py:Roots.kvm_tdp_mmu_put_root_612", lambda f:
+    ("root-refcount", "roots_612.py:Roots612.kvm_tdp_mmu_put_root_612", lambda f:
         f"the last reference to root row {f.a} was put while the root was valid: the TDP MMU's own reference "
         f"is put only after the root is invalidated and zapped (KVM_BUG_ON(!root->role.invalid))"),
-    ("root-refcount", "roots.py:Roots._alloc_root_locked", lambda f:
+    ("root-refcount", "roots_612.py:Roots612._alloc_root_locked", lambda f:
         f"{f.who(f.b)} found valid root row {f.a} listed with a count of 0 (WARN_ON_ONCE in "
         f"kvm_tdp_mmu_alloc_root: a root's last reference goes only once it is invalid)"),
 ]

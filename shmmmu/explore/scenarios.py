@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shmmmu.explore.actors import accesses, host_ops, kworker, reclaimer
 from shmmmu.layout import MemslotSpec
 from shmmmu.workloads import EXEC, READ, WRITE, make_value
 
@@ -51,47 +52,7 @@ class Scenario:
         return [MemslotSpec(*m) for m in self.memslots]
 
 
-# ---------------------------------------------------------------- actor bodies
-
-
-def accesses(ctx: Context, vcpu_id: int, ops: list[tuple[int, int]]) -> Callable[[], None]:
-    """A vCPU actor: guest accesses (gfn, READ/WRITE/EXEC) in guest mode, as workers/vcpu.py runs them."""
-    def run() -> None:
-        v = ctx.vcpu(vcpu_id)
-        v.enter()
-        try:
-            for gfn, kind in ops:
-                if kind == WRITE:
-                    v.write(gfn, make_value(gfn, vcpu_id, 2))      # iteration 2: the prologue wrote 1
-                elif kind == EXEC:
-                    v.fetch(gfn)
-                else:
-                    v.read(gfn)
-        finally:
-            v.exit()
-    return run
-
-
-def host_ops(ctx: Context, ops: list[tuple], host: int = 0) -> Callable[[], None]:
-    """A host actor: Mmu entry points, by name, with their arguments."""
-    def run() -> None:
-        mmu = ctx.host(host)
-        for name, *args in ops:
-            getattr(mmu, name)(*args)
-    return run
-
-
-def reclaimer(ctx: Context) -> Callable[[], None]:
-    """The reclaimer: grace periods and frees while the others run (a daemon: it ends when they have)."""
-    def run() -> None:
-        rcu, pool = ctx.reclaimer()
-        while not ctx.others_done():
-            if not rcu.reclaim_pass(pool.free, timeout=None):
-                ctx.waits.relax()                # wait for something to be retired
-    return run
-
-
-# ---------------------------------------------------------------- the scenarios
+# ---------------------------------------------------------------- the scenarios (the actor bodies: actors.py)
 
 
 def _fault_fault(ctx: Context) -> None:
@@ -446,17 +407,6 @@ def _clear_split(ctx: Context) -> None:
         ctx.host(0).clear_dirty_log(0, 0, bitmap)
     ctx.actor("vCPU0", accesses(ctx, 0, [(3, WRITE), (9, WRITE)]))
     ctx.actor("host", host)
-
-
-def kworker(ctx: Context, host: int) -> Callable[[], None]:
-    """A kworker of the VM's workqueue (B8): it runs the root zaps queued there while the others run (a daemon,
-    as the reclaimer is)."""
-    def run() -> None:
-        roots = ctx.host(host).roots
-        while not ctx.others_done():
-            if not roots.kworker_pass():
-                ctx.waits.relax()                # wait for work to be queued
-    return run
 
 
 def _memslot_roots_pro(ctx: Context) -> None:
