@@ -98,7 +98,9 @@ def test_list_bugs_names_each_profile_and_bad_kernels_are_one_line() -> None:
     assert "d75c1b7bdedd" in r.stdout
     r5 = subprocess.run([*CLI, "stress", "--list-bugs"], capture_output=True, text=True, timeout=120)
     assert "mmu-seq-int-snapshot" not in r5.stdout and "link-after-publish" in r5.stdout
-    assert set(bugs_of("6.12")) == {"mmu-seq-int-snapshot", "clear-split-off-by-one", "zap-range-faults-not-blocked"}
+    assert set(bugs_of("6.12")) == {"mmu-seq-int-snapshot", "clear-split-off-by-one", "zap-range-faults-not-blocked",
+                                    "roots-zapped-by-worker"}
+    assert "roots-zapped-by-worker (B8)  [kernel 6.12]" in r.stdout and "0df9dab891ff" in r.stdout
     assert "zap-range-faults-not-blocked (B9)  [kernel 6.12]" in r.stdout and "6d3085e4d89a" in r.stdout
     assert "clear-split-off-by-one (B5)  [kernel 6.12]" in r.stdout and "1aa4bb916808" in r.stdout
     for args in (["stress", "--kernel", "9.9", "-d", "1"], ["explore", "--kernel", "9.9", "--scenario", "fault-fault"],

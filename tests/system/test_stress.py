@@ -51,6 +51,7 @@ MATRIX: dict[str, str | tuple[str, ...]] = {
     "mmu-seq-int-snapshot": "fault-retry-without-cause",          # kernel 6.12
     "clear-split-off-by-one": "huge-page-after-clear",            # kernel 6.12
     "zap-range-faults-not-blocked": "install-in-zapped-range",    # kernel 6.12
+    "roots-zapped-by-worker": "root-zap-off-caller",               # kernel 6.12
 }
 SEEDS = (3, 4, 5, 6, 7, 8)     # tried in turn until one detects (see the module's docstring for the miss rate)
 
