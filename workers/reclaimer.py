@@ -23,6 +23,7 @@ import traceback
 
 from shmmmu import violations
 from shmmmu.layout import Ctl, Role, WorkerStatus, WState
+from shmmmu.variants import traits
 from shmmmu.workers.common import set_status, start_worker
 
 
@@ -34,7 +35,6 @@ def main() -> None:
     c = vm.config
     stall = c.gp_stall_s
     nx_period = c.nx_recovery_period_s if c.nx_huge_pages and c.nx_recovery_ratio > 0 else 0.0
-    from shmmmu.variants import traits
     kworker = "root-zap-worker" in traits(c.kernel, list(c.bugs))
     try:
         rcu, pool = vm.rcu, vm.pool

@@ -120,7 +120,8 @@ class Coverage:
 
 # the MMU's other kernel-side objects, by class: the functions of theirs that mirror kernel code
 _KERNEL_CLASSES = {"shmmmu.mmu.roots_612": ("Roots612",), "shmmmu.tdp_iter": ("TdpIter",),
-                   "shmmmu.rcu": ("Rcu", "RcuReference"), "shmmmu.rwlock": ("RWLock", "RWLockReference"), "shmmmu.tlb": ("TlbControl",)}
+                   "shmmmu.rcu": ("Rcu", "RcuReference"), "shmmmu.rwlock": ("RWLock", "RWLockReference"),
+                   "shmmmu.tlb": ("TlbControl",)}
 # bookkeeping of shmmmu's own in those classes (statistics, crash recovery, the inspector's views)
 _NOT_KERNEL_NAMES = {"recover", "stats", "state", "held_by", "backlog", "publish_stats", "publish_stat", "violation",
                      "read", "write", "needbreak", "in_read_section", "snapshot", "bind_fast_paths", "root_row",
