@@ -88,11 +88,15 @@ class Roots612:
             else:
                 raise RuntimeError(f"more than {MAX_ROOTS} roots at once")
             role_col.store(row, role)
-            self.count_col.store(row, 2)           # refcount_set(&root->tdp_mmu_root_count, 2)
             invalid_col.store(row, 0)
             self.zapped_col.store(row, 0)
             self.scheduled_col.store(row, 0)
-            table_col.store(row, table)            # list_add_rcu: last, it publishes the row
+            table_col.store(row, table)            # list_add_rcu: it lists the row ...
+            # ... and the count, last, lets a walk take it.  Not the kernel's order (it sets the count first, on an
+            # object no reader can have seen): here the row may be the last root's, reused under the read lock,
+            # and a walk that read that root's table before it was unlisted must not take a reference on this
+            # one before its table is in the row (a walk of the explorer's memslot-roots did, at bound 2)
+            self.count_col.store(row, 2)           # refcount_set(&root->tdp_mmu_root_count, 2)
         finally:
             self.pages_lock.release()
         self.tmeta.owner.store(table, NIL)
@@ -111,13 +115,15 @@ class Roots612:
         table = self.table_col.load(row)
         if not self.invalid_col.load(row):
             self.kvm.violation("root-refcount", 0, row, _U64)   # KVM_BUG_ON(!root->role.invalid)
+        if self.debug:
+            # before the row leaves the list: 6.12 allocates under the read lock, and a vCPU may list its new
+            # root in this row (and record it as its own) as soon as it is free
+            self.check_root_unheld(row, table)
         self.pages_lock.acquire()
         try:
             self.table_col.store(row, 0)               # list_del_rcu(&root->link)
         finally:
             self.pages_lock.release()
-        if self.debug:
-            self.check_root_unheld(row, table)
         self.tdp.free_sp(table)                        # call_rcu(&root->rcu_head, tdp_mmu_free_sp_rcu_callback)
         self.st[_ST_ROOTS_FREED] += 1
 
