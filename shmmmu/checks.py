@@ -247,12 +247,15 @@ def check_roots(source: Source) -> list[Problem]:
     the number of workers recorded as holding it (WState.ROOT) and at least 1 (the
     last put unlists a root), every recorded holder names a listed root, at most
     one valid root exists per role, and an invalid root whose invalidating zap is
-    done holds no present entry (nothing may be installed behind that zap).
+    done holds no present entry (nothing may be installed behind that zap).  In
+    6.12 the TDP MMU holds one more reference on each root until the zap of its
+    invalidation is done (edbdb43fc96b: the trait root-held-by-tdp-mmu).
     """
     snap = snapshot(source)
     problems: list[Problem] = []
     g = snap.geometry
     rows = snap.root_rows()
+    own = "root-held-by-tdp-mmu" in traits(snap.config.kernel, snap.config.bugs)
     listed = {r["row"] for r in rows}
     valid_roles: dict[int, int] = {}
     for r in rows:
@@ -265,7 +268,7 @@ def check_roots(source: Source) -> list[Problem]:
         if int(snap.tmeta[t, TMeta.LEVEL]) != g.root_level:
             problems.append(Problem("invariant", f"{where} records level {int(snap.tmeta[t, TMeta.LEVEL])}, "
                                                  f"not the root level {g.root_level}"))
-        if r["count"] != len(r["holders"]) or r["count"] == 0:
+        if r["count"] != len(r["holders"]) + (own and not r["zapped"]) or r["count"] == 0:
             problems.append(Problem("root-refcount", f"{where}: count {r['count']}, held by "
                                                      f"{len(r['holders'])} ({r['holders']})"))
         if not r["invalid"]:

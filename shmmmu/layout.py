@@ -203,9 +203,9 @@ ROOT_TABLE = 0                 # table 0 is never handed out: the torture progra
 
 class RootRow(Row):
     """roots: one row per root of the VM (kvm->arch.tdp_mmu_roots), in any order; TABLE 0 marks a free row."""
-
-    TABLE, ROLE, COUNT, INVALID, ZAPPED = range(5)
-    # COUNT: tdp_mmu_root_count; INVALID: role.invalid; ZAPPED (debug): its invalidating zap is done
+    TABLE, ROLE, COUNT, INVALID, ZAPPED, SCHEDULED = range(6)
+    # COUNT: tdp_mmu_root_count; INVALID: role.invalid; ZAPPED (debug): its invalidating zap is done; SCHEDULED:
+    # 6.12's tdp_mmu_scheduled_root_to_zap, set by the invalidation until its zap takes it (B8: 1 queued, 2 running)
     WORDS = 8
 
 

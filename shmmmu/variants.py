@@ -60,6 +60,11 @@ COMMITS: dict[str, Commit] = {c.id: c for c in [
     Commit("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR", "6.8"),
     Commit("d75c1b7bdedd", "KVM: x86/mmu: Fix an sign-extension bug with mmu_seq that hangs vCPUs", "6.1.50"),
     Commit("6d3085e4d89a", "KVM: x86/mmu: Block all page faults during kvm_zap_gfn_range()", "6.1"),
+    Commit("f47e5bbbc92f", "KVM: x86/mmu: Zap only TDP MMU leafs in zap range and mmu_notifier unmap", "5.18"),
+    Commit("edbdb43fc96b", "KVM: x86: Preserve TDP MMU roots until they are explicitly invalidated", "6.4"),
+    Commit("0df9dab891ff", "KVM: x86/mmu: Stop zapping invalidated TDP MMU roots asynchronously", "6.6"),
+    Commit("dab285e4ec73", "KVM: x86/mmu: Alloc TDP MMU roots while holding mmu_lock for read", "6.9"),
+    Commit("576a15de8d29", "KVM: x86/mmu: Free TDP MMU roots while holding mmy_lock for read", "6.9"),
 ]}
 
 
@@ -107,7 +112,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("5.13", "Linux 5.13 as released, with each known 5.13 bug's later fix (docs/internals.md)"),
     Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
                     "(docs/internals.md, \"Which kernel: 6.12\")",
-            variants=("fast-page-fault", "eager-page-split", "zap-range-leafs", "clear-spte-bits")),
+            variants=("fast-page-fault", "eager-page-split", "zap-range-leafs", "roots-held-until-invalid",
+                      "unmap-leafs", "clear-spte-bits")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
@@ -158,6 +164,36 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             replaces=(("dirty.age_gfn_range", "age_gfn_range_612"),
                       ("dirty.clear_dirty_pt_masked", "clear_dirty_pt_masked_612")),
             helpers=("tdp.tdp_mmu_clear_spte_bits",)),
+    Variant("roots-held-until-invalid", KERNEL, _612, "", ("edbdb43fc96b", "dab285e4ec73", "576a15de8d29",
+                                                           "0df9dab891ff"),
+            "a root is listed with a count of 2, the vCPU's reference and the TDP MMU's own, so it outlives its last "
+            "vCPU until a memslot update or the VM's destruction invalidates it; vCPUs allocate (by role, again "
+            "under tdp_mmu_pages_lock before a new root is listed) and put roots under the read lock; "
+            "kvm_tdp_mmu_invalidate_all_roots (write lock) marks each valid root invalid and scheduled to zap, "
+            "taking no reference; kvm_tdp_mmu_zap_invalidated_roots (read lock) zaps each scheduled root in 4K, "
+            "2M, 1G and root passes and puts the TDP MMU's reference only after the zap, so MMU notifiers reach "
+            "the root meanwhile; the last put only unlists the root and frees its empty table "
+            "(kvm_tdp_mmu_alloc_root, kvm_tdp_mmu_put_root, tdp_mmu_zap_root, kvm_mmu_uninit_tdp_mmu)",
+            "",
+            replaces=(("fault.kvm_mmu_load", "kvm_mmu_load_612"), ("fault.kvm_mmu_unload", "kvm_mmu_unload_612"),
+                      ("roots.kvm_tdp_mmu_get_vcpu_root", "kvm_tdp_mmu_alloc_root"),
+                      ("roots.kvm_tdp_mmu_get_root", "kvm_tdp_mmu_get_root_612"),
+                      ("roots.kvm_tdp_mmu_put_root", "kvm_tdp_mmu_put_root_612"),
+                      ("roots.kvm_tdp_mmu_invalidate_all_roots", "kvm_tdp_mmu_invalidate_all_roots_612"),
+                      ("roots.kvm_tdp_mmu_zap_invalidated_roots", "kvm_tdp_mmu_zap_invalidated_roots_612"),
+                      # 5.18 walks the invalidated roots with the common yield-safe iterator (no caller is left)
+                      ("roots.next_invalidated_root", "tdp_mmu_next_root"),
+                      ("zap.tdp_mmu_zap_root", "tdp_mmu_zap_root_612"),
+                      ("roots.kvm_mmu_uninit_tdp_mmu", "kvm_mmu_uninit_tdp_mmu_612")),
+            traits=frozenset({"root-held-by-tdp-mmu"}),
+            helpers=("roots._alloc_root_locked", "roots._zap_invalidated_root", "zap._zap_root_pass")),
+    Variant("unmap-leafs", KERNEL, _612, "", ("f47e5bbbc92f", "d62007edf01f"),
+            "the MMU notifier's kvm_tdp_mmu_unmap_gfn_range zaps only the present leaves of the range "
+            "(tdp_mmu_zap_leafs, under the write lock, yielding if may_block), in every root, valid or invalid; the "
+            "tables stay",
+            "",
+            replaces=(("zap.kvm_tdp_mmu_unmap_gfn_range", "kvm_tdp_mmu_unmap_gfn_range_612"),),
+            helpers=("zap.tdp_mmu_zap_leafs",)),
     Variant("rcu-free-immediately", BUG, _513, "K7", ("7cca2d0b7e7d",), "",
             "disconnected tables are freed without a grace period; a walker still inside reads a freed or "
             "recycled table (Reader Pipe age >= 2, poison read)",
@@ -248,12 +284,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "a vCPU that took its fault before the invalidation installs into its invalid root behind the "
             "zapper, which has already emptied it (install-into-invalid-root: a zapped root holds entries)",
             replaces=(("fault.root_is_obsolete", "root_never_obsolete"),)),
-    Variant("notifier-unsafe-root-walk", BUG, _BOTH, "", ("7533377215b6",), "",
+    Variant("notifier-unsafe-root-walk", BUG, _513, "", ("7533377215b6",), "",
             "the MMU notifier's unmap walks the roots without a reference (for_each_tdp_mmu_root: 5.13 as "
             "released; on 6.12, 6.12's walk with the fix reverted) and yields (may_block); the root's last "
             "reference goes meanwhile and the walk resumes in a freed table (use-after-free, Reader Pipe)",
             replaces=(("zap.kvm_tdp_mmu_unmap_gfn_range", "unmap_gfn_range_unsafe_root_walk"),)),
-    Variant("unmap-skips-invalid-roots", BUG, _BOTH, "", ("d62007edf01f",), "",
+    Variant("unmap-skips-invalid-roots", BUG, _513, "", ("d62007edf01f",), "",
             "the zaps' yield-safe root walk skips invalid roots; an MMU notifier returns while an invalid root "
             "whose zapper yielded still maps the range (mapping-after-unmap). On 5.13 this is 5.16-5.17's "
             "notifier (7533377215b6 without the fix) grafted onto 5.13, whose own notifier walked every root; "
@@ -279,6 +315,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "that takes mmu_lock while the zap has yielded it installs a leaf the zap is removing, and keeps it "
             "if the zap has passed it (install-in-zapped-range)",
             replaces=(("ioctl.zap_gfn_range_locked", "zap_gfn_range_b9_faults_not_blocked"),)),
+    Variant("roots-zapped-by-worker", BUG, _612, "B8", ("0df9dab891ff",), "",
+            "each root a memslot update invalidates is zapped on the VM's unbound workqueue, by a kworker, while "
+            "the update waits for it (flush_workqueue), as 5.18-6.5 did: the work leaves the task that asked for "
+            "it, with its CPU affinity and priority, and several roots are zapped at once on as many CPUs (the "
+            "fix's own account: jitter, audio blips on ChromeOS).  The root stays reachable and the reference is "
+            "put after the zap, as in the fix, so no mapping or A/D checker fires: the zap of an invalidated root "
+            "ran in a task that did not ask for it (root-zap-off-caller)",
+            replaces=(("roots.kvm_tdp_mmu_invalidate_all_roots", "invalidate_all_roots_b8_queue_work"),
+                      ("roots.kvm_tdp_mmu_zap_invalidated_roots", "zap_invalidated_roots_b8_flush_workqueue"),
+                      ("roots.kvm_mmu_uninit_tdp_mmu", "uninit_tdp_mmu_b8_destroy_workqueue")),
+            traits=frozenset({"root-zap-worker"}),
+            helpers=("roots.flush_workqueue", "roots.tdp_mmu_zap_root_work", "roots.kworker_pass")),
     Variant("pages-lock-in-read-fault", BUG, _513, "K15", ("47b0c2e4c220",),
             "CVE-2022-45869: make_mmu_pages_available under the read lock",
             "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "

@@ -54,6 +54,7 @@ KINDS = [
     "fault-retry-without-cause",      # a fault retried as stale though nothing invalidated since its snapshot
     "huge-page-after-clear",          # a huge leaf left in a range KVM_CLEAR_DIRTY_LOG split (6.12)
     "install-in-zapped-range",        # a fault installed a leaf a kvm_zap_gfn_range was removing (6.12, B9)
+    "root-zap-off-caller",            # an invalidated root was zapped by a task that did not ask for it (6.12, B8)
 ]
 KIND = {k: i for i, k in enumerate(KINDS)}
 
@@ -258,6 +259,19 @@ SITES: list[tuple[str, str, Sentence]] = [
         + ("was in progress (it had yielded mmu_lock)" if f.b >> 63 else
            "that ended after the fault read the invalidation sequence")
         + ": a fault installed a mapping a zap range had just removed, without retrying (B9)"),
+    ("root-zap-off-caller", "roots_612.py:Roots612._zap_invalidated_root", lambda f:
+        f"root row {f.a}, invalidated by a memslot update or the VM's destruction, was zapped by {f.who(f.b)}, a "
+        f"kworker of the VM's workqueue, not by the task that invalidated it and waits for it: the zap lost that "
+        f"task's CPU affinity and priority, and roots zapped this way run on as many CPUs at once (B8, fixed by "
+        f"zapping in the caller: 0df9dab891ff)"),
+    ("root-refcount", "roots_612.py:Roots612._zap_invalidated_root", lambda f:
+        f"root row {f.a} was scheduled to zap but is valid (KVM_BUG_ON(!root->role.invalid))"),
+    ("root-refcount", "roots_612.py:Roots612.kvm_tdp_mmu_put_root_612", lambda f:
+        f"the last reference to root row {f.a} was put while the root was valid: the TDP MMU's own reference "
+        f"is put only after the root is invalidated and zapped (KVM_BUG_ON(!root->role.invalid))"),
+    ("root-refcount", "roots_612.py:Roots612._alloc_root_locked", lambda f:
+        f"{f.who(f.b)} found valid root row {f.a} listed with a count of 0 (WARN_ON_ONCE in "
+        f"kvm_tdp_mmu_alloc_root: a root's last reference goes only once it is invalid)"),
 ]
 _SITE_IDS = {(kind, where): i for i, (kind, where, _) in enumerate(SITES)}
 _SKIP = frozenset({"violation", "record", "_violation"})

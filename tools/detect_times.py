@@ -28,7 +28,8 @@ from shmmmu.explore.report import ExploreOptions, run_explore
 
 def stress_time(bug: str, seed: int, duration: float) -> float | None:
     cmd = [*python_module_command("shmmmu.workers.cli"), "stress", "--json", "--duration", str(duration),
-           "--vcpus", "3", "--seed", str(seed), "--bug", bug, *BUGS[bug].stress_args]
+           "--vcpus", "3", "--seed", str(seed), "--bug", bug, "--kernel", BUGS[bug].profiles[0],
+           *BUGS[bug].stress_args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120, env=worker_env())
     if p.returncode not in (0, 1):
         raise RuntimeError(f"stress failed to run: {p.stderr[-500:]}")

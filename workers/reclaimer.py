@@ -11,7 +11,9 @@ NX list zapped under the write lock).  It lives here rather than in a worker
 of its own because this process is the VM's one housekeeping process and is
 idle between grace periods, and a VM slot per worker is fixed when the region
 is created; the tables the pass tears down retire into this process's own
-ring, which it reclaims next.
+ring, which it reclaims next.  For the same reason, with the switch B8
+(roots-zapped-by-worker: 5.18-6.5's workqueue) it is also the kworker that
+runs the root zaps a memslot update queues (Roots.kworker_pass).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import traceback
 
 from shmmmu import violations
 from shmmmu.layout import Ctl, Role, WorkerStatus, WState
+from shmmmu.variants import traits
 from shmmmu.workers.common import set_status, start_worker
 
 
@@ -32,10 +35,11 @@ def main() -> None:
     c = vm.config
     stall = c.gp_stall_s
     nx_period = c.nx_recovery_period_s if c.nx_huge_pages and c.nx_recovery_ratio > 0 else 0.0
+    kworker = "root-zap-worker" in traits(c.kernel, list(c.bugs))
     try:
         rcu, pool = vm.rcu, vm.pool
         mmu = None
-        if nx_period > 0 or c.tracepoints:      # NX recovery; --timeline's instruments (grace periods) too
+        if nx_period > 0 or c.tracepoints or kworker:   # NX recovery; --timeline's instruments; B8's kworker
             from shmmmu.mmu import Mmu
             mmu = Mmu(vm, me)
         next_nx = time.monotonic() + nx_period
@@ -47,6 +51,8 @@ def main() -> None:
                 mmu.recover_nx_lpages()
                 mmu.publish_stats()
                 next_nx = time.monotonic() + nx_period
+            if kworker and mmu is not None and mmu.roots.kworker_pass():
+                mmu.publish_stats()
             pending = rcu.backlog()
             if pending == 0:
                 idle += 1

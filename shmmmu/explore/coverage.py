@@ -119,8 +119,9 @@ class Coverage:
 
 
 # the MMU's other kernel-side objects, by class: the functions of theirs that mirror kernel code
-_KERNEL_CLASSES = {"shmmmu.tdp_iter": ("TdpIter",), "shmmmu.rcu": ("Rcu", "RcuReference"),
-                   "shmmmu.rwlock": ("RWLock", "RWLockReference"), "shmmmu.tlb": ("TlbControl",)}
+_KERNEL_CLASSES = {"shmmmu.mmu.roots_612": ("Roots612",), "shmmmu.tdp_iter": ("TdpIter",),
+                   "shmmmu.rcu": ("Rcu", "RcuReference"), "shmmmu.rwlock": ("RWLock", "RWLockReference"),
+                   "shmmmu.tlb": ("TlbControl",)}
 # bookkeeping of shmmmu's own in those classes (statistics, crash recovery, the inspector's views)
 _NOT_KERNEL_NAMES = {"recover", "stats", "state", "held_by", "backlog", "publish_stats", "publish_stat", "violation",
                      "read", "write", "needbreak", "in_read_section", "snapshot", "bind_fast_paths", "root_row",
@@ -133,7 +134,8 @@ _NOT_KERNEL_NAMES = {"recover", "stats", "state", "held_by", "backlog", "publish
                      # rather than through cond_resched_rwlock_*, and grace periods end in the reclaimer's pass
                      "page_fault", "_step_down", "cond_resched_read", "cond_resched_write", "synchronize",
                      # VM destruction runs in the oracles after each execution, not among the actors
-                     "destroy", "forget_root",
+                     "destroy", "forget_root", "kvm_mmu_uninit_tdp_mmu", "kvm_mmu_uninit_tdp_mmu_612",
+                     "uninit_tdp_mmu_b8_destroy_workqueue",
                      # helpers of variants only (K18's page list, the zap-all variants), and a reader's lookup
                      "account_huge_nx_page", "unaccount_huge_nx_page", "_zap_all_with", "valid_root"}
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shmmmu.explore.actors import (accesses, host_ops, kworker, reader_vs_waiting_writer, reclaimer,
+                                   readers_around_waiting_writer)
 from shmmmu.layout import MemslotSpec
 from shmmmu.workloads import EXEC, READ, WRITE, make_value
 
@@ -51,47 +53,7 @@ class Scenario:
         return [MemslotSpec(*m) for m in self.memslots]
 
 
-# ---------------------------------------------------------------- actor bodies
-
-
-def accesses(ctx: Context, vcpu_id: int, ops: list[tuple[int, int]]) -> Callable[[], None]:
-    """A vCPU actor: guest accesses (gfn, READ/WRITE/EXEC) in guest mode, as workers/vcpu.py runs them."""
-    def run() -> None:
-        v = ctx.vcpu(vcpu_id)
-        v.enter()
-        try:
-            for gfn, kind in ops:
-                if kind == WRITE:
-                    v.write(gfn, make_value(gfn, vcpu_id, 2))      # iteration 2: the prologue wrote 1
-                elif kind == EXEC:
-                    v.fetch(gfn)
-                else:
-                    v.read(gfn)
-        finally:
-            v.exit()
-    return run
-
-
-def host_ops(ctx: Context, ops: list[tuple], host: int = 0) -> Callable[[], None]:
-    """A host actor: Mmu entry points, by name, with their arguments."""
-    def run() -> None:
-        mmu = ctx.host(host)
-        for name, *args in ops:
-            getattr(mmu, name)(*args)
-    return run
-
-
-def reclaimer(ctx: Context) -> Callable[[], None]:
-    """The reclaimer: grace periods and frees while the others run (a daemon: it ends when they have)."""
-    def run() -> None:
-        rcu, pool = ctx.reclaimer()
-        while not ctx.others_done():
-            if not rcu.reclaim_pass(pool.free, timeout=None):
-                ctx.waits.relax()                # wait for something to be retired
-    return run
-
-
-# ---------------------------------------------------------------- the scenarios
+# ---------------------------------------------------------------- the scenarios (the actor bodies: actors.py)
 
 
 def _fault_fault(ctx: Context) -> None:
@@ -448,6 +410,29 @@ def _clear_split(ctx: Context) -> None:
     ctx.actor("host", host)
 
 
+def _memslot_roots_pro(ctx: Context) -> None:
+    """Both vCPUs on one root (one role): vCPU0 maps 1 and 33-34 of the hot-plug slot, vCPU1 maps 3."""
+    for i, gfns in ((0, [1, 33, 34]), (1, [3])):
+        v = ctx.vcpu(i)
+        v.enter()
+        for g in gfns:
+            v.write(g, make_value(g, i, 1))
+        v.exit()
+
+
+def _memslot_roots(ctx: Context) -> None:
+    # the hot-plug slot is deleted: the root is invalidated and zapped (6.12: zapped, then the TDP MMU's reference
+    # put, under the read lock) while both vCPUs, kicked by the reload request, put it and race to allocate its
+    # successor (6.12: under the read lock, the second finding the first's under tdp_mmu_pages_lock).  B8 queues
+    # the zap for a kworker instead.
+    from shmmmu.variants import traits
+    ctx.actor("host", host_ops(ctx, [("delete_memslot", 1)]))
+    ctx.actor("vCPU0", accesses(ctx, 0, [(2, READ)]))
+    ctx.actor("vCPU1", accesses(ctx, 1, [(4, READ)]))
+    if "root-zap-worker" in traits(ctx.config.kernel, list(ctx.config.bugs)):
+        ctx.actor("kworker", kworker(ctx, 1), daemon=True)
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
              ("fault-plain-store", "pages-lock-in-read-fault", "pages-lock-in-tdp-mmu-fault"), _fault_fault, n_vcpus=2),
@@ -507,6 +492,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("zap-range-fault", "a vCPU faults gfn 1 while kvm_zap_gfn_range zaps 2 and 3 and may yield to it (6.12: "
              "in an invalidation of the range, so the fault retries)", ("zap-range-faults-not-blocked",), _fault_zap,
              prologue=_premap([2, 3])),
+    Scenario("memslot-roots", "the hot-plug slot is deleted while both vCPUs reload: their root invalidated and "
+             "zapped, the TDP MMU's reference put after the zap (6.12) or the zap queued for a kworker (B8), a new "
+             "root allocated by whichever vCPU comes first", ("roots-zapped-by-worker",), _memslot_roots,
+             prologue=_memslot_roots_pro, memslots=((0, 32, 1), (32, 32, 1)), n_vcpus=2, n_host=2),
     Scenario("mix", "a small random mix of vCPU accesses and host operations drawn from --mix-seed", (), _mix,
              n_vcpus=2, memslots=((0, 64, 2),)),
     Scenario("kick-unmap", "a vCPU uses its cached translation again while the host unmaps the page: the "
@@ -533,58 +522,6 @@ def for_bug(bug: str) -> Scenario:
 # Races the mutation catalogue (tools/mutants) needed and no scenario above reached, each appended to SCENARIOS:
 # the first page of an invalidation, a huge fault beside enabling dirty logging, a re-access after aging,
 # NX tracking beside a zap and beside another fault, and a reader that comes back while a writer waits.
-
-def _reader_vs_waiting_writer(ctx: Context) -> None:
-    from shmmmu.rwlock import QW_WAITING
-
-    def writer() -> None:
-        lock = ctx.host(0).lock
-        lock.write_lock()
-        lock.write_unlock()
-
-    def reader() -> None:
-        # qrwlock's fairness: a reader that finds a writer waiting for the readers to drain (_QW_WAITING)
-        # queues behind it, so it can never hold the lock while that writer still waits
-        lock = ctx.host(1).lock
-        for _ in range(3):
-            waiting = lock.w.load(lock.cnts) & QW_WAITING
-            lock.read_lock()
-            if waiting and lock.w.load(lock.cnts) & QW_WAITING:
-                ctx.notes["barged"] = True
-            lock.read_unlock()
-    ctx.actor("host", writer)
-    ctx.actor("host1", reader)
-
-
-def _readers_around_waiting_writer(ctx: Context) -> None:
-    from shmmmu.rwlock import QW_WAITING
-
-    # a reader that leaves while a writer waits for the readers to drain, and one that arrives in the moment the
-    # writer sees them drained: the arrival's bias is in the count until it backs out, which is why
-    # queued_write_lock_slowpath takes _QW_LOCKED with a cmpxchg (a plain store erases that bias)
-    def writer() -> None:
-        lock = ctx.host(0).lock
-        lock.write_lock()
-        ctx.notes["written"] = True         # set under the lock: a reader that sees it holds no read lock yet,
-        lock.write_unlock()                 # and one that does not will see the writer's WAITING in the count
-
-    def leaving() -> None:
-        # a long read-side section (a walk) that ends once the writer waits (or has been): its spin lets the
-        # writer run without a preemption, as a walk of many steps would
-        lock = ctx.host(1).lock
-        lock.read_lock()
-        while not lock.w.load(lock.cnts) & QW_WAITING and not ctx.notes.get("written"):
-            lock.waits.relax()
-        lock.read_unlock()
-
-    def arriving() -> None:
-        lock = ctx.host(2).lock
-        lock.read_lock()
-        lock.read_unlock()
-    ctx.actor("host1", leaving)
-    ctx.actor("host", writer)
-    ctx.actor("host2", arriving)
-
 
 def _barged_oracle(ctx: Context) -> list[str]:
     return (["lock-unfair: a reader took mmu_lock past a writer waiting for the readers to drain"]
@@ -626,7 +563,7 @@ SCENARIOS.update({s.name: s for s in [
                           ctx.actor("vCPU1", accesses(ctx, 1, [(20, EXEC)]))),
              prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True, n_vcpus=2),
     Scenario("reader-vs-waiting-writer", "a reader takes mmu_lock again and again while a writer waits for it "
-             "(qrwlock fairness)", (), _reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
+             "(qrwlock fairness)", (), reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
     Scenario("readers-around-writer", "a reader leaves mmu_lock while a writer waits for the readers to drain "
-             "and another arrives as the writer takes it", (), _readers_around_waiting_writer, n_host=3),
+             "and another arrives as the writer takes it", (), readers_around_waiting_writer, n_host=3),
 ]})

@@ -119,6 +119,7 @@ class Ioctls(Part):
         finally:
             self.lock.write_unlock()
         self.fault.forget_root()
+        self.roots.kvm_mmu_uninit_tdp_mmu()        # 6.12: the TDP MMU's own references go here
         left = self.ctl.load(Ctl.PAGE_COUNT)
         left = left - (1 << 64) if left >> 63 else left
         roots = len(self.roots.listed_roots())

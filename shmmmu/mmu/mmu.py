@@ -125,6 +125,36 @@ class MmuFault(Part):
         self.root_row = -1
         self.root = 0
 
+    def kvm_mmu_load_612(self) -> None:
+        """kvm_mmu_load() (6.12): top up the caches, get a root (mmu_alloc_direct_roots -> kvm_tdp_mmu_alloc_root,
+        which takes mmu_lock for read itself: dab285e4ec73), load it, and flush this vCPU's translations.  The
+        reload requests it answers are read before the lock: one made meanwhile only costs a second reload."""
+        self.pool.topup()
+        gen = self.ctl.load(Ctl.ROOTS_GEN)
+        row = self.roots.kvm_tdp_mmu_get_vcpu_root(self.role)       # kvm_tdp_mmu_alloc_root in 6.12
+        self.root_row = row
+        self.root = self.roots.root_table(row)
+        self.tlbctl.roots_gen = gen
+        self.tlbctl.flush_current()
+        self.st[_ST_RELOADS] += 1
+
+    def kvm_mmu_unload_612(self) -> None:
+        """kvm_mmu_unload() -> kvm_mmu_free_roots() (6.12): a TDP MMU root is put under the read lock
+        (576a15de8d29); its last reference is not the vCPU's (the TDP MMU holds one until the root is zapped)."""
+        row = self.root_row
+        if row < 0:
+            return
+        kvm = self.kvm
+        shared = self.parallel                  # the exclusive baseline takes the write lock for everything
+        kvm.mmu_lock(shared)
+        try:
+            self.wstate.root.store(self.worker, 0)
+            self.roots.kvm_tdp_mmu_put_root(row, shared)
+        finally:
+            kvm.mmu_unlock(shared)
+        self.root_row = -1
+        self.root = 0
+
     def kvm_mmu_reload(self) -> None:
         """The root half of vcpu_enter_guest: KVM_REQ_MMU_RELOAD unloads the root, kvm_mmu_reload loads one."""
         if self.tlbctl.roots_gen != self.ctl.load(Ctl.ROOTS_GEN):

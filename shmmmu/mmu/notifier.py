@@ -7,6 +7,12 @@ and drops the count.  Aging (clear_flush_young, test_young) walks every root
 under the write lock.  With debug on, the host checks on the way that it heard
 of every access the guest made to the pages it is about to move or age (C7),
 and that no root still maps an invalidated range.
+
+6.12 (variant unmap-leafs): the unmap zaps only the leaves of the range, in
+every root, valid or invalid (kvm_tdp_mmu_unmap_gfn_range -> tdp_mmu_zap_leafs,
+f47e5bbbc92f); the tables stay.  The callbacks are otherwise 5.13's: the
+invalidation count and sequence are 6.12's mmu_invalidate_in_progress and
+mmu_invalidate_seq under their old names.
 """
 from __future__ import annotations
 

@@ -18,10 +18,15 @@ returns; ids in docs/reference/commits.md):
 - the yield-safe walk over roots (tdp_mmu_next_root) holds a reference on the
   root it is in, so the lock may be dropped inside it.
 
+6.12's lifecycle, and B8's workqueue, are roots_612.py's (mixed into Roots).
+
 Rows are scanned in index order (the kernel walks a list; a root added during
 a walk may or may not be seen, in both).  A row is filled and emptied under
 tdp_mmu_pages_lock; a row with TABLE 0 is free, and rows are reused only under
-the write lock, so a reader under the read lock never sees a row change roles.
+the write lock (5.13; 6.12 allocates and frees under the read lock: a walk that
+read a row may then take its reference on the row's next root, one the kernel's
+list walk may or may not have met), so a reader never sees a row change roles
+under it.
 The row memory itself is never freed, which is what RCU protects in the
 kernel's list walk.
 """
@@ -34,16 +39,18 @@ import numpy as np
 from shmmmu import spte as S
 from shmmmu.layout import MAX_ROOTS, NIL, STAT, Ctl
 from shmmmu.mmu.kvm import Kvm, Part
+from shmmmu.mmu.roots_612 import Roots612
 
 _U64 = (1 << 64) - 1
 _ST_ROOTS_ALLOC = STAT["roots_allocated"]
 _ST_ROOTS_FREED = STAT["roots_freed"]
 
 
-class Roots(Part):
+class Roots(Part, Roots612):
     """The root list, its reference counts, and the walks over it."""
 
-    __slots__ = ("zap", "tdp", "map", "table_col", "role_col", "count_col", "invalid_col", "zapped_col")
+    __slots__ = ("zap", "tdp", "map", "table_col", "role_col", "count_col", "invalid_col", "zapped_col",
+                 "scheduled_col", "roots_words", "zap_caller")
     zap: Any                        # the tdp_zap part: a root's last put zaps it whole
     tdp: Any                        # the tdp_mmu part: ... and frees its table
     map: Any                        # the tdp_map part: a root's table is allocated there
@@ -53,6 +60,11 @@ class Roots(Part):
         r = self.root_rows
         self.table_col, self.role_col, self.count_col = r.table, r.role, r.count
         self.invalid_col, self.zapped_col = r.invalid, r.zapped
+        self.scheduled_col = r.scheduled
+        self.roots_words = self.region.words("roots")
+        # debug, not the kernel's: this task is inside a zap of invalidated roots that it asked for itself
+        # (kvm_tdp_mmu_zap_invalidated_roots, called by the memslot update or the VM's destruction)
+        self.zap_caller = False
 
     # ------------------------------------------------------------------ reference counts
 
@@ -243,3 +255,7 @@ class Roots(Part):
     def roots_gen(self) -> int:
         """The reload requests (kvm_reload_remote_mmus) made so far."""
         return self.ctl.load(Ctl.ROOTS_GEN)
+
+    def kvm_mmu_uninit_tdp_mmu(self) -> None:
+        """kvm_mmu_uninit_tdp_mmu() (5.13): nothing to release; VM destruction checks that no table and no
+        root is left (Ioctls.destroy)."""

@@ -142,6 +142,17 @@ class TdpZap(Part):
             flush = self.tdp_mmu_zap_leafs(roots.root_table(row), start, end, True, flush)
         return flush
 
+    def kvm_tdp_mmu_unmap_gfn_range_612(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
+        """kvm_tdp_mmu_unmap_gfn_range() (6.12; the MMU notifier, write lock): tdp_mmu_zap_leafs over every
+        root, valid or invalid (__for_each_tdp_mmu_root_yield_safe with only_valid false: d62007edf01f), a
+        reference held across yields, yielding only if range->may_block: the leaves go, the tables stay
+        (f47e5bbbc92f).  The leaf zap is zap-range-leafs' own (tdp_mmu_zap_leafs), so an invalid root's zaps
+        are flushed too, where 6.12 owes them no flush (a departure: a superset)."""
+        roots = self.roots
+        for row in roots.for_each_tdp_mmu_root_yield_safe(False, False):
+            flush = self.tdp_mmu_zap_leafs(roots.root_table(row), start, end, may_block, flush)
+        return flush
+
     def kvm_tdp_mmu_unmap_gfn_range(self, start: int, end: int, may_block: bool, flush: bool) -> bool:
         """kvm_tdp_mmu_unmap_gfn_range() (the MMU notifier, write lock): __kvm_tdp_mmu_zap_gfn_range with
         can_yield = range->may_block (7533377215b6: the yield-safe root walk)."""
@@ -206,6 +217,56 @@ class TdpZap(Part):
     def tdp_mmu_zap_root(self, table: int, can_yield: bool, flush: bool, shared: bool) -> bool:
         """zap_gfn_range(kvm, root, 0, -1ull, ...): every root entry zapped whole (524a1e4e381f)."""
         return self.zap_gfn_range(table, 0, self.max_gfn, can_yield, flush, shared, zap_all=True)
+
+    def tdp_mmu_zap_root_612(self, table: int, can_yield: bool, flush: bool, shared: bool) -> bool:
+        """tdp_mmu_zap_root() (6.9's, in 6.12): the whole root zapped in passes of decreasing granularity, 4K
+        leaves, then 2M entries, then 1G, then the root's own entries (each pass zaps the entries of exactly
+        its level: a table met there is torn down with what little is left below it), so that a yield is never
+        far away.  Always yields if contended and owes no flush in shared mode (the root is invalid: its vCPUs
+        flush as they load their next root; `can_yield` and `flush` are 5.13's signature, unused); under the
+        write lock the zaps are counted unflushed and the flush threaded through the yields (the 5.11 baseline
+        mode, which 6.12 has not).  Returns whether anything was zapped (Roots._zap_invalidated_root then flushes:
+        its departure)."""
+        self.kvm.lockdep_assert_held(shared)
+        zapped = False
+        owed = False
+        self.rcu.read_lock()
+        try:
+            done: list[int] = []
+            for level in (1, 2, 3, self.root_level):
+                if level <= self.root_level and level not in done:
+                    done.append(level)
+                    z, owed = self._zap_root_pass(table, level, shared, owed)
+                    zapped |= z
+        finally:
+            self.rcu.read_unlock()
+        return zapped
+
+    def _zap_root_pass(self, table: int, zap_level: int, shared: bool, owed: bool) -> tuple[bool, bool]:
+        """__tdp_mmu_zap_root(): one pass, zapping the present entries of level `zap_level` (cmpxchg to 0 under
+        the read lock, `goto retry` on a lost race; a store under the write lock).  Returns (anything zapped,
+        a flush still owed: write lock only)."""
+        kvm, tdp = self.kvm, self.tdp
+        zapped = False
+        for it in for_each_pte(kvm.new_iter(table, zap_level, 0), self.max_gfn):
+            while True:                          # retry:
+                if tdp.tdp_mmu_iter_cond_resched(it, owed, shared):
+                    owed = False
+                    break
+                spte = it.old_spte
+                if not spte & _P or it.level > zap_level:
+                    break
+                if shared:
+                    if not tdp.tdp_mmu_set_spte_atomic(it, 0):
+                        it.old_spte = self.tables.load(it.sptep)
+                        continue                 # goto retry
+                else:
+                    kvm.mark_unflushed()
+                    tdp.tdp_mmu_set_spte(it, 0)
+                    owed = True
+                zapped = True
+                break
+        return zapped, owed
 
     def zap_root_k17_phys_end(self, table: int, can_yield: bool, flush: bool, shared: bool) -> bool:
         """Variant zap-all-phys-end (K17): a root's zap ends at the host's physical limit."""

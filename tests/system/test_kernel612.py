@@ -102,17 +102,17 @@ def test_list_bugs_names_each_profile_and_bad_kernels_are_one_line() -> None:
     assert "mmu-seq-int-snapshot" not in r5.stdout and "link-after-publish" in r5.stdout
     # 5.13's switches whose fix's site 6.12 has in the same shape are switches of both profiles, and say so in
     # both listings; K15 has its own 6.12 switch in 6.12's shape (docs/internals.md, "5.13's switches on 6.12")
-    both = {"advance-after-restart", "exclusive-plain-store", "fault-into-invalid-root", "notifier-unsafe-root-walk",
-            "unmap-skips-invalid-roots"}
+    both = {"advance-after-restart", "exclusive-plain-store", "fault-into-invalid-root"}
     assert set(bugs_of("6.12")) == both | {"mmu-seq-int-snapshot", "clear-split-off-by-one",
-                                           "zap-range-faults-not-blocked", "pages-lock-in-tdp-mmu-fault"}
+                                           "zap-range-faults-not-blocked", "pages-lock-in-tdp-mmu-fault",
+                                           "roots-zapped-by-worker"}
     assert both <= set(bugs_of("5.13")) and "pages-lock-in-tdp-mmu-fault" not in bugs_of("5.13")
     for out in (r.stdout, r5.stdout):
         assert "advance-after-restart (K9)  [kernel 5.13, 6.12]" in out and "3a0f64de479c" in out
-        assert "unmap-skips-invalid-roots  [kernel 5.13, 6.12]" in out
     assert "pages-lock-in-tdp-mmu-fault (K15)  [kernel 6.12]" in r.stdout and "47b0c2e4c220" in r.stdout
     assert "pages-lock-in-read-fault" not in r.stdout and "link-after-publish" not in r.stdout
     assert "zap-all-phys-end" not in r.stdout
+    assert "roots-zapped-by-worker (B8)  [kernel 6.12]" in r.stdout and "0df9dab891ff" in r.stdout
     assert "zap-range-faults-not-blocked (B9)  [kernel 6.12]" in r.stdout and "6d3085e4d89a" in r.stdout
     assert "clear-split-off-by-one (B5)  [kernel 6.12]" in r.stdout and "1aa4bb916808" in r.stdout
     for args in (["stress", "--kernel", "9.9", "-d", "1"], ["explore", "--kernel", "9.9", "--scenario", "fault-fault"],
@@ -324,3 +324,77 @@ def test_the_harvest_and_aging_clear_one_bit_and_612s_harvest_marks_the_host_pag
         aged = {g: s for g, _, s in host.present_leaves(0, 8)}
         assert aged == {g: s & ~S.ACCESSED for g, s in after.items()}
         assert not violations.read_all(vm.region)
+
+
+def test_b8_is_found_at_once_and_the_same_decisions_with_the_fix_end_cleanly() -> None:
+    """roots-zapped-by-worker (B8, 0df9dab891ff's body): the invalidated roots of a memslot deletion are zapped by
+    a kworker of the VM's workqueue while the deletion waits; the checker names where the work ran.  No schedule is
+    needed to see it (0 preemptions); the token replays it, and the same decisions without the switch (the deletion
+    zaps its roots itself) end cleanly."""
+    rep = run_explore(ExploreOptions(bugs=["roots-zapped-by-worker"]))
+    assert rep.found is not None and "root-zap-off-caller" in str(rep.found.finding)
+    assert rep.found.preemptions == 0
+    text = "\n".join(rep.lines())
+    assert "was zapped by kworker, a kworker of the VM's workqueue" in text
+    assert Token.decode(rep.token).kernel == "6.12"
+    assert run_replay(rep.token).same
+    fix = subprocess.run([*CLI, "explore", "--replay", rep.token, "--with-fix"], capture_output=True, text=True,
+                         timeout=300)
+    assert fix.returncode == 0 and "no finding with the fix" in fix.stdout, fix.stdout[-2000:]
+
+
+def test_the_612_root_lifecycle_is_clean_in_a_memslot_deletion_racing_a_notifier_and_a_reload() -> None:
+    """memslot-roots without the switch: the deletion zaps both roots under the read lock and puts the TDP MMU's
+    references after the zaps while the notifier unmaps the slot and vCPU0 reloads (the slow set runs 10,000)."""
+    rep = run_explore(ExploreOptions(scenario="memslot-roots", strategy="pct", executions=80, time_limit=0,
+                                     kernel="6.12"))
+    assert rep.found is None, rep.lines()[:40]
+    assert rep.search.executions == 80
+
+
+@pytest.mark.parametrize("bugs", [[], ["roots-zapped-by-worker"]])
+def test_memslot_deletion_with_vcpu_processes_zaps_in_the_caller_or_in_the_kworker_with_b8(vm_name: str,
+                                                                                      bugs: list[str]) -> None:
+    """Real vCPU processes fault into both slots while the host deletes the hot-plug slot three times: once a
+    deletion returns no root maps the slot, and the invalidated roots are freed once their vCPUs reloaded.  6.12
+    zaps them in the deleting task; with B8 the reclaimer process (the kworker) zaps them while the deletion
+    waits, and the checker says so (a count of deletions, not a time: the vCPUs hold roots first)."""
+    from conftest import wait_until
+    from shmmmu import violations
+    from shmmmu.layout import TMeta, Workload, WState
+    from shmmmu.snapshot import snapshot
+    from shmmmu.workers.supervisor import Supervisor
+    wl = Workload(kind="stress", pages=320, overlap=True, n_vcpus=1, accesses=512, write_fraction=0.5)
+    cfg = VMConfig(name=vm_name, n_vcpus=2, bits=3, memslots=[MemslotSpec(0, 256, 1), MemslotSpec(256, 64, 1)],
+                   debug=True, workload=wl, root_roles=2, kernel="6.12", bugs=bugs)
+    with create_vm(cfg) as vm:
+        sup = Supervisor(vm)
+        try:
+            sup.start()
+            vm.region.words("ctl").store(Ctl.ITERATION, 1)
+            held = vm.region.columns("wstate", WState).root
+            gen = vm.region.columns("tmeta", TMeta).gen
+            for _ in range(3):
+                wait_until(lambda: sup.check() or all(held.load(i) for i in range(2)), "the vCPUs holding roots")
+                old = {(r["table"], gen.load(r["table"])) for r in snapshot(vm).root_rows()}
+                sup.mmu.delete_memslot(1)
+                assert old and _leaves(vm, 256, 320) == {}
+                wait_until(lambda: sup.check() or not any(gen.load(t) == g for t, g in old),
+                           "the invalidated roots being freed")
+                sup.mmu.add_memslot(1)
+            sup.stop()
+            sup.drain()
+            assert sup.stats()["fast_zaps"] == 3                 # (the host's counters published)
+            offcaller = [v for v in violations.read_all(vm.region) if v.kind == "root-zap-off-caller"]
+            if bugs:
+                assert offcaller and {v.worker for v in offcaller} == {cfg.reclaimer_worker}
+                assert {v.kind for v in violations.read_all(vm.region)} == {"root-zap-off-caller"}
+            else:
+                assert violations.read_all(vm.region) == []
+            assert [str(p) for p in checks.check_all(vm)] == []      # no state checker sees B8's shape
+            assert sup.mmu.destroy() == 0
+        except BaseException:
+            sup.kill_all()
+            raise
+        finally:
+            sup.cleanup_logs()
