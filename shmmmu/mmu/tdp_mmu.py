@@ -29,7 +29,7 @@ from shmmmu import spte as S
 from shmmmu.layout import STAT
 from shmmmu.mmu.instruments import site
 from shmmmu.mmu.kvm import Kvm, Part
-from shmmmu.rwlock import HELD_READ
+from shmmmu.rwlock import HELD_READ, HELD_WRITE
 from shmmmu.spte import spte_has_volatile_bits
 from shmmmu.tdp_iter import TdpIter
 
@@ -67,7 +67,7 @@ class TdpMmu(Part):
 
         Only the thread that froze an entry may write it: a REMOVED old value fails.
         """
-        if self.lock.mode != HELD_READ:
+        if self.lock.mode != HELD_READ:              # lockdep_assert_held_read()
             self.kvm._lockdep(HELD_READ)
         old = it.old_spte
         if old == _REMOVED:
@@ -107,7 +107,8 @@ class TdpMmu(Part):
 
         `record_acc_track=False` is tdp_mmu_set_spte_no_acc_track (aging clears A itself).
         """
-        self.kvm.lockdep_assert_held_write()
+        if self.lock.mode != HELD_WRITE:             # lockdep_assert_held_write()
+            self.kvm._lockdep(HELD_WRITE)
         old = it.old_spte
         if old == _REMOVED:
             self.kvm.violation("frozen-entry-overwritten", it.gfn, old, new)     # WARN_ON(is_removed_spte(old))
