@@ -60,8 +60,8 @@ class TdpIter:
         level = self.level = self.root_level
         if root != self.root:                        # the kernel's pt_path holds the root's pointer: no multiply
             self.root = root
-            self.root_base = root << self.bits
-        base = self.pt_path[level] = self.root_base
+            self.root_base = self.pt_path[level] = root << self.bits     # (only start writes the root's entry)
+        base = self.root_base
         # restart(), written out: the fault path starts a walk per fault
         self.yielded = False
         self.next_last_level_gfn = self.yielded_gfn = goal_gfn
