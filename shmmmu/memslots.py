@@ -37,6 +37,7 @@ class Slot:
     gen: int
     huge_level: int          # the largest level alignment and backing allow (before dirty logging)
     end_gfn: int             # base_gfn + npages
+    host_base: int           # host_off - base_gfn: gfn's word in the host map is host_base + gfn
 
     @property
     def active(self) -> bool:
@@ -48,6 +49,10 @@ class Slot:
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+
+# the lru slot before any lookup found one: it holds no GFN
+_NO_SLOT = Slot(-1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0)
 
 
 def init_memslots(vm) -> None:
@@ -92,14 +97,14 @@ class Memslots:
         self.max_level = min(3, vm.config.geometry.root_level - 1)
         self._gen = -1
         self._slots: list[Slot] = []
-        self._lru: Slot | None = None           # kvm_memslots' lru_slot: the slot the last lookup found
+        self._lru: Slot = _NO_SLOT              # kvm_memslots' lru_slot: the slot the last lookup found
         self._logging = False                   # some slot logs dirty pages
 
     def slots(self) -> list[Slot]:
         gen = self.ctl.load(_SLOTS_GEN)
         if gen != self._gen:
             self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
-            self._lru = None
+            self._lru = _NO_SLOT
             self._logging = any(s.flags & MSF_LOG_DIRTY for s in self._slots)
             self._gen = gen
         return self._slots
@@ -119,7 +124,7 @@ class Memslots:
             if base % (1 << (self.bits * (level - 1))) == 0:
                 huge = level
         return Slot(k, base, npages, backing, r[MS.FLAGS], r[MS.HOST_OFF], r[MS.DIRTY_OFF], r[MS.DATA_OFF],
-                    r[MS.GEN], huge, base + npages)
+                    r[MS.GEN], huge, base + npages, r[MS.HOST_OFF] - base)
 
     def lookup(self, gfn: int) -> Slot | None:
         """gfn_to_memslot() (search_memslots with its lru_slot): the active slot holding gfn, or None
@@ -127,7 +132,7 @@ class Memslots:
         if self.ctl.load(_SLOTS_GEN) != self._gen:
             self.slots()
         s = self._lru
-        if s is not None and s.base_gfn <= gfn < s.end_gfn:
+        if s.base_gfn <= gfn < s.end_gfn:
             return s
         for s in self._slots:
             if s.base_gfn <= gfn < s.end_gfn:
@@ -160,7 +165,7 @@ class Memslots:
 
     def gfn_to_pfn(self, slot: Slot, gfn: int) -> int:
         """The host page backing gfn now (the GUP of the fault path)."""
-        return self.host_map.load(slot.host_off + gfn - slot.base_gfn)
+        return self.host_map.load(slot.host_base + gfn)
 
     def mark_dirty(self, slot: Slot, gfn: int) -> None:
         """mark_page_dirty_in_slot(): an atomic set_bit in the slot's dirty bitmap."""

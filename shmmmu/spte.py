@@ -130,8 +130,9 @@ def is_writable(spte: int) -> bool:
 def spte_has_volatile_bits(spte: int, level: int) -> bool:
     """spte_has_volatile_bits() for A/D-enabled EPT: a present leaf whose A (or, if writable, D) the
     processor may still set without any lock, so a store over it must exchange (ba3a6120a4e7)."""
-    return (bool(spte & MMU_PRESENT) and (level == PG_LEVEL_4K or bool(spte & LARGE))
-            and (not spte & ACCESSED or (bool(spte & WRITABLE) and not spte & DIRTY)))
+    if not spte & MMU_PRESENT or (level != PG_LEVEL_4K and not spte & LARGE):
+        return False                                  # not a present leaf: nothing the processor sets
+    return not spte & ACCESSED or (spte & WRITABLE != 0 and not spte & DIRTY)
 
 
 def is_mmu_writable(spte: int) -> bool:

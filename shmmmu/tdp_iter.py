@@ -33,7 +33,7 @@ class TdpIter:
 
     __slots__ = ("tables", "bits", "entries", "emask", "root_level", "min_level", "pt_path", "level", "gfn",
                  "sptep", "old_spte", "next_last_level_gfn", "yielded_gfn", "valid", "yielded",
-                 "load", "shifts", "rmasks", "ptr_shift")
+                 "load", "shifts", "rmasks", "ptr_shift", "root", "root_base")
 
     def __init__(self, tables: Words, geometry: Geometry, root: int, root_level: int, min_level: int,
                  goal_gfn: int):
@@ -50,13 +50,18 @@ class TdpIter:
         self.shifts = tuple(self.bits * (level - 1) if level else 0 for level in range(root_level + 1))
         self.rmasks = tuple(~((1 << sh) - 1) for sh in self.shifts)
         self.pt_path = [0] * (root_level + 1)        # pt_path[level] = first word of the table at that level
+        self.root = -1                               # the root of the last start, and its first word
+        self.root_base = 0
         self.start(root, min_level, goal_gfn)
 
     def start(self, root: int, min_level: int, goal_gfn: int) -> "TdpIter":
         """tdp_iter_start(): aim a (possibly reused) iterator at goal_gfn from the root."""
         self.min_level = min_level
         level = self.level = self.root_level
-        base = self.pt_path[level] = root * self.entries
+        if root != self.root:                        # the kernel's pt_path holds the root's pointer: no multiply
+            self.root = root
+            self.root_base = self.pt_path[level] = root << self.bits     # (only start writes the root's entry)
+        base = self.root_base
         # restart(), written out: the fault path starts a walk per fault
         self.yielded = False
         self.next_last_level_gfn = self.yielded_gfn = goal_gfn
@@ -138,16 +143,17 @@ class TdpIter:
             return
         level = self.level
         if level != self.min_level:
-            load = self.load
-            spte = self.old_spte = load(self.sptep)
+            tables = self.tables
+            spte = tables.load(self.sptep)
             if spte & PRESENT_LARGE == MMU_PRESENT:      # a table (level > min_level >= 1: not a 4K entry)
                 level = self.level = level - 1
                 base = self.pt_path[level] = (spte & PFN_MASK) >> self.ptr_shift
                 goal = self.next_last_level_gfn
                 self.gfn = goal & self.rmasks[level]
                 sptep = self.sptep = base + ((goal >> self.shifts[level]) & self.emask)
-                self.old_spte = load(sptep)
+                self.old_spte = tables.load(sptep)
                 return
+            self.old_spte = spte
         while True:
             if self._step_side():
                 return

@@ -50,7 +50,7 @@ _MSF_LOG_DIRTY = MemslotFlags.LOG_DIRTY
 _ST_FAST_FIXED = STAT["fast_pf_fixed"]
 _P, _L, _W, _X, _MMU_W = S.MMU_PRESENT, S.LARGE, S.WRITABLE, S.EXECUTABLE, S.MMU_WRITABLE
 _U32_SIGN = 1 << 31
-_MISSING = MISSING
+_MISSING_SHIFT = MISSING.bit_length() - 1     # the only bit of a host map entry from there up
 
 
 class MmuFault(Part):
@@ -168,7 +168,9 @@ class MmuFault(Part):
 
     def root_is_obsolete(self) -> bool:
         """is_obsolete_sp(vcpu->arch.mmu->root_hpa): the root was invalidated (a955cad84cda)."""
-        return self.invalid_col.load(self.root_row) != 0
+        if self.invalid_col.load(self.root_row):     # (a branch, not `!= 0`: CPython specializes that)
+            return True
+        return False
 
     def root_never_obsolete(self) -> bool:
         """Variant fault-into-invalid-root (5.13 before a955cad84cda): no check of the root under the lock."""
@@ -185,12 +187,13 @@ class MmuFault(Part):
             pool.topup()                              # mmu_topup_memory_caches(): may sleep
         fault.mmu_seq = self.ctl.load(_C_SEQ)
         slots = self.slots
-        slot = fault.slot = slots.lookup(fault.gfn)
+        gfn = fault.gfn
+        slot = fault.slot = slots.lookup(gfn)
         if slot is None:
             return False
-        pfn = fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
-        if pfn & _MISSING:
-            fault.pfn = handle_userfault(self, slot, fault.gfn)  # the GUP met a userfaultfd MISSING page
+        pfn = fault.pfn = slots.gfn_to_pfn(slot, gfn)      # may be stale by the time we install
+        if pfn >> _MISSING_SHIFT:                     # (pfn & MISSING: no host page reaches that bit)
+            fault.pfn = handle_userfault(self, slot, gfn)  # the GUP met a userfaultfd MISSING page
         self.kvm_mmu_hugepage_adjust(fault, slot)
         return True
 
@@ -218,7 +221,9 @@ class MmuFault(Part):
         if ctl.load(_C_SEQ) != fault.mmu_seq:
             return True
         slot = fault.slot
-        return self.memslot_gen.load(slot.id) != slot.gen
+        if self.memslot_gen.load(slot.id) != slot.gen:
+            return True
+        return False
 
     def mmu_notifier_retry_hva_b10_int_snapshot(self, fault: Fault) -> bool:
         """Variant mmu-seq-int-snapshot (B10, 6.1.y before d75c1b7bdedd): the fault's snapshot of
@@ -272,7 +277,10 @@ class MmuFault(Part):
         if self.root_row < 0:
             self.kvm_mmu_load()
         fault = self.fault_record
-        fault.gfn, fault.write, fault.exec, fault.huge_page_disallowed = gfn, write, exec_fault, False
+        fault.gfn = gfn
+        fault.write = write
+        fault.exec = exec_fault
+        fault.huge_page_disallowed = False
         if not self.kvm_faultin_pfn(fault):
             st[_ST_EMULATED] += 1
             return RET_PF_EMULATE

@@ -60,19 +60,19 @@ class TdpMap(Part):
             gfn = fault.gfn
             level = fault.goal_level
             it = vcpu.fault_walk.start(vcpu.root, 1, gfn)
-            step = it.next
             nx = self.nx
-            while it.valid and it.gfn <= gfn:
+            while it.valid:                          # tdp_mmu_for_each_pte(iter, mmu, gfn, gfn + 1)
+                if it.gfn > gfn:                     # (its test apart: a compare next to a far jump is
+                    break                            # not specialized by CPython 3.11)
                 spte = it.old_spte
                 if it.level == level:
                     if not (nx and level > 1 and spte & _PL == _P):
                         break
                     level -= 1                       # disallowed_hugepage_adjust(): keep small mappings
-                kind = spte & _PL                    # is_shadow_present_pte() and is_large_pte() in one test
-                if kind == _P:
-                    step()                           # a present non-leaf: step down into it
+                if spte & _PL == _P:                 # is_shadow_present_pte() and !is_large_pte() in one test
+                    it.next()                        # a present non-leaf: step down into it
                     continue
-                if kind == _PL:
+                if spte & _PL == _PL:
                     # a huge page above the target level: zap it so it can be split
                     tdp = self.tdp
                     if shared:
@@ -93,7 +93,7 @@ class TdpMap(Part):
                         self.tdp_mmu_free_sp(child)          # lost the race: never visible, back to the cache
                         break
                     self.st[_ST_LINKED] += 1
-                step()
+                it.next()
             if not it.valid or it.level != level:
                 return RET_PF_RETRY
             fault.goal_level = level
@@ -110,8 +110,10 @@ class TdpMap(Part):
         """tdp_mmu_map_handle_target_level(): make_spte() and install the leaf.  Returns FIXED for a changed
         leaf where 5.13 returned 0 (= RETRY; 57a3e96d6d17 fixed it in 5.14): internals.md departure 10."""
         level = fault.goal_level
-        pfn_base = fault.pfn & self.level_pfn_mask[level]
-        new = self.leaf_template[level] | (pfn_base << _PFN_SHIFT)    # == S.make_leaf(pfn_base, level, ...)
+        pfn = fault.pfn
+        if level > 1:
+            pfn &= self.level_pfn_mask[level]        # the huge page's first host page
+        new = self.leaf_template[level] | (pfn << _PFN_SHIFT)    # == S.make_leaf(pfn, level, ...)
         if new == it.old_spte:
             return RET_PF_SPURIOUS
         if shared:

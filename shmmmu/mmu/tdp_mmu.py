@@ -29,7 +29,7 @@ from shmmmu import spte as S
 from shmmmu.layout import STAT
 from shmmmu.mmu.instruments import site
 from shmmmu.mmu.kvm import Kvm, Part
-from shmmmu.rwlock import HELD_READ
+from shmmmu.rwlock import HELD_READ, HELD_WRITE
 from shmmmu.spte import spte_has_volatile_bits
 from shmmmu.tdp_iter import TdpIter
 
@@ -68,7 +68,7 @@ class TdpMmu(Part):
 
         Only the thread that froze an entry may write it: a REMOVED old value fails.
         """
-        if self.lock.mode != HELD_READ:
+        if self.lock.mode != HELD_READ:              # lockdep_assert_held_read()
             self.kvm._lockdep(HELD_READ)
         old = it.old_spte
         if old == _REMOVED:
@@ -108,7 +108,8 @@ class TdpMmu(Part):
 
         `record_acc_track=False` is tdp_mmu_set_spte_no_acc_track (aging clears A itself).
         """
-        self.kvm.lockdep_assert_held_write()
+        if self.lock.mode != HELD_WRITE:             # lockdep_assert_held_write()
+            self.kvm._lockdep(HELD_WRITE)
         old = it.old_spte
         if old == _REMOVED:
             self.kvm.violation("frozen-entry-overwritten", it.gfn, old, new)     # WARN_ON(is_removed_spte(old))
@@ -192,55 +193,48 @@ class TdpMmu(Part):
                             record_dirty_log: bool = True, record_acc_track: bool = True) -> None:
         """handle_changed_spte(): accounting, the host page's A/D state, dirty logging, and teardown of a
         disconnected table."""
-        if old == new:
-            return
-        was_present = old & _P
         is_present = new & _P
-        if not was_present:
-            if not is_present:
-                return
-            if level == 1 or new & _L:
-                # a new leaf: counted, and a writable 4K one logged dirty (W went 0 -> 1)
-                self.st[_ST_MAPPED[level]] += 1
-                if level == 1 and new & _W and record_dirty_log:
-                    self.mark_page_dirty(gfn)
-            return
-        was_leaf = level == 1 or old & _L
-        is_leaf = is_present and (level == 1 or new & _L)
-        pfn_changed = (old ^ new) & _PFN_MASK
-        st = self.st
-        if was_leaf:
-            kvm = self.kvm
-            if is_leaf and pfn_changed:
-                # a present leaf replaced by a present leaf for another page: must zap + flush first
-                kvm.violation("pfn-changed-without-zap", gfn, old, new)
-            # the host page hears what the leaf saw (handle_changed_spte_acc_track, kvm_set_pfn_dirty)
-            gone = not is_present or pfn_changed
-            if old & _A and record_acc_track and (gone or not new & _A):
-                kvm.kvm_set_pfn_accessed((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
-            if old & _D and (gone or not new & _D):
-                kvm.kvm_set_pfn_dirty((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
-            if not is_leaf:
-                st[_ST_MAPPED[level]] -= 1
-                st[_ST_ZAPPED] += 1
-        elif is_leaf:
-            st[_ST_MAPPED[level]] += 1
-        # A non-leaf replaced by anything but itself disconnects its table.  The kernel tests
-        # only pfn_changed, which suffices where table pages and guest pages are all host
-        # frames; here a child table's index and a huge leaf's host page are different
-        # namespaces and can be equal, so a non-leaf -> leaf change always counts.
-        if not was_leaf and (not is_present or is_leaf or pfn_changed):
-            self.handle_removed_pt((old & _PFN_MASK) >> _PFN_SHIFT, shared)
-        # handle_changed_spte_dirty_log(): log when W becomes 1 on a 4K entry
-        if record_dirty_log and level == 1 and is_present and new & _W and (not old & _W or pfn_changed):
-            self.mark_page_dirty(gfn)
-
-    def mark_page_dirty(self, gfn: int) -> None:
-        """mark_page_dirty_in_slot(gfn_to_memslot_dirty_bitmap(gfn), gfn): only in a slot that logs."""
-        slot = self.slots.gfn_to_memslot_dirty_bitmap(gfn)
-        if slot is not None:
-            self.slots.mark_dirty(slot, gfn)
-            self.st[_ST_DIRTY] += 1
+        if old & _P:
+            if old == new:
+                return                               # (below, old and new differ: one of them is present)
+            was_leaf = level == 1 or old & _L
+            is_leaf = is_present and (level == 1 or new & _L)
+            pfn_changed = (old ^ new) & _PFN_MASK
+            st = self.st
+            if was_leaf:
+                kvm = self.kvm
+                if is_leaf and pfn_changed:
+                    # a present leaf replaced by a present leaf for another page: must zap + flush first
+                    kvm.violation("pfn-changed-without-zap", gfn, old, new)
+                # the host page hears what the leaf saw (handle_changed_spte_acc_track, kvm_set_pfn_dirty)
+                gone = not is_present or pfn_changed
+                if old & _A and record_acc_track and (gone or not new & _A):
+                    kvm.kvm_set_pfn_accessed((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
+                if old & _D and (gone or not new & _D):
+                    kvm.kvm_set_pfn_dirty((old & _PFN_MASK) >> _PFN_SHIFT, self.pages[level])
+                if not is_leaf:
+                    st[_ST_MAPPED[level]] -= 1
+                    st[_ST_ZAPPED] += 1
+            elif is_leaf:
+                st[_ST_MAPPED[level]] += 1
+            # A non-leaf replaced by anything but itself disconnects its table.  The kernel tests
+            # only pfn_changed, which suffices where table pages and guest pages are all host
+            # frames; here a child table's index and a huge leaf's host page are different
+            # namespaces and can be equal, so a non-leaf -> leaf change always counts.
+            if not was_leaf and (not is_present or is_leaf or pfn_changed):
+                self.handle_removed_pt((old & _PFN_MASK) >> _PFN_SHIFT, shared)
+        elif not is_present:
+            return                                   # nothing was there, nothing is
+        elif level == 1 or new & _L:
+            self.st[_ST_MAPPED[level]] += 1          # a new leaf (a new non-leaf is accounted when linked)
+        # handle_changed_spte_dirty_log(): a 4K entry that became writable (or now maps another page) is
+        # logged in its slot's bitmap, if the slot logs: mark_page_dirty_in_slot(__gfn_to_memslot(gfn), gfn)
+        if record_dirty_log and level == 1 and is_present and new & _W and (not old & _W or (old ^ new) & _PFN_MASK):
+            slots = self.slots
+            slot = slots.gfn_to_memslot_dirty_bitmap(gfn)
+            if slot is not None:
+                slots.mark_dirty(slot, gfn)
+                self.st[_ST_DIRTY] += 1
 
     # ------------------------------------------------------------------ teardown
 
