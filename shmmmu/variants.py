@@ -82,9 +82,15 @@ class Variant:
     # ("part.function", "the function beside it that replaces it"), applied when an Mmu is built
     replaces: tuple[tuple[str, str], ...] = ()
     stress_args: tuple[str, ...] = ()  # what `shmmmu stress` needs to give it its contention or geometry
+    # (kernel, its stress_args) where a profile needs other arguments than the above (K9's lock mode)
+    stress_args_by_kernel: tuple[tuple[str, tuple[str, ...]], ...] = ()
     traits: frozenset[str] = field(default_factory=frozenset)   # what checkers must know of a VM with it on
     # "part.function" of the kernel functions its replacements call that run only with it (coverage's universe)
     helpers: tuple[str, ...] = ()
+
+    def stress_args_of(self, kernel: str) -> tuple[str, ...]:
+        """What `shmmmu stress --kernel KERNEL` needs to give this switch its contention or geometry."""
+        return dict(self.stress_args_by_kernel).get(kernel, self.stress_args)
 
     def reverts(self) -> str:
         """The commits and the change, in one line: `ID SUBJECT (VERSION)`, ... then the words."""
@@ -107,12 +113,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
                     "(docs/internals.md, \"Which kernel: 6.12\")",
             variants=("fast-page-fault", "eager-page-split", "zap-range-leafs", "roots-held-until-invalid",
-                      "unmap-leafs")),
+                      "unmap-leafs", "clear-spte-bits")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
 _513 = ("5.13",)
 _612 = ("6.12",)
+_BOTH = ("5.13", "6.12")
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
     # ---- the 6.12 profile's own functions (always on in it)
@@ -147,6 +154,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             replaces=(("ioctl.zap_gfn_range_locked", "zap_gfn_range_612"),),
             traits=frozenset({"zap-range-invalidates"}),
             helpers=("zap.kvm_tdp_mmu_zap_leafs", "zap.tdp_mmu_zap_leafs", "ioctl._zap_gfn_range_invalidating")),
+    Variant("clear-spte-bits", KERNEL, _612, "", (),
+            "aging and KVM_CLEAR_DIRTY_LOG clear their one bit (A; W without PML) with tdp_mmu_clear_spte_bits, an "
+            "atomic AND where the processor may set A or D meanwhile, and skip handle_changed_spte (posting "
+            "'[PATCH v4 04/13] KVM: x86/mmu: Atomically clear SPTE dirty state in the clear-dirty-log flow', "
+            "2023; both callers so in the stored 6.9-6.10 tdp_mmu.c): an A or D the processor sets in the window "
+            "stays in the entry; the clear marks the host page dirty (kvm_set_pfn_dirty)",
+            "",
+            replaces=(("dirty.age_gfn_range", "age_gfn_range_612"),
+                      ("dirty.clear_dirty_pt_masked", "clear_dirty_pt_masked_612")),
+            helpers=("tdp.tdp_mmu_clear_spte_bits",)),
     Variant("roots-held-until-invalid", KERNEL, _612, "", ("edbdb43fc96b", "dab285e4ec73", "576a15de8d29",
                                                            "0df9dab891ff"),
             "a root is listed with a count of 2, the vCPU's reference and the TDP MMU's own, so it outlives its last "
@@ -208,19 +225,22 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "(forward-progress bound exceeded)",
             replaces=(("tdp.tdp_mmu_iter_cond_resched", "cond_resched_k1_no_progress_check"),),
             stress_args=("--lock-mode", "exclusive")),
-    Variant("advance-after-restart", BUG, _513, "K9", ("3a0f64de479c",), "CVE-2021-47094",
+    Variant("advance-after-restart", BUG, _BOTH, "K9", ("3a0f64de479c",), "CVE-2021-47094",
             "after yielding, the walk restarts and then advances, skipping the root-level entry "
-            "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables)",
+            "at next_last_level_gfn; zap-all leaves mappings behind (mapping outside any memslot, leaked tables). "
+            "Zap-all walks the root entries only, as 5.14's did (0103098fb4f1) and as 6.12's last pass of "
+            "tdp_mmu_zap_root does",
             replaces=(("tdp.tdp_mmu_iter_cond_resched", "cond_resched_k9_restart_then_advance"),
                       ("zap.kvm_tdp_mmu_zap_all", "zap_all_k9_root_entries")),
-            stress_args=("--lock-mode", "exclusive")),
+            # 6.12 has no exclusive (pre-series) lock mode: its faults take the read lock
+            stress_args=("--lock-mode", "exclusive"), stress_args_by_kernel=(("6.12", ()),)),
     Variant("yield-with-owed-flush", BUG, _513, "K11", ("a835429cda91",), "",
             "each root's zap_gfn_range starts with no flush owed, so a yield in a later root drops mmu_lock with "
             "an earlier root's zaps unflushed (the flush still comes at the end); faults install where the "
             "zapped translations are still cached (lock-dropped-unflushed, I6; install-before-flush)",
             replaces=(("zap.kvm_tdp_mmu_zap_gfn_range", "zap_gfn_range_k11_flush_not_passed"),
                       ("zap.kvm_tdp_mmu_zap_all", "zap_all_k11_flush_not_passed"))),
-    Variant("exclusive-plain-store", BUG, _513, "K14", ("ba3a6120a4e7",), "",
+    Variant("exclusive-plain-store", BUG, _BOTH, "K14", ("ba3a6120a4e7",), "",
             "the write-lock setter stores over a leaf whose A bit the processor may set meanwhile (an aged "
             "leaf), from the value it read before: the access is lost to the host (host-accessed-lost at the "
             "next aging or unmap)",
@@ -260,19 +280,21 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "!= holders)",
             replaces=(("roots.refcount_inc_not_zero", "refcount_inc_not_zero_plain"),
                       ("roots.refcount_dec_and_test", "refcount_dec_and_test_plain"))),
-    Variant("fault-into-invalid-root", BUG, _513, "", ("a955cad84cda",), "",
+    Variant("fault-into-invalid-root", BUG, _BOTH, "", ("a955cad84cda",), "",
             "a vCPU that took its fault before the invalidation installs into its invalid root behind the "
             "zapper, which has already emptied it (install-into-invalid-root: a zapped root holds entries)",
             replaces=(("fault.root_is_obsolete", "root_never_obsolete"),)),
     Variant("notifier-unsafe-root-walk", BUG, _513, "", ("7533377215b6",), "",
-            "5.13's notifier walks the roots without a reference and yields (may_block); the root's last "
+            "the MMU notifier's unmap walks the roots without a reference (for_each_tdp_mmu_root: 5.13 as "
+            "released; on 6.12, 6.12's walk with the fix reverted) and yields (may_block); the root's last "
             "reference goes meanwhile and the walk resumes in a freed table (use-after-free, Reader Pipe)",
             replaces=(("zap.kvm_tdp_mmu_unmap_gfn_range", "unmap_gfn_range_unsafe_root_walk"),)),
     Variant("unmap-skips-invalid-roots", BUG, _513, "", ("d62007edf01f",), "",
             "the zaps' yield-safe root walk skips invalid roots; an MMU notifier returns while an invalid root "
-            "whose zapper yielded still maps the range (mapping-after-unmap). This is 5.16-5.17's notifier "
-            "(7533377215b6 without the fix) grafted onto 5.13, whose own notifier walked every root; 5.13's "
-            "valid-only walk was in zap range and zap-all, which the switch also reverts",
+            "whose zapper yielded still maps the range (mapping-after-unmap). On 5.13 this is 5.16-5.17's "
+            "notifier (7533377215b6 without the fix) grafted onto 5.13, whose own notifier walked every root; "
+            "5.13's valid-only walk was in zap range and zap-all, which the switch also reverts. On 6.12 it is "
+            "6.12's notifier and zap-all with the fix reverted (their walks pass only_valid = true)",
             replaces=(("zap.kvm_tdp_mmu_zap_gfn_range", "zap_gfn_range_valid_roots_only"),
                       ("zap.kvm_tdp_mmu_zap_all", "zap_all_valid_roots_only"))),
     Variant("mmu-seq-int-snapshot", BUG, _612, "B10", ("d75c1b7bdedd",), "",
@@ -310,6 +332,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
             "for write)",
             replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_k15_reclaim_under_read_lock"),)),
+    Variant("pages-lock-in-tdp-mmu-fault", BUG, _612, "K15", ("47b0c2e4c220",),
+            "CVE-2022-45869 in 6.12's shape: make_mmu_pages_available under the read lock after the fast page "
+            "fault, as direct_page_fault ran a TDP MMU fault before the fix",
+            "the fault that the fast page fault could not fix runs write-lock-only page reclaim under the read "
+            "lock, between is_page_fault_stale and kvm_tdp_mmu_map (lockdep assertion: must be held for write)",
+            replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_fast_first_k15"),)),
 ]}
 
 # the old name of the switch table, kept for readers of earlier docs

@@ -20,7 +20,7 @@ DEFAULT_EXECUTIONS = 20_000
 # the scenarios where the 6.12 profile runs other code than 5.13: a write fault on a write-protected leaf (the fast
 # page fault; only dirty logging write-protects), enabling or clearing the log (eager splitting),
 # kvm_zap_gfn_range (the write lock, an invalidation, leaves only), the MMU notifier's unmap (leaves only, every
-# root) and the roots' lifecycle where it races (a memslot update's invalidation and zap, a vCPU's reload); elsewhere
+# root), aging (A cleared alone by an atomic AND) and the roots' lifecycle where it races (a memslot update's invalidation and zap, a vCPU's reload); elsewhere
 # 6.12's fast path only walks and hands the fault to 5.13's, and its roots are loaded in the prologue and freed by
 # the end checks.  The slow set's 10,000-execution runs and tools/bound_table.py run these under both.
 PATHS_612 = ("dirty-log", "manual-clear", "split-huge", "split-log", "clear-split", "seq-wrap", "mix",
@@ -29,4 +29,4 @@ PATHS_612 = ("dirty-log", "manual-clear", "split-huge", "split-log", "clear-spli
              "cover-dirty-clear", "cover-dirty-disable",
              "memslot-roots", "memslot-fault", "memslot-unmap", "unmap-reload", "zap-roots-yield", "fault-unmap",
              "fault-unmap-first-page", "kick-unmap", "age-unmap", "psc-unmap", "cover-unmap", "cover-memslot",
-             "cover-memslot-move", "cover-roots")
+             "cover-memslot-move", "cover-roots", "age-reaccess")

@@ -1,4 +1,5 @@
-"""Actors: the bodies the explorer's scenarios run: guest accesses, host operations, the reclaimer, a kworker.
+"""Actors: the bodies the explorer's scenarios run: guest accesses, host operations, the reclaimer, a kworker,
+readers and writers of mmu_lock alone.
 
 Each returns the function an actor runs (shmmmu.explore.scenarios builds its
 scenarios from them; shmmmu.explore.explorer's Context gives them their
@@ -59,3 +60,57 @@ def kworker(ctx: Context, host: int) -> Callable[[], None]:
             if not roots.kworker_pass():
                 ctx.waits.relax()                # wait for work to be queued
     return run
+
+
+# ---- mmu_lock alone: a writer and readers around it (qrwlock's fairness and its cmpxchg)
+
+def reader_vs_waiting_writer(ctx: Context) -> None:
+    from shmmmu.rwlock import QW_WAITING
+
+    def writer() -> None:
+        lock = ctx.host(0).lock
+        lock.write_lock()
+        lock.write_unlock()
+
+    def reader() -> None:
+        # qrwlock's fairness: a reader that finds a writer waiting for the readers to drain (_QW_WAITING)
+        # queues behind it, so it can never hold the lock while that writer still waits
+        lock = ctx.host(1).lock
+        for _ in range(3):
+            waiting = lock.w.load(lock.cnts) & QW_WAITING
+            lock.read_lock()
+            if waiting and lock.w.load(lock.cnts) & QW_WAITING:
+                ctx.notes["barged"] = True
+            lock.read_unlock()
+    ctx.actor("host", writer)
+    ctx.actor("host1", reader)
+
+
+def readers_around_waiting_writer(ctx: Context) -> None:
+    from shmmmu.rwlock import QW_WAITING
+
+    # a reader that leaves while a writer waits for the readers to drain, and one that arrives in the moment the
+    # writer sees them drained: the arrival's bias is in the count until it backs out, which is why
+    # queued_write_lock_slowpath takes _QW_LOCKED with a cmpxchg (a plain store erases that bias)
+    def writer() -> None:
+        lock = ctx.host(0).lock
+        lock.write_lock()
+        ctx.notes["written"] = True         # set under the lock: a reader that sees it holds no read lock yet,
+        lock.write_unlock()                 # and one that does not will see the writer's WAITING in the count
+
+    def leaving() -> None:
+        # a long read-side section (a walk) that ends once the writer waits (or has been): its spin lets the
+        # writer run without a preemption, as a walk of many steps would
+        lock = ctx.host(1).lock
+        lock.read_lock()
+        while not lock.w.load(lock.cnts) & QW_WAITING and not ctx.notes.get("written"):
+            lock.waits.relax()
+        lock.read_unlock()
+
+    def arriving() -> None:
+        lock = ctx.host(2).lock
+        lock.read_lock()
+        lock.read_unlock()
+    ctx.actor("host1", leaving)
+    ctx.actor("host", writer)
+    ctx.actor("host2", arriving)

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shmmmu.explore.actors import accesses, host_ops, kworker, reclaimer
+from shmmmu.explore.actors import (accesses, host_ops, kworker, reader_vs_waiting_writer, reclaimer,
+                                   readers_around_waiting_writer)
 from shmmmu.layout import MemslotSpec
 from shmmmu.workloads import EXEC, READ, WRITE, make_value
 
@@ -434,7 +435,7 @@ def _memslot_roots(ctx: Context) -> None:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-fault", "two vCPUs fault neighbouring pages on a fresh tree: both link the same new tables",
-             ("fault-plain-store", "pages-lock-in-read-fault"), _fault_fault, n_vcpus=2),
+             ("fault-plain-store", "pages-lock-in-read-fault", "pages-lock-in-tdp-mmu-fault"), _fault_fault, n_vcpus=2),
     Scenario("fault-zap", "a fault builds a fresh path while the host zaps the range under the read lock "
              "(5.13's kvm_zap_gfn_range)", ("link-after-publish", "zero-removed-children", "cas-over-removed",
                                             "rcu-free-immediately"), _fault_zap),
@@ -450,8 +451,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("fault-unmap", "a fault resolves its host page while the host migrates it (MMU notifier)",
              ("no-notifier-recheck",), _fault_unmap),
     Scenario("zap-yield", "an exclusive zap yields to a faulting vCPU that keeps using translations it cached",
-             ("no-forward-progress",), _zap_yield, prologue=_premap(list(range(16))),
-             lock_mode="exclusive"),
+             ("no-forward-progress",), _zap_yield, prologue=_premap(list(range(16))), lock_mode="exclusive"),
+    Scenario("zap-all-yield-shared", "zap-all-yield with its fault under the read lock, 6.12's only mode",
+             ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]), memslots=((0, 1024, 1),)),
     Scenario("zap-all-yield", "zap-all of two root entries yields to a faulting vCPU",
              ("advance-after-restart",), _zap_all_yield, prologue=_premap([1, 600, 900]),
              memslots=((0, 1024, 1),), lock_mode="exclusive"),
@@ -521,28 +523,6 @@ def for_bug(bug: str) -> Scenario:
 # the first page of an invalidation, a huge fault beside enabling dirty logging, a re-access after aging,
 # NX tracking beside a zap and beside another fault, and a reader that comes back while a writer waits.
 
-def _reader_vs_waiting_writer(ctx: Context) -> None:
-    from shmmmu.rwlock import QW_WAITING
-
-    def writer() -> None:
-        lock = ctx.host(0).lock
-        lock.write_lock()
-        lock.write_unlock()
-
-    def reader() -> None:
-        # qrwlock's fairness: a reader that finds a writer waiting for the readers to drain (_QW_WAITING)
-        # queues behind it, so it can never hold the lock while that writer still waits
-        lock = ctx.host(1).lock
-        for _ in range(3):
-            waiting = lock.w.load(lock.cnts) & QW_WAITING
-            lock.read_lock()
-            if waiting and lock.w.load(lock.cnts) & QW_WAITING:
-                ctx.notes["barged"] = True
-            lock.read_unlock()
-    ctx.actor("host", writer)
-    ctx.actor("host1", reader)
-
-
 def _barged_oracle(ctx: Context) -> list[str]:
     return (["lock-unfair: a reader took mmu_lock past a writer waiting for the readers to drain"]
             if ctx.notes.get("barged") else [])
@@ -583,5 +563,7 @@ SCENARIOS.update({s.name: s for s in [
                           ctx.actor("vCPU1", accesses(ctx, 1, [(20, EXEC)]))),
              prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True, n_vcpus=2),
     Scenario("reader-vs-waiting-writer", "a reader takes mmu_lock again and again while a writer waits for it "
-             "(qrwlock fairness)", (), _reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
+             "(qrwlock fairness)", (), reader_vs_waiting_writer, oracle=_barged_oracle, n_host=2),
+    Scenario("readers-around-writer", "a reader leaves mmu_lock while a writer waits for the readers to drain "
+             "and another arrives as the writer takes it", (), readers_around_waiting_writer, n_host=3),
 ]})

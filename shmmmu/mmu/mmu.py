@@ -385,6 +385,18 @@ class MmuFault(Part):
         st[_ST_RESULT[r]] += 1
         return r
 
+    def page_fault_fast_first_k15(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
+        """Variant pages-lock-in-tdp-mmu-fault (K15 in 6.12's shape, before 47b0c2e4c220): 6.12's fault, the fast
+        page fault first, and a fault it could not fix takes the read lock and runs make_mmu_pages_available
+        before the map, as direct_page_fault ran a TDP MMU fault before the fix (read in a 5.19-6.0 mmu.c)."""
+        r = self.fast_page_fault(gfn, write, exec_fault)
+        if r != RET_PF_INVALID:
+            st = self.st
+            st[_ST_FAULTS] += 1
+            st[_ST_RESULT[r]] += 1
+            return r
+        return self.page_fault_k15_reclaim_under_read_lock(gfn, write, exec_fault)
+
     def direct_page_fault(self, gfn: int, write: bool, exec_fault: bool = False) -> int:
         """direct_page_fault() of the pre-series MMU (the exclusive baseline): everything under the write lock."""
         fault = self._begin(gfn, write, exec_fault)

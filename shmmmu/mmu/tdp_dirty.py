@@ -61,6 +61,24 @@ class TdpDirty(Part):
             self.rcu.read_unlock()
         return young
 
+    def age_gfn_range_612(self, root: int, start: int, end: int) -> list[tuple[int, int]]:
+        """age_gfn_range() of 6.12 (write lock, no yield): A is cleared alone by tdp_mmu_clear_spte_bits, an
+        atomic AND where the processor may set A/D meanwhile; nothing else of the entry changes, so nothing is
+        handed to handle_changed_spte (6.12 only traces the change)."""
+        self.kvm.lockdep_assert_held_write()
+        young = []
+        clear_bits = self.tdp.tdp_mmu_clear_spte_bits
+        self.rcu.read_lock()
+        try:
+            for it in for_each_leaf(self.kvm.new_iter(root, 1, start), end):
+                if not it.old_spte & _A:
+                    continue
+                young.append((it.gfn, it.level))
+                it.old_spte = clear_bits(it.sptep, it.old_spte, _A, it.level)
+        finally:
+            self.rcu.read_unlock()
+        return young
+
     def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> list[tuple[int, int]]:
         """kvm_tdp_mmu_age_gfn_range(): age_gfn_range on every root (for_each_tdp_mmu_root)."""
         roots = self.roots
@@ -152,7 +170,13 @@ class TdpDirty(Part):
         of an already protected leaf, so the walk cannot stop early and runs on past the mask."""
         return self._clear_dirty_pt_masked(root, gfn, mask, True)
 
-    def _clear_dirty_pt_masked(self, root: int, gfn: int, mask: int, late: bool) -> bool:
+    def clear_dirty_pt_masked_612(self, root: int, gfn: int, mask: int) -> bool:
+        """clear_dirty_pt_masked() of 6.12 (write lock): W (no PML here) is cleared alone by
+        tdp_mmu_clear_spte_bits, then the host page is marked dirty (kvm_set_pfn_dirty), with no
+        handle_changed_spte: only W changed, and the guest may have written the page since the last harvest."""
+        return self._clear_dirty_pt_masked(root, gfn, mask, False, clear_bits=True)
+
+    def _clear_dirty_pt_masked(self, root: int, gfn: int, mask: int, late: bool, clear_bits: bool = False) -> bool:
         kvm = self.kvm
         kvm.lockdep_assert_held_write()
         if not mask:
@@ -179,7 +203,11 @@ class TdpDirty(Part):
                 if late:
                     mask &= ~bit                              # K3: only after it
                 kvm.mark_unflushed()
-                self.tdp.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
+                if clear_bits:
+                    it.old_spte = self.tdp.tdp_mmu_clear_spte_bits(it.sptep, spte, _W, 1)
+                    kvm.kvm_set_pfn_dirty((it.old_spte & _PFN_MASK) >> _PFN_SHIFT)
+                else:
+                    self.tdp.tdp_mmu_set_spte(it, spte & ~_W, record_dirty_log=False)
                 changed = True
             if mask & visited:
                 # the mask must only name leaves not yet handled, or the walk cannot stop early (K3)

@@ -41,6 +41,7 @@ _D = S.DIRTY
 _REMOVED = S.REMOVED
 _PFN_MASK = S.PFN_MASK
 _PFN_SHIFT = S.PFN_SHIFT
+_U64 = (1 << 64) - 1
 
 _ST_CAS_FAIL = STAT["cas_failures"]
 _ST_REMOVED_SEEN = STAT["removed_seen"]
@@ -123,6 +124,17 @@ class TdpMmu(Part):
             self.kvm.torture_delay_volatile()        # the processor may set A/D meanwhile
             return self.tables.xchg(sptep, new)
         self.tables.store(sptep, new)
+        return old
+
+    def tdp_mmu_clear_spte_bits(self, sptep: int, old: int, mask: int, level: int) -> int:
+        """tdp_mmu_clear_spte_bits() (tdp_iter.h, 6.4 on; profile 6.12): clear only `mask`, with one atomic AND
+        where the processor may still set A or D (kvm_tdp_mmu_spte_need_atomic_write), so a bit it sets
+        meanwhile stays in the entry, where 5.13's exchange of a whole value computed from `old` drops it from
+        the entry (reporting it to the host page); a plain store elsewhere.  Returns the value replaced."""
+        if spte_has_volatile_bits(old, level):
+            self.kvm.torture_delay_volatile()        # the processor may set A/D meanwhile
+            return self.tables.fetch_and(sptep, ~mask & _U64)
+        self.tables.store(sptep, old & ~mask)
         return old
 
     def write_spte_k14_plain_store(self, sptep: int, old: int, new: int, level: int) -> int:

@@ -429,14 +429,23 @@ def test_tracepoints_of_a_run_match_the_kernels_formats(tmpenv: dict, vm_name: s
 
 
 def test_tracepoints_of_stress(tmp_path: Path) -> None:
-    out = tmp_path / "stress.trace"
-    p = shmmmu("stress", "--duration", "1.5", "--vcpus", "2", "--seed", "3", "--json", "--tracepoints", str(out))
-    assert p.returncode == 0, p.stderr[-3000:]
-    counts = check_lines(out)
-    assert set(counts) == set(PRINTK)
-    text = out.read_text()
+    """Every event of the kernel's set appears, each line in its printk format, and a removed table's entries are
+    frozen to REMOVED_SPTE.  What a run of a given length does depends on the machine's speed (beside two CPU
+    hogs and another suite, 1.5 s once did no such teardown), so a run short of it is run again twice as long:
+    the formats are checked on every run, the presence on the last."""
+    removed = re.compile(r"kvm_tdp_mmu_spte_changed: +as id 0 gfn [0-9a-f]+ level 1 old_spte 0 new_spte 5a0$", re.M)
+    for duration in (1.5, 3, 6, 12):
+        out = tmp_path / f"stress-{duration}.trace"
+        p = shmmmu("stress", "--duration", str(duration), "--vcpus", "2", "--seed", "3", "--json", "--tracepoints",
+                   str(out))
+        assert p.returncode == 0, p.stderr[-3000:]
+        counts = check_lines(out)
+        text = out.read_text()
+        if set(counts) == set(PRINTK) and removed.search(text):
+            break
+    assert set(counts) == set(PRINTK), (duration, sorted(set(PRINTK) - set(counts)))
     # shared mode: handle_removed_tdp_mmu_page exchanges every entry of a removed table to REMOVED_SPTE (0x5a0)
-    assert re.search(r"kvm_tdp_mmu_spte_changed: +as id 0 gfn [0-9a-f]+ level 1 old_spte 0 new_spte 5a0$", text, re.M)
+    assert removed.search(text), duration
     p = shmmmu("trace", "summary", str(out))
     assert p.returncode == 0 and "kvm_mmu_prepare_zap_page" in p.stdout
 

@@ -57,6 +57,17 @@ def test_names_are_checked_against_the_profile() -> None:
         VMConfig.from_json(VMConfig(kernel="4.19").to_json())
 
 
+def test_stress_arguments_follow_the_kernel() -> None:
+    """K9's matrix entry runs the exclusive baseline on 5.13 and the read-lock fault path on 6.12, which has no
+    exclusive mode; a switch with no override gives every kernel its stress_args."""
+    k9 = VARIANTS["advance-after-restart"]
+    assert k9.stress_args_of("5.13") == ("--lock-mode", "exclusive") and k9.stress_args_of("6.12") == ()
+    k17 = VARIANTS["zap-all-phys-end"]
+    assert k17.stress_args_of("5.13") == k17.stress_args == ("--bits", "9")
+    for v in VARIANTS.values():
+        assert {k for k, _ in v.stress_args_by_kernel} <= set(v.profiles), v.name
+
+
 def test_traits_follow_the_switches() -> None:
     assert traits(DEFAULT_PROFILE, []) == frozenset()
     assert "page-list" in traits(DEFAULT_PROFILE, ["link-after-publish"])
