@@ -28,6 +28,7 @@ import numpy as np
 
 from shmmmu import violations
 from shmmmu.variants import DEFAULT_PROFILE, PROFILE_NAMES, check_names
+from shmmmu.atomics import Words
 from shmmmu.checks import check_all
 from shmmmu.explore.coverage import Coverage
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
@@ -165,6 +166,7 @@ class Explorer:
             self.region.wrap_words(lambda section, words: PointWords(section, words, ref,
                                                                      section not in UNDECIDED_SECTIONS))
             self.violations_np = self.region.array("violations")
+            self.violations_raw = Words(self.violations_np.reshape(-1))     # read at every point, no point itself
             ctx = Context(self, None)
             # every vCPU has run before the race starts: each holds its root (kvm_mmu_load), so the
             # actors race in the MMU, not in loading their first roots under the write lock
@@ -206,7 +208,7 @@ class Explorer:
         self.reset()
         cov = self.coverage
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
-                          atomic=self.atomic, violation_words=self.violations_np, coverage=cov)
+                          atomic=self.atomic, violation_words=self.violations_raw, coverage=cov, keys=self.ref.keys)
         ctx = Context(self, sched)
         strategy.begin(index)
         self.ref.sched = sched

@@ -28,6 +28,7 @@ import numpy as np
 from greenlet import greenlet
 
 from shmmmu.explore.coverage import Coverage, access_site
+from shmmmu.atomics import Words
 from shmmmu.layout import ViolationRow
 
 OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
@@ -36,7 +37,11 @@ LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V, TOUCH = range(10)
 RUN, SPIN, SEM, DONE = range(4)
 ACTOR_DONE = "actor-done"    # a word of no section: actor k's end, written when it ends, read by daemons
 STATE_NAMES = ("runnable", "spinning", "asleep", "done")
+KEY_SHIFT = 32               # a word's key: its section's number << KEY_SHIFT | the word (SectionKeys)
+WORD_MASK = (1 << KEY_SHIFT) - 1
+_NO_WORDS: frozenset[int] = frozenset()
 MAX_TIMEOUTS = 40            # all actors asleep this often in one execution, only timeouts moving them: a deadlock
+_VIO_KIND = ViolationRow.KIND       # the first violation's kind: its word in the violations section
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _QUIET_FILES = (os.path.join(os.path.dirname(_HERE), "wait.py"), os.path.join(os.path.dirname(_HERE), "atomics.py"))
 
@@ -75,11 +80,33 @@ class Step:
     before: int = 0               # the word's value before the operation
 
 
+class SectionKeys:
+    """A number for each section (and pseudo-section: a semaphore, an actor's end) the scheduler sees: a word's
+    key is `base(section) + word`, one int, so the bookkeeping at every point makes no tuple and hashes no
+    string.  One per explorer: the numbers stay the same from one execution to the next."""
+
+    __slots__ = ("bases", "names")
+
+    def __init__(self) -> None:
+        self.bases: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def base(self, section: str) -> int:
+        b = self.bases.get(section)
+        if b is None:
+            b = self.bases[section] = len(self.names) << KEY_SHIFT
+            self.names.append(section)
+        return b
+
+    def split(self, key: int) -> tuple[str, int]:
+        return self.names[key >> KEY_SHIFT], key & WORD_MASK
+
+
 class Actor:
     """One actor: a function run as a greenlet, with its scheduling state."""
 
     __slots__ = ("id", "name", "fn", "g", "state", "dirty", "reads", "sem", "timed", "got_sem", "pending",
-                 "daemon", "sleep_seq", "backoff")
+                 "daemon", "sleep_seq", "backoff", "rbit", "wbit")
 
     def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
         self.id = aid
@@ -88,11 +115,14 @@ class Actor:
         self.g: greenlet | None = None
         self.state = RUN
         self.dirty = True          # another actor wrote a word this one touched since it last spun
-        self.reads: set[tuple[str, int]] = set()         # the words it touched since it last spun
+        self.reads: set[int] = set()         # the words (keys) it touched since it last spun
         self.sem = ""
         self.timed = False
         self.got_sem = False
-        self.pending: tuple = ("start", 0, False)       # (section, word, is_write) of its next operation
+        # (section, word, is_write) of its next operation: kept only when the scheduler traces (the recorder's)
+        self.pending: tuple = ("start", 0, False)
+        self.rbit = 1 << aid                  # its bits in a word's access mask (Scheduler.access)
+        self.wbit = 1 << (aid + 32)
         self.daemon = daemon                             # runs until the others are done (the reclaimer)
         self.sleep_seq = 0
         self.backoff = False                             # spinning in a back-off (a yield), not on a condition
@@ -106,22 +136,29 @@ class Scheduler:
     """Runs one execution of actors under a strategy (shmmmu.explore.strategy)."""
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
-                 atomic: frozenset[str] = frozenset(), violation_words: np.ndarray | None = None,
-                 coverage: Coverage | None = None):
+                 atomic: frozenset[str] = frozenset(), violation_words: Any = None,
+                 coverage: Coverage | None = None, keys: SectionKeys | None = None):
+        """`violation_words`: the violations section, unwrapped (its first row's kind is read at every point,
+        no point itself): a Words or a numpy array.  `keys`: the explorer's section numbers (SectionKeys)."""
         self.strategy = strategy
         self.step_bound = step_bound
         self.trace = trace
         self.no_points = no_points           # sections whose words are no scheduling points
         self.atomic = atomic                 # functions whose operations are no scheduling points (one step)
-        self.vio = violation_words           # raw view of the violations section (no point when read)
-        self.vio_ctl: np.ndarray | None = None
+        if isinstance(violation_words, np.ndarray):
+            violation_words = Words(violation_words.reshape(-1))
+        self._vio_load = violation_words.load if violation_words is not None else None
         self.coverage = coverage             # shmmmu.explore.coverage, when --coverage asks
+        self.keys = keys if keys is not None else SectionKeys()
+        # what the strategy decides by, fixed for an execution: the decisions' words (None: every point)
+        # and whether it wants the operations on them (strategy.py's is_choice and event)
+        self._points: dict[str, set[int]] | None = strategy.points
+        self._events: bool = strategy.wants_events
         self.actors: list[Actor] = []
         self.current: Actor | None = None
         self.on = False
         self.aborting = False
         self.steps = 0
-        self.writes = 0
         self.timeouts = 0
         self.sems: dict[str, int] = {}
         self.sleepers: dict[str, list[Actor]] = {}
@@ -131,8 +168,8 @@ class Scheduler:
         self.decisions: list[int] = []       # the chosen actor at every decision (the DFS tree's path)
         self.switches: list[tuple[int, int, int]] = []    # (step, k, actor) where the choice was not the default
         self.preemptions = 0
-        # every word this execution touched: section -> word -> actor bits (1 << id: read, 1 << 32 + id: write)
-        self.access: dict[str, dict[int, int]] = {}
+        # every word this execution touched: key (SectionKeys) -> actor bits (1 << id: read, 1 << 32 + id: write)
+        self.access: dict[int, int] = {}
         self._key = (0, -1)                  # the decision being made: (step, -1) at a point, (step, k) a wait's
         self._wait_step = -1
         self._wait_k = 0
@@ -174,8 +211,9 @@ class Scheduler:
             try:
                 a.fn()
                 # its end is a write the daemons' "are the others done" reads see (Context.others_done)
-                self._did(a, ACTOR_DONE, a.id, True)
-                self.wrote(ACTOR_DONE, a.id)
+                key = self.keys.base(ACTOR_DONE) + a.id
+                self._did(a, ACTOR_DONE, key, a.id, True)
+                self._wrote(key)
             except Abort:
                 pass
             except Stop:
@@ -211,20 +249,26 @@ class Scheduler:
     def point(self, section: str, word: int, write: bool, decide: bool = True) -> None:
         """Before an operation on a shared word: let the strategy pick who runs the next operation (unless
         `decide` is False: the debug checkers' own records), then note the operation as the actor's."""
+        self._point(section, self.keys.base(section) + word, word, write, decide)
+
+    def _point(self, section: str, key: int, word: int, write: bool, decide: bool) -> None:
+        """point() with the word's key made by the caller (PointWords keeps its section's base): the path of
+        every operation, so written out in one function."""
         if self.aborting:
             raise Abort
         a = self.current
-        self.steps += 1
-        if self.steps > self.step_bound:
+        steps = self.steps = self.steps + 1
+        if steps > self.step_bound:
             self.stop(Finding("livelock", f"no end after {self.step_bound} steps (step bound): the actors keep "
-                                          f"running without finishing", self.steps, a.name))
-        vio = self.vio
-        if vio is not None and vio[0, ViolationRow.KIND]:
-            self.stop(Finding("violation", "", self.steps, a.name))
-        a.pending = (section, word, write)
-        strategy = self.strategy
-        if decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)) \
-                and strategy.is_choice(section, word):
+                                          f"running without finishing", steps, a.name))
+        vio = self._vio_load
+        if vio is not None and vio(_VIO_KIND):
+            self.stop(Finding("violation", "", steps, a.name))
+        if self.trace:
+            a.pending = (section, word, write)
+        points = self._points
+        choice = points is None or word in points.get(section, _NO_WORDS)
+        if choice and decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)):
             en = self.enabled()
             if len(en) > 1:
                 nxt = self._decide(en, a, True, False)
@@ -232,42 +276,48 @@ class Scheduler:
                     self._switch(a, nxt)
         if self.coverage is not None and decide:
             self.coverage.access(a.id, section, word, write, access_site())
-        self._did(a, section, word, write)               # `a` runs its operation now
-
-    def _did(self, a: Actor, section: str, word: int, write: bool) -> None:
-        """An operation of `a` runs: for the conflicting words, the spinners' wake-up and the reduction."""
-        seen = self.access.get(section)
-        if seen is None:
-            seen = self.access[section] = {}
-        seen[word] = seen.get(word, 0) | (1 << (a.id + 32 if write else a.id))
-        a.reads.add((section, word))
-        strategy = self.strategy
+        # `a` runs its operation now: noted for the conflicting words, the spinners' wake-up and the reduction
+        access = self.access
+        access[key] = access.get(key, 0) | (a.wbit if write else a.rbit)
+        a.reads.add(key)
         # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
         # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
-        if strategy.wants_events and strategy.is_choice(section, word):
-            strategy.event(a.id, section, word, write)
+        if choice and self._events:
+            self.strategy.event(a.id, key, write)
+
+    def _did(self, a: Actor, section: str, key: int, word: int, write: bool) -> None:
+        """An operation of `a` runs without a point of its own (an actor's end, the rest of a bulk access): noted
+        as _point notes its operation."""
+        access = self.access
+        access[key] = access.get(key, 0) | (a.wbit if write else a.rbit)
+        a.reads.add(key)
+        points = self._points
+        if self._events and (points is None or word in points.get(section, _NO_WORDS)):
+            self.strategy.event(a.id, key, write)
 
     def touch(self, section: str, start: int, n: int, write: bool) -> None:
         """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
         snapshot): one scheduling point before it, and every word of it noted (and woken, if written)."""
-        self.point(section, start, write)
+        base = self.keys.base(section)
+        self._point(section, base + start, start, write, True)
         a = self.current
         cov = self.coverage
         site = access_site() if cov is not None else ""
         for w in range(start + 1, start + n):
             if cov is not None:
                 cov.access(a.id, section, w, write, site)
-            self._did(a, section, w, write)
+            self._did(a, section, base + w, w, write)
         if write:
             for w in range(start, start + n):
-                self.wrote(section, w)
+                self._wrote(base + w)
 
     def wrote(self, section: str, word: int) -> None:
         """A word changed: an actor that touched it since it last spun may now see something new (a spinner
         wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on."""
-        self.writes += 1
+        self._wrote(self.keys.base(section) + word)
+
+    def _wrote(self, key: int) -> None:
         cur = self.current
-        key = (section, word)
         for a in self.actors:
             if a is not cur and key in a.reads:
                 a.dirty = True
@@ -312,14 +362,18 @@ class Scheduler:
         return self._key
 
     def conflicts(self) -> dict[str, set[int]]:
-        """The words of this execution that two actors touched, at least one of them writing."""
-        out: dict[str, set[int]] = {}
+        """The words of this execution that two actors touched, at least one of them writing (sections in the
+        order this execution first touched them)."""
+        by_section: dict[int, set[int]] = {}
         low = (1 << 32) - 1
-        for section, seen in self.access.items():
-            words = {w for w, m in seen.items() if m >> 32 and ((m | m >> 32) & low).bit_count() >= 2}
-            if words:
-                out[section] = words
-        return out
+        for key, m in self.access.items():
+            words = by_section.get(key >> KEY_SHIFT)
+            if words is None:
+                words = by_section[key >> KEY_SHIFT] = set()
+            if m >> 32 and ((m | m >> 32) & low).bit_count() >= 2:
+                words.add(key & WORD_MASK)
+        names = self.keys.names
+        return {names[sid]: words for sid, words in by_section.items() if words}
 
     def _switch(self, a: Actor, nxt: Actor) -> None:
         self.current = nxt

@@ -43,7 +43,7 @@ class Diverged(Exception):
 class Strategy:
     name = "?"
     points: dict[str, set[int]] | None = None          # the decisions' words (None: every point decides)
-    wants_events = False                                # event() is called before every operation
+    wants_events = False                                # event() is called before every operation on a decision's word
 
     def is_choice(self, section: str, word: int) -> bool:
         p = self.points
@@ -181,8 +181,8 @@ class DfsStrategy(Strategy):
         self.top_path: list[int] = []               # this execution's decisions in the top
         # the reduction's view of this execution: vector clocks, each word's last write and the reads since
         self._clock: dict[int, list[int]] = {}
-        self._writes: dict[tuple[str, int], tuple] = {}
-        self._reads: dict[tuple[str, int], dict[int, tuple]] = {}
+        self._writes: dict[int, tuple] = {}             # by word key (sched.SectionKeys)
+        self._reads: dict[int, dict[int, tuple]] = {}
         self._pending = -1                          # the node just decided: the state before the next operation
         self._first = -1                            # the first node since the last operation: where a run begins
         self._block: dict[int, int] = {}            # actor -> the node where its current run began
@@ -245,13 +245,12 @@ class DfsStrategy(Strategy):
 
     # ------------------------------------------------------------------ the reduction
 
-    def event(self, actor: int, section: str, word: int, write: bool) -> None:
-        """An operation of `actor` on a word, about to run.  Races with earlier operations of other actors on
+    def event(self, actor: int, key: int, write: bool) -> None:
+        """An operation of `actor` on a word (its key: sched.SectionKeys), about to run.  Races with earlier operations of other actors on
         the word (one of the two writing, neither ordered before the other through a third) ask their nodes
         to try `actor` first (DPOR, Flanagan and Godefroid 2005); and, as bounded POR requires (Coons,
         Musuvathi and McKinley 2013), also at the node where the other actor's run began, where reversing
         the race needs no more preemptions than the run itself took."""
-        key = (section, word)
         q = actor
         node, first = self._pending, self._first
         self._pending = self._first = -1
