@@ -3,9 +3,10 @@
 `Explorer(scenario, bugs)` creates the scenario's VM (a real region with 8-entry
 tables, its words wrapped in scheduling points), runs the prologue with
 nobody racing, and keeps a copy of the whole mapping.  `execute(strategy, i)`
-puts the copy back (a memcpy of a few hundred KiB), makes the actors' handles
-afresh (each actor is its own worker slot: a VM, an Mmu, a Vcpu of its own),
-runs them under the scheduler and then the oracles.  `search` runs executions
+puts the copy back (a memcpy of a few hundred KiB), puts the actors' handles
+back as new (each actor is its own worker slot: a VM, an Mmu, a Vcpu of its
+own; shmmmu.explore.handles), runs them under the scheduler and then the
+oracles.  `search` runs executions
 until a finding, a limit, or (DFS) the bound is exhausted; `shrink` reduces a
 failing schedule to the fewest preemptions, then the fewest steps; a `Token`
 holds everything needed to run it again.
@@ -31,6 +32,7 @@ from shmmmu.variants import DEFAULT_PROFILE, PROFILE_NAMES, check_names
 from shmmmu.atomics import Words
 from shmmmu.checks import check_all
 from shmmmu.explore.coverage import Coverage
+from shmmmu.explore.handles import Handles
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
 from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
 from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
@@ -47,7 +49,7 @@ TOKEN_PREFIX = "shx2-"
 
 
 class Context:
-    """One execution's world: the actors' handles, made afresh, and notes the scenario keeps for its oracle."""
+    """One execution's world: the actors' handles, and notes the scenario keeps for its oracle."""
 
     def __init__(self, explorer: "Explorer", sched: Scheduler | None):
         self.explorer = explorer
@@ -61,6 +63,12 @@ class Context:
         self._vcpus: dict[int, Vcpu] = {}
         self._hosts: dict[int, Mmu] = {}
         self._reclaimer: tuple[Rcu, Pool] | None = None
+        # the explorer's handles, put back in place (shmmmu.explore.handles), or made afresh: in the prologue,
+        # where steps are traced (a step in a constructor is named so), and where coverage or tracepoints are on
+        self._handles: Handles | None = None
+        if sched is not None and explorer.handles is not None and not sched.trace and sched.coverage is None \
+                and not self.config.tracepoints:
+            self._handles = explorer.handles
 
     def _vm(self, worker: int) -> VM:
         return VM(self.region, worker, waits=self.waits, config=self.config)
@@ -68,7 +76,9 @@ class Context:
     def vcpu(self, i: int) -> Vcpu:
         v = self._vcpus.get(i)
         if v is None:
-            v = self._vcpus[i] = Vcpu(self._vm(i), i)       # its counters carry on from the prologue's
+            h = self._handles
+            # its counters carry on from the prologue's
+            v = self._vcpus[i] = h.vcpu(i) if h is not None else Vcpu(self._vm(i), i)
         return v
 
     def host(self, k: int = 0) -> Mmu:
@@ -76,13 +86,18 @@ class Context:
         if m is None:
             c = self.config
             worker = c.host_worker if k == 0 else c.reclaimer_worker + k
-            m = self._hosts[k] = Mmu(self._vm(worker), worker)
+            h = self._handles
+            m = self._hosts[k] = h.host(worker) if h is not None else Mmu(self._vm(worker), worker)
         return m
 
     def reclaimer(self) -> tuple[Rcu, Pool]:
         if self._reclaimer is None:
-            vm = self._vm(self.config.reclaimer_worker)
-            self._reclaimer = (vm.rcu, vm.pool)
+            h = self._handles
+            if h is not None:
+                self._reclaimer = h.reclaimer()
+            else:
+                vm = self._vm(self.config.reclaimer_worker)
+                self._reclaimer = (vm.rcu, vm.pool)
         return self._reclaimer
 
     def actor(self, name: str, fn: Callable[[], None], daemon: bool = False) -> None:
@@ -150,6 +165,7 @@ class Explorer:
         # the end-of-execution checks' verdicts by final state (see _oracles); None: every execution checks
         self.oracle_memo: dict[bytes, list[str]] | None = {}
         self.oracle_memo_hits = 0
+        self.handles: Handles | None = None          # the actors' handles, kept across executions (below)
         self.waits = ExploreWaits(self.ref)
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
@@ -184,12 +200,14 @@ class Explorer:
                 raise RuntimeError(f"the prologue of scenario {scenario.name} recorded a violation: "
                                    f"{violations.read_all(self.region)[0]}")
             self.initial = bytes(self.region.mm)
+            self.handles = Handles(self)
         except BaseException:
             self.vm.close()
             self.vm.unlink()
             raise
 
     def close(self) -> None:
+        self.handles = None                  # their views of the mapping go before it is closed
         self.vm.close()
         self.vm.unlink()
 
