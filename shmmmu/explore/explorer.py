@@ -1,4 +1,4 @@
-"""Explorer: one scenario on one small real region, executed again and again under a strategy; shrinking and replay tokens.
+"""Explorer: one scenario on one small real region, executed again and again under a strategy; shrinking.
 
 `Explorer(scenario, bugs)` creates the scenario's VM (a real region with 8-entry
 tables, its words wrapped in scheduling points), runs the prologue with
@@ -6,29 +6,26 @@ nobody racing, and keeps a copy of the whole mapping.  `execute(strategy, i)`
 puts the copy back (a memcpy of a few hundred KiB), puts the actors' handles
 back as new (each actor is its own worker slot: a VM, an Mmu, a Vcpu of its
 own; shmmmu.explore.handles), runs them under the scheduler and then the
-oracles.  `search` runs executions
-until a finding, a limit, or (DFS) the bound is exhausted; `shrink` reduces a
-failing schedule to the fewest preemptions, then the fewest steps; a `Token`
-holds everything needed to run it again.
+oracles.  `search` runs executions until a finding, a limit, or (DFS) the
+bound is exhausted; `shrink` reduces a failing schedule to the fewest
+preemptions, then the fewest steps; a `Token` (shmmmu.explore.tokens) holds
+everything needed to run it again.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import pickle
 import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from shmmmu import violations
-from shmmmu.variants import DEFAULT_PROFILE, PROFILE_NAMES, check_names
+from shmmmu.variants import DEFAULT_PROFILE, check_names
 from shmmmu.atomics import Words
 from shmmmu.checks import check_all
 from shmmmu.explore.coverage import Coverage
@@ -37,16 +34,15 @@ from shmmmu.explore.scenarios import SCENARIOS, Scenario
 from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
 from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
+from shmmmu.explore.tokens import TOKEN_PREFIX, Token  # noqa: F401  (a token is made from an explorer's result)
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
 from shmmmu.layout import Lock, Locks, VMConfig, WState
 from shmmmu.mmu import Mmu
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
+from shmmmu.snapshot import SECTIONS as SNAPSHOT_SECTIONS, Snapshot
 from shmmmu.vm import VM, create_vm
-
-TOKEN_PREFIX = "shx2-"
-
 
 class Context:
     """One execution's world: the actors' handles, and notes the scenario keeps for its oracle."""
@@ -200,6 +196,10 @@ class Explorer:
                 raise RuntimeError(f"the prologue of scenario {scenario.name} recorded a violation: "
                                    f"{violations.read_all(self.region)[0]}")
             self.initial = bytes(self.region.mm)
+            self._words_initial = np.frombuffer(self.initial, dtype=np.uint64)
+            self._words_now = np.frombuffer(self.region.mm, dtype=np.uint64)
+            # the configuration the end checks see, read from the header once (as a snapshot reads it)
+            self._check_config = VMConfig.from_json(self.region.config)
             self.handles = Handles(self)
         except BaseException:
             self.vm.close()
@@ -208,6 +208,7 @@ class Explorer:
 
     def close(self) -> None:
         self.handles = None                  # their views of the mapping go before it is closed
+        self._words_now = None
         self.vm.close()
         self.vm.unlink()
 
@@ -311,7 +312,12 @@ class Explorer:
             notes = pickle.dumps(sorted(ctx.notes.items()), protocol=5)
         except Exception:                       # noqa: BLE001 (a note that does not pickle: check every time)
             return None
-        h = hashlib.blake2b(self.region.mm, digest_size=16)
+        # the state by the words that differ from the initial one (which every execution starts from): the
+        # same partition of final states as a digest of every byte, for a compare and a few KiB hashed
+        now = self._words_now
+        changed = np.flatnonzero(now != self._words_initial)
+        h = hashlib.blake2b(changed.tobytes(), digest_size=16)
+        h.update(now[changed].tobytes())
         h.update(notes)
         return h.digest()
 
@@ -339,10 +345,19 @@ class Explorer:
             return None
         return Finding("check", "; ".join(found[:3]), steps)
 
+    def _snapshot(self) -> Snapshot:
+        """What shmmmu.snapshot copies of the region, with the configuration parsed once: the explorer's own
+        small region, copied between executions (no memory check, no header to parse again)."""
+        r = self.region
+        return Snapshot(name=r.name, config=self._check_config,
+                        sections={s: np.array(r.array(s), copy=True) for s in SNAPSHOT_SECTIONS},
+                        creator_pid=r.creator_pid, creator_start=r.creator_start, size=r.size,
+                        created_ns=r.created_ns)
+
     def _final_checks(self, ctx: Context) -> list[str]:
         found = [str(v).removeprefix("!!! ") for v in violations.read_all(self.region)]
         if not found:
-            found = [str(p) for p in check_all(self.vm)] + check_guest_memory(self.vm)
+            found = [str(p) for p in check_all(self._snapshot())] + check_guest_memory(self.vm)
         if not found and self.scenario.oracle is not None:
             found = self.scenario.oracle(ctx)
         if not found:
@@ -351,109 +366,6 @@ class Explorer:
                 found = [f"table-leak: {left} tables still on the page list after the VM was destroyed "
                          f"(kvm_mmu_uninit_tdp_mmu's WARN)"]
         return found
-
-
-# ---------------------------------------------------------------- tokens
-
-# a token is untrusted input (pasted from a mail or a bug report): bounded before it is decoded
-MAX_TOKEN_CHARS = 1 << 20
-MAX_TOKEN_JSON = 4 << 20
-MAX_SWITCHES = 100_000
-MAX_STEPS = 10_000_000
-
-
-def _damaged(why: str) -> ValueError:
-    return ValueError(f"the replay token is damaged ({why}); copy it whole")
-
-
-def _int(x: Any, lo: int, hi: int, what: str) -> int:
-    if type(x) is not int or not lo <= x <= hi:
-        raise _damaged(f"{what} must be an integer from {lo} to {hi}")
-    return x
-
-
-def _str(x: Any, what: str) -> str:
-    if type(x) is not str or len(x) > 200:
-        raise _damaged(f"{what} must be a short string")
-    return x
-
-
-def _strs(x: Any, what: str) -> list[str]:
-    if type(x) is not list or len(x) > 64:
-        raise _damaged(f"{what} must be a short list of strings")
-    return [_str(v, what) for v in x]
-
-
-@dataclass
-class Token:
-    """Everything needed to run one schedule again: scenario, switches, parameters, the schedule's switches
-    (step, k, actor), and what it found."""
-
-    scenario: str
-    bugs: list[str]
-    params: dict
-    switches: list[tuple[int, int, int]]
-    atomic: list[str] = field(default_factory=list)
-    steps: int = 0
-    finding: str = ""
-    kernel: str = DEFAULT_PROFILE
-
-    def encode(self) -> str:
-        doc = {"s": self.scenario, "b": self.bugs, "p": self.params, "w": [list(w) for w in self.switches],
-               "a": self.atomic, "t": self.steps, "f": self.finding}
-        if self.kernel != DEFAULT_PROFILE:
-            doc["k"] = self.kernel                   # tokens of the default profile stay as they were
-        raw = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
-        return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, text: str) -> "Token":
-        """The token's fields, each checked (type, range, size); ValueError in one line for anything else."""
-        t = text.strip()
-        if t.startswith("shx1-"):
-            raise ValueError("this token was made by an older shmmmu (shx1-): run its search again for a new one")
-        if not t.startswith(TOKEN_PREFIX):
-            raise ValueError(f"not a replay token (they start with {TOKEN_PREFIX})")
-        if len(t) > MAX_TOKEN_CHARS:
-            raise _damaged(f"longer than {MAX_TOKEN_CHARS} characters")
-        body = t[len(TOKEN_PREFIX):]
-        try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-            z = zlib.decompressobj()
-            text_json = z.decompress(raw, MAX_TOKEN_JSON)
-            if z.unconsumed_tail:
-                raise _damaged(f"it decompresses to more than {MAX_TOKEN_JSON} bytes")
-            doc = json.loads(text_json, parse_constant=lambda c: (_ for _ in ()).throw(_damaged(c)))
-        except ValueError as e:
-            raise e if str(e).startswith("the replay token") else _damaged("not base64, zlib and JSON") from None
-        except (zlib.error, RecursionError):
-            raise _damaged("not base64, zlib and JSON") from None
-        if type(doc) is not dict:
-            raise _damaged("not an object")
-        try:
-            w = doc["w"]
-            if type(w) is not list or len(w) > MAX_SWITCHES:
-                raise _damaged(f"the switches must be a list of at most {MAX_SWITCHES}")
-            switches = []
-            for x in w:
-                if type(x) is not list or len(x) != 3:
-                    raise _damaged("each switch is [step, k, actor]")
-                switches.append((_int(x[0], 0, MAX_STEPS, "a switch's step"), _int(x[1], -1, 1 << 20, "a switch's k"),
-                                 _int(x[2], 0, 31, "a switch's actor")))
-            params = doc["p"]
-            if type(params) is not dict or len(params) > 16:
-                raise _damaged("the parameters must be an object")
-            for k, v in params.items():
-                _str(k, "a parameter's name")
-                _int(v, -(1 << 62), 1 << 62, f"the parameter {k}")
-            kernel = _str(doc.get("k", DEFAULT_PROFILE), "the kernel")
-            if kernel not in PROFILE_NAMES:
-                raise _damaged(f"kernel {kernel!r} is none of {', '.join(PROFILE_NAMES)}")
-            return cls(_str(doc["s"], "the scenario"), _strs(doc["b"], "the bug switches"), dict(params), switches,
-                       _strs(doc["a"], "the atomic functions"), _int(doc["t"], 0, MAX_STEPS, "the steps"),
-                       _str(doc["f"], "the finding"), kernel)
-        except KeyError as e:
-            raise _damaged(f"no field {e.args[0]!r}") from None
 
 
 def scenario_with(name: str, params: dict) -> Scenario:
