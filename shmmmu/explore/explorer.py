@@ -227,7 +227,8 @@ class Explorer:
         self.reset()
         cov = self.coverage
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
-                          atomic=self.atomic, violation_words=self.violations_raw, coverage=cov, keys=self.ref.keys)
+                          atomic=self.atomic, violation_words=self.violations_raw, coverage=cov, keys=self.ref.keys,
+                          ref=self.ref)
         ctx = Context(self, sched)
         strategy.begin(index)
         self.ref.sched = sched

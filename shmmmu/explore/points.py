@@ -51,64 +51,73 @@ class PointWords:
             if s.trace:
                 s.record(TOUCH, self._sec, start, (n, write), None, 0)
 
-    def _traced(self, op: int, i: int, write: bool, fn, *args):
-        """An operation while the scheduler traces: the point, the value before, the step recorded."""
+    def _other(self, op: int, i: int, write: bool, fn, *args):
+        """An operation with a scheduler in place that is not running an execution fast: between its start and
+        its run (straight through), or in a traced or covered execution (the full point, the step recorded)."""
         s = self._s.sched
+        if not s.on:
+            return fn(i, *args)
         s.point(self._sec, i, write, self._decide)
-        before = self._load(i)
+        before = self._load(i) if s.trace else 0
         r = fn(i, *args)
         if write and (op != CAS or r == args[0]):
             s.wrote(self._sec, i)
-        s.record(op, self._sec, i, args, r, before)
+        if s.trace:
+            s.record(op, self._sec, i, args, r, before)
         return r
 
-    # each operation: outside an execution straight through; else the point (the strategy may hand the
-    # processor to another actor there), the operation, and a write noted for the spinners' wake-up
+    # each operation: in an execution the point (the strategy may hand the processor to another actor there),
+    # the operation, and a write noted for the spinners' wake-up; outside one straight through
 
     def load(self, i: int) -> int:
-        s = self._s.sched
-        if s is None or not s.on:
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            s._point(self._sec, self._base + i, i, False, self._decide)
             return self._load(i)
-        if s.trace:
-            return self._traced(LOAD, i, False, self._load)
-        s._point(self._sec, self._base + i, i, False, self._decide)
-        return self._load(i)
+        if ref.sched is None:
+            return self._load(i)
+        return self._other(LOAD, i, False, self._load)
 
     def store(self, i: int, value: int) -> None:
-        s = self._s.sched
-        if s is None or not s.on:
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            s._point(self._sec, key, i, True, self._decide)
+            self._store(i, value)
+            s._wrote(key)
+            return None
+        if ref.sched is None:
             return self._store(i, value)
-        if s.trace:
-            return self._traced(STORE, i, True, self._store, value)
-        key = self._base + i
-        s._point(self._sec, key, i, True, self._decide)
-        self._store(i, value)
-        s._wrote(key)
+        return self._other(STORE, i, True, self._store, value)
 
     def cas(self, i: int, expected: int, new: int) -> int:
-        s = self._s.sched
-        if s is None or not s.on:
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            s._point(self._sec, key, i, True, self._decide)
+            r = self._cas(i, expected, new)
+            if r == expected:
+                s._wrote(key)
+            return r
+        if ref.sched is None:
             return self._cas(i, expected, new)
-        if s.trace:
-            return self._traced(CAS, i, True, self._cas, expected, new)
-        key = self._base + i
-        s._point(self._sec, key, i, True, self._decide)
-        r = self._cas(i, expected, new)
-        if r == expected:
-            s._wrote(key)
-        return r
+        return self._other(CAS, i, True, self._cas, expected, new)
 
     def _rmw(self, op: int, fn, i: int, arg: int) -> int:
-        s = self._s.sched
-        if s is None or not s.on:
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            s._point(self._sec, key, i, True, self._decide)
+            r = fn(i, arg)
+            s._wrote(key)
+            return r
+        if ref.sched is None:
             return fn(i, arg)
-        if s.trace:
-            return self._traced(op, i, True, fn, arg)
-        key = self._base + i
-        s._point(self._sec, key, i, True, self._decide)
-        r = fn(i, arg)
-        s._wrote(key)
-        return r
+        return self._other(op, i, True, fn, arg)
 
     def xchg(self, i: int, value: int) -> int:
         return self._rmw(XCHG, self._xchg, i, value)
@@ -184,13 +193,32 @@ class PointColumn:
     def word(self, row: int) -> int:
         return self._word(row)
 
+    # load and store, the columns' hot operations, are PointWords' written out (one call fewer each)
+
     def load(self, row: int) -> int:
-        if not 0 <= row < self.rows:                # _word written out: a column's load is a hot path
+        if not 0 <= row < self.rows:
             raise IndexError(f"row {row} out of range [0, {self.rows})")
-        return self._p.load(row * self.width + self.field)
+        p = self._p
+        i = row * self.width + self.field
+        s = p._s.fast
+        if s is None:
+            return p.load(i)
+        s._point(p._sec, p._base + i, i, False, p._decide)
+        return p._load(i)
 
     def store(self, row: int, value: int) -> None:
-        return self._p.store(self._word(row), value)
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range [0, {self.rows})")
+        p = self._p
+        i = row * self.width + self.field
+        s = p._s.fast
+        if s is None:
+            return p.store(i, value)
+        key = p._base + i
+        s._point(p._sec, key, i, True, p._decide)
+        p._store(i, value)
+        s._wrote(key)
+        return None
 
     def cas(self, row: int, expected: int, new: int) -> int:
         return self._p.cas(self._word(row), expected, new)
@@ -210,12 +238,14 @@ class PointColumn:
 
 class SchedRef:
     """The scheduler the region's PointWords consult (None between executions: every operation passes through),
-    and the explorer's section numbers (the words' keys)."""
+    the same scheduler as `fast` while it runs an execution neither traced nor covered (Scheduler._point's
+    path), and the explorer's section numbers (the words' keys)."""
 
-    __slots__ = ("sched", "keys")
+    __slots__ = ("sched", "fast", "keys")
 
     def __init__(self) -> None:
         self.sched: Scheduler | None = None
+        self.fast: Scheduler | None = None
         self.keys = SectionKeys()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +40,6 @@ ACTOR_DONE = "actor-done"    # a word of no section: actor k's end, written when
 STATE_NAMES = ("runnable", "spinning", "asleep", "done")
 KEY_SHIFT = 32               # a word's key: its section's number << KEY_SHIFT | the word (SectionKeys)
 WORD_MASK = (1 << KEY_SHIFT) - 1
-_NO_WORDS: frozenset[int] = frozenset()
 MAX_TIMEOUTS = 40            # all actors asleep this often in one execution, only timeouts moving them: a deadlock
 _VIO_KIND = ViolationRow.KIND       # the first violation's kind: its word in the violations section
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,22 +137,27 @@ class Scheduler:
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
                  atomic: frozenset[str] = frozenset(), violation_words: Any = None,
-                 coverage: Coverage | None = None, keys: SectionKeys | None = None):
+                 coverage: Coverage | None = None, keys: SectionKeys | None = None, ref: Any = None):
         """`violation_words`: the violations section, unwrapped (its first row's kind is read at every point,
-        no point itself): a Words or a numpy array.  `keys`: the explorer's section numbers (SectionKeys)."""
+        no point itself): a Words or a numpy array.  `keys`: the explorer's section numbers (SectionKeys).
+        `ref`: the region's points' SchedRef (points.py), whose `fast` is this scheduler while it runs an
+        execution neither traced nor covered: its operations then take _point's path."""
         self.strategy = strategy
         self.step_bound = step_bound
         self.trace = trace
         self.no_points = no_points           # sections whose words are no scheduling points
         self.atomic = atomic                 # functions whose operations are no scheduling points (one step)
+        if violation_words is None:
+            violation_words = np.zeros(_VIO_KIND + 1, dtype=np.uint64)      # none recorded, ever
         if isinstance(violation_words, np.ndarray):
             violation_words = Words(violation_words.reshape(-1))
-        self._vio_load = violation_words.load if violation_words is not None else None
+        self._vio_load = violation_words.load
         self.coverage = coverage             # shmmmu.explore.coverage, when --coverage asks
         self.keys = keys if keys is not None else SectionKeys()
-        # what the strategy decides by, fixed for an execution: the decisions' words (None: every point)
-        # and whether it wants the operations on them (strategy.py's is_choice and event)
-        self._points: dict[str, set[int]] | None = strategy.points
+        self.ref = ref
+        # what the strategy decides by, fixed for an execution: the keys of the decisions' words (None: every
+        # point) and whether it wants the operations on them (strategy.py's is_choice and event)
+        self._choices: set[int] | None = strategy.choice_keys(self.keys)
         self._events: bool = strategy.wants_events
         self.actors: list[Actor] = []
         self.current: Actor | None = None
@@ -169,7 +174,7 @@ class Scheduler:
         self.switches: list[tuple[int, int, int]] = []    # (step, k, actor) where the choice was not the default
         self.preemptions = 0
         # every word this execution touched: key (SectionKeys) -> actor bits (1 << id: read, 1 << 32 + id: write)
-        self.access: dict[int, int] = {}
+        self.access: defaultdict[int, int] = defaultdict(int)
         self._key = (0, -1)                  # the decision being made: (step, -1) at a point, (step, k) a wait's
         self._wait_step = -1
         self._wait_k = 0
@@ -188,7 +193,11 @@ class Scheduler:
         self._main = greenlet.getcurrent()
         for a in self.actors:
             a.g = greenlet(self._body(a), parent=self._main)
+        self.strategy.start(self)
         self.on = True
+        ref = self.ref
+        if ref is not None and not self.trace and self.coverage is None:
+            ref.fast = self
         try:
             while self.finding is None:
                 en = self.enabled()
@@ -203,6 +212,8 @@ class Scheduler:
             pass
         finally:
             self.on = False
+            if ref is not None:
+                ref.fast = None
             self._kill()
         return self.finding
 
@@ -212,7 +223,7 @@ class Scheduler:
                 a.fn()
                 # its end is a write the daemons' "are the others done" reads see (Context.others_done)
                 key = self.keys.base(ACTOR_DONE) + a.id
-                self._did(a, ACTOR_DONE, key, a.id, True)
+                self._did(a, key, True)
                 self._wrote(key)
             except Abort:
                 pass
@@ -248,12 +259,19 @@ class Scheduler:
 
     def point(self, section: str, word: int, write: bool, decide: bool = True) -> None:
         """Before an operation on a shared word: let the strategy pick who runs the next operation (unless
-        `decide` is False: the debug checkers' own records), then note the operation as the actor's."""
+        `decide` is False: the debug checkers' own records), then note the operation as the actor's.  What
+        a traced or covered execution notes besides (the operation pending, the access's site) is here; the
+        rest is _point's."""
+        a = self.current
+        if self.trace:
+            a.pending = (section, word, write)
         self._point(section, self.keys.base(section) + word, word, write, decide)
+        if self.coverage is not None and decide:
+            self.coverage.access(a.id, section, word, write, access_site())
 
     def _point(self, section: str, key: int, word: int, write: bool, decide: bool) -> None:
         """point() with the word's key made by the caller (PointWords keeps its section's base): the path of
-        every operation, so written out in one function."""
+        every operation of an execution neither traced nor covered, so written out in one function."""
         if self.aborting:
             raise Abort
         a = self.current
@@ -261,52 +279,46 @@ class Scheduler:
         if steps > self.step_bound:
             self.stop(Finding("livelock", f"no end after {self.step_bound} steps (step bound): the actors keep "
                                           f"running without finishing", steps, a.name))
-        vio = self._vio_load
-        if vio is not None and vio(_VIO_KIND):
+        if self._vio_load(_VIO_KIND):
             self.stop(Finding("violation", "", steps, a.name))
-        if self.trace:
-            a.pending = (section, word, write)
-        points = self._points
-        choice = points is None or word in points.get(section, _NO_WORDS)
+        choices = self._choices
+        choice = choices is None or key in choices
         if choice and decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)):
             en = self.enabled()
             if len(en) > 1:
                 nxt = self._decide(en, a, True, False)
                 if nxt is not a:
                     self._switch(a, nxt)
-        if self.coverage is not None and decide:
-            self.coverage.access(a.id, section, word, write, access_site())
         # `a` runs its operation now: noted for the conflicting words, the spinners' wake-up and the reduction
-        access = self.access
-        access[key] = access.get(key, 0) | (a.wbit if write else a.rbit)
+        self.access[key] |= a.wbit if write else a.rbit
         a.reads.add(key)
         # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
         # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
         if choice and self._events:
             self.strategy.event(a.id, key, write)
 
-    def _did(self, a: Actor, section: str, key: int, word: int, write: bool) -> None:
+    def _did(self, a: Actor, key: int, write: bool) -> None:
         """An operation of `a` runs without a point of its own (an actor's end, the rest of a bulk access): noted
         as _point notes its operation."""
-        access = self.access
-        access[key] = access.get(key, 0) | (a.wbit if write else a.rbit)
+        self.access[key] |= a.wbit if write else a.rbit
         a.reads.add(key)
-        points = self._points
-        if self._events and (points is None or word in points.get(section, _NO_WORDS)):
-            self.strategy.event(a.id, key, write)
+        if self._events:
+            choices = self._choices
+            if choices is None or key in choices:
+                self.strategy.event(a.id, key, write)
 
     def touch(self, section: str, start: int, n: int, write: bool) -> None:
         """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
         snapshot): one scheduling point before it, and every word of it noted (and woken, if written)."""
         base = self.keys.base(section)
-        self._point(section, base + start, start, write, True)
+        self.point(section, start, write)
         a = self.current
         cov = self.coverage
         site = access_site() if cov is not None else ""
         for w in range(start + 1, start + n):
             if cov is not None:
                 cov.access(a.id, section, w, write, site)
-            self._did(a, section, base + w, w, write)
+            self._did(a, base + w, write)
         if write:
             for w in range(start, start + n):
                 self._wrote(base + w)
