@@ -66,14 +66,17 @@ class PointWords:
             s.record(op, self._sec, i, args, r, before)
         return r
 
-    # each operation: in an execution the point (the strategy may hand the processor to another actor there),
-    # the operation, and a write noted for the spinners' wake-up; outside one straight through
+    # each operation: in an execution the point (the C base notes one that decides nothing, SchedCore._note;
+    # else Scheduler._point, where the strategy may hand the processor to another actor), the operation, and
+    # a write noted for the spinners' wake-up; outside an execution straight through
 
     def load(self, i: int) -> int:
         ref = self._s
         s = ref.fast
         if s is not None:
-            s._point(self._sec, self._base + i, i, False, self._decide)
+            key = self._base + i
+            if s._note(key, False):
+                s._point(self._sec, key, i, False, self._decide)
             return self._load(i)
         if ref.sched is None:
             return self._load(i)
@@ -84,7 +87,8 @@ class PointWords:
         s = ref.fast
         if s is not None:
             key = self._base + i
-            s._point(self._sec, key, i, True, self._decide)
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
             self._store(i, value)
             s._wrote(key)
             return None
@@ -97,7 +101,8 @@ class PointWords:
         s = ref.fast
         if s is not None:
             key = self._base + i
-            s._point(self._sec, key, i, True, self._decide)
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
             r = self._cas(i, expected, new)
             if r == expected:
                 s._wrote(key)
@@ -111,7 +116,8 @@ class PointWords:
         s = ref.fast
         if s is not None:
             key = self._base + i
-            s._point(self._sec, key, i, True, self._decide)
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
             r = fn(i, arg)
             s._wrote(key)
             return r
@@ -203,7 +209,9 @@ class PointColumn:
         s = p._s.fast
         if s is None:
             return p.load(i)
-        s._point(p._sec, p._base + i, i, False, p._decide)
+        key = p._base + i
+        if s._note(key, False):
+            s._point(p._sec, key, i, False, p._decide)
         return p._load(i)
 
     def store(self, row: int, value: int) -> None:
@@ -215,7 +223,8 @@ class PointColumn:
         if s is None:
             return p.store(i, value)
         key = p._base + i
-        s._point(p._sec, key, i, True, p._decide)
+        if s._note(key, True):
+            s._point(p._sec, key, i, True, p._decide)
         p._store(i, value)
         s._wrote(key)
         return None

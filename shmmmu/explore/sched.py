@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ import numpy as np
 from greenlet import greenlet
 
 from shmmmu.explore.coverage import Coverage, access_site
+from shmmmu._sched import ActorCore, SchedCore
 from shmmmu.atomics import Words
 from shmmmu.layout import ViolationRow
 
@@ -102,11 +102,12 @@ class SectionKeys:
         return self.names[key >> KEY_SHIFT], key & WORD_MASK
 
 
-class Actor:
-    """One actor: a function run as a greenlet, with its scheduling state."""
+class Actor(ActorCore):
+    """One actor: a function run as a greenlet, with its scheduling state (what every point touches is the C
+    base's: dirty, reads, rset, wset; shmmmu/_sched.c)."""
 
-    __slots__ = ("id", "name", "fn", "g", "state", "dirty", "reads", "sem", "timed", "got_sem", "pending",
-                 "daemon", "sleep_seq", "backoff", "rbit", "wbit")
+    __slots__ = ("id", "name", "fn", "g", "state", "sem", "timed", "got_sem", "pending", "daemon", "sleep_seq",
+                 "backoff")
 
     def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
         self.id = aid
@@ -115,14 +116,16 @@ class Actor:
         self.g: greenlet | None = None
         self.state = RUN
         self.dirty = True          # another actor wrote a word this one touched since it last spun
-        self.reads: set[int] = set()         # the words (keys) it touched since it last spun
+        # the words (keys) it touched since it last spun, noted only while it is not dirty (a dirty actor's next
+        # spin forgets them unread: it looks again at once)
+        self.reads: set[int] = set()
+        self.rset: set[int] = set()           # every word it read, and wrote, in this execution (conflicts())
+        self.wset: set[int] = set()
         self.sem = ""
         self.timed = False
         self.got_sem = False
         # (section, word, is_write) of its next operation: kept only when the scheduler traces (the recorder's)
         self.pending: tuple = ("start", 0, False)
-        self.rbit = 1 << aid                  # its bits in a word's access mask (Scheduler.access)
-        self.wbit = 1 << (aid + 32)
         self.daemon = daemon                             # runs until the others are done (the reclaimer)
         self.sleep_seq = 0
         self.backoff = False                             # spinning in a back-off (a yield), not on a condition
@@ -132,8 +135,9 @@ class Stop(Exception):
     """Internal: unwinds the scheduler's main loop."""
 
 
-class Scheduler:
-    """Runs one execution of actors under a strategy (shmmmu.explore.strategy)."""
+class Scheduler(SchedCore):
+    """Runs one execution of actors under a strategy (shmmmu.explore.strategy); the points that decide nothing
+    are the C base's (SchedCore._note, shmmmu/_sched.c)."""
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
                  atomic: frozenset[str] = frozenset(), violation_words: Any = None,
@@ -152,6 +156,8 @@ class Scheduler:
         if isinstance(violation_words, np.ndarray):
             violation_words = Words(violation_words.reshape(-1))
         self._vio_load = violation_words.load
+        self._vio_owner = violation_words               # the C fast path reads the same word by its address
+        self._vio_addr = violation_words.address + 8 * _VIO_KIND
         self.coverage = coverage             # shmmmu.explore.coverage, when --coverage asks
         self.keys = keys if keys is not None else SectionKeys()
         self.ref = ref
@@ -173,8 +179,6 @@ class Scheduler:
         self.decisions: list[int] = []       # the chosen actor at every decision (the DFS tree's path)
         self.switches: list[tuple[int, int, int]] = []    # (step, k, actor) where the choice was not the default
         self.preemptions = 0
-        # every word this execution touched: key (SectionKeys) -> actor bits (1 << id: read, 1 << 32 + id: write)
-        self.access: defaultdict[int, int] = defaultdict(int)
         self._key = (0, -1)                  # the decision being made: (step, -1) at a point, (step, k) a wait's
         self._wait_step = -1
         self._wait_k = 0
@@ -290,8 +294,9 @@ class Scheduler:
                 if nxt is not a:
                     self._switch(a, nxt)
         # `a` runs its operation now: noted for the conflicting words, the spinners' wake-up and the reduction
-        self.access[key] |= a.wbit if write else a.rbit
-        a.reads.add(key)
+        (a.wset if write else a.rset).add(key)
+        if not a.dirty:
+            a.reads.add(key)
         # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
         # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
         if choice and self._events:
@@ -300,8 +305,9 @@ class Scheduler:
     def _did(self, a: Actor, key: int, write: bool) -> None:
         """An operation of `a` runs without a point of its own (an actor's end, the rest of a bulk access): noted
         as _point notes its operation."""
-        self.access[key] |= a.wbit if write else a.rbit
-        a.reads.add(key)
+        (a.wset if write else a.rset).add(key)
+        if not a.dirty:
+            a.reads.add(key)
         if self._events:
             choices = self._choices
             if choices is None or key in choices:
@@ -325,14 +331,9 @@ class Scheduler:
 
     def wrote(self, section: str, word: int) -> None:
         """A word changed: an actor that touched it since it last spun may now see something new (a spinner
-        wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on."""
+        wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on.
+        (SchedCore._wrote, by key.)"""
         self._wrote(self.keys.base(section) + word)
-
-    def _wrote(self, key: int) -> None:
-        cur = self.current
-        for a in self.actors:
-            if a is not cur and key in a.reads:
-                a.dirty = True
 
     def enabled(self) -> list[Actor]:
         out = []
@@ -374,18 +375,20 @@ class Scheduler:
         return self._key
 
     def conflicts(self) -> dict[str, set[int]]:
-        """The words of this execution that two actors touched, at least one of them writing (sections in the
-        order this execution first touched them)."""
-        by_section: dict[int, set[int]] = {}
-        low = (1 << 32) - 1
-        for key, m in self.access.items():
-            words = by_section.get(key >> KEY_SHIFT)
-            if words is None:
-                words = by_section[key >> KEY_SHIFT] = set()
-            if m >> 32 and ((m | m >> 32) & low).bit_count() >= 2:
-                words.add(key & WORD_MASK)
+        """The words of this execution that two actors touched, at least one of them writing."""
+        actors = self.actors
+        touched = [a.rset | a.wset for a in actors]
+        found: set[int] = set()
+        for i, a in enumerate(actors):
+            if a.wset:
+                for j, t in enumerate(touched):
+                    if j != i:
+                        found |= a.wset & t
         names = self.keys.names
-        return {names[sid]: words for sid, words in by_section.items() if words}
+        out: dict[str, set[int]] = {}
+        for key in sorted(found):
+            out.setdefault(names[key >> KEY_SHIFT], set()).add(key & WORD_MASK)
+        return out
 
     def _switch(self, a: Actor, nxt: Actor) -> None:
         self.current = nxt
