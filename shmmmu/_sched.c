@@ -8,7 +8,7 @@
  * turn out to conflict, and for the spinners' wake-up).  As Python that was most
  * of an execution's cost.  Two base types carry it:
  *
- *   ActorCore  members dirty, reads, rset, wset: whether another actor wrote a
+ *   ActorCore  members state, dirty, reads, rset, wset: runnable or waiting (how), whether another actor wrote a
  *              word this one touched since it last spun, the words (keys) it
  *              touched since then (kept only while not dirty: a dirty actor's
  *              next spin forgets them unread), and every word it read, wrote.
@@ -19,7 +19,9 @@
  *                the step bound passed, a violation recorded), changing nothing;
  *                else the step counted and the word noted, False;
  *              _wrote(key): a word changed: every other actor not yet dirty
- *                that touched it since it last spun is dirty.
+ *                that touched it since it last spun is dirty;
+ *              enabled(): the actors that may run, a spinner whose word
+ *                changed runnable again.
  *
  * shmmmu.explore.sched.Actor and Scheduler derive from them; Scheduler._point
  * does what _note does, in Python, for the points it hands back, and
@@ -30,8 +32,13 @@
 #include <structmember.h>
 #include <stdint.h>
 
+/* Actor.state: what shmmmu/explore/sched.py calls RUN and SPIN */
+#define STATE_RUN 0
+#define STATE_SPIN 1
+
 typedef struct {
     PyObject_HEAD
+    int state;
     char dirty;
     PyObject *reads;
     PyObject *rset;
@@ -65,6 +72,7 @@ Actor_dealloc(ActorCore *self)
 }
 
 static PyMemberDef Actor_members[] = {
+    {"state", T_INT, offsetof(ActorCore, state), 0, "runnable, spinning, asleep or done (sched.py's RUN ... DONE)"},
     {"dirty", T_BOOL, offsetof(ActorCore, dirty), 0, "another actor wrote a word this one touched since it last spun"},
     {"reads", T_OBJECT_EX, offsetof(ActorCore, reads), 0, "the words (keys) it touched since it last spun"},
     {"rset", T_OBJECT_EX, offsetof(ActorCore, rset), 0, "every word (key) it read in this execution"},
@@ -174,7 +182,32 @@ Sched_wrote(SchedCore *self, PyObject *key)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+Sched_enabled(SchedCore *self, PyObject *unused)
+{
+    PyObject *actors = self->actors;
+    if (actors == NULL || !PyList_Check(actors)) {
+        PyErr_SetString(PyExc_TypeError, "enabled: the actors must be a list");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(actors); k++) {
+        PyObject *o = PyList_GET_ITEM(actors, k);
+        if (!PyObject_TypeCheck(o, &ActorCoreType)) continue;
+        ActorCore *a = (ActorCore *)o;
+        if (a->state == STATE_SPIN && a->dirty) a->state = STATE_RUN;     /* a word it spins on changed */
+        if (a->state == STATE_RUN && PyList_Append(out, o) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef Sched_methods[] = {
+    {"enabled", (PyCFunction)Sched_enabled, METH_NOARGS,
+     "enabled(): the actors that may run now, in id order (a spinner whose word changed runs again)"},
     {"_note", (PyCFunction)(void (*)(void))Sched_note, METH_FASTCALL,
      "_note(key, write): True if the point must be taken in full, else the step counted and the word noted"},
     {"_wrote", (PyCFunction)Sched_wrote, METH_O, "_wrote(key): the word changed: wake the actors that touched it"},

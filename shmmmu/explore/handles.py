@@ -122,7 +122,7 @@ def reset_mmu(mmu: Mmu, tlb: Tlb | None) -> None:
     Memslots.__init__(kvm.slots, kvm.vm)
     TlbControl.__init__(kvm.tlbctl, kvm.vm, worker, tlb)
     kvm.st[:] = _ZEROS                       # in place: every part and the Vcpu hold this list
-    kvm.st_carried = [int(x) for x in region.array("stats")[worker][:N_STATS]]
+    kvm.st_carried = region.array("stats")[worker][:N_STATS].tolist()     # Kvm's list of ints, made at once
     kvm.holds_unflushed = False
     if kvm._torture_delay_s:
         kvm._torture_rng = random.Random(config.seed * 1000 + worker)

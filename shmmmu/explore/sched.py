@@ -35,7 +35,7 @@ from shmmmu.layout import ViolationRow
 OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
             "touch")
 LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V, TOUCH = range(10)
-RUN, SPIN, SEM, DONE = range(4)
+RUN, SPIN, SEM, DONE = range(4)          # RUN and SPIN are shmmmu/_sched.c's STATE_RUN and STATE_SPIN too
 ACTOR_DONE = "actor-done"    # a word of no section: actor k's end, written when it ends, read by daemons
 STATE_NAMES = ("runnable", "spinning", "asleep", "done")
 KEY_SHIFT = 32               # a word's key: its section's number << KEY_SHIFT | the word (SectionKeys)
@@ -104,10 +104,9 @@ class SectionKeys:
 
 class Actor(ActorCore):
     """One actor: a function run as a greenlet, with its scheduling state (what every point touches is the C
-    base's: dirty, reads, rset, wset; shmmmu/_sched.c)."""
+    base's: state, dirty, reads, rset, wset; shmmmu/_sched.c)."""
 
-    __slots__ = ("id", "name", "fn", "g", "state", "sem", "timed", "got_sem", "pending", "daemon", "sleep_seq",
-                 "backoff")
+    __slots__ = ("id", "name", "fn", "g", "sem", "timed", "got_sem", "pending", "daemon", "sleep_seq", "backoff")
 
     def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
         self.id = aid
@@ -136,8 +135,8 @@ class Stop(Exception):
 
 
 class Scheduler(SchedCore):
-    """Runs one execution of actors under a strategy (shmmmu.explore.strategy); the points that decide nothing
-    are the C base's (SchedCore._note, shmmmu/_sched.c)."""
+    """Runs one execution of actors under a strategy (shmmmu.explore.strategy); the points that decide nothing,
+    the wake-up and the enabled actors are the C base's (SchedCore._note, _wrote, enabled: shmmmu/_sched.c)."""
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
                  atomic: frozenset[str] = frozenset(), violation_words: Any = None,
@@ -334,17 +333,6 @@ class Scheduler(SchedCore):
         wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on.
         (SchedCore._wrote, by key.)"""
         self._wrote(self.keys.base(section) + word)
-
-    def enabled(self) -> list[Actor]:
-        out = []
-        for a in self.actors:
-            s = a.state
-            if s == RUN:
-                out.append(a)
-            elif s == SPIN and a.dirty:
-                a.state = RUN
-                out.append(a)
-        return out
 
     def _decide(self, en: list[Actor], cur: Actor | None, preemptive: bool, wait: bool) -> Actor:
         """Ask the strategy who runs among `en`.  The default is `cur` if it is enabled, else the lowest id;

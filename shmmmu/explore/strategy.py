@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from operator import attrgetter
+
+_ID = attrgetter("id")              # an actor's id (a C call: the decisions make lists of them)
 
 
 class Diverged(Exception):
@@ -213,7 +216,7 @@ class DfsStrategy(Strategy):
         self._width = len(sched.actors)
 
     def choose(self, sched, enabled, default, preemptive):
-        ids = [a.id for a in enabled]
+        ids = list(map(_ID, enabled))
         cost = self.cost
         if preemptive and cost + 1 > self.bound:
             return default                          # no alternative within the bound: not a node
@@ -253,7 +256,9 @@ class DfsStrategy(Strategy):
                 if self.frozen_from and d >= self.frozen_from:
                     node.done = list(ids)               # below the enumeration depth: one path only
             self.stack.append(node)
-        self.cost = cost + node.price(node.chosen)
+        if node.preemptive and node.chosen != node.default:       # node.price(node.chosen), written out
+            cost += 1
+        self.cost = cost
         if d < self.top_depth:
             self.top_path.append(node.chosen)
         self._pending = d
@@ -276,21 +281,25 @@ class DfsStrategy(Strategy):
         bounded POR requires (Coons, Musuvathi and McKinley 2013), also at the node where the other actor's run
         began, where reversing the race needs no more preemptions than the run itself took."""
         q = actor
-        node, first = self._pending, self._first
-        self._pending = self._first = -1
+        node = self._pending
         if node < 0:
             node = first = self.depth - 1       # no decision just before: the last one, within q's run
+        else:
+            first = self._first
+            self._pending = self._first = -1
         if q != self._runner:
             self._runner = q
-            self._block[q] = first              # every decision since the last operation led here
-        block = self._block.get(q, -1)
-        clock = self._clock.get(q)
+            self._block[q] = block = first      # every decision since the last operation led here
+        else:
+            block = self._block[q]
+        clocks = self._clock
+        clock = clocks.get(q)
         if clock is None:
-            clock = self._clock[q] = [0] * self._width
+            clock = clocks[q] = [0] * self._width
         # the operations this one depends on: the word's last write by another actor, and (a write) the reads
         # of others since; each not ordered before this operation by q's clock is a race, and its clock joins
         # q's (the races are judged by q's clock before any joins)
-        new = list(clock)
+        new = clock.copy()
         new[q] += 1
         w = self._writes.get(key)
         if w is not None and w[0] != q:
@@ -298,9 +307,9 @@ class DfsStrategy(Strategy):
                 self._backtrack(w[3], q)
                 if w[4] != w[3]:
                     self._backtrack(w[4], q)
-            new = [a if a >= b else b for a, b in zip(new, w[2])]
+            new = list(map(max, new, w[2]))
         if write:
-            rd = self._reads.get(key)
+            rd = self._reads.pop(key, None)
             if rd:
                 for p, v in rd.items():
                     if p != q:
@@ -308,18 +317,16 @@ class DfsStrategy(Strategy):
                             self._backtrack(v[3], q)
                             if v[4] != v[3]:
                                 self._backtrack(v[4], q)
-                        new = [a if a >= b else b for a, b in zip(new, v[2])]
-        self._clock[q] = new
-        entry = (q, new[q], new, node, block)
-        if write:
-            self._writes[key] = entry
-            self._reads.pop(key, None)
+                        new = list(map(max, new, v[2]))
+            clocks[q] = new
+            self._writes[key] = (q, new[q], new, node, block)
         else:
+            clocks[q] = new
             rd = self._reads.get(key)
             if rd is None:
-                self._reads[key] = {q: entry}
+                self._reads[key] = {q: (q, new[q], new, node, block)}
             else:
-                rd[q] = entry
+                rd[q] = (q, new[q], new, node, block)
 
     def _backtrack(self, index: int, actor: int) -> None:
         if 0 <= index < len(self.stack):
