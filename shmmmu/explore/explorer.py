@@ -162,6 +162,9 @@ class Explorer:
         self.oracle_memo: dict[bytes, list[str]] | None = {}
         self.oracle_memo_hits = 0
         self.handles: Handles | None = None          # the actors' handles, kept across executions (below)
+        # the points that decide nothing noted in C (sched.SchedCore._note); False: every point is Python's
+        # Scheduler._point (the same steps: tests/model/test_explore_handles.py runs both)
+        self.fast_points = True
         self.waits = ExploreWaits(self.ref)
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
@@ -200,7 +203,7 @@ class Explorer:
             self._words_now = np.frombuffer(self.region.mm, dtype=np.uint64)
             # the configuration the end checks see, read from the header once (as a snapshot reads it)
             self._check_config = VMConfig.from_json(self.region.config)
-            self.handles = Handles(self)
+            self.handles = Handles(self.region, self.config, self.waits)
         except BaseException:
             self.vm.close()
             self.vm.unlink()
@@ -228,7 +231,7 @@ class Explorer:
         cov = self.coverage
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
                           atomic=self.atomic, violation_words=self.violations_raw, coverage=cov, keys=self.ref.keys,
-                          ref=self.ref)
+                          ref=self.ref if self.fast_points else None)
         ctx = Context(self, sched)
         strategy.begin(index)
         self.ref.sched = sched

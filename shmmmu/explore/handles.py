@@ -22,12 +22,11 @@ is in), where coverage is recorded, and with tracepoints.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shmmmu.guest import Vcpu
-from shmmmu.layout import N_STATS
+from shmmmu.layout import N_STATS, VMConfig
 from shmmmu.memslots import Memslots
 from shmmmu.mmu import Mmu
 from shmmmu.mmu.debug import Debug
@@ -36,10 +35,9 @@ from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
 from shmmmu.rwlock import HELD_NONE, LockStats
 from shmmmu.tlb import Tlb, TlbControl
+from shmmmu.region import Region
 from shmmmu.vm import VM
-
-if TYPE_CHECKING:
-    from shmmmu.explore.explorer import Explorer
+from shmmmu.wait import Waits
 
 _ZEROS = [0] * N_STATS
 
@@ -47,10 +45,11 @@ _ZEROS = [0] * N_STATS
 class Handles:
     """An explorer's handles by worker slot: made on first use, put back in place on every later one."""
 
-    def __init__(self, explorer: "Explorer"):
-        self.region = explorer.region
-        self.config = explorer.config
-        self.waits = explorer.waits
+    def __init__(self, region: Region, config: VMConfig, waits: Waits):
+        """The explorer's region, its configuration and its waits (what every handle is made with)."""
+        self.region = region
+        self.config = config
+        self.waits = waits
         self._vcpus: dict[int, Vcpu] = {}
         self._hosts: dict[int, Mmu] = {}
         self._reclaimer: VM | None = None
