@@ -14,5 +14,10 @@ setup(
             sources=["shmmmu/_walker.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
         ),
+        Extension(
+            "shmmmu._sched",
+            sources=["shmmmu/_sched.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+        ),
     ]
 )

@@ -1,52 +1,51 @@
-"""Explorer: one scenario on one small real region, executed again and again under a strategy; shrinking and replay tokens.
+"""Explorer: one scenario on one small real region, executed again and again under a strategy; shrinking.
 
 `Explorer(scenario, bugs)` creates the scenario's VM (a real region with 8-entry
 tables, its words wrapped in scheduling points), runs the prologue with
 nobody racing, and keeps a copy of the whole mapping.  `execute(strategy, i)`
-puts the copy back (a memcpy of a few hundred KiB), makes the actors' handles
-afresh (each actor is its own worker slot: a VM, an Mmu, a Vcpu of its own),
-runs them under the scheduler and then the oracles.  `search` runs executions
-until a finding, a limit, or (DFS) the bound is exhausted; `shrink` reduces a
-failing schedule to the fewest preemptions, then the fewest steps; a `Token`
-holds everything needed to run it again.
+puts the copy back (a memcpy of a few hundred KiB), puts the actors' handles
+back as new (each actor is its own worker slot: a VM, an Mmu, a Vcpu of its
+own; shmmmu.explore.handles), runs them under the scheduler and then the
+oracles.  `search` runs executions until a finding, a limit, or (DFS) the
+bound is exhausted; `shrink` reduces a failing schedule to the fewest
+preemptions, then the fewest steps; a `Token` (shmmmu.explore.tokens) holds
+everything needed to run it again.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import pickle
 import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from shmmmu import violations
-from shmmmu.variants import DEFAULT_PROFILE, PROFILE_NAMES, check_names
+from shmmmu.variants import DEFAULT_PROFILE, check_names
+from shmmmu.atomics import Words
 from shmmmu.checks import check_all
 from shmmmu.explore.coverage import Coverage
+from shmmmu.explore.handles import Handles
 from shmmmu.explore.scenarios import SCENARIOS, Scenario
 from shmmmu.explore.points import ExploreWaits, PointWords, SchedRef
 from shmmmu.explore.sched import ACTOR_DONE, DONE, Finding, Scheduler, Step
 from shmmmu.explore.strategy import DfsStrategy, PctStrategy, RandomStrategy, Replay, Strategy
+from shmmmu.explore.tokens import TOKEN_PREFIX, Token  # noqa: F401  (a token is made from an explorer's result)
 from shmmmu.guest import Vcpu
 from shmmmu.integrity import check_guest_memory, guest_values
 from shmmmu.layout import Lock, Locks, VMConfig, WState
 from shmmmu.mmu import Mmu
 from shmmmu.pool import Pool
 from shmmmu.rcu import Rcu
+from shmmmu.snapshot import SECTIONS as SNAPSHOT_SECTIONS, Snapshot
 from shmmmu.vm import VM, create_vm
 
-TOKEN_PREFIX = "shx2-"
-
-
 class Context:
-    """One execution's world: the actors' handles, made afresh, and notes the scenario keeps for its oracle."""
+    """One execution's world: the actors' handles, and notes the scenario keeps for its oracle."""
 
     def __init__(self, explorer: "Explorer", sched: Scheduler | None):
         self.explorer = explorer
@@ -60,6 +59,12 @@ class Context:
         self._vcpus: dict[int, Vcpu] = {}
         self._hosts: dict[int, Mmu] = {}
         self._reclaimer: tuple[Rcu, Pool] | None = None
+        # the explorer's handles, put back in place (shmmmu.explore.handles), or made afresh: in the prologue,
+        # where steps are traced (a step in a constructor is named so), and where coverage or tracepoints are on
+        self._handles: Handles | None = None
+        if sched is not None and explorer.handles is not None and not sched.trace and sched.coverage is None \
+                and not self.config.tracepoints:
+            self._handles = explorer.handles
 
     def _vm(self, worker: int) -> VM:
         return VM(self.region, worker, waits=self.waits, config=self.config)
@@ -67,7 +72,9 @@ class Context:
     def vcpu(self, i: int) -> Vcpu:
         v = self._vcpus.get(i)
         if v is None:
-            v = self._vcpus[i] = Vcpu(self._vm(i), i)       # its counters carry on from the prologue's
+            h = self._handles
+            # its counters carry on from the prologue's
+            v = self._vcpus[i] = h.vcpu(i) if h is not None else Vcpu(self._vm(i), i)
         return v
 
     def host(self, k: int = 0) -> Mmu:
@@ -75,13 +82,18 @@ class Context:
         if m is None:
             c = self.config
             worker = c.host_worker if k == 0 else c.reclaimer_worker + k
-            m = self._hosts[k] = Mmu(self._vm(worker), worker)
+            h = self._handles
+            m = self._hosts[k] = h.host(worker) if h is not None else Mmu(self._vm(worker), worker)
         return m
 
     def reclaimer(self) -> tuple[Rcu, Pool]:
         if self._reclaimer is None:
-            vm = self._vm(self.config.reclaimer_worker)
-            self._reclaimer = (vm.rcu, vm.pool)
+            h = self._handles
+            if h is not None:
+                self._reclaimer = h.reclaimer()
+            else:
+                vm = self._vm(self.config.reclaimer_worker)
+                self._reclaimer = (vm.rcu, vm.pool)
         return self._reclaimer
 
     def actor(self, name: str, fn: Callable[[], None], daemon: bool = False) -> None:
@@ -149,6 +161,10 @@ class Explorer:
         # the end-of-execution checks' verdicts by final state (see _oracles); None: every execution checks
         self.oracle_memo: dict[bytes, list[str]] | None = {}
         self.oracle_memo_hits = 0
+        self.handles: Handles | None = None          # the actors' handles, kept across executions (below)
+        # the points that decide nothing noted in C (sched.SchedCore._note); False: every point is Python's
+        # Scheduler._point (the same steps: tests/model/test_explore_handles.py runs both)
+        self.fast_points = True
         self.waits = ExploreWaits(self.ref)
         self.name = name or f"explore-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         cfg = VMConfig(name=self.name, n_vcpus=scenario.n_vcpus, n_host=1 + scenario.n_host, bits=3,
@@ -165,6 +181,7 @@ class Explorer:
             self.region.wrap_words(lambda section, words: PointWords(section, words, ref,
                                                                      section not in UNDECIDED_SECTIONS))
             self.violations_np = self.region.array("violations")
+            self.violations_raw = Words(self.violations_np.reshape(-1))     # read at every point, no point itself
             ctx = Context(self, None)
             # every vCPU has run before the race starts: each holds its root (kvm_mmu_load), so the
             # actors race in the MMU, not in loading their first roots under the write lock
@@ -182,12 +199,19 @@ class Explorer:
                 raise RuntimeError(f"the prologue of scenario {scenario.name} recorded a violation: "
                                    f"{violations.read_all(self.region)[0]}")
             self.initial = bytes(self.region.mm)
+            self._words_initial = np.frombuffer(self.initial, dtype=np.uint64)
+            self._words_now = np.frombuffer(self.region.mm, dtype=np.uint64)
+            # the configuration the end checks see, read from the header once (as a snapshot reads it)
+            self._check_config = VMConfig.from_json(self.region.config)
+            self.handles = Handles(self.region, self.config, self.waits)
         except BaseException:
             self.vm.close()
             self.vm.unlink()
             raise
 
     def close(self) -> None:
+        self.handles = None                  # their views of the mapping go before it is closed
+        self._words_now = None
         self.vm.close()
         self.vm.unlink()
 
@@ -206,7 +230,8 @@ class Explorer:
         self.reset()
         cov = self.coverage
         sched = Scheduler(strategy, step_bound=self.step_bound, trace=trace, no_points=self.no_points,
-                          atomic=self.atomic, violation_words=self.violations_np, coverage=cov)
+                          atomic=self.atomic, violation_words=self.violations_raw, coverage=cov, keys=self.ref.keys,
+                          ref=self.ref if self.fast_points else None)
         ctx = Context(self, sched)
         strategy.begin(index)
         self.ref.sched = sched
@@ -291,7 +316,12 @@ class Explorer:
             notes = pickle.dumps(sorted(ctx.notes.items()), protocol=5)
         except Exception:                       # noqa: BLE001 (a note that does not pickle: check every time)
             return None
-        h = hashlib.blake2b(self.region.mm, digest_size=16)
+        # the state by the words that differ from the initial one (which every execution starts from): the
+        # same partition of final states as a digest of every byte, for a compare and a few KiB hashed
+        now = self._words_now
+        changed = np.flatnonzero(now != self._words_initial)
+        h = hashlib.blake2b(changed.tobytes(), digest_size=16)
+        h.update(now[changed].tobytes())
         h.update(notes)
         return h.digest()
 
@@ -319,10 +349,19 @@ class Explorer:
             return None
         return Finding("check", "; ".join(found[:3]), steps)
 
+    def _snapshot(self) -> Snapshot:
+        """What shmmmu.snapshot copies of the region, with the configuration parsed once: the explorer's own
+        small region, copied between executions (no memory check, no header to parse again)."""
+        r = self.region
+        return Snapshot(name=r.name, config=self._check_config,
+                        sections={s: np.array(r.array(s), copy=True) for s in SNAPSHOT_SECTIONS},
+                        creator_pid=r.creator_pid, creator_start=r.creator_start, size=r.size,
+                        created_ns=r.created_ns)
+
     def _final_checks(self, ctx: Context) -> list[str]:
         found = [str(v).removeprefix("!!! ") for v in violations.read_all(self.region)]
         if not found:
-            found = [str(p) for p in check_all(self.vm)] + check_guest_memory(self.vm)
+            found = [str(p) for p in check_all(self._snapshot())] + check_guest_memory(self.vm)
         if not found and self.scenario.oracle is not None:
             found = self.scenario.oracle(ctx)
         if not found:
@@ -331,109 +370,6 @@ class Explorer:
                 found = [f"table-leak: {left} tables still on the page list after the VM was destroyed "
                          f"(kvm_mmu_uninit_tdp_mmu's WARN)"]
         return found
-
-
-# ---------------------------------------------------------------- tokens
-
-# a token is untrusted input (pasted from a mail or a bug report): bounded before it is decoded
-MAX_TOKEN_CHARS = 1 << 20
-MAX_TOKEN_JSON = 4 << 20
-MAX_SWITCHES = 100_000
-MAX_STEPS = 10_000_000
-
-
-def _damaged(why: str) -> ValueError:
-    return ValueError(f"the replay token is damaged ({why}); copy it whole")
-
-
-def _int(x: Any, lo: int, hi: int, what: str) -> int:
-    if type(x) is not int or not lo <= x <= hi:
-        raise _damaged(f"{what} must be an integer from {lo} to {hi}")
-    return x
-
-
-def _str(x: Any, what: str) -> str:
-    if type(x) is not str or len(x) > 200:
-        raise _damaged(f"{what} must be a short string")
-    return x
-
-
-def _strs(x: Any, what: str) -> list[str]:
-    if type(x) is not list or len(x) > 64:
-        raise _damaged(f"{what} must be a short list of strings")
-    return [_str(v, what) for v in x]
-
-
-@dataclass
-class Token:
-    """Everything needed to run one schedule again: scenario, switches, parameters, the schedule's switches
-    (step, k, actor), and what it found."""
-
-    scenario: str
-    bugs: list[str]
-    params: dict
-    switches: list[tuple[int, int, int]]
-    atomic: list[str] = field(default_factory=list)
-    steps: int = 0
-    finding: str = ""
-    kernel: str = DEFAULT_PROFILE
-
-    def encode(self) -> str:
-        doc = {"s": self.scenario, "b": self.bugs, "p": self.params, "w": [list(w) for w in self.switches],
-               "a": self.atomic, "t": self.steps, "f": self.finding}
-        if self.kernel != DEFAULT_PROFILE:
-            doc["k"] = self.kernel                   # tokens of the default profile stay as they were
-        raw = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
-        return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, text: str) -> "Token":
-        """The token's fields, each checked (type, range, size); ValueError in one line for anything else."""
-        t = text.strip()
-        if t.startswith("shx1-"):
-            raise ValueError("this token was made by an older shmmmu (shx1-): run its search again for a new one")
-        if not t.startswith(TOKEN_PREFIX):
-            raise ValueError(f"not a replay token (they start with {TOKEN_PREFIX})")
-        if len(t) > MAX_TOKEN_CHARS:
-            raise _damaged(f"longer than {MAX_TOKEN_CHARS} characters")
-        body = t[len(TOKEN_PREFIX):]
-        try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-            z = zlib.decompressobj()
-            text_json = z.decompress(raw, MAX_TOKEN_JSON)
-            if z.unconsumed_tail:
-                raise _damaged(f"it decompresses to more than {MAX_TOKEN_JSON} bytes")
-            doc = json.loads(text_json, parse_constant=lambda c: (_ for _ in ()).throw(_damaged(c)))
-        except ValueError as e:
-            raise e if str(e).startswith("the replay token") else _damaged("not base64, zlib and JSON") from None
-        except (zlib.error, RecursionError):
-            raise _damaged("not base64, zlib and JSON") from None
-        if type(doc) is not dict:
-            raise _damaged("not an object")
-        try:
-            w = doc["w"]
-            if type(w) is not list or len(w) > MAX_SWITCHES:
-                raise _damaged(f"the switches must be a list of at most {MAX_SWITCHES}")
-            switches = []
-            for x in w:
-                if type(x) is not list or len(x) != 3:
-                    raise _damaged("each switch is [step, k, actor]")
-                switches.append((_int(x[0], 0, MAX_STEPS, "a switch's step"), _int(x[1], -1, 1 << 20, "a switch's k"),
-                                 _int(x[2], 0, 31, "a switch's actor")))
-            params = doc["p"]
-            if type(params) is not dict or len(params) > 16:
-                raise _damaged("the parameters must be an object")
-            for k, v in params.items():
-                _str(k, "a parameter's name")
-                _int(v, -(1 << 62), 1 << 62, f"the parameter {k}")
-            kernel = _str(doc.get("k", DEFAULT_PROFILE), "the kernel")
-            if kernel not in PROFILE_NAMES:
-                raise _damaged(f"kernel {kernel!r} is none of {', '.join(PROFILE_NAMES)}")
-            return cls(_str(doc["s"], "the scenario"), _strs(doc["b"], "the bug switches"), dict(params), switches,
-                       _strs(doc["a"], "the atomic functions"), _int(doc["t"], 0, MAX_STEPS, "the steps"),
-                       _str(doc["f"], "the finding"), kernel)
-        except KeyError as e:
-            raise _damaged(f"no field {e.args[0]!r}") from None
 
 
 def scenario_with(name: str, params: dict) -> Scenario:

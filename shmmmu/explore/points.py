@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from shmmmu.explore.sched import ADD, AND, CAS, LOAD, OR, STORE, TOUCH, XCHG, Abort, Scheduler
+from shmmmu.explore.sched import ADD, AND, CAS, LOAD, OR, STORE, TOUCH, XCHG, Abort, Scheduler, SectionKeys
 from shmmmu.wait import Waits
 
 
 class PointWords:
     """A `Words` view whose every operation is a scheduling point (and a traced step)."""
 
-    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address", "_decide")
+    __slots__ = ("_w", "_sec", "_s", "n", "readonly", "address", "_decide", "_base", "_load", "_store", "_cas",
+                 "_xchg", "_add", "_or", "_and")
 
     def __init__(self, section: str, words, sched_ref: "SchedRef", decide: bool = True):
         """`decide=False`: the debug checkers' own records (what the guest touched, the zap ledger): noted,
@@ -31,6 +32,10 @@ class PointWords:
         self._sec = section
         self._s = sched_ref
         self._decide = decide
+        self._base = sched_ref.keys.base(section)    # word i's key is _base + i (sched.SectionKeys)
+        # the C operations, bound once: each operation below is one Python call and the scheduler's point
+        self._load, self._store, self._cas, self._xchg = words.load, words.store, words.cas, words.xchg
+        self._add, self._or, self._and = words.fetch_add, words.fetch_or, words.fetch_and
         self.n = words.n
         self.readonly = words.readonly
         self.address = words.address
@@ -46,12 +51,14 @@ class PointWords:
             if s.trace:
                 s.record(TOUCH, self._sec, start, (n, write), None, 0)
 
-    def _op(self, op: int, i: int, write: bool, fn, *args):
+    def _other(self, op: int, i: int, write: bool, fn, *args):
+        """An operation with a scheduler in place that is not running an execution fast: between its start and
+        its run (straight through), or in a traced or covered execution (the full point, the step recorded)."""
         s = self._s.sched
-        if s is None or not s.on:
+        if not s.on:
             return fn(i, *args)
         s.point(self._sec, i, write, self._decide)
-        before = self._w.load(i) if s.trace else 0
+        before = self._load(i) if s.trace else 0
         r = fn(i, *args)
         if write and (op != CAS or r == args[0]):
             s.wrote(self._sec, i)
@@ -59,26 +66,76 @@ class PointWords:
             s.record(op, self._sec, i, args, r, before)
         return r
 
+    # each operation: in an execution the point (the C base notes one that decides nothing, SchedCore._note;
+    # else Scheduler._point, where the strategy may hand the processor to another actor), the operation, and
+    # a write noted for the spinners' wake-up; outside an execution straight through
+
     def load(self, i: int) -> int:
-        return self._op(LOAD, i, False, self._w.load)
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            if s._note(key, False):
+                s._point(self._sec, key, i, False, self._decide)
+            return self._load(i)
+        if ref.sched is None:
+            return self._load(i)
+        return self._other(LOAD, i, False, self._load)
 
     def store(self, i: int, value: int) -> None:
-        return self._op(STORE, i, True, self._w.store, value)
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
+            self._store(i, value)
+            s._wrote(key)
+            return None
+        if ref.sched is None:
+            return self._store(i, value)
+        return self._other(STORE, i, True, self._store, value)
 
     def cas(self, i: int, expected: int, new: int) -> int:
-        return self._op(CAS, i, True, self._w.cas, expected, new)
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
+            r = self._cas(i, expected, new)
+            if r == expected:
+                s._wrote(key)
+            return r
+        if ref.sched is None:
+            return self._cas(i, expected, new)
+        return self._other(CAS, i, True, self._cas, expected, new)
+
+    def _rmw(self, op: int, fn, i: int, arg: int) -> int:
+        ref = self._s
+        s = ref.fast
+        if s is not None:
+            key = self._base + i
+            if s._note(key, True):
+                s._point(self._sec, key, i, True, self._decide)
+            r = fn(i, arg)
+            s._wrote(key)
+            return r
+        if ref.sched is None:
+            return fn(i, arg)
+        return self._other(op, i, True, fn, arg)
 
     def xchg(self, i: int, value: int) -> int:
-        return self._op(XCHG, i, True, self._w.xchg, value)
+        return self._rmw(XCHG, self._xchg, i, value)
 
     def fetch_add(self, i: int, delta: int) -> int:
-        return self._op(ADD, i, True, self._w.fetch_add, delta)
+        return self._rmw(ADD, self._add, i, delta)
 
     def fetch_or(self, i: int, mask: int) -> int:
-        return self._op(OR, i, True, self._w.fetch_or, mask)
+        return self._rmw(OR, self._or, i, mask)
 
     def fetch_and(self, i: int, mask: int) -> int:
-        return self._op(AND, i, True, self._w.fetch_and, mask)
+        return self._rmw(AND, self._and, i, mask)
 
     # batch forms: one point per entry, as the kernel does them entry by entry
 
@@ -142,11 +199,35 @@ class PointColumn:
     def word(self, row: int) -> int:
         return self._word(row)
 
+    # load and store, the columns' hot operations, are PointWords' written out (one call fewer each)
+
     def load(self, row: int) -> int:
-        return self._p.load(self._word(row))
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range [0, {self.rows})")
+        p = self._p
+        i = row * self.width + self.field
+        s = p._s.fast
+        if s is None:
+            return p.load(i)
+        key = p._base + i
+        if s._note(key, False):
+            s._point(p._sec, key, i, False, p._decide)
+        return p._load(i)
 
     def store(self, row: int, value: int) -> None:
-        return self._p.store(self._word(row), value)
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range [0, {self.rows})")
+        p = self._p
+        i = row * self.width + self.field
+        s = p._s.fast
+        if s is None:
+            return p.store(i, value)
+        key = p._base + i
+        if s._note(key, True):
+            s._point(p._sec, key, i, True, p._decide)
+        p._store(i, value)
+        s._wrote(key)
+        return None
 
     def cas(self, row: int, expected: int, new: int) -> int:
         return self._p.cas(self._word(row), expected, new)
@@ -165,12 +246,16 @@ class PointColumn:
 
 
 class SchedRef:
-    """The scheduler the region's PointWords consult (None between executions: every operation passes through)."""
+    """The scheduler the region's PointWords consult (None between executions: every operation passes through),
+    the same scheduler as `fast` while it runs an execution neither traced nor covered (Scheduler._point's
+    path), and the explorer's section numbers (the words' keys)."""
 
-    __slots__ = ("sched",)
+    __slots__ = ("sched", "fast", "keys")
 
     def __init__(self) -> None:
         self.sched: Scheduler | None = None
+        self.fast: Scheduler | None = None
+        self.keys = SectionKeys()
 
 
 class ExploreWaits(Waits):

@@ -181,7 +181,7 @@ class Recorder(Strategy):
 
     # ------------------------------------------------------------------ watching
 
-    def event(self, actor: int, section: str, word: int, write: bool) -> None:
+    def event(self, actor: int, key: int, write: bool) -> None:
         self._watch()
 
     def _watch(self) -> None:

@@ -28,15 +28,20 @@ import numpy as np
 from greenlet import greenlet
 
 from shmmmu.explore.coverage import Coverage, access_site
+from shmmmu._sched import ActorCore, SchedCore
+from shmmmu.atomics import Words
 from shmmmu.layout import ViolationRow
 
 OP_NAMES = ("load", "store", "cas", "xchg", "fetch_add", "fetch_or", "fetch_and", "sem_acquire", "sem_release",
             "touch")
 LOAD, STORE, CAS, XCHG, ADD, OR, AND, SEM_P, SEM_V, TOUCH = range(10)
-RUN, SPIN, SEM, DONE = range(4)
+RUN, SPIN, SEM, DONE = range(4)          # RUN and SPIN are shmmmu/_sched.c's STATE_RUN and STATE_SPIN too
 ACTOR_DONE = "actor-done"    # a word of no section: actor k's end, written when it ends, read by daemons
 STATE_NAMES = ("runnable", "spinning", "asleep", "done")
+KEY_SHIFT = 32               # a word's key: its section's number << KEY_SHIFT | the word (SectionKeys)
+WORD_MASK = (1 << KEY_SHIFT) - 1
 MAX_TIMEOUTS = 40            # all actors asleep this often in one execution, only timeouts moving them: a deadlock
+_VIO_KIND = ViolationRow.KIND       # the first violation's kind: its word in the violations section
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _QUIET_FILES = (os.path.join(os.path.dirname(_HERE), "wait.py"), os.path.join(os.path.dirname(_HERE), "atomics.py"))
 
@@ -75,11 +80,33 @@ class Step:
     before: int = 0               # the word's value before the operation
 
 
-class Actor:
-    """One actor: a function run as a greenlet, with its scheduling state."""
+class SectionKeys:
+    """A number for each section (and pseudo-section: a semaphore, an actor's end) the scheduler sees: a word's
+    key is `base(section) + word`, one int, so the bookkeeping at every point makes no tuple and hashes no
+    string.  One per explorer: the numbers stay the same from one execution to the next."""
 
-    __slots__ = ("id", "name", "fn", "g", "state", "dirty", "reads", "sem", "timed", "got_sem", "pending",
-                 "daemon", "sleep_seq", "backoff")
+    __slots__ = ("bases", "names")
+
+    def __init__(self) -> None:
+        self.bases: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def base(self, section: str) -> int:
+        b = self.bases.get(section)
+        if b is None:
+            b = self.bases[section] = len(self.names) << KEY_SHIFT
+            self.names.append(section)
+        return b
+
+    def split(self, key: int) -> tuple[str, int]:
+        return self.names[key >> KEY_SHIFT], key & WORD_MASK
+
+
+class Actor(ActorCore):
+    """One actor: a function run as a greenlet, with its scheduling state (what every point touches is the C
+    base's: state, dirty, reads, rset, wset; shmmmu/_sched.c)."""
+
+    __slots__ = ("id", "name", "fn", "g", "sem", "timed", "got_sem", "pending", "daemon", "sleep_seq", "backoff")
 
     def __init__(self, aid: int, name: str, fn: Callable[[], None], daemon: bool = False):
         self.id = aid
@@ -88,11 +115,16 @@ class Actor:
         self.g: greenlet | None = None
         self.state = RUN
         self.dirty = True          # another actor wrote a word this one touched since it last spun
-        self.reads: set[tuple[str, int]] = set()         # the words it touched since it last spun
+        # the words (keys) it touched since it last spun, noted only while it is not dirty (a dirty actor's next
+        # spin forgets them unread: it looks again at once)
+        self.reads: set[int] = set()
+        self.rset: set[int] = set()           # every word it read, and wrote, in this execution (conflicts())
+        self.wset: set[int] = set()
         self.sem = ""
         self.timed = False
         self.got_sem = False
-        self.pending: tuple = ("start", 0, False)       # (section, word, is_write) of its next operation
+        # (section, word, is_write) of its next operation: kept only when the scheduler traces (the recorder's)
+        self.pending: tuple = ("start", 0, False)
         self.daemon = daemon                             # runs until the others are done (the reclaimer)
         self.sleep_seq = 0
         self.backoff = False                             # spinning in a back-off (a yield), not on a condition
@@ -102,26 +134,41 @@ class Stop(Exception):
     """Internal: unwinds the scheduler's main loop."""
 
 
-class Scheduler:
-    """Runs one execution of actors under a strategy (shmmmu.explore.strategy)."""
+class Scheduler(SchedCore):
+    """Runs one execution of actors under a strategy (shmmmu.explore.strategy); the points that decide nothing,
+    the wake-up and the enabled actors are the C base's (SchedCore._note, _wrote, enabled: shmmmu/_sched.c)."""
 
     def __init__(self, strategy, *, step_bound: int, trace: bool = False, no_points: frozenset[str] = frozenset(),
-                 atomic: frozenset[str] = frozenset(), violation_words: np.ndarray | None = None,
-                 coverage: Coverage | None = None):
+                 atomic: frozenset[str] = frozenset(), violation_words: Any = None,
+                 coverage: Coverage | None = None, keys: SectionKeys | None = None, ref: Any = None):
+        """`violation_words`: the violations section, unwrapped (its first row's kind is read at every point,
+        no point itself): a Words or a numpy array.  `keys`: the explorer's section numbers (SectionKeys).
+        `ref`: the region's points' SchedRef (points.py), whose `fast` is this scheduler while it runs an
+        execution neither traced nor covered: its operations then take _point's path."""
         self.strategy = strategy
         self.step_bound = step_bound
         self.trace = trace
         self.no_points = no_points           # sections whose words are no scheduling points
         self.atomic = atomic                 # functions whose operations are no scheduling points (one step)
-        self.vio = violation_words           # raw view of the violations section (no point when read)
-        self.vio_ctl: np.ndarray | None = None
+        if violation_words is None:
+            violation_words = np.zeros(_VIO_KIND + 1, dtype=np.uint64)      # none recorded, ever
+        if isinstance(violation_words, np.ndarray):
+            violation_words = Words(violation_words.reshape(-1))
+        self._vio_load = violation_words.load
+        self._vio_owner = violation_words               # the C fast path reads the same word by its address
+        self._vio_addr = violation_words.address + 8 * _VIO_KIND
         self.coverage = coverage             # shmmmu.explore.coverage, when --coverage asks
+        self.keys = keys if keys is not None else SectionKeys()
+        self.ref = ref
+        # what the strategy decides by, fixed for an execution: the keys of the decisions' words (None: every
+        # point) and whether it wants the operations on them (strategy.py's is_choice and event)
+        self._choices: set[int] | None = strategy.choice_keys(self.keys)
+        self._events: bool = strategy.wants_events
         self.actors: list[Actor] = []
         self.current: Actor | None = None
         self.on = False
         self.aborting = False
         self.steps = 0
-        self.writes = 0
         self.timeouts = 0
         self.sems: dict[str, int] = {}
         self.sleepers: dict[str, list[Actor]] = {}
@@ -131,8 +178,6 @@ class Scheduler:
         self.decisions: list[int] = []       # the chosen actor at every decision (the DFS tree's path)
         self.switches: list[tuple[int, int, int]] = []    # (step, k, actor) where the choice was not the default
         self.preemptions = 0
-        # every word this execution touched: section -> word -> actor bits (1 << id: read, 1 << 32 + id: write)
-        self.access: dict[str, dict[int, int]] = {}
         self._key = (0, -1)                  # the decision being made: (step, -1) at a point, (step, k) a wait's
         self._wait_step = -1
         self._wait_k = 0
@@ -151,7 +196,11 @@ class Scheduler:
         self._main = greenlet.getcurrent()
         for a in self.actors:
             a.g = greenlet(self._body(a), parent=self._main)
+        self.strategy.start(self)
         self.on = True
+        ref = self.ref
+        if ref is not None and not self.trace and self.coverage is None:
+            ref.fast = self
         try:
             while self.finding is None:
                 en = self.enabled()
@@ -166,6 +215,8 @@ class Scheduler:
             pass
         finally:
             self.on = False
+            if ref is not None:
+                ref.fast = None
             self._kill()
         return self.finding
 
@@ -174,8 +225,9 @@ class Scheduler:
             try:
                 a.fn()
                 # its end is a write the daemons' "are the others done" reads see (Context.others_done)
-                self._did(a, ACTOR_DONE, a.id, True)
-                self.wrote(ACTOR_DONE, a.id)
+                key = self.keys.base(ACTOR_DONE) + a.id
+                self._did(a, key, True)
+                self._wrote(key)
             except Abort:
                 pass
             except Stop:
@@ -210,46 +262,60 @@ class Scheduler:
 
     def point(self, section: str, word: int, write: bool, decide: bool = True) -> None:
         """Before an operation on a shared word: let the strategy pick who runs the next operation (unless
-        `decide` is False: the debug checkers' own records), then note the operation as the actor's."""
+        `decide` is False: the debug checkers' own records), then note the operation as the actor's.  What
+        a traced or covered execution notes besides (the operation pending, the access's site) is here; the
+        rest is _point's."""
+        a = self.current
+        if self.trace:
+            a.pending = (section, word, write)
+        self._point(section, self.keys.base(section) + word, word, write, decide)
+        if self.coverage is not None and decide:
+            self.coverage.access(a.id, section, word, write, access_site())
+
+    def _point(self, section: str, key: int, word: int, write: bool, decide: bool) -> None:
+        """point() with the word's key made by the caller (PointWords keeps its section's base): the path of
+        every operation of an execution neither traced nor covered, so written out in one function."""
         if self.aborting:
             raise Abort
         a = self.current
-        self.steps += 1
-        if self.steps > self.step_bound:
+        steps = self.steps = self.steps + 1
+        if steps > self.step_bound:
             self.stop(Finding("livelock", f"no end after {self.step_bound} steps (step bound): the actors keep "
-                                          f"running without finishing", self.steps, a.name))
-        vio = self.vio
-        if vio is not None and vio[0, ViolationRow.KIND]:
-            self.stop(Finding("violation", "", self.steps, a.name))
-        a.pending = (section, word, write)
-        strategy = self.strategy
-        if decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)) \
-                and strategy.is_choice(section, word):
+                                          f"running without finishing", steps, a.name))
+        if self._vio_load(_VIO_KIND):
+            self.stop(Finding("violation", "", steps, a.name))
+        choices = self._choices
+        choice = choices is None or key in choices
+        if choice and decide and section not in self.no_points and not (self.atomic and _inside(self.atomic)):
             en = self.enabled()
             if len(en) > 1:
                 nxt = self._decide(en, a, True, False)
                 if nxt is not a:
                     self._switch(a, nxt)
-        if self.coverage is not None and decide:
-            self.coverage.access(a.id, section, word, write, access_site())
-        self._did(a, section, word, write)               # `a` runs its operation now
-
-    def _did(self, a: Actor, section: str, word: int, write: bool) -> None:
-        """An operation of `a` runs: for the conflicting words, the spinners' wake-up and the reduction."""
-        seen = self.access.get(section)
-        if seen is None:
-            seen = self.access[section] = {}
-        seen[word] = seen.get(word, 0) | (1 << (a.id + 32 if write else a.id))
-        a.reads.add((section, word))
-        strategy = self.strategy
+        # `a` runs its operation now: noted for the conflicting words, the spinners' wake-up and the reduction
+        (a.wset if write else a.rset).add(key)
+        if not a.dirty:
+            a.reads.add(key)
         # the reduction sees the operations on conflicting words only: a word one actor alone touches orders
         # nothing; one that turns out to conflict is new to the points, and the iteration runs again with it
-        if strategy.wants_events and strategy.is_choice(section, word):
-            strategy.event(a.id, section, word, write)
+        if choice and self._events:
+            self.strategy.event(a.id, key, write)
+
+    def _did(self, a: Actor, key: int, write: bool) -> None:
+        """An operation of `a` runs without a point of its own (an actor's end, the rest of a bulk access): noted
+        as _point notes its operation."""
+        (a.wset if write else a.rset).add(key)
+        if not a.dirty:
+            a.reads.add(key)
+        if self._events:
+            choices = self._choices
+            if choices is None or key in choices:
+                self.strategy.event(a.id, key, write)
 
     def touch(self, section: str, start: int, n: int, write: bool) -> None:
         """A bulk access through numpy (Words.touch: a freed table poisoned, a host page moved, a checker's
         snapshot): one scheduling point before it, and every word of it noted (and woken, if written)."""
+        base = self.keys.base(section)
         self.point(section, start, write)
         a = self.current
         cov = self.coverage
@@ -257,31 +323,16 @@ class Scheduler:
         for w in range(start + 1, start + n):
             if cov is not None:
                 cov.access(a.id, section, w, write, site)
-            self._did(a, section, w, write)
+            self._did(a, base + w, write)
         if write:
             for w in range(start, start + n):
-                self.wrote(section, w)
+                self._wrote(base + w)
 
     def wrote(self, section: str, word: int) -> None:
         """A word changed: an actor that touched it since it last spun may now see something new (a spinner
-        wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on."""
-        self.writes += 1
-        cur = self.current
-        key = (section, word)
-        for a in self.actors:
-            if a is not cur and key in a.reads:
-                a.dirty = True
-
-    def enabled(self) -> list[Actor]:
-        out = []
-        for a in self.actors:
-            s = a.state
-            if s == RUN:
-                out.append(a)
-            elif s == SPIN and a.dirty:
-                a.state = RUN
-                out.append(a)
-        return out
+        wakes).  One that touched nothing that changed would repeat its last turn exactly: it sleeps on.
+        (SchedCore._wrote, by key.)"""
+        self._wrote(self.keys.base(section) + word)
 
     def _decide(self, en: list[Actor], cur: Actor | None, preemptive: bool, wait: bool) -> Actor:
         """Ask the strategy who runs among `en`.  The default is `cur` if it is enabled, else the lowest id;
@@ -313,12 +364,18 @@ class Scheduler:
 
     def conflicts(self) -> dict[str, set[int]]:
         """The words of this execution that two actors touched, at least one of them writing."""
+        actors = self.actors
+        touched = [a.rset | a.wset for a in actors]
+        found: set[int] = set()
+        for i, a in enumerate(actors):
+            if a.wset:
+                for j, t in enumerate(touched):
+                    if j != i:
+                        found |= a.wset & t
+        names = self.keys.names
         out: dict[str, set[int]] = {}
-        low = (1 << 32) - 1
-        for section, seen in self.access.items():
-            words = {w for w, m in seen.items() if m >> 32 and ((m | m >> 32) & low).bit_count() >= 2}
-            if words:
-                out[section] = words
+        for key in sorted(found):
+            out.setdefault(names[key >> KEY_SHIFT], set()).add(key & WORD_MASK)
         return out
 
     def _switch(self, a: Actor, nxt: Actor) -> None:

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from operator import attrgetter
+
+_ID = attrgetter("id")              # an actor's id (a C call: the decisions make lists of them)
 
 
 class Diverged(Exception):
@@ -43,17 +46,36 @@ class Diverged(Exception):
 class Strategy:
     name = "?"
     points: dict[str, set[int]] | None = None          # the decisions' words (None: every point decides)
-    wants_events = False                                # event() is called before every operation
+    wants_events = False                                # event() is called before every operation on a decision's word
+    _choice_keys: tuple | None = None                   # (points, keys, their keys): choice_keys' last answer
 
     def is_choice(self, section: str, word: int) -> bool:
         p = self.points
         return p is None or word in p.get(section, ())
+
+    def choice_keys(self, keys) -> set[int] | None:
+        """The decisions' words as keys (sched.SectionKeys: what the scheduler tests at every point), None for
+        every point; made once per `points` (a search replaces its points, never changes them in place)."""
+        p = self.points
+        if p is None:
+            return None
+        c = self._choice_keys
+        if c is None or c[0] is not p or c[1] is not keys:
+            out: set[int] = set()
+            for section, words in p.items():
+                base = keys.base(section)
+                out.update(base + w for w in words)
+            c = self._choice_keys = (p, keys, out)
+        return c[2]
 
     def choose(self, sched, enabled: list, default, preemptive: bool) -> object:
         raise NotImplementedError
 
     def begin(self, execution: int) -> None:
         """Called before each execution."""
+
+    def start(self, sched) -> None:
+        """The execution's actors are in place (sched.actors): it begins."""
 
     def yielded(self, sched, actor) -> None:
         """An actor spins or backs off: it waits for the others."""
@@ -170,6 +192,7 @@ class DfsStrategy(Strategy):
         self.reruns = 0                             # iterations run again because they met new conflicting words
         self.iteration_new = False
         self.completed: list[tuple[int, int]] = []  # (bound, executions when its iteration was exhausted)
+        self._width = 32                            # a vector clock's entries: the actors (start() sets it)
         self._snapshot()
 
     def _snapshot(self) -> None:
@@ -179,17 +202,21 @@ class DfsStrategy(Strategy):
         self.depth = 0
         self.cost = 0
         self.top_path: list[int] = []               # this execution's decisions in the top
-        # the reduction's view of this execution: vector clocks, each word's last write and the reads since
+        # the reduction's view of this execution: vector clocks (one entry per actor), each word's last write
+        # and the reads since
         self._clock: dict[int, list[int]] = {}
-        self._writes: dict[tuple[str, int], tuple] = {}
-        self._reads: dict[tuple[str, int], dict[int, tuple]] = {}
+        self._writes: dict[int, tuple] = {}             # by word key (sched.SectionKeys)
+        self._reads: dict[int, dict[int, tuple]] = {}
         self._pending = -1                          # the node just decided: the state before the next operation
         self._first = -1                            # the first node since the last operation: where a run begins
         self._block: dict[int, int] = {}            # actor -> the node where its current run began
         self._runner = -1
 
+    def start(self, sched) -> None:
+        self._width = len(sched.actors)
+
     def choose(self, sched, enabled, default, preemptive):
-        ids = [a.id for a in enabled]
+        ids = list(map(_ID, enabled))
         cost = self.cost
         if preemptive and cost + 1 > self.bound:
             return default                          # no alternative within the bound: not a node
@@ -229,7 +256,9 @@ class DfsStrategy(Strategy):
                 if self.frozen_from and d >= self.frozen_from:
                     node.done = list(ids)               # below the enumeration depth: one path only
             self.stack.append(node)
-        self.cost = cost + node.price(node.chosen)
+        if node.preemptive and node.chosen != node.default:       # node.price(node.chosen), written out
+            cost += 1
+        self.cost = cost
         if d < self.top_depth:
             self.top_path.append(node.chosen)
         self._pending = d
@@ -245,52 +274,59 @@ class DfsStrategy(Strategy):
 
     # ------------------------------------------------------------------ the reduction
 
-    def event(self, actor: int, section: str, word: int, write: bool) -> None:
-        """An operation of `actor` on a word, about to run.  Races with earlier operations of other actors on
-        the word (one of the two writing, neither ordered before the other through a third) ask their nodes
-        to try `actor` first (DPOR, Flanagan and Godefroid 2005); and, as bounded POR requires (Coons,
-        Musuvathi and McKinley 2013), also at the node where the other actor's run began, where reversing
-        the race needs no more preemptions than the run itself took."""
-        key = (section, word)
+    def event(self, actor: int, key: int, write: bool) -> None:
+        """An operation of `actor` on a word (`key`: sched.SectionKeys), about to run.  Races with earlier
+        operations of other actors on the word (one of the two writing, neither ordered before the other
+        through a third) ask their nodes to try `actor` first (DPOR, Flanagan and Godefroid 2005); and, as
+        bounded POR requires (Coons, Musuvathi and McKinley 2013), also at the node where the other actor's run
+        began, where reversing the race needs no more preemptions than the run itself took."""
         q = actor
-        node, first = self._pending, self._first
-        self._pending = self._first = -1
+        node = self._pending
         if node < 0:
             node = first = self.depth - 1       # no decision just before: the last one, within q's run
+        else:
+            first = self._first
+            self._pending = self._first = -1
         if q != self._runner:
             self._runner = q
-            self._block[q] = first              # every decision since the last operation led here
-        block = self._block.get(q, -1)
-        clock = self._clock.get(q)
-        if clock is None:
-            clock = self._clock[q] = [0] * 32
-        w = self._writes.get(key)
-        deps = [w] if w is not None and w[0] != q else []
-        if write:
-            rd = self._reads.get(key)
-            if rd:
-                deps.extend(v for p, v in rd.items() if p != q)
-        for p, local, clk, pnode, pblock in deps:
-            if local > clock[p]:                        # not ordered before this operation: a race
-                self._backtrack(pnode, q)
-                if pblock != pnode:
-                    self._backtrack(pblock, q)
-        clock = list(clock)
-        clock[q] += 1
-        for dep in deps:
-            c = dep[2]
-            clock = [a if a >= b else b for a, b in zip(clock, c)]
-        self._clock[q] = clock
-        entry = (q, clock[q], clock, node, block)
-        if write:
-            self._writes[key] = entry
-            self._reads.pop(key, None)
+            self._block[q] = block = first      # every decision since the last operation led here
         else:
+            block = self._block[q]
+        clocks = self._clock
+        clock = clocks.get(q)
+        if clock is None:
+            clock = clocks[q] = [0] * self._width
+        # the operations this one depends on: the word's last write by another actor, and (a write) the reads
+        # of others since; each not ordered before this operation by q's clock is a race, and its clock joins
+        # q's (the races are judged by q's clock before any joins)
+        new = clock.copy()
+        new[q] += 1
+        w = self._writes.get(key)
+        if w is not None and w[0] != q:
+            if w[1] > clock[w[0]]:
+                self._backtrack(w[3], q)
+                if w[4] != w[3]:
+                    self._backtrack(w[4], q)
+            new = list(map(max, new, w[2]))
+        if write:
+            rd = self._reads.pop(key, None)
+            if rd:
+                for p, v in rd.items():
+                    if p != q:
+                        if v[1] > clock[p]:
+                            self._backtrack(v[3], q)
+                            if v[4] != v[3]:
+                                self._backtrack(v[4], q)
+                        new = list(map(max, new, v[2]))
+            clocks[q] = new
+            self._writes[key] = (q, new[q], new, node, block)
+        else:
+            clocks[q] = new
             rd = self._reads.get(key)
             if rd is None:
-                self._reads[key] = {q: entry}
+                self._reads[key] = {q: (q, new[q], new, node, block)}
             else:
-                rd[q] = entry
+                rd[q] = (q, new[q], new, node, block)
 
     def _backtrack(self, index: int, actor: int) -> None:
         if 0 <= index < len(self.stack):

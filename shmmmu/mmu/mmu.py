@@ -65,12 +65,20 @@ class MmuFault(Part):
         super().__init__(kvm)
         c = self.config
         self.role = self.worker % c.root_roles if self.worker < c.n_vcpus else 0
+        self.invalid_col = self.root_rows.invalid
+        self.memslot_gen = self.slots.slot_rows.gen
+        self.start_process()
+        self.bind_fast_paths()
+
+    def start_process(self) -> None:
+        """What this process's MMU starts from, read from the region: the root it holds and the requests that
+        root answers, and an empty fault record.  The constructor's; the explorer calls it again when it puts
+        a handle it keeps from one execution to the next back in place (shmmmu.explore.handles)."""
         # the root this process's MMU uses (a vCPU's mmu->root_hpa): its row and table; -1 / 0 none.
         # WState.ROOT records the reference it holds, for VM destruction, recovery and the checkers
         held = self.wstate.root.load(self.worker)
         self.root_row = held - 1
         self.root = self.root_rows.table.load(self.root_row) if held else 0
-        self.invalid_col = self.root_rows.invalid
         # the reload requests (kvm_reload_remote_mmus) this root answers (TlbControl.roots_gen, which
         # guest entry compares); an invalid or missing root answers none.  The generation is read first:
         # an invalidation between the two reads then shows as a generation that moved
@@ -79,8 +87,6 @@ class MmuFault(Part):
         # struct kvm_page_fault lives on the fault's stack in the kernel: one record per process, filled
         # in afresh by each fault (a fault never outlives its call, and a process takes one at a time)
         self.fault_record = Fault(0, False, False)
-        self.memslot_gen = self.slots.slot_rows.gen
-        self.bind_fast_paths()
 
     def bind_fast_paths(self) -> None:
         """The fault path's walk, and its lock and RCU calls bound once (Python 3.11 specializes the call of
