@@ -64,19 +64,21 @@ MUTANTS: list[Mutant] = [
     Mutant("fault-seq-read-after-gup", "fault", "shmmmu/mmu/mmu.py",
            (("""        fault.mmu_seq = self.ctl.load(_C_SEQ)
         slots = self.slots
-        slot = fault.slot = slots.lookup(fault.gfn)
+        gfn = fault.gfn
+        slot = fault.slot = slots.lookup(gfn)
         if slot is None:
             return False
-        pfn = fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
-        if pfn & _MISSING:
-            fault.pfn = handle_userfault(self, slot, fault.gfn)  # the GUP met a userfaultfd MISSING page
+        pfn = fault.pfn = slots.gfn_to_pfn(slot, gfn)      # may be stale by the time we install
+        if pfn >> _MISSING_SHIFT:                     # (pfn & MISSING: no host page reaches that bit)
+            fault.pfn = handle_userfault(self, slot, gfn)  # the GUP met a userfaultfd MISSING page
 """, """        slots = self.slots
-        slot = fault.slot = slots.lookup(fault.gfn)
+        gfn = fault.gfn
+        slot = fault.slot = slots.lookup(gfn)
         if slot is None:
             return False
-        pfn = fault.pfn = slots.gfn_to_pfn(slot, fault.gfn)      # may be stale by the time we install
-        if pfn & _MISSING:
-            fault.pfn = handle_userfault(self, slot, fault.gfn)  # the GUP met a userfaultfd MISSING page
+        pfn = fault.pfn = slots.gfn_to_pfn(slot, gfn)      # may be stale by the time we install
+        if pfn >> _MISSING_SHIFT:                     # (pfn & MISSING: no host page reaches that bit)
+            fault.pfn = handle_userfault(self, slot, gfn)  # the GUP met a userfaultfd MISSING page
         fault.mmu_seq = self.ctl.load(_C_SEQ)
 """),),
            "the fault reads mmu_notifier_seq after the GUP instead of before it (direct_page_fault's "
@@ -255,7 +257,7 @@ MUTANTS: list[Mutant] = [
            "slot again, and the mapping outlives its deletion"),
     Mutant("memslot-lru-not-reset", "memslots", "shmmmu/memslots.py",
            (("""            self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
-            self._lru = None
+            self._lru = _NO_SLOT
 """, """            self._slots = [s for s in (self.read(k) for k in range(MAX_MEMSLOTS)) if s.npages]
 """),),
            "search_memslots keeps its lru_slot across a memslots update (the cached slot is not reset when the "
@@ -263,11 +265,12 @@ MUTANTS: list[Mutant] = [
 
     # ---------------------------------------------------------------- dirty logging
     Mutant("dirty-fresh-leaf-not-logged", "dirty-log", "shmmmu/mmu/tdp_mmu.py",
-           (("""                self.st[_ST_MAPPED[level]] += 1
-                if level == 1 and new & _W and record_dirty_log:
-                    self.mark_page_dirty(gfn)
-            return""", """                self.st[_ST_MAPPED[level]] += 1
-            return"""),),
+           (("""        elif level == 1 or new & _L:
+            self.st[_ST_MAPPED[level]] += 1          # a new leaf (a new non-leaf is accounted when linked)
+""", """        elif level == 1 or new & _L:
+            self.st[_ST_MAPPED[level]] += 1          # a new leaf (a new non-leaf is accounted when linked)
+            return
+"""),),
            "handle_changed_spte_dirty_log logs a 4K leaf whose W goes 0 -> 1 only when the old entry was present: "
            "a write fault that installs a writable leaf over an empty entry (a fresh page, or the 4K leaves of "
            "a huge page split for logging) is never reported"),
