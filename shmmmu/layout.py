@@ -375,9 +375,9 @@ class VMConfig:
     gp_stall_s: float = 10.0             # a grace period longer than this is reported (the RCU stall warning)
     root_roles: int = 1                  # distinct root roles: vCPU i uses role i % root_roles (1: one shared root)
     seed: int = 0
-    # rcutorture's read-side delays: at the points where a half-done step can be overtaken
-    # (Mmu.torture_delay), some passes sleep this long to widen the window; 0: never
+    # sleeps that widen windows (0: never): rcutorture's (Kvm.torture_delay), a GUP's (Kvm.gup_delay)
     torture_delay_us: int = 0
+    gup_delay_us: int = 0
     # --tracepoints: the directory where each worker's Mmu writes its part of the kernel's tracepoint
     # lines (shmmmu.mmu.tracepoints); "" installs nothing
     tracepoints: str = ""
@@ -477,7 +477,7 @@ _CONFIG_LIMITS: dict[str, tuple[float, float]] = {
     "n_vcpus": (1, 256), "n_host": (1, 16), "bits": (2, 9), "n_tables": (0, 1 << 40), "tlb_entries": (1, 1 << 24),
     "cache_capacity": (1, 1 << 16), "cache_min": (0, 1 << 16), "retire_ring": (0, 1 << 40),
     "nx_recovery_ratio": (0, 1 << 31), "root_roles": (1, MAX_ROOTS // 2), "torture_delay_us": (0, 1 << 32),
-    "uffds": (0, 256), "uffd_readers": (1, 14), "uffd_delay_us": (0, 1 << 32)}
+    "gup_delay_us": (0, 1 << 32), "uffds": (0, 256), "uffd_readers": (1, 14), "uffd_delay_us": (0, 1 << 32)}
 _MEMSLOT_LIMITS: dict[str, tuple[float, float]] = {"base_gfn": (0, 1 << 52), "npages": (1, 1 << 52),
                                                    "backing_level": (1, 3)}
 _WORKLOAD_LIMITS: dict[str, tuple[float, float]] = {

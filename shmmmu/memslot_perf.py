@@ -42,6 +42,7 @@ class MemslotPerfOptions:
     scale: int = 16                  # the areas divided by this (the selftest's 512 MiB is slow here)
     lock_mode: str = "shared"
     bugs: list[str] = field(default_factory=list)
+    gup_delay_us: int = 0            # shmmmu's own: pauses in the fault's prologue (VMConfig.gup_delay_us)
 
     def validate(self) -> None:
         from shmmmu.layout import MAX_MEMSLOTS
@@ -57,6 +58,8 @@ class MemslotPerfOptions:
             raise UsageError("--scale must be a power of two from 1 to 64")
         if self.lock_mode not in ("shared", "exclusive"):
             raise UsageError(f"unknown lock mode {self.lock_mode!r}: use shared or exclusive")
+        if not 0 <= self.gup_delay_us <= 1_000_000:
+            raise UsageError("--gup-delay-us must be between 0 and 1000000")
         from shmmmu.variants import check_names
         check_names(self.bugs)
 
@@ -204,7 +207,7 @@ def run_memslot_perf(o: MemslotPerfOptions, launcher: LauncherFactory,
             out: dict[str, Any] = {}
             ro = _PerfRun(name=new_bench_name(), vcpus=1, memory=pages * 4096, backing="4k", lock_mode=o.lock_mode,
                           workload="populate", iterations=1, debug=True, bugs=list(o.bugs), test=t, nslots=nslots,
-                          pages=pages, move_area=max(0, move_area))
+                          pages=pages, move_area=max(0, move_area), gup_delay_us=o.gup_delay_us)
             run = run_vm(ro, launcher, drive=_drive_perf(o, name, failed, out))
             lines.append(f"Test took {fmt_ts(out.get('ns', 0))} all iterations ({nslots} memslots of "
                          f"{pages // nslots} pages; their setup is the VM's creation here, not timed)")

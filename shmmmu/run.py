@@ -62,6 +62,7 @@ class RunOptions:
     run_while_disabling: bool = False   # the selftest's -e: vCPUs keep running while logging is disabled
     tracepoints: str = ""               # where workers write their tracepoint lines (shmmmu.mmu.tracepoints)
     kernel: str = "5.13"                # the kernel profile (shmmmu.variants)
+    gup_delay_us: int = 0               # pauses in the fault's prologue (VMConfig.gup_delay_us; bench's own)
 
     def config(self) -> VMConfig:
         if self.kernel not in PROFILE_NAMES:
@@ -106,7 +107,8 @@ class RunOptions:
         return VMConfig(name=self.name, n_vcpus=self.vcpus, bits=self.bits, lock_mode=self.lock_mode,
                         memslots=[MemslotSpec(base + i * per_slot, per_slot, level) for i in range(self.slots)],
                         debug=self.debug, bugs=list(self.bugs),
-                        seed=self.seed, workload=wl, tracepoints=self.tracepoints, kernel=self.kernel)
+                        seed=self.seed, workload=wl, tracepoints=self.tracepoints, kernel=self.kernel,
+                        gup_delay_us=self.gup_delay_us)
 
     def _trace_workload(self, wl: Workload) -> None:
         """A trace's fields of the workload: threads on vCPUs of one shared range, or the one part on every

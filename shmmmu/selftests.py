@@ -194,10 +194,13 @@ class MemslotModOptions:
     bugs: list[str] = field(default_factory=list)
     seed: int = 1
     timeline: str = ""
+    gup_delay_us: int = 0            # shmmmu's own: pauses in the fault's prologue (VMConfig.gup_delay_us)
 
     def validate(self) -> None:
         if self.iterations < 1:
             raise UsageError("-i must be at least 1 (add/remove iterations)")
+        if not 0 <= self.gup_delay_us <= 1_000_000:
+            raise UsageError("--gup-delay-us must be between 0 and 1000000")
         if self.delay_us < 0:
             raise UsageError("-d must not be negative")
         if self.lock_mode not in ("shared", "exclusive"):
@@ -209,7 +212,8 @@ class MemslotModOptions:
     def run_options(self, name: str, parts: str = "") -> _ModRun:
         return _ModRun(name=name, vcpus=self.vcpus, memory=self.bytes_per_vcpu, backing="4k",
                        lock_mode=self.lock_mode, overlap=self.overlap, workload="populate", iterations=1,
-                       seed=self.seed, debug=True, bugs=list(self.bugs), tracepoints=parts)
+                       seed=self.seed, debug=True, bugs=list(self.bugs), tracepoints=parts,
+                       gup_delay_us=self.gup_delay_us)
 
 
 @dataclass

@@ -27,7 +27,7 @@ Mirrors the series "Allow parallel MMU operations with TDP MMU" as merged in
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from shmmmu.mmu.ioctl import Ioctls
 from shmmmu.mmu.kvm import Kvm
@@ -79,6 +79,18 @@ ENTRY_POINTS = {
 }
 
 
+def _then_pause(faultin: Callable[[Fault], bool], pause: Callable[[], None]) -> Callable[[Fault], bool]:
+    """kvm_faultin_pfn, then sometimes a pause (VMConfig.gup_delay_us): between the prologue and mmu_lock is
+    the window where a root is invalidated (a955cad84cda) or an invalidation begins (mmu_seq) under a fault;
+    the GUP may sleep there in the kernel."""
+    def kvm_faultin_pfn_then_pause(fault: Fault) -> bool:
+        if faultin(fault):
+            pause()
+            return True
+        return False
+    return kvm_faultin_pfn_then_pause
+
+
 class Mmu:
     """One process's handle on the VM's TDP MMU, as worker slot `worker`: the parts, and the entry points."""
 
@@ -98,6 +110,8 @@ class Mmu:
             setattr(part, fn, getattr(part, replacement))
         # the lock mode's design: the series' fault entry and RCU-deferred free, or the baseline's
         fault, tdp = self.fault, self.tdp
+        if kvm.config.gup_delay_us:             # the fault's prologue sleeps sometimes, as the GUP may
+            fault.kvm_faultin_pfn = _then_pause(fault.kvm_faultin_pfn, kvm.gup_delay)
         fault.page_fault = fault.kvm_tdp_mmu_page_fault if kvm.parallel else fault.direct_page_fault
         if not kvm.parallel:
             tdp.free_sp = tdp.free_sp_now

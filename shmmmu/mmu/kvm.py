@@ -96,6 +96,7 @@ class Kvm:
         # the window before a write-lock store over a leaf the processor may still mark: every pass pauses
         # (such stores are rare: an aged leaf, or one not yet dirty)
         self.torture_delay_volatile = self._torture_pause if self._torture_delay_s else _no_delay
+        self._gup_delay_s = c.gup_delay_us / 1e6
         self.holds_unflushed = False     # this process made changes no flush has covered yet
 
     # ------------------------------------------------------------------ bookkeeping
@@ -207,6 +208,11 @@ class Kvm:
         """
         if self._torture_rng.random() < 1 / 8:
             self.waits.pause(self._torture_delay_s)
+
+    def gup_delay(self) -> None:
+        """One fault prologue in 8 sleeps VMConfig.gup_delay_us, as hva_to_pfn's GUP may."""
+        if self._torture_rng.random() < 1 / 8:
+            self.waits.pause(self._gup_delay_s)
 
     # ------------------------------------------------------------------ walks
 

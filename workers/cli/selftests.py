@@ -12,6 +12,8 @@ Bug = Annotated[list[str] | None, typer.Option("--bug", help="re-inject a fixed 
                                                "--list-bugs); repeatable.")]
 LockMode = Annotated[str, typer.Option("--lock-mode", help="shared (the series) or exclusive (the baseline).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="the run as one JSON object.")]
+GupDelay = Annotated[int, typer.Option("--gup-delay-us", help="shmmmu's own: one fault in 8 pauses this long "
+                                       "between its prologue (the GUP, which may sleep) and mmu_lock (0: never).")]
 
 
 @bench_app.command("nx-huge-pages")
@@ -51,6 +53,7 @@ def bench_memslot_modification(
     lock_mode: LockMode = "shared",
     bug: Bug = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the VM's random choices.")] = 1,
+    gup_delay_us: GupDelay = 0,
     timeline: Timeline = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -62,7 +65,8 @@ def bench_memslot_modification(
     with fail_on(ValueError):
         opts = MemslotModOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(bytes_per_vcpu), delay_us=delay_us,
                                  iterations=iterations, overlap=overlap, lock_mode=lock_mode,
-                                 bugs=list(bug or []), seed=seed, timeline=timeline or "")
+                                 bugs=list(bug or []), seed=seed, timeline=timeline or "",
+                                 gup_delay_us=gup_delay_us)
         opts.validate()
     _finish(lambda sup: [run_memslot_modification(opts, sup)], json_out, each=not json_out)
 
@@ -116,6 +120,7 @@ def bench_memslot_perf(
                                        "32 MiB for map, unmap and the rest).")] = 16,
     lock_mode: LockMode = "shared",
     bug: Bug = None,
+    gup_delay_us: GupDelay = 0,
     json_out: JsonOut = False,
 ) -> None:
     """memslot_perf_test (Linux 5.13): one vCPU maps, and the host unmaps (MADV_DONTNEED), moves
@@ -124,7 +129,8 @@ def bench_memslot_perf(
 
     with fail_on(ValueError):
         opts = MemslotPerfOptions(slots=slots, first=first, last=last, seconds=seconds, iterations=iterations,
-                                  runs=runs, verify=verify, scale=scale, lock_mode=lock_mode, bugs=list(bug or []))
+                                  runs=runs, verify=verify, scale=scale, lock_mode=lock_mode, bugs=list(bug or []),
+                                  gup_delay_us=gup_delay_us)
         opts.validate()
     _finish(lambda sup: run_memslot_perf(opts, sup, on_test=None if json_out else _show), json_out)
 
