@@ -21,7 +21,8 @@ debug test; with it on, `install(mmu)` wraps a few functions of one Mmu:
   alive (the 5.13 notifier held none: 7533377215b6);
 - an entry a zap cleared is marked in `zap_pending` until the zapper's flush
   returns; a present value installed there before that is two live
-  translations of one address (K5's aliasing, and K11's install in a yield);
+  translations of one address (K5's aliasing, and K11's install in a yield),
+  unless the table was freed meanwhile (its teardown's flush covered the zap);
 - mmu_lock is never dropped while this worker holds unflushed changes (I6);
 - a KVM_CLEAR_DIRTY_LOG that splits (6.12, INITIALLY_SET) leaves no huge leaf
   in the range it named (dirty_log_page_splitting_test's assertion: B5);
@@ -44,7 +45,7 @@ import sys
 from typing import Any, Callable
 
 from shmmmu import spte as S
-from shmmmu.layout import LINE, PIPE_LEN, Ctl, TableState
+from shmmmu.layout import LINE, PIPE_LEN, Ctl, TableState, TMeta
 from shmmmu.mmu.instruments import site_target
 from shmmmu.rcu import pipe_age
 from shmmmu.rwlock import HELD_WRITE
@@ -53,6 +54,7 @@ from shmmmu.tdp_iter import TdpIter
 Mmu = Any                    # shmmmu.mmu.Mmu (not imported: the front imports this module)
 
 _LIVE = TableState.LIVE
+_GEN_MASK = 0xffff                  # the table generation a zap-ledger token carries (bits 8-23)
 _U64 = (1 << 64) - 1
 
 
@@ -95,8 +97,11 @@ class Debug:
         self.mmu = mmu
         self.tmeta = mmu.kvm.tmeta
         self.pending_w = mmu.region.words("zap_pending")
-        self.pending: list[int] = []
+        self.pending: list[tuple[int, int]] = []        # (entry, token) this process marked, unflushed
         self.epoch = 1
+        # each table's generation (bumped when it is freed), read as plain memory: no step of the explorer's
+        self.gen_np = mmu.region.array("tmeta")[:, TMeta.GEN]
+        self.E = mmu.kvm.E
         self.pipe = mmu.region.words("pipe")
         self.pipe_base = mmu.worker * PIPE_LEN          # this worker's row of the Reader Pipe
         self.rcu_epoch = mmu.kvm.wstate.rcu
@@ -157,26 +162,32 @@ class Debug:
                 self.mmu.kvm.violation("use-after-free", gfn, table, gen)
 
 
-    # ---- the zap ledger: an entry a zap made non-present holds the zapper's token (worker + 1, and the
-    # number of flushes that worker has done, so a later mark is told from an earlier one) until that
-    # worker's flush returns.  An install over a non-present entry is one too early if the same token stood
-    # there before its store and still stands after it: the zap came before the install, the flush after it.
+    # ---- the zap ledger: an entry a zap made non-present holds the zapper's token (worker + 1, the number of
+    # flushes that worker has done, so a later mark is told from an earlier one, and the generation of the
+    # entry's table) until that worker's flush returns.  An install over a non-present entry is one too early if
+    # the same token stood there before its store and still stands after it: the zap came before the install,
+    # the flush after it.  A table freed since the zap was torn down (every entry frozen) and flushed before it
+    # was retired (handle_removed_pt), which covers the zap whoever made it: its generation moved, and a token
+    # of the earlier generation is spent (6.12's zap of an invalid root owes no flush; NX recovery may tear its
+    # table down and a fault reuse it before the zapper flushes).
 
     def ledger_before(self, old: int, sptep: int) -> int:
         return 0 if old & S.MMU_PRESENT else self.pending_w.load(sptep)
 
     def zap_ledger(self, sptep: int, gfn: int, old: int, new: int, before: int) -> None:
         if new & S.MMU_PRESENT:
-            if before and self.pending_w.load(sptep) == before:
+            if before and self.pending_w.load(sptep) == before and \
+                    (before >> 8) & _GEN_MASK == int(self.gen_np[sptep // self.E]) & _GEN_MASK:
                 self.mmu.kvm.violation("install-before-flush", gfn, sptep, (before & 0xff) - 1)
         elif old & S.MMU_PRESENT:
-            self.pending_w.store(sptep, (self.epoch << 8) | (self.mmu.worker + 1))
-            self.pending.append(sptep)
+            gen = int(self.gen_np[sptep // self.E]) & _GEN_MASK
+            token = (self.epoch << 24) | (gen << 8) | (self.mmu.worker + 1)
+            self.pending_w.store(sptep, token)
+            self.pending.append((sptep, token))
 
     def flushed(self) -> None:
         """This worker's flush returned: its marks are cleared (a later zap's mark stays)."""
-        token = (self.epoch << 8) | (self.mmu.worker + 1)
-        for sptep in self.pending:
+        for sptep, token in self.pending:
             self.pending_w.cas(sptep, token, 0)
         self.pending.clear()
         self.epoch += 1
