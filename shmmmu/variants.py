@@ -53,6 +53,7 @@ COMMITS: dict[str, Commit] = {c.id: c for c in [
     Commit("47b0c2e4c220", "KVM: x86/mmu: Fix race condition in direct_page_fault", "6.1"),
     Commit("d25ceb926436", "KVM: x86/mmu: Track the number of TDP MMU pages, but not the actual pages", "6.2"),
     Commit("61f94478547b", "KVM: x86/mmu: Set disallowed_nx_huge_page in TDP MMU before setting SPTE", "6.2"),
+    Commit("21a36ac6b6c7", "KVM: x86/mmu: Re-check under lock that TDP MMU SP hugepage is disallowed", "6.2"),
     Commit("6e8eb2060cc7", "KVM: x86/mmu: fast_page_fault support for the TDP MMU", "5.14"),
     Commit("a3fe5dbda0a4", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU when dirty logging is enabled",
            "5.18"),
@@ -113,7 +114,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("6.12", "Linux 6.12 (LTS): 5.13 plus the later TDP MMU mechanisms shmmmu expresses "
                     "(docs/internals.md, \"Which kernel: 6.12\")",
             variants=("fast-page-fault", "eager-page-split", "zap-range-leafs", "roots-held-until-invalid",
-                      "unmap-leafs", "clear-spte-bits")),
+                      "unmap-leafs", "clear-spte-bits", "zap-collapsible-tables")),
 ]}
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
@@ -164,6 +165,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             replaces=(("dirty.age_gfn_range", "age_gfn_range_612"),
                       ("dirty.clear_dirty_pt_masked", "clear_dirty_pt_masked_612")),
             helpers=("tdp.tdp_mmu_clear_spte_bits",)),
+    Variant("zap-collapsible-tables", KERNEL, _612, "", (),
+            "disabling dirty logging zaps, under the read lock, the highest non-leaf entry from 2M up that lies in "
+            "the slot and that the slot could now map huge, with one atomic zap (freeze, flush, clear) that tears "
+            "its table down; 5.13 zapped the 4K leaves below and left the tables (zap_collapsible_spte_range as "
+            "the stored ~6.10 tdp_mmu.c has it; 6.13 recovers huge pages in place instead)",
+            "",
+            replaces=(("zap.zap_collapsible_spte_range", "zap_collapsible_spte_range_612"),)),
     Variant("roots-held-until-invalid", KERNEL, _612, "", ("edbdb43fc96b", "dab285e4ec73", "576a15de8d29",
                                                            "0df9dab891ff"),
             "a root is listed with a count of 2, the vCPU's reference and the TDP MMU's own, so it outlives its last "
@@ -332,6 +340,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "write-lock-only page reclaim runs in the read-locked fault path (lockdep assertion: must be held "
             "for write)",
             replaces=(("fault.kvm_tdp_mmu_page_fault", "page_fault_k15_reclaim_under_read_lock"),)),
+    Variant("nx-add-after-zap", BUG, _612, "", ("21a36ac6b6c7",), "",
+            "a fault that linked an NX-disallowed table puts it on possible_nx_huge_pages without looking at "
+            "the flag again (61f94478547b's code): if the collapsible zap of a dirty-log disable zapped the new "
+            "entry in between, clearing the flag, the table is listed while RCU frees it (the commit's "
+            "use-after-free; check_nx_list: a listed table no root reaches)",
+            replaces=(("map.track_nx_after_link", "track_nx_after_link_unchecked"),),
+            stress_args=("--nx-huge-pages", "--torture-delay-us", "2000", "--duration", "20")),
     Variant("pages-lock-in-tdp-mmu-fault", BUG, _612, "K15", ("47b0c2e4c220",),
             "CVE-2022-45869 in 6.12's shape: make_mmu_pages_available under the read lock after the fast page "
             "fault, as direct_page_fault ran a TDP MMU fault before the fix",

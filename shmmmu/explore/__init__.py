@@ -29,4 +29,4 @@ PATHS_612 = ("dirty-log", "manual-clear", "split-huge", "split-log", "clear-spli
              "cover-dirty-clear", "cover-dirty-disable",
              "memslot-roots", "memslot-fault", "memslot-unmap", "unmap-reload", "zap-roots-yield", "fault-unmap",
              "fault-unmap-first-page", "kick-unmap", "age-unmap", "psc-unmap", "cover-unmap", "cover-memslot",
-             "cover-memslot-move", "cover-roots", "age-reaccess")
+             "cover-memslot-move", "cover-roots", "age-reaccess", "nx-fault-collapse")

@@ -533,6 +533,11 @@ def _premap_then_log(ctx: Context) -> None:
     ctx.host(0).enable_dirty_logging(0)                 # write-protected, and no longer allowed huge
 
 
+def _premap_read_then_log(ctx: Context) -> None:
+    _premap([40], write=False)(ctx)                     # a huge leaf over gfns 40-47, and the tables above it
+    ctx.host(0).enable_dirty_logging(0)                 # 4K only while logging (6.12 splits the huge leaf)
+
+
 def _logging_oracle(ctx: Context) -> list[str]:
     from shmmmu.checks import check_logging_slots
     return [str(p) for p in check_logging_slots(ctx.explorer.vm)] + _dirty_log_oracle(ctx)
@@ -557,6 +562,11 @@ SCENARIOS.update({s.name: s for s in [
              lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(20, EXEC)])),
                           ctx.actor("host", host_ops(ctx, [("zap_gfn_range_locked", 16, 24)]))),
              prologue=_premap([40], write=False), memslots=((0, 64, 2),), nx_huge_pages=True),
+    Scenario("nx-fault-collapse", "an instruction fetch links an NX-disallowed table while disabling dirty logging "
+             "zaps the collapsible tables under the read lock", ("nx-add-after-zap",),
+             lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(20, EXEC)])),
+                          ctx.actor("host", host_ops(ctx, [("disable_dirty_logging", 0)]))),
+             prologue=_premap_read_then_log, memslots=((0, 64, 2),), nx_huge_pages=True),
     Scenario("nx-fault-fault", "two instruction fetches link NX-disallowed tables at once (the NX list under "
              "tdp_mmu_pages_lock)", (),
              lambda ctx: (ctx.actor("vCPU0", accesses(ctx, 0, [(4, EXEC)])),

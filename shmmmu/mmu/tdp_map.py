@@ -143,9 +143,8 @@ class TdpMap(Part):
 
         5.13 put the table on the tdp_mmu_pages list after the cmpxchg (K18); 6.2 keeps
         only a count (d25ceb926436), marks nx_huge_page_disallowed *before* the table is
-        visible and adds it to the NX list afterwards under tdp_mmu_pages_lock, only if
-        the flag is still set (61f94478547b): a zap in between clears the flag in
-        tdp_mmu_unlink_sp, and the late add is skipped.  False: the cmpxchg lost.
+        visible and adds it to the NX list afterwards (61f94478547b), under
+        tdp_mmu_pages_lock: track_nx_after_link.  False: the cmpxchg lost.
         """
         tmeta = self.tmeta
         if nx:
@@ -159,15 +158,33 @@ class TdpMap(Part):
         self.ctl.fetch_add(_C_PAGE_COUNT, 1)         # tdp_account_mmu_page()
         tmeta.owner.store(child, NIL)
         if track_nx:
-            if shared:
-                self.pages_lock.acquire()
-            try:
-                if tmeta.nx.load(child):
-                    self.nx_part.track_possible_nx_huge_page(child)
-            finally:
-                if shared:
-                    self.pages_lock.release()
+            self.track_nx_after_link(child, shared)
         return True
+
+    def track_nx_after_link(self, child: int, shared: bool) -> None:
+        """kvm_tdp_mmu_map's NX tracking of the table it just linked, under tdp_mmu_pages_lock: only if the flag
+        is still set (21a36ac6b6c7, 6.2): a zap of the new entry in between (a collapsible zap under the read
+        lock) cleared it in tdp_mmu_unlink_sp, and the table is on its way to RCU."""
+        if shared:
+            self.pages_lock.acquire()
+        try:
+            if self.tmeta.nx.load(child):
+                self.nx_part.track_possible_nx_huge_page(child)
+        finally:
+            if shared:
+                self.pages_lock.release()
+
+    def track_nx_after_link_unchecked(self, child: int, shared: bool) -> None:
+        """Variant nx-add-after-zap (reverts 21a36ac6b6c7; 61f94478547b's code, 6.2-rc): the table goes on the
+        NX list without the flag looked at again, so a table zapped between the link and the add is listed
+        while RCU frees it (check_nx_list: a listed table no root reaches)."""
+        if shared:
+            self.pages_lock.acquire()
+        try:
+            self.nx_part.track_possible_nx_huge_page(child)
+        finally:
+            if shared:
+                self.pages_lock.release()
 
     def link_sp_k18_page_list(self, it: TdpIter, child: int, nx: bool, track_nx: bool, shared: bool) -> bool:
         """Variant link-after-publish (K18), 5.13's kvm_tdp_mmu_map: the cmpxchg, then tdp_mmu_link_page

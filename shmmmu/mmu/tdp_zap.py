@@ -8,7 +8,7 @@ yield (a835429cda91) and through every root.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from shmmmu import spte as S
 from shmmmu.layout import STAT
@@ -19,6 +19,7 @@ from shmmmu.tdp_iter import for_each_pte
 
 _P = S.MMU_PRESENT
 _L = S.LARGE
+_MAX_HUGE_LEVEL = 3                 # KVM_MAX_HUGEPAGE_LEVEL: 1G
 
 
 class TdpZap(Part):
@@ -286,24 +287,45 @@ class TdpZap(Part):
         """zap_collapsible_spte_range() (5.13): zap every leaf below the level its slot could now map,
         each with its own freeze and flush (tdp_mmu_zap_spte_atomic); a later fault maps the huge page
         over the empty table, which tears it down.  Returns (leaves zapped, flush pending)."""
+        max_level = self.slots.max_mapping_level
+
+        def collapsible(spte: int, level: int, gfn: int) -> bool:
+            return (level == 1 or bool(spte & _L)) and level < max_level(slot, gfn)
+        return self._zap_collapsible(root, slot, 1, collapsible, flush, shared)
+
+    def zap_collapsible_spte_range_612(self, root: int, slot: Slot, flush: bool, shared: bool) -> tuple[int, bool]:
+        """zap_collapsible_spte_range() as 6.12 has it (6.13 recovers in place instead): from 2M up, zap the
+        highest non-leaf inside the slot whose span the slot could now map huge, with one atomic zap (freeze,
+        flush, clear), which tears the table below down; a later fault maps the huge page.  Under the read
+        lock, so a fault linking a table there races it (21a36ac6b6c7).  Returns (tables zapped, flush
+        pending)."""
+        max_level = self.slots.max_mapping_level
+        start, end = slot.base_gfn, slot.end_gfn
+
+        def collapsible(spte: int, level: int, gfn: int) -> bool:
+            # not a leaf (a leaf that could be huger has a parent that would have been zapped instead),
+            # wholly inside the slot, and no larger than the slot allows there
+            return not spte & _L and level <= _MAX_HUGE_LEVEL and start <= gfn < end and max_level(slot, gfn) >= level
+        return self._zap_collapsible(root, slot, 2, collapsible, flush, shared)
+
+    def _zap_collapsible(self, root: int, slot: Slot, min_level: int, collapsible: Callable[[int, int, int], bool],
+                         flush: bool, shared: bool) -> tuple[int, bool]:
+        """The walk both shapes share: present entries of the slot from min_level up, each one `collapsible`
+        zapped atomically (retried if the cmpxchg lost) or, under the write lock, set to 0."""
         kvm, tdp = self.kvm, self.tdp
         kvm.lockdep_assert_held(shared)
         if slot.huge_level < 2:
             return 0, flush
         zapped = 0
-        max_level = self.slots.max_mapping_level
         self.rcu.read_lock()
         try:
-            for it in for_each_pte(kvm.new_iter(root, 1, slot.base_gfn), slot.end_gfn):
+            for it in for_each_pte(kvm.new_iter(root, min_level, slot.base_gfn), slot.end_gfn):
                 while True:                      # retry:
                     if tdp.tdp_mmu_iter_cond_resched(it, flush, shared):
                         flush = False
                         break
                     spte = it.old_spte
-                    level = it.level
-                    if not spte & _P or not (level == 1 or spte & _L):
-                        break
-                    if level >= max_level(slot, it.gfn):
+                    if not spte & _P or not collapsible(spte, it.level, it.gfn):
                         break
                     if shared:
                         if not tdp.tdp_mmu_zap_spte_atomic(it):

@@ -105,7 +105,7 @@ def test_list_bugs_names_each_profile_and_bad_kernels_are_one_line() -> None:
     both = {"advance-after-restart", "exclusive-plain-store", "fault-into-invalid-root"}
     assert set(bugs_of("6.12")) == both | {"mmu-seq-int-snapshot", "clear-split-off-by-one",
                                            "zap-range-faults-not-blocked", "pages-lock-in-tdp-mmu-fault",
-                                           "roots-zapped-by-worker"}
+                                           "roots-zapped-by-worker", "nx-add-after-zap"}
     assert both <= set(bugs_of("5.13")) and "pages-lock-in-tdp-mmu-fault" not in bugs_of("5.13")
     for out in (r.stdout, r5.stdout):
         assert "advance-after-restart (K9)  [kernel 5.13, 6.12]" in out and "3a0f64de479c" in out
@@ -257,6 +257,55 @@ def test_b9_is_found_by_dfs_within_its_shrunk_preemptions_and_the_fix_runs_its_d
     fix = subprocess.run([*CLI, "explore", "--replay", rep.token, "--with-fix"], capture_output=True, text=True,
                          timeout=300)
     assert fix.returncode == 0 and "no finding with the fix" in fix.stdout, fix.stdout[-2000:]
+
+
+@pytest.mark.parametrize("kernel", ["5.13", "6.12"])
+def test_disabling_dirty_logging_zaps_collapsible_tables_in_612_and_leaves_in_513(vm_name: str, kernel: str) -> None:
+    """zap_collapsible_spte_range: 6.12 zaps the non-leaf above the 4K leaves of each range the slot may map huge
+    again, and its table goes with it; 5.13 zaps the 4K leaves and leaves the tables for the next fault."""
+    cfg = VMConfig(name=vm_name, n_vcpus=1, bits=3, memslots=[MemslotSpec(0, 64, 2)], debug=True, kernel=kernel)
+    with create_vm(cfg) as vm:
+        v = Vcpu(vm, 0)
+        host = Mmu(vm, cfg.host_worker)
+        host.enable_dirty_logging(0)
+        v.enter()
+        for g in (1, 9, 17):
+            v.write(g, 0x100 + g)                # 4K leaves while logging, each in its own 2M range
+        v.exit()
+        w = walk_tables(vm)
+        assert len(_leaves(vm, 0, 64)) == 3 and int((w.t_level == 1).sum()) == 3
+        host.disable_dirty_logging(0)
+        w = walk_tables(vm)
+        assert _leaves(vm, 0, 64) == {}
+        assert int((w.t_level == 1).sum()) == (0 if kernel == "6.12" else 3)
+        assert host.st[STAT["collapsible_zaps"]] == 3            # tables on 6.12, leaves on 5.13
+        v.enter()
+        v.write(2, 0x102)                        # the huge page is back at the next fault
+        v.exit()
+        assert _leaves(vm, 0, 64) == {0: 2}
+        host.publish_stats()
+        v.publish_stats()
+        assert checks.check_all(vm) == []
+
+
+def test_nx_add_after_zap_is_found_and_the_fix_rechecks_the_flag() -> None:
+    """nx-add-after-zap (reverts 21a36ac6b6c7): disabling dirty logging zaps, under the read lock, the
+    NX-disallowed table an instruction fetch has just linked, before the fetch puts it on the NX list; the late add
+    lists a table on its way to RCU (check_nx_list).  DFS finds it again with the preemptions it was shrunk to, the
+    same decisions with the fix (the flag looked at again under tdp_mmu_pages_lock) end cleanly, and the scenario's
+    fixed code is clean in every schedule of up to two preemptions under both profiles."""
+    rep = run_explore(ExploreOptions(bugs=["nx-add-after-zap"]))
+    assert rep.found is not None and "the NX list holds tables no entry reaches" in str(rep.found.finding)
+    assert Token.decode(rep.token).kernel == "6.12"
+    again = run_explore(ExploreOptions(bugs=["nx-add-after-zap"], strategy="dfs", preemptions=rep.found.preemptions))
+    assert again.found is not None and "table-leak" in str(again.found.finding)
+    fix = subprocess.run([*CLI, "explore", "--replay", rep.token, "--with-fix"], capture_output=True, text=True,
+                         timeout=300)
+    assert fix.returncode == 0 and "no finding with the fix" in fix.stdout, fix.stdout[-2000:]
+    for kernel in ("5.13", "6.12"):
+        with Explorer(SCENARIOS["nx-fault-collapse"], [], kernel=kernel) as ex:
+            sr = split_search(ex, 2, 20000)
+        assert sr.first is None and sr.exhausted and sr.bound_done == 2, (kernel, sr)
 
 
 def test_the_b9_checker_is_not_installed_on_513() -> None:

@@ -18,6 +18,17 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def _caught_then_clean(args: tuple[str, ...], bug: str, violation: str) -> dict:
+    """The bench with `bug` FAILS naming `violation`; the same bench without it passes: its JSON."""
+    p = bench(*args, "--bug", bug)
+    assert p.returncode == 1, p.stderr[-2000:]
+    d = json.loads(p.stdout)
+    assert d["result"] == "FAILURE" and any(violation in v for v in d["violations"])
+    p = bench(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout)
+
+
 def test_nx_huge_pages_counts_as_the_selftest_expects() -> None:
     """nx_huge_pages_test with -r: pages_2m and nx_lpage_splits after each vcpu_run and after the recovery,
     NX huge pages on and disabled, every count the selftest's TEST_ASSERTs name (printed per step)."""
@@ -76,13 +87,7 @@ def test_memslot_modification_catches_faults_into_invalid_roots() -> None:
     (load 10-12): 14 of 14 seeds FAILED with 17-28 violations in 30 iterations; without the pauses, 2 of 6
     runs found it (the per-iteration rate falls from ~1/3 idle to ~1/180 under load: no verdict)."""
     args = ("memslot-modification", "-v", "2", "-b", "4M", "-i", "30", "--gup-delay-us", "2000", "--json")
-    p = bench(*args, "--bug", "fault-into-invalid-root")
-    assert p.returncode == 1, p.stderr[-2000:]
-    d = json.loads(p.stdout)
-    assert d["result"] == "FAILURE" and any("install-into-invalid-root" in v for v in d["violations"])
-    p = bench(*args)
-    assert p.returncode == 0, p.stderr[-2000:]
-    d = json.loads(p.stdout)
+    d = _caught_then_clean(args, "fault-into-invalid-root", "install-into-invalid-root")
     assert d["result"] == "SUCCESS" and not d["violations"]
     done = next(line for line in d["lines"] if line.startswith("Memslot add/delete iterations"))
     assert "stale-root retries 0)" not in done, done      # measured: 57-60 in 30 iterations
@@ -150,13 +155,7 @@ def test_memslot_perf_move_catches_faults_into_invalid_roots() -> None:
     runs of 300 iterations FAILED with 19-170 violations (without the pauses, 3,000 iterations caught it in 2
     runs of 5 on a quiet machine).  The fixed kernel, same pauses: SUCCESS, its stale-root retries counted."""
     args = ("memslot-perf", "-f", "3", "-e", "3", "-i", "300", "--gup-delay-us", "2000", "--json")
-    p = bench(*args, "--bug", "fault-into-invalid-root")
-    assert p.returncode == 1, p.stderr[-2000:]
-    d = json.loads(p.stdout)
-    assert d["result"] == "FAILURE" and any("install-into-invalid-root" in v for v in d["violations"])
-    p = bench(*args)
-    assert p.returncode == 0, p.stderr[-2000:]
-    d = json.loads(p.stdout)
+    d = _caught_then_clean(args, "fault-into-invalid-root", "install-into-invalid-root")
     assert d["result"] == "SUCCESS" and not d["violations"] and d["stats"]["stale_root_retries"] > 0
 
 

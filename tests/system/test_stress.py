@@ -53,6 +53,7 @@ MATRIX: dict[str, str | tuple[str, ...]] = {
     "clear-split-off-by-one": "huge-page-after-clear",            # kernel 6.12
     "zap-range-faults-not-blocked": "install-in-zapped-range",    # kernel 6.12
     "roots-zapped-by-worker": "root-zap-off-caller",               # kernel 6.12
+    "nx-add-after-zap": "table-leak",                             # kernel 6.12
 }
 # every (switch, kernel) the matrix runs: each switch in each profile it belongs to
 MATRIX_RUNS = [(b, k) for b in sorted(MATRIX) for k in BUGS[b].profiles]

@@ -335,17 +335,15 @@ MUTANTS: list[Mutant] = [
            "sp->nx_huge_page_disallowed set: a fault that published the table just before the zap then sees the "
            "flag in its late recheck and puts the torn-down table on the list"),
     Mutant("nx-track-unlocked", "nx", "shmmmu/mmu/tdp_map.py",
-           (("""        if track_nx:
+           (("""        if shared:
+            self.pages_lock.acquire()
+        try:
+            if self.tmeta.nx.load(child):
+                self.nx_part.track_possible_nx_huge_page(child)
+        finally:
             if shared:
-                self.pages_lock.acquire()
-            try:
-                if tmeta.nx.load(child):
-                    self.nx_part.track_possible_nx_huge_page(child)
-            finally:
-                if shared:
-                    self.pages_lock.release()""", """        if track_nx:
-            if tmeta.nx.load(child):
-                self.nx_part.track_possible_nx_huge_page(child)"""),),
+                self.pages_lock.release()""", """        if self.tmeta.nx.load(child):
+            self.nx_part.track_possible_nx_huge_page(child)"""),),
            "the fault path adds its table to possible_nx_huge_pages without tdp_mmu_pages_lock (as if mmu_lock "
            "were held for write): two faults under the read lock append at once, and one table is lost from "
            "the list (or the list is corrupted)"),
