@@ -11,8 +11,9 @@ detection: it tries SEEDS in turn until one detects.  Each switch's measured
 detection per seed (tools/detect_times.py, seeds 1-5) is in docs/explore.md's
 table "Every bug switch, explore next to stress": the lowest is 3 of 5 (K7,
 at load 5-140), a miss rate per seed of 0.4, so all six SEEDS miss with
-probability 0.4^6 = 0.4% on such a machine; every other switch was caught at 4
-or 5 of 5 (0.2^6 = 0.006% at 4 of 5).  A run that detects ends the test, so a
+probability 0.4^6 = 0.4% on such a machine; nx-add-after-zap runs 20 s (its
+stress arguments) and was caught in 11 of 17 such runs (0.35^6 = 0.2%); every
+other switch was caught at 4 or 5 of 5 (0.2^6 = 0.006% at 4 of 5).  A run that detects ends the test, so a
 switch caught at once costs one run.
 """
 from __future__ import annotations
