@@ -118,15 +118,23 @@ takes_no_arguments(const char *name)
     return NULL;
 }
 
-/* queued_read_lock(): one fetch_add; a writer present or waiting: _read_contended() backs out and queues */
+/* queued_read_lock(): one fetch_add; a writer present or waiting: back out at once (the slow path's first
+ * step, here so that no process dies with its bias in and unrecorded while Python runs), then
+ * _read_contended(the count after the back-out) queues */
 static PyObject *
 Qrwlock_read_lock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs) return takes_no_arguments("read_lock");
     if (!self->locks) return not_bound();
     uint64_t old = __atomic_fetch_add(&self->locks->w[self->cnts], QR_BIAS, SEQ);
-    if (old & QW_WMASK)
-        return PyObject_CallMethodNoArgs((PyObject *)self, s_read_contended);
+    if (old & QW_WMASK) {
+        uint64_t out = __atomic_fetch_sub(&self->locks->w[self->cnts], QR_BIAS, SEQ) - QR_BIAS;
+        PyObject *arg = PyLong_FromUnsignedLongLong(out);
+        if (!arg) return NULL;
+        PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_read_contended, arg);
+        Py_DECREF(arg);
+        return r;
+    }
     self->mode = HELD_READ;
     __atomic_store_n(&self->ws->w[self->held], (uint64_t)HELD_READ, SEQ);
     self->read_acquired++;

@@ -39,6 +39,7 @@ QW_WAITING = 0x100
 QW_WMASK = 0x1FF
 QR_BIAS = 0x200
 _NEG_BIAS = (1 << 64) - QR_BIAS
+_U64 = (1 << 64) - 1
 _NEG_LOCKED = (1 << 64) - QW_LOCKED
 
 HELD_NONE, HELD_READ, HELD_WRITE = Held.NONE, Held.READ, Held.WRITE
@@ -157,13 +158,12 @@ class RWLock(QrwlockFast):
 
     # ---- read side (the fast paths: _locks.c, or RWLockReference below)
 
-    def _read_contended(self) -> None:
-        """queued_read_lock() after its fetch_add found a writer: back out, queue, take the lock."""
-        w, cnts = self.w, self.cnts
-        # back out; if a writer is waiting for readers to drain, our bias may have
-        # been what it saw last before sleeping
-        if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.wsleep):
+    def _read_contended(self, backed_out: int) -> None:
+        """queued_read_lock() after its fetch_add found a writer and the fast path backed out (`backed_out`: the
+        count after it): queue, take the lock."""
+        # if a writer is waiting for readers to drain, our bias may have been what it saw last before sleeping
+        if backed_out == QW_WAITING:
+            if self.w.load(self.wsleep):
                 self.waits.sem_release(self.sem_w)
         self._read_slowpath()
         self.mode = HELD_READ
@@ -397,8 +397,9 @@ class RWLockReference(RWLock):
 
     def read_lock(self) -> None:
         """queued_read_lock()."""
-        if self.w.fetch_add(self.cnts, QR_BIAS) & QW_WMASK:
-            self._read_contended()
+        w = self.w
+        if w.fetch_add(self.cnts, QR_BIAS) & QW_WMASK:
+            self._read_contended((w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & _U64)   # back out at once
             return
         self.mode = HELD_READ
         self.ws.store(self.held_word, HELD_READ)

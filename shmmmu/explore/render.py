@@ -39,7 +39,7 @@ KERNEL_NAMES = {
     "rwlock.py:RWLockReference.read_unlock": "read_unlock(mmu_lock)",
     "rwlock.py:RWLockReference.write_lock": "write_lock(mmu_lock)",
     "rwlock.py:RWLockReference.write_unlock": "write_unlock(mmu_lock)",
-    "rwlock.py:RWLock._read_contended": "queued_read_lock (a writer present: back out)",
+    "rwlock.py:RWLock._read_contended": "queued_read_lock (backed out: a writer to wake?)",
     "rwlock.py:RWLock._wake": "rwlock wake-up (the unlock's)",
     "rwlock.py:RWLock._read_slowpath": "queued_read_lock_slowpath",
     "rwlock.py:RWLock._write_slowpath": "queued_write_lock_slowpath",

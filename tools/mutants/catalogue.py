@@ -350,19 +350,18 @@ MUTANTS: list[Mutant] = [
 
     # ---------------------------------------------------------------- the rwlock (qrwlock)
     Mutant("rwlock-reader-ignores-waiting", "rwlock", "shmmmu/rwlock.py",
-           (("""        if self.w.fetch_add(self.cnts, QR_BIAS) & QW_WMASK:""",
-             """        if self.w.fetch_add(self.cnts, QR_BIAS) & QW_LOCKED:"""),),
+           (("""        if w.fetch_add(self.cnts, QR_BIAS) & QW_WMASK:""",
+             """        if w.fetch_add(self.cnts, QR_BIAS) & QW_LOCKED:"""),),
            "queued_read_lock's fast path tests only _QW_LOCKED, not _QW_WMASK: a reader no longer backs off "
            "from a writer waiting for the readers to drain, and readers that keep coming starve the writer. "
            "Only RWLockReference (what the explorer runs) has this fast path: stress runs _locks.c's"),
     Mutant("rwlock-reader-keeps-bias", "rwlock", "shmmmu/rwlock.py",
-           (("""        if (w.fetch_add(cnts, _NEG_BIAS) - QR_BIAS) & ((1 << 64) - 1) == QW_WAITING:
-            if w.load(self.wsleep):
-                self.waits.sem_release(self.sem_w)
-        self._read_slowpath()""", """        self._read_slowpath()"""),),
+           (("""            self._read_contended((w.fetch_add(self.cnts, _NEG_BIAS) - QR_BIAS) & _U64)   # back out at once""",
+             """            self._read_contended(w.load(self.cnts))"""),),
            "a reader whose fast path found a writer queues without taking its bias back (queued_read_lock_slowpath "
            "without its atomic_sub(_QR_BIAS)): the slow path adds a second one, a reader count that never "
-           "drains, and the next writer waits for ever"),
+           "drains, and the next writer waits for ever.  The back-out is in the fast path (so that a killed "
+           "process cannot die between the two): this edits RWLockReference's, which the explorer runs"),
     Mutant("rwlock-writer-plain-store", "rwlock", "shmmmu/rwlock.py",
            (("""                while w.cas(cnts, QW_WAITING, QW_LOCKED) != QW_WAITING:""",
              """                while w.load(cnts) != QW_WAITING or w.store(cnts, QW_LOCKED):"""),),
