@@ -83,7 +83,7 @@ def test_memslot_modification_catches_faults_into_invalid_roots() -> None:
     invalidated): vCPUs install into the roots the deletion has zapped; the run FAILS on the violation, and the
     fixed kernel retries those faults instead (stale-root retries).  The window is a fault's prologue before
     mmu_lock, where the kernel's GUP may sleep: --gup-delay-us 2000 pauses one prologue in 8 there, so a
-    deletion lands in it whatever the machine's load.  Measured on this 2-core machine under six busy loops
+    deletion lands in it whatever the machine's load.  Measured on a 2-core AMD EPYC (lscpu) under six busy loops
     (load 10-12): 14 of 14 seeds FAILED with 17-28 violations in 30 iterations; without the pauses, 2 of 6
     runs found it (the per-iteration rate falls from ~1/3 idle to ~1/180 under load: no verdict)."""
     args = ("memslot-modification", "-v", "2", "-b", "4M", "-i", "30", "--gup-delay-us", "2000", "--json")
@@ -151,7 +151,7 @@ def test_memslot_perf_move_catches_faults_into_invalid_roots() -> None:
     """fault-into-invalid-root (reverts a955cad84cda): the vCPU writing the area a memslot move is zapping
     installs into its invalidated root; the move active area test FAILS on the violation.  --gup-delay-us 2000
     pauses one fault prologue in 8 before mmu_lock (where the kernel's GUP may sleep), so the move lands in
-    the window whatever the load: measured on this 2-core machine under six busy loops (load ~10), 12 of 12
+    the window whatever the load: measured on a 2-core AMD EPYC (lscpu) under six busy loops (load ~10), 12 of 12
     runs of 300 iterations FAILED with 19-170 violations (without the pauses, 3,000 iterations caught it in 2
     runs of 5 on a quiet machine).  The fixed kernel, same pauses: SUCCESS, its stale-root retries counted."""
     args = ("memslot-perf", "-f", "3", "-e", "3", "-i", "300", "--gup-delay-us", "2000", "--json")
