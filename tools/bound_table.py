@@ -22,6 +22,7 @@ import _installed  # noqa: F401  (the installed shmmmu, or one line saying how t
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    # a TERM (timeout, kill) unwinds like Ctrl-C: the explorer's region and semaphores are removed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON lines: read (to resume) and appended to")
     ap.add_argument("--scenario", action="append", default=[])
