@@ -22,6 +22,7 @@ from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.run import PhaseLog, RunOptions, UsageError, run_vm
 from shmmmu.selftests import HANG_S, SelftestResult
+from shmmmu.validate import count
 
 # the selftest's areas in pages (MEM_TEST_MAP_SIZE, MEM_TEST_UNMAP_SIZE, MEM_TEST_SIZE; the sync page left
 # out), divided by --scale; MEM_TEST_UNMAP_CHUNK_PAGES stays 2 MiB
@@ -58,8 +59,7 @@ class MemslotPerfOptions:
             raise UsageError("--scale must be a power of two from 1 to 64")
         if self.lock_mode not in ("shared", "exclusive"):
             raise UsageError(f"unknown lock mode {self.lock_mode!r}: use shared or exclusive")
-        if not 0 <= self.gup_delay_us <= 1_000_000:
-            raise UsageError("--gup-delay-us must be between 0 and 1000000")
+        count(self.gup_delay_us, "--gup-delay-us", 0, 1_000_000)
         from shmmmu.variants import check_names
         check_names(self.bugs)
 

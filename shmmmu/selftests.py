@@ -26,6 +26,7 @@ from shmmmu.bench import fmt_ts, new_bench_name
 from shmmmu.launch import Launcher, LauncherFactory
 from shmmmu.layout import MemslotSpec, VMConfig
 from shmmmu.run import PhaseLog, RunOptions, RunResult, UsageError, run_vm
+from shmmmu.validate import count
 
 HANG_S = 120.0                   # a guard against a run that stopped moving, never a verdict
 
@@ -199,8 +200,7 @@ class MemslotModOptions:
     def validate(self) -> None:
         if self.iterations < 1:
             raise UsageError("-i must be at least 1 (add/remove iterations)")
-        if not 0 <= self.gup_delay_us <= 1_000_000:
-            raise UsageError("--gup-delay-us must be between 0 and 1000000")
+        count(self.gup_delay_us, "--gup-delay-us", 0, 1_000_000)
         if self.delay_us < 0:
             raise UsageError("-d must not be negative")
         if self.lock_mode not in ("shared", "exclusive"):
