@@ -4,7 +4,7 @@
  * is one or two atomics on words of the region: as Python methods their call
  * overhead was a tenth of a page fault.  Two base types carry them:
  *
- *   QrwlockFast  read_lock, read_unlock, write_lock, write_unlock; members mode,
+ *   QrwlockFast  read_lock, read_unlock, write_lock, write_unlock, _add_reader_bias; members mode,
  *                read_acquired, write_acquired.  Contention goes back to Python:
  *                _read_contended(), _write_slowpath(), _wake(readers, writer),
  *                _unlock_unheld(mode).
@@ -141,6 +141,19 @@ Qrwlock_read_lock(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* _add_reader_bias(): the slow path's reader bias and its hold record, in one call, so that a process killed
+ * between the two is no likelier than one killed inside the fast path's (queued_read_lock_slowpath's
+ * atomic_add_return_acquire(_QR_BIAS)) */
+static PyObject *
+Qrwlock_add_reader_bias(Qrwlock *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs) return takes_no_arguments("_add_reader_bias");
+    if (!self->locks) return not_bound();
+    __atomic_fetch_add(&self->locks->w[self->cnts], QR_BIAS, SEQ);
+    __atomic_store_n(&self->ws->w[self->held], (uint64_t)HELD_READ, SEQ);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 unlock_unheld(Qrwlock *self, int mode)
 {
@@ -217,6 +230,8 @@ static PyMethodDef Qrwlock_methods[] = {
      "_bind_fast(locks, ws, held_word, worker, cnts, writer, rsleep, wsleep)"},
     {"read_lock", (PyCFunction)(void (*)(void))Qrwlock_read_lock, METH_FASTCALL, "read_lock(mmu_lock)"},
     {"read_unlock", (PyCFunction)(void (*)(void))Qrwlock_read_unlock, METH_FASTCALL, "read_unlock(mmu_lock)"},
+    {"_add_reader_bias", (PyCFunction)(void (*)(void))Qrwlock_add_reader_bias, METH_FASTCALL,
+     "the slow path's reader bias and hold record"},
     {"write_lock", (PyCFunction)(void (*)(void))Qrwlock_write_lock, METH_FASTCALL, "write_lock(mmu_lock)"},
     {"write_unlock", (PyCFunction)(void (*)(void))Qrwlock_write_unlock, METH_FASTCALL, "write_unlock(mmu_lock)"},
     {NULL}

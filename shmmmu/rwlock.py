@@ -179,9 +179,8 @@ class RWLock(QrwlockFast):
         self.stats.contended += 1
         w.fetch_add(self.contended, 1)
         self.queue.acquire()
-        w.fetch_add(cnts, QR_BIAS)
-        # our bias is in: record it now, so that `recover` takes it back if we die while we wait
-        self.ws.store(self.held_word, HELD_READ)
+        # our bias, recorded in the same call, so that `recover` takes it back if we die while we wait
+        self._add_reader_bias()
         if w.load(cnts) & QW_LOCKED:
             turns, budget = waits.spins(SPIN), waits.spin_ns(SPIN_NS)
             t_spin = waits.now_ns() if budget else 0
@@ -404,6 +403,11 @@ class RWLockReference(RWLock):
         self.mode = HELD_READ
         self.ws.store(self.held_word, HELD_READ)
         self.read_acquired += 1
+
+    def _add_reader_bias(self) -> None:
+        """The slow path's bias and its hold record (one C call in _locks.c)."""
+        self.w.fetch_add(self.cnts, QR_BIAS)
+        self.ws.store(self.held_word, HELD_READ)
 
     def read_unlock(self) -> None:
         """queued_read_unlock()."""

@@ -268,6 +268,24 @@ def test_recover_a_read_hold_lets_the_waiting_writer_in(region: Region) -> None:
     assert w.recover(0) == []                      # nothing left to recover
 
 
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_reader_killed_right_after_the_slow_paths_add_is_recovered(region: Region, reference: bool) -> None:
+    """The slow path adds its bias and records its hold in one call (_locks.c's _add_reader_bias; the explorer's
+    reference does the same two word operations): a process that stops right after it holds a recorded read
+    hold, and `recover` takes the bias back, so a waiting writer gets in.  (Before, the add and the record were
+    two Python calls, and a SIGKILL between them left a bias no record named.)"""
+    from shmmmu.rwlock import RWLockReference
+    dead = (RWLockReference if reference else RWLock)(region, Locks.MMU, 0)
+    w = handles(region)[1]
+    dead._add_reader_bias()
+    assert w.state()["readers"] == 1 and [(k, m) for k, _, m in w.held_by()] == [(0, HELD_READ)]
+    tw, wd = in_thread(lambda: (w.write_lock(), w.write_unlock()))
+    assert wait_for(lambda: w.state()["writer_waiting"] == 1)
+    assert "read hold of worker 0" in w.recover(0)[0]
+    assert wd.wait(5)
+    assert w.state()["readers"] == 0 and w.recover(0) == []
+
+
 # ---------------------------------------------------------------- Mutex
 
 def test_mutex_excludes_and_records(region: Region) -> None:
