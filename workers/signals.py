@@ -133,10 +133,13 @@ class _Policy:
         self.since = 0.0
         self.reported = False
         self.fired = False
+        self.closing = False         # the command has ended: remember a signal, raise none (see closing())
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pending is None:
             self.pending, self.since = signum, time.monotonic()
+        if self.closing:
+            return
         if in_cleanup(frame) or in_finalizer(frame) or \
                 (in_mmu_code(frame) and time.monotonic() - self.since < DEFER_MAX_S):
             signal.setitimer(signal.ITIMER_REAL, RECHECK_S)       # look again in a moment (SIGALRM: here)
@@ -161,6 +164,16 @@ def arm() -> None:
     """From now on a terminating signal raises `Interrupted` (again, after a caught one: `arm()` re-arms)."""
     _armed[:] = [_Policy()]
     _set_all(_armed[0].handle)
+
+
+def closing() -> None:
+    """The command has returned or raised: from now on a signal is remembered, never raised, and main() ends
+    the command as interrupted by it (`unraised`).  Without this, the recheck of an interrupt deferred by the
+    command's last teardown could come due in main()'s own last lines, outside every handler, and end the
+    process with a traceback and status 1."""
+    if _armed:
+        _armed[0].closing = True
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def received() -> int | None:

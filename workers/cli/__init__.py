@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shmmmu: error: {PREFIX_ERROR}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        # the command is invoked here, not through typer's own main, so that what it raises reaches the
-        # handlers below as itself (typer turns a closed pipe into a bare exit 1)
-        command = typer.main.get_command(app)
-        with command.make_context("shmmmu", list(sys.argv[1:] if argv is None else argv)) as ctx:
-            rv = command.invoke(ctx)
-        code = rv if isinstance(rv, int) else 0
+        try:
+            # the command is invoked here, not through typer's own main, so that what it raises reaches the
+            # handlers below as itself (typer turns a closed pipe into a bare exit 1)
+            command = typer.main.get_command(app)
+            with command.make_context("shmmmu", list(sys.argv[1:] if argv is None else argv)) as ctx:
+                rv = command.invoke(ctx)
+            code = rv if isinstance(rv, int) else 0
+        finally:
+            signals.closing()                  # (a signal raised on the way in is handled just below)
     except BaseException as e:
         if not signals.closed_pipe(e):
             code = _ended(e)
