@@ -30,9 +30,9 @@ from shmmmu.explore import PATHS_612
 from shmmmu.explore.report import ExploreOptions, run_explore
 from shmmmu.explore.scenarios import SCENARIOS
 
-def plan(names: list[str]) -> list[tuple[str, str]]:
+def plan(names: list[str], kernels: list[str]) -> list[tuple[str, str]]:
     every = [(n, "5.13") for n in sorted(SCENARIOS)] + [(n, "6.12") for n in sorted(PATHS_612)]
-    return [p for p in every if not names or p[0] in names]
+    return [p for p in every if (not names or p[0] in names) and (not kernels or p[1] in kernels)]
 
 
 def run_one(name: str, kernel: str, bound: int, executions: int, minutes: float) -> dict:
@@ -63,6 +63,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON lines: read (to resume) and appended to")
     ap.add_argument("--scenario", action="append", default=[])
+    ap.add_argument("--kernel", action="append", default=[], choices=["5.13", "6.12"], help="only this profile's rows")
     ap.add_argument("--bound", type=int, default=2)
     ap.add_argument("--then", type=int, default=0, help="a further bound for scenarios exhausted quickly")
     ap.add_argument("--quick", type=float, default=2.0, help="minutes: bound --then only below this")
@@ -78,7 +79,7 @@ def main() -> int:
     rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
     if not a.table:
         done = {(r["scenario"], r["kernel"], r["bound"]) for r in rows}
-        for name, kernel in plan(a.scenario):
+        for name, kernel in plan(a.scenario, a.kernel):
             bounds = [a.bound] + ([a.then] if a.then else [])
             for b in bounds:
                 if b != a.bound:
