@@ -16,7 +16,9 @@ VM's context exit, the supervisor killing its workers or removing its logs) or
 a creation (create_vm, before its `with` owns the VM) waits, without a bound,
 until that code returns: an exception raised inside a cleanup skips the rest
 of it, which is how a VM leaked its region and semaphores on an interrupt that
-had been deferred by MMU code and came due in the teardown.  SIGKILL cannot be caught: the workers die
+had been deferred by MMU code and came due in the teardown.  Once the command has returned or raised,
+`closing()` makes a signal remembered, never raised: main() ends the command as interrupted by it (an
+interrupt's recheck coming due in main()'s own last lines escaped it as a traceback).  SIGKILL cannot be caught: the workers die
 with the supervisor (PR_SET_PDEATHSIG) and `shmmmu rm --stale` removes what is
 left.  Before the command's modules are imported and after it has finished,
 a signal ends the process quietly with the same status (`early`, `finished`):
